@@ -1,0 +1,167 @@
+"""Weight Standardization kernels: one launch forward, one launch backward.
+
+A weight of shape (O, ...) is handled as O rows of ``fan_in`` elements that lie
+contiguously in memory (any dense layout whose outermost dimension is O, which
+covers contiguous and channels_last weights). Each program owns one row.
+
+Statistics are taken of ``w - w[row, 0]``: shifting by one element of the row
+keeps the variance accurate for rows with a large common offset and makes a
+constant filter give exact zeros.
+"""
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _ws_fwd_kernel(
+    W,  # pointer to the weight: rows of fan_in contiguous elements
+    W_hat,  # pointer to the standardized weight, same layout as W
+    Shifted_mean,  # fp32 [O]: mean of (w - w[row, 0])
+    Rstd,  # fp32 [O]: 1 / D
+    Gcoef,  # fp32 [O]: k of the backward, dW = Rstd (g - mean g) - k w_hat sum(g w_hat)
+    row_stride,  # elements between the starts of two rows
+    fan_in,  # elements per row
+    denom,  # fan_in - correction, the divisor of the variance
+    eps,  # added to the variance ("var") or to the std ("std")
+    STD_MODE: tl.constexpr,  # False: D = sqrt(var + eps); True: D = std + eps
+    ONE_BLOCK: tl.constexpr,  # the row fits one block: keep it in registers
+    BLOCK: tl.constexpr,  # elements per step along the row
+):
+    row = tl.program_id(0).to(tl.int64)
+    base = W + row * row_stride
+    out = W_hat + row * row_stride
+    offs = tl.arange(0, BLOCK)
+    w0 = tl.load(base).to(tl.float32)
+    if ONE_BLOCK:
+        mask = offs < fan_in
+        w = tl.where(mask, tl.load(base + offs, mask=mask, other=0.0).to(tl.float32) - w0, 0.0)
+        mean = tl.sum(w, axis=0) / fan_in
+        d = tl.where(mask, w - mean, 0.0)
+        m2 = tl.sum(d * d, axis=0)
+    else:
+        # Chunk-centred statistics merged with Chan's formula (never E[x^2] - E[x]^2).
+        mean = 0.0
+        m2 = 0.0
+        count = 0.0
+        for start in range(0, fan_in, BLOCK):
+            idx = start + offs
+            mask = idx < fan_in
+            w = tl.where(mask, tl.load(base + idx, mask=mask, other=0.0).to(tl.float32) - w0, 0.0)
+            n_b = tl.minimum(fan_in - start, BLOCK).to(tl.float32)
+            mean_b = tl.sum(w, axis=0) / n_b
+            d = tl.where(mask, w - mean_b, 0.0)
+            total = count + n_b
+            delta = mean_b - mean
+            mean += delta * n_b / total
+            m2 += tl.sum(d * d, axis=0) + delta * delta * count * n_b / total
+            count = total
+    var = m2 / denom
+    if STD_MODE:
+        std = tl.sqrt(var)
+        rstd = 1.0 / (std + eps)
+        # d(std)/dw = w_hat D / (std denom); a zero std has no spread to undo.
+        k = tl.where(std > 0.0, 1.0 / tl.maximum(std, 1e-30) / denom, 0.0)
+    else:
+        rstd = tl.rsqrt(var + eps)
+        k = rstd / denom
+    tl.store(Shifted_mean + row, mean)
+    tl.store(Rstd + row, rstd)
+    tl.store(Gcoef + row, k)
+    if ONE_BLOCK:
+        tl.store(out + offs, (d * rstd).to(W_hat.dtype.element_ty), mask=mask)
+    else:
+        for start in range(0, fan_in, BLOCK):
+            idx = start + offs
+            mask = idx < fan_in
+            w = tl.load(base + idx, mask=mask, other=0.0).to(tl.float32)
+            tl.store(out + idx, ((w - w0 - mean) * rstd).to(W_hat.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _ws_bwd_kernel(
+    Grad,  # pointer to dL/dW_hat, same layout as W
+    W,  # pointer to the weight
+    Dw,  # pointer to dL/dW, same layout as W
+    Shifted_mean,  # fp32 [O] from the forward
+    Rstd,  # fp32 [O] from the forward
+    Gcoef,  # fp32 [O] from the forward
+    row_stride,  # elements between the starts of two rows
+    fan_in,  # elements per row
+    ONE_BLOCK: tl.constexpr,  # the row fits one block: keep it in registers
+    BLOCK: tl.constexpr,  # elements per step along the row
+):
+    row = tl.program_id(0).to(tl.int64)
+    g_base = Grad + row * row_stride
+    w_base = W + row * row_stride
+    out = Dw + row * row_stride
+    offs = tl.arange(0, BLOCK)
+    w0 = tl.load(w_base).to(tl.float32)
+    mean = tl.load(Shifted_mean + row)
+    rstd = tl.load(Rstd + row)
+    k = tl.load(Gcoef + row)
+    # W_hat is recomputed from W in fp32 rather than read back in the weight dtype.
+    if ONE_BLOCK:
+        mask = offs < fan_in
+        g = tl.load(g_base + offs, mask=mask, other=0.0).to(tl.float32)
+        w = tl.load(w_base + offs, mask=mask, other=0.0).to(tl.float32)
+        w_hat = tl.where(mask, (w - w0 - mean) * rstd, 0.0)
+        sum_g = tl.sum(g, axis=0)
+        sum_gw = tl.sum(g * w_hat, axis=0)
+        dw = rstd * (g - sum_g / fan_in) - k * w_hat * sum_gw
+        tl.store(out + offs, dw.to(Dw.dtype.element_ty), mask=mask)
+    else:
+        sum_g = 0.0
+        sum_gw = 0.0
+        for start in range(0, fan_in, BLOCK):
+            idx = start + offs
+            mask = idx < fan_in
+            g = tl.load(g_base + idx, mask=mask, other=0.0).to(tl.float32)
+            w = tl.load(w_base + idx, mask=mask, other=0.0).to(tl.float32)
+            w_hat = tl.where(mask, (w - w0 - mean) * rstd, 0.0)
+            sum_g += tl.sum(g, axis=0)
+            sum_gw += tl.sum(g * w_hat, axis=0)
+        mean_g = sum_g / fan_in
+        for start in range(0, fan_in, BLOCK):
+            idx = start + offs
+            mask = idx < fan_in
+            g = tl.load(g_base + idx, mask=mask, other=0.0).to(tl.float32)
+            w = tl.load(w_base + idx, mask=mask, other=0.0).to(tl.float32)
+            w_hat = (w - w0 - mean) * rstd
+            dw = rstd * (g - mean_g) - k * w_hat * sum_gw
+            tl.store(out + idx, dw.to(Dw.dtype.element_ty), mask=mask)
+
+
+def ws_forward(w, eps, correction, std_mode, config):
+    """Launch the WS forward on a row-dense weight ``w`` (see module docstring).
+
+    Returns (w_hat, stats) with stats fp32 [3, O]: shifted mean, rstd, gcoef.
+    ``config``: dict with BLOCK and num_warps.
+    """
+    out_channels = w.shape[0]
+    fan_in = w.numel() // out_channels
+    w_hat = torch.empty_like(w)
+    stats = torch.empty((3, out_channels), device=w.device, dtype=torch.float32)
+    block = config["BLOCK"]
+    _ws_fwd_kernel[(out_channels,)](
+        w, w_hat, stats[0], stats[1], stats[2],
+        fan_in, fan_in, float(fan_in - correction), float(eps),
+        STD_MODE=std_mode, ONE_BLOCK=fan_in <= block, BLOCK=block,
+        num_warps=config["num_warps"],
+    )
+    return w_hat, stats
+
+
+def ws_backward(grad, w, stats, config):
+    """Launch the WS backward; ``grad`` must have the same strides as ``w``."""
+    out_channels = w.shape[0]
+    fan_in = w.numel() // out_channels
+    dw = torch.empty_like(w)
+    block = config["BLOCK"]
+    _ws_bwd_kernel[(out_channels,)](
+        grad, w, dw, stats[0], stats[1], stats[2],
+        fan_in, fan_in,
+        ONE_BLOCK=fan_in <= block, BLOCK=block,
+        num_warps=config["num_warps"],
+    )
+    return dw

@@ -1,0 +1,42 @@
+"""Test setup: without CUDA, Triton kernels run through the interpreter.
+
+TRITON_INTERPRET must be set before triton is imported, hence here, first.
+"""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+HAS_CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+
+
+def pytest_collection_modifyitems(config, items):
+    if HAS_CUDA:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(params=["torch", "triton"])
+def backend(request, monkeypatch):
+    """Run the test once per backend (Triton on CPU = the interpreter)."""
+    monkeypatch.setenv("WSBCN_BACKEND", request.param)
+    return request.param
+
+
+def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """||actual - expected|| / ||expected|| in float64 (absolute when expected is 0)."""
+    a = actual.detach().double().cpu()
+    e = expected.detach().double().cpu()
+    denom = e.norm().item()
+    return (a - e).norm().item() / (denom if denom > 0 else 1.0)
+
+
+TOL = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 2e-2, torch.float64: 1e-10}

@@ -1,0 +1,59 @@
+"""Which implementation runs a call: the Triton kernels or the torch closed form.
+
+``WSBCN_BACKEND``: ``auto`` (default: Triton for CUDA tensors, torch for CPU
+tensors), ``triton`` (Triton everywhere; on CPU through the Triton interpreter,
+``TRITON_INTERPRET=1``) or ``torch``. float64 always takes the torch backend: the
+kernels compute in fp32, and float64 is what gradcheck needs.
+"""
+import os
+
+import torch
+
+BACKENDS = ("auto", "triton", "torch")
+
+
+def requested_backend() -> str:
+    choice = os.environ.get("WSBCN_BACKEND", "auto").strip().lower() or "auto"
+    if choice not in BACKENDS:
+        raise ValueError(f"WSBCN_BACKEND must be one of {BACKENDS}, got {choice!r}")
+    return choice
+
+
+def interpreter_enabled() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def prepare_interpreter() -> None:
+    """Turn the Triton interpreter on when Triton is forced without a GPU.
+
+    Must run before triton is first imported: triton reads the variable when it
+    defines kernels. ``import wsbcn`` calls this.
+    """
+    if requested_backend() == "triton" and not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def backend_for(t: torch.Tensor) -> str:
+    """'triton' or 'torch' for a call whose main tensor is ``t``."""
+    choice = requested_backend()
+    if t.dtype == torch.float64:
+        return "torch"
+    if choice == "auto":
+        return "triton" if t.is_cuda else "torch"
+    if choice == "triton" and not t.is_cuda and not interpreter_enabled():
+        raise RuntimeError(
+            "WSBCN_BACKEND=triton on a CPU tensor needs TRITON_INTERPRET=1 set before "
+            "triton is imported"
+        )
+    return choice
+
+
+def kernels():
+    """The kernel package, imported on first use so CPU-only users never load triton."""
+    import importlib
+
+    pkg = importlib.import_module("wsbcn.kernels")
+    for name in ("ws", "norm"):
+        if importlib.util.find_spec(f"wsbcn.kernels.{name}") is not None:
+            importlib.import_module(f"wsbcn.kernels.{name}")
+    return pkg

@@ -1,0 +1,85 @@
+"""Input validation shared by every public entry point.
+
+Each check raises a ValueError/TypeError that names the argument, and runs before
+any kernel launch or buffer update, so a rejected call changes nothing.
+"""
+import math
+import numbers
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+ACTIVATIONS = (None, "relu", "silu")
+
+
+def check_float_tensor(name: str, t, min_dim: int = 1) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(
+            f"{name} must be a floating-point tensor (float16, bfloat16, float32 or "
+            f"float64), got {t.dtype}"
+        )
+    if t.dim() < min_dim:
+        raise ValueError(f"{name} must have at least {min_dim} dimensions, got shape {tuple(t.shape)}")
+
+
+def check_eps(eps) -> float:
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
+        raise TypeError(f"eps must be a positive float, got {type(eps).__name__}")
+    eps = float(eps)
+    if not (eps > 0.0 and math.isfinite(eps)):
+        raise ValueError(f"eps must be a positive finite float, got {eps}")
+    return eps
+
+
+def check_ws_args(weight, eps, correction, eps_mode) -> tuple:
+    check_float_tensor("weight", weight, min_dim=2)
+    eps = check_eps(eps)
+    if eps_mode not in ("var", "std"):
+        raise ValueError(f"eps_mode must be 'var' or 'std', got {eps_mode!r}")
+    if isinstance(correction, bool) or not isinstance(correction, numbers.Integral):
+        raise TypeError(f"correction must be a non-negative int, got {type(correction).__name__}")
+    correction = int(correction)
+    fan_in = math.prod(weight.shape[1:])
+    if fan_in == 0:
+        raise ValueError(f"weight has an empty fan-in: shape {tuple(weight.shape)}")
+    if correction < 0:
+        raise ValueError(f"correction must be >= 0, got {correction}")
+    if correction >= fan_in:
+        raise ValueError(
+            f"correction ({correction}) must be smaller than the fan-in of each filter "
+            f"({fan_in}); the variance divides by fan_in - correction"
+        )
+    return eps, correction
+
+
+def check_activation(activation):
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of None, 'relu', 'silu', got {activation!r}")
+    return activation
+
+
+def check_momentum(momentum):
+    if momentum is None:
+        return None
+    if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real):
+        raise TypeError(f"momentum must be a float in [0, 1] or None, got {type(momentum).__name__}")
+    momentum = float(momentum)
+    if not 0.0 <= momentum <= 1.0:
+        raise ValueError(f"momentum must be in [0, 1], got {momentum}")
+    return momentum
+
+
+def check_num_groups(num_channels, num_groups) -> None:
+    for name, v in (("num_channels", num_channels), ("num_groups", num_groups)):
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+            raise TypeError(f"{name} must be an int, got {type(v).__name__}")
+    if num_groups <= 0:
+        raise ValueError(f"num_groups must be positive, got {num_groups}")
+    if num_channels <= 0:
+        raise ValueError(f"num_channels must be positive, got {num_channels}")
+    if num_channels % num_groups != 0:
+        raise ValueError(
+            f"num_channels ({num_channels}) must be divisible by num_groups ({num_groups})"
+        )

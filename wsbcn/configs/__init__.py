@@ -1,0 +1,1 @@
+"""Tuned kernel configs shipped with the package, one JSON file per device."""

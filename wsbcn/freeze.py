@@ -1,0 +1,38 @@
+"""freeze(model): replace every WSConv by a plain nn.ConvNd that holds W_hat.
+
+The frozen model computes the same outputs with stock layers only, which is what
+ONNX/TensorRT export and serving want.
+"""
+import torch
+from torch import nn
+
+from .modules.ws_conv import WSConv1d, WSConv2d, WSConv3d
+
+_PLAIN = {WSConv1d: nn.Conv1d, WSConv2d: nn.Conv2d, WSConv3d: nn.Conv3d}
+
+
+def _frozen_conv(m) -> nn.Module:
+    plain = _PLAIN[type(m)](
+        m.in_channels, m.out_channels, m.kernel_size, stride=m.stride, padding=m.padding,
+        dilation=m.dilation, groups=m.groups, bias=m.bias is not None,
+        padding_mode=m.padding_mode, device=m.weight.device, dtype=m.weight.dtype,
+    )
+    with torch.no_grad():
+        plain.weight.copy_(m.standardized_weight())
+        if m.bias is not None:
+            plain.bias.copy_(m.bias)
+    plain.weight.requires_grad_(m.weight.requires_grad)
+    plain.train(m.training)
+    return plain
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    """Swap WSConv layers for nn.ConvNd with the standardized weight, in place.
+
+    Returns the model (a new module when ``model`` itself is a WSConv).
+    """
+    if type(model) in _PLAIN:
+        return _frozen_conv(model)
+    for name, child in list(model.named_children()):
+        setattr(model, name, freeze(child))
+    return model
