@@ -21,3 +21,65 @@ def conv_nd(x, w, bias, conv):
         x = F.pad(x, conv._reversed_padding_repeated_twice, mode=conv.padding_mode)
         return fn(x, w, bias, conv.stride, 0, conv.dilation, conv.groups)
     return fn(x, w, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+
+
+def bcn_reference(x, num_groups, weight=None, bias=None, group_weight=None, group_bias=None,
+                  running_mean=None, running_var=None, training=True, estimate=False,
+                  momentum=0.1, eps=1e-5, activation=None, num_batches_tracked=None):
+    """BN stage then GroupNorm-style channel stage, as the released BCNorm/EstBN
+    layers compute it, in float64. Running buffers (float64 copies) are updated in place."""
+    x = x.double()
+    n, c = x.shape[:2]
+    dims = [0] + list(range(2, x.dim()))
+    shape_c = (1, c) + (1,) * (x.dim() - 2)
+    if training and num_batches_tracked is not None:
+        num_batches_tracked += 1
+    factor = momentum if momentum is not None else (1.0 / float(num_batches_tracked) if num_batches_tracked is not None else 0.0)
+    if training and not estimate:
+        mean = x.mean(dim=dims)
+        var = x.var(dim=dims, correction=0)
+        if running_mean is not None:
+            with torch.no_grad():
+                running_mean.mul_(1 - factor).add_(factor * mean)
+                running_var.mul_(1 - factor).add_(factor * x.var(dim=dims, correction=1))
+    else:
+        if training:  # EstBN: update under no_grad, then normalize with the new estimates
+            with torch.no_grad():
+                batch_mean = x.mean(dim=dims)
+                centred = x - running_mean.view(shape_c)
+                batch_var = (centred * centred).mean(dim=dims)
+                running_mean.mul_(1 - factor).add_(factor * batch_mean)
+                running_var.mul_(1 - factor).add_(factor * batch_var)
+        mean, var = running_mean.detach().clone(), running_var.detach().clone()
+    u = (x - mean.view(shape_c)) / torch.sqrt(var.view(shape_c) + eps)
+    if weight is not None:
+        u = u * weight.double().view(shape_c) + bias.double().view(shape_c)
+    grouped = u.reshape(n, num_groups, -1)
+    nu = grouped.mean(dim=2, keepdim=True)
+    tau = grouped.var(dim=2, correction=0, keepdim=True)
+    y = ((grouped - nu) / torch.sqrt(tau + eps)).reshape(x.shape)
+    if group_weight is not None:
+        gw, gb = group_weight.double().reshape(-1), group_bias.double().reshape(-1)
+        if gw.numel() == num_groups and num_groups != c:
+            gw, gb = gw.repeat_interleave(c // num_groups), gb.repeat_interleave(c // num_groups)
+        y = y * gw.view(shape_c) + gb.view(shape_c)
+    if activation == "relu":
+        y = torch.relu(y)
+    elif activation == "silu":
+        y = F.silu(y)
+    return y
+
+
+def gn_reference(x, num_groups, weight=None, bias=None, eps=1e-5, activation=None):
+    x = x.double()
+    grouped = x.reshape(x.shape[0], num_groups, -1)
+    y = ((grouped - grouped.mean(dim=2, keepdim=True)) /
+         torch.sqrt(grouped.var(dim=2, correction=0, keepdim=True) + eps)).reshape(x.shape)
+    if weight is not None:
+        shape_c = (1, x.shape[1]) + (1,) * (x.dim() - 2)
+        y = y * weight.double().view(shape_c) + bias.double().view(shape_c)
+    if activation == "relu":
+        y = torch.relu(y)
+    elif activation == "silu":
+        y = F.silu(y)
+    return y

@@ -50,10 +50,7 @@ def backend_for(t: torch.Tensor) -> str:
 
 def kernels():
     """The kernel package, imported on first use so CPU-only users never load triton."""
-    import importlib
+    import wsbcn.kernels.norm
+    import wsbcn.kernels.ws
 
-    pkg = importlib.import_module("wsbcn.kernels")
-    for name in ("ws", "norm"):
-        if importlib.util.find_spec(f"wsbcn.kernels.{name}") is not None:
-            importlib.import_module(f"wsbcn.kernels.{name}")
-    return pkg
+    return wsbcn.kernels

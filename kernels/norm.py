@@ -1,0 +1,710 @@
+"""Batch-Channel Normalization and GroupNorm kernels (DESIGN.md section 4).
+
+All of BCN is one affine map per (n, c). x is viewed as (N, C, S) through three
+strides, so NCHW, channels_last and channels_last_3d are read in place.
+
+Forward, 3 launches:
+  1. _norm_stats_kernel    one read of x: per (n, c) and spatial chunk, mean and
+                           centred M2 of x - pivot (chunks merged with Chan's formula)
+  2. _norm_combine_kernel  one program per group: batch statistics, running-buffer
+                           update, group statistics, coefficients P, Q per (n, c)
+  3. _norm_apply_kernel    read x, write y = act(omega (P x' + Q) + eta)
+Backward, 3 launches:
+  1. _norm_bwd_reduce_kernel   read dy, x: per (n, c) chunk sums D1 = sum dz, D2 = sum dz x'
+  2. _norm_bwd_combine_kernel  one program per group: parameter gradients and the
+                               coefficients of dx = CA dz + CB x' + CC
+  3. _norm_bwd_apply_kernel    read dy, x, write dx
+
+Numerics: statistics are taken of x - pivot, where the pivot is one element of
+the data (x[0, c, 0] for the batch statistics of channel c, x[n, first channel
+of the group, 0] for GroupNorm) or the running mean (eval). Inputs with a large
+common offset (1e4 + N(0, 1)) then keep full fp32 accuracy. x' = x - pivot - shift
+is x centred at the mean the normalization uses; shift is small.
+
+No atomics: partial buffers and a combine step, so results are bitwise identical
+run to run. Statistics and coefficients are fp32 whatever the input dtype.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from .layout import nsc_strides
+
+# Modes of the BN stage.
+MODE_GN = 0  # no BN stage (GroupNorm)
+MODE_BATCH = 1  # training, batch statistics (estimate=False)
+MODE_ESTIMATE = 2  # training, micro-batch estimates (estimate=True)
+MODE_RUNNING = 3  # eval: running estimates
+
+ACTIVATIONS = {None: 0, "relu": 1, "silu": 2}
+
+
+@triton.jit
+def _activate(z, ACT: tl.constexpr):
+    if ACT == 1:
+        z = tl.maximum(z, 0.0)
+    elif ACT == 2:
+        z = z / (1.0 + tl.exp(-z))
+    return z
+
+
+@triton.jit
+def _activation_grad(dy, z, ACT: tl.constexpr):
+    if ACT == 1:
+        dy = tl.where(z > 0.0, dy, 0.0)
+    elif ACT == 2:
+        sig = 1.0 / (1.0 + tl.exp(-z))
+        dy = dy * sig * (1.0 + z * (1.0 - sig))
+    return dy
+
+
+@triton.jit
+def _tile_offsets(pid, split, C, S, chunk, stride_xc, stride_xs, BLOCK_C: tl.constexpr, LARGE: tl.constexpr):
+    """Sample n, channels c [BLOCK_C], their mask, the spatial range of this split,
+    and the per-channel part of the offsets within one sample."""
+    n_cblocks = tl.cdiv(C, BLOCK_C)
+    n = pid // n_cblocks
+    c = (pid % n_cblocks) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = c < C
+    s_begin = split * chunk
+    s_end = tl.minimum(S, s_begin + chunk)
+    if LARGE:
+        c_off = c.to(tl.int64) * stride_xc
+    else:
+        c_off = c * stride_xc
+    return n, c, cmask, s_begin, s_end, c_off
+
+
+@triton.jit
+def _spatial_offsets(s, stride_xs, LARGE: tl.constexpr):
+    if LARGE:
+        return s.to(tl.int64) * stride_xs
+    return s * stride_xs
+
+
+@triton.jit
+def _norm_stats_kernel(
+    X,  # input (N, C, S), read through strides
+    Pivot,  # fp32 [N, C] out: the value statistics are taken relative to
+    Running_mean,  # [C] pivot source in PIVOT_MODE 2 (eval)
+    Part_mean,  # fp32 [N, C, n_split] out: mean of x - pivot over each spatial chunk
+    Part_m2,  # fp32 [N, C, n_split] out: centred sum of squares over each chunk
+    C,  # channels
+    S,  # spatial size (product of the spatial dims)
+    K,  # channels per group
+    stride_xn,  # element strides of x over n, c and the flattened spatial axis
+    stride_xc,
+    stride_xs,
+    chunk,  # spatial elements per split (a multiple of BLOCK_S)
+    n_split,  # number of spatial chunks
+    PIVOT_MODE: tl.constexpr,  # 0: x[n, first channel of group, 0]; 1: x[0, c, 0]; 2: running mean
+    LARGE: tl.constexpr,  # one sample holds >= 2^31 elements: int64 offsets
+    BLOCK_C: tl.constexpr,  # channels per tile
+    BLOCK_S: tl.constexpr,  # spatial positions per tile
+):
+    pid = tl.program_id(0)
+    split = tl.program_id(1)
+    n, c, cmask, s_begin, s_end, c_off = _tile_offsets(pid, split, C, S, chunk, stride_xc, stride_xs, BLOCK_C, LARGE)
+    x_n = X + n.to(tl.int64) * stride_xn
+    if PIVOT_MODE == 0:
+        pc = (c // K) * K
+        pivot = tl.load(x_n + pc.to(tl.int64) * stride_xc, mask=cmask, other=0.0).to(tl.float32)
+    elif PIVOT_MODE == 1:
+        pivot = tl.load(X + c.to(tl.int64) * stride_xc, mask=cmask, other=0.0).to(tl.float32)
+    else:
+        pivot = tl.load(Running_mean + c, mask=cmask, other=0.0).to(tl.float32)
+    if split == 0:
+        tl.store(Pivot + n * C + c, pivot, mask=cmask)
+
+    mean = tl.zeros([BLOCK_C], dtype=tl.float32)
+    m2 = tl.zeros([BLOCK_C], dtype=tl.float32)
+    count = 0.0
+    for s0 in range(s_begin, s_end, BLOCK_S):
+        s = s0 + tl.arange(0, BLOCK_S)
+        mask = cmask[:, None] & (s < s_end)[None, :]
+        x = tl.load(x_n + c_off[:, None] + _spatial_offsets(s, stride_xs, LARGE)[None, :], mask=mask, other=0.0)
+        x = tl.where(mask, x.to(tl.float32) - pivot[:, None], 0.0)
+        n_b = tl.minimum(s_end - s0, BLOCK_S).to(tl.float32)
+        mean_b = tl.sum(x, axis=1) / n_b
+        d = tl.where(mask, x - mean_b[:, None], 0.0)  # padding zeroed before the variance
+        total = count + n_b
+        delta = mean_b - mean
+        mean += delta * (n_b / total)
+        m2 += tl.sum(d * d, axis=1) + delta * delta * (count * n_b / total)
+        count = total
+    out = (n * C + c) * n_split + split
+    tl.store(Part_mean + out, mean, mask=cmask)
+    tl.store(Part_m2 + out, m2, mask=cmask)
+
+
+@triton.jit
+def _merge_splits(Part_mean, Part_m2, nn, c, mask, C, S, chunk, n_split, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Per (n, c) mean and M2 over the whole spatial axis, from its chunks (Chan)."""
+    base = (nn[:, None] * C + c[None, :]) * n_split
+    mean = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    m2 = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    count = 0.0
+    for j in range(0, n_split):
+        n_j = tl.minimum(S - j * chunk, chunk).to(tl.float32)
+        mean_j = tl.load(Part_mean + base + j, mask=mask, other=0.0)
+        m2_j = tl.load(Part_m2 + base + j, mask=mask, other=0.0)
+        total = count + n_j
+        delta = mean_j - mean
+        mean += delta * (n_j / total)
+        m2 += m2_j + delta * delta * (count * n_j / total)
+        count = total
+    return mean, m2
+
+
+@triton.jit
+def _norm_combine_kernel(
+    Part_mean,  # fp32 [N, C, n_split] from the stats pass
+    Part_m2,  # fp32 [N, C, n_split] from the stats pass
+    Pivot,  # fp32 [N, C] from the stats pass
+    Gamma,  # [C] BN-stage weight (HAS_BN_AFFINE)
+    Beta,  # [C] BN-stage bias (HAS_BN_AFFINE)
+    Running_mean,  # [C] running mean, updated in place in training
+    Running_var,  # [C] running variance, updated in place in training
+    Num_batches,  # int64 [1] num_batches_tracked before this step (CUMULATIVE)
+    Shift,  # fp32 [N, C] out: mean used by the normalization, minus the pivot
+    Rstd_c,  # fp32 [C] out: r_c = 1 / sqrt(var_c + eps) of the BN stage
+    Rho,  # fp32 [N, G] out: 1 / sqrt(tau^2 + eps) of the channel stage
+    P,  # fp32 [N, C] out: rho * a_c
+    Q,  # fp32 [N, C] out: rho * (beta_c - nu)
+    X1,  # fp32 [N, C] out: sum_s x'
+    X2,  # fp32 [N, C] out: sum_s x'^2
+    N,  # batch size
+    C,  # channels
+    S,  # spatial size
+    K,  # channels per group
+    chunk,  # spatial elements per split
+    n_split,  # number of spatial chunks
+    momentum,  # running-average factor (unless CUMULATIVE)
+    eps,  # added to both variances
+    MODE: tl.constexpr,  # MODE_GN / MODE_BATCH / MODE_ESTIMATE / MODE_RUNNING
+    HAS_BN_AFFINE: tl.constexpr,  # gamma, beta present
+    UPDATE_RUNNING: tl.constexpr,  # write the running buffers (training)
+    CUMULATIVE: tl.constexpr,  # momentum=None: factor 1 / (num_batches_tracked + 1)
+    BLOCK_N: tl.constexpr,  # samples per step
+    BLOCK_K: tl.constexpr,  # >= K: the whole group in one tile
+):
+    g = tl.program_id(0)
+    G = C // K
+    k = tl.arange(0, BLOCK_K)
+    kmask = k < K
+    c = g * K + k
+    ns = N * S
+    a = tl.full([BLOCK_K], 1.0, tl.float32)
+    beta = tl.zeros([BLOCK_K], dtype=tl.float32)
+    shift_c = tl.zeros([BLOCK_K], dtype=tl.float32)
+    if CUMULATIVE:
+        factor = 1.0 / (tl.load(Num_batches).to(tl.float32) + 1.0)
+    else:
+        factor = momentum
+
+    if MODE == 1 or MODE == 2:
+        # Loop A: per-channel batch statistics over all samples.
+        pivot_c = tl.load(Pivot + c, mask=kmask, other=0.0)  # same for every n in these modes
+        rm_old = tl.zeros([BLOCK_K], dtype=tl.float32)
+        rv_old = tl.full([BLOCK_K], 1.0, tl.float32)
+        if UPDATE_RUNNING:
+            rm_old = tl.load(Running_mean + c, mask=kmask, other=0.0).to(tl.float32)
+            rv_old = tl.load(Running_var + c, mask=kmask, other=1.0).to(tl.float32)
+        to_old = pivot_c - rm_old
+        mean_acc = tl.zeros([BLOCK_K], dtype=tl.float32)
+        m2_acc = tl.zeros([BLOCK_K], dtype=tl.float32)
+        dev_acc = tl.zeros([BLOCK_K], dtype=tl.float32)
+        count = 0.0
+        for n0 in range(0, N, BLOCK_N):
+            nn = n0 + tl.arange(0, BLOCK_N)
+            mask = (nn < N)[:, None] & kmask[None, :]
+            m, m2 = _merge_splits(Part_mean, Part_m2, nn, c, mask, C, S, chunk, n_split, BLOCK_N, BLOCK_K)
+            n_b = tl.minimum(N - n0, BLOCK_N).to(tl.float32)
+            mean_b = tl.sum(m, axis=0) / n_b
+            d = tl.where(mask, m - mean_b[None, :], 0.0)
+            m2_b = tl.sum(m2, axis=0) + S * tl.sum(d * d, axis=0)
+            total = count + n_b
+            delta = mean_b - mean_acc
+            mean_acc += delta * (n_b / total)
+            m2_acc += m2_b + delta * delta * (S * count * n_b / total)
+            count = total
+            if MODE == 2:
+                e = tl.where(mask, m + to_old[None, :], 0.0)  # m_nc - running_mean_old
+                dev_acc += tl.sum(m2, axis=0) + S * tl.sum(e * e, axis=0)
+        if MODE == 1:
+            shift_c = mean_acc
+            var = m2_acc / ns
+            if UPDATE_RUNNING:
+                unbiased = m2_acc / (ns - 1)
+                new_rm = rm_old + factor * (to_old + mean_acc)
+                new_rv = (1.0 - factor) * rv_old + factor * unbiased
+                tl.store(Running_mean + c, new_rm, mask=kmask)
+                tl.store(Running_var + c, new_rv, mask=kmask)
+        else:
+            # EstBN: update first, then normalize with the updated estimates.
+            var = (1.0 - factor) * rv_old + factor * (dev_acc / ns)
+            shift_c = factor * mean_acc - (1.0 - factor) * to_old  # new running mean - pivot
+            tl.store(Running_mean + c, pivot_c + shift_c, mask=kmask)
+            tl.store(Running_var + c, var, mask=kmask)
+        r = tl.rsqrt(var + eps)
+    elif MODE == 3:
+        var = tl.load(Running_var + c, mask=kmask, other=1.0).to(tl.float32)
+        r = tl.rsqrt(var + eps)  # the pivot is the running mean itself: shift 0
+    else:
+        r = tl.full([BLOCK_K], 1.0, tl.float32)
+    if MODE != 0:
+        tl.store(Rstd_c + c, r, mask=kmask)
+        a = r
+        if HAS_BN_AFFINE:
+            a = r * tl.load(Gamma + c, mask=kmask, other=1.0).to(tl.float32)
+            beta = tl.load(Beta + c, mask=kmask, other=0.0).to(tl.float32)
+
+    # Loop B: u = a x' + beta per (n, c); group statistics; coefficients.
+    for n0 in range(0, N, BLOCK_N):
+        nn = n0 + tl.arange(0, BLOCK_N)
+        nmask = nn < N
+        mask = nmask[:, None] & kmask[None, :]
+        m, m2 = _merge_splits(Part_mean, Part_m2, nn, c, mask, C, S, chunk, n_split, BLOCK_N, BLOCK_K)
+        if MODE == 0:
+            shift = tl.sum(m, axis=1)[:, None] / K + tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+        else:
+            shift = shift_c[None, :] + tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+        dm = tl.where(mask, m - shift, 0.0)  # m_nc - mu
+        u_mean = a[None, :] * dm + beta[None, :]
+        u_var = a[None, :] * a[None, :] * m2 / S
+        nu = tl.sum(tl.where(mask, u_mean, 0.0), axis=1) / K
+        du = tl.where(mask, u_mean - nu[:, None], 0.0)
+        tau = (tl.sum(tl.where(mask, u_var, 0.0), axis=1) + tl.sum(du * du, axis=1)) / K
+        rho = tl.rsqrt(tau + eps)
+        idx = nn[:, None] * C + c[None, :]
+        tl.store(Shift + idx, shift, mask=mask)
+        tl.store(P + idx, rho[:, None] * a[None, :], mask=mask)
+        tl.store(Q + idx, rho[:, None] * (beta[None, :] - nu[:, None]), mask=mask)
+        tl.store(X1 + idx, S * dm, mask=mask)
+        tl.store(X2 + idx, m2 + S * dm * dm, mask=mask)
+        tl.store(Rho + nn * G + g, rho, mask=nmask)
+
+
+@triton.jit
+def _load_channel_coefs(Pivot, Shift, P, Q, Omega, Eta, n, c, cmask, K, HAS_AFFINE: tl.constexpr, GROUP_AFFINE: tl.constexpr, C):
+    idx = n * C + c
+    pivot = tl.load(Pivot + idx, mask=cmask, other=0.0)
+    shift = tl.load(Shift + idx, mask=cmask, other=0.0)
+    p = tl.load(P + idx, mask=cmask, other=0.0)
+    q = tl.load(Q + idx, mask=cmask, other=0.0)
+    if HAS_AFFINE:
+        aff = c // K if GROUP_AFFINE else c
+        omega = tl.load(Omega + aff, mask=cmask, other=0.0).to(tl.float32)
+        eta = tl.load(Eta + aff, mask=cmask, other=0.0).to(tl.float32)
+    else:
+        omega = tl.full(p.shape, 1.0, tl.float32)
+        eta = tl.zeros(p.shape, dtype=tl.float32)
+    # z = omega (P x' + Q) + eta = A (x - pivot) + B
+    coef_a = omega * p
+    coef_b = omega * (q - p * shift) + eta
+    return pivot, shift, coef_a, coef_b
+
+
+@triton.jit
+def _norm_apply_kernel(
+    X,  # input (N, C, S), read through strides
+    Y,  # output, same shape, written through its own strides
+    Pivot,  # fp32 [N, C] from the stats pass
+    Shift,  # fp32 [N, C] from the combine
+    P,  # fp32 [N, C] from the combine
+    Q,  # fp32 [N, C] from the combine
+    Omega,  # channel-stage weight: [G] (GROUP_AFFINE) or [C]
+    Eta,  # channel-stage bias, like Omega
+    Num_batches,  # int64 [1] num_batches_tracked, incremented here (INCREMENT)
+    C,  # channels
+    S,  # spatial size
+    K,  # channels per group
+    stride_xn,  # strides of x
+    stride_xc,
+    stride_xs,
+    stride_yn,  # strides of y
+    stride_yc,
+    stride_ys,
+    chunk,  # spatial elements per split
+    ACT: tl.constexpr,  # 0 none, 1 relu, 2 silu
+    HAS_AFFINE: tl.constexpr,  # omega, eta present
+    GROUP_AFFINE: tl.constexpr,  # omega, eta per group
+    INCREMENT: tl.constexpr,  # bump num_batches_tracked (after the combine read it)
+    LARGE: tl.constexpr,  # int64 offsets within a sample
+    BLOCK_C: tl.constexpr,  # channels per tile
+    BLOCK_S: tl.constexpr,  # spatial positions per tile
+):
+    pid = tl.program_id(0)
+    split = tl.program_id(1)
+    if INCREMENT:
+        if pid == 0 and split == 0:
+            tl.store(Num_batches, tl.load(Num_batches) + 1)
+    n, c, cmask, s_begin, s_end, c_off = _tile_offsets(pid, split, C, S, chunk, stride_xc, stride_xs, BLOCK_C, LARGE)
+    pivot, shift, coef_a, coef_b = _load_channel_coefs(Pivot, Shift, P, Q, Omega, Eta, n, c, cmask, K, HAS_AFFINE, GROUP_AFFINE, C)
+    if LARGE:
+        yc_off = c.to(tl.int64) * stride_yc
+    else:
+        yc_off = c * stride_yc
+    x_n = X + n.to(tl.int64) * stride_xn
+    y_n = Y + n.to(tl.int64) * stride_yn
+    for s0 in range(s_begin, s_end, BLOCK_S):
+        s = s0 + tl.arange(0, BLOCK_S)
+        mask = cmask[:, None] & (s < s_end)[None, :]
+        x = tl.load(x_n + c_off[:, None] + _spatial_offsets(s, stride_xs, LARGE)[None, :], mask=mask, other=0.0)
+        z = coef_a[:, None] * (x.to(tl.float32) - pivot[:, None]) + coef_b[:, None]
+        y = _activate(z, ACT)
+        tl.store(y_n + yc_off[:, None] + _spatial_offsets(s, stride_ys, LARGE)[None, :], y.to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _norm_bwd_reduce_kernel(
+    Dy,  # upstream gradient, read through its strides
+    X,  # input, read through its strides
+    Pivot,  # fp32 [N, C] saved by the forward
+    Shift,  # fp32 [N, C] saved by the forward
+    P,  # fp32 [N, C] saved by the forward
+    Q,  # fp32 [N, C] saved by the forward
+    Omega,  # channel-stage weight
+    Eta,  # channel-stage bias
+    Part_d1,  # fp32 [N, C, n_split] out: sum of dz over each chunk
+    Part_d2,  # fp32 [N, C, n_split] out: sum of dz * x' over each chunk
+    C,  # channels
+    S,  # spatial size
+    K,  # channels per group
+    stride_xn,  # strides of x
+    stride_xc,
+    stride_xs,
+    stride_dn,  # strides of dy
+    stride_dc,
+    stride_ds,
+    chunk,  # spatial elements per split
+    n_split,  # number of chunks
+    ACT: tl.constexpr,  # 0 none, 1 relu, 2 silu: dz = dy act'(z), z recomputed from x
+    HAS_AFFINE: tl.constexpr,  # omega, eta present
+    GROUP_AFFINE: tl.constexpr,  # omega, eta per group
+    LARGE: tl.constexpr,  # int64 offsets within a sample
+    BLOCK_C: tl.constexpr,  # channels per tile
+    BLOCK_S: tl.constexpr,  # spatial positions per tile
+):
+    pid = tl.program_id(0)
+    split = tl.program_id(1)
+    n, c, cmask, s_begin, s_end, c_off = _tile_offsets(pid, split, C, S, chunk, stride_xc, stride_xs, BLOCK_C, LARGE)
+    pivot, shift, coef_a, coef_b = _load_channel_coefs(Pivot, Shift, P, Q, Omega, Eta, n, c, cmask, K, HAS_AFFINE, GROUP_AFFINE, C)
+    if LARGE:
+        dc_off = c.to(tl.int64) * stride_dc
+    else:
+        dc_off = c * stride_dc
+    x_n = X + n.to(tl.int64) * stride_xn
+    dy_n = Dy + n.to(tl.int64) * stride_dn
+    d1 = tl.zeros([BLOCK_C], dtype=tl.float32)
+    d2 = tl.zeros([BLOCK_C], dtype=tl.float32)
+    for s0 in range(s_begin, s_end, BLOCK_S):
+        s = s0 + tl.arange(0, BLOCK_S)
+        mask = cmask[:, None] & (s < s_end)[None, :]
+        x = tl.load(x_n + c_off[:, None] + _spatial_offsets(s, stride_xs, LARGE)[None, :], mask=mask, other=0.0)
+        dy = tl.load(dy_n + dc_off[:, None] + _spatial_offsets(s, stride_ds, LARGE)[None, :], mask=mask, other=0.0)
+        xp = x.to(tl.float32) - pivot[:, None]
+        dz = _activation_grad(dy.to(tl.float32), coef_a[:, None] * xp + coef_b[:, None], ACT)
+        dz = tl.where(mask, dz, 0.0)
+        d1 += tl.sum(dz, axis=1)
+        d2 += tl.sum(dz * (xp - shift[:, None]), axis=1)
+    out = (n * C + c) * n_split + split
+    tl.store(Part_d1 + out, d1, mask=cmask)
+    tl.store(Part_d2 + out, d2, mask=cmask)
+
+
+@triton.jit
+def _norm_bwd_combine_kernel(
+    Part_d1,  # fp32 [N, C, n_split] from the backward reduce
+    Part_d2,  # fp32 [N, C, n_split] from the backward reduce
+    Rstd_c,  # fp32 [C] r_c saved by the forward (BN modes)
+    Rho,  # fp32 [N, G] saved by the forward
+    P,  # fp32 [N, C] saved by the forward
+    Q,  # fp32 [N, C] saved by the forward
+    X1,  # fp32 [N, C] saved by the forward
+    X2,  # fp32 [N, C] saved by the forward
+    Gamma,  # [C] BN-stage weight (HAS_BN_AFFINE)
+    Omega,  # channel-stage weight (HAS_AFFINE)
+    Dgamma,  # fp32 [C] out (HAS_BN_AFFINE)
+    Dbeta,  # fp32 [C] out (HAS_BN_AFFINE)
+    Domega,  # fp32 [G] or [C] out (HAS_AFFINE)
+    Deta,  # fp32 [G] or [C] out (HAS_AFFINE)
+    CA,  # fp32 [N, C] out: dx = CA dz + CB x' + CC
+    CB,  # fp32 [N, C] out
+    CC,  # fp32 [N, C] out
+    N,  # batch size
+    C,  # channels
+    S,  # spatial size
+    K,  # channels per group
+    n_split,  # number of chunks
+    MODE: tl.constexpr,  # as in the forward
+    HAS_BN_AFFINE: tl.constexpr,  # gamma, beta present
+    HAS_AFFINE: tl.constexpr,  # omega, eta present
+    GROUP_AFFINE: tl.constexpr,  # omega, eta per group
+    BLOCK_N: tl.constexpr,  # samples per step
+    BLOCK_K: tl.constexpr,  # >= K
+):
+    g = tl.program_id(0)
+    G = C // K
+    k = tl.arange(0, BLOCK_K)
+    kmask = k < K
+    c = g * K + k
+    L = K * S
+    if MODE != 0:
+        r = tl.load(Rstd_c + c, mask=kmask, other=0.0)
+    else:
+        r = tl.full([BLOCK_K], 1.0, tl.float32)
+    gamma = tl.full([BLOCK_K], 1.0, tl.float32)
+    if HAS_BN_AFFINE:
+        gamma = tl.load(Gamma + c, mask=kmask, other=0.0).to(tl.float32)
+    omega = tl.where(kmask, 1.0, 0.0)
+    if HAS_AFFINE:
+        aff = c // K if GROUP_AFFINE else c
+        omega = tl.load(Omega + aff, mask=kmask, other=0.0).to(tl.float32)
+    d_gamma = tl.zeros([BLOCK_K], dtype=tl.float32)
+    d_beta = tl.zeros([BLOCK_K], dtype=tl.float32)
+    d_omega = tl.zeros([BLOCK_K], dtype=tl.float32)
+    d_eta = tl.zeros([BLOCK_K], dtype=tl.float32)
+    for sweep in tl.static_range(2):
+        # sweep 0 sums the parameter gradients; sweep 1 writes the dx coefficients,
+        # which in batch mode need the complete d_gamma, d_beta.
+        for n0 in range(0, N, BLOCK_N):
+            nn = n0 + tl.arange(0, BLOCK_N)
+            nmask = nn < N
+            mask = nmask[:, None] & kmask[None, :]
+            base = (nn[:, None] * C + c[None, :]) * n_split
+            d1 = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+            d2 = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+            for j in range(0, n_split):
+                d1 += tl.load(Part_d1 + base + j, mask=mask, other=0.0)
+                d2 += tl.load(Part_d2 + base + j, mask=mask, other=0.0)
+            idx = nn[:, None] * C + c[None, :]
+            p = tl.load(P + idx, mask=mask, other=0.0)
+            q = tl.load(Q + idx, mask=mask, other=0.0)
+            rho = tl.load(Rho + nn * G + g, mask=nmask, other=0.0)[:, None]
+            t = p * d2 + q * d1
+            e1 = tl.sum(omega[None, :] * d1, axis=1)[:, None] / L
+            e2 = tl.sum(omega[None, :] * t, axis=1)[:, None] / L
+            alpha = rho * omega[None, :]
+            b_prime = -rho * e2 * p
+            kappa = -rho * (e1 + q * e2)
+            if sweep == 0:
+                x1 = tl.load(X1 + idx, mask=mask, other=0.0)
+                x2 = tl.load(X2 + idx, mask=mask, other=0.0)
+                d_omega += tl.sum(t, axis=0)
+                d_eta += tl.sum(d1, axis=0)
+                d_gamma += tl.sum(r[None, :] * (alpha * d2 + b_prime * x2 + kappa * x1), axis=0)
+                d_beta += tl.sum(tl.where(mask, alpha * d1 + b_prime * x1 + kappa * S, 0.0), axis=0)
+            else:
+                scale = (r * gamma)[None, :]
+                ca = scale * alpha
+                if MODE == 1:
+                    cb = scale * (b_prime - (r * d_gamma)[None, :] / (N * S))
+                    cc = scale * (kappa - d_beta[None, :] / (N * S))
+                else:
+                    cb = scale * b_prime
+                    cc = scale * kappa
+                tl.store(CA + idx, ca, mask=mask)
+                tl.store(CB + idx, cb, mask=mask)
+                tl.store(CC + idx, cc, mask=mask)
+    if HAS_BN_AFFINE:
+        tl.store(Dgamma + c, d_gamma, mask=kmask)
+        tl.store(Dbeta + c, d_beta, mask=kmask)
+    if HAS_AFFINE:
+        if GROUP_AFFINE:
+            tl.store(Domega + g, tl.sum(d_omega, axis=0))
+            tl.store(Deta + g, tl.sum(d_eta, axis=0))
+        else:
+            tl.store(Domega + c, d_omega, mask=kmask)
+            tl.store(Deta + c, d_eta, mask=kmask)
+
+
+@triton.jit
+def _norm_bwd_apply_kernel(
+    Dy,  # upstream gradient, read through its strides
+    X,  # input, read through its strides
+    Dx,  # output gradient, written through its strides
+    Pivot,  # fp32 [N, C] saved by the forward
+    Shift,  # fp32 [N, C] saved by the forward
+    P,  # fp32 [N, C] saved by the forward (to recompute z for act')
+    Q,  # fp32 [N, C] saved by the forward
+    Omega,  # channel-stage weight
+    Eta,  # channel-stage bias
+    CA,  # fp32 [N, C] from the backward combine
+    CB,  # fp32 [N, C]
+    CC,  # fp32 [N, C]
+    C,  # channels
+    S,  # spatial size
+    K,  # channels per group
+    stride_xn,  # strides of x
+    stride_xc,
+    stride_xs,
+    stride_dn,  # strides of dy
+    stride_dc,
+    stride_ds,
+    stride_on,  # strides of dx
+    stride_oc,
+    stride_os,
+    chunk,  # spatial elements per split
+    ACT: tl.constexpr,  # 0 none, 1 relu, 2 silu
+    HAS_AFFINE: tl.constexpr,  # omega, eta present
+    GROUP_AFFINE: tl.constexpr,  # omega, eta per group
+    LARGE: tl.constexpr,  # int64 offsets within a sample
+    BLOCK_C: tl.constexpr,  # channels per tile
+    BLOCK_S: tl.constexpr,  # spatial positions per tile
+):
+    pid = tl.program_id(0)
+    split = tl.program_id(1)
+    n, c, cmask, s_begin, s_end, c_off = _tile_offsets(pid, split, C, S, chunk, stride_xc, stride_xs, BLOCK_C, LARGE)
+    pivot, shift, coef_a, coef_b = _load_channel_coefs(Pivot, Shift, P, Q, Omega, Eta, n, c, cmask, K, HAS_AFFINE, GROUP_AFFINE, C)
+    idx = n * C + c
+    ca = tl.load(CA + idx, mask=cmask, other=0.0)
+    cb = tl.load(CB + idx, mask=cmask, other=0.0)
+    cc = tl.load(CC + idx, mask=cmask, other=0.0) - cb * shift  # fold x' = (x - pivot) - shift
+    if LARGE:
+        dc_off = c.to(tl.int64) * stride_dc
+        oc_off = c.to(tl.int64) * stride_oc
+    else:
+        dc_off = c * stride_dc
+        oc_off = c * stride_oc
+    x_n = X + n.to(tl.int64) * stride_xn
+    dy_n = Dy + n.to(tl.int64) * stride_dn
+    dx_n = Dx + n.to(tl.int64) * stride_on
+    for s0 in range(s_begin, s_end, BLOCK_S):
+        s = s0 + tl.arange(0, BLOCK_S)
+        mask = cmask[:, None] & (s < s_end)[None, :]
+        x = tl.load(x_n + c_off[:, None] + _spatial_offsets(s, stride_xs, LARGE)[None, :], mask=mask, other=0.0)
+        dy = tl.load(dy_n + dc_off[:, None] + _spatial_offsets(s, stride_ds, LARGE)[None, :], mask=mask, other=0.0)
+        xp = x.to(tl.float32) - pivot[:, None]
+        dz = _activation_grad(dy.to(tl.float32), coef_a[:, None] * xp + coef_b[:, None], ACT)
+        dx = ca[:, None] * dz + cb[:, None] * xp + cc[:, None]
+        tl.store(dx_n + oc_off[:, None] + _spatial_offsets(s, stride_os, LARGE)[None, :], dx.to(Dx.dtype.element_ty), mask=mask)
+
+
+# ---------------------------------------------------------------------------
+# Launch wrappers
+# ---------------------------------------------------------------------------
+
+
+def _large(c, s, *strides):
+    """True when an offset inside one sample can pass 2^31 - 1."""
+    return max((c - 1) * abs(sc) + (s - 1) * abs(ss) for sc, ss in strides) >= 2**31 - 1
+
+
+def _chunking(s, config):
+    block_s = config["BLOCK_S"]
+    chunk = triton.cdiv(triton.cdiv(s, config["split"]), block_s) * block_s
+    return chunk, triton.cdiv(s, chunk)
+
+
+def _combine_blocks(n, k):
+    block_k = triton.next_power_of_2(k)
+    block_n = max(1, min(triton.next_power_of_2(n), 4096 // block_k))
+    return block_n, block_k
+
+
+def norm_forward(x, y, gamma, beta, omega, eta, running_mean, running_var, num_batches,
+                 num_groups, eps, momentum, cumulative, mode, update_running, activation,
+                 group_affine, config):
+    """Run the 3 forward launches, writing ``y`` (preallocated, any dense layout).
+
+    Returns (stats, rstd_c, rho): stats is fp32 [6, N, C] holding pivot, shift, P,
+    Q, X1, X2; rstd_c fp32 [C]; rho fp32 [N, G]. These and x are all the backward
+    needs. ``running_mean``/``running_var``/``num_batches`` are updated in place.
+    """
+    n, c = x.shape[0], x.shape[1]
+    s = x.numel() // (n * c)
+    k = c // num_groups
+    sx, sy = nsc_strides(x), nsc_strides(y)
+    large = _large(c, s, sx[1:], sy[1:])
+    chunk, n_split = _chunking(s, config)
+    f32 = dict(device=x.device, dtype=torch.float32)
+    part = torch.empty((2, n, c, n_split), **f32)
+    stats = torch.empty((6, n, c), **f32)
+    rstd_c = torch.empty((c,), **f32)
+    rho = torch.empty((n, num_groups), **f32)
+    dummy = rstd_c
+    rm = running_mean if running_mean is not None else dummy
+    rv = running_var if running_var is not None else dummy
+    nbt = num_batches if num_batches is not None else dummy
+    grid = (n * triton.cdiv(c, config["BLOCK_C"]), n_split)
+    pivot_mode = 0 if mode == MODE_GN else (2 if mode == MODE_RUNNING else 1)
+    _norm_stats_kernel[grid](
+        x, stats[0], rm, part[0], part[1], c, s, k, *sx, chunk, n_split,
+        PIVOT_MODE=pivot_mode, LARGE=large, BLOCK_C=config["BLOCK_C"], BLOCK_S=config["BLOCK_S"],
+        num_warps=config["num_warps"], num_stages=config["num_stages"],
+    )
+    block_n, block_k = _combine_blocks(n, k)
+    _norm_combine_kernel[(num_groups,)](
+        part[0], part[1], stats[0],
+        gamma if gamma is not None else dummy, beta if beta is not None else dummy,
+        rm, rv, nbt, stats[1], rstd_c, rho, stats[2], stats[3], stats[4], stats[5],
+        n, c, s, k, chunk, n_split, float(momentum), float(eps),
+        MODE=mode, HAS_BN_AFFINE=gamma is not None, UPDATE_RUNNING=update_running,
+        CUMULATIVE=cumulative, BLOCK_N=block_n, BLOCK_K=block_k,
+        num_warps=4 if block_n * block_k >= 1024 else 2,
+    )
+    _norm_apply_kernel[grid](
+        x, y, stats[0], stats[1], stats[2], stats[3],
+        omega if omega is not None else dummy, eta if eta is not None else dummy, nbt,
+        c, s, k, *sx, *sy, chunk,
+        ACT=ACTIVATIONS[activation], HAS_AFFINE=omega is not None, GROUP_AFFINE=group_affine,
+        INCREMENT=update_running and num_batches is not None, LARGE=large,
+        BLOCK_C=config["BLOCK_C"], BLOCK_S=config["BLOCK_S"],
+        num_warps=config["num_warps"], num_stages=config["num_stages"],
+    )
+    return stats, rstd_c, rho
+
+
+def norm_backward(dy, x, dx, stats, rstd_c, rho, gamma, omega, eta, num_groups, mode,
+                  activation, group_affine, config):
+    """Run the 3 backward launches, writing ``dx`` (preallocated).
+
+    Returns fp32 (d_gamma, d_beta, d_omega, d_eta); absent parameters give empty tensors.
+    """
+    n, c = x.shape[0], x.shape[1]
+    s = x.numel() // (n * c)
+    k = c // num_groups
+    sx, sd, so = nsc_strides(x), nsc_strides(dy), nsc_strides(dx)
+    large = _large(c, s, sx[1:], sd[1:], so[1:])
+    chunk, n_split = _chunking(s, config)
+    f32 = dict(device=x.device, dtype=torch.float32)
+    part = torch.empty((2, n, c, n_split), **f32)
+    coefs = torch.empty((3, n, c), **f32)
+    has_bn_affine = gamma is not None
+    has_affine = omega is not None
+    aff_len = num_groups if group_affine else c
+    d_gamma = torch.empty((c if has_bn_affine else 0,), **f32)
+    d_beta = torch.empty_like(d_gamma)
+    d_omega = torch.empty((aff_len if has_affine else 0,), **f32)
+    d_eta = torch.empty_like(d_omega)
+    dummy = rstd_c
+    om = omega if has_affine else dummy
+    et = eta if has_affine else dummy
+    act = ACTIVATIONS[activation]
+    grid = (n * triton.cdiv(c, config["BLOCK_C"]), n_split)
+    pivot, shift, p, q, x1, x2 = stats.unbind(0)
+    _norm_bwd_reduce_kernel[grid](
+        dy, x, pivot, shift, p, q, om, et, part[0], part[1], c, s, k, *sx, *sd, chunk, n_split,
+        ACT=act, HAS_AFFINE=has_affine, GROUP_AFFINE=group_affine, LARGE=large,
+        BLOCK_C=config["BLOCK_C"], BLOCK_S=config["BLOCK_S"],
+        num_warps=config["num_warps"], num_stages=config["num_stages"],
+    )
+    block_n, block_k = _combine_blocks(n, k)
+    _norm_bwd_combine_kernel[(num_groups,)](
+        part[0], part[1], rstd_c, rho, p, q, x1, x2,
+        gamma if has_bn_affine else dummy, om,
+        d_gamma if has_bn_affine else dummy, d_beta if has_bn_affine else dummy,
+        d_omega if has_affine else dummy, d_eta if has_affine else dummy,
+        coefs[0], coefs[1], coefs[2], n, c, s, k, n_split,
+        MODE=mode, HAS_BN_AFFINE=has_bn_affine, HAS_AFFINE=has_affine, GROUP_AFFINE=group_affine,
+        BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4 if block_n * block_k >= 1024 else 2,
+    )
+    _norm_bwd_apply_kernel[grid](
+        dy, x, dx, pivot, shift, p, q, om, et, coefs[0], coefs[1], coefs[2],
+        c, s, k, *sx, *sd, *so, chunk,
+        ACT=act, HAS_AFFINE=has_affine, GROUP_AFFINE=group_affine, LARGE=large,
+        BLOCK_C=config["BLOCK_C"], BLOCK_S=config["BLOCK_S"],
+        num_warps=config["num_warps"], num_stages=config["num_stages"],
+    )
+    return d_gamma, d_beta, d_omega, d_eta

@@ -1,0 +1,182 @@
+"""BCN and GroupNorm in plain torch: the CPU backend, the closed form of
+kernels/norm.py written with tensor ops (same pivots, same saved statistics).
+
+Modes and saved statistics are those of kernels/norm.py: stats [6, N, C] holds
+pivot, shift, P, Q, X1, X2; rstd_c [C]; rho [N, G].
+"""
+import torch
+import torch.nn.functional as F
+
+MODE_GN, MODE_BATCH, MODE_ESTIMATE, MODE_RUNNING = 0, 1, 2, 3
+
+
+def _acc(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _per_nc(t: torch.Tensor, ndim: int) -> torch.Tensor:
+    """[N, C] -> [N, C, 1, ...] to broadcast against x."""
+    return t.reshape(t.shape + (1,) * (ndim - 2))
+
+
+def _activate(z, activation):
+    if activation == "relu":
+        return F.relu(z)
+    if activation == "silu":
+        return F.silu(z)
+    return z
+
+
+def _activation_grad(dy, z, activation):
+    if activation == "relu":
+        return torch.where(z > 0, dy, torch.zeros_like(dy))
+    if activation == "silu":
+        sig = torch.sigmoid(z)
+        return dy * sig * (1 + z * (1 - sig))
+    return dy
+
+
+def _affine_per_channel(t, num_groups, c, group_affine):
+    """omega / eta per channel, [C], from per-group or per-channel storage."""
+    t = t.reshape(-1)
+    return t.repeat_interleave(c // num_groups) if group_affine else t
+
+
+def norm_forward_torch(x, gamma, beta, omega, eta, running_mean, running_var, num_batches,
+                       num_groups, eps, momentum, cumulative, mode, update_running, activation,
+                       group_affine):
+    acc = _acc(x.dtype)
+    n, c = x.shape[:2]
+    dims = tuple(range(2, x.dim()))
+    s = x[0, 0].numel()
+    k = c // num_groups
+    xf = x.to(acc)
+    if mode == MODE_GN:
+        pivot = xf[:, ::k].reshape(n, num_groups, -1)[..., 0].repeat_interleave(k, dim=1)
+    elif mode == MODE_RUNNING:
+        pivot = running_mean.to(acc).expand(n, c)
+    else:
+        pivot = xf[0].reshape(c, -1)[:, 0].expand(n, c)
+    xp = xf - _per_nc(pivot, x.dim())
+    var_s, m = torch.var_mean(xp, dim=dims, correction=0) if dims else (torch.zeros_like(xp), xp)
+    m2 = var_s * s
+
+    shift_c = torch.zeros(c, dtype=acc, device=x.device)
+    r = torch.ones(c, dtype=acc, device=x.device)
+    if update_running or mode == MODE_ESTIMATE:
+        if cumulative:
+            factor = 1.0 / (num_batches.to(acc) + 1.0)
+        else:
+            factor = momentum
+    if mode in (MODE_BATCH, MODE_ESTIMATE):
+        ns = n * s
+        mean_c = m.mean(dim=0)
+        if update_running:
+            rm_old, rv_old = running_mean.to(acc), running_var.to(acc)
+        else:
+            rm_old = torch.zeros(c, dtype=acc, device=x.device)
+            rv_old = torch.ones(c, dtype=acc, device=x.device)
+        to_old = pivot[0] - rm_old
+        if mode == MODE_BATCH:
+            m2_c = m2.sum(dim=0) + s * (m - mean_c).square().sum(dim=0)
+            shift_c = mean_c
+            var = m2_c / ns
+            if update_running:
+                running_mean.copy_(rm_old + factor * (to_old + mean_c))
+                running_var.copy_((1 - factor) * rv_old + factor * m2_c / (ns - 1))
+        else:
+            dev = (m2.sum(dim=0) + s * (m + to_old).square().sum(dim=0)) / ns
+            var = (1 - factor) * rv_old + factor * dev
+            shift_c = factor * mean_c - (1 - factor) * to_old
+            running_mean.copy_(pivot[0] + shift_c)
+            running_var.copy_(var)
+        r = torch.rsqrt(var + eps)
+    elif mode == MODE_RUNNING:
+        r = torch.rsqrt(running_var.to(acc) + eps)
+    if update_running and num_batches is not None:
+        num_batches.add_(1)
+    a, b = r, torch.zeros_like(r)
+    if mode != MODE_GN and gamma is not None:
+        a, b = r * gamma.to(acc), beta.to(acc)
+
+    if mode == MODE_GN:
+        shift = m.reshape(n, num_groups, k).mean(dim=2).repeat_interleave(k, dim=1)
+    else:
+        shift = shift_c.expand(n, c)
+    dm = m - shift
+    u_mean = a * dm + b
+    u_var = a * a * m2 / s
+    nu = u_mean.reshape(n, num_groups, k).mean(dim=2)
+    tau = u_var.reshape(n, num_groups, k).mean(dim=2) + (u_mean.reshape(n, num_groups, k) - nu[..., None]).square().mean(dim=2)
+    rho = torch.rsqrt(tau + eps)
+    rho_c = rho.repeat_interleave(k, dim=1)
+    p = rho_c * a
+    q = rho_c * (b - nu.repeat_interleave(k, dim=1))
+    stats = torch.stack([pivot, shift, p, q, s * dm, m2 + s * dm * dm]).to(acc)
+    coef_a, coef_b = _apply_coefs(stats, omega, eta, num_groups, group_affine)
+    z = _per_nc(coef_a, x.dim()) * xp + _per_nc(coef_b, x.dim())
+    y = _activate(z, activation).to(x.dtype)
+    return y, stats, r.to(acc), rho.to(acc)
+
+
+def _apply_coefs(stats, omega, eta, num_groups, group_affine):
+    """z = A (x - pivot) + B, with A = omega P and B = omega (Q - P shift) + eta."""
+    _, shift, p, q = stats[0], stats[1], stats[2], stats[3]
+    c = p.shape[1]
+    if omega is None:
+        return p, q - p * shift
+    om = _affine_per_channel(omega, num_groups, c, group_affine).to(p.dtype)
+    et = _affine_per_channel(eta, num_groups, c, group_affine).to(p.dtype)
+    return om * p, om * (q - p * shift) + et
+
+
+def norm_backward_torch(dy, x, stats, rstd_c, rho, gamma, omega, eta, num_groups, mode,
+                        activation, group_affine):
+    acc = stats.dtype
+    n, c = x.shape[:2]
+    dims = tuple(range(2, x.dim()))
+    s = x[0, 0].numel()
+    k = c // num_groups
+    pivot, shift, p, q, x1, x2 = stats.unbind(0)
+    xp = x.to(acc) - _per_nc(pivot, x.dim())
+    coef_a, coef_b = _apply_coefs(stats, omega, eta, num_groups, group_affine)
+    dyf = dy.to(acc)
+    dz = _activation_grad(dyf, _per_nc(coef_a, x.dim()) * xp + _per_nc(coef_b, x.dim()), activation) if activation else dyf
+    xc = xp - _per_nc(shift, x.dim())
+    d1 = dz.sum(dim=dims) if dims else dz
+    d2 = (dz * xc).sum(dim=dims) if dims else dz * xc
+
+    om = torch.ones(c, dtype=acc, device=x.device) if omega is None else _affine_per_channel(omega, num_groups, c, group_affine).to(acc)
+    r = rstd_c if mode != MODE_GN else torch.ones(c, dtype=acc, device=x.device)
+    gam = gamma.to(acc) if (gamma is not None and mode != MODE_GN) else torch.ones(c, dtype=acc, device=x.device)
+    big_l = k * s
+    t = p * d2 + q * d1
+    e1 = (om * d1).reshape(n, num_groups, k).sum(dim=2).repeat_interleave(k, dim=1) / big_l
+    e2 = (om * t).reshape(n, num_groups, k).sum(dim=2).repeat_interleave(k, dim=1) / big_l
+    rho_c = rho.repeat_interleave(k, dim=1)
+    alpha = rho_c * om
+    b_prime = -rho_c * e2 * p
+    kappa = -rho_c * (e1 + q * e2)
+    d_omega_c = t.sum(dim=0)
+    d_eta_c = d1.sum(dim=0)
+    d_gamma = (r * (alpha * d2 + b_prime * x2 + kappa * x1)).sum(dim=0)
+    d_beta = (alpha * d1 + b_prime * x1 + kappa * s).sum(dim=0)
+    scale = r * gam
+    ca = scale * alpha
+    if mode == MODE_BATCH:
+        cb = scale * (b_prime - r * d_gamma / (n * s))
+        cc = scale * (kappa - d_beta / (n * s))
+    else:
+        cb, cc = scale * b_prime, scale * kappa
+    dx = (_per_nc(ca, x.dim()) * dz + _per_nc(cb, x.dim()) * xc + _per_nc(cc, x.dim())).to(x.dtype)
+    empty = torch.empty(0, dtype=acc, device=x.device)
+    if omega is None:
+        d_omega = d_eta = empty
+    elif group_affine:
+        d_omega = d_omega_c.reshape(num_groups, k).sum(dim=1)
+        d_eta = d_eta_c.reshape(num_groups, k).sum(dim=1)
+    else:
+        d_omega, d_eta = d_omega_c, d_eta_c
+    if gamma is None or mode == MODE_GN:
+        d_gamma = d_beta = empty
+    return dx, d_gamma, d_beta, d_omega, d_eta
