@@ -83,3 +83,52 @@ def gn_reference(x, num_groups, weight=None, bias=None, eps=1e-5, activation=Non
     elif activation == "silu":
         y = F.silu(y)
     return y
+
+
+class ReleasedEstBN(torch.nn.Module):
+    """The authors' released EstBN layer (estimate mode of BCNorm), for state-dict tests."""
+
+    def __init__(self, num_features):
+        super().__init__()
+        self.num_features = num_features
+        self.weight = torch.nn.Parameter(torch.ones(num_features))
+        self.bias = torch.nn.Parameter(torch.zeros(num_features))
+        self.register_buffer("running_mean", torch.zeros(num_features))
+        self.register_buffer("running_var", torch.ones(num_features))
+        self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
+        self.register_buffer("estbn_moving_speed", torch.zeros(1))
+
+    def forward(self, inp):
+        ms = self.estbn_moving_speed.item()
+        if self.training:
+            with torch.no_grad():
+                inp_t = inp.transpose(0, 1).contiguous().view(self.num_features, -1)
+                running_mean = inp_t.mean(dim=1)
+                inp_t = inp_t - self.running_mean.view(-1, 1)
+                running_var = torch.mean(inp_t * inp_t, dim=1)
+                self.running_mean.data.mul_(1 - ms).add_(ms * running_mean.data)
+                self.running_var.data.mul_(1 - ms).add_(ms * running_var.data)
+        out = inp - self.running_mean.view(1, -1, 1, 1)
+        out = out / torch.sqrt(self.running_var + 1e-5).view(1, -1, 1, 1)
+        return self.weight.view(1, -1, 1, 1) * out + self.bias.view(1, -1, 1, 1)
+
+
+class ReleasedBCNorm(torch.nn.Module):
+    """The authors' released BCNorm layer."""
+
+    def __init__(self, num_channels, num_groups, eps, estimate=False):
+        super().__init__()
+        self.num_channels = num_channels
+        self.num_groups = num_groups
+        self.eps = eps
+        self.weight = torch.nn.Parameter(torch.ones(1, num_groups, 1))
+        self.bias = torch.nn.Parameter(torch.zeros(1, num_groups, 1))
+        self.bn = ReleasedEstBN(num_channels) if estimate else torch.nn.BatchNorm2d(num_channels)
+
+    def forward(self, inp):
+        out = self.bn(inp)
+        out = out.view(1, inp.size(0) * self.num_groups, -1)
+        out = torch.batch_norm(out, None, None, None, None, True, 0, self.eps, True)
+        out = out.view(inp.size(0), self.num_groups, -1)
+        out = self.weight * out + self.bias
+        return out.view_as(inp)

@@ -224,8 +224,10 @@ def group_norm(x: torch.Tensor, num_groups: int, weight: Optional[torch.Tensor] 
     c = x.shape[1]
     _check_param("weight", weight, (c,), x)
     _check_param("bias", bias, (c,), x)
-    if (weight is None) != (bias is None):
-        raise ValueError("weight and bias must be given together")
+    if weight is not None and bias is None:  # as F.group_norm allows
+        bias = torch.zeros_like(weight)
+    elif bias is not None and weight is None:
+        weight = torch.ones_like(bias)
     return BatchChannelNormFunction.apply(
         x, None, None, weight, bias, None, None, None, num_groups, eps, 0.0, False,
         MODE_GN, False, activation, False)

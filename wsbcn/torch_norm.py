@@ -61,6 +61,7 @@ def norm_forward_torch(x, gamma, beta, omega, eta, running_mean, running_var, nu
     var_s, m = torch.var_mean(xp, dim=dims, correction=0) if dims else (torch.zeros_like(xp), xp)
     m2 = var_s * s
 
+    updates = []  # buffer writes, done last so a failure leaves the buffers untouched
     shift_c = torch.zeros(c, dtype=acc, device=x.device)
     r = torch.ones(c, dtype=acc, device=x.device)
     if update_running or mode == MODE_ESTIMATE:
@@ -82,19 +83,16 @@ def norm_forward_torch(x, gamma, beta, omega, eta, running_mean, running_var, nu
             shift_c = mean_c
             var = m2_c / ns
             if update_running:
-                running_mean.copy_(rm_old + factor * (to_old + mean_c))
-                running_var.copy_((1 - factor) * rv_old + factor * m2_c / (ns - 1))
+                updates.append((running_mean, rm_old + factor * (to_old + mean_c)))
+                updates.append((running_var, (1 - factor) * rv_old + factor * m2_c / (ns - 1)))
         else:
             dev = (m2.sum(dim=0) + s * (m + to_old).square().sum(dim=0)) / ns
             var = (1 - factor) * rv_old + factor * dev
             shift_c = factor * mean_c - (1 - factor) * to_old
-            running_mean.copy_(pivot[0] + shift_c)
-            running_var.copy_(var)
+            updates += [(running_mean, pivot[0] + shift_c), (running_var, var)]
         r = torch.rsqrt(var + eps)
     elif mode == MODE_RUNNING:
         r = torch.rsqrt(running_var.to(acc) + eps)
-    if update_running and num_batches is not None:
-        num_batches.add_(1)
     a, b = r, torch.zeros_like(r)
     if mode != MODE_GN and gamma is not None:
         a, b = r * gamma.to(acc), beta.to(acc)
@@ -116,6 +114,10 @@ def norm_forward_torch(x, gamma, beta, omega, eta, running_mean, running_var, nu
     coef_a, coef_b = _apply_coefs(stats, omega, eta, num_groups, group_affine)
     z = _per_nc(coef_a, x.dim()) * xp + _per_nc(coef_b, x.dim())
     y = _activate(z, activation).to(x.dtype)
+    for buf, value in updates:
+        buf.copy_(value)
+    if update_running and num_batches is not None:
+        num_batches.add_(1)
     return y, stats, r.to(acc), rho.to(acc)
 
 

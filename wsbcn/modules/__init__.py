@@ -1,4 +1,6 @@
 """torch.nn modules built on the wsbcn ops."""
+from .norm import BatchChannelNorm1d, BatchChannelNorm2d, BatchChannelNorm3d, GroupNorm
 from .ws_conv import WSConv1d, WSConv2d, WSConv3d
 
-__all__ = ["WSConv1d", "WSConv2d", "WSConv3d"]
+__all__ = ["WSConv1d", "WSConv2d", "WSConv3d", "BatchChannelNorm1d", "BatchChannelNorm2d",
+           "BatchChannelNorm3d", "GroupNorm"]

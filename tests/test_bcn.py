@@ -1,0 +1,278 @@
+"""Batch-Channel Normalization against the naive float64 composition, both backends."""
+import pytest
+import torch
+
+import wsbcn
+from wsbcn.functional import batch_channel_norm
+from conftest import DEVICE, TOL, rel_err
+from reference import ReleasedBCNorm, bcn_reference
+
+MODES = {  # name -> (training, estimate)
+    "batch": (True, False),
+    "estimate": (True, True),
+    "eval": (False, False),
+}
+
+
+def _random_params(c, g, group_affine, device=DEVICE, dtype=torch.float32):
+    gen = dict(device=device, dtype=dtype)
+    aff = g if group_affine else c
+    return dict(
+        weight=(torch.rand(c, **gen) + 0.5), bias=torch.randn(c, **gen),
+        group_weight=(torch.rand(1, aff, 1, **gen) + 0.5), group_bias=torch.randn(1, aff, 1, **gen),
+        running_mean=torch.randn(c, **gen) * 0.3, running_var=torch.rand(c, **gen) + 0.5,
+    )
+
+
+def check_bcn(x, num_groups, mode, activation=None, group_affine=True, affine=True, steps=1,
+              momentum=0.1, tol=None, params=None):
+    """Run ``steps`` forward/backward passes of ours and of the reference; compare
+    outputs, every gradient and the running buffers after each step."""
+    training, estimate = MODES[mode]
+    c = x.shape[1]
+    p = params or _random_params(c, num_groups, group_affine, device=x.device)
+    tol = tol or TOL[x.dtype]
+    learn = ["weight", "bias", "group_weight", "group_bias"] if affine else []
+    ours = {k: (v.clone().requires_grad_(k in learn)) for k, v in p.items() if affine or k.startswith("running")}
+    ref = {k: v.detach().double().clone().requires_grad_(k in learn) for k, v in ours.items()}
+    nbt = torch.zeros((), dtype=torch.long, device=x.device)
+    nbt_ref = torch.zeros((), dtype=torch.long)
+    for step in range(steps):
+        xs = (x.detach() * (1 + 0.3 * step)).requires_grad_(True)
+        x64 = xs.detach().double().requires_grad_(True)
+        y = batch_channel_norm(xs, num_groups, training=training, estimate=estimate, activation=activation,
+                               momentum=momentum, num_batches_tracked=nbt, **ours)
+        yr = bcn_reference(x64, num_groups, training=training, estimate=estimate, activation=activation,
+                           momentum=momentum, num_batches_tracked=nbt_ref, **ref)
+        assert y.dtype == x.dtype and y.shape == x.shape
+        assert rel_err(y, yr) <= tol, ("output", step)
+        g = torch.randn_like(yr)
+        y.backward(g.to(y.dtype))
+        yr.backward(g)
+        assert rel_err(xs.grad, x64.grad) <= tol, ("dx", step)
+        for k in learn:
+            assert rel_err(ours[k].grad, ref[k].grad) <= tol, (k, step)
+            ours[k].grad = None
+            ref[k].grad = None
+        for k in ("running_mean", "running_var"):
+            assert rel_err(ours[k], ref[k]) <= max(tol, 1e-6), (k, step)
+    assert int(nbt) == (steps if training else 0)
+    return ours
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("activation", [None, "relu", "silu"])
+@pytest.mark.parametrize("group_affine", [True, False])
+def test_bcn_modes_match_reference(backend, mode, activation, group_affine):
+    torch.manual_seed(0)
+    x = torch.randn(3, 8, 5, 4, device=DEVICE) * 2 + 0.5
+    check_bcn(x, 4, mode, activation, group_affine)
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_bcn_without_affine(backend, mode):
+    torch.manual_seed(1)
+    check_bcn(torch.randn(2, 6, 3, 3, device=DEVICE), 3, mode, affine=False)
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_bcn_several_training_steps_then_eval(backend, mode):
+    """Running buffers over several steps, then the eval output they give."""
+    torch.manual_seed(2)
+    x = torch.randn(2, 8, 4, 4, device=DEVICE) + 1.0
+    state = check_bcn(x, 2, mode, steps=3, momentum=0.3)
+    params = {k: v.detach() for k, v in state.items()}
+    check_bcn(x, 2, "eval", params=params)
+
+
+def test_bcn_cumulative_momentum_none(backend):
+    torch.manual_seed(3)
+    check_bcn(torch.randn(2, 4, 3, 3, device=DEVICE), 2, "batch", steps=3, momentum=None)
+
+
+LAYOUTS = {
+    "1d_ncl": lambda: torch.randn(3, 8, 7),
+    "1d_nc": lambda: torch.randn(5, 8),
+    "2d_channels_last": lambda: torch.randn(2, 8, 3, 5).to(memory_format=torch.channels_last),
+    "3d_channels_last": lambda: torch.randn(2, 8, 2, 3, 3).to(memory_format=torch.channels_last_3d),
+    "3d_contiguous": lambda: torch.randn(2, 8, 2, 3, 2),
+    "sliced": lambda: torch.randn(2, 16, 6, 5)[:, ::2, 1:5],
+    "transposed_hw": lambda: torch.randn(2, 8, 5, 3).transpose(2, 3),
+    "expanded_batch": lambda: torch.randn(1, 8, 3, 3).expand(3, 8, 3, 3),
+}
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("mode", ["batch", "estimate"])
+def test_bcn_layouts(backend, layout, mode):
+    torch.manual_seed(4)
+    x = LAYOUTS[layout]().to(DEVICE) * 1.5 + 0.2
+    # 4 channels a group: with S = 1 and 2 values a group the output is +-1 and dx
+    # is pure rounding noise, an ill-conditioned comparison.
+    check_bcn(x, 2, mode, activation="relu")
+
+
+def test_channels_last_is_read_in_place_and_output_keeps_layout(backend):
+    x = torch.randn(2, 8, 4, 4, device=DEVICE).to(memory_format=torch.channels_last)
+    m = wsbcn.BatchChannelNorm2d(8, num_groups=4).to(DEVICE)
+    y = m(x)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("mode", list(MODES))
+def test_bcn_low_precision_inputs_fp32_params(backend, dtype, mode):
+    """The autocast case: half-precision activations, fp32 parameters and buffers."""
+    torch.manual_seed(5)
+    x = (torch.randn(2, 8, 4, 4, device=DEVICE) * 2 + 1).to(dtype)
+    check_bcn(x, 4, mode, activation="silu")
+
+
+def test_bcn_large_common_offset_stays_accurate(backend):
+    torch.manual_seed(6)
+    x = 1e4 + torch.randn(4, 8, 6, 6, device=DEVICE)
+    check_bcn(x, 4, "batch", tol=1e-5)
+    # Estimates that track the data, as they do after a few steps (estimates far
+    # from the data make the output ill-conditioned in any precision).
+    params = _random_params(8, 4, True)
+    params["running_mean"] += 1e4
+    for mode in ("estimate", "eval"):
+        check_bcn(x, 4, mode, tol=1e-5, params=params)
+
+
+def test_n1_micro_batch(backend):
+    torch.manual_seed(7)
+    x = torch.randn(1, 8, 3, 3, device=DEVICE)
+    for mode in MODES:
+        check_bcn(x, 4, mode)
+    single = torch.randn(1, 8, 1, 1, device=DEVICE)
+    for mode in ("estimate", "eval"):
+        check_bcn(single, 2, mode)  # 4 values a group (2 would make dx pure rounding noise)
+    m = wsbcn.BatchChannelNorm2d(8, num_groups=4).to(DEVICE)
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        m(single)
+    for k, v in m.state_dict().items():
+        assert torch.equal(v, before[k])
+
+
+def test_nan_propagates_like_reference(backend):
+    x = torch.randn(2, 8, 3, 3, device=DEVICE)
+    x[1, 5, 1, 1] = float("nan")
+    for mode in MODES:
+        training, estimate = MODES[mode]
+        p = _random_params(8, 4, True)
+        ref = bcn_reference(x, 4, training=training, estimate=estimate,
+                            **{k: v.double().clone() for k, v in p.items()})
+        ours = batch_channel_norm(x, 4, training=training, estimate=estimate, **p)
+        assert torch.equal(torch.isnan(ours), torch.isnan(ref)), mode
+        finite = ~torch.isnan(ref)
+        if finite.any():
+            assert rel_err(ours[finite], ref[finite]) <= 1e-5
+
+
+def test_saved_for_backward_is_x_and_small_statistics(backend):
+    """Only x and O(N*C) fp32 statistics (plus the parameters) are kept for backward."""
+    n, c, h, w, g = 2, 8, 6, 6, 4
+    m = wsbcn.BatchChannelNorm2d(c, num_groups=g, activation="relu").to(DEVICE)
+    x = torch.randn(n, c, h, w, device=DEVICE, requires_grad=True)
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = m(x)
+    params = {p.data_ptr() for p in m.parameters()}
+    big = [t for t in saved if t.numel() > 6 * n * c]
+    assert len(big) == 1 and big[0].data_ptr() == x.data_ptr()
+    for t in saved:
+        if t.data_ptr() != x.data_ptr() and t.data_ptr() not in params:
+            assert t.dtype == torch.float32 and t.numel() <= 6 * n * c
+    assert all(t.data_ptr() != y.data_ptr() for t in saved)
+
+
+@pytest.mark.parametrize("estimate", [False, True])
+def test_released_state_dict_loads_and_matches(backend, estimate):
+    torch.manual_seed(8)
+    released = ReleasedBCNorm(8, 4, 1e-5, estimate=estimate).double()
+    with torch.no_grad():
+        for p in released.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+        released.bn.running_mean.normal_(0, 0.3)
+        released.bn.running_var.uniform_(0.5, 1.5)
+        if estimate:
+            released.bn.estbn_moving_speed.fill_(0.2)
+    ours = wsbcn.BatchChannelNorm2d(8, num_groups=4, estimate=estimate).to(DEVICE)
+    ours.load_state_dict(released.state_dict())
+    assert ours.momentum == pytest.approx(0.2 if estimate else 0.1)
+    x = torch.randn(2, 8, 3, 3, device=DEVICE) + 0.5
+    for training in (True, False):
+        released.train(training)
+        ours.train(training)
+        expected = released(x.double().cpu())
+        got = ours(x)
+        assert rel_err(got, expected) <= 1e-5
+        assert rel_err(ours.running_mean, released.bn.running_mean) <= 1e-5
+        assert rel_err(ours.running_var, released.bn.running_var) <= 1e-5
+
+
+def test_bcn_module_state_dict_and_repr():
+    m = wsbcn.BatchChannelNorm2d(64, num_groups=32, activation="relu")
+    assert set(m.state_dict()) == {"weight", "bias", "group_weight", "group_bias", "running_mean",
+                                   "running_var", "num_batches_tracked"}
+    assert m.group_weight.shape == (1, 32, 1)
+    assert repr(m) == ("BatchChannelNorm2d(64, num_groups=32, eps=1e-05, momentum=0.1, estimate=False, "
+                       "affine=True, group_affine=True, activation='relu')")
+    per_channel = wsbcn.BatchChannelNorm1d(16, num_groups=4, group_affine=False, affine=True)
+    assert per_channel.group_weight.shape == (1, 16, 1)
+    bare = wsbcn.BatchChannelNorm3d(16, num_groups=4, affine=False)
+    assert bare.weight is None and "group_affine" not in repr(bare)
+    bn = torch.nn.BatchNorm2d(64)
+    missing = m.load_state_dict(bn.state_dict(), strict=False).missing_keys
+    assert sorted(missing) == ["group_bias", "group_weight"]
+
+
+def _bad(fn, exc, words, module=None):
+    state = {k: v.clone() for k, v in module.state_dict().items()} if module is not None else None
+    with pytest.raises(exc, match=words):
+        fn()
+    if module is not None:
+        for k, v in module.state_dict().items():
+            assert torch.equal(v, state[k]), k
+
+
+def test_bad_bcn_inputs_raise_before_any_kernel(backend, monkeypatch):
+    from wsbcn import norm
+
+    def no_kernel(*a, **k):
+        raise AssertionError("a kernel ran before validation")
+
+    monkeypatch.setattr(norm, "_norm_forward_impl", no_kernel)
+    m = wsbcn.BatchChannelNorm2d(8, num_groups=4).to(DEVICE)
+    x = torch.randn(2, 8, 3, 3, device=DEVICE)
+    _bad(lambda: m(torch.randn(2, 6, 3, 3, device=DEVICE)), ValueError, "channels", m)
+    _bad(lambda: m(torch.randn(2, 8, 3, device=DEVICE)), ValueError, "4D", m)
+    _bad(lambda: m(x.to(torch.int32)), TypeError, "floating", m)
+    _bad(lambda: m(x.to(torch.complex64)), TypeError, "floating", m)
+    _bad(lambda: m([1.0]), TypeError, "Tensor", m)
+    _bad(lambda: batch_channel_norm(x, 3, training=True), ValueError, "divisible", None)
+    _bad(lambda: batch_channel_norm(x, 0, training=True), ValueError, "num_groups", None)
+    _bad(lambda: batch_channel_norm(x, 4, training=True, eps=0.0), ValueError, "eps", None)
+    _bad(lambda: batch_channel_norm(x, 4, training=True, activation="gelu"), ValueError, "activation", None)
+    _bad(lambda: batch_channel_norm(x, 4, training=True, momentum=1.5), ValueError, "momentum", None)
+    _bad(lambda: batch_channel_norm(x, 4, training=False), ValueError, "running_mean", None)
+    _bad(lambda: batch_channel_norm(x, 4, training=True, estimate=True), ValueError, "running_mean", None)
+    _bad(lambda: batch_channel_norm(x, 4, weight=torch.ones(5, device=DEVICE), bias=torch.ones(5, device=DEVICE),
+                                    training=True), ValueError, "weight", None)
+    _bad(lambda: batch_channel_norm(torch.randn(8, device=DEVICE), 4, training=True), ValueError, "dimensions", None)
+    _bad(lambda: batch_channel_norm(x, 4, training=True, momentum=None, running_mean=torch.zeros(8, device=DEVICE),
+                                    running_var=torch.ones(8, device=DEVICE)), ValueError, "num_batches_tracked", None)
+    for kwargs, words in ((dict(num_groups=0), "num_groups"), (dict(num_groups=3), "divisible"),
+                          (dict(eps=-1.0), "eps"), (dict(activation="tanh"), "activation"),
+                          (dict(momentum=-0.1), "momentum")):
+        args = dict(num_channels=8, num_groups=4)
+        args.update(kwargs)
+        with pytest.raises(ValueError, match=words):
+            wsbcn.BatchChannelNorm2d(**args)

@@ -1,0 +1,148 @@
+"""BatchChannelNorm1d/2d/3d and GroupNorm modules."""
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .. import checks
+from ..norm import batch_channel_norm, group_norm
+
+
+class _BatchChannelNorm(nn.Module):
+    """Batch-Channel Normalization (Qiao et al., arXiv 1903.10520).
+
+    BN stage (``weight``, ``bias``: gamma, beta per channel; running buffers as in
+    nn.BatchNorm), then a GroupNorm-style channel stage (``group_weight``,
+    ``group_bias``: shape (1, G, 1) when ``group_affine``, else (1, C, 1)), then
+    ``activation`` (None, "relu" or "silu"), all in one fused op.
+
+    ``estimate=True`` is the micro-batch mode: in training the running estimates
+    are updated from the batch (no gradient through them) and used to normalize.
+    ``num_batches_tracked`` counts training steps in both modes.
+
+    State dicts of the authors' released BCNorm/EstBN layers load directly (their
+    ``weight``/``bias`` are our group affine, their ``bn.*`` our BN stage, and
+    ``bn.estbn_moving_speed`` sets ``momentum``). One ``eps`` serves both stages;
+    the released BN stage always uses 1e-5.
+    """
+
+    _valid_dims: tuple = ()
+
+    def __init__(self, num_channels: int, num_groups: int = 32, eps: float = 1e-5,
+                 momentum: Optional[float] = 0.1, estimate: bool = False, affine: bool = True,
+                 group_affine: bool = True, activation: Optional[str] = None, process_group=None,
+                 device=None, dtype=None):
+        super().__init__()
+        checks.check_num_groups(num_channels, num_groups)
+        self.num_channels = num_channels
+        self.num_groups = num_groups
+        self.eps = checks.check_eps(eps)
+        self.momentum = checks.check_momentum(momentum)
+        self.estimate = bool(estimate)
+        self.affine = bool(affine)
+        self.group_affine = bool(group_affine)
+        self.activation = checks.check_activation(activation)
+        self.process_group = process_group
+        factory = dict(device=device, dtype=dtype)
+        if affine:
+            self.weight = nn.Parameter(torch.ones(num_channels, **factory))
+            self.bias = nn.Parameter(torch.zeros(num_channels, **factory))
+            affine_shape = (1, num_groups if group_affine else num_channels, 1)
+            self.group_weight = nn.Parameter(torch.ones(affine_shape, **factory))
+            self.group_bias = nn.Parameter(torch.zeros(affine_shape, **factory))
+        else:
+            for name in ("weight", "bias", "group_weight", "group_bias"):
+                self.register_parameter(name, None)
+        self.register_buffer("running_mean", torch.zeros(num_channels, **factory))
+        self.register_buffer("running_var", torch.ones(num_channels, **factory))
+        self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long, device=device))
+
+    def reset_running_stats(self) -> None:
+        self.running_mean.zero_()
+        self.running_var.fill_(1)
+        self.num_batches_tracked.zero_()
+
+    def reset_parameters(self) -> None:
+        self.reset_running_stats()
+        if self.affine:
+            for p, v in ((self.weight, 1), (self.bias, 0), (self.group_weight, 1), (self.group_bias, 0)):
+                nn.init.constant_(p, v)
+
+    def _check_input(self, x):
+        checks.check_float_tensor("input", x)
+        if x.dim() not in self._valid_dims:
+            raise ValueError(
+                f"{type(self).__name__} expects a {' or '.join(f'{d}D' for d in self._valid_dims)} input, "
+                f"got shape {tuple(x.shape)}")
+        if x.shape[1] != self.num_channels:
+            raise ValueError(
+                f"{type(self).__name__}({self.num_channels}) got an input with {x.shape[1]} channels "
+                f"(shape {tuple(x.shape)})")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input(x)
+        if self.process_group is not None and self.training and not self.estimate:
+            from ..distributed import distributed_batch_channel_norm
+
+            return distributed_batch_channel_norm(self, x)
+        return batch_channel_norm(
+            x, self.num_groups, self.running_mean, self.running_var, self.weight, self.bias,
+            self.group_weight, self.group_bias, training=self.training, estimate=self.estimate,
+            momentum=self.momentum, eps=self.eps, activation=self.activation,
+            num_batches_tracked=self.num_batches_tracked)
+
+    def extra_repr(self) -> str:
+        text = (f"{self.num_channels}, num_groups={self.num_groups}, eps={self.eps}, "
+                f"momentum={self.momentum}, estimate={self.estimate}, affine={self.affine}")
+        if self.affine:
+            text += f", group_affine={self.group_affine}"
+        if self.activation is not None:
+            text += f", activation={self.activation!r}"
+        return text
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        if prefix + "bn.running_mean" in state_dict:  # a released BCNorm / EstBN checkpoint
+            renames = [("weight", "group_weight"), ("bias", "group_bias")] + [
+                ("bn." + k, k) for k in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")]
+            for old, new in renames:
+                if prefix + old in state_dict:
+                    state_dict[prefix + new] = state_dict.pop(prefix + old)
+            speed = state_dict.pop(prefix + "bn.estbn_moving_speed", None)
+            if speed is not None:
+                self.momentum = checks.check_momentum(float(speed.reshape(-1)[0]))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+class BatchChannelNorm1d(_BatchChannelNorm):
+    _valid_dims = (2, 3)
+
+
+class BatchChannelNorm2d(_BatchChannelNorm):
+    _valid_dims = (4,)
+
+
+class BatchChannelNorm3d(_BatchChannelNorm):
+    _valid_dims = (5,)
+
+
+class GroupNorm(nn.GroupNorm):
+    """Drop-in for nn.GroupNorm (same arguments and state dict) running the wsbcn
+    kernels, with an optional fused ``activation`` ("relu" or "silu")."""
+
+    def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-5, affine: bool = True,
+                 *args, activation: Optional[str] = None, **kwargs):
+        checks.check_num_groups(num_channels, num_groups)
+        checks.check_eps(eps)
+        super().__init__(num_groups, num_channels, eps, affine, *args, **kwargs)
+        self.activation = checks.check_activation(activation)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        checks.check_float_tensor("input", x, min_dim=2)
+        if x.shape[1] != self.num_channels:
+            raise ValueError(f"GroupNorm({self.num_groups}, {self.num_channels}) got an input with "
+                             f"{x.shape[1]} channels (shape {tuple(x.shape)})")
+        return group_norm(x, self.num_groups, self.weight, self.bias, self.eps, self.activation)
+
+    def extra_repr(self) -> str:
+        text = super().extra_repr()
+        return text + (f", activation={self.activation!r}" if self.activation is not None else "")
