@@ -1,14 +1,107 @@
-"""Where kernels get their launch config (DESIGN.md section 6).
+"""Kernel launch configs: lookup, cache and the autotuning sweep (DESIGN.md section 6).
 
-Lookup order: user cache -> configs shipped for the device -> shape heuristic.
+Lookup order for a (kernel, dtype, layout, shape bucket) key:
+user cache (``$WSBCN_CACHE_DIR`` or ~/.cache/wsbcn, ``<device-slug>.json``) ->
+configs shipped in ``wsbcn/configs/<device-slug>.json`` -> a shape heuristic.
+
+Tuned configs are data, never code: JSON with schema_version, device and the
+torch/triton versions they were measured with. Writes are atomic (temp file +
+os.replace), so a crash never leaves a half-written cache.
 """
+import json
+import os
+import tempfile
+from importlib import resources
+from pathlib import Path
+
 import torch
 
 from . import heuristics
 
+SCHEMA_VERSION = 1
+KERNELS = ("ws_fwd", "ws_bwd", "norm_fwd", "norm_bwd")
+_CONFIG_KEYS = {
+    "ws_fwd": ("BLOCK", "num_warps"),
+    "ws_bwd": ("BLOCK", "num_warps"),
+    "norm_fwd": ("BLOCK_C", "BLOCK_S", "split", "num_warps", "num_stages"),
+    "norm_bwd": ("BLOCK_C", "BLOCK_S", "split", "num_warps", "num_stages"),
+}
+_tables: dict = {}  # device slug -> merged {key: config}, built once per process
 
-def _sm_count(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
+
+def cache_dir() -> Path:
+    env = os.environ.get("WSBCN_CACHE_DIR")
+    if env:
+        return Path(env).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "wsbcn"
+
+
+def _slug(t: torch.Tensor) -> str:
+    if not t.is_cuda:
+        return "cpu"
+    from .info import slugify
+
+    return slugify(torch.cuda.get_device_name(t.device))
+
+
+def layout_name(channels_last: bool) -> str:
+    return "channels_last" if channels_last else "contiguous"
+
+
+def shape_bucket(kernel: str, shape: tuple) -> str:
+    """Shapes that share a bucket share a config: powers of two per dimension."""
+    if kernel.startswith("ws"):
+        return f"f{heuristics.next_pow2(shape[1])}"
+    n, c, s = shape
+    return f"n{heuristics.next_pow2(n)}-c{heuristics.next_pow2(c)}-s{heuristics.next_pow2(s)}"
+
+
+def config_key(kernel: str, dtype: torch.dtype, channels_last: bool, shape: tuple) -> str:
+    return "|".join((kernel, str(dtype).replace("torch.", ""), layout_name(channels_last), shape_bucket(kernel, shape)))
+
+
+def valid_config(kernel: str, config) -> bool:
+    keys = _CONFIG_KEYS.get(kernel, ())
+    if not isinstance(config, dict) or any(not isinstance(config.get(k), int) or config[k] < 1 for k in keys):
+        return False
+    blocks = [config[k] for k in keys if k.startswith("BLOCK")]
+    return all(b & (b - 1) == 0 for b in blocks)  # powers of two, as tl.arange needs
+
+
+def read_cache_file(path) -> dict:
+    """The configs of one cache file, or {} when it is missing, unreadable or of
+    another schema (a stale cache must never break a forward pass)."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(data, dict) or data.get("schema_version") != SCHEMA_VERSION:
+        return {}
+    configs = data.get("configs", {})
+    return {k: v for k, v in configs.items() if isinstance(k, str) and valid_config(k.split("|")[0], v)}
+
+
+def _shipped(slug: str) -> dict:
+    try:
+        ref = resources.files("wsbcn.configs").joinpath(f"{slug}.json")
+        with resources.as_file(ref) as path:
+            return read_cache_file(path)
+    except (FileNotFoundError, ModuleNotFoundError):
+        return {}
+
+
+def table_for(slug: str) -> dict:
+    if slug not in _tables:
+        merged = dict(_shipped(slug))
+        merged.update(read_cache_file(cache_dir() / f"{slug}.json"))  # the user's own tuning wins
+        _tables[slug] = merged
+    return _tables[slug]
+
+
+def forget_loaded_tables() -> None:
+    """Drop the in-memory tables so the next lookup rereads the files."""
+    _tables.clear()
 
 
 def heuristic_config(kernel: str, t: torch.Tensor, shape: tuple, channels_last: bool = False) -> dict:
@@ -16,9 +109,39 @@ def heuristic_config(kernel: str, t: torch.Tensor, shape: tuple, channels_last: 
     if kernel in ("ws_fwd", "ws_bwd"):
         return heuristics.ws_config(shape[1], on_gpu)
     n, c, s = shape
-    sm = _sm_count(t.device) if on_gpu else 1
+    sm = torch.cuda.get_device_properties(t.device).multi_processor_count if on_gpu else 1
     return heuristics.norm_tile(n, c, s, channels_last, on_gpu, sm)
 
 
 def config_for(kernel: str, t: torch.Tensor, shape: tuple, channels_last: bool = False) -> dict:
+    """The launch config for ``kernel`` on tensor ``t`` of logical ``shape``."""
+    found = table_for(_slug(t)).get(config_key(kernel, t.dtype, channels_last, shape))
+    if found is not None:
+        return dict(found)
     return heuristic_config(kernel, t, shape, channels_last)
+
+
+def write_cache(path, device: str, configs: dict) -> None:
+    """Merge ``configs`` into the cache file at ``path`` atomically."""
+    import triton
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    merged = read_cache_file(path)
+    merged.update(configs)
+    payload = {
+        "schema_version": SCHEMA_VERSION,
+        "device": device,
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "configs": dict(sorted(merged.items())),
+    }
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(payload, f, indent=1)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    forget_loaded_tables()

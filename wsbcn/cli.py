@@ -1,0 +1,41 @@
+"""The ``wsbcn`` command: info | autotune | bench | plot | train."""
+import argparse
+import sys
+
+
+def _cmd_info(args) -> int:
+    from . import info
+
+    for key, value in info.collect().items():
+        print(f"{key:>18}: {value}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="wsbcn", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("info", help="device, versions, backend and interpreter state")
+    p.set_defaults(func=_cmd_info)
+    for register in _REGISTRARS:
+        register(sub)
+    return parser
+
+
+_REGISTRARS = []
+
+
+def register(fn):
+    """Subcommand modules add themselves here (bench, autotune, plot, train)."""
+    _REGISTRARS.append(fn)
+    return fn
+
+
+def main(argv=None) -> int:
+    from . import bench_cli  # noqa: F401  registers bench / autotune / plot / train
+
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,81 @@
+"""Facts about the machine and the wsbcn set-up (``wsbcn info``)."""
+import platform
+
+import torch
+
+from . import backend
+
+
+def device_name() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    return f"cpu ({platform.processor() or platform.machine()})"
+
+
+def slugify(name: str) -> str:
+    """'NVIDIA H100 80GB HBM3' -> 'nvidia-h100-80gb-hbm3'."""
+    cleaned = "".join(ch if ch.isalnum() else "-" for ch in name.lower())
+    return "-".join(part for part in cleaned.split("-") if part)
+
+
+def device_slug() -> str:
+    """A folder-safe name for the device: 'nvidia-h100-80gb-hbm3', or 'cpu'."""
+    return slugify(torch.cuda.get_device_name(0)) if torch.cuda.is_available() else "cpu"
+
+
+def triton_version() -> str:
+    try:
+        import triton
+
+        return triton.__version__
+    except Exception as exc:  # triton missing or broken: say so rather than fail
+        return f"unavailable ({type(exc).__name__})"
+
+
+def collect() -> dict:
+    from . import tuning
+
+    requested = backend.requested_backend()
+    cuda = torch.cuda.is_available()
+    on_cpu = "torch" if requested == "auto" else requested
+    return {
+        "device": device_name(),
+        "cuda": torch.version.cuda if cuda else "not available",
+        "torch": torch.__version__,
+        "triton": triton_version(),
+        "WSBCN_BACKEND": requested,
+        "backend (cuda)": ("triton" if requested == "auto" else requested) if cuda else "n/a",
+        "backend (cpu)": on_cpu,
+        "interpreter": "on" if backend.interpreter_enabled() else "off",
+        "tuning cache": str(tuning.cache_dir()),
+    }
+
+
+def git_commit() -> str:
+    """Short commit of the working tree wsbcn runs from, '+dirty' when it has
+    uncommitted changes; 'unknown' outside a git checkout."""
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=root, capture_output=True,
+                             text=True, timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return sha + ("+dirty" if dirty else "")
+
+
+def run_metadata() -> dict:
+    """Columns every result row carries."""
+    import datetime
+
+    return {
+        "device": device_name(),
+        "torch": torch.__version__,
+        "triton": triton_version(),
+        "commit": git_commit(),
+        "timestamp": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+    }
