@@ -77,8 +77,10 @@ class NormInputs:
         return [self.running_mean, self.running_var, self.num_batches_tracked]
 
     def restore(self):
+        # Through .data: a graph recorded for the "bwd" mode saved these buffers,
+        # and a version bump would invalidate it.
         for b, s in zip(self.buffers(), self._snapshot):
-            b.copy_(s)
+            b.data.copy_(s)
 
 
 def norm_fn(op: str, provider: str, inp: NormInputs):

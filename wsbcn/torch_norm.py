@@ -58,8 +58,14 @@ def norm_forward_torch(x, gamma, beta, omega, eta, running_mean, running_var, nu
     else:
         pivot = xf[0].reshape(c, -1)[:, 0].expand(n, c)
     xp = xf - _per_nc(pivot, x.dim())
-    var_s, m = torch.var_mean(xp, dim=dims, correction=0) if dims else (torch.zeros_like(xp), xp)
-    m2 = var_s * s
+    if dims:
+        # mean, then the centred sum of squares: two plain reductions are several
+        # times faster on CPU than torch.var_mean's Welford kernel
+        m_keep = xp.mean(dim=dims, keepdim=True)
+        m2 = (xp - m_keep).square().sum(dim=dims)
+        m = m_keep.reshape(n, c)
+    else:
+        m, m2 = xp, torch.zeros_like(xp)
 
     updates = []  # buffer writes, done last so a failure leaves the buffers untouched
     shift_c = torch.zeros(c, dtype=acc, device=x.device)

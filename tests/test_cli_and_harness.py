@@ -1,0 +1,163 @@
+"""The tuning cache, the autotune sweep, bench, plot and the CLI, on CPU with an
+injected timer (Triton kernels through the interpreter)."""
+import json
+import math
+
+import pandas as pd
+import pytest
+import torch
+
+from wsbcn import autotune, bench, cli, plot, tuning
+from conftest import DEVICE
+
+
+class CountingTimer:
+    """Runs the callable for real (so every config is exercised) and returns a
+    deterministic time that favours larger blocks, so the winner is known."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self, fn):
+        fn()
+        self.calls += 1
+        return 1.0, 0.9, 1.1
+
+
+def test_cache_lookup_order_user_then_shipped_then_heuristic(tmp_path, monkeypatch):
+    monkeypatch.setenv("WSBCN_CACHE_DIR", str(tmp_path))
+    tuning.forget_loaded_tables()
+    x = torch.empty(2, 8, 16)
+    key = tuning.config_key("norm_fwd", torch.float32, False, (2, 8, 16))
+    heuristic = tuning.config_for("norm_fwd", x, (2, 8, 16))
+    assert heuristic == tuning.heuristic_config("norm_fwd", x, (2, 8, 16))
+    shipped = {"BLOCK_C": 2, "BLOCK_S": 8, "split": 2, "num_warps": 2, "num_stages": 1}
+    monkeypatch.setattr(tuning, "_shipped", lambda slug: {key: shipped})
+    tuning.forget_loaded_tables()
+    assert tuning.config_for("norm_fwd", x, (2, 8, 16)) == shipped
+    mine = dict(shipped, BLOCK_S=16, split=1)
+    tuning.write_cache(tmp_path / "cpu.json", "cpu", {key: mine})
+    assert tuning.config_for("norm_fwd", x, (2, 8, 16)) == mine
+    data = json.loads((tmp_path / "cpu.json").read_text())
+    assert data["schema_version"] == tuning.SCHEMA_VERSION and data["torch"] == torch.__version__
+    assert not list(tmp_path.glob("*.tmp"))  # atomic write leaves no temp file
+    tuning.forget_loaded_tables()
+
+
+def test_broken_or_foreign_cache_is_ignored(tmp_path, monkeypatch):
+    monkeypatch.setenv("WSBCN_CACHE_DIR", str(tmp_path))
+    (tmp_path / "cpu.json").write_text("{not json")
+    tuning.forget_loaded_tables()
+    x = torch.empty(2, 8, 16)
+    assert tuning.config_for("norm_fwd", x, (2, 8, 16)) == tuning.heuristic_config("norm_fwd", x, (2, 8, 16))
+    key = tuning.config_key("norm_fwd", torch.float32, False, (2, 8, 16))
+    (tmp_path / "cpu.json").write_text(json.dumps({"schema_version": 999, "configs": {key: {"BLOCK_C": 1}}}))
+    tuning.forget_loaded_tables()
+    assert tuning.config_for("norm_fwd", x, (2, 8, 16)) == tuning.heuristic_config("norm_fwd", x, (2, 8, 16))
+    bad_block = {"BLOCK_C": 3, "BLOCK_S": 8, "split": 1, "num_warps": 2, "num_stages": 1}
+    (tmp_path / "cpu.json").write_text(json.dumps({"schema_version": tuning.SCHEMA_VERSION, "configs": {key: bad_block}}))
+    tuning.forget_loaded_tables()
+    assert tuning.config_for("norm_fwd", x, (2, 8, 16)) == tuning.heuristic_config("norm_fwd", x, (2, 8, 16))
+    tuning.forget_loaded_tables()
+
+
+def test_autotune_flow_on_cpu_with_injected_timer(tmp_path, monkeypatch):
+    monkeypatch.setenv("WSBCN_CACHE_DIR", str(tmp_path / "cache"))
+    timer = CountingTimer()
+    frame, winners = autotune.run_autotune("tiny", timer=timer, out_dir=tmp_path / "results", max_configs=3,
+                                           num_groups=4, progress=False)
+    assert timer.calls == len(frame) > 0
+    assert set(frame["kernel"]) == set(tuning.KERNELS)
+    csv = pd.read_csv(next((tmp_path / "results").glob("*/autotune.csv")))
+    assert len(csv) == len(frame)
+    assert {"device", "torch", "triton", "commit", "timestamp", "config", "ms_p50"} <= set(csv.columns)
+    cache = json.loads(next((tmp_path / "cache").glob("*.json")).read_text())
+    assert set(cache["configs"]) == set(winners) and winners
+    for key, cfg in winners.items():
+        assert tuning.valid_config(key.split("|")[0], cfg)
+
+
+def test_pick_winners_prefers_fastest_relative_config():
+    rows = []
+    for shape, times in (((1, 8, 16), {"a": 2.0, "b": 1.0}), ((2, 8, 16), {"a": 1.0, "b": 1.5})):
+        for cfg, ms in times.items():
+            rows.append(dict(key="k", config=json.dumps({"name": cfg}), N=shape[0], C=shape[1], spatial=shape[2], ms_p50=ms))
+    # a: relative (2.0, 1.0) mean 1.5; b: (1.0, 1.5) mean 1.25 -> b
+    assert autotune.pick_winners(pd.DataFrame(rows)) == {"k": {"name": "b"}}
+
+
+def test_tuned_configs_give_the_same_results(backend, tmp_path, monkeypatch):
+    """Every config of the space computes the same BCN (up to rounding)."""
+    from wsbcn.functional import batch_channel_norm
+
+    monkeypatch.setenv("WSBCN_CACHE_DIR", str(tmp_path))
+    x = torch.randn(2, 8, 5, 7, device=DEVICE)
+    expected = batch_channel_norm(x, 4, training=True)
+    shape = (2, 8, 35)
+    for cfg in autotune.config_space("norm_fwd", shape, False, on_gpu=False)[:4] + [
+            {"BLOCK_C": 2, "BLOCK_S": 4, "split": 3, "num_warps": 1, "num_stages": 1}]:
+        monkeypatch.setattr(tuning, "config_for", lambda *a, _cfg=cfg, **k: dict(_cfg))
+        got = batch_channel_norm(x, 4, training=True)
+        assert (got - expected).abs().max().item() <= 1e-5
+
+
+def test_bench_rows_columns_and_upsert(tmp_path):
+    timer = CountingTimer()
+    frame = bench.run_bench("tiny", ops=("bcn", "ws"), modes=("fwd", "bwd"), timer=timer, out_dir=tmp_path,
+                            with_compiled=False, progress=False, log=lambda *a: None)
+    assert list(frame.columns) == bench.COLUMNS
+    assert {"wsbcn", "cudnn_bn", "aten_gn", "reference_bcn", "reference_ws"} <= set(frame["provider"])
+    assert (frame["gbps"] > 0).all() and (frame["pct_copy_bw"] > 0).all()
+    path = next(tmp_path.glob("*/bench.csv"))
+    first = pd.read_csv(path)
+    bench.run_bench("tiny", ops=("bcn",), modes=("fwd",), timer=timer, out_dir=tmp_path, with_compiled=False,
+                    progress=False, log=lambda *a: None)
+    second = pd.read_csv(path)
+    assert len(second) == len(first)  # same cases replaced, not appended
+    assert list(second.columns) == bench.COLUMNS
+
+
+def test_bench_never_advances_running_statistics():
+    inp = bench.NormInputs(2, 8, 3, 3, torch.float32, "contiguous", "cpu", 4)
+    before = [b.clone() for b in inp.buffers()]
+    forward, leaves = bench.norm_fn("bcn", "wsbcn", inp)
+    bench.measure(bench.timed_callable(forward, leaves, "fwdbwd"), CountingTimer(), inp.restore)
+    for b, s in zip(inp.buffers(), before):
+        assert torch.equal(b, s)
+
+
+def test_e2e_step_runs_every_variant(monkeypatch):
+    from wsbcn import e2e
+
+    frame = e2e.run_e2e(batch_sizes=(2,), image_size=32, timer=CountingTimer(), log=lambda *a: None, num_classes=10)
+    assert list(frame["provider"]) == ["plain_bn", "reference_ws_bcn", "wsbcn_ws_bcn", "wsbcn_ws_gn"]
+    assert (frame["op"] == "resnet50_step").all() and (frame["images_per_s"] > 0).all()
+
+
+def test_plot_writes_pngs_and_summary(tmp_path):
+    timer = CountingTimer()
+    results = tmp_path / "results"
+    bench.run_bench("tiny", ops=("bcn", "gn"), modes=("fwd",), timer=timer, out_dir=results, with_compiled=False,
+                    progress=False, log=lambda *a: None)
+    autotune.run_autotune("tiny", timer=timer, out_dir=results, cache_path=tmp_path / "c.json", max_configs=2,
+                          kernels=("norm_fwd",), num_groups=4, progress=False)
+    written = plot.run_plot(results, tmp_path / "plots", log=lambda *a: None)
+    names = {p.name for p in written}
+    assert {"gbps_bcn.png", "gbps_gn.png", "speedup.png", "pct_copy_bw.png", "autotune_norm_fwd.png", "summary.md"} <= names
+    for p in written:
+        assert p.stat().st_size > 0
+    summary = next(p for p in written if p.name == "summary.md").read_text()
+    assert "| bcn | fwd | cudnn_bn |" in summary
+
+
+def test_geomean():
+    assert plot.geomean([2.0, 8.0]) == pytest.approx(4.0)
+    assert math.isnan(plot.geomean([]))
+
+
+def test_cli_info_and_errors(capsys):
+    assert cli.main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "torch" in out and "interpreter" in out and "backend (cpu)" in out
+    with pytest.raises(SystemExit):
+        cli.main(["bench", "--ops", "nope"])
