@@ -76,15 +76,16 @@ def norm_forward_op(
     omega: Optional[torch.Tensor], eta: Optional[torch.Tensor],
     running_mean: Optional[torch.Tensor], running_var: Optional[torch.Tensor],
     num_batches_tracked: Optional[torch.Tensor], num_groups: int, eps: float, momentum: float,
-    cumulative: bool, mode: int, update_running: bool, activation: Optional[str], group_affine: bool,
+    cumulative: bool, norm_mode: int, update_running: bool, activation: Optional[str], group_affine: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    # (an argument called "mode" would clash with torch's own dispatch helpers)
     return _norm_forward_impl(x, gamma, beta, omega, eta, running_mean, running_var, num_batches_tracked,
-                              num_groups, eps, momentum, cumulative, mode, update_running, activation, group_affine)
+                              num_groups, eps, momentum, cumulative, norm_mode, update_running, activation, group_affine)
 
 
 @norm_forward_op.register_fake
 def _(x, gamma, beta, omega, eta, running_mean, running_var, num_batches_tracked, num_groups, eps,
-      momentum, cumulative, mode, update_running, activation, group_affine):
+      momentum, cumulative, norm_mode, update_running, activation, group_affine):
     s6, sc, sr = _stat_shapes(x, num_groups)
     acc = _acc(x.dtype)
     return torch.empty_like(x), x.new_empty(s6, dtype=acc), x.new_empty(sc, dtype=acc), x.new_empty(sr, dtype=acc)
@@ -94,16 +95,17 @@ def _(x, gamma, beta, omega, eta, running_mean, running_var, num_batches_tracked
 def norm_backward_op(
     dy: torch.Tensor, x: torch.Tensor, stats: torch.Tensor, rstd_c: torch.Tensor, rho: torch.Tensor,
     gamma: Optional[torch.Tensor], omega: Optional[torch.Tensor], eta: Optional[torch.Tensor],
-    num_groups: int, mode: int, activation: Optional[str], group_affine: bool,
+    num_groups: int, norm_mode: int, activation: Optional[str], group_affine: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _norm_backward_impl(dy, x, stats, rstd_c, rho, gamma, omega, eta, num_groups, mode, activation, group_affine)
+    return _norm_backward_impl(dy, x, stats, rstd_c, rho, gamma, omega, eta, num_groups, norm_mode, activation,
+                               group_affine)
 
 
 @norm_backward_op.register_fake
-def _(dy, x, stats, rstd_c, rho, gamma, omega, eta, num_groups, mode, activation, group_affine):
+def _(dy, x, stats, rstd_c, rho, gamma, omega, eta, num_groups, norm_mode, activation, group_affine):
     c = x.shape[1]
     aff = num_groups if group_affine else c
-    bn = c if (gamma is not None and mode != MODE_GN) else 0
+    bn = c if (gamma is not None and norm_mode != MODE_GN) else 0
     af = aff if omega is not None else 0
     mk = lambda m: x.new_empty((m,), dtype=stats.dtype)  # noqa: E731
     return torch.empty_like(x), mk(bn), mk(bn), mk(af), mk(af)

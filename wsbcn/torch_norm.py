@@ -177,14 +177,16 @@ def norm_backward_torch(dy, x, stats, rstd_c, rho, gamma, omega, eta, num_groups
     else:
         cb, cc = scale * b_prime, scale * kappa
     dx = (_per_nc(ca, x.dim()) * dz + _per_nc(cb, x.dim()) * xc + _per_nc(cc, x.dim())).to(x.dtype)
-    empty = torch.empty(0, dtype=acc, device=x.device)
+    def empty():  # a fresh tensor each: op outputs may not alias one another
+        return torch.empty(0, dtype=acc, device=x.device)
+
     if omega is None:
-        d_omega = d_eta = empty
+        d_omega, d_eta = empty(), empty()
     elif group_affine:
         d_omega = d_omega_c.reshape(num_groups, k).sum(dim=1)
         d_eta = d_eta_c.reshape(num_groups, k).sum(dim=1)
     else:
         d_omega, d_eta = d_omega_c, d_eta_c
     if gamma is None or mode == MODE_GN:
-        d_gamma = d_beta = empty
+        d_gamma, d_beta = empty(), empty()
     return dx, d_gamma, d_beta, d_omega, d_eta

@@ -1,0 +1,100 @@
+"""torch.compile(fullgraph=True) of models with wsbcn layers: no graph break and
+the same results as eager (CPU: torch backend; GPU: Triton)."""
+import copy
+
+import pytest
+import torch
+
+import wsbcn
+from conftest import DEVICE
+
+
+def _model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        wsbcn.WSConv2d(3, 16, 3, padding=1),
+        wsbcn.BatchChannelNorm2d(16, num_groups=4, activation="relu"),
+        wsbcn.WSConv2d(16, 16, 3, padding=1, eps_mode="std", correction=1),
+        wsbcn.GroupNorm(4, 16, activation="silu"),
+        wsbcn.WSConv2d(16, 8, 1),
+        wsbcn.BatchChannelNorm2d(8, num_groups=2, estimate=True),
+    ).to(DEVICE)
+
+
+def _train_steps(model, xs):
+    outs = []
+    for x in xs:
+        y = model(x)
+        y.square().mean().backward()
+        outs.append(y.detach())
+    return outs
+
+
+@pytest.mark.parametrize("compile_backend", ["aot_eager", "inductor"])
+def test_fullgraph_compile_matches_eager(compile_backend):
+    eager = _model()
+    compiled_model = copy.deepcopy(eager)
+    compiled = torch.compile(compiled_model, fullgraph=True, backend=compile_backend)
+    xs = [torch.randn(2, 3, 8, 8, device=DEVICE) * (1 + i) for i in range(2)]
+    for y_e, y_c in zip(_train_steps(eager, xs), _train_steps(compiled, xs)):
+        torch.testing.assert_close(y_c, y_e, rtol=1e-5, atol=1e-5)
+    for (name, p_e), p_c in zip(eager.named_parameters(), compiled_model.parameters()):
+        torch.testing.assert_close(p_c.grad, p_e.grad, rtol=1e-5, atol=1e-5, msg=name)
+    for (name, b_e), b_c in zip(eager.named_buffers(), compiled_model.buffers()):
+        torch.testing.assert_close(b_c, b_e, rtol=1e-5, atol=1e-6, msg=name)
+    eager.eval()
+    compiled_model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(xs[0]), eager(xs[0]), rtol=1e-5, atol=1e-5)
+
+
+def test_ops_are_registered_with_fake_kernels():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    for name in ("ws_forward", "ws_backward", "norm_forward", "norm_backward"):
+        assert hasattr(torch.ops.wsbcn, name)
+    with FakeTensorMode():
+        w = torch.empty(8, 4, 3, 3)
+        w_hat, stats = torch.ops.wsbcn.ws_forward(w, 1e-5, 0, False)
+        assert w_hat.shape == w.shape and stats.shape == (3, 8)
+        x = torch.empty(2, 8, 5, 5)
+        y, st, r, rho = torch.ops.wsbcn.norm_forward(x, None, None, None, None, None, None, None, 4, 1e-5, 0.1,
+                                                      False, 0, False, None, False)
+        assert y.shape == x.shape and st.shape == (6, 2, 8) and rho.shape == (2, 4)
+
+
+@pytest.mark.gpu
+def test_training_step_captured_in_cuda_graph():
+    """A whole training step (micro-batch case included) replays from a CUDA graph
+    with the same result as eager: nothing on the hot path syncs the host."""
+    eager = _model()
+    graphed = copy.deepcopy(eager)
+    opt_e = torch.optim.SGD(eager.parameters(), lr=0.1)
+    opt_g = torch.optim.SGD(graphed.parameters(), lr=0.1)
+    static_x = torch.randn(1, 3, 8, 8, device="cuda")
+
+    def step(model, opt, x):
+        loss = model(x).square().mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=False)
+        return loss
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            step(graphed, opt_g, static_x)
+            step(eager, opt_e, static_x)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_loss = step(graphed, opt_g, static_x)
+    for _ in range(3):
+        x = torch.randn(1, 3, 8, 8, device="cuda")
+        static_x.copy_(x)
+        graph.replay()
+        loss = step(eager, opt_e, x)
+        torch.testing.assert_close(static_loss, loss, rtol=1e-4, atol=1e-5)
+    for p_e, p_g in zip(eager.parameters(), graphed.parameters()):
+        torch.testing.assert_close(p_g, p_e, rtol=1e-4, atol=1e-5)
