@@ -4,10 +4,11 @@ from . import backend as _backend
 _backend.prepare_interpreter()  # before anything imports triton
 
 from . import functional  # noqa: E402
+from .convert import convert  # noqa: E402
 from .freeze import freeze  # noqa: E402
 from .modules import (BatchChannelNorm1d, BatchChannelNorm2d, BatchChannelNorm3d,  # noqa: E402
                       GroupNorm, WSConv1d, WSConv2d, WSConv3d)
 
-__all__ = ["functional", "freeze", "WSConv1d", "WSConv2d", "WSConv3d", "BatchChannelNorm1d",
+__all__ = ["functional", "convert", "freeze", "WSConv1d", "WSConv2d", "WSConv3d", "BatchChannelNorm1d",
            "BatchChannelNorm2d", "BatchChannelNorm3d", "GroupNorm"]
 __version__ = "0.1.0"
