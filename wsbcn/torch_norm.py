@@ -44,7 +44,12 @@ def _affine_per_channel(t, num_groups, c, group_affine):
 
 def norm_forward_torch(x, gamma, beta, omega, eta, running_mean, running_var, num_batches,
                        num_groups, eps, momentum, cumulative, mode, update_running, activation,
-                       group_affine):
+                       group_affine, reduce_channel_stats=None):
+    """``reduce_channel_stats(kind, mean, second, count) -> (mean, second, count)``,
+    when given, combines the per-channel batch statistics across processes
+    (wsbcn.distributed): ``mean`` is the absolute per-channel mean of the local
+    batch, ``second`` its centred M2 (kind "chan") or its sum of squares about the
+    old running mean (kind "sum"), ``count`` its number of values per channel."""
     acc = _acc(x.dtype)
     n, c = x.shape[:2]
     dims = tuple(range(2, x.dim()))
@@ -86,13 +91,20 @@ def norm_forward_torch(x, gamma, beta, omega, eta, running_mean, running_var, nu
         to_old = pivot[0] - rm_old
         if mode == MODE_BATCH:
             m2_c = m2.sum(dim=0) + s * (m - mean_c).square().sum(dim=0)
+            if reduce_channel_stats is not None:
+                mean_abs, m2_c, ns = reduce_channel_stats("chan", pivot[0] + mean_c, m2_c, ns)
+                mean_c = mean_abs - pivot[0]
             shift_c = mean_c
             var = m2_c / ns
             if update_running:
                 updates.append((running_mean, rm_old + factor * (to_old + mean_c)))
                 updates.append((running_var, (1 - factor) * rv_old + factor * m2_c / (ns - 1)))
         else:
-            dev = (m2.sum(dim=0) + s * (m + to_old).square().sum(dim=0)) / ns
+            dev_sum = m2.sum(dim=0) + s * (m + to_old).square().sum(dim=0)
+            if reduce_channel_stats is not None:
+                mean_abs, dev_sum, ns = reduce_channel_stats("sum", pivot[0] + mean_c, dev_sum, ns)
+                mean_c = mean_abs - pivot[0]
+            dev = dev_sum / ns
             var = (1 - factor) * rv_old + factor * dev
             shift_c = factor * mean_c - (1 - factor) * to_old
             updates += [(running_mean, pivot[0] + shift_c), (running_var, var)]
@@ -139,7 +151,10 @@ def _apply_coefs(stats, omega, eta, num_groups, group_affine):
 
 
 def norm_backward_torch(dy, x, stats, rstd_c, rho, gamma, omega, eta, num_groups, mode,
-                        activation, group_affine):
+                        activation, group_affine, reduce_channel_grads=None, batch_count=None):
+    """``reduce_channel_grads([2, C]) -> [2, C]`` sums (d_gamma, d_beta) across
+    processes and ``batch_count`` is the values per channel of the whole
+    (distributed) batch; both only matter with batch statistics."""
     acc = stats.dtype
     n, c = x.shape[:2]
     dims = tuple(range(2, x.dim()))
@@ -172,8 +187,12 @@ def norm_backward_torch(dy, x, stats, rstd_c, rho, gamma, omega, eta, num_groups
     scale = r * gam
     ca = scale * alpha
     if mode == MODE_BATCH:
-        cb = scale * (b_prime - r * d_gamma / (n * s))
-        cc = scale * (kappa - d_beta / (n * s))
+        g_gamma, g_beta, count = d_gamma, d_beta, n * s
+        if reduce_channel_grads is not None:
+            g_gamma, g_beta = reduce_channel_grads(torch.stack([d_gamma, d_beta])).unbind(0)
+            count = batch_count
+        cb = scale * (b_prime - r * g_gamma / count)
+        cc = scale * (kappa - g_beta / count)
     else:
         cb, cc = scale * b_prime, scale * kappa
     dx = (_per_nc(ca, x.dim()) * dz + _per_nc(cb, x.dim()) * xc + _per_nc(cc, x.dim())).to(x.dtype)

@@ -81,7 +81,7 @@ class _BatchChannelNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
-        if self.process_group is not None and self.training and not self.estimate:
+        if self.process_group is not None and self.training:
             from ..distributed import distributed_batch_channel_norm
 
             return distributed_batch_channel_norm(self, x)
