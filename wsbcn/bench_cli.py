@@ -72,3 +72,13 @@ def _plot(sub):
     p.add_argument("--plots", default="perf/plots")
     p.set_defaults(func=lambda args: (__import__("wsbcn.plot").plot.run_plot(args.results, args.plots), 0)[1])
 
+
+
+@register
+def _train(sub):
+    from .train import add_arguments
+
+    p = sub.add_parser("train", help="train BN, GN, WS+GN and WS+BCN at micro-batch size on generated data")
+    add_arguments(p)
+    p.set_defaults(func=lambda args: (__import__("wsbcn.train").train.run(
+        args.norms, args.steps, args.batch_size, args.lr, args.seed), 0)[1])
