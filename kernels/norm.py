@@ -7,19 +7,26 @@ Forward, 3 launches:
   1. _norm_stats_kernel    one read of x: per (n, c) and spatial chunk, mean and
                            centred M2 of x - pivot (chunks merged with Chan's formula)
   2. _norm_combine_kernel  one program per group: batch statistics, running-buffer
-                           update, group statistics, coefficients P, Q per (n, c)
-  3. _norm_apply_kernel    read x, write y = act(omega (P x' + Q) + eta)
+                           update, group statistics, coefficients per (n, c)
+  3. _norm_apply_kernel    read x, write y = act(omega y_hat + eta)
 Backward, 3 launches:
-  1. _norm_bwd_reduce_kernel   read dy, x: per (n, c) chunk sums D1 = sum dz, D2 = sum dz x'
+  1. _norm_bwd_reduce_kernel   read dy, x: per (n, c) chunk sums D1 = sum dz, De = sum dz e
   2. _norm_bwd_combine_kernel  one program per group: parameter gradients and the
-                               coefficients of dx = CA dz + CB x' + CC
+                               coefficients of dx = CA dz + CE e + CC
   3. _norm_bwd_apply_kernel    read dy, x, write dx
 
-Numerics: statistics are taken of x - pivot, where the pivot is one element of
-the data (x[0, c, 0] for the batch statistics of channel c, x[n, first channel
-of the group, 0] for GroupNorm) or the running mean (eval). Inputs with a large
-common offset (1e4 + N(0, 1)) then keep full fp32 accuracy. x' = x - pivot - shift
-is x centred at the mean the normalization uses; shift is small.
+Numerics. Statistics are taken of x - pivot, where the pivot is one element of the
+data (x[0, c, 0] for the batch statistics of channel c, x[n, first channel of the
+group, 0] for GroupNorm) or the running mean (eval), so inputs with a large common
+offset (1e4 + N(0, 1)) keep full fp32 accuracy. Every pass then works with
+e = (x - pivot) - mean_nc, the deviation of x from its own (n, c) mean, and the
+channel-stage output is y_hat = y_hat_mean_nc + P_nc e. This is DESIGN.md's closed
+form (there y_hat = P x' + Q with x' = x - mu_c) regrouped: when a group's spread
+is small next to its mean, rho is large and P x' + Q cancels two large terms;
+centring per (n, c) first keeps the same bytes and launches without that loss.
+The saved statistics per (n, c) are: pivot, mean (of x - pivot), dm (= mean_nc -
+mu_c, the BN-centred mean; x' = e + dm), P = rho a_c, y_hat_mean = rho (u_mean - nu)
+and M2 = sum e^2.
 
 No atomics: partial buffers and a combine step, so results are bitwise identical
 run to run. Statistics and coefficients are fp32 whatever the input dtype.
@@ -166,13 +173,13 @@ def _norm_combine_kernel(
     Running_mean,  # [C] running mean, updated in place in training
     Running_var,  # [C] running variance, updated in place in training
     Num_batches,  # int64 [1] num_batches_tracked before this step (CUMULATIVE)
-    Shift,  # fp32 [N, C] out: mean used by the normalization, minus the pivot
+    Mean,  # fp32 [N, C] out: mean of x - pivot per (n, c)
+    Dm,  # fp32 [N, C] out: mean_nc - mu_c, the (n, c) mean centred as the BN stage centres
     Rstd_c,  # fp32 [C] out: r_c = 1 / sqrt(var_c + eps) of the BN stage
     Rho,  # fp32 [N, G] out: 1 / sqrt(tau^2 + eps) of the channel stage
-    P,  # fp32 [N, C] out: rho * a_c
-    Q,  # fp32 [N, C] out: rho * (beta_c - nu)
-    X1,  # fp32 [N, C] out: sum_s x'
-    X2,  # fp32 [N, C] out: sum_s x'^2
+    P,  # fp32 [N, C] out: rho * a_c, the slope of y_hat in e
+    Ym,  # fp32 [N, C] out: rho * (u_mean - nu), the (n, c) mean of y_hat
+    M2,  # fp32 [N, C] out: sum_s e^2
     N,  # batch size
     C,  # channels
     S,  # spatial size
@@ -277,21 +284,22 @@ def _norm_combine_kernel(
         tau = (tl.sum(tl.where(mask, u_var, 0.0), axis=1) + tl.sum(du * du, axis=1)) / K
         rho = tl.rsqrt(tau + eps)
         idx = nn[:, None] * C + c[None, :]
-        tl.store(Shift + idx, shift, mask=mask)
+        tl.store(Mean + idx, m, mask=mask)
+        tl.store(Dm + idx, dm, mask=mask)
         tl.store(P + idx, rho[:, None] * a[None, :], mask=mask)
-        tl.store(Q + idx, rho[:, None] * (beta[None, :] - nu[:, None]), mask=mask)
-        tl.store(X1 + idx, S * dm, mask=mask)
-        tl.store(X2 + idx, m2 + S * dm * dm, mask=mask)
+        tl.store(Ym + idx, rho[:, None] * du, mask=mask)
+        tl.store(M2 + idx, m2, mask=mask)
         tl.store(Rho + nn * G + g, rho, mask=nmask)
 
 
 @triton.jit
-def _load_channel_coefs(Pivot, Shift, P, Q, Omega, Eta, n, c, cmask, K, HAS_AFFINE: tl.constexpr, GROUP_AFFINE: tl.constexpr, C):
+def _load_channel_coefs(Pivot, Mean, P, Ym, Omega, Eta, n, c, cmask, K, HAS_AFFINE: tl.constexpr, GROUP_AFFINE: tl.constexpr, C):
+    """Per channel of the tile: pivot, mean, and z = A e + B with e = (x - pivot) - mean."""
     idx = n * C + c
     pivot = tl.load(Pivot + idx, mask=cmask, other=0.0)
-    shift = tl.load(Shift + idx, mask=cmask, other=0.0)
+    mean = tl.load(Mean + idx, mask=cmask, other=0.0)
     p = tl.load(P + idx, mask=cmask, other=0.0)
-    q = tl.load(Q + idx, mask=cmask, other=0.0)
+    ym = tl.load(Ym + idx, mask=cmask, other=0.0)
     if HAS_AFFINE:
         aff = c // K if GROUP_AFFINE else c
         omega = tl.load(Omega + aff, mask=cmask, other=0.0).to(tl.float32)
@@ -299,10 +307,8 @@ def _load_channel_coefs(Pivot, Shift, P, Q, Omega, Eta, n, c, cmask, K, HAS_AFFI
     else:
         omega = tl.full(p.shape, 1.0, tl.float32)
         eta = tl.zeros(p.shape, dtype=tl.float32)
-    # z = omega (P x' + Q) + eta = A (x - pivot) + B
-    coef_a = omega * p
-    coef_b = omega * (q - p * shift) + eta
-    return pivot, shift, coef_a, coef_b
+    # z = omega y_hat + eta, y_hat = ym + P e
+    return pivot, mean, omega * p, omega * ym + eta
 
 
 @triton.jit
@@ -310,9 +316,9 @@ def _norm_apply_kernel(
     X,  # input (N, C, S), read through strides
     Y,  # output, same shape, written through its own strides
     Pivot,  # fp32 [N, C] from the stats pass
-    Shift,  # fp32 [N, C] from the combine
+    Mean,  # fp32 [N, C] from the combine
     P,  # fp32 [N, C] from the combine
-    Q,  # fp32 [N, C] from the combine
+    Ym,  # fp32 [N, C] from the combine
     Omega,  # channel-stage weight: [G] (GROUP_AFFINE) or [C]
     Eta,  # channel-stage bias, like Omega
     Num_batches,  # int64 [1] num_batches_tracked, incremented here (INCREMENT)
@@ -340,7 +346,7 @@ def _norm_apply_kernel(
         if pid == 0 and split == 0:
             tl.store(Num_batches, tl.load(Num_batches) + 1)
     n, c, cmask, s_begin, s_end, c_off = _tile_offsets(pid, split, C, S, chunk, stride_xc, stride_xs, BLOCK_C, LARGE)
-    pivot, shift, coef_a, coef_b = _load_channel_coefs(Pivot, Shift, P, Q, Omega, Eta, n, c, cmask, K, HAS_AFFINE, GROUP_AFFINE, C)
+    pivot, mean, coef_a, coef_b = _load_channel_coefs(Pivot, Mean, P, Ym, Omega, Eta, n, c, cmask, K, HAS_AFFINE, GROUP_AFFINE, C)
     if LARGE:
         yc_off = c.to(tl.int64) * stride_yc
     else:
@@ -351,7 +357,8 @@ def _norm_apply_kernel(
         s = s0 + tl.arange(0, BLOCK_S)
         mask = cmask[:, None] & (s < s_end)[None, :]
         x = tl.load(x_n + c_off[:, None] + _spatial_offsets(s, stride_xs, LARGE)[None, :], mask=mask, other=0.0)
-        z = coef_a[:, None] * (x.to(tl.float32) - pivot[:, None]) + coef_b[:, None]
+        e = (x.to(tl.float32) - pivot[:, None]) - mean[:, None]
+        z = coef_a[:, None] * e + coef_b[:, None]
         y = _activate(z, ACT)
         tl.store(y_n + yc_off[:, None] + _spatial_offsets(s, stride_ys, LARGE)[None, :], y.to(Y.dtype.element_ty), mask=mask)
 
@@ -361,13 +368,13 @@ def _norm_bwd_reduce_kernel(
     Dy,  # upstream gradient, read through its strides
     X,  # input, read through its strides
     Pivot,  # fp32 [N, C] saved by the forward
-    Shift,  # fp32 [N, C] saved by the forward
+    Mean,  # fp32 [N, C] saved by the forward
     P,  # fp32 [N, C] saved by the forward
-    Q,  # fp32 [N, C] saved by the forward
+    Ym,  # fp32 [N, C] saved by the forward
     Omega,  # channel-stage weight
     Eta,  # channel-stage bias
     Part_d1,  # fp32 [N, C, n_split] out: sum of dz over each chunk
-    Part_d2,  # fp32 [N, C, n_split] out: sum of dz * x' over each chunk
+    Part_de,  # fp32 [N, C, n_split] out: sum of dz * e over each chunk
     C,  # channels
     S,  # spatial size
     K,  # channels per group
@@ -389,7 +396,7 @@ def _norm_bwd_reduce_kernel(
     pid = tl.program_id(0)
     split = tl.program_id(1)
     n, c, cmask, s_begin, s_end, c_off = _tile_offsets(pid, split, C, S, chunk, stride_xc, stride_xs, BLOCK_C, LARGE)
-    pivot, shift, coef_a, coef_b = _load_channel_coefs(Pivot, Shift, P, Q, Omega, Eta, n, c, cmask, K, HAS_AFFINE, GROUP_AFFINE, C)
+    pivot, mean, coef_a, coef_b = _load_channel_coefs(Pivot, Mean, P, Ym, Omega, Eta, n, c, cmask, K, HAS_AFFINE, GROUP_AFFINE, C)
     if LARGE:
         dc_off = c.to(tl.int64) * stride_dc
     else:
@@ -397,40 +404,40 @@ def _norm_bwd_reduce_kernel(
     x_n = X + n.to(tl.int64) * stride_xn
     dy_n = Dy + n.to(tl.int64) * stride_dn
     d1 = tl.zeros([BLOCK_C], dtype=tl.float32)
-    d2 = tl.zeros([BLOCK_C], dtype=tl.float32)
+    de = tl.zeros([BLOCK_C], dtype=tl.float32)
     for s0 in range(s_begin, s_end, BLOCK_S):
         s = s0 + tl.arange(0, BLOCK_S)
         mask = cmask[:, None] & (s < s_end)[None, :]
         x = tl.load(x_n + c_off[:, None] + _spatial_offsets(s, stride_xs, LARGE)[None, :], mask=mask, other=0.0)
         dy = tl.load(dy_n + dc_off[:, None] + _spatial_offsets(s, stride_ds, LARGE)[None, :], mask=mask, other=0.0)
-        xp = x.to(tl.float32) - pivot[:, None]
-        dz = _activation_grad(dy.to(tl.float32), coef_a[:, None] * xp + coef_b[:, None], ACT)
+        e = tl.where(mask, (x.to(tl.float32) - pivot[:, None]) - mean[:, None], 0.0)
+        dz = _activation_grad(dy.to(tl.float32), coef_a[:, None] * e + coef_b[:, None], ACT)
         dz = tl.where(mask, dz, 0.0)
         d1 += tl.sum(dz, axis=1)
-        d2 += tl.sum(dz * (xp - shift[:, None]), axis=1)
+        de += tl.sum(dz * e, axis=1)
     out = (n * C + c) * n_split + split
     tl.store(Part_d1 + out, d1, mask=cmask)
-    tl.store(Part_d2 + out, d2, mask=cmask)
+    tl.store(Part_de + out, de, mask=cmask)
 
 
 @triton.jit
 def _norm_bwd_combine_kernel(
     Part_d1,  # fp32 [N, C, n_split] from the backward reduce
-    Part_d2,  # fp32 [N, C, n_split] from the backward reduce
+    Part_de,  # fp32 [N, C, n_split] from the backward reduce
     Rstd_c,  # fp32 [C] r_c saved by the forward (BN modes)
     Rho,  # fp32 [N, G] saved by the forward
+    Dm,  # fp32 [N, C] saved by the forward
     P,  # fp32 [N, C] saved by the forward
-    Q,  # fp32 [N, C] saved by the forward
-    X1,  # fp32 [N, C] saved by the forward
-    X2,  # fp32 [N, C] saved by the forward
+    Ym,  # fp32 [N, C] saved by the forward
+    M2,  # fp32 [N, C] saved by the forward
     Gamma,  # [C] BN-stage weight (HAS_BN_AFFINE)
     Omega,  # channel-stage weight (HAS_AFFINE)
     Dgamma,  # fp32 [C] out (HAS_BN_AFFINE)
     Dbeta,  # fp32 [C] out (HAS_BN_AFFINE)
     Domega,  # fp32 [G] or [C] out (HAS_AFFINE)
     Deta,  # fp32 [G] or [C] out (HAS_AFFINE)
-    CA,  # fp32 [N, C] out: dx = CA dz + CB x' + CC
-    CB,  # fp32 [N, C] out
+    CA,  # fp32 [N, C] out: dx = CA dz + CE e + CC
+    CE,  # fp32 [N, C] out
     CC,  # fp32 [N, C] out
     N,  # batch size
     C,  # channels
@@ -444,6 +451,15 @@ def _norm_bwd_combine_kernel(
     BLOCK_N: tl.constexpr,  # samples per step
     BLOCK_K: tl.constexpr,  # >= K
 ):
+    # Per (n, c), with y_hat = ym + P e and du = alpha dz - rho E1 - rho E2 y_hat
+    # (the channel stage's backward; alpha = rho omega):
+    #   t = sum_s dz y_hat = ym D1 + P De             -> d_omega = sum_n t, d_eta = sum_n D1
+    #   E1 = sum_{c in g} omega D1 / L, E2 = sum_{c in g} omega t / L, L = K S
+    #   sum_s du    = alpha D1 - rho S (E1 + E2 ym)   -> d_beta = sum_n
+    #   sum_s du x' = alpha (De + dm D1) - rho E1 S dm - rho E2 (S ym dm + P M2)
+    #                                                 -> d_gamma = sum_n r (...)
+    # dx = r gamma [du - (r d_gamma x' + d_beta) / M] with batch statistics (M = N S),
+    # dx = r gamma du with estimates; x' = e + dm.
     g = tl.program_id(0)
     G = C // K
     k = tl.arange(0, BLOCK_K)
@@ -474,38 +490,38 @@ def _norm_bwd_combine_kernel(
             mask = nmask[:, None] & kmask[None, :]
             base = (nn[:, None] * C + c[None, :]) * n_split
             d1 = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-            d2 = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+            de = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
             for j in range(0, n_split):
                 d1 += tl.load(Part_d1 + base + j, mask=mask, other=0.0)
-                d2 += tl.load(Part_d2 + base + j, mask=mask, other=0.0)
+                de += tl.load(Part_de + base + j, mask=mask, other=0.0)
             idx = nn[:, None] * C + c[None, :]
+            dm = tl.load(Dm + idx, mask=mask, other=0.0)
             p = tl.load(P + idx, mask=mask, other=0.0)
-            q = tl.load(Q + idx, mask=mask, other=0.0)
+            ym = tl.load(Ym + idx, mask=mask, other=0.0)
             rho = tl.load(Rho + nn * G + g, mask=nmask, other=0.0)[:, None]
-            t = p * d2 + q * d1
+            t = ym * d1 + p * de
             e1 = tl.sum(omega[None, :] * d1, axis=1)[:, None] / L
             e2 = tl.sum(omega[None, :] * t, axis=1)[:, None] / L
             alpha = rho * omega[None, :]
-            b_prime = -rho * e2 * p
-            kappa = -rho * (e1 + q * e2)
             if sweep == 0:
-                x1 = tl.load(X1 + idx, mask=mask, other=0.0)
-                x2 = tl.load(X2 + idx, mask=mask, other=0.0)
+                m2 = tl.load(M2 + idx, mask=mask, other=0.0)
+                sum_du = alpha * d1 - rho * S * (e1 + e2 * ym)
+                sum_dux = alpha * (de + dm * d1) - rho * e1 * S * dm - rho * e2 * (S * ym * dm + p * m2)
                 d_omega += tl.sum(t, axis=0)
                 d_eta += tl.sum(d1, axis=0)
-                d_gamma += tl.sum(r[None, :] * (alpha * d2 + b_prime * x2 + kappa * x1), axis=0)
-                d_beta += tl.sum(tl.where(mask, alpha * d1 + b_prime * x1 + kappa * S, 0.0), axis=0)
+                d_gamma += tl.sum(tl.where(mask, r[None, :] * sum_dux, 0.0), axis=0)
+                d_beta += tl.sum(tl.where(mask, sum_du, 0.0), axis=0)
             else:
                 scale = (r * gamma)[None, :]
                 ca = scale * alpha
+                ce = -scale * rho * e2 * p
+                cc = -scale * rho * (e1 + e2 * ym)
                 if MODE == 1:
-                    cb = scale * (b_prime - (r * d_gamma)[None, :] / (N * S))
-                    cc = scale * (kappa - d_beta[None, :] / (N * S))
-                else:
-                    cb = scale * b_prime
-                    cc = scale * kappa
+                    slope = (r * d_gamma)[None, :] / (N * S)
+                    ce -= scale * slope
+                    cc -= scale * (d_beta[None, :] / (N * S) + slope * dm)
                 tl.store(CA + idx, ca, mask=mask)
-                tl.store(CB + idx, cb, mask=mask)
+                tl.store(CE + idx, ce, mask=mask)
                 tl.store(CC + idx, cc, mask=mask)
     if HAS_BN_AFFINE:
         tl.store(Dgamma + c, d_gamma, mask=kmask)
@@ -525,13 +541,13 @@ def _norm_bwd_apply_kernel(
     X,  # input, read through its strides
     Dx,  # output gradient, written through its strides
     Pivot,  # fp32 [N, C] saved by the forward
-    Shift,  # fp32 [N, C] saved by the forward
+    Mean,  # fp32 [N, C] saved by the forward
     P,  # fp32 [N, C] saved by the forward (to recompute z for act')
-    Q,  # fp32 [N, C] saved by the forward
+    Ym,  # fp32 [N, C] saved by the forward
     Omega,  # channel-stage weight
     Eta,  # channel-stage bias
     CA,  # fp32 [N, C] from the backward combine
-    CB,  # fp32 [N, C]
+    CE,  # fp32 [N, C]
     CC,  # fp32 [N, C]
     C,  # channels
     S,  # spatial size
@@ -556,11 +572,11 @@ def _norm_bwd_apply_kernel(
     pid = tl.program_id(0)
     split = tl.program_id(1)
     n, c, cmask, s_begin, s_end, c_off = _tile_offsets(pid, split, C, S, chunk, stride_xc, stride_xs, BLOCK_C, LARGE)
-    pivot, shift, coef_a, coef_b = _load_channel_coefs(Pivot, Shift, P, Q, Omega, Eta, n, c, cmask, K, HAS_AFFINE, GROUP_AFFINE, C)
+    pivot, mean, coef_a, coef_b = _load_channel_coefs(Pivot, Mean, P, Ym, Omega, Eta, n, c, cmask, K, HAS_AFFINE, GROUP_AFFINE, C)
     idx = n * C + c
     ca = tl.load(CA + idx, mask=cmask, other=0.0)
-    cb = tl.load(CB + idx, mask=cmask, other=0.0)
-    cc = tl.load(CC + idx, mask=cmask, other=0.0) - cb * shift  # fold x' = (x - pivot) - shift
+    ce = tl.load(CE + idx, mask=cmask, other=0.0)
+    cc = tl.load(CC + idx, mask=cmask, other=0.0)
     if LARGE:
         dc_off = c.to(tl.int64) * stride_dc
         oc_off = c.to(tl.int64) * stride_oc
@@ -575,9 +591,9 @@ def _norm_bwd_apply_kernel(
         mask = cmask[:, None] & (s < s_end)[None, :]
         x = tl.load(x_n + c_off[:, None] + _spatial_offsets(s, stride_xs, LARGE)[None, :], mask=mask, other=0.0)
         dy = tl.load(dy_n + dc_off[:, None] + _spatial_offsets(s, stride_ds, LARGE)[None, :], mask=mask, other=0.0)
-        xp = x.to(tl.float32) - pivot[:, None]
-        dz = _activation_grad(dy.to(tl.float32), coef_a[:, None] * xp + coef_b[:, None], ACT)
-        dx = ca[:, None] * dz + cb[:, None] * xp + cc[:, None]
+        e = (x.to(tl.float32) - pivot[:, None]) - mean[:, None]
+        dz = _activation_grad(dy.to(tl.float32), coef_a[:, None] * e + coef_b[:, None], ACT)
+        dx = ca[:, None] * dz + ce[:, None] * e + cc[:, None]
         tl.store(dx_n + oc_off[:, None] + _spatial_offsets(s, stride_os, LARGE)[None, :], dx.to(Dx.dtype.element_ty), mask=mask)
 
 
@@ -608,9 +624,9 @@ def norm_forward(x, y, gamma, beta, omega, eta, running_mean, running_var, num_b
                  group_affine, config):
     """Run the 3 forward launches, writing ``y`` (preallocated, any dense layout).
 
-    Returns (stats, rstd_c, rho): stats is fp32 [6, N, C] holding pivot, shift, P,
-    Q, X1, X2; rstd_c fp32 [C]; rho fp32 [N, G]. These and x are all the backward
-    needs. ``running_mean``/``running_var``/``num_batches`` are updated in place.
+    Returns (stats, rstd_c, rho): stats is fp32 [6, N, C] holding pivot, mean, dm,
+    P, y_hat mean and M2 (see the module docstring); rstd_c fp32 [C]; rho fp32
+    [N, G]. These and x are all the backward needs. ``running_mean``/``running_var``/``num_batches`` are updated in place.
     """
     n, c = x.shape[0], x.shape[1]
     s = x.numel() // (n * c)
@@ -638,14 +654,14 @@ def norm_forward(x, y, gamma, beta, omega, eta, running_mean, running_var, num_b
     _norm_combine_kernel[(num_groups,)](
         part[0], part[1], stats[0],
         gamma if gamma is not None else dummy, beta if beta is not None else dummy,
-        rm, rv, nbt, stats[1], rstd_c, rho, stats[2], stats[3], stats[4], stats[5],
+        rm, rv, nbt, stats[1], stats[2], rstd_c, rho, stats[3], stats[4], stats[5],
         n, c, s, k, chunk, n_split, float(momentum), float(eps),
         MODE=mode, HAS_BN_AFFINE=gamma is not None, UPDATE_RUNNING=update_running,
         CUMULATIVE=cumulative, BLOCK_N=block_n, BLOCK_K=block_k,
         num_warps=4 if block_n * block_k >= 1024 else 2,
     )
     _norm_apply_kernel[grid](
-        x, y, stats[0], stats[1], stats[2], stats[3],
+        x, y, stats[0], stats[1], stats[3], stats[4],
         omega if omega is not None else dummy, eta if eta is not None else dummy, nbt,
         c, s, k, *sx, *sy, chunk,
         ACT=ACTIVATIONS[activation], HAS_AFFINE=omega is not None, GROUP_AFFINE=group_affine,
@@ -683,16 +699,16 @@ def norm_backward(dy, x, dx, stats, rstd_c, rho, gamma, omega, eta, num_groups, 
     et = eta if has_affine else dummy
     act = ACTIVATIONS[activation]
     grid = (n * triton.cdiv(c, config["BLOCK_C"]), n_split)
-    pivot, shift, p, q, x1, x2 = stats.unbind(0)
+    pivot, mean, dm, p, ym, m2 = stats.unbind(0)
     _norm_bwd_reduce_kernel[grid](
-        dy, x, pivot, shift, p, q, om, et, part[0], part[1], c, s, k, *sx, *sd, chunk, n_split,
+        dy, x, pivot, mean, p, ym, om, et, part[0], part[1], c, s, k, *sx, *sd, chunk, n_split,
         ACT=act, HAS_AFFINE=has_affine, GROUP_AFFINE=group_affine, LARGE=large,
         BLOCK_C=config["BLOCK_C"], BLOCK_S=config["BLOCK_S"],
         num_warps=config["num_warps"], num_stages=config["num_stages"],
     )
     block_n, block_k = _combine_blocks(n, k)
     _norm_bwd_combine_kernel[(num_groups,)](
-        part[0], part[1], rstd_c, rho, p, q, x1, x2,
+        part[0], part[1], rstd_c, rho, dm, p, ym, m2,
         gamma if has_bn_affine else dummy, om,
         d_gamma if has_bn_affine else dummy, d_beta if has_bn_affine else dummy,
         d_omega if has_affine else dummy, d_eta if has_affine else dummy,
@@ -701,7 +717,7 @@ def norm_backward(dy, x, dx, stats, rstd_c, rho, gamma, omega, eta, num_groups, 
         BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4 if block_n * block_k >= 1024 else 2,
     )
     _norm_bwd_apply_kernel[grid](
-        dy, x, dx, pivot, shift, p, q, om, et, coefs[0], coefs[1], coefs[2],
+        dy, x, dx, pivot, mean, p, ym, om, et, coefs[0], coefs[1], coefs[2],
         c, s, k, *sx, *sd, *so, chunk,
         ACT=act, HAS_AFFINE=has_affine, GROUP_AFFINE=group_affine, LARGE=large,
         BLOCK_C=config["BLOCK_C"], BLOCK_S=config["BLOCK_S"],

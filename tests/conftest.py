@@ -40,3 +40,14 @@ def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
 
 
 TOL = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 2e-2, torch.float64: 1e-10}
+
+
+try:  # hypothesis profiles: CI replays a fixed set of examples, local runs explore
+    from hypothesis import HealthCheck, settings
+
+    settings.register_profile("ci", derandomize=True, deadline=None, database=None,
+                              suppress_health_check=[HealthCheck.too_slow])
+    settings.register_profile("dev", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    settings.load_profile("ci" if os.environ.get("CI") else "dev")
+except ImportError:  # the test extra is not installed: property tests fail to import on their own
+    pass

@@ -25,10 +25,14 @@ def conv_nd(x, w, bias, conv):
 
 def bcn_reference(x, num_groups, weight=None, bias=None, group_weight=None, group_bias=None,
                   running_mean=None, running_var=None, training=True, estimate=False,
-                  momentum=0.1, eps=1e-5, activation=None, num_batches_tracked=None):
+                  momentum=0.1, eps=1e-5, activation=None, num_batches_tracked=None, dtype=torch.float64,
+                  return_rho=False):
     """BN stage then GroupNorm-style channel stage, as the released BCNorm/EstBN
-    layers compute it, in float64. Running buffers (float64 copies) are updated in place."""
-    x = x.double()
+    layers compute it, in float64 (or ``dtype``). Running buffers are updated in place.
+    ``return_rho``: also return the gains of the two stages (how much each
+    amplifies rounding in its input): 1/sqrt(var_c + eps) per channel and
+    1/sqrt(tau^2 + eps) per (n, g)."""
+    x = x.to(dtype)
     n, c = x.shape[:2]
     dims = [0] + list(range(2, x.dim()))
     shape_c = (1, c) + (1,) * (x.dim() - 2)
@@ -52,14 +56,16 @@ def bcn_reference(x, num_groups, weight=None, bias=None, group_weight=None, grou
                 running_var.mul_(1 - factor).add_(factor * batch_var)
         mean, var = running_mean.detach().clone(), running_var.detach().clone()
     u = (x - mean.view(shape_c)) / torch.sqrt(var.view(shape_c) + eps)
+    r = 1.0 / torch.sqrt(var.detach() + eps)
     if weight is not None:
-        u = u * weight.double().view(shape_c) + bias.double().view(shape_c)
+        u = u * weight.to(dtype).view(shape_c) + bias.to(dtype).view(shape_c)
     grouped = u.reshape(n, num_groups, -1)
     nu = grouped.mean(dim=2, keepdim=True)
     tau = grouped.var(dim=2, correction=0, keepdim=True)
     y = ((grouped - nu) / torch.sqrt(tau + eps)).reshape(x.shape)
+    rho = 1.0 / torch.sqrt(tau.detach() + eps)
     if group_weight is not None:
-        gw, gb = group_weight.double().reshape(-1), group_bias.double().reshape(-1)
+        gw, gb = group_weight.to(dtype).reshape(-1), group_bias.to(dtype).reshape(-1)
         if gw.numel() == num_groups and num_groups != c:
             gw, gb = gw.repeat_interleave(c // num_groups), gb.repeat_interleave(c // num_groups)
         y = y * gw.view(shape_c) + gb.view(shape_c)
@@ -67,17 +73,17 @@ def bcn_reference(x, num_groups, weight=None, bias=None, group_weight=None, grou
         y = torch.relu(y)
     elif activation == "silu":
         y = F.silu(y)
-    return y
+    return (y, r, rho) if return_rho else y
 
 
-def gn_reference(x, num_groups, weight=None, bias=None, eps=1e-5, activation=None):
-    x = x.double()
+def gn_reference(x, num_groups, weight=None, bias=None, eps=1e-5, activation=None, dtype=torch.float64):
+    x = x.to(dtype)
     grouped = x.reshape(x.shape[0], num_groups, -1)
     y = ((grouped - grouped.mean(dim=2, keepdim=True)) /
          torch.sqrt(grouped.var(dim=2, correction=0, keepdim=True) + eps)).reshape(x.shape)
     if weight is not None:
         shape_c = (1, x.shape[1]) + (1,) * (x.dim() - 2)
-        y = y * weight.double().view(shape_c) + bias.double().view(shape_c)
+        y = y * weight.to(dtype).view(shape_c) + bias.to(dtype).view(shape_c)
     if activation == "relu":
         y = torch.relu(y)
     elif activation == "silu":

@@ -2,7 +2,8 @@
 kernels/norm.py written with tensor ops (same pivots, same saved statistics).
 
 Modes and saved statistics are those of kernels/norm.py: stats [6, N, C] holds
-pivot, shift, P, Q, X1, X2; rstd_c [C]; rho [N, G].
+pivot, mean, dm, P, y_hat mean and M2 per (n, c); rstd_c [C]; rho [N, G]. As
+there, every pass works with e = (x - pivot) - mean_nc.
 """
 import torch
 import torch.nn.functional as F
@@ -122,15 +123,15 @@ def norm_forward_torch(x, gamma, beta, omega, eta, running_mean, running_var, nu
     dm = m - shift
     u_mean = a * dm + b
     u_var = a * a * m2 / s
-    nu = u_mean.reshape(n, num_groups, k).mean(dim=2)
-    tau = u_var.reshape(n, num_groups, k).mean(dim=2) + (u_mean.reshape(n, num_groups, k) - nu[..., None]).square().mean(dim=2)
+    nu = u_mean.reshape(n, num_groups, k).mean(dim=2, keepdim=True)
+    du = (u_mean.reshape(n, num_groups, k) - nu)
+    tau = u_var.reshape(n, num_groups, k).mean(dim=2) + du.square().mean(dim=2)
     rho = torch.rsqrt(tau + eps)
     rho_c = rho.repeat_interleave(k, dim=1)
-    p = rho_c * a
-    q = rho_c * (b - nu.repeat_interleave(k, dim=1))
-    stats = torch.stack([pivot, shift, p, q, s * dm, m2 + s * dm * dm]).to(acc)
+    stats = torch.stack([pivot, m, dm, rho_c * a, rho_c * du.reshape(n, c), m2]).to(acc)
     coef_a, coef_b = _apply_coefs(stats, omega, eta, num_groups, group_affine)
-    z = _per_nc(coef_a, x.dim()) * xp + _per_nc(coef_b, x.dim())
+    e = xp - _per_nc(m, x.dim())
+    z = _per_nc(coef_a, x.dim()) * e + _per_nc(coef_b, x.dim())
     y = _activate(z, activation).to(x.dtype)
     for buf, value in updates:
         buf.copy_(value)
@@ -140,14 +141,14 @@ def norm_forward_torch(x, gamma, beta, omega, eta, running_mean, running_var, nu
 
 
 def _apply_coefs(stats, omega, eta, num_groups, group_affine):
-    """z = A (x - pivot) + B, with A = omega P and B = omega (Q - P shift) + eta."""
-    _, shift, p, q = stats[0], stats[1], stats[2], stats[3]
+    """z = A e + B, with A = omega P and B = omega y_hat_mean + eta."""
+    p, ym = stats[3], stats[4]
     c = p.shape[1]
     if omega is None:
-        return p, q - p * shift
+        return p, ym
     om = _affine_per_channel(omega, num_groups, c, group_affine).to(p.dtype)
     et = _affine_per_channel(eta, num_groups, c, group_affine).to(p.dtype)
-    return om * p, om * (q - p * shift) + et
+    return om * p, om * ym + et
 
 
 def norm_backward_torch(dy, x, stats, rstd_c, rho, gamma, omega, eta, num_groups, mode,
@@ -160,42 +161,43 @@ def norm_backward_torch(dy, x, stats, rstd_c, rho, gamma, omega, eta, num_groups
     dims = tuple(range(2, x.dim()))
     s = x[0, 0].numel()
     k = c // num_groups
-    pivot, shift, p, q, x1, x2 = stats.unbind(0)
-    xp = x.to(acc) - _per_nc(pivot, x.dim())
+    pivot, mean, dm, p, ym, m2 = stats.unbind(0)
+    e = x.to(acc) - _per_nc(pivot, x.dim()) - _per_nc(mean, x.dim())
     coef_a, coef_b = _apply_coefs(stats, omega, eta, num_groups, group_affine)
     dyf = dy.to(acc)
-    dz = _activation_grad(dyf, _per_nc(coef_a, x.dim()) * xp + _per_nc(coef_b, x.dim()), activation) if activation else dyf
-    xc = xp - _per_nc(shift, x.dim())
+    dz = _activation_grad(dyf, _per_nc(coef_a, x.dim()) * e + _per_nc(coef_b, x.dim()), activation) if activation else dyf
     d1 = dz.sum(dim=dims) if dims else dz
-    d2 = (dz * xc).sum(dim=dims) if dims else dz * xc
+    de = (dz * e).sum(dim=dims) if dims else dz * e
 
+    # The formulas of kernels/norm.py's _norm_bwd_combine_kernel.
     om = torch.ones(c, dtype=acc, device=x.device) if omega is None else _affine_per_channel(omega, num_groups, c, group_affine).to(acc)
     r = rstd_c if mode != MODE_GN else torch.ones(c, dtype=acc, device=x.device)
     gam = gamma.to(acc) if (gamma is not None and mode != MODE_GN) else torch.ones(c, dtype=acc, device=x.device)
     big_l = k * s
-    t = p * d2 + q * d1
+    t = ym * d1 + p * de
     e1 = (om * d1).reshape(n, num_groups, k).sum(dim=2).repeat_interleave(k, dim=1) / big_l
     e2 = (om * t).reshape(n, num_groups, k).sum(dim=2).repeat_interleave(k, dim=1) / big_l
     rho_c = rho.repeat_interleave(k, dim=1)
     alpha = rho_c * om
-    b_prime = -rho_c * e2 * p
-    kappa = -rho_c * (e1 + q * e2)
+    sum_du = alpha * d1 - rho_c * s * (e1 + e2 * ym)
+    sum_dux = alpha * (de + dm * d1) - rho_c * e1 * s * dm - rho_c * e2 * (s * ym * dm + p * m2)
     d_omega_c = t.sum(dim=0)
     d_eta_c = d1.sum(dim=0)
-    d_gamma = (r * (alpha * d2 + b_prime * x2 + kappa * x1)).sum(dim=0)
-    d_beta = (alpha * d1 + b_prime * x1 + kappa * s).sum(dim=0)
+    d_gamma = (r * sum_dux).sum(dim=0)
+    d_beta = sum_du.sum(dim=0)
     scale = r * gam
     ca = scale * alpha
+    ce = -scale * rho_c * e2 * p
+    cc = -scale * rho_c * (e1 + e2 * ym)
     if mode == MODE_BATCH:
         g_gamma, g_beta, count = d_gamma, d_beta, n * s
         if reduce_channel_grads is not None:
             g_gamma, g_beta = reduce_channel_grads(torch.stack([d_gamma, d_beta])).unbind(0)
             count = batch_count
-        cb = scale * (b_prime - r * g_gamma / count)
-        cc = scale * (kappa - g_beta / count)
-    else:
-        cb, cc = scale * b_prime, scale * kappa
-    dx = (_per_nc(ca, x.dim()) * dz + _per_nc(cb, x.dim()) * xc + _per_nc(cc, x.dim())).to(x.dtype)
+        slope = r * g_gamma / count
+        ce = ce - scale * slope
+        cc = cc - scale * (g_beta / count + slope * dm)
+    dx = (_per_nc(ca, x.dim()) * dz + _per_nc(ce, x.dim()) * e + _per_nc(cc, x.dim())).to(x.dtype)
     def empty():  # a fresh tensor each: op outputs may not alias one another
         return torch.empty(0, dtype=acc, device=x.device)
 
