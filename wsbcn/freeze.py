@@ -31,6 +31,8 @@ def freeze(model: nn.Module) -> nn.Module:
 
     Returns the model (a new module when ``model`` itself is a WSConv).
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if type(model) in _PLAIN:
         return _frozen_conv(model)
     for name, child in list(model.named_children()):

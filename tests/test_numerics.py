@@ -1,0 +1,152 @@
+"""Numerical edge cases: offsets, tiny variances, constant channels and filters,
+values near the half-precision range limits, NaN/Inf, and no lost state."""
+import pytest
+import torch
+
+import wsbcn
+from wsbcn.functional import batch_channel_norm, group_norm, weight_standardize
+from conftest import DEVICE, rel_err
+from reference import bcn_reference, gn_reference, ws_reference
+
+
+def _bcn_pair(x, mode="batch", **kw):
+    training, estimate = {"batch": (True, False), "estimate": (True, True), "eval": (False, False)}[mode]
+    c = x.shape[1]
+    rm = kw.pop("running_mean", torch.zeros(c, device=x.device))
+    rv = kw.pop("running_var", torch.ones(c, device=x.device))
+    xs = x.detach().requires_grad_(True)
+    x64 = x.detach().double().requires_grad_(True)
+    y = batch_channel_norm(xs, 4, rm.clone(), rv.clone(), training=training, estimate=estimate, **kw)
+    yr = bcn_reference(x64, 4, running_mean=rm.double().clone(), running_var=rv.double().clone(),
+                       training=training, estimate=estimate, **kw)
+    g = torch.randn_like(yr)
+    y.backward(g.to(y.dtype))
+    yr.backward(g)
+    return y, yr, xs.grad, x64.grad
+
+
+def test_tiny_variances_stay_accurate(backend):
+    torch.manual_seed(0)
+    x = 1.0 + 1e-3 * torch.randn(2, 8, 5, 5, device=DEVICE)  # variance 1e-6, below eps
+    for mode in ("batch", "eval"):
+        rm = torch.ones(8, device=DEVICE)
+        y, yr, dx, dxr = _bcn_pair(x, mode, running_mean=rm, running_var=torch.full((8,), 1e-6, device=DEVICE))
+        assert rel_err(y, yr) <= 1e-3 and rel_err(dx, dxr) <= 1e-3
+    yg = group_norm(x, 4)
+    assert rel_err(yg, gn_reference(x.double(), 4)) <= 1e-3
+    w = 0.5 + 1e-4 * torch.randn(4, 3, 3, 3, device=DEVICE)
+    assert rel_err(weight_standardize(w), ws_reference(w.double())) <= 1e-3
+
+
+def test_constant_channels_give_finite_outputs_and_gradients(backend):
+    x = torch.randn(2, 8, 4, 4, device=DEVICE)
+    x[:, 2] = 3.0  # a constant channel across the batch
+    x[1, 4:8] = -1.5  # a constant group in one sample
+    for mode in ("batch", "estimate", "eval"):
+        y, yr, dx, dxr = _bcn_pair(x, mode, activation="relu")
+        assert torch.isfinite(y).all() and torch.isfinite(dx).all(), mode
+        assert rel_err(y, yr) <= 1e-4
+    xs = x.detach().requires_grad_(True)
+    yg = group_norm(xs, 2)
+    yg.sum().backward()
+    assert torch.isfinite(yg).all() and torch.isfinite(xs.grad).all()
+
+
+@pytest.mark.parametrize("dtype,scale", [(torch.float16, 3e4), (torch.bfloat16, 1e18)])
+def test_values_near_half_precision_limits_do_not_overflow_statistics(backend, dtype, scale):
+    """Squares of fp16's largest values pass fp16's range, and squares of 1e18
+    pass 1e36: statistics are fp32 and centred, so neither overflows."""
+    torch.manual_seed(1)
+    x = (torch.randn(2, 8, 4, 4, device=DEVICE).clamp(-2, 2) * scale).to(dtype)
+    for mode in ("batch", "estimate"):
+        rm = torch.full((8,), 0.0, device=DEVICE)
+        rv = torch.full((8,), scale * scale if scale * scale < 3e38 else 1.0, device=DEVICE)
+        y, yr, dx, dxr = _bcn_pair(x, mode, running_mean=rm, running_var=rv)
+        assert torch.isfinite(y).all(), mode
+        assert rel_err(y, yr) <= 3e-2
+    assert torch.isfinite(group_norm(x, 4)).all()
+    assert rel_err(group_norm(x, 4), gn_reference(x.double(), 4)) <= 3e-2
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_nan_and_inf_propagate_like_the_reference(backend, bad):
+    torch.manual_seed(2)
+    x = torch.randn(3, 8, 3, 3, device=DEVICE)
+    x[1, 5, 1, 1] = bad
+    for mode in ("batch", "estimate", "eval"):
+        training, estimate = {"batch": (True, False), "estimate": (True, True), "eval": (False, False)}[mode]
+        rm, rv = torch.zeros(8, device=DEVICE), torch.ones(8, device=DEVICE)
+        ours = batch_channel_norm(x, 4, rm.clone(), rv.clone(), training=training, estimate=estimate)
+        ref = bcn_reference(x, 4, running_mean=rm.double(), running_var=rv.double(), training=training,
+                            estimate=estimate)
+        assert torch.equal(torch.isnan(ours), torch.isnan(ref)), mode
+        assert torch.equal(torch.isinf(ours), torch.isinf(ref)), mode
+        ok = torch.isfinite(ref)
+        assert rel_err(ours[ok], ref[ok]) <= 1e-5, mode
+    ours = group_norm(x, 4)
+    ref = gn_reference(x, 4)
+    assert torch.equal(torch.isnan(ours), torch.isnan(ref)) and torch.equal(torch.isinf(ours), torch.isinf(ref))
+
+
+def test_failure_inside_forward_leaves_state_untouched(backend, monkeypatch):
+    """An out-of-memory error in the middle of a forward changes no buffer."""
+    m = wsbcn.BatchChannelNorm2d(8, num_groups=4).to(DEVICE)
+    with torch.no_grad():
+        m.running_mean.normal_()
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    x = torch.randn(2, 8, 3, 3, device=DEVICE)
+
+    def oom(*args, **kwargs):
+        raise torch.OutOfMemoryError("simulated")
+
+    if backend == "torch":
+        from wsbcn import torch_norm
+
+        monkeypatch.setattr(torch_norm, "_apply_coefs", oom)  # after the statistics, before the output
+    else:
+        from wsbcn.backend import kernels
+
+        real_empty = torch.empty
+        calls = []
+
+        def empty_then_oom(*args, **kwargs):  # the launcher's 3rd allocation fails
+            calls.append(1)
+            if len(calls) == 3:
+                oom()
+            return real_empty(*args, **kwargs)
+
+        monkeypatch.setattr(kernels().norm.torch, "empty", empty_then_oom)
+    for training in (True, False):
+        if backend != "torch":
+            calls.clear()
+        m.train(training)
+        with pytest.raises(torch.OutOfMemoryError):
+            m(x)
+        for k, v in m.state_dict().items():
+            assert torch.equal(v, before[k]), k
+
+
+def test_determinism_repeated_runs_are_bitwise_identical(backend):
+    torch.manual_seed(3)
+    x = torch.randn(2, 8, 6, 6, device=DEVICE, requires_grad=True)
+    results = []
+    for _ in range(2):
+        m = wsbcn.BatchChannelNorm2d(8, num_groups=4, activation="silu").to(DEVICE)
+        y = m(x)
+        (gx,) = torch.autograd.grad(y, x, torch.ones_like(y))
+        results.append((y, gx, m.running_mean.clone(), m.running_var.clone()))
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+def test_public_entry_points_reject_non_modules_and_bad_types():
+    with pytest.raises(TypeError, match="nn.Module"):
+        wsbcn.freeze("model")
+    with pytest.raises(TypeError, match="Tensor"):
+        group_norm([[1.0]], 1)
+    with pytest.raises(TypeError, match="eps"):
+        weight_standardize(torch.ones(2, 3), eps="small")
+    with pytest.raises(TypeError, match="momentum"):
+        wsbcn.BatchChannelNorm2d(8, num_groups=4, momentum="fast")
+    with pytest.raises(TypeError, match="num_groups"):
+        wsbcn.BatchChannelNorm2d(8, num_groups=2.0)
