@@ -8,6 +8,7 @@ Tuned configs are data, never code: JSON with schema_version, device and the
 torch/triton versions they were measured with. Writes are atomic (temp file +
 os.replace), so a crash never leaves a half-written cache.
 """
+import functools
 import json
 import os
 import tempfile
@@ -37,12 +38,17 @@ def cache_dir() -> Path:
     return Path(base) / "wsbcn"
 
 
-def _slug(t: torch.Tensor) -> str:
-    if not t.is_cuda:
-        return "cpu"
+@functools.lru_cache(maxsize=None)
+def _cuda_facts(index: int) -> tuple:
+    """(device slug, SM count) of a CUDA device, asked once per process."""
     from .info import slugify
 
-    return slugify(torch.cuda.get_device_name(t.device))
+    props = torch.cuda.get_device_properties(index)
+    return slugify(props.name), props.multi_processor_count
+
+
+def _slug(t: torch.Tensor) -> str:
+    return _cuda_facts(t.device.index or 0)[0] if t.is_cuda else "cpu"
 
 
 def layout_name(channels_last: bool) -> str:
@@ -109,7 +115,7 @@ def heuristic_config(kernel: str, t: torch.Tensor, shape: tuple, channels_last: 
     if kernel in ("ws_fwd", "ws_bwd"):
         return heuristics.ws_config(shape[1], on_gpu)
     n, c, s = shape
-    sm = torch.cuda.get_device_properties(t.device).multi_processor_count if on_gpu else 1
+    sm = _cuda_facts(t.device.index or 0)[1] if on_gpu else 1
     return heuristics.norm_tile(n, c, s, channels_last, on_gpu, sm)
 
 
