@@ -75,11 +75,7 @@ def _tile_offsets(pid, split, C, S, chunk, stride_xc, stride_xs, BLOCK_C: tl.con
     cmask = c < C
     s_begin = split * chunk
     s_end = tl.minimum(S, s_begin + chunk)
-    if LARGE:
-        c_off = c.to(tl.int64) * stride_xc
-    else:
-        c_off = c * stride_xc
-    return n, c, cmask, s_begin, s_end, c_off
+    return n, c, cmask, s_begin, s_end, _channel_offsets(c, stride_xc, LARGE)
 
 
 @triton.jit
@@ -87,6 +83,25 @@ def _spatial_offsets(s, stride_xs, LARGE: tl.constexpr):
     if LARGE:
         return s.to(tl.int64) * stride_xs
     return s * stride_xs
+
+
+@triton.jit
+def _channel_offsets(c, stride_c, LARGE: tl.constexpr):
+    if LARGE:
+        return c.to(tl.int64) * stride_c
+    return c * stride_c
+
+
+@triton.jit
+def _load_e_dz(x_n, dy_n, c_off, dc_off, s, mask, stride_xs, stride_ds, pivot, mean, coef_a, coef_b,
+               ACT: tl.constexpr, LARGE: tl.constexpr):
+    """One tile of the backward: e = (x - pivot) - mean and dz = dy act'(z), with
+    z = A e + B recomputed from x (y is never saved). Padding gives e = dz = 0."""
+    x = tl.load(x_n + c_off[:, None] + _spatial_offsets(s, stride_xs, LARGE)[None, :], mask=mask, other=0.0)
+    dy = tl.load(dy_n + dc_off[:, None] + _spatial_offsets(s, stride_ds, LARGE)[None, :], mask=mask, other=0.0)
+    e = tl.where(mask, (x.to(tl.float32) - pivot[:, None]) - mean[:, None], 0.0)
+    dz = _activation_grad(dy.to(tl.float32), coef_a[:, None] * e + coef_b[:, None], ACT)
+    return e, tl.where(mask, dz, 0.0)
 
 
 @triton.jit
@@ -347,10 +362,7 @@ def _norm_apply_kernel(
             tl.store(Num_batches, tl.load(Num_batches) + 1)
     n, c, cmask, s_begin, s_end, c_off = _tile_offsets(pid, split, C, S, chunk, stride_xc, stride_xs, BLOCK_C, LARGE)
     pivot, mean, coef_a, coef_b = _load_channel_coefs(Pivot, Mean, P, Ym, Omega, Eta, n, c, cmask, K, HAS_AFFINE, GROUP_AFFINE, C)
-    if LARGE:
-        yc_off = c.to(tl.int64) * stride_yc
-    else:
-        yc_off = c * stride_yc
+    yc_off = _channel_offsets(c, stride_yc, LARGE)
     x_n = X + n.to(tl.int64) * stride_xn
     y_n = Y + n.to(tl.int64) * stride_yn
     for s0 in range(s_begin, s_end, BLOCK_S):
@@ -397,10 +409,7 @@ def _norm_bwd_reduce_kernel(
     split = tl.program_id(1)
     n, c, cmask, s_begin, s_end, c_off = _tile_offsets(pid, split, C, S, chunk, stride_xc, stride_xs, BLOCK_C, LARGE)
     pivot, mean, coef_a, coef_b = _load_channel_coefs(Pivot, Mean, P, Ym, Omega, Eta, n, c, cmask, K, HAS_AFFINE, GROUP_AFFINE, C)
-    if LARGE:
-        dc_off = c.to(tl.int64) * stride_dc
-    else:
-        dc_off = c * stride_dc
+    dc_off = _channel_offsets(c, stride_dc, LARGE)
     x_n = X + n.to(tl.int64) * stride_xn
     dy_n = Dy + n.to(tl.int64) * stride_dn
     d1 = tl.zeros([BLOCK_C], dtype=tl.float32)
@@ -408,11 +417,8 @@ def _norm_bwd_reduce_kernel(
     for s0 in range(s_begin, s_end, BLOCK_S):
         s = s0 + tl.arange(0, BLOCK_S)
         mask = cmask[:, None] & (s < s_end)[None, :]
-        x = tl.load(x_n + c_off[:, None] + _spatial_offsets(s, stride_xs, LARGE)[None, :], mask=mask, other=0.0)
-        dy = tl.load(dy_n + dc_off[:, None] + _spatial_offsets(s, stride_ds, LARGE)[None, :], mask=mask, other=0.0)
-        e = tl.where(mask, (x.to(tl.float32) - pivot[:, None]) - mean[:, None], 0.0)
-        dz = _activation_grad(dy.to(tl.float32), coef_a[:, None] * e + coef_b[:, None], ACT)
-        dz = tl.where(mask, dz, 0.0)
+        e, dz = _load_e_dz(x_n, dy_n, c_off, dc_off, s, mask, stride_xs, stride_ds, pivot, mean, coef_a, coef_b,
+                           ACT, LARGE)
         d1 += tl.sum(dz, axis=1)
         de += tl.sum(dz * e, axis=1)
     out = (n * C + c) * n_split + split
@@ -577,22 +583,16 @@ def _norm_bwd_apply_kernel(
     ca = tl.load(CA + idx, mask=cmask, other=0.0)
     ce = tl.load(CE + idx, mask=cmask, other=0.0)
     cc = tl.load(CC + idx, mask=cmask, other=0.0)
-    if LARGE:
-        dc_off = c.to(tl.int64) * stride_dc
-        oc_off = c.to(tl.int64) * stride_oc
-    else:
-        dc_off = c * stride_dc
-        oc_off = c * stride_oc
+    dc_off = _channel_offsets(c, stride_dc, LARGE)
+    oc_off = _channel_offsets(c, stride_oc, LARGE)
     x_n = X + n.to(tl.int64) * stride_xn
     dy_n = Dy + n.to(tl.int64) * stride_dn
     dx_n = Dx + n.to(tl.int64) * stride_on
     for s0 in range(s_begin, s_end, BLOCK_S):
         s = s0 + tl.arange(0, BLOCK_S)
         mask = cmask[:, None] & (s < s_end)[None, :]
-        x = tl.load(x_n + c_off[:, None] + _spatial_offsets(s, stride_xs, LARGE)[None, :], mask=mask, other=0.0)
-        dy = tl.load(dy_n + dc_off[:, None] + _spatial_offsets(s, stride_ds, LARGE)[None, :], mask=mask, other=0.0)
-        e = (x.to(tl.float32) - pivot[:, None]) - mean[:, None]
-        dz = _activation_grad(dy.to(tl.float32), coef_a[:, None] * e + coef_b[:, None], ACT)
+        e, dz = _load_e_dz(x_n, dy_n, c_off, dc_off, s, mask, stride_xs, stride_ds, pivot, mean, coef_a, coef_b,
+                           ACT, LARGE)
         dx = ca[:, None] * dz + ce[:, None] * e + cc[:, None]
         tl.store(dx_n + oc_off[:, None] + _spatial_offsets(s, stride_os, LARGE)[None, :], dx.to(Dx.dtype.element_ty), mask=mask)
 
