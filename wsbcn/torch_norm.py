@@ -65,13 +65,15 @@ def norm_forward_torch(x, gamma, beta, omega, eta, running_mean, running_var, nu
         pivot = xf[0].reshape(c, -1)[:, 0].expand(n, c)
     xp = xf - _per_nc(pivot, x.dim())
     if dims:
-        # mean, then the centred sum of squares: two plain reductions are several
-        # times faster on CPU than torch.var_mean's Welford kernel
+        # mean, then the centred sum of squares: plain reductions are several times
+        # faster on CPU than torch.var_mean's Welford kernel. e is reused below.
         m_keep = xp.mean(dim=dims, keepdim=True)
-        m2 = (xp - m_keep).square().sum(dim=dims)
+        e = xp.sub_(m_keep)
+        m2 = torch.linalg.vecdot(e.flatten(2), e.flatten(2)) if e.is_contiguous() else e.square().sum(dim=dims)
         m = m_keep.reshape(n, c)
     else:
         m, m2 = xp, torch.zeros_like(xp)
+        e = torch.zeros_like(xp)
 
     updates = []  # buffer writes, done last so a failure leaves the buffers untouched
     shift_c = torch.zeros(c, dtype=acc, device=x.device)
@@ -130,8 +132,7 @@ def norm_forward_torch(x, gamma, beta, omega, eta, running_mean, running_var, nu
     rho_c = rho.repeat_interleave(k, dim=1)
     stats = torch.stack([pivot, m, dm, rho_c * a, rho_c * du.reshape(n, c), m2]).to(acc)
     coef_a, coef_b = _apply_coefs(stats, omega, eta, num_groups, group_affine)
-    e = xp - _per_nc(m, x.dim())
-    z = _per_nc(coef_a, x.dim()) * e + _per_nc(coef_b, x.dim())
+    z = e.mul_(_per_nc(coef_a, x.dim())).add_(_per_nc(coef_b, x.dim()))  # e is ours: in place
     y = _activate(z, activation).to(x.dtype)
     for buf, value in updates:
         buf.copy_(value)
@@ -162,12 +163,15 @@ def norm_backward_torch(dy, x, stats, rstd_c, rho, gamma, omega, eta, num_groups
     s = x[0, 0].numel()
     k = c // num_groups
     pivot, mean, dm, p, ym, m2 = stats.unbind(0)
-    e = x.to(acc) - _per_nc(pivot, x.dim()) - _per_nc(mean, x.dim())
+    e = (x.to(acc) - _per_nc(pivot, x.dim())).sub_(_per_nc(mean, x.dim()))
     coef_a, coef_b = _apply_coefs(stats, omega, eta, num_groups, group_affine)
     dyf = dy.to(acc)
     dz = _activation_grad(dyf, _per_nc(coef_a, x.dim()) * e + _per_nc(coef_b, x.dim()), activation) if activation else dyf
     d1 = dz.sum(dim=dims) if dims else dz
-    de = (dz * e).sum(dim=dims) if dims else dz * e
+    if dims and dz.is_contiguous() and e.is_contiguous():
+        de = torch.linalg.vecdot(dz.flatten(2), e.flatten(2))
+    else:
+        de = (dz * e).sum(dim=dims) if dims else dz * e
 
     # The formulas of kernels/norm.py's _norm_bwd_combine_kernel.
     om = torch.ones(c, dtype=acc, device=x.device) if omega is None else _affine_per_channel(omega, num_groups, c, group_affine).to(acc)
@@ -197,7 +201,8 @@ def norm_backward_torch(dy, x, stats, rstd_c, rho, gamma, omega, eta, num_groups
         slope = r * g_gamma / count
         ce = ce - scale * slope
         cc = cc - scale * (g_beta / count + slope * dm)
-    dx = (_per_nc(ca, x.dim()) * dz + _per_nc(ce, x.dim()) * e + _per_nc(cc, x.dim())).to(x.dtype)
+    # dx = CA dz + CE e + CC, in place on e (a temporary of ours)
+    dx = e.mul_(_per_nc(ce, x.dim())).add_(_per_nc(cc, x.dim())).addcmul_(dz, _per_nc(ca, x.dim())).to(x.dtype)
     def empty():  # a fresh tensor each: op outputs may not alias one another
         return torch.empty(0, dtype=acc, device=x.device)
 
