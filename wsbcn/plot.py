@@ -66,14 +66,16 @@ def plot_speedups(bench, device, out_dir):
     table = speedups(bench)
     if table.empty:
         return []
-    fig, ax = plt.subplots(figsize=(10, 4))
-    labels = [f"{r.op}\n{r.mode}\nvs {r.baseline}" for r in table.itertuples()]
-    ax.bar(range(len(table)), table["speedup"], color=["tab:green" if v >= 1 else "tab:red" for v in table["speedup"]])
-    ax.axhline(1.0, color="black", lw=0.8)
-    ax.set_xticks(range(len(table)))
-    ax.set_xticklabels(labels, fontsize=6)
-    ax.set_ylabel("wsbcn speedup (geomean)")
-    ax.set_yscale("log")
+    fig, ax = plt.subplots(figsize=(8, 1.5 + 0.28 * len(table)))
+    labels = [f"{r.op} {r.mode} vs {r.baseline}" for r in table.itertuples()]
+    colors = ["tab:green" if v >= 1 else "tab:red" for v in table["speedup"]]
+    ax.barh(range(len(table)), table["speedup"], color=colors)
+    ax.axvline(1.0, color="black", lw=0.8)
+    ax.set_yticks(range(len(table)))
+    ax.set_yticklabels(labels, fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xscale("log")
+    ax.set_xlabel("wsbcn speedup, geometric mean over the suite (>1: wsbcn faster)")
     ax.set_title(f"wsbcn speedup over each baseline on {device}")
     fig.tight_layout()
     return [_save(fig, out_dir / "speedup.png")]
