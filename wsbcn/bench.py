@@ -242,6 +242,7 @@ def upsert(frame: pd.DataFrame, path: Path) -> pd.DataFrame:
         keep = ~old[CASE_COLUMNS].astype(str).apply(tuple, axis=1).isin(keys)
         frame = pd.concat([old[keep], frame], ignore_index=True) if keep.any() else frame
     frame = frame.sort_values(CASE_COLUMNS, kind="stable").reset_index(drop=True)
+    frame[["N", "C"]] = frame[["N", "C"]].astype("Int64")  # integers, blank where not applicable
     tmp = path.with_suffix(".csv.tmp")
     frame.to_csv(tmp, index=False)
     tmp.replace(path)
