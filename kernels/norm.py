@@ -80,16 +80,22 @@ def _tile_offsets(pid, split, C, S, chunk, stride_xc, stride_xs, BLOCK_C: tl.con
 
 @triton.jit
 def _spatial_offsets(s, stride_xs, LARGE: tl.constexpr):
+    # one return statement: the compiler checks every return of a function for one
+    # type, even those a constexpr branch never reaches
     if LARGE:
-        return s.to(tl.int64) * stride_xs
-    return s * stride_xs
+        off = s.to(tl.int64) * stride_xs
+    else:
+        off = s * stride_xs
+    return off
 
 
 @triton.jit
 def _channel_offsets(c, stride_c, LARGE: tl.constexpr):
     if LARGE:
-        return c.to(tl.int64) * stride_c
-    return c * stride_c
+        off = c.to(tl.int64) * stride_c
+    else:
+        off = c * stride_c
+    return off
 
 
 @triton.jit

@@ -276,3 +276,39 @@ def test_bad_bcn_inputs_raise_before_any_kernel(backend, monkeypatch):
         args.update(kwargs)
         with pytest.raises(ValueError, match=words):
             wsbcn.BatchChannelNorm2d(**args)
+
+
+class _CountingKernel:
+    """Wraps a Triton kernel and counts its launches."""
+
+    def __init__(self, kernel, counter):
+        self.kernel, self.counter = kernel, counter
+
+    def __getitem__(self, grid):
+        self.counter.append(getattr(self.kernel, "__name__", repr(self.kernel)))
+        return self.kernel[grid]
+
+
+@pytest.mark.parametrize("shape,layout", [((1, 8, 40, 40), "contiguous"), ((3, 16, 5, 5), "channels_last"),
+                                          ((2, 8, 7), "contiguous"), ((64, 8, 1, 1), "contiguous")])
+@pytest.mark.parametrize("mode", list(MODES))
+def test_three_launches_forward_and_backward_whatever_the_shape(monkeypatch, shape, layout, mode):
+    from wsbcn.backend import kernels
+
+    monkeypatch.setenv("WSBCN_BACKEND", "triton")
+    knorm = kernels().norm
+    launches = []
+    for name in [n for n in dir(knorm) if n.startswith("_norm_") and n.endswith("_kernel")]:
+        monkeypatch.setattr(knorm, name, _CountingKernel(getattr(knorm, name), launches))
+    x = torch.randn(shape, device=DEVICE)
+    if layout == "channels_last":
+        x = x.to(memory_format=torch.channels_last)
+    x.requires_grad_(True)
+    m = wsbcn.BatchChannelNorm2d(shape[1], num_groups=4, estimate=mode == "estimate", activation="relu")
+    if len(shape) == 3:
+        m = wsbcn.BatchChannelNorm1d(shape[1], num_groups=4, estimate=mode == "estimate", activation="relu")
+    m = m.to(DEVICE).train(mode != "eval")
+    y = m(x)
+    assert len(launches) == 3
+    y.backward(torch.randn_like(y))
+    assert len(launches) == 6

@@ -195,7 +195,7 @@ def batch_channel_norm(
     has_running = running_mean is not None
     if training and not estimate:
         mode = MODE_BATCH
-        if x.shape[0] * (x[0, 0].numel() if x.numel() else 1) <= 1 and x.numel():
+        if 0 < x.numel() // c <= 1:  # values per channel: N * prod(spatial)
             raise ValueError(f"Expected more than 1 value per channel when training, got input size {tuple(x.shape)}")
     elif training:
         mode = MODE_ESTIMATE
