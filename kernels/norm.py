@@ -166,20 +166,34 @@ def _norm_stats_kernel(
 
 
 @triton.jit
-def _merge_splits(Part_mean, Part_m2, nn, c, mask, C, S, chunk, n_split, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Per (n, c) mean and M2 over the whole spatial axis, from its chunks (Chan)."""
-    base = (nn[:, None] * C + c[None, :]) * n_split
+def _merge_splits(Part_mean, Part_m2, nn, c, mask, C, S, chunk, n_split, BLOCK_N: tl.constexpr,
+                  BLOCK_K: tl.constexpr, BLOCK_J: tl.constexpr):
+    """Per (n, c) mean and M2 over the whole spatial axis, from its chunks.
+
+    BLOCK_J chunks at a time as one [BLOCK_N, BLOCK_K, BLOCK_J] tile (a micro-batch
+    can have hundreds of chunks: a loop of one dependent load each would make this
+    latency-bound): the tile's count-weighted mean, then M2 = sum M2_j +
+    sum n_j (mean_j - mean)^2, and tiles merged with Chan's formula."""
+    base = ((nn[:, None] * C + c[None, :]) * n_split)[:, :, None]
     mean = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     m2 = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     count = 0.0
-    for j in range(0, n_split):
-        n_j = tl.minimum(S - j * chunk, chunk).to(tl.float32)
-        mean_j = tl.load(Part_mean + base + j, mask=mask, other=0.0)
-        m2_j = tl.load(Part_m2 + base + j, mask=mask, other=0.0)
-        total = count + n_j
-        delta = mean_j - mean
-        mean += delta * (n_j / total)
-        m2 += m2_j + delta * delta * (count * n_j / total)
+    for j0 in range(0, n_split, BLOCK_J):
+        j = j0 + tl.arange(0, BLOCK_J)
+        jmask = j < n_split
+        n_j1 = tl.where(jmask, tl.minimum(S - j * chunk, chunk), 0).to(tl.float32)
+        n_b = tl.sum(n_j1, axis=0)  # values in this block of chunks (a scalar, like count)
+        n_j = n_j1[None, None, :]
+        m3 = mask[:, :, None] & jmask[None, None, :]
+        mean_j = tl.load(Part_mean + base + j[None, None, :], mask=m3, other=0.0)
+        m2_j = tl.load(Part_m2 + base + j[None, None, :], mask=m3, other=0.0)
+        mean_b = tl.sum(n_j * mean_j, axis=2) / n_b
+        dev = tl.where(m3, mean_j - mean_b[:, :, None], 0.0)
+        m2_b = tl.sum(m2_j, axis=2) + tl.sum(n_j * dev * dev, axis=2)
+        total = count + n_b
+        delta = mean_b - mean
+        mean += delta * (n_b / total)
+        m2 += m2_b + delta * delta * (count * n_b / total)
         count = total
     return mean, m2
 
@@ -215,6 +229,7 @@ def _norm_combine_kernel(
     CUMULATIVE: tl.constexpr,  # momentum=None: factor 1 / (num_batches_tracked + 1)
     BLOCK_N: tl.constexpr,  # samples per step
     BLOCK_K: tl.constexpr,  # >= K: the whole group in one tile
+    BLOCK_J: tl.constexpr,  # spatial chunks merged per step
 ):
     g = tl.program_id(0)
     G = C // K
@@ -246,7 +261,7 @@ def _norm_combine_kernel(
         for n0 in range(0, N, BLOCK_N):
             nn = n0 + tl.arange(0, BLOCK_N)
             mask = (nn < N)[:, None] & kmask[None, :]
-            m, m2 = _merge_splits(Part_mean, Part_m2, nn, c, mask, C, S, chunk, n_split, BLOCK_N, BLOCK_K)
+            m, m2 = _merge_splits(Part_mean, Part_m2, nn, c, mask, C, S, chunk, n_split, BLOCK_N, BLOCK_K, BLOCK_J)
             n_b = tl.minimum(N - n0, BLOCK_N).to(tl.float32)
             mean_b = tl.sum(m, axis=0) / n_b
             d = tl.where(mask, m - mean_b[None, :], 0.0)
@@ -292,7 +307,7 @@ def _norm_combine_kernel(
         nn = n0 + tl.arange(0, BLOCK_N)
         nmask = nn < N
         mask = nmask[:, None] & kmask[None, :]
-        m, m2 = _merge_splits(Part_mean, Part_m2, nn, c, mask, C, S, chunk, n_split, BLOCK_N, BLOCK_K)
+        m, m2 = _merge_splits(Part_mean, Part_m2, nn, c, mask, C, S, chunk, n_split, BLOCK_N, BLOCK_K, BLOCK_J)
         if MODE == 0:
             shift = tl.sum(m, axis=1)[:, None] / K + tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
         else:
@@ -462,6 +477,7 @@ def _norm_bwd_combine_kernel(
     GROUP_AFFINE: tl.constexpr,  # omega, eta per group
     BLOCK_N: tl.constexpr,  # samples per step
     BLOCK_K: tl.constexpr,  # >= K
+    BLOCK_J: tl.constexpr,  # spatial chunks summed per step
 ):
     # Per (n, c), with y_hat = ym + P e and du = alpha dz - rho E1 - rho E2 y_hat
     # (the channel stage's backward; alpha = rho omega):
@@ -503,9 +519,12 @@ def _norm_bwd_combine_kernel(
             base = (nn[:, None] * C + c[None, :]) * n_split
             d1 = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
             de = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-            for j in range(0, n_split):
-                d1 += tl.load(Part_d1 + base + j, mask=mask, other=0.0)
-                de += tl.load(Part_de + base + j, mask=mask, other=0.0)
+            for j0 in range(0, n_split, BLOCK_J):  # BLOCK_J chunks per load, as in _merge_splits
+                j = j0 + tl.arange(0, BLOCK_J)
+                m3 = mask[:, :, None] & (j < n_split)[None, None, :]
+                offs = base[:, :, None] + j[None, None, :]
+                d1 += tl.sum(tl.load(Part_d1 + offs, mask=m3, other=0.0), axis=2)
+                de += tl.sum(tl.load(Part_de + offs, mask=m3, other=0.0), axis=2)
             idx = nn[:, None] * C + c[None, :]
             dm = tl.load(Dm + idx, mask=mask, other=0.0)
             p = tl.load(P + idx, mask=mask, other=0.0)
@@ -619,10 +638,13 @@ def _chunking(s, config):
     return chunk, triton.cdiv(s, chunk)
 
 
-def _combine_blocks(n, k):
+def _combine_blocks(n, k, n_split, config):
+    """(BLOCK_N, BLOCK_K, BLOCK_J) of the combine kernels: the whole group, then as
+    many samples and chunks as fit a tile of ~4096 values."""
     block_k = triton.next_power_of_2(k)
     block_n = max(1, min(triton.next_power_of_2(n), 4096 // block_k))
-    return block_n, block_k
+    block_j = max(1, min(triton.next_power_of_2(n_split), 4096 // (block_k * block_n)))
+    return block_n, block_k, config.get("BLOCK_J", block_j)
 
 
 def norm_forward(x, y, gamma, beta, omega, eta, running_mean, running_var, num_batches,
@@ -656,15 +678,15 @@ def norm_forward(x, y, gamma, beta, omega, eta, running_mean, running_var, num_b
         PIVOT_MODE=pivot_mode, LARGE=large, BLOCK_C=config["BLOCK_C"], BLOCK_S=config["BLOCK_S"],
         num_warps=config["num_warps"], num_stages=config["num_stages"],
     )
-    block_n, block_k = _combine_blocks(n, k)
+    block_n, block_k, block_j = _combine_blocks(n, k, n_split, config)
     _norm_combine_kernel[(num_groups,)](
         part[0], part[1], stats[0],
         gamma if gamma is not None else dummy, beta if beta is not None else dummy,
         rm, rv, nbt, stats[1], stats[2], rstd_c, rho, stats[3], stats[4], stats[5],
         n, c, s, k, chunk, n_split, float(momentum), float(eps),
         MODE=mode, HAS_BN_AFFINE=gamma is not None, UPDATE_RUNNING=update_running,
-        CUMULATIVE=cumulative, BLOCK_N=block_n, BLOCK_K=block_k,
-        num_warps=4 if block_n * block_k >= 1024 else 2,
+        CUMULATIVE=cumulative, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_J=block_j,
+        num_warps=4 if block_n * block_k * block_j >= 1024 else 2,
     )
     _norm_apply_kernel[grid](
         x, y, stats[0], stats[1], stats[3], stats[4],
@@ -712,7 +734,7 @@ def norm_backward(dy, x, dx, stats, rstd_c, rho, gamma, omega, eta, num_groups, 
         BLOCK_C=config["BLOCK_C"], BLOCK_S=config["BLOCK_S"],
         num_warps=config["num_warps"], num_stages=config["num_stages"],
     )
-    block_n, block_k = _combine_blocks(n, k)
+    block_n, block_k, block_j = _combine_blocks(n, k, n_split, config)
     _norm_bwd_combine_kernel[(num_groups,)](
         part[0], part[1], rstd_c, rho, dm, p, ym, m2,
         gamma if has_bn_affine else dummy, om,
@@ -720,7 +742,7 @@ def norm_backward(dy, x, dx, stats, rstd_c, rho, gamma, omega, eta, num_groups, 
         d_omega if has_affine else dummy, d_eta if has_affine else dummy,
         coefs[0], coefs[1], coefs[2], n, c, s, k, n_split,
         MODE=mode, HAS_BN_AFFINE=has_bn_affine, HAS_AFFINE=has_affine, GROUP_AFFINE=group_affine,
-        BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4 if block_n * block_k >= 1024 else 2,
+        BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_J=block_j, num_warps=4 if block_n * block_k * block_j >= 1024 else 2,
     )
     _norm_bwd_apply_kernel[grid](
         dy, x, dx, pivot, mean, p, ym, om, et, coefs[0], coefs[1], coefs[2],

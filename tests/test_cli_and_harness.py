@@ -87,18 +87,27 @@ def test_pick_winners_prefers_fastest_relative_config():
 
 
 def test_tuned_configs_give_the_same_results(backend, tmp_path, monkeypatch):
-    """Every config of the space computes the same BCN (up to rounding)."""
+    """Every config computes the same BCN and dx (up to rounding), chunked or not."""
     from wsbcn.functional import batch_channel_norm
 
     monkeypatch.setenv("WSBCN_CACHE_DIR", str(tmp_path))
     x = torch.randn(2, 8, 5, 7, device=DEVICE)
-    expected = batch_channel_norm(x, 4, training=True)
+    x64 = x.double().requires_grad_(True)
+    from reference import bcn_reference
+
+    expected = bcn_reference(x64, 4, activation="silu")
+    (expected_dx,) = torch.autograd.grad(expected, x64, torch.ones_like(expected))
     shape = (2, 8, 35)
+    many_chunks = {"BLOCK_C": 2, "BLOCK_S": 1, "split": 35, "num_warps": 1, "num_stages": 1}
     for cfg in autotune.config_space("norm_fwd", shape, False, on_gpu=False)[:4] + [
-            {"BLOCK_C": 2, "BLOCK_S": 4, "split": 3, "num_warps": 1, "num_stages": 1}]:
+            {"BLOCK_C": 2, "BLOCK_S": 4, "split": 3, "num_warps": 1, "num_stages": 1},
+            many_chunks, dict(many_chunks, BLOCK_J=4)]:  # 35 chunks merged 4 at a time
         monkeypatch.setattr(tuning, "config_for", lambda *a, _cfg=cfg, **k: dict(_cfg))
-        got = batch_channel_norm(x, 4, training=True)
-        assert (got - expected).abs().max().item() <= 1e-5
+        xg = x.detach().requires_grad_(True)
+        got = batch_channel_norm(xg, 4, training=True, activation="silu")
+        (dx,) = torch.autograd.grad(got, xg, torch.ones_like(got))
+        assert (got - expected).abs().max().item() <= 1e-5, cfg
+        assert (dx - expected_dx).abs().max().item() <= 1e-5, cfg
 
 
 def test_bench_rows_columns_and_upsert(tmp_path):
