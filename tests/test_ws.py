@@ -209,3 +209,20 @@ def test_bad_wsconv_arguments():
         wsbcn.WSConv2d(3, 4, 3, eps=0)
     with pytest.raises(ValueError, match="correction"):
         wsbcn.WSConv2d(1, 4, 1, correction=1)
+
+
+def test_wsconv_pickles_and_deep_copies_without_its_cache(tmp_path):
+    import copy
+
+    conv = wsbcn.WSConv2d(3, 4, 3).eval()
+    with torch.no_grad():
+        conv.standardized_weight()
+    assert conv._w_hat_cache is not None
+    clone = copy.deepcopy(conv)
+    assert clone._w_hat_cache is None
+    torch.save(conv, tmp_path / "conv.pt")
+    loaded = torch.load(tmp_path / "conv.pt", weights_only=False)
+    assert loaded._w_hat_cache is None
+    x = torch.randn(1, 3, 5, 5)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), conv(x)) and torch.equal(clone(x), conv(x))

@@ -203,6 +203,7 @@ def norm_backward_torch(dy, x, stats, rstd_c, rho, gamma, omega, eta, num_groups
         cc = cc - scale * (g_beta / count + slope * dm)
     # dx = CA dz + CE e + CC, in place on e (a temporary of ours)
     dx = e.mul_(_per_nc(ce, x.dim())).add_(_per_nc(cc, x.dim())).addcmul_(dz, _per_nc(ca, x.dim())).to(x.dtype)
+
     def empty():  # a fresh tensor each: op outputs may not alias one another
         return torch.empty(0, dtype=acc, device=x.device)
 

@@ -38,9 +38,8 @@ class _WSConvMixin:
         return super().extra_repr() + f", eps={self.eps}, correction={self.correction}, eps_mode={self.eps_mode!r}"
 
     def __getstate__(self):
-        state = super().__getstate__()
-        state = dict(state)
-        state["_w_hat_cache"] = None  # derived data: never pickled
+        state = self.__dict__.copy()
+        state["_w_hat_cache"] = None  # derived data: never pickled or deep-copied
         return state
 
 
