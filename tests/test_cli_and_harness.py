@@ -170,3 +170,17 @@ def test_cli_info_and_errors(capsys):
     assert "torch" in out and "interpreter" in out and "backend (cpu)" in out
     with pytest.raises(SystemExit):
         cli.main(["bench", "--ops", "nope"])
+
+
+def test_cli_autotune_bench_plot_on_cpu(tmp_path, monkeypatch, capsys):
+    """The subcommands end to end (Triton through the interpreter, real CPU timers)."""
+    monkeypatch.setenv("WSBCN_CACHE_DIR", str(tmp_path / "cache"))
+    out = tmp_path / "results"
+    assert cli.main(["autotune", "--suite", "tiny", "--kernels", "ws_fwd", "norm_bwd", "--max-configs", "1",
+                     "--out", str(out)]) == 0
+    assert "tuned keys" in capsys.readouterr().out
+    assert list((tmp_path / "cache").glob("*.json"))
+    assert cli.main(["bench", "--suite", "tiny", "--ops", "gn", "--modes", "fwd", "--out", str(out)]) == 0
+    assert cli.main(["plot", "--results", str(out), "--plots", str(tmp_path / "plots")]) == 0
+    assert list((tmp_path / "plots").rglob("gbps_gn.png"))
+    tuning.forget_loaded_tables()
