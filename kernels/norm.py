@@ -75,26 +75,18 @@ def _tile_offsets(pid, split, C, S, chunk, stride_xc, stride_xs, BLOCK_C: tl.con
     cmask = c < C
     s_begin = split * chunk
     s_end = tl.minimum(S, s_begin + chunk)
-    return n, c, cmask, s_begin, s_end, _channel_offsets(c, stride_xc, LARGE)
+    return n, c, cmask, s_begin, s_end, _offsets(c, stride_xc, LARGE)
 
 
 @triton.jit
-def _spatial_offsets(s, stride_xs, LARGE: tl.constexpr):
+def _offsets(index, stride, LARGE: tl.constexpr):
+    """index * stride, in int64 when one sample can pass 2^31 elements."""
     # one return statement: the compiler checks every return of a function for one
     # type, even those a constexpr branch never reaches
     if LARGE:
-        off = s.to(tl.int64) * stride_xs
+        off = index.to(tl.int64) * stride
     else:
-        off = s * stride_xs
-    return off
-
-
-@triton.jit
-def _channel_offsets(c, stride_c, LARGE: tl.constexpr):
-    if LARGE:
-        off = c.to(tl.int64) * stride_c
-    else:
-        off = c * stride_c
+        off = index * stride
     return off
 
 
@@ -103,8 +95,8 @@ def _load_e_dz(x_n, dy_n, c_off, dc_off, s, mask, stride_xs, stride_ds, pivot, m
                ACT: tl.constexpr, LARGE: tl.constexpr):
     """One tile of the backward: e = (x - pivot) - mean and dz = dy act'(z), with
     z = A e + B recomputed from x (y is never saved). Padding gives e = dz = 0."""
-    x = tl.load(x_n + c_off[:, None] + _spatial_offsets(s, stride_xs, LARGE)[None, :], mask=mask, other=0.0)
-    dy = tl.load(dy_n + dc_off[:, None] + _spatial_offsets(s, stride_ds, LARGE)[None, :], mask=mask, other=0.0)
+    x = tl.load(x_n + c_off[:, None] + _offsets(s, stride_xs, LARGE)[None, :], mask=mask, other=0.0)
+    dy = tl.load(dy_n + dc_off[:, None] + _offsets(s, stride_ds, LARGE)[None, :], mask=mask, other=0.0)
     e = tl.where(mask, (x.to(tl.float32) - pivot[:, None]) - mean[:, None], 0.0)
     dz = _activation_grad(dy.to(tl.float32), coef_a[:, None] * e + coef_b[:, None], ACT)
     return e, tl.where(mask, dz, 0.0)
@@ -150,7 +142,7 @@ def _norm_stats_kernel(
     for s0 in range(s_begin, s_end, BLOCK_S):
         s = s0 + tl.arange(0, BLOCK_S)
         mask = cmask[:, None] & (s < s_end)[None, :]
-        x = tl.load(x_n + c_off[:, None] + _spatial_offsets(s, stride_xs, LARGE)[None, :], mask=mask, other=0.0)
+        x = tl.load(x_n + c_off[:, None] + _offsets(s, stride_xs, LARGE)[None, :], mask=mask, other=0.0)
         x = tl.where(mask, x.to(tl.float32) - pivot[:, None], 0.0)
         n_b = tl.minimum(s_end - s0, BLOCK_S).to(tl.float32)
         mean_b = tl.sum(x, axis=1) / n_b
@@ -383,17 +375,17 @@ def _norm_apply_kernel(
             tl.store(Num_batches, tl.load(Num_batches) + 1)
     n, c, cmask, s_begin, s_end, c_off = _tile_offsets(pid, split, C, S, chunk, stride_xc, stride_xs, BLOCK_C, LARGE)
     pivot, mean, coef_a, coef_b = _load_channel_coefs(Pivot, Mean, P, Ym, Omega, Eta, n, c, cmask, K, HAS_AFFINE, GROUP_AFFINE, C)
-    yc_off = _channel_offsets(c, stride_yc, LARGE)
+    yc_off = _offsets(c, stride_yc, LARGE)
     x_n = X + n.to(tl.int64) * stride_xn
     y_n = Y + n.to(tl.int64) * stride_yn
     for s0 in range(s_begin, s_end, BLOCK_S):
         s = s0 + tl.arange(0, BLOCK_S)
         mask = cmask[:, None] & (s < s_end)[None, :]
-        x = tl.load(x_n + c_off[:, None] + _spatial_offsets(s, stride_xs, LARGE)[None, :], mask=mask, other=0.0)
+        x = tl.load(x_n + c_off[:, None] + _offsets(s, stride_xs, LARGE)[None, :], mask=mask, other=0.0)
         e = (x.to(tl.float32) - pivot[:, None]) - mean[:, None]
         z = coef_a[:, None] * e + coef_b[:, None]
         y = _activate(z, ACT)
-        tl.store(y_n + yc_off[:, None] + _spatial_offsets(s, stride_ys, LARGE)[None, :], y.to(Y.dtype.element_ty), mask=mask)
+        tl.store(y_n + yc_off[:, None] + _offsets(s, stride_ys, LARGE)[None, :], y.to(Y.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -430,7 +422,7 @@ def _norm_bwd_reduce_kernel(
     split = tl.program_id(1)
     n, c, cmask, s_begin, s_end, c_off = _tile_offsets(pid, split, C, S, chunk, stride_xc, stride_xs, BLOCK_C, LARGE)
     pivot, mean, coef_a, coef_b = _load_channel_coefs(Pivot, Mean, P, Ym, Omega, Eta, n, c, cmask, K, HAS_AFFINE, GROUP_AFFINE, C)
-    dc_off = _channel_offsets(c, stride_dc, LARGE)
+    dc_off = _offsets(c, stride_dc, LARGE)
     x_n = X + n.to(tl.int64) * stride_xn
     dy_n = Dy + n.to(tl.int64) * stride_dn
     d1 = tl.zeros([BLOCK_C], dtype=tl.float32)
@@ -608,8 +600,8 @@ def _norm_bwd_apply_kernel(
     ca = tl.load(CA + idx, mask=cmask, other=0.0)
     ce = tl.load(CE + idx, mask=cmask, other=0.0)
     cc = tl.load(CC + idx, mask=cmask, other=0.0)
-    dc_off = _channel_offsets(c, stride_dc, LARGE)
-    oc_off = _channel_offsets(c, stride_oc, LARGE)
+    dc_off = _offsets(c, stride_dc, LARGE)
+    oc_off = _offsets(c, stride_oc, LARGE)
     x_n = X + n.to(tl.int64) * stride_xn
     dy_n = Dy + n.to(tl.int64) * stride_dn
     dx_n = Dx + n.to(tl.int64) * stride_on
@@ -619,7 +611,7 @@ def _norm_bwd_apply_kernel(
         e, dz = _load_e_dz(x_n, dy_n, c_off, dc_off, s, mask, stride_xs, stride_ds, pivot, mean, coef_a, coef_b,
                            ACT, LARGE)
         dx = ca[:, None] * dz + ce[:, None] * e + cc[:, None]
-        tl.store(dx_n + oc_off[:, None] + _spatial_offsets(s, stride_os, LARGE)[None, :], dx.to(Dx.dtype.element_ty), mask=mask)
+        tl.store(dx_n + oc_off[:, None] + _offsets(s, stride_os, LARGE)[None, :], dx.to(Dx.dtype.element_ty), mask=mask)
 
 
 # ---------------------------------------------------------------------------
