@@ -66,7 +66,7 @@ def _activation_grad(dy, z, ACT: tl.constexpr):
 
 
 @triton.jit
-def _tile_offsets(pid, split, C, S, chunk, stride_xc, stride_xs, BLOCK_C: tl.constexpr, LARGE: tl.constexpr):
+def _tile_offsets(pid, split, C, S, chunk, stride_xc, BLOCK_C: tl.constexpr, LARGE: tl.constexpr):
     """Sample n, channels c [BLOCK_C], their mask, the spatial range of this split,
     and the per-channel part of the offsets within one sample."""
     n_cblocks = tl.cdiv(C, BLOCK_C)
@@ -124,7 +124,7 @@ def _norm_stats_kernel(
 ):
     pid = tl.program_id(0)
     split = tl.program_id(1)
-    n, c, cmask, s_begin, s_end, c_off = _tile_offsets(pid, split, C, S, chunk, stride_xc, stride_xs, BLOCK_C, LARGE)
+    n, c, cmask, s_begin, s_end, c_off = _tile_offsets(pid, split, C, S, chunk, stride_xc, BLOCK_C, LARGE)
     x_n = X + n.to(tl.int64) * stride_xn
     if PIVOT_MODE == 0:
         pc = (c // K) * K
@@ -373,7 +373,7 @@ def _norm_apply_kernel(
     if INCREMENT:
         if pid == 0 and split == 0:
             tl.store(Num_batches, tl.load(Num_batches) + 1)
-    n, c, cmask, s_begin, s_end, c_off = _tile_offsets(pid, split, C, S, chunk, stride_xc, stride_xs, BLOCK_C, LARGE)
+    n, c, cmask, s_begin, s_end, c_off = _tile_offsets(pid, split, C, S, chunk, stride_xc, BLOCK_C, LARGE)
     pivot, mean, coef_a, coef_b = _load_channel_coefs(Pivot, Mean, P, Ym, Omega, Eta, n, c, cmask, K, HAS_AFFINE, GROUP_AFFINE, C)
     yc_off = _offsets(c, stride_yc, LARGE)
     x_n = X + n.to(tl.int64) * stride_xn
@@ -420,7 +420,7 @@ def _norm_bwd_reduce_kernel(
 ):
     pid = tl.program_id(0)
     split = tl.program_id(1)
-    n, c, cmask, s_begin, s_end, c_off = _tile_offsets(pid, split, C, S, chunk, stride_xc, stride_xs, BLOCK_C, LARGE)
+    n, c, cmask, s_begin, s_end, c_off = _tile_offsets(pid, split, C, S, chunk, stride_xc, BLOCK_C, LARGE)
     pivot, mean, coef_a, coef_b = _load_channel_coefs(Pivot, Mean, P, Ym, Omega, Eta, n, c, cmask, K, HAS_AFFINE, GROUP_AFFINE, C)
     dc_off = _offsets(c, stride_dc, LARGE)
     x_n = X + n.to(tl.int64) * stride_xn
@@ -594,7 +594,7 @@ def _norm_bwd_apply_kernel(
 ):
     pid = tl.program_id(0)
     split = tl.program_id(1)
-    n, c, cmask, s_begin, s_end, c_off = _tile_offsets(pid, split, C, S, chunk, stride_xc, stride_xs, BLOCK_C, LARGE)
+    n, c, cmask, s_begin, s_end, c_off = _tile_offsets(pid, split, C, S, chunk, stride_xc, BLOCK_C, LARGE)
     pivot, mean, coef_a, coef_b = _load_channel_coefs(Pivot, Mean, P, Ym, Omega, Eta, n, c, cmask, K, HAS_AFFINE, GROUP_AFFINE, C)
     idx = n * C + c
     ca = tl.load(CA + idx, mask=cmask, other=0.0)
