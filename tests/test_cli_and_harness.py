@@ -184,3 +184,19 @@ def test_cli_autotune_bench_plot_on_cpu(tmp_path, monkeypatch, capsys):
     assert cli.main(["plot", "--results", str(out), "--plots", str(tmp_path / "plots")]) == 0
     assert list((tmp_path / "plots").rglob("gbps_gn.png"))
     tuning.forget_loaded_tables()
+
+
+def test_narrowed_suite_and_time_budget(tmp_path):
+    from wsbcn import suites
+
+    norms, convs, batches, dtypes, layouts = suites.suite("resnet50", batch_sizes=[2, 32], dtypes=["bfloat16"],
+                                                          layouts=["channels_last"])
+    assert batches == (2, 32) and dtypes == ("bfloat16",) and layouts == ("channels_last",) and len(norms) == 12
+    timer = CountingTimer()
+    lines = []
+    frame = bench.run_bench("tiny", ops=("gn",), modes=("fwd",), timer=timer, out_dir=None, with_compiled=False,
+                            progress=False, log=lines.append, layouts=["contiguous"], max_minutes=0)
+    assert frame.empty and any("stopped after" in line for line in lines)
+    frame = bench.run_bench("tiny", ops=("gn",), modes=("fwd",), timer=timer, out_dir=None, with_compiled=False,
+                            progress=False, log=lines.append, layouts=["contiguous"])
+    assert set(frame["layout"]) == {"contiguous"} and len(frame) == 2 * 2  # 2 shapes x 2 providers

@@ -7,6 +7,7 @@ The timer is injectable, so the whole flow runs on CPU (Triton interpreter) in t
 """
 import itertools
 import json
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -118,9 +119,9 @@ def _ws_runner(w, kernel, config):
     return lambda: kws.ws_backward(grad, w, stats, config)
 
 
-def cases(suite_name: str, kernels=tuning.KERNELS):
-    """(kernel, description) pairs of the sweep, in order."""
-    norms, convs, batches, dtypes, layouts = suites.suite(suite_name)
+def cases(suite_name: str, kernels=tuning.KERNELS, **narrow):
+    """(kernel, description) pairs of the sweep, in order (``narrow``: see suites.suite)."""
+    norms, convs, batches, dtypes, layouts = suites.suite(suite_name, **narrow)
     for kernel in kernels:
         if kernel.startswith("ws"):
             for conv, dtype, layout in itertools.product(convs, dtypes, layouts):
@@ -131,9 +132,12 @@ def cases(suite_name: str, kernels=tuning.KERNELS):
 
 
 def run_autotune(suite_name: str = "resnet50", timer=None, out_dir="perf/results", cache_path=None,
-                 max_configs=None, kernels=tuning.KERNELS, num_groups: int = 32, progress: bool = True):
+                 max_configs=None, kernels=tuning.KERNELS, num_groups: int = 32, progress: bool = True,
+                 batch_sizes=None, dtypes=None, layouts=None, max_minutes=None):
     """Sweep, write every measurement to ``<out_dir>/<device>/autotune.csv`` and the
-    winners to the cache. Returns (measurements DataFrame, {key: config})."""
+    winners to the cache. Returns (measurements DataFrame, {key: config}).
+    ``max_minutes`` stops after the case running at that time; what was measured
+    is still written and its winners cached."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     on_gpu = device == "cuda"
     from .timing import default_timer
@@ -141,8 +145,12 @@ def run_autotune(suite_name: str = "resnet50", timer=None, out_dir="perf/results
     timer = timer or default_timer()
     meta = info.run_metadata()
     rows = []
-    todo = list(cases(suite_name, kernels))
+    todo = list(cases(suite_name, kernels, batch_sizes=batch_sizes, dtypes=dtypes, layouts=layouts))
+    deadline = time.monotonic() + 60 * max_minutes if max_minutes is not None else float("inf")
     for kernel, case in tqdm(todo, desc="autotune", disable=not progress, unit="case"):
+        if time.monotonic() > deadline:
+            print(f"autotune stopped after {max_minutes} min with {len(rows)} measurements")
+            break
         dtype = _dtype(case["dtype"])
         layout = case["layout"]
         if kernel.startswith("ws"):

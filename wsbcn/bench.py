@@ -6,6 +6,7 @@ Every measurement becomes one row of ``perf/results/<device>/bench.csv``
 """
 import functools
 import math
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -171,8 +172,12 @@ def measure(fn, timer, restore=None):
 
 
 def run_bench(suite_name=None, ops=OPS, modes=MODES, timer=None, out_dir="perf/results", with_compiled=None,
-              num_groups=NUM_GROUPS, progress=True, log=print):
-    """Run the micro-benchmarks; returns the DataFrame of new rows (also upserted to CSV)."""
+              num_groups=NUM_GROUPS, progress=True, log=print, batch_sizes=None, dtypes=None, layouts=None,
+              max_minutes=None):
+    """Run the micro-benchmarks; returns the DataFrame of new rows (also upserted to CSV).
+
+    ``batch_sizes``/``dtypes``/``layouts`` narrow the suite; ``max_minutes`` stops
+    after the case running at that time, keeping every row measured so far."""
     from .timing import default_timer
 
     on_gpu = torch.cuda.is_available()
@@ -183,7 +188,7 @@ def run_bench(suite_name=None, ops=OPS, modes=MODES, timer=None, out_dir="perf/r
     if not on_gpu:
         log(f"no CUDA device: running the '{suite_name}' suite on CPU (torch backend against the eager "
             "baselines" + (", with torch.compile" if with_compiled else "") + "); GPU figures need a GPU")
-    norms, convs, batches, dtypes, layouts = suites.suite(suite_name)
+    norms, convs, batches, dtypes, layouts = suites.suite(suite_name, batch_sizes, dtypes, layouts)
     meta = info.run_metadata()
     copy_bw = copy_bandwidth_gbps(device, timer)
     log(f"copy bandwidth on {meta['device']}: {copy_bw:.1f} GB/s")
@@ -196,7 +201,11 @@ def run_bench(suite_name=None, ops=OPS, modes=MODES, timer=None, out_dir="perf/r
         else:
             jobs += [(op, shape, n, dtype, layout) for shape in norms for n in batches for dtype in dtypes
                      for layout in layouts]
+    deadline = time.monotonic() + 60 * max_minutes if max_minutes is not None else math.inf
     for op, shape, n, dtype_name, layout in tqdm(jobs, desc="bench", disable=not progress, unit="case"):
+        if time.monotonic() > deadline:
+            log(f"stopped after {max_minutes} min: {len(rows)} measurements kept")
+            break
         dtype = getattr(torch, dtype_name)
         if op == "ws":
             w = torch.randn(shape.shape, device=device, dtype=torch.float32)

@@ -15,7 +15,16 @@ def _bench(sub):
     p.add_argument("--e2e-only", action="store_true", help="only the ResNet-50 training step")
     p.add_argument("--no-compiled", action="store_true", help="leave out the torch.compile providers")
     p.add_argument("--out", default="perf/results", help="results folder (a subfolder per device)")
+    _narrowing(p)
     p.set_defaults(func=_run_bench)
+
+
+def _narrowing(p):
+    p.add_argument("--batch-sizes", nargs="+", type=int, default=None, help="only these N")
+    p.add_argument("--dtypes", nargs="+", choices=("float32", "bfloat16", "float16"), default=None)
+    p.add_argument("--layouts", nargs="+", choices=("contiguous", "channels_last"), default=None)
+    p.add_argument("--max-minutes", type=float, default=None,
+                   help="stop after the case running at this time, keeping what was measured")
 
 
 def _run_bench(args) -> int:
@@ -26,7 +35,8 @@ def _run_bench(args) -> int:
 
     if not args.e2e_only:
         frame = run_bench(args.suite, args.ops, args.modes, out_dir=args.out,
-                          with_compiled=False if args.no_compiled else None)
+                          with_compiled=False if args.no_compiled else None, batch_sizes=args.batch_sizes,
+                          dtypes=args.dtypes, layouts=args.layouts, max_minutes=args.max_minutes)
         print(f"{len(frame)} measurements -> {Path(args.out) / info.device_slug() / 'bench.csv'}")
     if args.e2e or args.e2e_only:
         from .e2e import run_e2e
@@ -46,6 +56,7 @@ def _autotune(sub):
     p.add_argument("--max-configs", type=int, default=None, help="try at most this many configs per case")
     p.add_argument("--out", default="perf/results", help="folder for autotune.csv (a subfolder per device)")
     p.add_argument("--cache", default=None, help="JSON cache to write (default: the user cache for this device)")
+    _narrowing(p)
     p.set_defaults(func=_run_autotune)
 
 
@@ -60,7 +71,8 @@ def _run_autotune(args) -> int:
               "(set TRITON_INTERPRET=1 to exercise the flow on CPU; its timings mean nothing)")
         return 2
     frame, winners = run_autotune(args.suite, out_dir=args.out, cache_path=args.cache,
-                                  max_configs=args.max_configs, kernels=args.kernels)
+                                  max_configs=args.max_configs, kernels=args.kernels, batch_sizes=args.batch_sizes,
+                                  dtypes=args.dtypes, layouts=args.layouts, max_minutes=args.max_minutes)
     print(f"{len(frame)} measurements, {len(winners)} tuned keys")
     return 0
 

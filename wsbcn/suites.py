@@ -47,8 +47,10 @@ def resnet50_shapes(image_size: int = 224):
     return list(dict.fromkeys(norms)), list(dict.fromkeys(convs))
 
 
-def suite(name: str):
-    """(norm shapes, conv shapes, batch sizes, dtypes, layouts) of a named suite.
+def suite(name: str, batch_sizes=None, dtypes=None, layouts=None):
+    """(norm shapes, conv shapes, batch sizes, dtypes, layouts) of a named suite,
+    optionally narrowed to the given batch sizes, dtypes and layouts (so that a run
+    fits the time a GPU is lent for).
 
     resnet50   every norm layer and conv weight of ResNet-50 at 224^2, the full grid
     cpu        a few ResNet-50 shapes at 56^2 input, N in {1, 2}, fp32: what a CPU
@@ -57,13 +59,16 @@ def suite(name: str):
     """
     if name == "resnet50":
         norms, convs = resnet50_shapes(224)
-        return norms, convs, BATCH_SIZES, DTYPES, LAYOUTS
-    if name == "cpu":
+        full = norms, convs, BATCH_SIZES, DTYPES, LAYOUTS
+    elif name == "cpu":
         norms, convs = resnet50_shapes(56)
-        return norms[:3] + norms[-1:], convs[:3] + convs[-1:], (1, 2), ("float32",), LAYOUTS
-    if name == "tiny":
-        return [NormShape(8, 4, 4), NormShape(16, 3, 3)], [ConvShape((8, 4, 3, 3))], (2,), ("float32",), LAYOUTS
-    raise ValueError(f"unknown suite {name!r}: choose resnet50, cpu or tiny")
+        full = norms[:3] + norms[-1:], convs[:3] + convs[-1:], (1, 2), ("float32",), LAYOUTS
+    elif name == "tiny":
+        full = [NormShape(8, 4, 4), NormShape(16, 3, 3)], [ConvShape((8, 4, 3, 3))], (2,), ("float32",), LAYOUTS
+    else:
+        raise ValueError(f"unknown suite {name!r}: choose resnet50, cpu or tiny")
+    norms, convs, batches, kinds, orders = full
+    return (norms, convs, tuple(batch_sizes or batches), tuple(dtypes or kinds), tuple(layouts or orders))
 
 
 SUITES = ("resnet50", "cpu", "tiny")
