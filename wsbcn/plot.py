@@ -126,8 +126,12 @@ def plot_e2e(bench, device, out_dir):
     e2e["label"] = [f"{r.provider}\nN{r.N} {r.variant}" for r in e2e.itertuples()]
     axes[0].bar(e2e["label"], e2e["images_per_s"])
     axes[0].set_ylabel("images/s")
-    axes[1].bar(e2e["label"], e2e["peak_mem_mb"])
-    axes[1].set_ylabel("peak memory (MB)")
+    if e2e["peak_mem_mb"].notna().any():
+        axes[1].bar(e2e["label"], e2e["peak_mem_mb"])
+        axes[1].set_ylabel("peak memory (MB)")
+    else:
+        axes[1].axis("off")
+        axes[1].text(0.5, 0.5, "peak memory is measured on CUDA devices only", ha="center", va="center")
     for ax in axes:
         ax.tick_params(axis="x", labelsize=5, rotation=90)
     fig.suptitle(f"ResNet-50 training step on {device}")
