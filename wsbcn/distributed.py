@@ -18,6 +18,7 @@ its collectives work on gloo (CPU) and NCCL (GPU).
 import torch
 import torch.distributed as dist
 
+from .norm import param_grads
 from .torch_norm import MODE_BATCH, MODE_ESTIMATE, norm_backward_torch, norm_forward_torch
 
 
@@ -69,15 +70,10 @@ class DistributedBatchChannelNormFunction(torch.autograd.Function):
             dist.all_reduce(t, group=group)
             return t
 
-        dx, d_gamma, d_beta, d_omega, d_eta = norm_backward_torch(
+        dx, *grads = norm_backward_torch(
             dy, x, stats, rstd_c, rho, gamma, omega, eta, num_groups, mode, activation, group_affine,
             reduce_channel_grads=all_reduce if mode == MODE_BATCH else None, batch_count=count)
-
-        def cast(grad, param):
-            return None if param is None else grad.to(param.dtype).reshape(param.shape)
-
-        return (dx, cast(d_gamma, gamma), cast(d_beta, gamma), cast(d_omega, omega), cast(d_eta, omega),
-                None, None, None, None, None, None, None, None, None, None, None)
+        return (dx, *param_grads(*grads, gamma, omega)) + (None,) * 11
 
 
 def distributed_batch_channel_norm(module, x):

@@ -11,12 +11,9 @@ from . import backend, checks, tuning
 from .kernels.layout import channels_fastest, nsc_strides
 from .torch_norm import (MODE_BATCH, MODE_ESTIMATE, MODE_GN, MODE_RUNNING,
                          norm_backward_torch, norm_forward_torch)
+from .torch_ws import acc_dtype
 
 __all__ = ["batch_channel_norm", "group_norm", "BatchChannelNormFunction"]
-
-
-def _acc(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _shape_nsc(x):
@@ -29,18 +26,40 @@ def _stat_shapes(x, num_groups):
     return (6, n, c), (c,), (n, num_groups)
 
 
+def _grad_lengths(x, num_groups, gamma, omega, group_affine, mode):
+    """Lengths of (d_gamma, d_beta, d_omega, d_eta); 0 for an absent parameter."""
+    c = x.shape[1]
+    bn = c if (gamma is not None and mode != MODE_GN) else 0
+    aff = (num_groups if group_affine else c) if omega is not None else 0
+    return bn, bn, aff, aff
+
+
+def _empty_walkable(x):
+    """An empty tensor shaped like x whose strides the kernels can walk (x's own
+    layout when dense, else contiguous)."""
+    out = torch.empty_like(x)
+    return out if nsc_strides(out) is not None else torch.empty(x.shape, dtype=x.dtype, device=x.device)
+
+
+def param_grads(d_gamma, d_beta, d_omega, d_eta, gamma, omega):
+    """The op's fp32 parameter gradients in each parameter's dtype and shape (None
+    where absent); beta and eta share gamma's and omega's shape and dtype."""
+    def cast(grad, param):
+        return None if param is None else grad.to(param.dtype).reshape(param.shape)
+
+    return cast(d_gamma, gamma), cast(d_beta, gamma), cast(d_omega, omega), cast(d_eta, omega)
+
+
 def _norm_forward_impl(x, gamma, beta, omega, eta, running_mean, running_var, num_batches_tracked,
                        num_groups, eps, momentum, cumulative, mode, update_running, activation, group_affine):
     if x.numel() == 0:
-        acc = dict(device=x.device, dtype=_acc(x.dtype))
+        acc = dict(device=x.device, dtype=acc_dtype(x.dtype))
         s6, sc, sr = _stat_shapes(x, num_groups)
         return torch.empty_like(x), torch.zeros(s6, **acc), torch.zeros(sc, **acc), torch.zeros(sr, **acc)
     if backend.backend_for(x) == "torch":
         return norm_forward_torch(x, gamma, beta, omega, eta, running_mean, running_var, num_batches_tracked,
                                   num_groups, eps, momentum, cumulative, mode, update_running, activation, group_affine)
-    y = torch.empty_like(x)
-    if nsc_strides(y) is None:
-        y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    y = _empty_walkable(x)
     config = tuning.config_for("norm_fwd", x, _shape_nsc(x), channels_fastest(x))
     stats, rstd_c, rho = backend.kernels().norm.norm_forward(
         x, y, gamma, beta, omega, eta, running_mean, running_var, num_batches_tracked,
@@ -50,19 +69,13 @@ def _norm_forward_impl(x, gamma, beta, omega, eta, running_mean, running_var, nu
 
 def _norm_backward_impl(dy, x, stats, rstd_c, rho, gamma, omega, eta, num_groups, mode, activation, group_affine):
     if x.numel() == 0:
-        acc = dict(device=x.device, dtype=stats.dtype)
-        c = x.shape[1]
-        aff = num_groups if group_affine else c
-        return (torch.zeros_like(x), torch.zeros(c if gamma is not None else 0, **acc),
-                torch.zeros(c if gamma is not None else 0, **acc),
-                torch.zeros(aff if omega is not None else 0, **acc), torch.zeros(aff if omega is not None else 0, **acc))
+        lengths = _grad_lengths(x, num_groups, gamma, omega, group_affine, mode)
+        return (torch.zeros_like(x),) + tuple(torch.zeros(m, device=x.device, dtype=stats.dtype) for m in lengths)
     if backend.backend_for(x) == "torch":
         return norm_backward_torch(dy, x, stats, rstd_c, rho, gamma, omega, eta, num_groups, mode, activation, group_affine)
     if nsc_strides(dy) is None:
         dy = dy.contiguous()
-    dx = torch.empty_like(x)
-    if nsc_strides(dx) is None:
-        dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    dx = _empty_walkable(x)
     config = tuning.config_for("norm_bwd", x, _shape_nsc(x), channels_fastest(x))
     grads = backend.kernels().norm.norm_backward(
         dy, x, dx, stats, rstd_c, rho, gamma, omega, eta, num_groups, mode, activation, group_affine, config)
@@ -87,7 +100,7 @@ def norm_forward_op(
 def _(x, gamma, beta, omega, eta, running_mean, running_var, num_batches_tracked, num_groups, eps,
       momentum, cumulative, norm_mode, update_running, activation, group_affine):
     s6, sc, sr = _stat_shapes(x, num_groups)
-    acc = _acc(x.dtype)
+    acc = acc_dtype(x.dtype)
     return torch.empty_like(x), x.new_empty(s6, dtype=acc), x.new_empty(sc, dtype=acc), x.new_empty(sr, dtype=acc)
 
 
@@ -103,12 +116,8 @@ def norm_backward_op(
 
 @norm_backward_op.register_fake
 def _(dy, x, stats, rstd_c, rho, gamma, omega, eta, num_groups, norm_mode, activation, group_affine):
-    c = x.shape[1]
-    aff = num_groups if group_affine else c
-    bn = c if (gamma is not None and norm_mode != MODE_GN) else 0
-    af = aff if omega is not None else 0
-    mk = lambda m: x.new_empty((m,), dtype=stats.dtype)  # noqa: E731
-    return torch.empty_like(x), mk(bn), mk(bn), mk(af), mk(af)
+    lengths = _grad_lengths(x, num_groups, gamma, omega, group_affine, norm_mode)
+    return (torch.empty_like(x),) + tuple(x.new_empty((m,), dtype=stats.dtype) for m in lengths)
 
 
 class BatchChannelNormFunction(torch.autograd.Function):
@@ -132,15 +141,8 @@ class BatchChannelNormFunction(torch.autograd.Function):
         x, stats, rstd_c, rho, gamma, omega, eta = ctx.saved_tensors
         num_groups, mode, activation, group_affine = ctx.config
         bwd = norm_backward_op if torch.compiler.is_compiling() else _norm_backward_impl
-        dx, d_gamma, d_beta, d_omega, d_eta = bwd(dy, x, stats, rstd_c, rho, gamma, omega, eta,
-                                                  num_groups, mode, activation, group_affine)
-
-        def cast(grad, param):
-            return None if param is None else grad.to(param.dtype).reshape(param.shape)
-
-        beta = gamma  # beta has gamma's shape and dtype; both or neither are present
-        return (dx, cast(d_gamma, gamma), cast(d_beta, beta), cast(d_omega, omega), cast(d_eta, omega),
-                None, None, None, None, None, None, None, None, None, None, None)
+        dx, *grads = bwd(dy, x, stats, rstd_c, rho, gamma, omega, eta, num_groups, mode, activation, group_affine)
+        return (dx, *param_grads(*grads, gamma, omega)) + (None,) * 11
 
 
 def _check_param(name, t, numels, x):

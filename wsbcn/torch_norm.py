@@ -8,11 +8,9 @@ there, every pass works with e = (x - pivot) - mean_nc.
 import torch
 import torch.nn.functional as F
 
+from .torch_ws import acc_dtype
+
 MODE_GN, MODE_BATCH, MODE_ESTIMATE, MODE_RUNNING = 0, 1, 2, 3
-
-
-def _acc(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _per_nc(t: torch.Tensor, ndim: int) -> torch.Tensor:
@@ -51,7 +49,7 @@ def norm_forward_torch(x, gamma, beta, omega, eta, running_mean, running_var, nu
     (wsbcn.distributed): ``mean`` is the absolute per-channel mean of the local
     batch, ``second`` its centred M2 (kind "chan") or its sum of squares about the
     old running mean (kind "sum"), ``count`` its number of values per channel."""
-    acc = _acc(x.dtype)
+    acc = acc_dtype(x.dtype)
     n, c = x.shape[:2]
     dims = tuple(range(2, x.dim()))
     s = x[0, 0].numel()
