@@ -200,3 +200,12 @@ def test_narrowed_suite_and_time_budget(tmp_path):
     frame = bench.run_bench("tiny", ops=("gn",), modes=("fwd",), timer=timer, out_dir=None, with_compiled=False,
                             progress=False, log=lines.append, layouts=["contiguous"])
     assert set(frame["layout"]) == {"contiguous"} and len(frame) == 2 * 2  # 2 shapes x 2 providers
+
+
+def test_commit_override_for_a_tree_without_git(monkeypatch):
+    from wsbcn.info import git_commit, run_metadata
+
+    monkeypatch.delenv("WSBCN_COMMIT", raising=False)
+    assert git_commit() != "abc123def456"
+    monkeypatch.setenv("WSBCN_COMMIT", "abc123def456")
+    assert run_metadata()["commit"] == "abc123def456"

@@ -53,10 +53,14 @@ def collect() -> dict:
 
 def git_commit() -> str:
     """Short commit of the working tree wsbcn runs from, '+dirty' when it has
-    uncommitted changes; 'unknown' outside a git checkout."""
+    uncommitted changes; 'unknown' outside a git checkout. A copy of the tree
+    without .git (a lent GPU machine) names its commit in WSBCN_COMMIT."""
+    import os
     import subprocess
     from pathlib import Path
 
+    if os.environ.get("WSBCN_COMMIT"):
+        return os.environ["WSBCN_COMMIT"]
     root = Path(__file__).resolve().parent.parent
     try:
         sha = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=root, capture_output=True,
