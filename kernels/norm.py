@@ -509,14 +509,19 @@ def _norm_bwd_combine_kernel(
             nmask = nn < N
             mask = nmask[:, None] & kmask[None, :]
             base = (nn[:, None] * C + c[None, :]) * n_split
-            d1 = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-            de = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-            for j0 in range(0, n_split, BLOCK_J):  # BLOCK_J chunks per load, as in _merge_splits
+            # BLOCK_J chunks per load, as in _merge_splits, summed elementwise in the
+            # loop and reduced once after it (a tl.sum per step into a loop-carried
+            # accumulator breaks triton 3.6's thread-locality pass when N = 1)
+            d1_j = tl.zeros([BLOCK_N, BLOCK_K, BLOCK_J], dtype=tl.float32)
+            de_j = tl.zeros([BLOCK_N, BLOCK_K, BLOCK_J], dtype=tl.float32)
+            for j0 in range(0, n_split, BLOCK_J):
                 j = j0 + tl.arange(0, BLOCK_J)
                 m3 = mask[:, :, None] & (j < n_split)[None, None, :]
                 offs = base[:, :, None] + j[None, None, :]
-                d1 += tl.sum(tl.load(Part_d1 + offs, mask=m3, other=0.0), axis=2)
-                de += tl.sum(tl.load(Part_de + offs, mask=m3, other=0.0), axis=2)
+                d1_j += tl.load(Part_d1 + offs, mask=m3, other=0.0)
+                de_j += tl.load(Part_de + offs, mask=m3, other=0.0)
+            d1 = tl.sum(d1_j, axis=2)
+            de = tl.sum(de_j, axis=2)
             idx = nn[:, None] * C + c[None, :]
             dm = tl.load(Dm + idx, mask=mask, other=0.0)
             p = tl.load(P + idx, mask=mask, other=0.0)

@@ -13,6 +13,12 @@ import pytest  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if HAS_CUDA else "cpu"
+if HAS_CUDA:
+    # Full fp32 in the convolutions and matmuls that tests compare with float64
+    # references: cuDNN's default TF32 convolutions alone miss 1e-5 (seen: the
+    # weight gradient of a Conv3d on an H100 at 7.6e-4, with or without wsbcn).
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
 
 
 def pytest_collection_modifyitems(config, items):

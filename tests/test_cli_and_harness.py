@@ -139,7 +139,9 @@ def test_e2e_step_runs_every_variant(monkeypatch):
     from wsbcn import e2e
 
     frame = e2e.run_e2e(batch_sizes=(2,), image_size=32, timer=CountingTimer(), log=lambda *a: None, num_classes=10)
-    assert list(frame["provider"]) == ["plain_bn", "reference_ws_bcn", "wsbcn_ws_bcn", "wsbcn_ws_gn"]
+    modes = ["eager", "cudagraph"] if torch.cuda.is_available() else ["eager"]
+    variants = ["plain_bn", "reference_ws_bcn", "wsbcn_ws_bcn", "wsbcn_ws_gn"]
+    assert list(zip(frame["provider"], frame["variant"])) == [(v, m) for v in variants for m in modes]
     assert (frame["op"] == "resnet50_step").all() and (frame["images_per_s"] > 0).all()
 
 

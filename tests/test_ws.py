@@ -172,7 +172,7 @@ def test_freeze_gives_plain_convs_with_same_outputs(backend):
     with torch.no_grad():
         after = frozen(x)
     assert rel_err(after, before) <= 1e-6
-    single = wsbcn.freeze(wsbcn.WSConv1d(2, 3, 3))
+    single = wsbcn.freeze(wsbcn.WSConv1d(2, 3, 3).to(DEVICE))
     assert type(single) is torch.nn.Conv1d
 
 

@@ -67,8 +67,10 @@ class NormInputs:
         self.bias = torch.zeros(c, **gen).requires_grad_(True)
         self.group_weight = torch.ones(1, num_groups, 1, **gen).requires_grad_(True)
         self.group_bias = torch.zeros(1, num_groups, 1, **gen).requires_grad_(True)
-        self.gn_weight = torch.ones(c, **gen).requires_grad_(True)
-        self.gn_bias = torch.zeros(c, **gen).requires_grad_(True)
+        # GroupNorm's affine in the input's dtype, as in a model cast to it (ATen's
+        # CUDA group_norm rejects fp32 parameters with a bf16 input)
+        self.gn_weight = torch.ones(c, device=device, dtype=dtype).requires_grad_(True)
+        self.gn_bias = torch.zeros(c, device=device, dtype=dtype).requires_grad_(True)
         self.running_mean = torch.zeros(c, **gen)
         self.running_var = torch.ones(c, **gen)
         self.num_batches_tracked = torch.zeros((), dtype=torch.long, device=device)

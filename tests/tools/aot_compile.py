@@ -74,7 +74,10 @@ def record_launches():
                 setattr(module, name, Recorder(obj, launches))
     f32 = torch.float32
     for dtype in (torch.float32, torch.bfloat16):
-        for shape, channels_last in (((2, 8, 5, 5), False), ((2, 8, 5, 5), True), ((1, 4, 3), False)):
+        # N = 1 with several spatial chunks: Triton specialises N = 1, which removes the
+        # combine kernels' sample loop (that once broke triton 3.6's thread-locality pass)
+        for shape, channels_last in (((2, 8, 5, 5), False), ((2, 8, 5, 5), True), ((1, 4, 3), False),
+                                     ((1, 8, 40, 40), False), ((1, 8, 40, 40), True)):
             x = torch.randn(shape, dtype=dtype)
             if channels_last:
                 x = x.to(memory_format=torch.channels_last)
@@ -95,6 +98,15 @@ def record_launches():
                 knorm.norm_backward(torch.randn_like(x), x, torch.empty_like(x), stats, torch.ones(c), torch.ones(n, 2),
                                     params["gamma"] if bn else None, params["omega"], params["eta"], 2, mode, act,
                                     mode != 3, cfg)
+        # One sample split into 256 chunks: BLOCK_J = 256 in the backward combine (the
+        # shape of a ResNet-50 stem layer at N = 1, which failed to compile on triton 3.6)
+        x = torch.randn(1, 8, 64, 64, dtype=dtype).to(memory_format=torch.channels_last)
+        wide = dict(BLOCK_C=8, BLOCK_S=16, split=256, num_warps=4, num_stages=2)
+        knorm.norm_forward(x, torch.empty_like(x), torch.ones(8), torch.zeros(8), torch.ones(2), torch.zeros(2),
+                           torch.zeros(8), torch.ones(8), torch.zeros((), dtype=torch.long), 2, 1e-5, 0.1, False, 1,
+                           True, "relu", True, wide)
+        knorm.norm_backward(torch.randn_like(x), x, torch.empty_like(x), torch.zeros(6, 1, 8, dtype=f32), torch.ones(8),
+                            torch.ones(1, 2), torch.ones(8), torch.ones(2), torch.zeros(2), 2, 1, "relu", True, wide)
         for shape in ((8, 4, 3, 3), (4, 5000)):
             w = torch.randn(shape, dtype=dtype)
             fan_in = w[0].numel()
