@@ -211,3 +211,11 @@ def test_commit_override_for_a_tree_without_git(monkeypatch):
     assert git_commit() != "abc123def456"
     monkeypatch.setenv("WSBCN_COMMIT", "abc123def456")
     assert run_metadata()["commit"] == "abc123def456"
+
+
+def test_bench_graph_needs_cuda(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="CUDA device"):
+        bench.run_bench("tiny", ops=("bcn",), timer=CountingTimer(), out_dir=tmp_path, graph=True, progress=False,
+                        log=lambda *a: None)
+    assert not any(tmp_path.iterdir())

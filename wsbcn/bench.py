@@ -175,14 +175,21 @@ def measure(fn, timer, restore=None):
 
 def run_bench(suite_name=None, ops=OPS, modes=MODES, timer=None, out_dir="perf/results", with_compiled=None,
               num_groups=NUM_GROUPS, progress=True, log=print, batch_sizes=None, dtypes=None, layouts=None,
-              max_minutes=None):
+              max_minutes=None, graph=False):
     """Run the micro-benchmarks; returns the DataFrame of new rows (also upserted to CSV).
 
     ``batch_sizes``/``dtypes``/``layouts`` narrow the suite; ``max_minutes`` stops
-    after the case running at that time, keeping every row measured so far."""
-    from .timing import default_timer
+    after the case running at that time, keeping every row measured so far.
+    ``graph`` times CUDA-graph replays instead of eager calls (variant "cudagraph"
+    or "compiled_cudagraph"): the device time alone, without host overhead; the
+    "bwd" mode is left out there (its forward would run outside the capture)."""
+    from .timing import cuda_graphed, default_timer
 
     on_gpu = torch.cuda.is_available()
+    if graph and not on_gpu:
+        raise ValueError("graph=True (bench --graph) times CUDA-graph replays and needs a CUDA device")
+    if graph:
+        modes = tuple(m for m in modes if m != "bwd")
     device = "cuda" if on_gpu else "cpu"
     suite_name = suite_name or ("resnet50" if on_gpu else "cpu")
     with_compiled = on_gpu if with_compiled is None else with_compiled
@@ -230,8 +237,13 @@ def run_bench(suite_name=None, ops=OPS, modes=MODES, timer=None, out_dir="perf/r
                 if restore:
                     restore()
                 p50, p20, p80, peak, launches = measure(fn, timer, restore)
-                gbps = transfers[mode] * nbytes / (p50 * 1e-3) / 1e9
                 variant = "compiled" if provider.startswith("compiled") else "eager"
+                if graph:
+                    p50, p20, p80 = timer(cuda_graphed(fn))
+                    if restore:
+                        restore()
+                    variant = "compiled_cudagraph" if variant == "compiled" else "cudagraph"
+                gbps = transfers[mode] * nbytes / (p50 * 1e-3) / 1e9
                 rows.append(dict(suite=suite_name, op=op, provider=provider, variant=variant, mode=mode,
                                  layout=layout, ms_p50=p50, ms_p20=p20, ms_p80=p80, gbps=gbps,
                                  pct_copy_bw=100 * gbps / copy_bw, peak_mem_mb=peak, launches=launches,

@@ -14,6 +14,8 @@ def _bench(sub):
     p.add_argument("--e2e", action="store_true", help="also time a ResNet-50 training step per variant")
     p.add_argument("--e2e-only", action="store_true", help="only the ResNet-50 training step")
     p.add_argument("--no-compiled", action="store_true", help="leave out the torch.compile providers")
+    p.add_argument("--graph", action="store_true",
+                   help="time CUDA-graph replays (device time without host overhead; GPU only)")
     p.add_argument("--out", default="perf/results", help="results folder (a subfolder per device)")
     _narrowing(p)
     p.set_defaults(func=_run_bench)
@@ -36,7 +38,8 @@ def _run_bench(args) -> int:
     if not args.e2e_only:
         frame = run_bench(args.suite, args.ops, args.modes, out_dir=args.out,
                           with_compiled=False if args.no_compiled else None, batch_sizes=args.batch_sizes,
-                          dtypes=args.dtypes, layouts=args.layouts, max_minutes=args.max_minutes)
+                          dtypes=args.dtypes, layouts=args.layouts, max_minutes=args.max_minutes,
+                          graph=args.graph)
         print(f"{len(frame)} measurements -> {Path(args.out) / info.device_slug() / 'bench.csv'}")
     if args.e2e or args.e2e_only:
         from .e2e import run_e2e

@@ -21,20 +21,6 @@ def _step_fn(model, opt, x, target, autocast_dtype):
     return step
 
 
-def _graphed(step, warmup=3):
-    """Capture ``step`` in a CUDA graph after a few warm-up runs on a side stream."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(warmup):
-            step()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
-    return graph.replay
-
-
 def run_e2e(batch_sizes=None, image_size=None, variants=VARIANTS, graph_modes=None, timer=None, log=print,
             num_classes=1000):
     """Rows (dicts with bench.COLUMNS) for each variant, batch size and graph mode.
@@ -43,7 +29,7 @@ def run_e2e(batch_sizes=None, image_size=None, variants=VARIANTS, graph_modes=No
     CPU: a reduced run (small images, fp32, eager) that proves the step works.
     """
     from .bench import COLUMNS
-    from .timing import default_timer
+    from .timing import cuda_graphed, default_timer
 
     on_gpu = torch.cuda.is_available()
     device = "cuda" if on_gpu else "cpu"
@@ -69,7 +55,7 @@ def run_e2e(batch_sizes=None, image_size=None, variants=VARIANTS, graph_modes=No
                 target = torch.randint(0, num_classes, (n,), device=device)
                 opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
                 step = _step_fn(model, opt, x, target, autocast_dtype)
-                fn = _graphed(step) if graph_mode == "cudagraph" else step
+                fn = cuda_graphed(step) if graph_mode == "cudagraph" else step
                 if on_gpu:
                     torch.cuda.synchronize()
                     torch.cuda.reset_peak_memory_stats()
