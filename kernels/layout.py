@@ -1,4 +1,18 @@
-"""Pure-Python layout helpers for the launch wrappers (no triton import)."""
+"""Pure-Python helpers for the launch wrappers (no triton import).
+
+Plain integer arithmetic on purpose: triton.cdiv and triton.next_power_of_2 are
+ConstexprFunction objects whose calls cost microseconds each, and at micro-batch
+sizes a layer's eager time is host time (perf/NOTES.md).
+"""
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def next_pow2(n: int) -> int:
+    """The smallest power of two >= n (1 for n <= 1)."""
+    return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
 
 
 def nsc_strides(t):

@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .layout import nsc_strides
+from .layout import cdiv, next_pow2, nsc_strides
 
 # Modes of the BN stage.
 MODE_GN = 0  # no BN stage (GroupNorm)
@@ -631,16 +631,16 @@ def _large(c, s, *strides):
 
 def _chunking(s, config):
     block_s = config["BLOCK_S"]
-    chunk = triton.cdiv(triton.cdiv(s, config["split"]), block_s) * block_s
-    return chunk, triton.cdiv(s, chunk)
+    chunk = cdiv(cdiv(s, config["split"]), block_s) * block_s
+    return chunk, cdiv(s, chunk)
 
 
 def _combine_blocks(n, k, n_split, config):
     """(BLOCK_N, BLOCK_K, BLOCK_J) of the combine kernels: the whole group, then as
     many samples and chunks as fit a tile of ~4096 values."""
-    block_k = triton.next_power_of_2(k)
-    block_n = max(1, min(triton.next_power_of_2(n), 4096 // block_k))
-    block_j = max(1, min(triton.next_power_of_2(n_split), 4096 // (block_k * block_n)))
+    block_k = next_pow2(k)
+    block_n = max(1, min(next_pow2(n), 4096 // block_k))
+    block_j = max(1, min(next_pow2(n_split), 4096 // (block_k * block_n)))
     return block_n, block_k, config.get("BLOCK_J", block_j)
 
 
@@ -668,7 +668,7 @@ def norm_forward(x, y, gamma, beta, omega, eta, running_mean, running_var, num_b
     rm = running_mean if running_mean is not None else dummy
     rv = running_var if running_var is not None else dummy
     nbt = num_batches if num_batches is not None else dummy
-    grid = (n * triton.cdiv(c, config["BLOCK_C"]), n_split)
+    grid = (n * cdiv(c, config["BLOCK_C"]), n_split)
     pivot_mode = 0 if mode == MODE_GN else (2 if mode == MODE_RUNNING else 1)
     _norm_stats_kernel[grid](
         x, stats[0], rm, part[0], part[1], c, s, k, *sx, chunk, n_split,
@@ -723,7 +723,7 @@ def norm_backward(dy, x, dx, stats, rstd_c, rho, gamma, omega, eta, num_groups, 
     om = omega if has_affine else dummy
     et = eta if has_affine else dummy
     act = ACTIVATIONS[activation]
-    grid = (n * triton.cdiv(c, config["BLOCK_C"]), n_split)
+    grid = (n * cdiv(c, config["BLOCK_C"]), n_split)
     pivot, mean, dm, p, ym, m2 = stats.unbind(0)
     _norm_bwd_reduce_kernel[grid](
         dy, x, pivot, mean, p, ym, om, et, part[0], part[1], c, s, k, *sx, *sd, chunk, n_split,

@@ -219,3 +219,36 @@ def test_bench_graph_needs_cuda(tmp_path, monkeypatch):
         bench.run_bench("tiny", ops=("bcn",), timer=CountingTimer(), out_dir=tmp_path, graph=True, progress=False,
                         log=lambda *a: None)
     assert not any(tmp_path.iterdir())
+
+
+def _shipped_configs():
+    from importlib import resources
+
+    files = [f for f in resources.files("wsbcn.configs").iterdir() if f.name.endswith(".json")]
+    return [(f.name, key, cfg) for f in files for key, cfg in json.loads(f.read_text())["configs"].items()]
+
+
+@pytest.mark.parametrize("name,key,cfg", _shipped_configs())
+def test_every_shipped_config_is_valid_and_computes_bcn(name, key, cfg, monkeypatch):
+    """Shipped (autotuned) configs load, and each computes BCN and dx like the
+    float64 reference, in the layout it was tuned for (Triton through the
+    interpreter on CPU)."""
+    from reference import bcn_reference
+    from wsbcn.functional import batch_channel_norm
+
+    kernel, dtype, layout, _ = key.split("|")
+    assert tuning.valid_config(kernel, cfg) and dtype in ("float32", "bfloat16", "float16")
+    monkeypatch.setenv("WSBCN_BACKEND", "triton")
+    monkeypatch.setattr(tuning, "config_for", lambda *a, **k: dict(cfg))
+    torch.manual_seed(0)
+    x = torch.randn(2, 16, 5, 7, device=DEVICE) * 2 + 1
+    if layout == "channels_last":
+        x = x.to(memory_format=torch.channels_last)
+    x64 = x.double().requires_grad_(True)
+    expected = bcn_reference(x64, 4, activation="relu")
+    (expected_dx,) = torch.autograd.grad(expected, x64, torch.ones_like(expected))
+    xg = x.detach().requires_grad_(True)
+    got = batch_channel_norm(xg, 4, training=True, activation="relu")
+    (dx,) = torch.autograd.grad(got, xg, torch.ones_like(got))
+    assert (got - expected).abs().max().item() <= 1e-5
+    assert (dx - expected_dx).abs().max().item() <= 1e-5

@@ -5,14 +5,7 @@ consults its caches first and falls back to these. On the CPU interpreter the
 aim is different from the GPU's: programs run one after the other at ~1 ms
 each, so there we prefer few, large programs.
 """
-
-
-def next_pow2(n: int) -> int:
-    return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
-
-
-def cdiv(a: int, b: int) -> int:
-    return -(-a // b)
+from .kernels.layout import cdiv, next_pow2  # noqa: F401 (re-exported for the tuning layer)
 
 
 def _warps(elements: int) -> int:

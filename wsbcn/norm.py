@@ -18,7 +18,7 @@ __all__ = ["batch_channel_norm", "group_norm", "BatchChannelNormFunction"]
 
 def _shape_nsc(x):
     n, c = x.shape[0], x.shape[1]
-    return n, c, (x[0, 0].numel() if n * c else 1)
+    return n, c, (x.numel() // (n * c) if n * c else 1)
 
 
 def _stat_shapes(x, num_groups):
