@@ -158,7 +158,7 @@ def test_plot_writes_pngs_and_summary(tmp_path):
     for p in written:
         assert p.stat().st_size > 0
     summary = next(p for p in written if p.name == "summary.md").read_text()
-    assert "| bcn | fwd | cudnn_bn |" in summary
+    assert "| bcn | fwd | eager | cudnn_bn |" in summary
 
 
 def test_geomean():
@@ -252,3 +252,15 @@ def test_every_shipped_config_is_valid_and_computes_bcn(name, key, cfg, monkeypa
     (dx,) = torch.autograd.grad(got, xg, torch.ones_like(got))
     assert (got - expected).abs().max().item() <= 1e-5
     assert (dx - expected_dx).abs().max().item() <= 1e-5
+
+
+def test_speedups_never_mix_eager_and_graph_timings():
+    base = dict(op="bcn", mode="fwd", dtype="bfloat16", layout="contiguous", N=2, C=8, spatial="4x4")
+    rows = [dict(base, provider="wsbcn", variant="eager", ms_p50=2.0),
+            dict(base, provider="cudnn_bn", variant="eager", ms_p50=1.0),
+            dict(base, provider="wsbcn", variant="cudagraph", ms_p50=0.1),
+            dict(base, provider="cudnn_bn", variant="cudagraph", ms_p50=0.4),
+            dict(base, provider="compiled_bcn", variant="compiled_cudagraph", ms_p50=0.3)]
+    table = plot.speedups(pd.DataFrame(rows)).set_index(["timing", "baseline"])["speedup"]
+    assert table.to_dict() == {("eager", "cudnn_bn"): 0.5, ("graph", "compiled_bcn"): pytest.approx(3.0),
+                               ("graph", "cudnn_bn"): pytest.approx(4.0)}

@@ -26,24 +26,34 @@ def geomean(values) -> float:
     return math.exp(sum(map(math.log, values)) / len(values)) if values else math.nan
 
 
+def micro_rows(bench: pd.DataFrame) -> pd.DataFrame:
+    """The micro-benchmark rows with a ``timing`` column: "eager" (host and device
+    time of eager calls) or "graph" (CUDA-graph replays, device time only: `bench
+    --graph`). The two are never compared with each other."""
+    micro = bench[bench["op"] != "resnet50_step"].copy()
+    micro["timing"] = np.where(micro["variant"].astype(str).str.endswith("cudagraph"), "graph", "eager")
+    return micro
+
+
 def speedups(bench: pd.DataFrame) -> pd.DataFrame:
-    """Geometric-mean speedup of wsbcn over every other provider, per op and mode."""
-    micro = bench[bench["op"] != "resnet50_step"]
-    keys = ["op", "mode", "dtype", "layout", "N", "C", "spatial"]
+    """Geometric-mean speedup of wsbcn over every other provider, per op, mode and timing."""
+    micro = micro_rows(bench)
+    keys = ["op", "mode", "timing", "dtype", "layout", "N", "C", "spatial"]
     ours = micro[micro["provider"] == "wsbcn"].set_index(keys)["ms_p50"]
     out = []
-    for (op, mode, provider), group in micro[micro["provider"] != "wsbcn"].groupby(["op", "mode", "provider"]):
+    for (op, mode, timing, provider), group in micro[micro["provider"] != "wsbcn"].groupby(
+            ["op", "mode", "timing", "provider"]):
         theirs = group.set_index(keys)["ms_p50"]
         ratio = (theirs / ours.reindex(theirs.index)).dropna()
         if len(ratio):
-            out.append(dict(op=op, mode=mode, baseline=provider, speedup=geomean(ratio), cases=len(ratio)))
-    return pd.DataFrame(out, columns=["op", "mode", "baseline", "speedup", "cases"])
+            out.append(dict(op=op, mode=mode, timing=timing, baseline=provider, speedup=geomean(ratio),
+                            cases=len(ratio)))
+    return pd.DataFrame(out, columns=["op", "mode", "timing", "baseline", "speedup", "cases"])
 
 
 def plot_gbps(bench, device, out_dir):
     paths = []
-    micro = bench[bench["op"] != "resnet50_step"]
-    for op, frame in micro.groupby("op"):
+    for (op, timing), frame in micro_rows(bench).groupby(["op", "timing"]):
         modes = sorted(frame["mode"].unique())
         fig, axes = plt.subplots(len(modes), 1, figsize=(12, 3.2 * len(modes)), squeeze=False)
         for ax, mode in zip(axes[:, 0], modes):
@@ -55,10 +65,10 @@ def plot_gbps(bench, device, out_dir):
             ax.set_xticks(range(len(table)))
             ax.set_xticklabels(table.index, rotation=90, fontsize=5)
             ax.set_ylabel("effective GB/s")
-            ax.set_title(f"{op} {mode} on {device}")
+            ax.set_title(f"{op} {mode} on {device} ({timing})")
             ax.legend(fontsize=7)
         fig.tight_layout()
-        paths.append(_save(fig, out_dir / f"gbps_{op}.png"))
+        paths.append(_save(fig, out_dir / (f"gbps_{op}.png" if timing == "eager" else f"gbps_{op}_graph.png")))
     return paths
 
 
@@ -67,7 +77,7 @@ def plot_speedups(bench, device, out_dir):
     if table.empty:
         return []
     fig, ax = plt.subplots(figsize=(8, 1.5 + 0.28 * len(table)))
-    labels = [f"{r.op} {r.mode} vs {r.baseline}" for r in table.itertuples()]
+    labels = [f"{r.op} {r.mode} vs {r.baseline} ({r.timing})" for r in table.itertuples()]
     colors = ["tab:green" if v >= 1 else "tab:red" for v in table["speedup"]]
     ax.barh(range(len(table)), table["speedup"], color=colors)
     ax.axvline(1.0, color="black", lw=0.8)
@@ -82,12 +92,13 @@ def plot_speedups(bench, device, out_dir):
 
 
 def plot_copy_bw(bench, device, out_dir):
-    ours = bench[(bench["provider"] == "wsbcn") & (bench["op"] != "resnet50_step")]
+    micro = micro_rows(bench)
+    ours = micro[micro["provider"] == "wsbcn"]
     if ours.empty:
         return []
     fig, ax = plt.subplots(figsize=(10, 4))
-    for (op, mode), group in ours.groupby(["op", "mode"]):
-        ax.plot(group["N"].values * 0 + np.arange(len(group)), group["pct_copy_bw"].values, ".", label=f"{op} {mode}")
+    for (op, mode, timing), group in ours.groupby(["op", "mode", "timing"]):
+        ax.plot(np.arange(len(group)), group["pct_copy_bw"].values, ".", label=f"{op} {mode} ({timing})")
     ax.axhline(85, color="black", lw=0.8, ls="--")
     ax.set_ylabel("% of measured copy bandwidth")
     ax.set_xlabel("case")
@@ -148,9 +159,10 @@ def _save(fig, path):
 
 def summary_markdown(bench: pd.DataFrame, device: str) -> str:
     lines = [f"Device: {device}; commits: {', '.join(sorted(bench['commit'].astype(str).unique()))}", "",
-             "| op | mode | baseline | wsbcn speedup (geomean) | cases |", "|---|---|---|---|---|"]
+             "Timing: eager = eager calls (host and device); graph = CUDA-graph replays (device only).", "",
+             "| op | mode | timing | baseline | wsbcn speedup (geomean) | cases |", "|---|---|---|---|---|---|"]
     for r in speedups(bench).itertuples():
-        lines.append(f"| {r.op} | {r.mode} | {r.baseline} | {r.speedup:.2f}x | {r.cases} |")
+        lines.append(f"| {r.op} | {r.mode} | {r.timing} | {r.baseline} | {r.speedup:.2f}x | {r.cases} |")
     e2e = bench[bench["op"] == "resnet50_step"]
     if len(e2e):
         lines += ["", "| ResNet-50 step | N | variant | images/s | peak MB |", "|---|---|---|---|---|"]

@@ -65,6 +65,21 @@ def signature_of(kernel, args, kwargs):
     return sig, constexprs, options
 
 
+def shipped_norm_configs(dtype):
+    """(config, channels_last) of every norm config shipped in wsbcn/configs for ``dtype``."""
+    import json
+    from importlib import resources
+
+    out = []
+    for f in resources.files("wsbcn.configs").iterdir():
+        if f.name.endswith(".json"):
+            for key, cfg in json.loads(f.read_text())["configs"].items():
+                kernel, kind, layout, _ = key.split("|")
+                if kernel.startswith("norm") and kind == str(dtype).replace("torch.", ""):
+                    out.append((cfg, layout == "channels_last"))
+    return out
+
+
 def record_launches():
     launches = []
     for module in (knorm, kws):
@@ -107,6 +122,17 @@ def record_launches():
                            True, "relu", True, wide)
         knorm.norm_backward(torch.randn_like(x), x, torch.empty_like(x), torch.zeros(6, 1, 8, dtype=f32), torch.ones(8),
                             torch.ones(1, 2), torch.ones(8), torch.ones(2), torch.zeros(2), 2, 1, "relu", True, wide)
+        # Every shipped (autotuned) norm config, in the dtype and layout it was tuned for
+        for cfg, channels_last in shipped_norm_configs(dtype):
+            x = torch.randn(2, 16, 6, 6, dtype=dtype)
+            if channels_last:
+                x = x.to(memory_format=torch.channels_last)
+            stats, rstd_c, rho = knorm.norm_forward(
+                x, torch.empty_like(x), torch.ones(16), torch.zeros(16), torch.ones(4), torch.zeros(4), torch.zeros(16),
+                torch.ones(16), torch.zeros((), dtype=torch.long), 4, 1e-5, 0.1, False, 1, True, "relu", True, cfg)
+            knorm.norm_backward(torch.randn_like(x), x, torch.empty_like(x), torch.zeros(6, 2, 16, dtype=f32),
+                                torch.ones(16), torch.ones(2, 4), torch.ones(16), torch.ones(4), torch.zeros(4), 4, 1,
+                                "relu", True, cfg)
         for shape in ((8, 4, 3, 3), (4, 5000)):
             w = torch.randn(shape, dtype=dtype)
             fan_in = w[0].numel()
