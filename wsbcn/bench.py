@@ -160,11 +160,12 @@ def peak_memory_mb(fn) -> float:
     return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
-def measure(fn, timer, restore=None):
+def measure(fn, timer, restore=None, timed=None):
     """(p50, p20, p80, peak MB, launches) of ``fn``; ``restore`` runs after each
-    stage so that state such as running buffers ends where it started."""
+    stage so that state such as running buffers ends where it started. ``timed``
+    (e.g. a CUDA-graph replay of ``fn``) is what the timer runs, when given."""
     restore = restore or (lambda: None)
-    p50, p20, p80 = timer(fn)
+    p50, p20, p80 = timer(timed or fn)
     restore()
     peak = peak_memory_mb(fn)
     restore()
@@ -236,12 +237,9 @@ def run_bench(suite_name=None, ops=OPS, modes=MODES, timer=None, out_dir="perf/r
                 fn = timed_callable(forward, leaves, mode)
                 if restore:
                     restore()
-                p50, p20, p80, peak, launches = measure(fn, timer, restore)
+                p50, p20, p80, peak, launches = measure(fn, timer, restore, cuda_graphed(fn) if graph else None)
                 variant = "compiled" if provider.startswith("compiled") else "eager"
                 if graph:
-                    p50, p20, p80 = timer(cuda_graphed(fn))
-                    if restore:
-                        restore()
                     variant = "compiled_cudagraph" if variant == "compiled" else "cudagraph"
                 gbps = transfers[mode] * nbytes / (p50 * 1e-3) / 1e9
                 rows.append(dict(suite=suite_name, op=op, provider=provider, variant=variant, mode=mode,
