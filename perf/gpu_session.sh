@@ -3,7 +3,8 @@
 # each under $OUT. Usage (on the device machine, from the repository root):
 #   WSBCN_COMMIT=<sha> perf/gpu_session.sh test bench autotune e2e
 # Steps:
-#   test       the whole suite natively (gpu-marked tests included), xdist
+#   test       the whole suite natively (gpu-marked tests included), with pytest-xdist
+#              and pytest-timeout, which the lent machines' image has
 #   autotune   `wsbcn autotune` on $BATCHES / $DTYPES (cache: $OUT/cache/<device>.json,
 #              which later steps of the same command then use)
 #   bench      `wsbcn bench` on $BATCHES / $DTYPES
