@@ -29,13 +29,16 @@ mu_c, the BN-centred mean; x' = e + dm), P = rho a_c, y_hat_mean = rho (u_mean -
 and M2 = sum e^2.
 
 No atomics: partial buffers and a combine step, so results are bitwise identical
-run to run. Statistics and coefficients are fp32 whatever the input dtype.
+run to run. Every reduction over x runs in an order fixed by BLOCK_S and the chunking
+(kernels/reduce.py), so results are also identical for any BLOCK_C, num_warps and
+num_stages. Statistics and coefficients are fp32 whatever the input dtype.
 """
 import torch
 import triton
 import triton.language as tl
 
 from .layout import cdiv, next_pow2, nsc_strides
+from .reduce import lane_tree_chan, lane_tree_sum, lane_welford
 
 # Modes of the BN stage.
 MODE_GN = 0  # no BN stage (GroupNorm)
@@ -120,7 +123,7 @@ def _norm_stats_kernel(
     PIVOT_MODE: tl.constexpr,  # 0: x[n, first channel of group, 0]; 1: x[0, c, 0]; 2: running mean
     LARGE: tl.constexpr,  # one sample holds >= 2^31 elements: int64 offsets
     BLOCK_C: tl.constexpr,  # channels per tile
-    BLOCK_S: tl.constexpr,  # spatial positions per tile
+    BLOCK_S: tl.constexpr,  # spatial positions per tile: the lanes of the reductions
 ):
     pid = tl.program_id(0)
     split = tl.program_id(1)
@@ -136,22 +139,20 @@ def _norm_stats_kernel(
     if split == 0:
         tl.store(Pivot + n * C + c, pivot, mask=cmask)
 
-    mean = tl.zeros([BLOCK_C], dtype=tl.float32)
-    m2 = tl.zeros([BLOCK_C], dtype=tl.float32)
-    count = 0.0
+    # Per lane (reduce.py): Welford over positions s0 + j of the chunk, then one
+    # pairwise Chan merge of the lanes, so the result is the same for any BLOCK_C,
+    # num_warps or num_stages.
+    mean = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)
+    m2 = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)
+    count = tl.zeros([BLOCK_S], dtype=tl.float32)
     for s0 in range(s_begin, s_end, BLOCK_S):
         s = s0 + tl.arange(0, BLOCK_S)
-        mask = cmask[:, None] & (s < s_end)[None, :]
+        smask = s < s_end
+        mask = cmask[:, None] & smask[None, :]
         x = tl.load(x_n + c_off[:, None] + _offsets(s, stride_xs, LARGE)[None, :], mask=mask, other=0.0)
-        x = tl.where(mask, x.to(tl.float32) - pivot[:, None], 0.0)
-        n_b = tl.minimum(s_end - s0, BLOCK_S).to(tl.float32)
-        mean_b = tl.sum(x, axis=1) / n_b
-        d = tl.where(mask, x - mean_b[:, None], 0.0)  # padding zeroed before the variance
-        total = count + n_b
-        delta = mean_b - mean
-        mean += delta * (n_b / total)
-        m2 += tl.sum(d * d, axis=1) + delta * delta * (count * n_b / total)
-        count = total
+        count += smask.to(tl.float32)
+        mean, m2 = lane_welford(count, mean, m2, x.to(tl.float32) - pivot[:, None], mask)
+    mean, m2 = lane_tree_chan(count[None, :] + tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32), mean, m2)
     out = (n * C + c) * n_split + split
     tl.store(Part_mean + out, mean, mask=cmask)
     tl.store(Part_m2 + out, m2, mask=cmask)
@@ -366,7 +367,7 @@ def _norm_apply_kernel(
     INCREMENT: tl.constexpr,  # bump num_batches_tracked (after the combine read it)
     LARGE: tl.constexpr,  # int64 offsets within a sample
     BLOCK_C: tl.constexpr,  # channels per tile
-    BLOCK_S: tl.constexpr,  # spatial positions per tile
+    BLOCK_S: tl.constexpr,  # spatial positions per tile: the lanes of the reductions
 ):
     pid = tl.program_id(0)
     split = tl.program_id(1)
@@ -416,7 +417,7 @@ def _norm_bwd_reduce_kernel(
     GROUP_AFFINE: tl.constexpr,  # omega, eta per group
     LARGE: tl.constexpr,  # int64 offsets within a sample
     BLOCK_C: tl.constexpr,  # channels per tile
-    BLOCK_S: tl.constexpr,  # spatial positions per tile
+    BLOCK_S: tl.constexpr,  # spatial positions per tile: the lanes of the reductions
 ):
     pid = tl.program_id(0)
     split = tl.program_id(1)
@@ -425,15 +426,18 @@ def _norm_bwd_reduce_kernel(
     dc_off = _offsets(c, stride_dc, LARGE)
     x_n = X + n.to(tl.int64) * stride_xn
     dy_n = Dy + n.to(tl.int64) * stride_dn
-    d1 = tl.zeros([BLOCK_C], dtype=tl.float32)
-    de = tl.zeros([BLOCK_C], dtype=tl.float32)
+    # per-lane sums, then one pairwise tree over the lanes (reduce.py)
+    d1 = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)
+    de = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)
     for s0 in range(s_begin, s_end, BLOCK_S):
         s = s0 + tl.arange(0, BLOCK_S)
         mask = cmask[:, None] & (s < s_end)[None, :]
         e, dz = _load_e_dz(x_n, dy_n, c_off, dc_off, s, mask, stride_xs, stride_ds, pivot, mean, coef_a, coef_b,
                            ACT, LARGE)
-        d1 += tl.sum(dz, axis=1)
-        de += tl.sum(dz * e, axis=1)
+        d1 += dz
+        de += dz * e
+    d1 = lane_tree_sum(d1)
+    de = lane_tree_sum(de)
     out = (n * C + c) * n_split + split
     tl.store(Part_d1 + out, d1, mask=cmask)
     tl.store(Part_de + out, de, mask=cmask)
@@ -595,7 +599,7 @@ def _norm_bwd_apply_kernel(
     GROUP_AFFINE: tl.constexpr,  # omega, eta per group
     LARGE: tl.constexpr,  # int64 offsets within a sample
     BLOCK_C: tl.constexpr,  # channels per tile
-    BLOCK_S: tl.constexpr,  # spatial positions per tile
+    BLOCK_S: tl.constexpr,  # spatial positions per tile: the lanes of the reductions
 ):
     pid = tl.program_id(0)
     split = tl.program_id(1)

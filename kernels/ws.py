@@ -6,11 +6,14 @@ covers contiguous and channels_last weights). Each program owns one row.
 
 Statistics are taken of ``w - w[row, 0]``: shifting by one element of the row
 keeps the variance accurate for rows with a large common offset and makes a
-constant filter give exact zeros.
+constant filter give exact zeros. The row's sums run in an order fixed by BLOCK
+(kernels/reduce.py), so num_warps never changes a result.
 """
 import torch
 import triton
 import triton.language as tl
+
+from .reduce import lane_total, lane_tree_chan, lane_welford
 
 
 @triton.jit
@@ -26,36 +29,33 @@ def _ws_fwd_kernel(
     eps,  # added to the variance ("var") or to the std ("std")
     STD_MODE: tl.constexpr,  # False: D = sqrt(var + eps); True: D = std + eps
     ONE_BLOCK: tl.constexpr,  # the row fits one block: keep it in registers
-    BLOCK: tl.constexpr,  # elements per step along the row
+    BLOCK: tl.constexpr,  # elements per step along the row: the lanes of the reductions
 ):
     row = tl.program_id(0).to(tl.int64)
     base = W + row * row_stride
     out = W_hat + row * row_stride
     offs = tl.arange(0, BLOCK)
     w0 = tl.load(base).to(tl.float32)
+    # Welford per lane, then one pairwise Chan merge of the lanes (reduce.py): the
+    # order follows BLOCK, which comes from fan_in, and never num_warps.
+    count = tl.zeros([BLOCK], dtype=tl.float32)
+    lane_mean = tl.zeros([1, BLOCK], dtype=tl.float32)
+    lane_m2 = tl.zeros([1, BLOCK], dtype=tl.float32)
     if ONE_BLOCK:
         mask = offs < fan_in
         w = tl.where(mask, tl.load(base + offs, mask=mask, other=0.0).to(tl.float32) - w0, 0.0)
-        mean = tl.sum(w, axis=0) / fan_in
-        d = tl.where(mask, w - mean, 0.0)
-        m2 = tl.sum(d * d, axis=0)
+        count = mask.to(tl.float32)
+        lane_mean = w[None, :]
     else:
-        # Chunk-centred statistics merged with Chan's formula (never E[x^2] - E[x]^2).
-        mean = 0.0
-        m2 = 0.0
-        count = 0.0
         for start in range(0, fan_in, BLOCK):
             idx = start + offs
             mask = idx < fan_in
-            w = tl.where(mask, tl.load(base + idx, mask=mask, other=0.0).to(tl.float32) - w0, 0.0)
-            n_b = tl.minimum(fan_in - start, BLOCK).to(tl.float32)
-            mean_b = tl.sum(w, axis=0) / n_b
-            d = tl.where(mask, w - mean_b, 0.0)
-            total = count + n_b
-            delta = mean_b - mean
-            mean += delta * n_b / total
-            m2 += tl.sum(d * d, axis=0) + delta * delta * count * n_b / total
-            count = total
+            w = tl.load(base + idx, mask=mask, other=0.0).to(tl.float32) - w0
+            count += mask.to(tl.float32)
+            lane_mean, lane_m2 = lane_welford(count, lane_mean, lane_m2, w[None, :], mask[None, :])
+    mean, m2 = lane_tree_chan(count[None, :] + tl.zeros([1, BLOCK], dtype=tl.float32), lane_mean, lane_m2)
+    mean = tl.sum(mean, axis=0)  # [1] -> scalar, exact
+    m2 = tl.sum(m2, axis=0)
     var = m2 / denom
     if STD_MODE:
         std = tl.sqrt(var)
@@ -69,7 +69,7 @@ def _ws_fwd_kernel(
     tl.store(Rstd + row, rstd)
     tl.store(Gcoef + row, k)
     if ONE_BLOCK:
-        tl.store(out + offs, (d * rstd).to(W_hat.dtype.element_ty), mask=mask)
+        tl.store(out + offs, ((w - mean) * rstd).to(W_hat.dtype.element_ty), mask=mask)
     else:
         for start in range(0, fan_in, BLOCK):
             idx = start + offs
@@ -89,7 +89,7 @@ def _ws_bwd_kernel(
     row_stride,  # elements between the starts of two rows
     fan_in,  # elements per row
     ONE_BLOCK: tl.constexpr,  # the row fits one block: keep it in registers
-    BLOCK: tl.constexpr,  # elements per step along the row
+    BLOCK: tl.constexpr,  # elements per step along the row: the lanes of the reductions
 ):
     row = tl.program_id(0).to(tl.int64)
     g_base = Grad + row * row_stride
@@ -106,21 +106,23 @@ def _ws_bwd_kernel(
         g = tl.load(g_base + offs, mask=mask, other=0.0).to(tl.float32)
         w = tl.load(w_base + offs, mask=mask, other=0.0).to(tl.float32)
         w_hat = tl.where(mask, (w - w0 - mean) * rstd, 0.0)
-        sum_g = tl.sum(g, axis=0)
-        sum_gw = tl.sum(g * w_hat, axis=0)
+        sum_g = lane_total(g)
+        sum_gw = lane_total(g * w_hat)
         dw = rstd * (g - sum_g / fan_in) - k * w_hat * sum_gw
         tl.store(out + offs, dw.to(Dw.dtype.element_ty), mask=mask)
     else:
-        sum_g = 0.0
-        sum_gw = 0.0
+        lane_g = tl.zeros([BLOCK], dtype=tl.float32)
+        lane_gw = tl.zeros([BLOCK], dtype=tl.float32)
         for start in range(0, fan_in, BLOCK):
             idx = start + offs
             mask = idx < fan_in
             g = tl.load(g_base + idx, mask=mask, other=0.0).to(tl.float32)
             w = tl.load(w_base + idx, mask=mask, other=0.0).to(tl.float32)
             w_hat = tl.where(mask, (w - w0 - mean) * rstd, 0.0)
-            sum_g += tl.sum(g, axis=0)
-            sum_gw += tl.sum(g * w_hat, axis=0)
+            lane_g += g
+            lane_gw += g * w_hat
+        sum_g = lane_total(lane_g)
+        sum_gw = lane_total(lane_gw)
         mean_g = sum_g / fan_in
         for start in range(0, fan_in, BLOCK):
             idx = start + offs
