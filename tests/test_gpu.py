@@ -1,4 +1,5 @@
-"""GPU-only checks (``-m gpu``): large shapes, > 2^31 elements, determinism.
+"""GPU-only checks (``-m gpu``): large shapes, > 2^31 elements, determinism run to run
+and across every autotune candidate.
 They compare the Triton kernels with the torch closed form on the same device."""
 import pytest
 import torch
@@ -78,3 +79,64 @@ def test_bcn_bitwise_determinism(monkeypatch):
     for run in outs[1:]:
         for a, b in zip(outs[0], run):
             assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("shape", [(2, 256, 56, 56), (32, 512, 14, 14), (1, 64, 112, 112)])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_every_autotune_candidate_gives_bit_identical_bcn(monkeypatch, shape, layout):
+    """The whole autotune space of the forward and of the backward (BLOCK_C,
+    num_warps, num_stages on the heuristic's plan) gives the same bits: output, dx,
+    parameter gradients, running buffers."""
+    from wsbcn import autotune, tuning
+    from wsbcn.kernels.layout import channels_fastest
+
+    monkeypatch.setenv("WSBCN_BACKEND", "triton")
+    torch.manual_seed(0)
+    x = torch.randn(shape, device="cuda", dtype=torch.bfloat16)
+    if layout == "channels_last":
+        x = x.to(memory_format=torch.channels_last)
+    n, c = shape[:2]
+    nsc = (n, c, shape[2] * shape[3])
+    spaces = {k: autotune.config_space(k, nsc, channels_fastest(x), on_gpu=True) for k in ("norm_fwd", "norm_bwd")}
+    assert min(len(v) for v in spaces.values()) > 4
+
+    def run(fwd, bwd):
+        configs = {"norm_fwd": fwd, "norm_bwd": bwd}
+        monkeypatch.setattr(tuning, "config_for", lambda kernel, *a, **k: dict(configs[kernel]))
+        rm, rv = torch.zeros(c, device="cuda"), torch.ones(c, device="cuda")
+        leaves = [x.detach().requires_grad_(True), torch.ones(c, device="cuda", requires_grad=True),
+                  torch.zeros(c, device="cuda", requires_grad=True),
+                  torch.ones(1, 32, 1, device="cuda", requires_grad=True),
+                  torch.zeros(1, 32, 1, device="cuda", requires_grad=True)]
+        y = batch_channel_norm(leaves[0], 32, rm, rv, *leaves[1:], training=True, activation="silu")
+        grads = torch.autograd.grad(y, leaves, torch.linspace(-1, 1, y.numel(), device="cuda").reshape(y.shape).to(y.dtype))
+        return [y, *grads, rm, rv]
+
+    first = run(spaces["norm_fwd"][0], spaces["norm_bwd"][0])
+    for fwd in spaces["norm_fwd"][1:]:
+        for a, b in zip(first, run(fwd, spaces["norm_bwd"][0])):
+            assert torch.equal(a, b), fwd
+    for bwd in spaces["norm_bwd"][1:]:
+        for a, b in zip(first, run(spaces["norm_fwd"][0], bwd)):
+            assert torch.equal(a, b), bwd
+
+
+@pytest.mark.parametrize("shape", [(256, 128, 3, 3), (64, 512, 3, 3), (2048, 1024, 1, 1)])
+def test_every_autotune_candidate_gives_bit_identical_ws(monkeypatch, shape):
+    from wsbcn import autotune, tuning
+
+    monkeypatch.setenv("WSBCN_BACKEND", "triton")
+    torch.manual_seed(0)
+    w = torch.randn(shape, device="cuda", requires_grad=True)
+    fan_in = w[0].numel()
+    spaces = {k: autotune.config_space(k, (shape[0], fan_in), False, on_gpu=True) for k in ("ws_fwd", "ws_bwd")}
+    results = []
+    for fwd, bwd in zip(spaces["ws_fwd"], spaces["ws_bwd"]):
+        configs = {"ws_fwd": fwd, "ws_bwd": bwd}
+        monkeypatch.setattr(tuning, "config_for", lambda kernel, *a, **k: dict(configs[kernel]))
+        w_hat = weight_standardize(w)
+        (g,) = torch.autograd.grad(w_hat, w, torch.linspace(-1, 1, w.numel(), device="cuda").reshape(shape))
+        results.append((w_hat, g))
+    assert len(results) > 2
+    for w_hat, g in results[1:]:
+        assert torch.equal(w_hat, results[0][0]) and torch.equal(g, results[0][1])

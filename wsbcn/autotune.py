@@ -24,29 +24,21 @@ def _dtype(name: str) -> torch.dtype:
 
 
 def config_space(kernel: str, shape: tuple, channels_last: bool, on_gpu: bool) -> list:
-    """Candidate configs, the heuristic's first. Block sizes are powers of two
-    and never much larger than the problem."""
+    """Candidate configs, the heuristic's first. All share the heuristic's plan
+    (BLOCK_S, split; BLOCK for WS), which fixes the reduction order, so every
+    candidate computes bit-identical results and the sweep only trades speed.
+    BLOCK_C is a power of two with a tile of up to 8192 values, never far above C."""
     base = tuning.heuristic_config(kernel, torch.empty(0, device="cuda" if on_gpu else "cpu"), shape, channels_last)
     out = [base]
     if kernel.startswith("ws"):
-        fan_in = shape[1]
-        for block, warps in itertools.product((256, 512, 1024, 2048, 4096), (2, 4, 8)):
-            if block <= max(256, heuristics.next_pow2(fan_in)):
-                out.append({"BLOCK": block, "num_warps": warps})
+        out += [dict(base, num_warps=warps) for warps in (1, 2, 4, 8)]
     else:
-        n, c, s = shape
-        tiles = []
-        for tile in (2048, 4096):
-            for inner in (16, 32, 64, 128, 256) if channels_last else (128, 256, 512, 1024, 2048, 4096):
-                outer = tile // inner
-                bc, bs = (inner, outer) if channels_last else (outer, inner)
-                if bc <= heuristics.next_pow2(c) and bs <= heuristics.next_pow2(s):
-                    tiles.append((bc, bs))
-        for (bc, bs), warps in itertools.product(tiles or [(base["BLOCK_C"], base["BLOCK_S"])], (4, 8)):
-            s_blocks = heuristics.cdiv(s, bs)
-            for split in sorted({1, max(1, base["split"] // 2), base["split"], base["split"] * 2}):
-                if split <= s_blocks:
-                    out.append({"BLOCK_C": bc, "BLOCK_S": bs, "split": split, "num_warps": warps, "num_stages": 2})
+        c, lanes = shape[1], base["BLOCK_S"]
+        smallest = min(1024, base["BLOCK_C"] * lanes)  # small problems: down to the heuristic's tile
+        block_cs = [bc for bc in (1, 2, 4, 8, 16, 32, 64, 128, 256)
+                    if bc <= heuristics.next_pow2(c) and smallest <= bc * lanes <= 8192]
+        for bc, warps, stages in itertools.product(block_cs or [base["BLOCK_C"]], (4, 8), (2, 3)):
+            out.append(dict(base, BLOCK_C=bc, num_warps=warps, num_stages=stages))
     unique = []
     for cfg in out:
         if cfg not in unique:
@@ -134,8 +126,9 @@ def cases(suite_name: str, kernels=tuning.KERNELS, **narrow):
 def run_autotune(suite_name: str = "resnet50", timer=None, out_dir="perf/results", cache_path=None,
                  max_configs=None, kernels=tuning.KERNELS, num_groups: int = 32, progress: bool = True,
                  batch_sizes=None, dtypes=None, layouts=None, max_minutes=None):
-    """Sweep, write every measurement to ``<out_dir>/<device>/autotune.csv`` and the
-    winners to the cache. Returns (measurements DataFrame, {key: config}).
+    """Sweep, write every measurement to ``<out_dir>/<device>/autotune.csv`` (the
+    tunable part in ``config``, the shape's plan in ``plan``) and the winners to the
+    cache. Returns (measurements DataFrame, {key: winning tunable part}).
     ``max_minutes`` stops after the case running at that time; what was measured
     is still written and its winners cached."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -172,7 +165,10 @@ def run_autotune(suite_name: str = "resnet50", timer=None, out_dir="perf/results
         space = config_space(kernel, shape, channels_last, on_gpu)[: max_configs or None]
         for cfg in space:
             p50, p20, p80 = timer(make(cfg))
-            rows.append(dict(kernel=kernel, key=key, config=json.dumps(cfg, sort_keys=True), dtype=case["dtype"],
+            tuned = tuning.tunable_part(kernel, cfg)
+            plan = {k: v for k, v in cfg.items() if k not in tuned}
+            rows.append(dict(kernel=kernel, key=key, config=json.dumps(tuned, sort_keys=True),
+                             plan=json.dumps(plan, sort_keys=True), dtype=case["dtype"],
                              layout=layout, N=n, C=c, spatial=spatial, ms_p50=p50, ms_p20=p20, ms_p80=p80, **meta))
     frame = pd.DataFrame(rows)
     winners = pick_winners(frame)
@@ -180,7 +176,9 @@ def run_autotune(suite_name: str = "resnet50", timer=None, out_dir="perf/results
     if out_dir is not None and len(frame):
         path = Path(out_dir) / slug / "autotune.csv"
         path.parent.mkdir(parents=True, exist_ok=True)
-        frame.to_csv(path, mode="a", header=not path.exists(), index=False)
+        # appended through pandas: an earlier file may lack a column (plan)
+        whole = pd.concat([pd.read_csv(path), frame], ignore_index=True) if path.exists() else frame
+        whole.to_csv(path, index=False)
     tuning.write_cache(cache_path or tuning.cache_dir() / f"{slug}.json", info.device_name(), winners)
     return frame, winners
 

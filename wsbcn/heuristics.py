@@ -1,10 +1,15 @@
 """Shape heuristics: the config a kernel uses when no tuned one is cached.
 
-A config is a plain dict of launch parameters. The tuning layer (wsbcn.tuning)
-consults its caches first and falls back to these. On the CPU interpreter the
+A config is a plain dict of launch parameters. Its plan (BLOCK_S and split of
+the norm kernels, BLOCK of WS) fixes the order of the reductions, so it always
+comes from here; the tuning layer (wsbcn.tuning) may replace only the rest.
+Results are cached per shape (callers get copies): eager micro-batch layers are
+host-bound. On the CPU interpreter the
 aim is different from the GPU's: programs run one after the other at ~1 ms
 each, so there we prefer few, large programs.
 """
+import functools
+
 from .kernels.layout import cdiv, next_pow2  # noqa: F401 (re-exported for the tuning layer)
 
 
@@ -16,18 +21,22 @@ def _warps(elements: int) -> int:
     return 2
 
 
+@functools.lru_cache(maxsize=4096)
 def ws_config(fan_in: int, on_gpu: bool) -> dict:
     cap = 4096 if on_gpu else 16384
     block = min(next_pow2(fan_in), cap)
     return {"BLOCK": block, "num_warps": _warps(block)}
 
 
+@functools.lru_cache(maxsize=4096)
 def norm_tile(n: int, c: int, s: int, channels_last: bool, on_gpu: bool, sm_count: int = 132) -> dict:
     """Tile and split for the passes over x (stats, apply, backward reduce/apply).
 
     The tile is [BLOCK_C, BLOCK_S]: for NCHW the spatial axis is contiguous and
     gets the long side; for channels_last the channel axis does. ``split``
     divides the spatial axis so that micro-batches (N = 1-2) still fill the GPU.
+    BLOCK_S (the lanes of the reductions) and split are the plan; BLOCK_C and the
+    rest are the tunable defaults.
     """
     tile = 4096 if on_gpu else 16384
     if channels_last:

@@ -4,6 +4,12 @@ Lookup order for a (kernel, dtype, layout, shape bucket) key:
 user cache (``$WSBCN_CACHE_DIR`` or ~/.cache/wsbcn, ``<device-slug>.json``) ->
 configs shipped in ``wsbcn/configs/<device-slug>.json`` -> a shape heuristic.
 
+A config has two parts. The plan (BLOCK_S and split of the norm kernels, BLOCK
+of WS) fixes the order of every floating-point reduction (kernels/reduce.py), so
+it always comes from the shape heuristic. Tuning sets only the rest (BLOCK_C,
+num_warps, num_stages), which never changes a bit of any result: a tuned and an
+untuned machine compute the same numbers.
+
 Tuned configs are data, never code: JSON with schema_version, device and the
 torch/triton versions they were measured with. Writes are atomic (temp file +
 os.replace), so a crash never leaves a half-written cache.
@@ -19,13 +25,14 @@ import torch
 
 from . import heuristics
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 1 stored whole configs, plan included
 KERNELS = ("ws_fwd", "ws_bwd", "norm_fwd", "norm_bwd")
-_CONFIG_KEYS = {
-    "ws_fwd": ("BLOCK", "num_warps"),
-    "ws_bwd": ("BLOCK", "num_warps"),
-    "norm_fwd": ("BLOCK_C", "BLOCK_S", "split", "num_warps", "num_stages"),
-    "norm_bwd": ("BLOCK_C", "BLOCK_S", "split", "num_warps", "num_stages"),
+# The launch parameters tuning may set: none of them changes a result.
+TUNABLE_KEYS = {
+    "ws_fwd": ("num_warps",),
+    "ws_bwd": ("num_warps",),
+    "norm_fwd": ("BLOCK_C", "num_warps", "num_stages"),
+    "norm_bwd": ("BLOCK_C", "num_warps", "num_stages"),
 }
 _tables: dict = {}  # device slug -> merged {key: config}, built once per process
 
@@ -68,11 +75,19 @@ def config_key(kernel: str, dtype: torch.dtype, channels_last: bool, shape: tupl
 
 
 def valid_config(kernel: str, config) -> bool:
-    keys = _CONFIG_KEYS.get(kernel, ())
-    if not isinstance(config, dict) or any(not isinstance(config.get(k), int) or config[k] < 1 for k in keys):
+    """A cache entry: exactly the kernel's tunable keys, positive ints, blocks powers
+    of two (as tl.arange needs)."""
+    keys = TUNABLE_KEYS.get(kernel)
+    if keys is None or not isinstance(config, dict) or set(config) != set(keys):
         return False
-    blocks = [config[k] for k in keys if k.startswith("BLOCK")]
-    return all(b & (b - 1) == 0 for b in blocks)  # powers of two, as tl.arange needs
+    if any(not isinstance(config[k], int) or isinstance(config[k], bool) or config[k] < 1 for k in keys):
+        return False
+    return all(config[k] & (config[k] - 1) == 0 for k in keys if k.startswith("BLOCK"))
+
+
+def tunable_part(kernel: str, config: dict) -> dict:
+    """The part of a full launch config that a cache stores."""
+    return {k: config[k] for k in TUNABLE_KEYS[kernel]}
 
 
 def read_cache_file(path) -> dict:
@@ -113,22 +128,25 @@ def forget_loaded_tables() -> None:
 def heuristic_config(kernel: str, t: torch.Tensor, shape: tuple, channels_last: bool = False) -> dict:
     on_gpu = t.is_cuda
     if kernel in ("ws_fwd", "ws_bwd"):
-        return heuristics.ws_config(shape[1], on_gpu)
+        return dict(heuristics.ws_config(shape[1], on_gpu))
     n, c, s = shape
     sm = _cuda_facts(t.device.index or 0)[1] if on_gpu else 1
-    return heuristics.norm_tile(n, c, s, channels_last, on_gpu, sm)
+    return dict(heuristics.norm_tile(n, c, s, channels_last, on_gpu, sm))
 
 
 def config_for(kernel: str, t: torch.Tensor, shape: tuple, channels_last: bool = False) -> dict:
-    """The launch config for ``kernel`` on tensor ``t`` of logical ``shape``."""
+    """The launch config for ``kernel`` on tensor ``t`` of logical ``shape``: the
+    heuristic's plan, with the tuned parameters of a cache entry when there is one."""
+    config = heuristic_config(kernel, t, shape, channels_last)
     found = table_for(_slug(t)).get(config_key(kernel, t.dtype, channels_last, shape))
     if found is not None:
-        return dict(found)
-    return heuristic_config(kernel, t, shape, channels_last)
+        config.update(found)
+    return config
 
 
 def write_cache(path, device: str, configs: dict) -> None:
-    """Merge ``configs`` into the cache file at ``path`` atomically."""
+    """Merge ``configs`` (tunable parts, see ``tunable_part``) into the cache file at
+    ``path`` atomically."""
     import triton
 
     path = Path(path)
