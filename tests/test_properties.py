@@ -2,12 +2,14 @@
 naive float64 reference, on both backends (Triton through the interpreter)."""
 import contextlib
 import os
+from unittest import mock
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from wsbcn import tuning
 from wsbcn.functional import batch_channel_norm, group_norm, weight_standardize
 from conftest import DEVICE
 from reference import bcn_reference, gn_reference, ws_reference
@@ -24,6 +26,23 @@ def backend_env(name):
             os.environ.pop("WSBCN_BACKEND", None)
         else:
             os.environ["WSBCN_BACKEND"] = old
+
+
+@contextlib.contextmanager
+def plan_override(plan):
+    """The kernels' plan for one example: None keeps the heuristic's (on CPU, one
+    element per lane); the others give lanes several elements and several chunks,
+    as GPU plans do (kernels/reduce.py)."""
+    if plan is None:
+        yield
+        return
+    heuristic = tuning.config_for
+    with mock.patch.object(tuning, "config_for", lambda *a, **k: dict(heuristic(*a, **k), **plan)):
+        yield
+
+
+NORM_PLANS = [None, {"BLOCK_S": 1, "split": 2}, {"BLOCK_S": 2, "split": 1}, {"BLOCK_S": 4, "split": 3}]
+WS_PLANS = [None, {"BLOCK": 2}, {"BLOCK": 8}]
 
 
 # Relative tolerance on the norm, plus an absolute floor per element: tiny groups
@@ -67,8 +86,9 @@ def norm_cases(draw):
     affine = draw(st.booleans())
     offset = draw(st.sampled_from([0.0, 3.0, -50.0]))
     seed = draw(st.integers(0, 2**16))
+    plan = draw(st.sampled_from(NORM_PLANS))
     return dict(n=n, g=g, k=k, spatial=spatial, layout=layout, dtype=dtype, mode=mode, activation=activation,
-                group_affine=group_affine, affine=affine, offset=offset, seed=seed)
+                group_affine=group_affine, affine=affine, offset=offset, seed=seed, plan=plan)
 
 
 def make_input(case):
@@ -165,7 +185,7 @@ def test_norm_parity_torch_backend(case):
 @settings(max_examples=110)
 @given(case=norm_cases())
 def test_norm_parity_triton_backend(case):
-    with backend_env("triton"):
+    with backend_env("triton"), plan_override(case["plan"]):
         run_case(case)
 
 
@@ -178,13 +198,13 @@ def ws_cases(draw):
     layout = draw(st.sampled_from(["contiguous", "channels_last", "sliced"]))
     backend = draw(st.sampled_from(["torch", "triton"]))
     return dict(shape=(out_channels,) + fan_dims, eps_mode=eps_mode, correction=correction, dtype=dtype,
-                layout=layout, backend=backend, seed=draw(st.integers(0, 2**16)))
+                layout=layout, backend=backend, seed=draw(st.integers(0, 2**16)), plan=draw(st.sampled_from(WS_PLANS)))
 
 
 @settings(max_examples=60)
 @given(case=ws_cases())
 def test_ws_parity(case):
-    with backend_env(case["backend"]):
+    with backend_env(case["backend"]), plan_override(case["plan"]):
         check_ws_case(case)
 
 
