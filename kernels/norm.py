@@ -152,7 +152,7 @@ def _norm_stats_kernel(
         x = tl.load(x_n + c_off[:, None] + _offsets(s, stride_xs, LARGE)[None, :], mask=mask, other=0.0)
         count += smask.to(tl.float32)
         mean, m2 = lane_welford(count, mean, m2, x.to(tl.float32) - pivot[:, None], mask)
-    mean, m2 = lane_tree_chan(count[None, :] + tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32), mean, m2)
+    mean, m2 = lane_tree_chan(count[None, :], mean, m2)
     out = (n * C + c) * n_split + split
     tl.store(Part_mean + out, mean, mask=cmask)
     tl.store(Part_m2 + out, m2, mask=cmask)

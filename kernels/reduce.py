@@ -49,8 +49,9 @@ def lane_welford(count, mean, m2, x, valid):
 
 @triton.jit
 def lane_tree_chan(count, mean, m2):
-    """[R, LANES] count/mean/M2 of each lane -> [R] mean and M2 of the row: lanes
-    merged pairwise with Chan's formula (empty lanes have count 0 and change nothing)."""
+    """[R, LANES] mean/M2 of each lane, [1, LANES] its count (the same in every row)
+    -> [R] mean and M2 of each row: lanes merged pairwise with Chan's formula (empty
+    lanes have count 0 and change nothing)."""
     for _ in tl.static_range(MAX_LOG2_LANES):
         if mean.shape[1] > 1:
             na, nb = _pairs(count)

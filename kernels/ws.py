@@ -53,7 +53,7 @@ def _ws_fwd_kernel(
             w = tl.load(base + idx, mask=mask, other=0.0).to(tl.float32) - w0
             count += mask.to(tl.float32)
             lane_mean, lane_m2 = lane_welford(count, lane_mean, lane_m2, w[None, :], mask[None, :])
-    mean, m2 = lane_tree_chan(count[None, :] + tl.zeros([1, BLOCK], dtype=tl.float32), lane_mean, lane_m2)
+    mean, m2 = lane_tree_chan(count[None, :], lane_mean, lane_m2)
     mean = tl.sum(mean, axis=0)  # [1] -> scalar, exact
     m2 = tl.sum(m2, axis=0)
     var = m2 / denom
