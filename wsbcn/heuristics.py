@@ -4,9 +4,8 @@ A config is a plain dict of launch parameters. Its plan (BLOCK_S and split of
 the norm kernels, BLOCK of WS) fixes the order of the reductions, so it always
 comes from here; the tuning layer (wsbcn.tuning) may replace only the rest.
 Results are cached per shape (callers get copies): eager micro-batch layers are
-host-bound. On the CPU interpreter the
-aim is different from the GPU's: programs run one after the other at ~1 ms
-each, so there we prefer few, large programs.
+host-bound. On the CPU interpreter the aim is different from the GPU's: programs
+run one after the other at ~1 ms each, so there we prefer few, large programs.
 """
 import functools
 
