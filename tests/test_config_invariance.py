@@ -23,13 +23,14 @@ from wsbcn.functional import batch_channel_norm, group_norm
 from conftest import DEVICE
 from reference import bcn_reference, gn_reference
 
-# S = 35: plans with one chunk, 3 chunks of 12 lanes-steps, 35 one-position chunks,
-# and chunks merged 2 at a time in the combine kernels
+# S = 35: plans with one chunk, 2 chunks of 3 steps of 8 lanes, 35 one-position
+# chunks, and those 35 merged 4 at a time in the combine kernels (9 steps, the last
+# one partly masked)
 PLANS = [
     {"BLOCK_S": 64, "split": 1},
-    {"BLOCK_S": 4, "split": 3},
+    {"BLOCK_S": 8, "split": 2},
     {"BLOCK_S": 1, "split": 35},
-    {"BLOCK_S": 8, "split": 2, "BLOCK_J": 2},
+    {"BLOCK_S": 1, "split": 35, "BLOCK_J": 4},
 ]
 TUNABLES = [
     {"BLOCK_C": 8, "num_warps": 2, "num_stages": 2},
@@ -121,7 +122,7 @@ def _reference(x, op, estimate):
     return y, dx
 
 
-@pytest.mark.parametrize("plan", PLANS, ids=["one-chunk", "3-chunks", "35-chunks", "combine-2-at-a-time"])
+@pytest.mark.parametrize("plan", PLANS, ids=["one-chunk", "2-chunks", "35-chunks", "combine-4-at-a-time"])
 @pytest.mark.parametrize("op,estimate,layout", [("bcn", False, "contiguous"), ("bcn", True, "channels_last"),
                                                 ("gn", False, "channels_last")])
 def test_tunable_settings_give_bit_identical_results(monkeypatch, plan, op, estimate, layout):
