@@ -2,7 +2,9 @@
 
 TRITON_INTERPRET must be set before triton is imported, hence here, first.
 """
+import contextlib
 import os
+from unittest import mock
 
 import torch
 
@@ -43,6 +45,25 @@ def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
     e = expected.detach().double().cpu()
     denom = e.norm().item()
     return (a - e).norm().item() / (denom if denom > 0 else 1.0)
+
+
+@contextlib.contextmanager
+def config_overrides(overrides, kernel=None):
+    """Launch with the shape heuristic's config and ``overrides`` laid over it (for
+    ``kernel`` only, or every kernel): a plan to test, or a tuned part. A context
+    manager rather than a fixture, so hypothesis examples can use it too."""
+    from wsbcn import tuning
+
+    heuristic = tuning.config_for
+
+    def config_for(kern, *args, **kwargs):
+        config = heuristic(kern, *args, **kwargs)
+        if overrides and kernel in (None, kern):
+            config.update(overrides)
+        return config
+
+    with mock.patch.object(tuning, "config_for", config_for):
+        yield
 
 
 TOL = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 2e-2, torch.float64: 1e-10}

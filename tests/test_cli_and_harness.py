@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from wsbcn import autotune, bench, cli, plot, tuning
-from conftest import DEVICE
+from conftest import DEVICE, config_overrides
 
 
 class CountingTimer:
@@ -217,28 +217,26 @@ def test_every_shipped_config_is_valid_and_computes_like_the_reference(schema, k
     assert schema == tuning.SCHEMA_VERSION and tuning.valid_config(kernel, cfg)
     assert dtype in ("float32", "bfloat16", "float16")
     monkeypatch.setenv("WSBCN_BACKEND", "triton")
-    heuristic = tuning.config_for
-    monkeypatch.setattr(tuning, "config_for",
-                        lambda kern, *a, **k: dict(heuristic(kern, *a, **k), **(cfg if kern == kernel else {})))
-    torch.manual_seed(0)
-    if kernel.startswith("ws"):
-        x = torch.randn(8, 6, 3, 3, device=DEVICE) * 2 + 1
-        op, reference = weight_standardize, ws_reference
-    else:
-        x = torch.randn(2, 16, 5, 7, device=DEVICE) * 2 + 1
-        if layout == "channels_last":
-            x = x.to(memory_format=torch.channels_last)
-        op = lambda t: batch_channel_norm(t, 4, training=True, activation="relu")  # noqa: E731
-        reference = lambda t: bcn_reference(t, 4, activation="relu")  # noqa: E731
-    x64 = x.double().requires_grad_(True)
-    expected = reference(x64)
-    dy = torch.linspace(-1, 1, x.numel(), dtype=torch.float64, device=DEVICE).reshape(x.shape)
-    (expected_dx,) = torch.autograd.grad(expected, x64, dy)
-    xg = x.detach().requires_grad_(True)
-    got = op(xg)
-    (dx,) = torch.autograd.grad(got, xg, dy.float())
-    assert (got - expected).abs().max().item() <= 1e-5
-    assert (dx - expected_dx).abs().max().item() <= 1e-5
+    with config_overrides(cfg, kernel):
+        torch.manual_seed(0)
+        if kernel.startswith("ws"):
+            x = torch.randn(8, 6, 3, 3, device=DEVICE) * 2 + 1
+            op, reference = weight_standardize, ws_reference
+        else:
+            x = torch.randn(2, 16, 5, 7, device=DEVICE) * 2 + 1
+            if layout == "channels_last":
+                x = x.to(memory_format=torch.channels_last)
+            op = lambda t: batch_channel_norm(t, 4, training=True, activation="relu")  # noqa: E731
+            reference = lambda t: bcn_reference(t, 4, activation="relu")  # noqa: E731
+        x64 = x.double().requires_grad_(True)
+        expected = reference(x64)
+        dy = torch.linspace(-1, 1, x.numel(), dtype=torch.float64, device=DEVICE).reshape(x.shape)
+        (expected_dx,) = torch.autograd.grad(expected, x64, dy)
+        xg = x.detach().requires_grad_(True)
+        got = op(xg)
+        (dx,) = torch.autograd.grad(got, xg, dy.float())
+        assert (got - expected).abs().max().item() <= 1e-5
+        assert (dx - expected_dx).abs().max().item() <= 1e-5
 
 
 def test_speedups_never_mix_eager_and_graph_timings():

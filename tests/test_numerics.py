@@ -5,7 +5,7 @@ import torch
 
 import wsbcn
 from wsbcn.functional import batch_channel_norm, group_norm, weight_standardize
-from conftest import DEVICE, rel_err
+from conftest import DEVICE, config_overrides, rel_err
 from reference import bcn_reference, gn_reference, ws_reference
 
 
@@ -158,26 +158,25 @@ def test_many_steps_per_lane_keep_offsets_and_tiny_variances_accurate(monkeypatc
     """On CPU the heuristic gives each lane one element; GPU plans give each lane many
     (per-lane Welford, kernels/reduce.py). Large offsets and tiny variances through
     such plans, against the float64 reference."""
-    from wsbcn import tuning
-
     monkeypatch.setenv("WSBCN_BACKEND", "triton")
-    heuristic = tuning.config_for
-    monkeypatch.setattr(tuning, "config_for", lambda *a, **k: dict(heuristic(*a, **k), **plan))
-    torch.manual_seed(9)
-    if "BLOCK" in plan:
-        for w in (1e4 + torch.randn(4, 9, 3, 3, device=DEVICE), 0.5 + 1e-4 * torch.randn(4, 9, 3, 3, device=DEVICE)):
-            wg = w.detach().requires_grad_(True)
-            w64 = w.detach().double().requires_grad_(True)
-            g = torch.randn_like(w)
-            got, expected = weight_standardize(wg), ws_reference(w64)
-            got.backward(g)
-            expected.backward(g.double())
-            assert rel_err(got, expected) <= 1e-4 and rel_err(wg.grad, w64.grad) <= 1e-3
-        return
-    for x in (1e4 + torch.randn(2, 8, 5, 7, device=DEVICE), 1.0 + 1e-3 * torch.randn(2, 8, 5, 7, device=DEVICE)):
-        y, yr, dx, dxr = _bcn_pair(x, "batch", activation="silu")
-        assert rel_err(y, yr) <= 1e-5 and rel_err(dx, dxr) <= 1e-4
-        rm = x.mean(dim=(0, 2, 3))  # estimates that track the data
-        y, yr, dx, dxr = _bcn_pair(x, "estimate", running_mean=rm, running_var=x.var(dim=(0, 2, 3)))
-        assert rel_err(y, yr) <= 1e-5 and rel_err(dx, dxr) <= 1e-4
-        assert rel_err(group_norm(x, 4), gn_reference(x.double(), 4)) <= 1e-5
+    with config_overrides(plan):
+        torch.manual_seed(9)
+        if "BLOCK" in plan:
+            for w in (1e4 + torch.randn(4, 9, 3, 3, device=DEVICE),
+                      0.5 + 1e-4 * torch.randn(4, 9, 3, 3, device=DEVICE)):
+                wg = w.detach().requires_grad_(True)
+                w64 = w.detach().double().requires_grad_(True)
+                g = torch.randn_like(w)
+                got, expected = weight_standardize(wg), ws_reference(w64)
+                got.backward(g)
+                expected.backward(g.double())
+                assert rel_err(got, expected) <= 1e-4 and rel_err(wg.grad, w64.grad) <= 1e-3
+            return
+        for x in (1e4 + torch.randn(2, 8, 5, 7, device=DEVICE),
+                  1.0 + 1e-3 * torch.randn(2, 8, 5, 7, device=DEVICE)):
+            y, yr, dx, dxr = _bcn_pair(x, "batch", activation="silu")
+            assert rel_err(y, yr) <= 1e-5 and rel_err(dx, dxr) <= 1e-4
+            rm = x.mean(dim=(0, 2, 3))  # estimates that track the data
+            y, yr, dx, dxr = _bcn_pair(x, "estimate", running_mean=rm, running_var=x.var(dim=(0, 2, 3)))
+            assert rel_err(y, yr) <= 1e-5 and rel_err(dx, dxr) <= 1e-4
+            assert rel_err(group_norm(x, 4), gn_reference(x.double(), 4)) <= 1e-5

@@ -2,16 +2,14 @@
 naive float64 reference, on both backends (Triton through the interpreter)."""
 import contextlib
 import os
-from unittest import mock
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from wsbcn import tuning
 from wsbcn.functional import batch_channel_norm, group_norm, weight_standardize
-from conftest import DEVICE
+from conftest import DEVICE, config_overrides
 from reference import bcn_reference, gn_reference, ws_reference
 
 @contextlib.contextmanager
@@ -28,19 +26,9 @@ def backend_env(name):
             os.environ["WSBCN_BACKEND"] = old
 
 
-@contextlib.contextmanager
-def plan_override(plan):
-    """The kernels' plan for one example: None keeps the heuristic's (on CPU, one
-    element per lane); the others give lanes several elements and several chunks,
-    as GPU plans do (kernels/reduce.py)."""
-    if plan is None:
-        yield
-        return
-    heuristic = tuning.config_for
-    with mock.patch.object(tuning, "config_for", lambda *a, **k: dict(heuristic(*a, **k), **plan)):
-        yield
-
-
+# Plans for the Triton backend: None keeps the heuristic's (on CPU, one element per
+# lane); the others give lanes several elements and several chunks, as GPU plans do
+# (kernels/reduce.py).
 NORM_PLANS = [None, {"BLOCK_S": 1, "split": 2}, {"BLOCK_S": 2, "split": 1}, {"BLOCK_S": 4, "split": 3}]
 WS_PLANS = [None, {"BLOCK": 2}, {"BLOCK": 8}]
 
@@ -185,7 +173,7 @@ def test_norm_parity_torch_backend(case):
 @settings(max_examples=110)
 @given(case=norm_cases())
 def test_norm_parity_triton_backend(case):
-    with backend_env("triton"), plan_override(case["plan"]):
+    with backend_env("triton"), config_overrides(case["plan"]):
         run_case(case)
 
 
@@ -204,7 +192,7 @@ def ws_cases(draw):
 @settings(max_examples=60)
 @given(case=ws_cases())
 def test_ws_parity(case):
-    with backend_env(case["backend"]), plan_override(case["plan"]):
+    with backend_env(case["backend"]), config_overrides(case["plan"]):
         check_ws_case(case)
 
 
