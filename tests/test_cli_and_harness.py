@@ -7,7 +7,8 @@ import pandas as pd
 import pytest
 import torch
 
-from wsbcn import autotune, bench, cli, plot, tuning
+from wsbcn import tuning
+from wsbcn.tools import autotune, bench, cli, plot
 from conftest import DEVICE, config_overrides
 
 
@@ -113,7 +114,7 @@ def test_bench_never_advances_running_statistics():
 
 
 def test_e2e_step_runs_every_variant(monkeypatch):
-    from wsbcn import e2e
+    from wsbcn.tools import e2e
 
     frame = e2e.run_e2e(batch_sizes=(2,), image_size=32, timer=CountingTimer(), log=lambda *a: None, num_classes=10)
     modes = ["eager", "cudagraph"] if torch.cuda.is_available() else ["eager"]
@@ -166,7 +167,7 @@ def test_cli_autotune_bench_plot_on_cpu(tmp_path, monkeypatch, capsys):
 
 
 def test_narrowed_suite_and_time_budget(tmp_path):
-    from wsbcn import suites
+    from wsbcn.tools import suites
 
     norms, convs, batches, dtypes, layouts = suites.suite("resnet50", batch_sizes=[2, 32], dtypes=["bfloat16"],
                                                           layouts=["channels_last"])
@@ -182,7 +183,7 @@ def test_narrowed_suite_and_time_budget(tmp_path):
 
 
 def test_commit_override_for_a_tree_without_git(monkeypatch):
-    from wsbcn.info import git_commit, run_metadata
+    from wsbcn.tools.info import git_commit, run_metadata
 
     monkeypatch.delenv("WSBCN_COMMIT", raising=False)
     assert git_commit() != "abc123def456"

@@ -18,7 +18,8 @@ import numpy as np
 import pytest
 import torch
 
-from wsbcn import autotune, tuning
+from wsbcn import tuning
+from wsbcn.tools import autotune
 from wsbcn.functional import batch_channel_norm, group_norm
 from conftest import DEVICE
 from reference import bcn_reference, gn_reference

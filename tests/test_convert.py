@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import wsbcn
-from wsbcn.models import resnet50
+from wsbcn.tools.models import resnet50
 from conftest import DEVICE, rel_err
 
 

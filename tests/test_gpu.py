@@ -87,7 +87,8 @@ def test_every_autotune_candidate_gives_bit_identical_bcn(monkeypatch, shape, la
     """The whole autotune space of the forward and of the backward (BLOCK_C,
     num_warps, num_stages on the heuristic's plan) gives the same bits: output, dx,
     parameter gradients, running buffers."""
-    from wsbcn import autotune, tuning
+    from wsbcn import tuning
+    from wsbcn.tools import autotune
     from wsbcn.kernels.layout import channels_fastest
 
     monkeypatch.setenv("WSBCN_BACKEND", "triton")
@@ -123,7 +124,8 @@ def test_every_autotune_candidate_gives_bit_identical_bcn(monkeypatch, shape, la
 
 @pytest.mark.parametrize("shape", [(256, 128, 3, 3), (64, 512, 3, 3), (2048, 1024, 1, 1)])
 def test_every_autotune_candidate_gives_bit_identical_ws(monkeypatch, shape):
-    from wsbcn import autotune, tuning
+    from wsbcn import tuning
+    from wsbcn.tools import autotune
 
     monkeypatch.setenv("WSBCN_BACKEND", "triton")
     torch.manual_seed(0)

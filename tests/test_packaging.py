@@ -14,7 +14,7 @@ def test_wheel_contains_and_imports_the_kernels(tmp_path):
     wheel = next((tmp_path / "dist").glob("wsbcn-*.whl"))
     names = set(zipfile.ZipFile(wheel).namelist())
     for required in ("wsbcn/kernels/norm.py", "wsbcn/kernels/ws.py", "wsbcn/kernels/layout.py",
-                     "wsbcn/modules/norm.py", "wsbcn/configs/__init__.py", "wsbcn/cli.py"):
+                     "wsbcn/modules/norm.py", "wsbcn/configs/__init__.py", "wsbcn/tools/cli.py"):
         assert required in names
     assert not any(n.startswith("kernels/") or n.startswith("tests/") for n in names)
     target = tmp_path / "site"

@@ -1,5 +1,5 @@
 """The micro-batch training demo runs and WS+BCN learns the generated task."""
-from wsbcn import cli, train
+from wsbcn.tools import cli, train
 
 
 def test_ws_bcn_learns_at_batch_size_2():

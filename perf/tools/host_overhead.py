@@ -16,7 +16,7 @@ import time
 import torch
 
 from wsbcn.functional import batch_channel_norm, weight_standardize
-from wsbcn.timing import cuda_graphed
+from wsbcn.tools.timing import cuda_graphed
 
 
 def host_us(fn, reps=300):

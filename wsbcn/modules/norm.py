@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from .. import checks
+from ..distributed_norm import distributed_batch_channel_norm
 from ..norm import batch_channel_norm, group_norm
 
 
@@ -82,8 +83,6 @@ class _BatchChannelNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
         if self.process_group is not None and self.training:
-            from ..distributed import distributed_batch_channel_norm
-
             return distributed_batch_channel_norm(self, x)
         return batch_channel_norm(
             x, self.num_groups, self.running_mean, self.running_var, self.weight, self.bias,

@@ -1,8 +1,12 @@
 """argparse wiring of ``wsbcn autotune | bench | plot | train``."""
-from .cli import register
 
 
-@register
+def add_subcommands(sub) -> None:
+    """Add the bench, autotune, plot and train subparsers to ``sub``."""
+    for add in (_bench, _autotune, _plot, _train):
+        add(sub)
+
+
 def _bench(sub):
     from .bench import MODES, OPS
 
@@ -49,9 +53,8 @@ def _run_bench(args) -> int:
     return 0
 
 
-@register
 def _autotune(sub):
-    from .tuning import KERNELS
+    from ..tuning import KERNELS
 
     p = sub.add_parser("autotune", help="sweep kernel configs and cache the fastest")
     p.add_argument("--suite", choices=("resnet50", "cpu", "tiny"), default="resnet50")
@@ -67,7 +70,7 @@ def _run_autotune(args) -> int:
     import torch
 
     from .autotune import run_autotune
-    from .backend import interpreter_enabled
+    from ..backend import interpreter_enabled
 
     if not torch.cuda.is_available() and not interpreter_enabled():
         print("wsbcn autotune times Triton kernels and needs a CUDA device "
@@ -80,20 +83,31 @@ def _run_autotune(args) -> int:
     return 0
 
 
-@register
 def _plot(sub):
     p = sub.add_parser("plot", help="turn perf/results CSVs into PNGs under perf/plots")
     p.add_argument("--results", default="perf/results")
     p.add_argument("--plots", default="perf/plots")
-    p.set_defaults(func=lambda args: (__import__("wsbcn.plot").plot.run_plot(args.results, args.plots), 0)[1])
+    p.set_defaults(func=_run_plot)
+
+
+def _run_plot(args) -> int:
+    from .plot import run_plot
+
+    run_plot(args.results, args.plots)
+    return 0
 
 
 
-@register
 def _train(sub):
     from .train import add_arguments
 
     p = sub.add_parser("train", help="train BN, GN, WS+GN and WS+BCN at micro-batch size on generated data")
     add_arguments(p)
-    p.set_defaults(func=lambda args: (__import__("wsbcn.train").train.run(
-        args.norms, args.steps, args.batch_size, args.lr, args.seed), 0)[1])
+    p.set_defaults(func=_run_train)
+
+
+def _run_train(args) -> int:
+    from .train import run
+
+    run(args.norms, args.steps, args.batch_size, args.lr, args.seed)
+    return 0

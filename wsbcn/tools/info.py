@@ -3,19 +3,14 @@ import platform
 
 import torch
 
-from . import backend
+from .. import backend, tuning
+from ..tuning import slugify  # noqa: F401 (part of this module's API)
 
 
 def device_name() -> str:
     if torch.cuda.is_available():
         return torch.cuda.get_device_name(0)
     return f"cpu ({platform.processor() or platform.machine()})"
-
-
-def slugify(name: str) -> str:
-    """'NVIDIA H100 80GB HBM3' -> 'nvidia-h100-80gb-hbm3'."""
-    cleaned = "".join(ch if ch.isalnum() else "-" for ch in name.lower())
-    return "-".join(part for part in cleaned.split("-") if part)
 
 
 def device_slug() -> str:
@@ -33,8 +28,6 @@ def triton_version() -> str:
 
 
 def collect() -> dict:
-    from . import tuning
-
     requested = backend.requested_backend()
     cuda = torch.cuda.is_available()
     on_cpu = "torch" if requested == "auto" else requested
@@ -61,7 +54,7 @@ def git_commit() -> str:
 
     if os.environ.get("WSBCN_COMMIT"):
         return os.environ["WSBCN_COMMIT"]
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]
     try:
         sha = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=root, capture_output=True,
                              text=True, timeout=10, check=True).stdout.strip()

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from . import info, suites
-from .functional import batch_channel_norm, group_norm, weight_standardize
+from ..functional import batch_channel_norm, group_norm, weight_standardize
 from .reference import reference_bcn, reference_ws
 
 COLUMNS = ["suite", "op", "provider", "variant", "mode", "dtype", "layout", "N", "C", "spatial",

@@ -2,6 +2,8 @@
 import argparse
 import sys
 
+from . import commands
+
 
 def _cmd_info(args) -> int:
     from . import info
@@ -16,23 +18,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("info", help="device, versions, backend and interpreter state")
     p.set_defaults(func=_cmd_info)
-    for register in _REGISTRARS:
-        register(sub)
+    commands.add_subcommands(sub)
     return parser
 
 
-_REGISTRARS = []
-
-
-def register(fn):
-    """Subcommand modules add themselves here (bench, autotune, plot, train)."""
-    _REGISTRARS.append(fn)
-    return fn
-
-
 def main(argv=None) -> int:
-    from . import bench_cli  # noqa: F401  registers bench / autotune / plot / train
-
     args = build_parser().parse_args(argv)
     return args.func(args)
 

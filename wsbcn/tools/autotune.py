@@ -14,9 +14,10 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-from . import heuristics, info, suites, tuning
-from .kernels.layout import channels_fastest
-from .torch_norm import MODE_BATCH
+from .. import heuristics, tuning
+from . import info, suites
+from ..kernels.layout import channels_fastest
+from ..torch_norm import MODE_BATCH
 
 
 def _dtype(name: str) -> torch.dtype:
@@ -47,7 +48,7 @@ def config_space(kernel: str, shape: tuple, channels_last: bool, on_gpu: bool) -
 
 
 def _ws_case(conv_shape, dtype, layout, device):
-    from .ws import row_dense
+    from ..ws import row_dense
 
     w = torch.randn(conv_shape, device=device, dtype=dtype)
     if layout == "channels_last" and w.dim() == 4:
@@ -67,7 +68,7 @@ def _norm_case(norm_shape, n, dtype, layout, device):
 def _norm_runner(x, num_groups, kernel, config):
     """A closure running the BCN forward (or backward) with ``config``; the
     running buffers are restored after every call, so repeats never advance them."""
-    from .backend import kernels
+    from ..backend import kernels
 
     knorm = kernels().norm
     c = x.shape[1]
@@ -101,7 +102,7 @@ def _norm_runner(x, num_groups, kernel, config):
 
 
 def _ws_runner(w, kernel, config):
-    from .backend import kernels
+    from ..backend import kernels
 
     kws = kernels().ws
     w_hat, stats = kws.ws_forward(w, 1e-5, 0, False, tuning.heuristic_config("ws_fwd", w, (w.shape[0], w[0].numel())))
