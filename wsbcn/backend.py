@@ -4,12 +4,18 @@
 tensors), ``triton`` (Triton everywhere; on CPU through the Triton interpreter,
 ``TRITON_INTERPRET=1``) or ``torch``. float64 always takes the torch backend: the
 kernels compute in fp32, and float64 is what gradcheck needs.
+
+``emulate_gpu(name, sm_count)`` sends CPU tensors down the GPU (Triton) path, with
+the launch plans that GPU would get, for measuring host time on a machine without
+one: triton must then run over a stub CUDA driver (``wsbcn.tools.stub_driver``),
+under which no kernel runs and outputs hold garbage. Never for real work.
 """
 import os
 
 import torch
 
 BACKENDS = ("auto", "triton", "torch")
+_emulated_gpu = None  # (device name, SM count) while CPU tensors take the GPU path
 
 
 def requested_backend() -> str:
@@ -33,11 +39,29 @@ def prepare_interpreter() -> None:
         os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+def emulate_gpu(name="NVIDIA H100 80GB HBM3", sm_count: int = 132) -> None:
+    """From now on, CPU tensors take the GPU path as if on ``name`` with ``sm_count``
+    SMs (its launch plans and its tuned configs); ``emulate_gpu(None)`` turns this
+    off. Only meaningful with triton running over a stub driver: see the module
+    docstring."""
+    global _emulated_gpu
+    if name is not None and (not isinstance(sm_count, int) or sm_count < 1):
+        raise ValueError(f"sm_count must be a positive int, got {sm_count!r}")
+    _emulated_gpu = None if name is None else (str(name), sm_count)
+
+
+def emulated_gpu():
+    """(device name, SM count) while ``emulate_gpu`` is on, else None."""
+    return _emulated_gpu
+
+
 def backend_for(t: torch.Tensor) -> str:
     """'triton' or 'torch' for a call whose main tensor is ``t``."""
-    choice = requested_backend()
     if t.dtype == torch.float64:
         return "torch"
+    if _emulated_gpu is not None:
+        return "triton"
+    choice = requested_backend()
     if choice == "auto":
         return "triton" if t.is_cuda else "torch"
     if choice == "triton" and not t.is_cuda and not interpreter_enabled():

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from . import heuristics
+from . import backend, heuristics
 
 SCHEMA_VERSION = 2  # 1 stored whole configs, plan included
 KERNELS = ("ws_fwd", "ws_bwd", "norm_fwd", "norm_bwd")
@@ -45,17 +45,32 @@ def cache_dir() -> Path:
     return Path(base) / "wsbcn"
 
 
+def slugify(name: str) -> str:
+    """'NVIDIA H100 80GB HBM3' -> 'nvidia-h100-80gb-hbm3'."""
+    cleaned = "".join(ch if ch.isalnum() else "-" for ch in name.lower())
+    return "-".join(part for part in cleaned.split("-") if part)
+
+
 @functools.lru_cache(maxsize=None)
 def _cuda_facts(index: int) -> tuple:
     """(device slug, SM count) of a CUDA device, asked once per process."""
-    from .info import slugify
-
     props = torch.cuda.get_device_properties(index)
     return slugify(props.name), props.multi_processor_count
 
 
+def device_facts(t: torch.Tensor) -> tuple:
+    """(GPU path?, device slug, SM count) for launches on ``t``'s device; an
+    emulated GPU (``backend.emulate_gpu``) for CPU tensors while it is on."""
+    if t.is_cuda:
+        return (True,) + _cuda_facts(t.device.index or 0)
+    emulated = backend.emulated_gpu()
+    if emulated is not None:
+        return True, slugify(emulated[0]), emulated[1]
+    return False, "cpu", 1
+
+
 def _slug(t: torch.Tensor) -> str:
-    return _cuda_facts(t.device.index or 0)[0] if t.is_cuda else "cpu"
+    return device_facts(t)[1]
 
 
 def layout_name(channels_last: bool) -> str:
@@ -126,11 +141,10 @@ def forget_loaded_tables() -> None:
 
 
 def heuristic_config(kernel: str, t: torch.Tensor, shape: tuple, channels_last: bool = False) -> dict:
-    on_gpu = t.is_cuda
+    on_gpu, _, sm = device_facts(t)
     if kernel in ("ws_fwd", "ws_bwd"):
         return dict(heuristics.ws_config(shape[1], on_gpu))
     n, c, s = shape
-    sm = _cuda_facts(t.device.index or 0)[1] if on_gpu else 1
     return dict(heuristics.norm_tile(n, c, s, channels_last, on_gpu, sm))
 
 
