@@ -312,3 +312,59 @@ def test_three_launches_forward_and_backward_whatever_the_shape(monkeypatch, sha
     assert len(launches) == 3
     y.backward(torch.randn_like(y))
     assert len(launches) == 6
+
+
+@pytest.mark.parametrize("with_speed", [False, True])
+def test_released_pbn_state_dict_loads_and_matches(backend, with_speed):
+    """The BCN repository's ImageNet ``GN`` layer (imagenet/models/layers.py) and DeepLab
+    ``PBCNorm`` (DeepLabV3/deeplab.py) keep their BN stage, an nn.BatchNorm2d /
+    nn.SyncBatchNorm, under ``pbn.``; their own weight/bias, shape (1, G, 1), are the
+    channel-stage affine. Such a state dict, written by hand with those key names,
+    loads strictly and gives the float64 composition of its parameters."""
+    torch.manual_seed(9)
+    c, g = 8, 4
+    gen = torch.Generator().manual_seed(9)
+    released = {
+        "weight": torch.rand(1, g, 1, generator=gen) + 0.5, "bias": torch.randn(1, g, 1, generator=gen),
+        "pbn.weight": torch.rand(c, generator=gen) + 0.5, "pbn.bias": torch.randn(c, generator=gen),
+        "pbn.running_mean": torch.randn(c, generator=gen) * 0.3,
+        "pbn.running_var": torch.rand(c, generator=gen) + 0.5,
+        "pbn.num_batches_tracked": torch.tensor(7),
+    }
+    if with_speed:
+        released["pbn.estbn_moving_speed"] = torch.tensor([0.25])
+    kept = {k: v.clone() for k, v in released.items()}
+    ours = wsbcn.BatchChannelNorm2d(c, num_groups=g).to(DEVICE)
+    result = ours.load_state_dict(released, strict=True)
+    assert not result.missing_keys and not result.unexpected_keys
+    assert all(torch.equal(released[k], kept[k]) for k in kept) and released.keys() == kept.keys()
+    momentum = 0.25 if with_speed else 0.1
+    assert ours.momentum == pytest.approx(momentum)
+    ref = dict(weight=kept["pbn.weight"], bias=kept["pbn.bias"], group_weight=kept["weight"],
+               group_bias=kept["bias"], running_mean=kept["pbn.running_mean"].double(),
+               running_var=kept["pbn.running_var"].double())
+    nbt = kept["pbn.num_batches_tracked"].clone()
+    x = torch.randn(2, c, 3, 3, device=DEVICE) * 2 + 0.5
+    for training in (True, False):
+        ours.train(training)
+        with torch.no_grad():
+            got = ours(x)
+        expected = bcn_reference(x.cpu(), g, training=training, momentum=momentum,
+                                 num_batches_tracked=nbt, **ref)
+        assert rel_err(got, expected) <= TOL[torch.float32], training
+        assert rel_err(ours.running_mean, ref["running_mean"]) <= 1e-6
+        assert rel_err(ours.running_var, ref["running_var"]) <= 1e-6
+        assert int(ours.num_batches_tracked) == int(nbt) == 8
+
+
+def test_released_state_dict_with_bad_moving_speed_changes_nothing():
+    ours = wsbcn.BatchChannelNorm2d(8, num_groups=4, estimate=True)
+    before = {k: v.clone() for k, v in ours.state_dict().items()}
+    released = {"weight": torch.ones(1, 4, 1), "bias": torch.zeros(1, 4, 1), "bn.weight": torch.ones(8) * 2,
+                "bn.bias": torch.ones(8), "bn.running_mean": torch.ones(8), "bn.running_var": torch.ones(8) * 3,
+                "bn.num_batches_tracked": torch.tensor(5), "bn.estbn_moving_speed": torch.tensor([1.5])}
+    with pytest.raises(ValueError, match="momentum"):
+        ours.load_state_dict(released)
+    assert ours.momentum == 0.1
+    for k, v in ours.state_dict().items():
+        assert torch.equal(v, before[k]), k

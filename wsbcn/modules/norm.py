@@ -21,9 +21,11 @@ class _BatchChannelNorm(nn.Module):
     are updated from the batch (no gradient through them) and used to normalize.
     ``num_batches_tracked`` counts training steps in both modes.
 
-    State dicts of the authors' released BCNorm/EstBN layers load directly (their
-    ``weight``/``bias`` are our group affine, their ``bn.*`` our BN stage, and
-    ``bn.estbn_moving_speed`` sets ``momentum``). One ``eps`` serves both stages;
+    State dicts of the authors' released layers load directly: BCNorm/EstBN (BN
+    stage ``bn.*``) and the ImageNet ``GN`` / DeepLab ``PBCNorm`` layers (BN stage
+    ``pbn.*``). Their ``weight``/``bias`` (shape (1, G, 1)) are our group affine,
+    their BN stage our ``weight``, ``bias`` and running buffers, and
+    ``bn.estbn_moving_speed`` sets ``momentum``. One ``eps`` serves both stages;
     the released BN stage always uses 1e-5.
     """
 
@@ -99,17 +101,28 @@ class _BatchChannelNorm(nn.Module):
             text += f", activation={self.activation!r}"
         return text
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        if prefix + "bn.running_mean" in state_dict:  # a released BCNorm / EstBN checkpoint
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        # The released layers keep their BN stage as a child module: "bn." in BCNorm /
+        # EstBN (README of the BCN repository), "pbn." in the ImageNet GN layer
+        # (imagenet/models/layers.py) and DeepLab's PBCNorm (DeepLabV3/deeplab.py).
+        # Their own weight/bias, shape (1, G, 1), are our group affine.
+        stage = next((s for s in ("bn.", "pbn.") if prefix + s + "running_mean" in state_dict), None)
+        speed = None
+        if stage is not None:
+            speed = state_dict.pop(prefix + stage + "estbn_moving_speed", None)
+            if speed is not None:  # checked before anything is loaded
+                speed = checks.check_momentum(float(speed.reshape(-1)[0]))
             renames = [("weight", "group_weight"), ("bias", "group_bias")] + [
-                ("bn." + k, k) for k in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")]
+                (stage + k, k) for k in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")]
             for old, new in renames:
                 if prefix + old in state_dict:
                     state_dict[prefix + new] = state_dict.pop(prefix + old)
-            speed = state_dict.pop(prefix + "bn.estbn_moving_speed", None)
-            if speed is not None:
-                self.momentum = checks.check_momentum(float(speed.reshape(-1)[0]))
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        n_errors = len(error_msgs)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+        if speed is not None and len(error_msgs) == n_errors:  # EstBN's moving speed is our momentum
+            self.momentum = speed
 
 
 class BatchChannelNorm1d(_BatchChannelNorm):
