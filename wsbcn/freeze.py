@@ -3,6 +3,8 @@
 The frozen model computes the same outputs with stock layers only, which is what
 ONNX/TensorRT export and serving want.
 """
+import copy
+
 import torch
 from torch import nn
 
@@ -18,7 +20,7 @@ def _frozen_conv(m) -> nn.Module:
         padding_mode=m.padding_mode, device=m.weight.device, dtype=m.weight.dtype,
     )
     with torch.no_grad():
-        plain.weight.copy_(m.standardized_weight())
+        plain.weight.copy_(m.standardized_weight())  # W_hat of the weight as it is now
         if m.bias is not None:
             plain.bias.copy_(m.bias)
     plain.weight.requires_grad_(m.weight.requires_grad)
@@ -26,15 +28,24 @@ def _frozen_conv(m) -> nn.Module:
     return plain
 
 
-def freeze(model: nn.Module) -> nn.Module:
-    """Swap WSConv layers for nn.ConvNd with the standardized weight, in place.
-
-    Returns the model (a new module when ``model`` itself is a WSConv).
-    """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+def _freeze_in_place(model: nn.Module) -> nn.Module:
     if type(model) in _PLAIN:
         return _frozen_conv(model)
     for name, child in list(model.named_children()):
-        setattr(model, name, freeze(child))
+        setattr(model, name, _freeze_in_place(child))
     return model
+
+
+def freeze(model: nn.Module, inplace: bool = False) -> nn.Module:
+    """Return ``model`` with every WSConv swapped for an nn.ConvNd holding W_hat.
+
+    Like torch's ``inplace`` convention: by default the model is deep-copied and the
+    copy converted, so ``model`` keeps its WSConv layers and weights (training can go
+    on). ``inplace=True`` swaps the layers of ``model`` itself and returns it (a new
+    module when ``model`` is itself a WSConv) and saves the copy's memory.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if not isinstance(inplace, bool):
+        raise TypeError(f"inplace must be a bool, got {type(inplace).__name__}")
+    return _freeze_in_place(model if inplace else copy.deepcopy(model))

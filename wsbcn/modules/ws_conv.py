@@ -14,33 +14,21 @@ class _WSConvMixin:
     def _init_ws(self, eps, correction, eps_mode):
         self.eps, self.correction = checks.check_ws_args(self.weight, eps, correction, eps_mode)
         self.eps_mode = eps_mode
-        self._w_hat_cache = None
 
     def standardized_weight(self) -> torch.Tensor:
-        """W_hat. Reused without recomputation while no gradient is being
-        recorded and the weight is unchanged (same tensor, same version)."""
-        w = self.weight
-        recording = torch.is_grad_enabled() and w.requires_grad
-        if recording or torch.compiler.is_compiling():
-            return weight_standardize(w, self.eps, self.correction, self.eps_mode)
-        key = (w.data_ptr(), w._version, w.dtype, w.device, w.shape, self.eps, self.correction, self.eps_mode)
-        cache = self._w_hat_cache
-        if cache is not None and cache[0] == key:
-            return cache[1]
-        w_hat = weight_standardize(w, self.eps, self.correction, self.eps_mode)
-        self._w_hat_cache = (key, w_hat)
-        return w_hat
+        """W_hat of the current weight, recomputed on every call.
+
+        Never cached: a write through ``weight.data`` (EMA updates, re-initialisation,
+        ``conv.weight.data.copy_(...)``) leaves the version counter unchanged, so no
+        cheap key proves a cached W_hat current. Inference that wants the standardization
+        done once uses ``wsbcn.freeze``."""
+        return weight_standardize(self.weight, self.eps, self.correction, self.eps_mode)
 
     def forward(self, input):
         return self._conv_forward(input, self.standardized_weight(), self.bias)
 
     def extra_repr(self):
         return super().extra_repr() + f", eps={self.eps}, correction={self.correction}, eps_mode={self.eps_mode!r}"
-
-    def __getstate__(self):
-        state = self.__dict__.copy()
-        state["_w_hat_cache"] = None  # derived data: never pickled or deep-copied
-        return state
 
 
 class WSConv1d(_WSConvMixin, nn.Conv1d):
