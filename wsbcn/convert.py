@@ -12,6 +12,13 @@ is used, with a warning, and nothing is fused. Convolutions and norms are swappe
 in place on the model, reusing the Parameter objects (optimizers keep working);
 when an activation is fused the model returned is an ``fx.GraphModule`` with the
 activation call removed from the graph.
+
+wsbcn layers are never converted again: they are leaves to torch.fx, and count as
+the norm a plain convolution feeds. So converting a converted model is a no-op
+that says so (a model converted with ``ws=False`` gets its WSConv on a second call
+with ``ws=True``). A BatchNorm's channels must split into equal groups: when
+``num_groups`` does not divide them, the largest count that divides both (their gcd)
+is used, and the summary and the log (at WARNING) say so.
 """
 import logging
 import math
@@ -32,10 +39,30 @@ _BCN_BY_DIMS = {1: BatchChannelNorm1d, 2: BatchChannelNorm2d, 3: BatchChannelNor
 _BN_DIMS = {nn.BatchNorm1d: 1, nn.BatchNorm2d: 2, nn.BatchNorm3d: 3, nn.SyncBatchNorm: 2}
 _ACT_MODULES = {nn.ReLU: "relu", nn.SiLU: "silu"}
 _ACT_FUNCTIONS = {F.relu: "relu", torch.relu: "relu", F.silu: "silu"}
+_WSBCN_CONVS = (WSConv1d, WSConv2d, WSConv3d)
+_WSBCN_NORMS = (BatchChannelNorm1d, BatchChannelNorm2d, BatchChannelNorm3d, GroupNorm)
 
 
 def _is_norm(m) -> bool:
+    """A norm layer that convert swaps."""
     return type(m) in _BN_DIMS or type(m) is nn.GroupNorm
+
+
+def _is_any_norm(m) -> bool:
+    """A norm layer that makes the convolution feeding it a WSConv: swappable or already wsbcn."""
+    return _is_norm(m) or isinstance(m, _WSBCN_NORMS)
+
+
+def _width(norm) -> int:
+    return norm.num_features if type(norm) in _BN_DIMS else norm.num_channels
+
+
+class _Tracer(fx.Tracer):
+    """Treats wsbcn layers as leaves, like torch.nn's own: their input checks branch
+    on shapes, which symbolic tracing cannot follow."""
+
+    def is_leaf_module(self, m, qualname):
+        return isinstance(m, _WSBCN_CONVS + _WSBCN_NORMS) or super().is_leaf_module(m, qualname)
 
 
 def _ws_conv(conv):
@@ -107,13 +134,15 @@ def _plan_from_graph(graph, modules, fuse_activation):
             calls[node.target] = calls.get(node.target, 0) + 1
     convs, norms, fusions = [], {}, []
     for node in graph.nodes:
-        if node.op != "call_module" or not _is_norm(modules[node.target]):
+        if node.op != "call_module" or not _is_any_norm(modules[node.target]):
             continue
         src = node.args[0] if node.args else None
         dims = None
         if isinstance(src, fx.Node) and src.op == "call_module" and type(modules.get(src.target)) in _WS:
             convs.append(src.target)
             dims = modules[src.target].weight.dim() - 2
+        if not _is_norm(modules[node.target]):
+            continue  # already a wsbcn layer: only its convolution is converted
         norms[node.target] = dims
         users = list(node.users)
         if fuse_activation and calls[node.target] == 1 and len(users) == 1:
@@ -129,10 +158,9 @@ def _plan_by_module_order(model):
     named = list(model.named_modules())
     convs, norms = [], {}
     for (name_a, a), (name_b, b) in zip(named, named[1:]):
-        if type(a) in _WS and _is_norm(b):
-            width = b.num_features if type(b) in _BN_DIMS else b.num_channels
-            if width == a.out_channels:
-                convs.append(name_a)
+        if type(a) in _WS and _is_any_norm(b) and _width(b) == a.out_channels:
+            convs.append(name_a)
+            if _is_norm(b):
                 norms[name_b] = a.weight.dim() - 2
     for name, m in named:
         if _is_norm(m) and name not in norms:
@@ -150,16 +178,20 @@ def convert(model: nn.Module, norm: str = "bcn", num_groups: int = 32, estimate:
         raise ValueError(f"num_groups must be a positive int, got {num_groups!r}")
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    summary = []
-    try:
-        traced = fx.symbolic_trace(model)
-        modules = dict(model.named_modules())
-        convs, norms, fusions = _plan_from_graph(traced.graph, modules, fuse_activation)
-    except Exception as exc:  # tracing fails on data-dependent control flow
-        warnings.warn(f"wsbcn.convert: torch.fx could not trace the model ({type(exc).__name__}: {exc}); "
-                      "falling back to module order, without activation fusion", stacklevel=2)
-        traced, fusions = None, []
-        convs, norms = _plan_by_module_order(model)
+    summary, adjusted = [], set()
+    modules = dict(model.named_modules())
+    has_work = any(_is_norm(m) for m in modules.values()) or (
+        ws and any(type(m) in _WS for m in modules.values()) and any(map(_is_any_norm, modules.values())))
+    graph, convs, norms, fusions = None, [], {}, []
+    if has_work:  # else nothing can change: no tracing, so no fallback warning either
+        try:
+            graph = _Tracer().trace(model)
+            convs, norms, fusions = _plan_from_graph(graph, modules, fuse_activation)
+        except Exception as exc:  # tracing fails on data-dependent control flow
+            warnings.warn(f"wsbcn.convert: torch.fx could not trace the model ({type(exc).__name__}: {exc}); "
+                          "falling back to module order, without activation fusion", stacklevel=2)
+            graph, fusions = None, []
+            convs, norms = _plan_by_module_order(model)
     fused_act = {n.target: act for n, _, act in fusions}
     if ws:
         for name in convs:
@@ -172,15 +204,26 @@ def convert(model: nn.Module, norm: str = "bcn", num_groups: int = 32, estimate:
         new = _new_norm(old, norm, num_groups, estimate, fused_act.get(name), dims, process_group)
         _set_module(model, name, new)
         summary.append(f"{name}: {type(old).__name__} -> {new!r}")
+        if type(old) in _BN_DIMS and new.num_groups != num_groups:
+            summary.append(f"{name}: num_groups={num_groups} does not divide its {_width(old)} channels; "
+                           f"it has {new.num_groups} groups (the greatest common divisor)")
+            adjusted.add(summary[-1])
     result = model
     if fusions:
         for norm_node, act_node, act in fusions:
             act_node.replace_all_uses_with(norm_node)
-            traced.graph.erase_node(act_node)
+            graph.erase_node(act_node)
             summary.append(f"{norm_node.target}: fused the following {act}")
-        traced.graph.lint()
-        result = fx.GraphModule(model, traced.graph, class_name=type(model).__name__)
+        graph.lint()
+        result = fx.GraphModule(model, graph, class_name=type(model).__name__)
+    if not summary:
+        n_ws = sum(isinstance(m, _WSBCN_CONVS) for m in modules.values())
+        n_norms = sum(isinstance(m, _WSBCN_NORMS) for m in modules.values())
+        summary.append("nothing to convert: no BatchNorm/GroupNorm layer"
+                       + (", and no nn.ConvNd feeding a norm" if ws else "")
+                       + (f" (already converted: {n_ws} WSConv and {n_norms} wsbcn norm layers)"
+                          if n_ws or n_norms else ""))
     for line in summary:
-        log.info("wsbcn.convert: %s", line)
+        log.log(logging.WARNING if line in adjusted else logging.INFO, "wsbcn.convert: %s", line)
     return (result, summary) if return_summary else result
 
