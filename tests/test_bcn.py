@@ -3,6 +3,7 @@ import pytest
 import torch
 
 import wsbcn
+from wsbcn import tuning
 from wsbcn.functional import batch_channel_norm
 from conftest import DEVICE, TOL, rel_err
 from reference import ReleasedBCNorm, bcn_reference
@@ -172,7 +173,8 @@ def test_nan_propagates_like_reference(backend):
 
 
 def test_saved_for_backward_is_x_and_small_statistics(backend):
-    """Only x and O(N*C) fp32 statistics (plus the parameters) are kept for backward."""
+    """Only x and O(N*C) fp32 statistics (plus the parameters) are kept for backward:
+    6 values per (n, c), one per channel and one per (n, group), in one or three tensors."""
     n, c, h, w, g = 2, 8, 6, 6, 4
     m = wsbcn.BatchChannelNorm2d(c, num_groups=g, activation="relu").to(DEVICE)
     x = torch.randn(n, c, h, w, device=DEVICE, requires_grad=True)
@@ -185,11 +187,12 @@ def test_saved_for_backward_is_x_and_small_statistics(backend):
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         y = m(x)
     params = {p.data_ptr() for p in m.parameters()}
-    big = [t for t in saved if t.numel() > 6 * n * c]
+    stats_numel = 6 * n * c + c + n * g
+    big = [t for t in saved if t.numel() > stats_numel]
     assert len(big) == 1 and big[0].data_ptr() == x.data_ptr()
-    for t in saved:
-        if t.data_ptr() != x.data_ptr() and t.data_ptr() not in params:
-            assert t.dtype == torch.float32 and t.numel() <= 6 * n * c
+    stats = [t for t in saved if t.data_ptr() != x.data_ptr() and t.data_ptr() not in params]
+    assert all(t.dtype == torch.float32 for t in stats)
+    assert sum(t.numel() for t in stats) <= stats_numel
     assert all(t.data_ptr() != y.data_ptr() for t in saved)
 
 
@@ -288,6 +291,9 @@ class _CountingKernel:
         self.counter.append(getattr(self.kernel, "__name__", repr(self.kernel)))
         return self.kernel[grid]
 
+    def __getattr__(self, name):  # arg_names and the rest, for the launch plans
+        return getattr(self.kernel, name)
+
 
 @pytest.mark.parametrize("shape,layout", [((1, 8, 40, 40), "contiguous"), ((3, 16, 5, 5), "channels_last"),
                                           ((2, 8, 7), "contiguous"), ((64, 8, 1, 1), "contiguous")])
@@ -300,6 +306,7 @@ def test_three_launches_forward_and_backward_whatever_the_shape(monkeypatch, sha
     launches = []
     for name in [n for n in dir(knorm) if n.startswith("_norm_") and n.endswith("_kernel")]:
         monkeypatch.setattr(knorm, name, _CountingKernel(getattr(knorm, name), launches))
+    tuning.forget_loaded_tables()  # launch plans built before the patch hold the unwrapped kernels
     x = torch.randn(shape, device=DEVICE)
     if layout == "channels_last":
         x = x.to(memory_format=torch.channels_last)

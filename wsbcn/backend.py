@@ -75,6 +75,8 @@ def backend_for(t: torch.Tensor) -> str:
 def kernels():
     """The kernel package, imported on first use so CPU-only users never load triton."""
     import wsbcn.kernels.norm
+    import wsbcn.kernels.norm_launch
     import wsbcn.kernels.ws
+    import wsbcn.kernels.ws_launch
 
     return wsbcn.kernels

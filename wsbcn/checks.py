@@ -8,6 +8,8 @@ import numbers
 
 import torch
 
+MAX_CACHED_SIGNATURES = 4096  # per cache; a model has a few dozen layer signatures
+
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 ACTIVATIONS = (None, "relu", "silu")
 
@@ -83,3 +85,28 @@ def check_num_groups(num_channels, num_groups) -> None:
         raise ValueError(
             f"num_channels ({num_channels}) must be divisible by num_groups ({num_groups})"
         )
+
+
+def validated(cache: dict, key, validate):
+    """What ``validate()`` derives for a call signature ``key``, computed once: a
+    repeat call with the same signature (shapes, strides, dtypes, devices and
+    scalar arguments, their types included) skips the checks. ``key`` None or
+    unhashable, or a call under torch.compile (dynamo traces the checks), validates
+    every time."""
+    if key is None or torch.compiler.is_compiling():
+        return validate()
+    try:
+        found = cache.get(key)
+    except TypeError:  # an unhashable argument: the checks will name it
+        return validate()
+    if found is None:
+        found = validate()
+        if len(cache) >= MAX_CACHED_SIGNATURES:
+            cache.clear()
+        cache[key] = found
+    return found
+
+
+def tensor_meta(t):
+    """The part of an optional tensor argument its checks read."""
+    return None if t is None else (t.dtype, t.shape, t.device)

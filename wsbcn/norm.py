@@ -34,11 +34,28 @@ def _grad_lengths(x, num_groups, gamma, omega, group_affine, mode):
     return bn, bn, aff, aff
 
 
-def _empty_walkable(x):
-    """An empty tensor shaped like x whose strides the kernels can walk (x's own
-    layout when dense, else contiguous)."""
-    out = torch.empty_like(x)
-    return out if nsc_strides(out) is not None else torch.empty(x.shape, dtype=x.dtype, device=x.device)
+_plans: dict = {}
+
+
+def launch_plan(x, num_groups, mode, update_running, cumulative, activation, group_affine,
+                has_bn_affine, has_affine, has_nbt, eps, momentum):
+    """The Triton launch plan of a call (kernels/norm_launch.py), cached on
+    everything it derives from: the signature, the device (or emulated GPU), the
+    tuned-config tables and the config function itself (tests replace it)."""
+    key = (x.shape, x.stride(), x.dtype, x.device, num_groups, mode, update_running, cumulative, activation,
+           group_affine, has_bn_affine, has_affine, has_nbt, eps, momentum,
+           tuning.config_for, tuning.generation(), backend.emulated_gpu())
+    plan = _plans.get(key)
+    if plan is None:
+        nsc, layout = _shape_nsc(x), channels_fastest(x)
+        plan = backend.kernels().norm_launch.NormPlan(
+            x, num_groups, mode, update_running, cumulative, activation, group_affine, has_bn_affine, has_affine,
+            has_nbt, eps, momentum, tuning.config_for("norm_fwd", x, nsc, layout),
+            tuning.config_for("norm_bwd", x, nsc, layout))
+        if len(_plans) >= checks.MAX_CACHED_SIGNATURES:
+            _plans.clear()
+        _plans[key] = plan
+    return plan
 
 
 def param_grads(d_gamma, d_beta, d_omega, d_eta, gamma, omega):
@@ -59,12 +76,10 @@ def _norm_forward_impl(x, gamma, beta, omega, eta, running_mean, running_var, nu
     if backend.backend_for(x) == "torch":
         return norm_forward_torch(x, gamma, beta, omega, eta, running_mean, running_var, num_batches_tracked,
                                   num_groups, eps, momentum, cumulative, mode, update_running, activation, group_affine)
-    y = _empty_walkable(x)
-    config = tuning.config_for("norm_fwd", x, _shape_nsc(x), channels_fastest(x))
-    stats, rstd_c, rho = backend.kernels().norm.norm_forward(
-        x, y, gamma, beta, omega, eta, running_mean, running_var, num_batches_tracked,
-        num_groups, eps, momentum, cumulative, mode, update_running, activation, group_affine, config)
-    return y, stats, rstd_c, rho
+    plan = launch_plan(x, num_groups, mode, update_running, cumulative, activation, group_affine,
+                       gamma is not None, omega is not None, num_batches_tracked is not None, eps, momentum)
+    y, side = plan.forward(x, gamma, beta, omega, eta, running_mean, running_var, num_batches_tracked)
+    return (y,) + plan.saved_views(side)
 
 
 def _norm_backward_impl(dy, x, stats, rstd_c, rho, gamma, omega, eta, num_groups, mode, activation, group_affine):
@@ -75,11 +90,11 @@ def _norm_backward_impl(dy, x, stats, rstd_c, rho, gamma, omega, eta, num_groups
         return norm_backward_torch(dy, x, stats, rstd_c, rho, gamma, omega, eta, num_groups, mode, activation, group_affine)
     if nsc_strides(dy) is None:
         dy = dy.contiguous()
-    dx = _empty_walkable(x)
-    config = tuning.config_for("norm_bwd", x, _shape_nsc(x), channels_fastest(x))
-    grads = backend.kernels().norm.norm_backward(
-        dy, x, dx, stats, rstd_c, rho, gamma, omega, eta, num_groups, mode, activation, group_affine, config)
-    return (dx,) + tuple(grads)
+    # The backward reads no running buffer and no eps/momentum; the forward's flags
+    # that shape its launches are the ones passed here.
+    plan = launch_plan(x, num_groups, mode, False, False, activation, group_affine,
+                       gamma is not None, omega is not None, False, 1e-5, 0.0)
+    return plan.backward(dy, x, (stats, rstd_c, rho), gamma, omega, eta)
 
 
 @torch.library.custom_op(
@@ -161,6 +176,63 @@ def _validate_common(x, num_groups, eps, activation):
     return checks.check_eps(eps), checks.check_activation(activation)
 
 
+class _Call:
+    """A validated call signature: what the checks derived from it, and the launch
+    plans of its Triton path, so that a repeat call skips both (a dict lookup)."""
+
+    __slots__ = ("num_groups", "eps", "momentum", "cumulative", "mode", "update_running", "activation",
+                 "group_affine", "eager", "plans")
+
+    def __init__(self, x, num_groups, eps, momentum, cumulative, mode, update_running, activation, group_affine):
+        self.num_groups, self.eps, self.momentum, self.cumulative = num_groups, eps, momentum, cumulative
+        self.mode, self.update_running, self.activation, self.group_affine = mode, update_running, activation, group_affine
+        # The eager Triton path takes non-empty inputs whose spatial dims one stride walks.
+        self.eager = x.numel() > 0 and nsc_strides(x) is not None
+        self.plans = {}
+
+    def plan(self, x, gamma, omega, nbt):
+        key = (tuning.config_for, tuning.generation(), backend.emulated_gpu())
+        plan = self.plans.get(key)
+        if plan is None:
+            plan = self.plans[key] = launch_plan(
+                x, self.num_groups, self.mode, self.update_running, self.cumulative, self.activation,
+                self.group_affine, gamma is not None, omega is not None, nbt is not None, self.eps, self.momentum)
+        return plan
+
+    def __call__(self, x, gamma, beta, omega, eta, running_mean, running_var, nbt):
+        if self.eager and backend.backend_for(x) == "triton" and not torch.compiler.is_compiling():
+            plan = self.plan(x, gamma, omega, nbt)
+            return _EagerNormFunction.apply(x, gamma, beta, omega, eta, plan, (running_mean, running_var, nbt))
+        return BatchChannelNormFunction.apply(
+            x, gamma, beta, omega, eta, running_mean, running_var, nbt, self.num_groups, self.eps,
+            self.momentum, self.cumulative, self.mode, self.update_running, self.activation, self.group_affine)
+
+
+class _EagerNormFunction(torch.autograd.Function):
+    """The eager Triton path: one launch plan, one fp32 side buffer saved (stats,
+    rstd_c, rho), 3 launches each way. Running buffers travel in a tuple: they are
+    updated in place and take no gradient."""
+
+    @staticmethod
+    def forward(ctx, x, gamma, beta, omega, eta, plan, buffers):
+        y, side = plan.forward(x, gamma, beta, omega, eta, *buffers)
+        ctx.save_for_backward(x, side, gamma, omega, eta)
+        ctx.plan = plan
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, side, gamma, omega, eta = ctx.saved_tensors
+        if nsc_strides(dy) is None:
+            dy = dy.contiguous()
+        dx, *grads = ctx.plan.backward(dy, x, side, gamma, omega, eta)
+        return (dx, *param_grads(*grads, gamma, omega), None, None)
+
+
+_calls: dict = {}  # validated call signature -> _Call
+_meta = checks.tensor_meta
+
+
 def batch_channel_norm(
     x: torch.Tensor, num_groups: int = 32, running_mean: Optional[torch.Tensor] = None,
     running_var: Optional[torch.Tensor] = None, weight: Optional[torch.Tensor] = None,
@@ -178,7 +250,26 @@ def batch_channel_norm(
     if given, like F.batch_norm); ``estimate=True`` updates the running
     estimates and normalizes with them (micro-batch BCN); otherwise the running
     estimates are used. ``momentum=None`` is the cumulative average, as in nn.BatchNorm.
+
+    The checks run once per call signature (shapes, strides, dtypes, devices and
+    arguments); repeat calls reuse what they derived.
     """
+    try:
+        key = ("bcn", x.shape, x.stride(), x.dtype, x.device, num_groups, type(num_groups), _meta(running_mean),
+               _meta(running_var), _meta(weight), _meta(bias), _meta(group_weight), _meta(group_bias),
+               _meta(num_batches_tracked), bool(training), bool(estimate), momentum, type(momentum), eps, type(eps),
+               activation)
+    except AttributeError:  # not a tensor somewhere: the checks will name it
+        key = None
+    call = checks.validated(_calls, key, lambda: _validate_bcn(
+        x, num_groups, running_mean, running_var, weight, bias, group_weight, group_bias, training, estimate,
+        momentum, eps, activation, num_batches_tracked))
+    return call(x, weight, bias, group_weight, group_bias, running_mean, running_var,
+                num_batches_tracked if call.update_running else None)
+
+
+def _validate_bcn(x, num_groups, running_mean, running_var, weight, bias, group_weight, group_bias, training,
+                  estimate, momentum, eps, activation, num_batches_tracked) -> _Call:
     eps, activation = _validate_common(x, num_groups, eps, activation)
     momentum = checks.check_momentum(momentum)
     c = x.shape[1]
@@ -207,31 +298,39 @@ def batch_channel_norm(
         mode = MODE_RUNNING
         if not has_running:
             raise ValueError("evaluation (training=False) needs running_mean and running_var")
-    update_running = training and has_running
+    update_running = bool(training) and has_running
     cumulative = momentum is None
     if cumulative and update_running and num_batches_tracked is None:
         raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")
     if num_batches_tracked is not None and (num_batches_tracked.numel() != 1 or num_batches_tracked.dtype.is_floating_point):
         raise ValueError("num_batches_tracked must be a one-element integer tensor")
+    if num_batches_tracked is not None and num_batches_tracked.device != x.device:
+        raise ValueError(f"num_batches_tracked is on {num_batches_tracked.device} but the input is on {x.device}")
     group_affine = group_weight is not None and group_weight.numel() == num_groups
-    return BatchChannelNormFunction.apply(
-        x, weight, bias, group_weight, group_bias, running_mean, running_var,
-        num_batches_tracked if update_running else None, num_groups, eps,
-        0.0 if cumulative else momentum, cumulative, mode, update_running, activation, group_affine)
+    return _Call(x, num_groups, eps, 0.0 if cumulative else momentum, cumulative, mode, update_running, activation,
+                 group_affine)
 
 
 def group_norm(x: torch.Tensor, num_groups: int, weight: Optional[torch.Tensor] = None,
                bias: Optional[torch.Tensor] = None, eps: float = 1e-5,
                activation: Optional[str] = None) -> torch.Tensor:
     """F.group_norm with an optional fused ``activation`` ("relu" or "silu")."""
-    eps, activation = _validate_common(x, num_groups, eps, activation)
-    c = x.shape[1]
-    _check_param("weight", weight, (c,), x)
-    _check_param("bias", bias, (c,), x)
+    try:
+        key = ("gn", x.shape, x.stride(), x.dtype, x.device, num_groups, type(num_groups), _meta(weight), _meta(bias),
+               eps, type(eps), activation)
+    except AttributeError:
+        key = None
+    call = checks.validated(_calls, key, lambda: _validate_gn(x, num_groups, weight, bias, eps, activation))
     if weight is not None and bias is None:  # as F.group_norm allows
         bias = torch.zeros_like(weight)
     elif bias is not None and weight is None:
         weight = torch.ones_like(bias)
-    return BatchChannelNormFunction.apply(
-        x, None, None, weight, bias, None, None, None, num_groups, eps, 0.0, False,
-        MODE_GN, False, activation, False)
+    return call(x, None, None, weight, bias, None, None, None)
+
+
+def _validate_gn(x, num_groups, weight, bias, eps, activation) -> _Call:
+    eps, activation = _validate_common(x, num_groups, eps, activation)
+    c = x.shape[1]
+    _check_param("weight", weight, (c,), x)
+    _check_param("bias", bias, (c,), x)
+    return _Call(x, num_groups, eps, 0.0, False, MODE_GN, False, activation, False)

@@ -35,6 +35,7 @@ TUNABLE_KEYS = {
     "norm_bwd": ("BLOCK_C", "num_warps", "num_stages"),
 }
 _tables: dict = {}  # device slug -> merged {key: config}, built once per process
+_generation = [0]  # bumped whenever the tables are dropped: cached launch plans key on it
 
 
 def cache_dir() -> Path:
@@ -136,8 +137,15 @@ def table_for(slug: str) -> dict:
 
 
 def forget_loaded_tables() -> None:
-    """Drop the in-memory tables so the next lookup rereads the files."""
+    """Drop the in-memory tables so the next lookup rereads the files (and every
+    launch plan built from them is rebuilt)."""
     _tables.clear()
+    _generation[0] += 1
+
+
+def generation() -> int:
+    """How many times the tables were dropped: part of every launch plan's key."""
+    return _generation[0]
 
 
 def heuristic_config(kernel: str, t: torch.Tensor, shape: tuple, channels_last: bool = False) -> dict:

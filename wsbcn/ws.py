@@ -29,9 +29,7 @@ def _ws_forward_impl(weight: torch.Tensor, eps: float, correction: int, std_mode
         return torch.empty_like(weight), weight.new_empty((3, 0), dtype=acc_dtype(weight.dtype))
     if backend.backend_for(weight) == "torch":
         return ws_forward_torch(weight, eps, correction, std_mode)
-    fan_in = weight.numel() // weight.shape[0]
-    config = tuning.config_for("ws_fwd", weight, (weight.shape[0], fan_in))
-    return backend.kernels().ws.ws_forward(weight, eps, correction, std_mode, config)
+    return ws_plan(weight, eps, correction, std_mode).forward(weight)
 
 
 def _ws_backward_impl(grad: torch.Tensor, weight: torch.Tensor, stats: torch.Tensor):
@@ -41,9 +39,29 @@ def _ws_backward_impl(grad: torch.Tensor, weight: torch.Tensor, stats: torch.Ten
         return ws_backward_torch(grad, weight, stats)
     if grad.stride() != weight.stride():
         grad = torch.empty_like(weight).copy_(grad)  # the kernel walks both with W's strides
-    fan_in = weight.numel() // weight.shape[0]
-    config = tuning.config_for("ws_bwd", weight, (weight.shape[0], fan_in))
-    return backend.kernels().ws.ws_backward(grad, weight, stats, config)
+    # eps and correction only enter the forward: any values give the same backward launch
+    return ws_plan(weight, 1e-5, 0, False).backward(grad, weight, stats.contiguous())
+
+
+_plans: dict = {}
+
+
+def ws_plan(weight, eps, correction, std_mode):
+    """The Triton launch plan (kernels/ws_launch.py) of a row-dense weight, cached on
+    everything it derives from: the signature, the device (or emulated GPU), the
+    tuned-config tables and the config function itself (tests replace it)."""
+    key = (weight.shape, weight.stride(), weight.dtype, weight.device, eps, correction, std_mode,
+           tuning.config_for, tuning.generation(), backend.emulated_gpu())
+    plan = _plans.get(key)
+    if plan is None:
+        shape = (weight.shape[0], weight.numel() // weight.shape[0])
+        plan = backend.kernels().ws_launch.WSPlan(weight, eps, correction, std_mode,
+                                                  tuning.config_for("ws_fwd", weight, shape),
+                                                  tuning.config_for("ws_bwd", weight, shape))
+        if len(_plans) >= checks.MAX_CACHED_SIGNATURES:
+            _plans.clear()
+        _plans[key] = plan
+    return plan
 
 
 @torch.library.custom_op("wsbcn::ws_forward", mutates_args=())
@@ -90,10 +108,62 @@ class WeightStandardizeFunction(torch.autograd.Function):
         return bwd(grad, weight, stats), None, None, None
 
 
+class _EagerWSFunction(torch.autograd.Function):
+    """The eager Triton path of a row-dense weight: one launch plan, one launch each way."""
+
+    @staticmethod
+    def forward(ctx, weight, plan):
+        w_hat, stats = plan.forward(weight)
+        ctx.save_for_backward(weight, stats)
+        ctx.plan = plan
+        return w_hat
+
+    @staticmethod
+    def backward(ctx, grad):
+        weight, stats = ctx.saved_tensors
+        if grad.stride() != weight.stride():
+            grad = torch.empty_like(weight).copy_(grad)  # the kernel walks both with W's strides
+        return ctx.plan.backward(grad, weight, stats), None
+
+
+class _Call:
+    """A validated weight signature and its launch plans (see checks.validated)."""
+
+    __slots__ = ("eps", "correction", "std_mode", "eager", "plans")
+
+    def __init__(self, weight, eps, correction, std_mode):
+        self.eps, self.correction, self.std_mode = eps, correction, std_mode
+        # the eager Triton path takes non-empty weights whose rows are dense already
+        self.eager = weight.shape[0] > 0 and row_dense(weight) is weight
+        self.plans = {}
+
+    def __call__(self, weight):
+        if self.eager and backend.backend_for(weight) == "triton" and not _compiling():
+            key = (tuning.config_for, tuning.generation(), backend.emulated_gpu())
+            plan = self.plans.get(key)
+            if plan is None:
+                plan = self.plans[key] = ws_plan(weight, self.eps, self.correction, self.std_mode)
+            return _EagerWSFunction.apply(weight, plan)
+        return WeightStandardizeFunction.apply(weight, self.eps, self.correction, self.std_mode)
+
+
+_calls: dict = {}  # validated weight signature -> _Call
+
+
+def _validate(weight, eps, correction, eps_mode) -> _Call:
+    eps, correction = checks.check_ws_args(weight, eps, correction, eps_mode)
+    return _Call(weight, eps, correction, eps_mode == "std")
+
+
 def weight_standardize(weight: torch.Tensor, eps: float = 1e-5, correction: int = 0, eps_mode: str = "var") -> torch.Tensor:
     """Standardize each output channel of ``weight`` over its fan-in (dims 1..).
 
-    See the module docstring for the two ``eps_mode`` conventions.
+    See the module docstring for the two ``eps_mode`` conventions. The checks run
+    once per weight signature; repeat calls reuse what they derived.
     """
-    eps, correction = checks.check_ws_args(weight, eps, correction, eps_mode)
-    return WeightStandardizeFunction.apply(weight, eps, correction, eps_mode == "std")
+    try:
+        key = (weight.shape, weight.stride(), weight.dtype, weight.device, eps, type(eps), correction,
+               type(correction), eps_mode)
+    except AttributeError:  # not a tensor: the checks will name it
+        key = None
+    return checks.validated(_calls, key, lambda: _validate(weight, eps, correction, eps_mode))(weight)

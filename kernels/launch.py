@@ -1,0 +1,122 @@
+"""Launching a Triton kernel for the host cost of one C call.
+
+``kernel[grid](*args)`` (triton's ``JITFunction.run``) binds, specialises and hashes
+every argument on every call: ~6 us plus ~0.3 us per argument, 11-18 us for our
+kernels, which at micro-batch sizes is more than the kernel itself runs. A
+``Launch`` is one launch of a kernel whose grid, integer arguments and constexprs
+are all fixed (a launch plan holds them, keyed on everything they derive from).
+Its first call goes through ``kernel[grid]``, which compiles and returns the
+``CompiledKernel``; later calls hand the arguments straight to that kernel's C
+launcher, with pointers passed as integer addresses.
+
+Why this launches exactly the kernel ``kernel[grid]`` would: triton specialises a
+launch on the constexprs, the options (num_warps, num_stages), each integer
+argument (== 1, divisible by 16, 32 or 64 bits), each pointer's dtype and whether
+its address is 16-byte aligned, and the device. A plan fixes all of these but the
+addresses, so a ``Launch`` only remembers the kernel compiled for all-aligned
+pointers, and any call with a misaligned pointer, another device, launch hooks
+(profilers) or the interpreter goes through ``kernel[grid]`` again. Floats are
+never specialised.
+"""
+import functools
+import operator
+import os
+
+from triton.runtime import driver
+
+try:
+    from triton import knobs
+except ImportError:  # triton < 3.4: no launch hooks to honour
+    knobs = None
+
+# Counters a test reads to see which path each launch took.
+stats = {"direct": 0, "jit": 0}
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def all_aligned(addresses) -> bool:
+    """True when every address is a multiple of 16 (triton's pointer specialisation)."""
+    return not functools.reduce(operator.or_, addresses, 0) & 15
+
+
+class Launch:
+    """One kernel launch of a plan: ``kernel``, ``grid``, ``options`` (num_warps,
+    num_stages) and, for each kernel parameter in order, the index of its value in
+    the call's value list (``picks``; constexprs included, which the C launcher
+    skips). ``constexprs`` names the parameters passed by keyword on the slow path."""
+
+    __slots__ = ("kernel", "grid", "picks", "names", "options", "compiled", "device")
+
+    def __init__(self, kernel, grid, picks, options):
+        self.kernel = kernel
+        self.grid = tuple(grid) + (1,) * (3 - len(grid))
+        self.picks = operator.itemgetter(*picks)
+        self.options = options
+        self.compiled = None  # the CompiledKernel for all-aligned pointers
+        self.device = None  # the device it was loaded on
+
+    def jit(self, values, aligned: bool):
+        """Launch through ``kernel[grid]`` with tensors in ``values``."""
+        stats["jit"] += 1
+        compiled = self.kernel[self.grid](*self.picks(values), **self.options)
+        if aligned and not _interpreting() and compiled is not None and hasattr(compiled, "packed_metadata"):
+            self.compiled = compiled
+            self.device = driver.active.get_current_device()
+
+    def direct(self, values, stream):
+        """Launch the compiled kernel with ``values`` holding integer addresses."""
+        stats["direct"] += 1
+        ck = self.compiled
+        g = self.grid
+        ck.run(g[0], g[1], g[2], stream, ck.function, ck.packed_metadata, None, None, None, *self.picks(values))
+
+
+def _hooked(hook) -> bool:
+    """A launch hook is set: a callable (triton 3.6) or a non-empty HookChain (3.9)."""
+    return hook is not None and bool(getattr(hook, "calls", True))
+
+
+def direct_stream(launches):
+    """The current stream when every launch in ``launches`` can go direct on the
+    current device, else None (then launch through ``kernel[grid]``)."""
+    for launch in launches:
+        if launch.compiled is None:  # not compiled yet, or the interpreter
+            return None
+    if knobs is not None and (_hooked(knobs.runtime.launch_enter_hook) or _hooked(knobs.runtime.launch_exit_hook)):
+        return None
+    active = driver.active
+    device = active.get_current_device()
+    for launch in launches:
+        if launch.device != device:
+            return None
+    return active.get_current_stream(device)
+
+
+class Slot(str):
+    """A kernel argument filled per call (a named value slot), not a constant."""
+
+
+class ArgTable:
+    """Builds the ``Launch``es of a plan. A call fills the named ``slots`` (tensors,
+    or addresses on the direct path) and appends the plan's ``constants``; each
+    kernel parameter, by name, is either a ``Slot`` or a constant of the plan."""
+
+    def __init__(self, slots):
+        self.index = {name: i for i, name in enumerate(slots)}
+        self.constants = []
+
+    def launch(self, kernel, grid, options, **args):
+        picks = []
+        for name in kernel.arg_names:
+            value = args.pop(name)
+            if isinstance(value, Slot):
+                picks.append(self.index[value])
+            else:
+                picks.append(len(self.index) + len(self.constants))
+                self.constants.append(value)
+        if args:
+            raise TypeError(f"{kernel}: no parameters named {sorted(args)}")
+        return Launch(kernel, grid, picks, options)

@@ -1,0 +1,244 @@
+"""Launch plans of the BCN / GroupNorm kernels (kernels/norm.py).
+
+A ``NormPlan`` holds everything a call derives from its signature (shape,
+strides, dtypes, mode, the launch config): the integers each kernel gets, the
+grids, the layout of the fp32 side buffers and one ``Launch`` per kernel
+(kernels/launch.py). Building it is the slow part of a call; a repeat call with
+the same signature allocates y and two fp32 buffers and makes 3 + 3 launches.
+This file is the one place where the kernels' arguments are written down: the
+eager path, the torch.library ops and the autotuner all launch through it.
+
+Side buffers (fp32). Forward, one allocation, kept for the backward:
+    stats [6, N, C] (pivot, mean, dm, P, y_hat mean, M2) | rstd_c [C] | rho [N, G]
+    | partial sums [2, N, C, n_split] (scratch)
+Backward, one allocation: partial sums [2, N, C, n_split] | coefficients [3, N, C]
+    | d_gamma, d_beta [2, C] | d_omega, d_eta [2, G or C]
+"""
+import torch
+
+from . import norm as K
+from .launch import ArgTable, Slot, all_aligned, direct_stream
+from .layout import cdiv, nsc_strides
+
+# Value slots a call fills (tensors on the kernel[grid] path, addresses on the
+# direct path); the plan's integers and constexprs follow them.
+_FWD_SLOTS = ("x", "y", "pivot", "mean", "dm", "p", "ym", "m2", "rstd_c", "rho", "part_a", "part_b",
+              "gamma", "beta", "omega", "eta", "rm", "rv", "nbt")
+_BWD_SLOTS = ("dy", "x", "dx", "pivot", "mean", "dm", "p", "ym", "m2", "rstd_c", "rho", "part_a", "part_b",
+              "ca", "ce", "cc", "d_gamma", "d_beta", "d_omega", "d_eta", "gamma", "omega", "eta")
+
+
+def _views(buffer, offsets, shapes):
+    return [buffer[o:o + _numel(shape)].view(shape) for o, shape in zip(offsets, shapes)]
+
+
+def _numel(shape):
+    total = 1
+    for d in shape:
+        total *= d
+    return total
+
+
+class NormPlan:
+    """The launches of one BCN/GN signature (forward, and backward per dy layout)."""
+
+    def __init__(self, x, num_groups, mode, update_running, cumulative, activation, group_affine,
+                 has_bn_affine, has_affine, has_nbt, eps, momentum, config, config_bwd):
+        n, c = x.shape[0], x.shape[1]
+        s = x.numel() // (n * c)
+        k = c // num_groups
+        y = torch.empty_like(x)
+        self.y_contiguous = nsc_strides(y) is None  # empty_like could not keep a walkable layout
+        if self.y_contiguous:
+            y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        self.y_stride = y.stride()
+        sx, sy = nsc_strides(x), nsc_strides(y)
+        self.n, self.c, self.s, self.k, self.num_groups = n, c, s, k, num_groups
+        self.sx, self.sy = sx, sy
+        self.mode, self.activation, self.group_affine = mode, activation, group_affine
+        self.has_bn_affine, self.has_affine = has_bn_affine, has_affine
+        self.config_bwd = config_bwd
+        self.chunk, self.n_split = K._chunking(s, config)
+        self.grid = (n * cdiv(c, config["BLOCK_C"]), self.n_split)
+        bn, bk, bj = K._combine_blocks(n, k, self.n_split, config)
+        # forward side buffer
+        nc = n * c
+        self.fwd_shapes = [(nc,)] * 6 + [(c,), (n, num_groups)]
+        self.fwd_offsets, self.fwd_size = _layout(self.fwd_shapes, blocks=(6, 1, 1))
+        self.fwd_byte_offsets = [4 * o for o in self.fwd_offsets]
+        self.part_size = n * c * self.n_split  # each of the two partial-sum buffers (scratch)
+        t = ArgTable(_FWD_SLOTS)
+        S = Slot
+        tile = dict(BLOCK_C=config["BLOCK_C"], BLOCK_S=config["BLOCK_S"])
+        opts = dict(num_warps=config["num_warps"], num_stages=config["num_stages"])
+        large = K._large(c, s, sx[1:], sy[1:])
+        self.fwd = [
+            t.launch(K._norm_stats_kernel, self.grid, opts,
+                     X=S("x"), Pivot=S("pivot"), Running_mean=S("rm"), Part_mean=S("part_a"), Part_m2=S("part_b"),
+                     C=c, S=s, K=k, stride_xn=sx[0], stride_xc=sx[1], stride_xs=sx[2], chunk=self.chunk,
+                     n_split=self.n_split, PIVOT_MODE=0 if mode == K.MODE_GN else (2 if mode == K.MODE_RUNNING else 1),
+                     LARGE=large, **tile),
+            t.launch(K._norm_combine_kernel, (num_groups,), dict(num_warps=4 if bn * bk * bj >= 1024 else 2),
+                     Part_mean=S("part_a"), Part_m2=S("part_b"), Pivot=S("pivot"), Gamma=S("gamma"), Beta=S("beta"),
+                     Running_mean=S("rm"), Running_var=S("rv"), Num_batches=S("nbt"), Mean=S("mean"), Dm=S("dm"),
+                     Rstd_c=S("rstd_c"), Rho=S("rho"), P=S("p"), Ym=S("ym"), M2=S("m2"),
+                     N=n, C=c, S=s, K=k, chunk=self.chunk, n_split=self.n_split, momentum=float(momentum),
+                     eps=float(eps), MODE=mode, HAS_BN_AFFINE=has_bn_affine, UPDATE_RUNNING=update_running,
+                     CUMULATIVE=cumulative, BLOCK_N=bn, BLOCK_K=bk, BLOCK_J=bj),
+            t.launch(K._norm_apply_kernel, self.grid, opts,
+                     X=S("x"), Y=S("y"), Pivot=S("pivot"), Mean=S("mean"), P=S("p"), Ym=S("ym"), Omega=S("omega"),
+                     Eta=S("eta"), Num_batches=S("nbt"), C=c, S=s, K=k,
+                     stride_xn=sx[0], stride_xc=sx[1], stride_xs=sx[2],
+                     stride_yn=sy[0], stride_yc=sy[1], stride_ys=sy[2], chunk=self.chunk,
+                     ACT=K.ACTIVATIONS[activation], HAS_AFFINE=has_affine, GROUP_AFFINE=group_affine,
+                     INCREMENT=update_running and has_nbt, LARGE=large, **tile),
+        ]
+        self.fwd_constants = t.constants
+        self._bwd = {}  # dy strides -> the backward's launches, constants and buffer layout
+
+    # -- forward -------------------------------------------------------------------
+    def alloc_y(self, x):
+        if self.y_contiguous:
+            return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        return torch.empty_like(x)
+
+    def forward(self, x, gamma, beta, omega, eta, running_mean, running_var, num_batches):
+        """y and the saved fp32 buffer (stats | rstd_c | rho). The running buffers (and
+        num_batches) are updated in place as the mode says."""
+        y = self.alloc_y(x)
+        side = torch.empty((self.fwd_size,), device=x.device, dtype=torch.float32)
+        part = torch.empty((2, self.part_size), device=x.device, dtype=torch.float32)
+        if y.stride() != self.y_stride:  # never expected: empty_like is deterministic
+            raise RuntimeError("wsbcn: output layout differs from the launch plan's")
+        stream = direct_stream(self.fwd)
+        if stream is not None:
+            base = side.data_ptr()
+            dummy = base + 4 * self.fwd_offsets[6]  # rstd_c: any valid fp32 address
+            part_a = part.data_ptr()
+            addresses = [x.data_ptr(), y.data_ptr()] + [base + o for o in self.fwd_byte_offsets]
+            addresses += [part_a, part_a + 4 * self.part_size]
+            addresses += [dummy if t is None else t.data_ptr()
+                          for t in (gamma, beta, omega, eta, running_mean, running_var, num_batches)]
+            if all_aligned(addresses):
+                values = addresses + self.fwd_constants
+                for launch in self.fwd:
+                    launch.direct(values, stream)
+                return y, side
+        views = _views(side, self.fwd_offsets, self.fwd_shapes) + list(part.unbind(0))
+        dummy = views[6]
+        values = [x, y] + views + [dummy if t is None else t
+                                   for t in (gamma, beta, omega, eta, running_mean, running_var, num_batches)]
+        aligned = all_aligned(v.data_ptr() for v in values)
+        values += self.fwd_constants
+        for launch in self.fwd:
+            launch.jit(values, aligned)
+        return y, side
+
+    def saved_views(self, side):
+        """(stats [6, N, C], rstd_c [C], rho [N, G]) of a forward's side buffer."""
+        n, c = self.n, self.c
+        o = self.fwd_offsets
+        return (side[:6 * n * c].view(6, n, c), side[o[6]:o[6] + c],
+                side[o[7]:o[7] + n * self.num_groups].view(n, self.num_groups))
+
+    # -- backward ------------------------------------------------------------------
+    def _backward_plan(self, dy):
+        key = dy.stride()
+        found = self._bwd.get(key)
+        if found is None:
+            found = self._bwd[key] = self._build_backward(dy)
+        return found
+
+    def _build_backward(self, dy):
+        n, c, s, k, num_groups = self.n, self.c, self.s, self.k, self.num_groups
+        sx, sd, so = self.sx, nsc_strides(dy), self.sy  # dx is allocated like y
+        large = K._large(c, s, sx[1:], sd[1:], so[1:])
+        config = self.config_bwd
+        chunk, n_split = K._chunking(s, config)
+        grid = (n * cdiv(c, config["BLOCK_C"]), n_split)
+        bn, bk, bj = K._combine_blocks(n, k, n_split, config)
+        aff = num_groups if self.group_affine else c
+        bn_len = c if self.has_bn_affine else 0
+        aff_len = aff if self.has_affine else 0
+        shapes = [(n, c, n_split)] * 2 + [(n * c,)] * 3 + [(bn_len,)] * 2 + [(aff_len,)] * 2
+        offsets, size = _layout(shapes, blocks=(2, 3, 4))
+        pieces = [bn_len, bn_len, aff_len, aff_len]  # the gradients: one split of the buffer's tail
+        # byte offsets for the direct path; an absent gradient gets the buffer's start
+        # (never written: its HAS_* flag is off)
+        byte_offsets = [4 * o if _numel(shape) else 0 for o, shape in zip(offsets, shapes)]
+        t = ArgTable(_BWD_SLOTS)
+        S = Slot
+        tile = dict(BLOCK_C=config["BLOCK_C"], BLOCK_S=config["BLOCK_S"])
+        opts = dict(num_warps=config["num_warps"], num_stages=config["num_stages"])
+        act = K.ACTIVATIONS[self.activation]
+        common = dict(ACT=act, HAS_AFFINE=self.has_affine, GROUP_AFFINE=self.group_affine, LARGE=large, **tile)
+        launches = [
+            t.launch(K._norm_bwd_reduce_kernel, grid, opts,
+                     Dy=S("dy"), X=S("x"), Pivot=S("pivot"), Mean=S("mean"), P=S("p"), Ym=S("ym"), Omega=S("omega"),
+                     Eta=S("eta"), Part_d1=S("part_a"), Part_de=S("part_b"), C=c, S=s, K=k,
+                     stride_xn=sx[0], stride_xc=sx[1], stride_xs=sx[2],
+                     stride_dn=sd[0], stride_dc=sd[1], stride_ds=sd[2], chunk=chunk, n_split=n_split,
+                     **common),
+            t.launch(K._norm_bwd_combine_kernel, (num_groups,), dict(num_warps=4 if bn * bk * bj >= 1024 else 2),
+                     Part_d1=S("part_a"), Part_de=S("part_b"), Rstd_c=S("rstd_c"), Rho=S("rho"), Dm=S("dm"), P=S("p"),
+                     Ym=S("ym"), M2=S("m2"), Gamma=S("gamma"), Omega=S("omega"), Dgamma=S("d_gamma"),
+                     Dbeta=S("d_beta"), Domega=S("d_omega"), Deta=S("d_eta"), CA=S("ca"), CE=S("ce"), CC=S("cc"),
+                     N=n, C=c, S=s, K=k, n_split=n_split, MODE=self.mode, HAS_BN_AFFINE=self.has_bn_affine,
+                     HAS_AFFINE=self.has_affine, GROUP_AFFINE=self.group_affine, BLOCK_N=bn, BLOCK_K=bk, BLOCK_J=bj),
+            t.launch(K._norm_bwd_apply_kernel, grid, opts,
+                     Dy=S("dy"), X=S("x"), Dx=S("dx"), Pivot=S("pivot"), Mean=S("mean"), P=S("p"), Ym=S("ym"),
+                     Omega=S("omega"), Eta=S("eta"), CA=S("ca"), CE=S("ce"), CC=S("cc"), C=c, S=s, K=k,
+                     stride_xn=sx[0], stride_xc=sx[1], stride_xs=sx[2],
+                     stride_dn=sd[0], stride_dc=sd[1], stride_ds=sd[2],
+                     stride_on=so[0], stride_oc=so[1], stride_os=so[2], chunk=chunk, **common),
+        ]
+        return launches, t.constants, offsets, shapes, size, pieces, byte_offsets
+
+    def backward(self, dy, x, saved, gamma, omega, eta):
+        """dx and the fp32 parameter gradients (d_gamma, d_beta, d_omega, d_eta;
+        empty for absent parameters). ``dy`` must be walkable (nsc_strides);
+        ``saved`` is the forward's side buffer or its (stats, rstd_c, rho)."""
+        launches, constants, offsets, shapes, size, pieces, byte_offsets = self._backward_plan(dy)
+        dx = self.alloc_y(x)
+        buf = torch.empty((size,), device=x.device, dtype=torch.float32)
+        grads = buf[offsets[5]:].split(pieces)
+        stream = None if isinstance(saved, tuple) else direct_stream(launches)
+        if stream is not None:
+            base, side = buf.data_ptr(), saved.data_ptr()
+            dummy = side + 4 * self.fwd_offsets[6]
+            addresses = [dy.data_ptr(), x.data_ptr(), dx.data_ptr()]
+            addresses += [side + o for o in self.fwd_byte_offsets]
+            addresses += [base + o for o in byte_offsets]
+            addresses += [dummy if t is None else t.data_ptr() for t in (gamma, omega, eta)]
+            if all_aligned(addresses):
+                values = addresses + constants
+                for launch in launches:
+                    launch.direct(values, stream)
+                return (dx,) + grads
+        if isinstance(saved, tuple):
+            stats, rstd_c, rho = saved
+            saved_views = list(stats.unbind(0)) + [rstd_c, rho]
+        else:
+            saved_views = _views(saved, self.fwd_offsets, self.fwd_shapes)
+        dummy = saved_views[6]
+        views = [v if v.numel() else dummy for v in _views(buf, offsets, shapes)]
+        values = [dy, x, dx] + saved_views + views + [dummy if t is None else t for t in (gamma, omega, eta)]
+        aligned = all_aligned(v.data_ptr() for v in values)
+        values += constants
+        for launch in launches:
+            launch.jit(values, aligned)
+        return (dx,) + grads
+
+
+def _layout(shapes, blocks):
+    """(start of each buffer in fp32 elements, total) for ``shapes`` packed in
+    groups of ``blocks`` buffers: buffers of a group lie back to back (stats is one
+    [6, N, C] tensor), each group starts on a 16-byte boundary."""
+    offsets, at, i = [], 0, 0
+    for count in blocks:
+        at = cdiv(at, 4) * 4
+        for shape in shapes[i:i + count]:
+            offsets.append(at)
+            at += _numel(shape)
+        i += count
+    return offsets, at

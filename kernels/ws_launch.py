@@ -1,0 +1,71 @@
+"""Launch plans of the Weight Standardization kernels (kernels/ws.py).
+
+A ``WSPlan`` holds what a weight's signature fixes (shape, strides, dtype, eps,
+correction, mode and the launch config): the integers, the grid and one
+``Launch`` per kernel (kernels/launch.py), so a repeat call allocates its outputs
+and makes one launch each way. The one place where the WS kernels' arguments are
+written down.
+"""
+import torch
+
+from . import ws as K
+from .launch import ArgTable, Slot, all_aligned, direct_stream
+
+
+class WSPlan:
+    """Forward and backward launches of one weight signature. ``w`` must be row
+    dense (each output channel's fan-in one block in memory)."""
+
+    def __init__(self, w, eps, correction, std_mode, config_fwd, config_bwd):
+        out_channels = w.shape[0]
+        fan_in = w.numel() // out_channels
+        row_stride = fan_in
+        grid = (out_channels, 1, 1)
+        self.out_channels = out_channels
+        stats = dict(Shifted_mean=Slot("mean"), Rstd=Slot("rstd"), Gcoef=Slot("gcoef"))
+        block = config_fwd["BLOCK"]
+        t = ArgTable(("w", "w_hat", "mean", "rstd", "gcoef"))
+        self.fwd = t.launch(K._ws_fwd_kernel, grid, dict(num_warps=config_fwd["num_warps"]),
+                            W=Slot("w"), W_hat=Slot("w_hat"), **stats, row_stride=row_stride, fan_in=fan_in,
+                            denom=float(fan_in - correction), eps=float(eps), STD_MODE=std_mode,
+                            ONE_BLOCK=fan_in <= block, BLOCK=block)
+        self.fwd_constants = t.constants
+        block = config_bwd["BLOCK"]
+        t = ArgTable(("grad", "w", "dw", "mean", "rstd", "gcoef"))
+        self.bwd = t.launch(K._ws_bwd_kernel, grid, dict(num_warps=config_bwd["num_warps"]),
+                            Grad=Slot("grad"), W=Slot("w"), Dw=Slot("dw"), **stats, row_stride=row_stride,
+                            fan_in=fan_in, ONE_BLOCK=fan_in <= block, BLOCK=block)
+        self.bwd_constants = t.constants
+
+    def forward(self, w):
+        """(w_hat, stats) with stats fp32 [3, O]: shifted mean, rstd, gcoef."""
+        w_hat = torch.empty_like(w)
+        stats = torch.empty((3, self.out_channels), device=w.device, dtype=torch.float32)
+        launch = self.fwd
+        o = 4 * self.out_channels
+        stream = direct_stream((launch,))
+        if stream is not None:
+            base = stats.data_ptr()
+            addresses = [w.data_ptr(), w_hat.data_ptr(), base, base + o, base + 2 * o]
+            if all_aligned(addresses):
+                launch.direct(addresses + self.fwd_constants, stream)
+                return w_hat, stats
+        values = [w, w_hat, stats[0], stats[1], stats[2]]
+        launch.jit(values + self.fwd_constants, all_aligned(v.data_ptr() for v in values))
+        return w_hat, stats
+
+    def backward(self, grad, w, stats):
+        """dW; ``grad`` must have the same strides as ``w``."""
+        dw = torch.empty_like(w)
+        launch = self.bwd
+        o = 4 * self.out_channels
+        stream = direct_stream((launch,))
+        if stream is not None and stats.is_contiguous():
+            base = stats.data_ptr()
+            addresses = [grad.data_ptr(), w.data_ptr(), dw.data_ptr(), base, base + o, base + 2 * o]
+            if all_aligned(addresses):
+                launch.direct(addresses + self.bwd_constants, stream)
+                return dw
+        values = [grad, w, dw, stats[0], stats[1], stats[2]]
+        launch.jit(values + self.bwd_constants, all_aligned(v.data_ptr() for v in values))
+        return dw
