@@ -114,6 +114,8 @@ def test_bad_arguments_and_the_interpreter_are_refused_before_anything_runs(tmp_
         host_bench.run_host_bench(ops=["bn"], out_dir=tmp_path)
     with pytest.raises(ValueError, match="rounds"):
         host_bench.run_host_bench(rounds=0, out_dir=tmp_path)
+    with pytest.raises(ValueError, match="clock"):
+        host_bench.run_host_bench(clock="sundial", out_dir=tmp_path)
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
         host_bench.run_host_bench(shapes=["256x14x14"], ops=["gn"], driver="stub", out_dir=tmp_path)
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):

@@ -1,8 +1,9 @@
 """Host time of wsbcn's eager calls, on any machine (``wsbcn bench --host``).
 
-At micro-batch sizes an eager BCN layer is host-bound: on an H100 a BCN
-forward+backward kept the GPU busy for 17 us and the host for ~1.6 ms (Python,
-torch dispatch and autograd, allocations, triton's binder and launcher). This
+At micro-batch sizes an eager BCN layer is host-bound: in the H100 session
+(README, Results; perf/tools/host_overhead.py) a BCN forward+backward kept the GPU
+busy for 17 us and the host for ~1.6 ms (Python, torch dispatch and autograd,
+allocations, triton's binder and launcher). This
 module measures that host time per eager call, for the calls ``wsbcn bench`` times
 for the ``wsbcn`` provider (BCN in batch and estimate mode, GroupNorm, WS), and
 writes rows in the bench CSV schema with variant "host".
@@ -13,9 +14,14 @@ Two drivers:
     and ``wsbcn.backend.emulate_gpu`` sends CPU tensors down wsbcn's GPU path with
     the launch plans and tuned configs of the GPU the stub answers as (an H100).
     Everything on the host runs for real, the first call's compile for sm_90
-    included; no kernel runs (outputs are garbage). Host time = wall time of a call.
-    Rows go to ``<out>/cpu/bench.csv``; their device column names the stub and the
-    emulated GPU.
+    included; no kernel runs (outputs are garbage). Host time = the CPU time of the
+    calling thread during the call (``--clock cpu``, the default here): it does all
+    of the work (autograd runs CPU backward on the caller; nothing blocks), so this
+    is the wall time the call takes on an idle core, and other processes competing
+    for the cores do not move it. Wall time does (``--clock wall``): on a 2-core
+    machine at load 5, wall time was 2.5-3x the CPU time, the difference all spent
+    waiting in the run queue (/proc/self/schedstat). Rows go to
+    ``<out>/cpu/bench.csv``; their device column names the stub and the emulated GPU.
 ``cuda`` (a GPU machine): CUDA tensors through the real driver. Host time = wall
     time of the eager call alone, with no synchronisation inside it, started on an
     idle device (``torch.cuda.synchronize()`` before each call, outside the timed
@@ -54,6 +60,8 @@ from .bench import COLUMNS, OPS, NormInputs, norm_fn, timed_callable, upsert, ws
 MODES = ("fwd", "bwd", "fwdbwd")
 DEFAULT_MODES = ("fwd", "fwdbwd")
 DRIVERS = ("auto", "stub", "cuda")
+# "wall": elapsed time; "cpu": CPU time of the calling thread (see the module docstring)
+CLOCKS = {"wall": time.perf_counter_ns, "cpu": time.thread_time_ns}
 NUM_GROUPS = 32
 
 
@@ -100,18 +108,19 @@ def _quantiles_ms(per_call_ns: list) -> tuple:
     return statistics.median(ms), deciles[1], deciles[7]
 
 
-def time_host(fn, sync, rounds: int, calls: int) -> tuple:
-    """(p50, p20, p80) ms over ``rounds`` of the mean wall time of ``calls`` calls,
-    each timed from an idle device (``sync`` runs before it, outside the span)."""
+def time_host(fn, sync, rounds: int, calls: int, clock=time.perf_counter_ns) -> tuple:
+    """(p50, p20, p80) ms over ``rounds`` of the mean time per call of ``calls``
+    calls on ``clock`` (ns), each timed from an idle device (``sync`` runs before
+    it, outside the span)."""
     gc.collect()
     per_round = []
     for _ in range(rounds):
         total = 0
         for _ in range(calls):
             sync()
-            start = time.perf_counter_ns()
+            start = clock()
             fn()
-            total += time.perf_counter_ns() - start
+            total += clock() - start
         per_round.append(total / calls)
     return _quantiles_ms(per_round)
 
@@ -136,8 +145,8 @@ def _jobs(suite_name, ops, batch_sizes, dtypes, layouts, shapes, weights):
 
 def run_host_bench(suite_name: str = "resnet50", ops=OPS, modes=DEFAULT_MODES, batch_sizes=(2, 32),
                    dtypes=("bfloat16",), layouts=("contiguous",), shapes=None, weights=None, rounds: int = 15,
-                   calls: int = 20, warmup: int = 3, driver: str = "auto", out_dir="perf/results",
-                   log=print) -> pd.DataFrame:
+                   calls: int = 20, warmup: int = 3, driver: str = "auto", clock: str = "auto",
+                   out_dir="perf/results", log=print) -> pd.DataFrame:
     """Time the host side of every eager call in the suite; returns the rows (bench
     CSV schema, variant "host", provider "wsbcn"), also upserted to
     ``<out_dir>/<device>/bench.csv`` unless ``out_dir`` is None.
@@ -145,7 +154,9 @@ def run_host_bench(suite_name: str = "resnet50", ops=OPS, modes=DEFAULT_MODES, b
     ``shapes`` ("CxHxW") and ``weights`` ("OxIxKHxKW") replace the suite's norm
     and conv shapes; rows of shapes outside the suite say suite "custom".
     ``driver``: "stub" (no GPU needed), "cuda", or "auto" (cuda when there is a
-    device). See the module docstring for what is timed and how.
+    device). ``clock``: "cpu" (the calling thread's CPU time; stub only), "wall",
+    or "auto" (cpu on the stub, wall on CUDA). See the module docstring for what is
+    timed and how.
     """
     unknown = [op for op in ops if op not in OPS] + [m for m in modes if m not in MODES]
     if unknown:
@@ -155,9 +166,15 @@ def run_host_bench(suite_name: str = "resnet50", ops=OPS, modes=DEFAULT_MODES, b
             raise ValueError(f"{name} must be a positive int, got {value!r}")
     if not isinstance(warmup, int) or warmup < 1:
         raise ValueError(f"warmup must be a positive int (the first call compiles), got {warmup!r}")
+    if clock not in ("auto", *CLOCKS):
+        raise ValueError(f"clock must be one of {('auto', *CLOCKS)}, got {clock!r}")
     jobs = _jobs(suite_name, ops, batch_sizes, dtypes, layouts, shapes or (), weights or ())
     _check_process()
     driver = _resolve_driver(driver)
+    if clock == "auto":
+        clock = "cpu" if driver == "stub" else "wall"
+    if clock == "cpu" and driver == "cuda":
+        raise ValueError("clock='cpu' would miss the host work of autograd's CUDA thread: use 'wall' on CUDA")
 
     if driver == "stub":
         from . import stub_driver
@@ -179,6 +196,7 @@ def run_host_bench(suite_name: str = "resnet50", ops=OPS, modes=DEFAULT_MODES, b
     meta = dict(device=device_label, torch=torch.__version__, triton=info.triton_version(), commit=info.git_commit(),
                 timestamp=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
 
+    log(f"host time per call, {driver} driver, {clock} clock, {len(jobs) * len(modes)} cases")
     rows = []
     previous = backend.emulated_gpu()
     if driver == "stub":
@@ -204,7 +222,7 @@ def run_host_bench(suite_name: str = "resnet50", ops=OPS, modes=DEFAULT_MODES, b
                     fn()
                 warm_s = time.perf_counter() - started
                 launches = launches_of(fn)
-                p50, p20, p80 = time_host(fn, sync, rounds, calls)
+                p50, p20, p80 = time_host(fn, sync, rounds, calls, CLOCKS[clock])
                 restore()  # timing repeats must not advance running statistics
                 rows.append(dict(suite=suite_label, op=op, provider="wsbcn", variant="host", mode=mode, layout=layout,
                                  ms_p50=p50, ms_p20=p20, ms_p80=p80, gbps=math.nan, pct_copy_bw=math.nan,
@@ -242,6 +260,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="3 rounds of 5 calls after 2 warm-up calls: a quick look at one narrowed case")
     p.add_argument("--driver", choices=DRIVERS, default="auto",
                    help="stub: no GPU needed; cuda: the real driver; auto: cuda when a device exists")
+    p.add_argument("--clock", choices=("auto", *CLOCKS), default="auto",
+                   help="cpu: the calling thread's CPU time (stub only); wall: elapsed time; auto: cpu on the stub, "
+                        "wall on CUDA")
     p.add_argument("--out", default="perf/results", help="results folder (a subfolder per device)")
     return p
 
@@ -260,7 +281,8 @@ def main(argv=None) -> int:
         return 2
     try:
         frame = run_host_bench(args.suite, args.ops, args.modes, args.batch_sizes, args.dtypes, args.layouts,
-                               args.shapes, args.weights, args.rounds, args.calls, args.warmup, args.driver, args.out)
+                               args.shapes, args.weights, args.rounds, args.calls, args.warmup, args.driver, args.clock,
+                               args.out)
     except ValueError as exc:  # a bad shape or option: argparse's usage error
         build_parser().error(str(exc))
     print(f"{len(frame)} host-time rows written under {args.out}")
