@@ -48,12 +48,17 @@ class Launch:
     the call's value list (``picks``; constexprs included, which the C launcher
     skips). ``constexprs`` names the parameters passed by keyword on the slow path."""
 
-    __slots__ = ("kernel", "grid", "picks", "names", "options", "compiled", "device")
+    __slots__ = ("kernel", "grid", "picks", "runtime_picks", "constexpr_picks", "options", "compiled", "device")
 
     def __init__(self, kernel, grid, picks, options):
         self.kernel = kernel
         self.grid = tuple(grid) + (1,) * (3 - len(grid))
         self.picks = operator.itemgetter(*picks)
+        # kernel[grid] takes the runtime arguments by position and the constexprs by name
+        constexprs = _constexpr_names(kernel)
+        names = kernel.arg_names
+        self.runtime_picks = [i for name, i in zip(names, picks) if name not in constexprs]
+        self.constexpr_picks = {name: i for name, i in zip(names, picks) if name in constexprs}
         self.options = options
         self.compiled = None  # the CompiledKernel for all-aligned pointers
         self.device = None  # the device it was loaded on
@@ -61,7 +66,8 @@ class Launch:
     def jit(self, values, aligned: bool):
         """Launch through ``kernel[grid]`` with tensors in ``values``."""
         stats["jit"] += 1
-        compiled = self.kernel[self.grid](*self.picks(values), **self.options)
+        constexprs = {name: values[i] for name, i in self.constexpr_picks.items()}
+        compiled = self.kernel[self.grid](*[values[i] for i in self.runtime_picks], **constexprs, **self.options)
         if aligned and not _interpreting() and compiled is not None and hasattr(compiled, "packed_metadata"):
             self.compiled = compiled
             self.device = driver.active.get_current_device()
@@ -72,6 +78,14 @@ class Launch:
         ck = self.compiled
         g = self.grid
         ck.run(g[0], g[1], g[2], stream, ck.function, ck.packed_metadata, None, None, None, *self.picks(values))
+
+
+def _constexpr_names(kernel) -> set:
+    """Names of the ``tl.constexpr`` parameters of a @triton.jit function (JIT or interpreted)."""
+    import inspect
+
+    params = inspect.signature(kernel.fn).parameters
+    return {name for name, p in params.items() if "constexpr" in str(p.annotation)}
 
 
 def _hooked(hook) -> bool:

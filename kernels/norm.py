@@ -33,11 +33,10 @@ run to run. Every reduction over x runs in an order fixed by BLOCK_S and the chu
 (kernels/reduce.py), so results are also identical for any BLOCK_C, num_warps and
 num_stages. Statistics and coefficients are fp32 whatever the input dtype.
 """
-import torch
 import triton
 import triton.language as tl
 
-from .layout import cdiv, next_pow2, nsc_strides
+from .layout import cdiv, next_pow2
 from .reduce import lane_tree_chan, lane_tree_sum, lane_welford
 
 # Modes of the BN stage.
@@ -641,115 +640,35 @@ def _chunking(s, config):
 
 def _combine_blocks(n, k, n_split, config):
     """(BLOCK_N, BLOCK_K, BLOCK_J) of the combine kernels: the whole group, then as
-    many samples and chunks as fit a tile of ~4096 values."""
+    many samples and chunks as fit a tile of ~1024 values (8 per thread at 4 warps;
+    4096 on 128 threads took 255 registers and spilled)."""
     block_k = next_pow2(k)
-    block_n = max(1, min(next_pow2(n), 4096 // block_k))
-    block_j = max(1, min(next_pow2(n_split), 4096 // (block_k * block_n)))
+    block_n = max(1, min(next_pow2(n), 1024 // block_k))
+    block_j = max(1, min(next_pow2(n_split), 1024 // (block_k * block_n)))
     return block_n, block_k, config.get("BLOCK_J", block_j)
 
 
 def norm_forward(x, y, gamma, beta, omega, eta, running_mean, running_var, num_batches,
                  num_groups, eps, momentum, cumulative, mode, update_running, activation,
                  group_affine, config):
-    """Run the 3 forward launches, writing ``y`` (preallocated, any dense layout).
+    """The 3 forward launches with one ``config`` (the autotuner and the AOT tool),
+    writing ``y`` (allocated like x). Returns (stats [6, N, C], rstd_c [C], rho [N, G]);
+    the running buffers and ``num_batches`` are updated in place. The arguments are
+    those of kernels/norm_launch.py, the one place that writes them down."""
+    from .norm_launch import NormPlan
 
-    Returns (stats, rstd_c, rho): stats is fp32 [6, N, C] holding pivot, mean, dm,
-    P, y_hat mean and M2 (see the module docstring); rstd_c fp32 [C]; rho fp32
-    [N, G]. These and x are all the backward needs. ``running_mean``/``running_var``/``num_batches`` are updated in place.
-    """
-    n, c = x.shape[0], x.shape[1]
-    s = x.numel() // (n * c)
-    k = c // num_groups
-    sx, sy = nsc_strides(x), nsc_strides(y)
-    large = _large(c, s, sx[1:], sy[1:])
-    chunk, n_split = _chunking(s, config)
-    f32 = dict(device=x.device, dtype=torch.float32)
-    part = torch.empty((2, n, c, n_split), **f32)
-    stats = torch.empty((6, n, c), **f32)
-    rstd_c = torch.empty((c,), **f32)
-    rho = torch.empty((n, num_groups), **f32)
-    dummy = rstd_c
-    rm = running_mean if running_mean is not None else dummy
-    rv = running_var if running_var is not None else dummy
-    nbt = num_batches if num_batches is not None else dummy
-    grid = (n * cdiv(c, config["BLOCK_C"]), n_split)
-    pivot_mode = 0 if mode == MODE_GN else (2 if mode == MODE_RUNNING else 1)
-    _norm_stats_kernel[grid](
-        x, stats[0], rm, part[0], part[1], c, s, k, *sx, chunk, n_split,
-        PIVOT_MODE=pivot_mode, LARGE=large, BLOCK_C=config["BLOCK_C"], BLOCK_S=config["BLOCK_S"],
-        num_warps=config["num_warps"], num_stages=config["num_stages"],
-    )
-    block_n, block_k, block_j = _combine_blocks(n, k, n_split, config)
-    _norm_combine_kernel[(num_groups,)](
-        part[0], part[1], stats[0],
-        gamma if gamma is not None else dummy, beta if beta is not None else dummy,
-        rm, rv, nbt, stats[1], stats[2], rstd_c, rho, stats[3], stats[4], stats[5],
-        n, c, s, k, chunk, n_split, float(momentum), float(eps),
-        MODE=mode, HAS_BN_AFFINE=gamma is not None, UPDATE_RUNNING=update_running,
-        CUMULATIVE=cumulative, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_J=block_j,
-        num_warps=4 if block_n * block_k * block_j >= 1024 else 2,
-    )
-    _norm_apply_kernel[grid](
-        x, y, stats[0], stats[1], stats[3], stats[4],
-        omega if omega is not None else dummy, eta if eta is not None else dummy, nbt,
-        c, s, k, *sx, *sy, chunk,
-        ACT=ACTIVATIONS[activation], HAS_AFFINE=omega is not None, GROUP_AFFINE=group_affine,
-        INCREMENT=update_running and num_batches is not None, LARGE=large,
-        BLOCK_C=config["BLOCK_C"], BLOCK_S=config["BLOCK_S"],
-        num_warps=config["num_warps"], num_stages=config["num_stages"],
-    )
-    return stats, rstd_c, rho
+    plan = NormPlan(x, num_groups, mode, update_running, cumulative, activation, group_affine, gamma is not None,
+                    omega is not None, num_batches is not None, eps, momentum, config, config)
+    _, side = plan.forward(x, gamma, beta, omega, eta, running_mean, running_var, num_batches, y=y)
+    return plan.saved_views(side)
 
 
 def norm_backward(dy, x, dx, stats, rstd_c, rho, gamma, omega, eta, num_groups, mode,
                   activation, group_affine, config):
-    """Run the 3 backward launches, writing ``dx`` (preallocated).
+    """The 3 backward launches with one ``config``, writing ``dx`` (allocated like x).
+    Returns fp32 (d_gamma, d_beta, d_omega, d_eta); absent parameters give empty tensors."""
+    from .norm_launch import NormPlan
 
-    Returns fp32 (d_gamma, d_beta, d_omega, d_eta); absent parameters give empty tensors.
-    """
-    n, c = x.shape[0], x.shape[1]
-    s = x.numel() // (n * c)
-    k = c // num_groups
-    sx, sd, so = nsc_strides(x), nsc_strides(dy), nsc_strides(dx)
-    large = _large(c, s, sx[1:], sd[1:], so[1:])
-    chunk, n_split = _chunking(s, config)
-    f32 = dict(device=x.device, dtype=torch.float32)
-    part = torch.empty((2, n, c, n_split), **f32)
-    coefs = torch.empty((3, n, c), **f32)
-    has_bn_affine = gamma is not None
-    has_affine = omega is not None
-    aff_len = num_groups if group_affine else c
-    d_gamma = torch.empty((c if has_bn_affine else 0,), **f32)
-    d_beta = torch.empty_like(d_gamma)
-    d_omega = torch.empty((aff_len if has_affine else 0,), **f32)
-    d_eta = torch.empty_like(d_omega)
-    dummy = rstd_c
-    om = omega if has_affine else dummy
-    et = eta if has_affine else dummy
-    act = ACTIVATIONS[activation]
-    grid = (n * cdiv(c, config["BLOCK_C"]), n_split)
-    pivot, mean, dm, p, ym, m2 = stats.unbind(0)
-    _norm_bwd_reduce_kernel[grid](
-        dy, x, pivot, mean, p, ym, om, et, part[0], part[1], c, s, k, *sx, *sd, chunk, n_split,
-        ACT=act, HAS_AFFINE=has_affine, GROUP_AFFINE=group_affine, LARGE=large,
-        BLOCK_C=config["BLOCK_C"], BLOCK_S=config["BLOCK_S"],
-        num_warps=config["num_warps"], num_stages=config["num_stages"],
-    )
-    block_n, block_k, block_j = _combine_blocks(n, k, n_split, config)
-    _norm_bwd_combine_kernel[(num_groups,)](
-        part[0], part[1], rstd_c, rho, dm, p, ym, m2,
-        gamma if has_bn_affine else dummy, om,
-        d_gamma if has_bn_affine else dummy, d_beta if has_bn_affine else dummy,
-        d_omega if has_affine else dummy, d_eta if has_affine else dummy,
-        coefs[0], coefs[1], coefs[2], n, c, s, k, n_split,
-        MODE=mode, HAS_BN_AFFINE=has_bn_affine, HAS_AFFINE=has_affine, GROUP_AFFINE=group_affine,
-        BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_J=block_j, num_warps=4 if block_n * block_k * block_j >= 1024 else 2,
-    )
-    _norm_bwd_apply_kernel[grid](
-        dy, x, dx, pivot, mean, p, ym, om, et, coefs[0], coefs[1], coefs[2],
-        c, s, k, *sx, *sd, *so, chunk,
-        ACT=act, HAS_AFFINE=has_affine, GROUP_AFFINE=group_affine, LARGE=large,
-        BLOCK_C=config["BLOCK_C"], BLOCK_S=config["BLOCK_S"],
-        num_warps=config["num_warps"], num_stages=config["num_stages"],
-    )
-    return d_gamma, d_beta, d_omega, d_eta
+    plan = NormPlan(x, num_groups, mode, False, False, activation, group_affine, gamma is not None,
+                    omega is not None, False, 1e-5, 0.0, config, config)
+    return plan.backward(dy, x, (stats, rstd_c, rho), gamma, omega, eta, dx=dx)[1:]

@@ -102,10 +102,11 @@ class NormPlan:
             return torch.empty(x.shape, dtype=x.dtype, device=x.device)
         return torch.empty_like(x)
 
-    def forward(self, x, gamma, beta, omega, eta, running_mean, running_var, num_batches):
+    def forward(self, x, gamma, beta, omega, eta, running_mean, running_var, num_batches, y=None):
         """y and the saved fp32 buffer (stats | rstd_c | rho). The running buffers (and
-        num_batches) are updated in place as the mode says."""
-        y = self.alloc_y(x)
+        num_batches) are updated in place as the mode says. ``y``: write there
+        (allocated like x) instead of a new tensor."""
+        y = self.alloc_y(x) if y is None else y
         side = torch.empty((self.fwd_size,), device=x.device, dtype=torch.float32)
         part = torch.empty((2, self.part_size), device=x.device, dtype=torch.float32)
         if y.stride() != self.y_stride:  # never expected: empty_like is deterministic
@@ -194,12 +195,14 @@ class NormPlan:
         ]
         return launches, t.constants, offsets, shapes, size, pieces, byte_offsets
 
-    def backward(self, dy, x, saved, gamma, omega, eta):
+    def backward(self, dy, x, saved, gamma, omega, eta, dx=None):
         """dx and the fp32 parameter gradients (d_gamma, d_beta, d_omega, d_eta;
         empty for absent parameters). ``dy`` must be walkable (nsc_strides);
         ``saved`` is the forward's side buffer or its (stats, rstd_c, rho)."""
         launches, constants, offsets, shapes, size, pieces, byte_offsets = self._backward_plan(dy)
-        dx = self.alloc_y(x)
+        dx = self.alloc_y(x) if dx is None else dx
+        if dx.stride() != self.y_stride:
+            raise RuntimeError("wsbcn: dx layout differs from the launch plan's")
         buf = torch.empty((size,), device=x.device, dtype=torch.float32)
         grads = buf[offsets[5]:].split(pieces)
         stream = None if isinstance(saved, tuple) else direct_stream(launches)

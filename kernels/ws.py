@@ -9,7 +9,6 @@ keeps the variance accurate for rows with a large common offset and makes a
 constant filter give exact zeros. The row's sums run in an order fixed by BLOCK
 (kernels/reduce.py), so num_warps never changes a result.
 """
-import torch
 import triton
 import triton.language as tl
 
@@ -135,35 +134,17 @@ def _ws_bwd_kernel(
 
 
 def ws_forward(w, eps, correction, std_mode, config):
-    """Launch the WS forward on a row-dense weight ``w`` (see module docstring).
+    """The WS forward on a row-dense weight ``w`` with one ``config`` (BLOCK,
+    num_warps): the autotuner and the AOT tool. Returns (w_hat, stats), stats fp32
+    [3, O]: shifted mean, rstd, gcoef. The arguments are those of
+    kernels/ws_launch.py, the one place that writes them down."""
+    from .ws_launch import WSPlan
 
-    Returns (w_hat, stats) with stats fp32 [3, O]: shifted mean, rstd, gcoef.
-    ``config``: dict with BLOCK and num_warps.
-    """
-    out_channels = w.shape[0]
-    fan_in = w.numel() // out_channels
-    w_hat = torch.empty_like(w)
-    stats = torch.empty((3, out_channels), device=w.device, dtype=torch.float32)
-    block = config["BLOCK"]
-    _ws_fwd_kernel[(out_channels,)](
-        w, w_hat, stats[0], stats[1], stats[2],
-        fan_in, fan_in, float(fan_in - correction), float(eps),
-        STD_MODE=std_mode, ONE_BLOCK=fan_in <= block, BLOCK=block,
-        num_warps=config["num_warps"],
-    )
-    return w_hat, stats
+    return WSPlan(w, eps, correction, std_mode, config, config).forward(w)
 
 
 def ws_backward(grad, w, stats, config):
-    """Launch the WS backward; ``grad`` must have the same strides as ``w``."""
-    out_channels = w.shape[0]
-    fan_in = w.numel() // out_channels
-    dw = torch.empty_like(w)
-    block = config["BLOCK"]
-    _ws_bwd_kernel[(out_channels,)](
-        grad, w, dw, stats[0], stats[1], stats[2],
-        fan_in, fan_in,
-        ONE_BLOCK=fan_in <= block, BLOCK=block,
-        num_warps=config["num_warps"],
-    )
-    return dw
+    """The WS backward with one ``config``; ``grad`` must have the same strides as ``w``."""
+    from .ws_launch import WSPlan
+
+    return WSPlan(w, 1e-5, 0, False, config, config).backward(grad, w, stats)
