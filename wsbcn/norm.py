@@ -233,6 +233,11 @@ _calls: dict = {}  # validated call signature -> _Call
 _meta = checks.tensor_meta
 
 
+def _owner_key(owner):
+    """What a calling module's ``_check_input`` reads besides x: its class and channels."""
+    return None if owner is None else (owner.__class__, owner.num_channels)
+
+
 def batch_channel_norm(
     x: torch.Tensor, num_groups: int = 32, running_mean: Optional[torch.Tensor] = None,
     running_var: Optional[torch.Tensor] = None, weight: Optional[torch.Tensor] = None,
@@ -254,22 +259,32 @@ def batch_channel_norm(
     The checks run once per call signature (shapes, strides, dtypes, devices and
     arguments); repeat calls reuse what they derived.
     """
+    return _batch_channel_norm(x, num_groups, running_mean, running_var, weight, bias, group_weight, group_bias,
+                               training, estimate, momentum, eps, activation, num_batches_tracked)
+
+
+def _batch_channel_norm(x, num_groups, running_mean, running_var, weight, bias, group_weight, group_bias, training,
+                        estimate, momentum, eps, activation, num_batches_tracked, owner=None):
+    """batch_channel_norm; ``owner``: the calling module, whose own input checks
+    (``_check_input``) join the ones cached per signature."""
     try:
-        key = ("bcn", x.shape, x.stride(), x.dtype, x.device, num_groups, type(num_groups), _meta(running_mean),
-               _meta(running_var), _meta(weight), _meta(bias), _meta(group_weight), _meta(group_bias),
+        key = ("bcn", _owner_key(owner), x.shape, x.stride(), x.dtype, x.device, num_groups, type(num_groups),
+               _meta(running_mean), _meta(running_var), _meta(weight), _meta(bias), _meta(group_weight), _meta(group_bias),
                _meta(num_batches_tracked), bool(training), bool(estimate), momentum, type(momentum), eps, type(eps),
                activation)
     except AttributeError:  # not a tensor somewhere: the checks will name it
         key = None
     call = checks.validated(_calls, key, lambda: _validate_bcn(
-        x, num_groups, running_mean, running_var, weight, bias, group_weight, group_bias, training, estimate,
+        owner, x, num_groups, running_mean, running_var, weight, bias, group_weight, group_bias, training, estimate,
         momentum, eps, activation, num_batches_tracked))
     return call(x, weight, bias, group_weight, group_bias, running_mean, running_var,
                 num_batches_tracked if call.update_running else None)
 
 
-def _validate_bcn(x, num_groups, running_mean, running_var, weight, bias, group_weight, group_bias, training,
+def _validate_bcn(owner, x, num_groups, running_mean, running_var, weight, bias, group_weight, group_bias, training,
                   estimate, momentum, eps, activation, num_batches_tracked) -> _Call:
+    if owner is not None:
+        owner._check_input(x)
     eps, activation = _validate_common(x, num_groups, eps, activation)
     momentum = checks.check_momentum(momentum)
     c = x.shape[1]
@@ -315,12 +330,18 @@ def group_norm(x: torch.Tensor, num_groups: int, weight: Optional[torch.Tensor] 
                bias: Optional[torch.Tensor] = None, eps: float = 1e-5,
                activation: Optional[str] = None) -> torch.Tensor:
     """F.group_norm with an optional fused ``activation`` ("relu" or "silu")."""
+    return _group_norm(x, num_groups, weight, bias, eps, activation)
+
+
+def _group_norm(x, num_groups, weight, bias, eps, activation, owner=None):
+    """group_norm; ``owner``: the calling module, whose input checks
+    (``_check_input``) join the ones cached per signature."""
     try:
-        key = ("gn", x.shape, x.stride(), x.dtype, x.device, num_groups, type(num_groups), _meta(weight), _meta(bias),
-               eps, type(eps), activation)
+        key = ("gn", _owner_key(owner), x.shape, x.stride(), x.dtype, x.device, num_groups, type(num_groups),
+               _meta(weight), _meta(bias), eps, type(eps), activation)
     except AttributeError:
         key = None
-    call = checks.validated(_calls, key, lambda: _validate_gn(x, num_groups, weight, bias, eps, activation))
+    call = checks.validated(_calls, key, lambda: _validate_gn(owner, x, num_groups, weight, bias, eps, activation))
     if weight is not None and bias is None:  # as F.group_norm allows
         bias = torch.zeros_like(weight)
     elif bias is not None and weight is None:
@@ -328,7 +349,9 @@ def group_norm(x: torch.Tensor, num_groups: int, weight: Optional[torch.Tensor] 
     return call(x, None, None, weight, bias, None, None, None)
 
 
-def _validate_gn(x, num_groups, weight, bias, eps, activation) -> _Call:
+def _validate_gn(owner, x, num_groups, weight, bias, eps, activation) -> _Call:
+    if owner is not None:
+        owner._check_input(x)
     eps, activation = _validate_common(x, num_groups, eps, activation)
     c = x.shape[1]
     _check_param("weight", weight, (c,), x)

@@ -6,7 +6,7 @@ from torch import nn
 
 from .. import checks
 from ..distributed_norm import distributed_batch_channel_norm
-from ..norm import batch_channel_norm, group_norm
+from ..norm import _batch_channel_norm, _group_norm
 
 
 class _BatchChannelNorm(nn.Module):
@@ -83,14 +83,14 @@ class _BatchChannelNorm(nn.Module):
                 f"(shape {tuple(x.shape)})")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self._check_input(x)
         if self.process_group is not None and self.training:
+            self._check_input(x)
             return distributed_batch_channel_norm(self, x)
-        return batch_channel_norm(
+        # the functional checks, with _check_input, run once per call signature
+        return _batch_channel_norm(
             x, self.num_groups, self.running_mean, self.running_var, self.weight, self.bias,
-            self.group_weight, self.group_bias, training=self.training, estimate=self.estimate,
-            momentum=self.momentum, eps=self.eps, activation=self.activation,
-            num_batches_tracked=self.num_batches_tracked)
+            self.group_weight, self.group_bias, self.training, self.estimate, self.momentum, self.eps,
+            self.activation, self.num_batches_tracked, owner=self)
 
     def extra_repr(self) -> str:
         text = (f"{self.num_channels}, num_groups={self.num_groups}, eps={self.eps}, "
@@ -148,12 +148,15 @@ class GroupNorm(nn.GroupNorm):
         super().__init__(num_groups, num_channels, eps, affine, *args, **kwargs)
         self.activation = checks.check_activation(activation)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _check_input(self, x):
         checks.check_float_tensor("input", x, min_dim=2)
         if x.shape[1] != self.num_channels:
             raise ValueError(f"GroupNorm({self.num_groups}, {self.num_channels}) got an input with "
                              f"{x.shape[1]} channels (shape {tuple(x.shape)})")
-        return group_norm(x, self.num_groups, self.weight, self.bias, self.eps, self.activation)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # the functional checks, with _check_input, run once per call signature
+        return _group_norm(x, self.num_groups, self.weight, self.bias, self.eps, self.activation, owner=self)
 
     def extra_repr(self) -> str:
         text = super().extra_repr()
