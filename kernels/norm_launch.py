@@ -163,7 +163,8 @@ class NormPlan:
         aff_len = aff if self.has_affine else 0
         shapes = [(n, c, n_split)] * 2 + [(n * c,)] * 3 + [(bn_len,)] * 2 + [(aff_len,)] * 2
         offsets, size = _layout(shapes, blocks=(2, 3, 4))
-        pieces = [bn_len, bn_len, aff_len, aff_len]  # the gradients: one split of the buffer's tail
+        # the gradients: one split of the buffer (head, the four gradients)
+        pieces = [offsets[5], bn_len, bn_len, aff_len, aff_len]
         # byte offsets for the direct path; an absent gradient gets the buffer's start
         # (never written: its HAS_* flag is off)
         byte_offsets = [4 * o if _numel(shape) else 0 for o, shape in zip(offsets, shapes)]
@@ -204,7 +205,7 @@ class NormPlan:
         if dx.stride() != self.y_stride:
             raise RuntimeError("wsbcn: dx layout differs from the launch plan's")
         buf = torch.empty((size,), device=x.device, dtype=torch.float32)
-        grads = buf[offsets[5]:].split(pieces)
+        grads = buf.split_with_sizes(pieces)[1:]
         stream = None if isinstance(saved, tuple) else direct_stream(launches)
         if stream is not None:
             base, side = buf.data_ptr(), saved.data_ptr()

@@ -61,10 +61,7 @@ def launch_plan(x, num_groups, mode, update_running, cumulative, activation, gro
 def param_grads(d_gamma, d_beta, d_omega, d_eta, gamma, omega):
     """The op's fp32 parameter gradients in each parameter's dtype and shape (None
     where absent); beta and eta share gamma's and omega's shape and dtype."""
-    def cast(grad, param):
-        return None if param is None else grad.to(param.dtype).reshape(param.shape)
-
-    return cast(d_gamma, gamma), cast(d_beta, gamma), cast(d_omega, omega), cast(d_eta, omega)
+    return _as_param(d_gamma, gamma), _as_param(d_beta, gamma), _as_param(d_omega, omega), _as_param(d_eta, omega)
 
 
 def _norm_forward_impl(x, gamma, beta, omega, eta, running_mean, running_var, num_batches_tracked,
@@ -223,10 +220,21 @@ class _EagerNormFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x, side, gamma, omega, eta = ctx.saved_tensors
-        if nsc_strides(dy) is None:
+        plan = ctx.plan
+        if dy.stride() != plan.y_stride and nsc_strides(dy) is None:
             dy = dy.contiguous()
-        dx, *grads = ctx.plan.backward(dy, x, side, gamma, omega, eta)
-        return (dx, *param_grads(*grads, gamma, omega), None, None)
+        dx, d_gamma, d_beta, d_omega, d_eta = plan.backward(dy, x, side, gamma, omega, eta)
+        return (dx, _as_param(d_gamma, gamma), _as_param(d_beta, gamma), _as_param(d_omega, omega),
+                _as_param(d_eta, omega), None, None)
+
+
+def _as_param(grad, param):
+    """A 1-d fp32 gradient in its parameter's dtype and shape (None when absent)."""
+    if param is None:
+        return None
+    if grad.dtype != param.dtype:
+        grad = grad.to(param.dtype)
+    return grad if param.dim() == 1 else grad.reshape(param.shape)
 
 
 _calls: dict = {}  # validated call signature -> _Call
