@@ -1,8 +1,11 @@
-"""``wsbcn bench``: wsbcn against cuDNN BN, ATen GN, the eager reference and
-torch.compile of it, on the same inputs in one process (DESIGN.md section 7).
+"""``wsbcn bench``: wsbcn against the vendor norms (cuDNN BN and ATen GN on CUDA,
+torch's own BN and GN kernels on CPU), the eager reference and torch.compile of it,
+on the same inputs in one process (DESIGN.md section 7).
 
 Every measurement becomes one row of ``perf/results/<device>/bench.csv``
-(upserted on the case columns), with the device, versions and commit on it.
+(upserted on the case columns, see ``results``), with the device, versions and
+commit on it. On a GPU each case is timed as eager calls (host and device time)
+and as CUDA-graph replays (device time alone).
 """
 import functools
 import math
@@ -17,28 +20,51 @@ from tqdm import tqdm
 from . import info, suites
 from ..functional import batch_channel_norm, group_norm, weight_standardize
 from .reference import reference_bcn, reference_ws
+from .results import CASE_COLUMNS, COLUMNS, MICRO_OPS, upsert  # noqa: F401 (e2e and host_bench take them from here)
 
-COLUMNS = ["suite", "op", "provider", "variant", "mode", "dtype", "layout", "N", "C", "spatial",
-           "ms_p50", "ms_p20", "ms_p80", "gbps", "pct_copy_bw", "peak_mem_mb", "launches", "images_per_s",
-           "device", "torch", "triton", "commit", "timestamp"]
-CASE_COLUMNS = ["suite", "op", "provider", "variant", "mode", "dtype", "layout", "N", "C", "spatial"]
-OPS = ("ws", "bcn", "bcn_estimate", "gn")
+OPS = MICRO_OPS
 MODES = ("fwd", "bwd", "fwdbwd")
+TIMINGS = ("eager", "graph")
 # Tensor-sized transfers the closed form needs (DESIGN.md section 4): BCN/GN forward
 # reads x twice and writes y; backward reads (dy, x) twice and writes dx. WS reads W
 # and writes W_hat forward; reads (g, W) and writes dW backward.
 TRANSFERS = {"norm": {"fwd": 3, "bwd": 5, "fwdbwd": 8}, "ws": {"fwd": 2, "bwd": 3, "fwdbwd": 5}}
 NUM_GROUPS = 32
+# The vendor baselines, named for what runs: F.batch_norm is cuDNN on CUDA and
+# torch's native kernel on CPU; F.group_norm is ATen's kernel on either.
+BASELINES = {"cuda": {"bn": "cudnn_bn", "gn": "aten_gn"}, "cpu": {"bn": "torch_bn", "gn": "torch_gn"}}
+BN_PROVIDERS = tuple(b["bn"] for b in BASELINES.values())
+GN_PROVIDERS = tuple(b["gn"] for b in BASELINES.values())
 
 
-def providers(op: str, with_compiled: bool) -> list:
+def providers(op: str, with_compiled: bool, device_type: str = None) -> list:
+    """The providers timed for ``op``, wsbcn first; the vendor baselines carry the
+    name of what runs on ``device_type`` (default: cuda when there is a device)."""
+    device_type = device_type or ("cuda" if torch.cuda.is_available() else "cpu")
+    bn, gn = BASELINES[device_type]["bn"], BASELINES[device_type]["gn"]
     base = {
         "ws": ["wsbcn", "reference_ws", "compiled_ws"],
-        "bcn": ["wsbcn", "cudnn_bn", "aten_gn", "reference_bcn", "compiled_bcn"],
-        "bcn_estimate": ["wsbcn", "cudnn_bn", "reference_bcn", "compiled_bcn"],
-        "gn": ["wsbcn", "aten_gn"],
+        "bcn": ["wsbcn", bn, gn, "reference_bcn", "compiled_bcn"],
+        "bcn_estimate": ["wsbcn", bn, "reference_bcn", "compiled_bcn"],
+        "gn": ["wsbcn", gn],
     }[op]
     return [p for p in base if with_compiled or not p.startswith("compiled")]
+
+
+def variant_name(provider: str, timing: str) -> str:
+    """The CSV's variant: how the provider ran (eager or compiled) and was timed
+    (eager calls or CUDA-graph replays)."""
+    compiled = provider.startswith("compiled")
+    return {"eager": "compiled" if compiled else "eager",
+            "graph": "compiled_cudagraph" if compiled else "cudagraph"}[timing]
+
+
+def device_label() -> str:
+    """The device column: the device name, and on CPU the threads torch computes with."""
+    if torch.cuda.is_available():
+        return info.device_name()
+    threads = torch.get_num_threads()
+    return f"{info.device_name()}, {threads} thread{'s' if threads > 1 else ''}"
 
 
 @functools.lru_cache(maxsize=None)
@@ -97,10 +123,10 @@ def norm_fn(op: str, provider: str, inp: NormInputs):
             inp.x, g, inp.running_mean, inp.running_var, inp.weight, inp.bias, inp.group_weight, inp.group_bias,
             training=True, estimate=estimate, num_batches_tracked=inp.num_batches_tracked),
             [inp.x, inp.weight, inp.bias, inp.group_weight, inp.group_bias])
-    if provider == "cudnn_bn":
+    if provider in BN_PROVIDERS:
         return (lambda: F.batch_norm(inp.x, inp.running_mean, inp.running_var, inp.weight, inp.bias, True),
                 [inp.x, inp.weight, inp.bias])
-    if provider == "aten_gn":
+    if provider in GN_PROVIDERS:
         return lambda: F.group_norm(inp.x, g, inp.gn_weight, inp.gn_bias), [inp.x, inp.gn_weight, inp.gn_bias]
     ref = reference_bcn if provider == "reference_bcn" else _compiled(reference_bcn)
     return (lambda: ref(inp.x, g, inp.weight, inp.bias, inp.group_weight, inp.group_bias, inp.running_mean,
@@ -126,8 +152,10 @@ def timed_callable(forward, leaves, mode):
     return lambda: torch.autograd.grad(forward(), leaves, grad)
 
 
-def copy_bandwidth_gbps(device, timer, nbytes=1 << 28) -> float:
-    """Measured device-to-device copy bandwidth (read + write), GB/s."""
+def copy_bandwidth_gbps(device, timer, nbytes=None) -> float:
+    """Measured device-to-device copy bandwidth (read + write), GB/s, over buffers
+    far larger than the caches (default 256 MiB on GPU, 64 MiB on CPU)."""
+    nbytes = nbytes or (1 << 28 if torch.device(device).type == "cuda" else 1 << 26)
     src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
     dst = torch.empty_like(src)
     p50, _, _ = timer(lambda: dst.copy_(src))
@@ -160,111 +188,132 @@ def peak_memory_mb(fn) -> float:
     return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
-def measure(fn, timer, restore=None, timed=None):
+
+def measure(fn, timer, restore=None, timed=None, counts=None):
     """(p50, p20, p80, peak MB, launches) of ``fn``; ``restore`` runs after each
     stage so that state such as running buffers ends where it started. ``timed``
-    (e.g. a CUDA-graph replay of ``fn``) is what the timer runs, when given."""
+    (e.g. a CUDA-graph replay of ``fn``) is what the timer runs, when given.
+    ``counts``: (peak MB, launches) already measured for ``fn`` (a graph replays
+    the kernels of the eager call), so they are not measured again."""
     restore = restore or (lambda: None)
     p50, p20, p80 = timer(timed or fn)
     restore()
-    peak = peak_memory_mb(fn)
-    restore()
-    launches = count_launches(fn)
-    restore()
+    if counts is None:
+        peak = peak_memory_mb(fn)
+        restore()
+        launches = count_launches(fn)
+        restore()
+    else:
+        peak, launches = counts
     return p50, p20, p80, peak, launches
+
+
+def case_inputs(case, device, num_groups):
+    """(make(provider) -> (forward, leaves), restore or None, bytes of the input,
+    transfers per mode, the case's CSV columns) of one suites.Case."""
+    if case.op == "ws":
+        w = torch.randn(case.shape.shape, device=device, dtype=torch.float32)
+        if case.layout == "channels_last":
+            w = w.to(memory_format=torch.channels_last)
+        w.requires_grad_(True)
+        columns = dict(N=0, C=case.shape.shape[0], spatial="x".join(map(str, case.shape.shape[1:])), dtype="float32")
+        return (lambda p: ws_fn(p, w)), None, w.numel() * w.element_size(), TRANSFERS["ws"], columns
+    shape = case.shape
+    inp = NormInputs(case.n, shape.c, shape.h, shape.w, getattr(torch, case.dtype), case.layout, device,
+                     min(num_groups, shape.c))
+    columns = dict(N=case.n, C=shape.c, spatial=f"{shape.h}x{shape.w}", dtype=case.dtype)
+    return ((lambda p: norm_fn(case.op, p, inp)), inp.restore, inp.x.numel() * inp.x.element_size(),
+            TRANSFERS["norm"], columns)
+
+
+def measure_case(case, provider_names, modes, timings, timer, device, num_groups=NUM_GROUPS):
+    """Rows (dicts without the run's metadata and copy bandwidth) of one case: every
+    provider and mode, in every timing. The graph timing leaves out "bwd" (its
+    forward would run outside the capture) and takes peak memory and launches from
+    the eager row of the same call when there is one."""
+    from .timing import cuda_graphed
+
+    make, restore, nbytes, transfers, columns = case_inputs(case, device, num_groups)
+    rows = []
+    for provider in provider_names:
+        for mode in modes:
+            forward, leaves = make(provider)
+            fn = timed_callable(forward, leaves, mode)
+            if restore:
+                restore()
+            counts = None
+            for timing in timings:
+                if timing == "graph" and mode == "bwd":
+                    continue
+                timed = cuda_graphed(fn) if timing == "graph" else None
+                p50, p20, p80, peak, launches = measure(fn, timer, restore, timed, counts)
+                counts = (peak, launches)
+                rows.append(dict(op=case.op, provider=provider, variant=variant_name(provider, timing), mode=mode,
+                                 layout=case.layout, ms_p50=p50, ms_p20=p20, ms_p80=p80,
+                                 gbps=transfers[mode] * nbytes / (p50 * 1e-3) / 1e9, peak_mem_mb=peak,
+                                 launches=launches, images_per_s=math.nan, **columns))
+    return rows
+
+
+def case_label(case) -> str:
+    """A short name of a case for the progress bar and logs."""
+    if case.op == "ws":
+        return f"ws {'x'.join(map(str, case.shape.shape))} {case.layout}"
+    s = case.shape
+    return f"{case.op} N={case.n} C={s.c} {s.h}x{s.w} {case.dtype} {case.layout}"
 
 
 def run_bench(suite_name=None, ops=OPS, modes=MODES, timer=None, out_dir="perf/results", with_compiled=None,
               num_groups=NUM_GROUPS, progress=True, log=print, batch_sizes=None, dtypes=None, layouts=None,
-              max_minutes=None, graph=False):
-    """Run the micro-benchmarks; returns the DataFrame of new rows (also upserted to CSV).
+              max_minutes=None, graph=False, timings=None):
+    """Run the micro-benchmarks; returns the DataFrame of new rows (also upserted to
+    ``<out_dir>/<device>/bench.csv`` unless ``out_dir`` is None).
 
+    The suite defaults to resnet50_sample on GPU (a few minutes) and cpu on CPU.
     ``batch_sizes``/``dtypes``/``layouts`` narrow the suite; ``max_minutes`` stops
     after the case running at that time, keeping every row measured so far.
-    ``graph`` times CUDA-graph replays instead of eager calls (variant "cudagraph"
-    or "compiled_cudagraph"): the device time alone, without host overhead; the
-    "bwd" mode is left out there (its forward would run outside the capture)."""
-    from .timing import cuda_graphed, default_timer
+    ``timings``: "eager" (eager calls: host and device time) and/or "graph"
+    (CUDA-graph replays: device time alone, variants "cudagraph" and
+    "compiled_cudagraph"); default both on GPU, eager on CPU. ``graph=True`` is
+    ``timings=("graph",)``."""
+    from .timing import bench_timer
 
     on_gpu = torch.cuda.is_available()
-    if graph and not on_gpu:
-        raise ValueError("graph=True (bench --graph) times CUDA-graph replays and needs a CUDA device")
     if graph:
+        timings = ("graph",)
+    timings = tuple(timings or (TIMINGS if on_gpu else ("eager",)))
+    unknown = [t for t in timings if t not in TIMINGS]
+    if unknown or not timings:
+        raise ValueError(f"timings must be among {TIMINGS}, got {timings}")
+    if "graph" in timings and not on_gpu:
+        raise ValueError("graph timing (bench --graph) times CUDA-graph replays and needs a CUDA device")
+    if timings == ("graph",):
         modes = tuple(m for m in modes if m != "bwd")
     device = "cuda" if on_gpu else "cpu"
-    suite_name = suite_name or ("resnet50" if on_gpu else "cpu")
+    suite_name = suite_name or ("resnet50_sample" if on_gpu else "cpu")
     with_compiled = on_gpu if with_compiled is None else with_compiled
-    timer = timer or default_timer()
+    timer = timer or bench_timer()
+    jobs = suites.cases(suite_name, ops, batch_sizes, dtypes, layouts)
     if not on_gpu:
-        log(f"no CUDA device: running the '{suite_name}' suite on CPU (torch backend against the eager "
-            "baselines" + (", with torch.compile" if with_compiled else "") + "); GPU figures need a GPU")
-    norms, convs, batches, dtypes, layouts = suites.suite(suite_name, batch_sizes, dtypes, layouts)
-    meta = info.run_metadata()
+        log(f"no CUDA device: running the '{suite_name}' suite on CPU (torch backend against torch's own "
+            "kernels and the eager reference" + (", with torch.compile" if with_compiled else "")
+            + f", {torch.get_num_threads()} thread(s)); GPU figures need a GPU")
+    meta = dict(info.run_metadata(), device=device_label())
     copy_bw = copy_bandwidth_gbps(device, timer)
-    log(f"copy bandwidth on {meta['device']}: {copy_bw:.1f} GB/s")
+    log(f"copy bandwidth on {meta['device']}: {copy_bw:.1f} GB/s; {len(jobs)} cases ({', '.join(timings)} timing)")
     rows = []
-    jobs = []
-    for op in ops:
-        if op == "ws":
-            # Weights stay fp32 (master weights under autocast): one dtype.
-            jobs += [(op, conv, None, "float32", layout) for conv in convs for layout in layouts]
-        else:
-            jobs += [(op, shape, n, dtype, layout) for shape in norms for n in batches for dtype in dtypes
-                     for layout in layouts]
     deadline = time.monotonic() + 60 * max_minutes if max_minutes is not None else math.inf
-    for op, shape, n, dtype_name, layout in tqdm(jobs, desc="bench", disable=not progress, unit="case"):
+    bar = tqdm(jobs, desc="bench", disable=not progress, unit="case", total=len(jobs))
+    for case in bar:
         if time.monotonic() > deadline:
             log(f"stopped after {max_minutes} min: {len(rows)} measurements kept")
             break
-        dtype = getattr(torch, dtype_name)
-        if op == "ws":
-            w = torch.randn(shape.shape, device=device, dtype=torch.float32)
-            if layout == "channels_last":
-                w = w.to(memory_format=torch.channels_last)
-            w.requires_grad_(True)
-            nbytes = w.numel() * w.element_size()
-            case = dict(N=0, C=shape.shape[0], spatial="x".join(map(str, shape.shape[1:])), dtype="float32")
-            make, restore, transfers = (lambda p: ws_fn(p, w)), None, TRANSFERS["ws"]
-        else:
-            groups = min(num_groups, shape.c)
-            inp = NormInputs(n, shape.c, shape.h, shape.w, dtype, layout, device, groups)
-            nbytes = inp.x.numel() * inp.x.element_size()
-            case = dict(N=n, C=shape.c, spatial=f"{shape.h}x{shape.w}", dtype=dtype_name)
-            make, restore, transfers = (lambda p: norm_fn(op, p, inp)), inp.restore, TRANSFERS["norm"]
-        for provider in providers(op, with_compiled):
-            for mode in modes:
-                forward, leaves = make(provider)
-                fn = timed_callable(forward, leaves, mode)
-                if restore:
-                    restore()
-                p50, p20, p80, peak, launches = measure(fn, timer, restore, cuda_graphed(fn) if graph else None)
-                variant = "compiled" if provider.startswith("compiled") else "eager"
-                if graph:
-                    variant = "compiled_cudagraph" if variant == "compiled" else "cudagraph"
-                gbps = transfers[mode] * nbytes / (p50 * 1e-3) / 1e9
-                rows.append(dict(suite=suite_name, op=op, provider=provider, variant=variant, mode=mode,
-                                 layout=layout, ms_p50=p50, ms_p20=p20, ms_p80=p80, gbps=gbps,
-                                 pct_copy_bw=100 * gbps / copy_bw, peak_mem_mb=peak, launches=launches,
-                                 images_per_s=math.nan, **case, **meta))
+        bar.set_postfix_str(case_label(case))
+        names = providers(case.op, with_compiled, device)
+        for row in measure_case(case, names, modes, timings, timer, device, num_groups):
+            rows.append(dict(row, suite=suite_name, pct_copy_bw=100 * row["gbps"] / copy_bw, **meta))
+    bar.close()
     frame = pd.DataFrame(rows, columns=COLUMNS)
     if out_dir is not None:
         upsert(frame, Path(out_dir) / info.device_slug() / "bench.csv")
-    return frame
-
-
-def upsert(frame: pd.DataFrame, path: Path) -> pd.DataFrame:
-    """Replace rows with the same case columns, keep the rest, write atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.exists():
-        old = pd.read_csv(path, dtype={"spatial": str})
-        old = old.reindex(columns=COLUMNS)
-        keys = set(map(tuple, frame[CASE_COLUMNS].astype(str).values))
-        keep = ~old[CASE_COLUMNS].astype(str).apply(tuple, axis=1).isin(keys)
-        frame = pd.concat([old[keep], frame], ignore_index=True) if keep.any() else frame
-    frame = frame.sort_values(CASE_COLUMNS, kind="stable").reset_index(drop=True)
-    frame[["N", "C"]] = frame[["N", "C"]].astype("Int64")  # integers, blank where not applicable
-    tmp = path.with_suffix(".csv.tmp")
-    frame.to_csv(tmp, index=False)
-    tmp.replace(path)
     return frame

@@ -8,21 +8,45 @@ def add_subcommands(sub) -> None:
 
 
 def _bench(sub):
-    from .bench import MODES, OPS
+    from .bench import MODES, OPS, TIMINGS
+    from .suites import SUITES
 
     p = sub.add_parser("bench", help="benchmark wsbcn against cuDNN BN, ATen GN, eager and compiled references")
-    p.add_argument("--suite", choices=("resnet50", "cpu", "tiny"), default=None,
-                   help="shape suite (default: resnet50 on GPU, cpu on a CPU-only machine)")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--suite", choices=SUITES, default=None,
+                       help="shape suite (default: resnet50_sample on GPU, a few minutes; cpu on a CPU-only "
+                            "machine; with --batch-sizes/--dtypes/--layouts on GPU: resnet50 narrowed)")
+    which.add_argument("--full", action="store_true",
+                       help="the whole ResNet-50 grid (--suite resnet50): every norm and conv shape, N in "
+                            "1 2 8 32 128, fp32 and bf16, both layouts; over an hour on an H100")
     p.add_argument("--ops", nargs="+", choices=OPS, default=list(OPS))
     p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
-    p.add_argument("--e2e", action="store_true", help="also time a ResNet-50 training step per variant")
-    p.add_argument("--e2e-only", action="store_true", help="only the ResNet-50 training step")
+    timing = p.add_mutually_exclusive_group()
+    timing.add_argument("--timings", nargs="+", choices=TIMINGS, default=None,
+                        help="eager calls (host + device time) and/or CUDA-graph replays (device time; GPU "
+                             "only); default: both on GPU, eager on CPU")
+    timing.add_argument("--graph", action="store_true", help="only CUDA-graph replays: the same as --timings graph")
+    p.add_argument("--e2e", action="store_true", help="also time the end-to-end training steps")
+    p.add_argument("--e2e-only", action="store_true", help="only the end-to-end training steps")
     p.add_argument("--no-compiled", action="store_true", help="leave out the torch.compile providers")
-    p.add_argument("--graph", action="store_true",
-                   help="time CUDA-graph replays (device time without host overhead; GPU only)")
+    p.add_argument("--threads", type=_positive_int, default=None,
+                   help="CPU threads torch computes with (default on CPU: 1, which keeps timings stable on a "
+                        "shared machine; GPU runs leave torch's setting alone)")
     p.add_argument("--out", default="perf/results", help="results folder (a subfolder per device)")
     _narrowing(p)
     p.set_defaults(func=_run_bench)
+
+
+def _positive_int(text: str) -> int:
+    import argparse
+
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
 
 
 def _narrowing(p):
@@ -33,31 +57,81 @@ def _narrowing(p):
                    help="stop after the case running at this time, keeping what was measured")
 
 
+def bench_suite(args, on_gpu: bool):
+    """The suite ``wsbcn bench`` runs: --full is resnet50; narrowing options without
+    --suite narrow the full grid on GPU (as before the sample existed); otherwise
+    the default (None: resnet50_sample on GPU, cpu on CPU)."""
+    if args.full:
+        return "resnet50"
+    if args.suite:
+        return args.suite
+    narrowed = args.batch_sizes or args.dtypes or args.layouts
+    return "resnet50" if on_gpu and narrowed else None
+
+
 def _run_bench(args) -> int:
+    """Each part (micro-benchmarks, end-to-end steps) returns its rows, upserted into
+    the device's CSV; at the end, the summary of every row this run measured. On
+    CPU torch computes with --threads threads (default 1) while the command runs."""
+    import torch
+
+    threads = torch.get_num_threads()
+    if not torch.cuda.is_available() or args.threads is not None:
+        torch.set_num_threads(args.threads or 1)
+    try:
+        return _bench_parts(args)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _bench_parts(args) -> int:
     from pathlib import Path
 
+    import pandas as pd
+    import torch
+
     from . import info
-    from .bench import run_bench, upsert
+    from .bench import device_label, run_bench, upsert
+    from .plot import summary_markdown
 
+    on_gpu = torch.cuda.is_available()
+    csv = Path(args.out) / info.device_slug() / "bench.csv"
+    parts = []
     if not args.e2e_only:
-        frame = run_bench(args.suite, args.ops, args.modes, out_dir=args.out,
-                          with_compiled=False if args.no_compiled else None, batch_sizes=args.batch_sizes,
-                          dtypes=args.dtypes, layouts=args.layouts, max_minutes=args.max_minutes,
-                          graph=args.graph)
-        print(f"{len(frame)} measurements -> {Path(args.out) / info.device_slug() / 'bench.csv'}")
+        timings = ("graph",) if args.graph else args.timings
+        parts.append(lambda: run_bench(bench_suite(args, on_gpu), args.ops, args.modes, out_dir=args.out,
+                                       with_compiled=False if args.no_compiled else None,
+                                       batch_sizes=args.batch_sizes, dtypes=args.dtypes, layouts=args.layouts,
+                                       max_minutes=args.max_minutes, timings=timings))
     if args.e2e or args.e2e_only:
-        from .e2e import run_e2e
+        def e2e():
+            from . import e2e as end_to_end
 
-        frame = run_e2e()
-        upsert(frame, Path(args.out) / info.device_slug() / "bench.csv")
+            frame = end_to_end.run_e2e(**({"with_compiled": False} if args.no_compiled else {}))
+            frame["device"] = device_label()
+            upsert(frame, csv)
+            return frame
+
+        parts.append(e2e)
+    frames = [f for f in (part() for part in parts) if len(f)]
+    if not frames:
+        print(f"nothing measured; results in {csv}")
+        return 0
+    measured = pd.concat(frames, ignore_index=True)
+    print()
+    print(summary_markdown(measured))
+    print(f"{len(measured)} measurements -> {csv}")
+    plot = "wsbcn plot" + ("" if args.out == "perf/results" else f" --results {args.out}")
+    print(f"plots: `{plot}` draws them into perf/plots/{info.device_slug()}/")
     return 0
 
 
 def _autotune(sub):
     from ..tuning import KERNELS
+    from .suites import SUITES
 
     p = sub.add_parser("autotune", help="sweep kernel configs and cache the fastest")
-    p.add_argument("--suite", choices=("resnet50", "cpu", "tiny"), default="resnet50")
+    p.add_argument("--suite", choices=SUITES, default="resnet50")
     p.add_argument("--kernels", nargs="+", choices=KERNELS, default=list(KERNELS))
     p.add_argument("--max-configs", type=int, default=None, help="try at most this many configs per case")
     p.add_argument("--out", default="perf/results", help="folder for autotune.csv (a subfolder per device)")

@@ -12,6 +12,7 @@ from torch import nn
 BATCH_SIZES = (1, 2, 8, 32, 128)
 DTYPES = ("float32", "bfloat16")
 LAYOUTS = ("contiguous", "channels_last")
+SUITES = ("resnet50", "resnet50_sample", "cpu", "tiny")
 
 
 @dataclass(frozen=True)
@@ -24,6 +25,40 @@ class NormShape:
 @dataclass(frozen=True)
 class ConvShape:
     shape: tuple
+
+
+@dataclass(frozen=True)
+class Case:
+    """One benchmark case: an op on one input. WS cases have n=None (the weight
+    is the input, in fp32: master weights stay fp32 under autocast)."""
+
+    op: str
+    shape: object  # NormShape, or ConvShape for "ws"
+    n: object      # batch size, None for "ws"
+    dtype: str
+    layout: str
+
+
+# The default GPU suite: a sample of the ResNet-50 grid that keeps `wsbcn bench`
+# to minutes. Norm layers: one case per (batch size, layout) pair at N = 2 and 32,
+# bf16, four shapes from three stages and tensors of 0.1 to 12.8 M elements. WS:
+# two weights per layout, from the stem's 3x7x7 to 1024x512. Chosen against the
+# H100 rows (perf/results/nvidia-h100-80gb-hbm3/bench.csv) so that the sample's
+# geometric-mean speedups stay close to those of every measured case
+# (perf/tools/sample_fidelity.py prints the comparison).
+SAMPLE_NORM_CASES = (
+    (NormShape(256, 14, 14), 2, "contiguous"),
+    (NormShape(128, 56, 56), 2, "channels_last"),
+    (NormShape(64, 56, 56), 32, "contiguous"),
+    (NormShape(512, 28, 28), 32, "channels_last"),
+)
+SAMPLE_DTYPE = "bfloat16"
+SAMPLE_WS_CASES = (
+    (ConvShape((64, 3, 7, 7)), "contiguous"),
+    (ConvShape((128, 512, 1, 1)), "contiguous"),
+    (ConvShape((256, 64, 1, 1)), "channels_last"),
+    (ConvShape((1024, 512, 1, 1)), "channels_last"),
+)
 
 
 def resnet50_shapes(image_size: int = 224):
@@ -52,23 +87,57 @@ def suite(name: str, batch_sizes=None, dtypes=None, layouts=None):
     optionally narrowed to the given batch sizes, dtypes and layouts (so that a run
     fits the time a GPU is lent for).
 
-    resnet50   every norm layer and conv weight of ResNet-50 at 224^2, the full grid
-    cpu        a few ResNet-50 shapes at 56^2 input, N in {1, 2}, fp32: what a CPU
-               machine can measure in a minute or two
-    tiny       two small shapes, for tests
+    resnet50         every norm layer and conv weight of ResNet-50 at 224^2, the full grid
+    resnet50_sample  the default GPU benchmark: a few cases of that grid (see
+                     SAMPLE_NORM_CASES); here, the grid spanned by its shapes, batch
+                     sizes and layouts, which contains them (`cases` lists the cases)
+    cpu              a few ResNet-50 shapes at 56^2 input, N in {1, 2}, fp32: what a CPU
+                     machine can measure in a minute or two
+    tiny             two small shapes, for tests
     """
     if name == "resnet50":
         norms, convs = resnet50_shapes(224)
         full = norms, convs, BATCH_SIZES, DTYPES, LAYOUTS
+    elif name == "resnet50_sample":
+        norms = list(dict.fromkeys(shape for shape, _, _ in SAMPLE_NORM_CASES))
+        convs = list(dict.fromkeys(shape for shape, _ in SAMPLE_WS_CASES))
+        batches = tuple(sorted({n for _, n, _ in SAMPLE_NORM_CASES}))
+        full = norms, convs, batches, (SAMPLE_DTYPE,), LAYOUTS
     elif name == "cpu":
         norms, convs = resnet50_shapes(56)
         full = norms[:3] + norms[-1:], convs[:3] + convs[-1:], (1, 2), ("float32",), LAYOUTS
     elif name == "tiny":
         full = [NormShape(8, 4, 4), NormShape(16, 3, 3)], [ConvShape((8, 4, 3, 3))], (2,), ("float32",), LAYOUTS
     else:
-        raise ValueError(f"unknown suite {name!r}: choose resnet50, cpu or tiny")
+        raise ValueError(f"unknown suite {name!r}: choose one of {', '.join(SUITES)}")
     norms, convs, batches, kinds, orders = full
     return (norms, convs, tuple(batch_sizes or batches), tuple(dtypes or kinds), tuple(layouts or orders))
 
 
-SUITES = ("resnet50", "cpu", "tiny")
+def cases(name: str, ops, batch_sizes=None, dtypes=None, layouts=None) -> list:
+    """The benchmark cases of a suite, in order: for each op, every shape, batch
+    size, dtype and layout of ``suite(name, ...)`` (WS: every weight and layout).
+
+    resnet50_sample lists its own cases; there the narrowing arguments keep the
+    cases whose batch size, dtype and layout they name (WS cases are fp32 and have
+    no batch size: a dtype or batch size narrows only the norm cases)."""
+    if name == "resnet50_sample":
+        keep = lambda values, v: values is None or v in values  # noqa: E731
+        out = []
+        for op in ops:
+            if op == "ws":
+                out += [Case(op, shape, None, "float32", layout) for shape, layout in SAMPLE_WS_CASES
+                        if keep(layouts, layout)]
+            else:
+                out += [Case(op, shape, n, SAMPLE_DTYPE, layout) for shape, n, layout in SAMPLE_NORM_CASES
+                        if keep(batch_sizes, n) and keep(dtypes, SAMPLE_DTYPE) and keep(layouts, layout)]
+        return out
+    norms, convs, batches, kinds, orders = suite(name, batch_sizes, dtypes, layouts)
+    out = []
+    for op in ops:
+        if op == "ws":
+            out += [Case(op, conv, None, "float32", layout) for conv in convs for layout in orders]
+        else:
+            out += [Case(op, shape, n, dtype, layout) for shape in norms for n in batches for dtype in kinds
+                    for layout in orders]
+    return out

@@ -1,9 +1,19 @@
 """Timers for tuning and benchmarks. Each takes a zero-argument callable and
 returns (p50, p20, p80) in milliseconds. Tests inject their own."""
+import functools
 import statistics
 import time
 
 import torch
+
+# The CPU benchmark's repeats: rounds of at least CPU_ROUND_CALLS calls and
+# CPU_ROUND_SECONDS each. A round's median is its time; p50 is the median of the
+# rounds, so one round slowed down by another process on the same cores does not
+# move it. Chosen by measuring the run-to-run spread on a shared 2-core machine
+# (README, "How noisy CPU figures are").
+CPU_ROUNDS = 7
+CPU_ROUND_CALLS = 3
+CPU_ROUND_SECONDS = 0.01
 
 
 def gpu_timer(fn, warmup_ms: float = 25, rep_ms: float = 100):
@@ -13,19 +23,28 @@ def gpu_timer(fn, warmup_ms: float = 25, rep_ms: float = 100):
     return p50, p20, p80
 
 
-def cpu_timer(fn, reps: int = 5, min_seconds: float = 0.05):
-    """Wall-clock quantiles over a few repeats, after one warm-up call."""
+def cpu_timer(fn, reps: int = 5, min_seconds: float = 0.05, rounds: int = 1):
+    """Wall-clock times after one warm-up call, in ``rounds`` rounds of at least
+    ``reps`` calls and ``min_seconds`` each (at most 200 calls a round).
+
+    p50 is the median of the rounds' medians (with one round: the median call);
+    p20 and p80 are the 20th and 80th percentiles of all calls, the spread a
+    reader of the CSV sees."""
+    if rounds < 1 or reps < 1:
+        raise ValueError(f"rounds and reps must be at least 1, got rounds={rounds}, reps={reps}")
     fn()
-    samples = []
-    start = time.perf_counter()
-    while len(samples) < reps or time.perf_counter() - start < min_seconds:
-        t0 = time.perf_counter()
-        fn()
-        samples.append((time.perf_counter() - t0) * 1e3)
-        if len(samples) >= 200:
-            break
-    q = statistics.quantiles(samples, n=10) if len(samples) > 1 else samples * 9
-    return statistics.median(samples), q[1], q[7]
+    medians, samples = [], []
+    for _ in range(rounds):
+        times = []
+        start = time.perf_counter()
+        while len(times) < reps or (time.perf_counter() - start < min_seconds and len(times) < 200):
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+        medians.append(statistics.median(times))
+        samples += times
+    q = statistics.quantiles(samples, n=10, method="inclusive") if len(samples) > 1 else samples * 9
+    return statistics.median(medians), q[1], q[7]
 
 
 def cuda_graphed(fn, warmup: int = 3):
@@ -44,5 +63,17 @@ def cuda_graphed(fn, warmup: int = 3):
     return graph.replay
 
 
+def cpu_bench_timer():
+    """The CPU timer ``wsbcn bench`` uses: several rounds (see CPU_ROUNDS)."""
+    return functools.partial(cpu_timer, reps=CPU_ROUND_CALLS, min_seconds=CPU_ROUND_SECONDS, rounds=CPU_ROUNDS)
+
+
 def default_timer():
+    """gpu_timer on a GPU; on CPU the plain one-round cpu_timer (autotune on CPU only
+    exercises its flow through the interpreter, where every call is slow)."""
     return gpu_timer if torch.cuda.is_available() else cpu_timer
+
+
+def bench_timer():
+    """The timer ``wsbcn bench`` uses: gpu_timer on a GPU, cpu_bench_timer on CPU."""
+    return gpu_timer if torch.cuda.is_available() else cpu_bench_timer()
