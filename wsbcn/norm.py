@@ -184,7 +184,9 @@ class _Call:
         self.num_groups, self.eps, self.momentum, self.cumulative = num_groups, eps, momentum, cumulative
         self.mode, self.update_running, self.activation, self.group_affine = mode, update_running, activation, group_affine
         # The eager Triton path takes non-empty inputs whose spatial dims one stride walks.
-        self.eager = x.numel() > 0 and nsc_strides(x) is not None
+        # A call built under torch.compile is never cached (checks.validated) and
+        # takes the torch.library ops.
+        self.eager = x.numel() > 0 and nsc_strides(x) is not None and not torch.compiler.is_compiling()
         self.plans = {}
 
     def plan(self, x, gamma, omega, nbt):
@@ -197,7 +199,7 @@ class _Call:
         return plan
 
     def __call__(self, x, gamma, beta, omega, eta, running_mean, running_var, nbt):
-        if self.eager and backend.backend_for(x) == "triton" and not torch.compiler.is_compiling():
+        if self.eager and backend.backend_for(x) == "triton":
             plan = self.plan(x, gamma, omega, nbt)
             return _EagerNormFunction.apply(x, gamma, beta, omega, eta, plan, (running_mean, running_var, nbt))
         return BatchChannelNormFunction.apply(

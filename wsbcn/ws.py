@@ -133,12 +133,13 @@ class _Call:
 
     def __init__(self, weight, eps, correction, std_mode):
         self.eps, self.correction, self.std_mode = eps, correction, std_mode
-        # the eager Triton path takes non-empty weights whose rows are dense already
-        self.eager = weight.shape[0] > 0 and row_dense(weight) is weight
+        # the eager Triton path takes non-empty weights whose rows are dense already; a
+        # call built under torch.compile is never cached and takes the torch.library ops
+        self.eager = weight.shape[0] > 0 and row_dense(weight) is weight and not _compiling()
         self.plans = {}
 
     def __call__(self, weight):
-        if self.eager and backend.backend_for(weight) == "triton" and not _compiling():
+        if self.eager and backend.backend_for(weight) == "triton":
             key = (tuning.config_for, tuning.generation(), backend.emulated_gpu())
             plan = self.plans.get(key)
             if plan is None:
