@@ -170,6 +170,7 @@ def test_norm_parity_torch_backend(case):
         run_case(case)
 
 
+@pytest.mark.slow  # 30-45 s through the interpreter; fast cousins: the Triton cases of test_bcn/test_group_norm
 @settings(max_examples=110)
 @given(case=norm_cases())
 def test_norm_parity_triton_backend(case):
