@@ -190,7 +190,7 @@ class _Call:
         self.plans = {}
 
     def plan(self, x, gamma, omega, nbt):
-        key = (tuning.config_for, tuning.generation(), backend.emulated_gpu())
+        key = (tuning.config_for, tuning._generation[0], backend._emulated_gpu)  # what a plan derives from
         plan = self.plans.get(key)
         if plan is None:
             plan = self.plans[key] = launch_plan(

@@ -140,7 +140,7 @@ class _Call:
 
     def __call__(self, weight):
         if self.eager and backend.backend_for(weight) == "triton":
-            key = (tuning.config_for, tuning.generation(), backend.emulated_gpu())
+            key = (tuning.config_for, tuning._generation[0], backend._emulated_gpu)  # what a plan derives from
             plan = self.plans.get(key)
             if plan is None:
                 plan = self.plans[key] = ws_plan(weight, self.eps, self.correction, self.std_mode)

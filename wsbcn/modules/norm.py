@@ -86,11 +86,14 @@ class _BatchChannelNorm(nn.Module):
         if self.process_group is not None and self.training:
             self._check_input(x)
             return distributed_batch_channel_norm(self, x)
-        # the functional checks, with _check_input, run once per call signature
+        # The functional checks, with _check_input, run once per call signature. The
+        # parameters and buffers are read from their dicts (what self.weight resolves
+        # to, without nn.Module.__getattr__: eager micro-batch layers are host-bound).
+        p, b = self._parameters, self._buffers
         return _batch_channel_norm(
-            x, self.num_groups, self.running_mean, self.running_var, self.weight, self.bias,
-            self.group_weight, self.group_bias, self.training, self.estimate, self.momentum, self.eps,
-            self.activation, self.num_batches_tracked, owner=self)
+            x, self.num_groups, b["running_mean"], b["running_var"], p["weight"], p["bias"],
+            p["group_weight"], p["group_bias"], self.training, self.estimate, self.momentum, self.eps,
+            self.activation, b["num_batches_tracked"], owner=self)
 
     def extra_repr(self) -> str:
         text = (f"{self.num_channels}, num_groups={self.num_groups}, eps={self.eps}, "
@@ -156,7 +159,8 @@ class GroupNorm(nn.GroupNorm):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # the functional checks, with _check_input, run once per call signature
-        return _group_norm(x, self.num_groups, self.weight, self.bias, self.eps, self.activation, owner=self)
+        p = self._parameters  # what self.weight resolves to, without nn.Module.__getattr__
+        return _group_norm(x, self.num_groups, p["weight"], p["bias"], self.eps, self.activation, owner=self)
 
     def extra_repr(self) -> str:
         text = super().extra_repr()

@@ -22,7 +22,9 @@ class _WSConvMixin:
         ``conv.weight.data.copy_(...)``) leaves the version counter unchanged, so no
         cheap key proves a cached W_hat current. Inference that wants the standardization
         done once uses ``wsbcn.freeze``."""
-        return weight_standardize(self.weight, self.eps, self.correction, self.eps_mode)
+        # _parameters["weight"] is what self.weight resolves to, without
+        # nn.Module.__getattr__ (eager micro-batch layers are host-bound)
+        return weight_standardize(self._parameters["weight"], self.eps, self.correction, self.eps_mode)
 
     def forward(self, input):
         return self._conv_forward(input, self.standardized_weight(), self.bias)
