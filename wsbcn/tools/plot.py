@@ -49,7 +49,10 @@ STYLE = {"font.size": 10, "axes.titlesize": 11, "axes.labelsize": 10, "xtick.lab
 
 # One colour per provider and per (mode, timing) series in every figure, so that a
 # colour means the same thing across plots.
-PROVIDER_COLORS = dict(zip(PROVIDER_NAMES, plt.get_cmap("tab20").colors[::2] + plt.get_cmap("tab20").colors[1::2]))
+PROVIDER_COLORS = {"wsbcn": "tab:blue", "cudnn_bn": "tab:orange", "torch_bn": "tab:orange", "aten_gn": "tab:green",
+                   "torch_gn": "tab:green", "reference_bcn": "tab:red", "compiled_bcn": "tab:purple",
+                   "reference_ws": "tab:red", "compiled_ws": "tab:purple", "plain_bn": "tab:gray",
+                   "reference_ws_bcn": "tab:red", "wsbcn_ws_bcn": "tab:blue", "wsbcn_ws_gn": "tab:cyan"}
 SERIES_COLORS = {("fwd", "eager"): "tab:blue", ("fwd", "graph"): "tab:cyan", ("bwd", "eager"): "tab:red",
                  ("bwd", "graph"): "tab:pink", ("fwdbwd", "eager"): "tab:green", ("fwdbwd", "graph"): "tab:olive"}
 TIMING_MARKERS = {"eager": "o", "graph": "s"}
@@ -263,23 +266,35 @@ def plot_copy_bw(bench, out_dir, source):
     return [_save(fig, out_dir / "pct_copy_bw.png")]
 
 
+def _config_label(config: str) -> str:
+    """'{"BLOCK_C": 16, "num_warps": 4, ...}' -> 'BLOCK_C=16 num_warps=4 ...'."""
+    import json
+
+    try:
+        return " ".join(f"{k}={v}" for k, v in json.loads(config).items())
+    except (TypeError, ValueError):
+        return str(config)
+
+
 def plot_autotune(tune, out_dir, source):
+    """Per kernel: each config's time relative to the best config of each case."""
     paths = []
     for kernel, frame in tune.groupby("kernel"):
         frame = frame.copy()
-        frame["shape"] = [f"N={r.N} C={r.C} {r.spatial} {_name(DTYPE_NAMES, r.dtype)} {_name(LAYOUT_NAMES, r.layout)}"
+        frame["shape"] = [f"N={r.N} C={r.C} S={r.spatial} {_name(DTYPE_NAMES, r.dtype)} {_name(LAYOUT_NAMES, r.layout)}"
                           for r in frame.itertuples()]
+        frame["config"] = [_config_label(c) for c in frame["config"]]
         frame["relative"] = frame["ms_p50"] / frame.groupby("shape")["ms_p50"].transform("min")
         grid = frame.pivot_table(index="config", columns="shape", values="relative", aggfunc="min")
-        fig, ax = plt.subplots(figsize=(max(8, 0.3 * grid.shape[1] + 6), max(4, 0.24 * grid.shape[0] + 3)))
+        fig, ax = plt.subplots(figsize=(max(10, 0.35 * grid.shape[1] + 7), max(4, 0.2 * grid.shape[0] + 3)))
         im = ax.imshow(np.log2(grid.values), aspect="auto", cmap="viridis_r")
         ax.set_yticks(range(grid.shape[0]))
         ax.set_yticklabels(grid.index, fontsize=7)
         ax.set_xticks(range(grid.shape[1]))
-        ax.set_xticklabels(grid.columns, rotation=60, ha="right", fontsize=7)
-        ax.set_xlabel("case (batch N, channels C, H x W, dtype, memory layout)")
-        ax.set_ylabel("kernel config")
-        fig.colorbar(im, ax=ax, label="log2(time / the case's best time); 0 = fastest")
+        ax.set_xticklabels(grid.columns, rotation=60, ha="right", fontsize=8)
+        ax.set_xlabel("case: batch N, channels C, spatial size S = H x W, dtype, layout")
+        ax.set_ylabel("kernel config (blank: not tried on that case)")
+        fig.colorbar(im, ax=ax, fraction=0.05, pad=0.02, label="log2(time / the case's best time); 0 = fastest")
         ax.set_title(f"autotune sweep of {kernel} on {_device_title(frame)}")
         fig.tight_layout(rect=(0, 0.02, 1, 1))
         _footer(fig, frame, source)
@@ -325,11 +340,13 @@ def plot_e2e(bench, out_dir, source):
             if not frame[metric].notna().any():
                 ax.text(0.5, 0.5, "peak memory is measured on CUDA devices only", transform=ax.transAxes,
                         ha="center", va="center")
-            ax.legend(loc="upper left", title="network")
             ax.set_title(f"{_name(E2E_NAMES, op)}\n{spatial.replace('x', ' x ')}, {_name(DTYPE_NAMES, dtype)}, "
                          f"{_name(LAYOUT_NAMES, layout)}")
     fig.suptitle(f"End-to-end training steps on {_device_title(e2e)}")
-    fig.tight_layout(rect=(0, 0.02, 1, 1))
+    handles = {h.get_label(): h for ax in axes.flat for h in ax.get_legend_handles_labels()[0]}
+    fig.legend(handles=list(handles.values()), title="network", loc="lower center", ncols=len(handles),
+               bbox_to_anchor=(0.5, 0.25 / fig.get_figheight()))
+    fig.tight_layout(rect=(0, 1.0 / fig.get_figheight(), 1, 1))
     _footer(fig, e2e, source)
     return [_save(fig, out_dir / "e2e.png")]
 
