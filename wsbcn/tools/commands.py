@@ -28,6 +28,11 @@ def _bench(sub):
     timing.add_argument("--graph", action="store_true", help="only CUDA-graph replays: the same as --timings graph")
     p.add_argument("--e2e", action="store_true", help="also time the end-to-end training steps")
     p.add_argument("--e2e-only", action="store_true", help="only the end-to-end training steps")
+    p.add_argument("--host", action="store_true",
+                   help="only the host time of every eager call (wsbcn.tools.host_bench: a stub CUDA driver "
+                        "on a machine without a GPU, the real one on a GPU; ResNet-50 shapes, N = 2 and 32, "
+                        "bf16 unless narrowed); rows with variant 'host'")
+    p.add_argument("--quick", action="store_true", help="with --host: 3 rounds of 5 calls per case")
     p.add_argument("--no-compiled", action="store_true", help="leave out the torch.compile providers")
     p.add_argument("--threads", type=_positive_int, default=None,
                    help="CPU threads torch computes with (default on CPU: 1, which keeps timings stable on a "
@@ -94,6 +99,8 @@ def _bench_parts(args) -> int:
     from .bench import device_label, run_bench, upsert
     from .plot import summary_markdown
 
+    if args.host:
+        return _run_host(args)
     on_gpu = torch.cuda.is_available()
     csv = Path(args.out) / info.device_slug() / "bench.csv"
     parts = []
@@ -124,6 +131,32 @@ def _bench_parts(args) -> int:
     plot = "wsbcn plot" + ("" if args.out == "perf/results" else f" --results {args.out}")
     print(f"plots: `{plot}` draws them into perf/plots/{info.device_slug()}/")
     return 0
+
+
+def _run_host(args) -> int:
+    """``wsbcn bench --host``: the host-time benchmark in a fresh process, because
+    triton must see the stub driver (and no interpreter) before it is imported."""
+    import os
+    import subprocess
+    import sys
+
+    if args.e2e or args.e2e_only or args.graph or args.full or args.timings:
+        print("wsbcn bench: --host times eager calls only; it takes --ops, --modes, --batch-sizes, --dtypes, "
+              "--layouts, --suite, --quick and --out", file=sys.stderr)
+        return 2
+    from .bench import MODES
+
+    command = [sys.executable, "-m", "wsbcn.tools.host_bench", "--out", args.out, "--ops", *args.ops]
+    if list(args.modes) != list(MODES):  # bench's default (all three): host_bench's own (fwd, fwdbwd)
+        command += ["--modes", *args.modes]
+    for flag, value in (("--suite", args.suite), ("--batch-sizes", args.batch_sizes), ("--dtypes", args.dtypes),
+                        ("--layouts", args.layouts)):
+        if value:
+            command += [flag, *map(str, value if isinstance(value, list) else [value])]
+    if args.quick:
+        command.append("--quick")
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "WSBCN_BACKEND")}
+    return subprocess.run(command, env=env).returncode
 
 
 def _autotune(sub):
@@ -181,7 +214,6 @@ def _train(sub):
 
 
 def _run_train(args) -> int:
-    from .train import run
+    from .train import run_from_args
 
-    run(args.norms, args.steps, args.batch_size, args.lr, args.seed)
-    return 0
+    return run_from_args(args)
