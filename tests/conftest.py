@@ -15,6 +15,11 @@ import pytest  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if HAS_CUDA else "cpu"
+if not HAS_CUDA:
+    # One CPU thread: the test tensors are small, and on a 2-core machine shared with
+    # other work, torch's two threads spin at barriers (a ResNet-50 conversion test:
+    # 6.5 s with 2 threads, 1.0 s with 1).
+    torch.set_num_threads(1)
 if HAS_CUDA:
     # Full fp32 in the convolutions and matmuls that tests compare with float64
     # references: cuDNN's default TF32 convolutions alone miss 1e-5 (seen: the
