@@ -1,0 +1,306 @@
+"""Static kernel report: what every launch of a shape suite compiles to for sm_90.
+
+Runs without a GPU. For each case of the suite (BCN, GN and WS; forward and
+backward), the launch wrappers run on CPU tensors with an emulated H100's plans
+(launch_recorder), each launch is compiled for sm_90 with triton's own
+specialisation (static_compile), and one row per launch goes to a CSV: grid,
+programs, registers, spills, shared memory, resident CTAs per SM and waves on an
+H100's 132 SMs, the width of global loads and stores, asynchronous copies and the
+compile time of its specialisation (each compiled once, in this process, from an
+empty triton cache; other work on the machine inflates it).
+
+    python -m wsbcn.tools.kernel_report                       # resnet50 suite, N = 2 and 32
+    python -m wsbcn.tools.kernel_report --suite ci --check    # CI: fails on spills and slow compiles
+
+Run it with TRITON_INTERPRET unset (the interpreter replaces the compiler).
+"""
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+DEVICE = "sm_90 static (H100 limits, 132 SMs)"
+SUITES = ("resnet50", "ci")
+# CI: S a multiple of 16 and split (56^2), scalar loads (14^2, 7^2); a WS row in one
+# block (fan-in 147) and looped (4608). Every kernel, both layouts, N = 2 and 32.
+CI_NORM_SHAPES = ((256, 56, 56), (1024, 14, 14), (2048, 7, 7))
+CI_CONV_SHAPES = ((64, 3, 7, 7), (512, 512, 3, 3))
+
+
+def suite_cases(suite: str, batch_sizes, dtypes, layouts, ops):
+    """(op, pass-less case dict) of a suite: norm cases per (shape, N, dtype,
+    layout, op), WS cases per (conv weight, dtype, layout)."""
+    from .suites import resnet50_shapes
+
+    if suite == "resnet50":
+        norms, convs = resnet50_shapes(224)
+        norms = [(s.c, s.h, s.w) for s in norms]
+        convs = [s.shape for s in convs]
+    elif suite == "ci":
+        norms, convs = CI_NORM_SHAPES, CI_CONV_SHAPES
+    else:
+        raise ValueError(f"unknown suite {suite!r}: choose one of {SUITES}")
+    for dtype in dtypes:
+        for layout in layouts:
+            for op in ops:
+                if op == "ws":
+                    for shape in convs:
+                        yield dict(op=op, shape=tuple(shape), n=None, dtype=dtype, layout=layout)
+                else:
+                    for n in batch_sizes:
+                        for shape in norms:
+                            yield dict(op=op, shape=tuple(shape), n=n, dtype=dtype, layout=layout)
+
+
+def case_call(case):
+    """(forward, leaves) of one case through the public functional API, as a
+    ResNet-50 layer and ``wsbcn bench`` call it: BCN in training with batch
+    statistics and per-group affine, GN with affine in the input's dtype, WS in
+    the released convention (eps 1e-5, unbiased std). Tensors are uninitialised:
+    nothing runs while launches are recorded."""
+    import torch
+
+    from ..functional import batch_channel_norm, group_norm, weight_standardize
+
+    dtype = getattr(torch, case["dtype"])
+    memory_format = torch.channels_last if case["layout"] == "channels_last" else torch.contiguous_format
+    if case["op"] == "ws":
+        w = torch.empty(case["shape"], dtype=dtype).to(memory_format=memory_format).requires_grad_(True)
+        return (lambda: weight_standardize(w, 1e-5, 1, "std")), [w]
+    c, h, w_ = case["shape"]
+    x = torch.empty(case["n"], c, h, w_, dtype=dtype).to(memory_format=memory_format).requires_grad_(True)
+    groups = 32
+    if case["op"] == "gn":
+        weight, bias = (torch.ones(c, dtype=dtype).requires_grad_(True) for _ in range(2))
+        return (lambda: group_norm(x, groups, weight, bias)), [x, weight, bias]
+    gamma, beta = torch.ones(c, requires_grad=True), torch.zeros(c, requires_grad=True)
+    omega, eta = torch.ones(1, groups, 1, requires_grad=True), torch.zeros(1, groups, 1, requires_grad=True)
+    running_mean, running_var = torch.zeros(c), torch.ones(c)
+    tracked = torch.zeros((), dtype=torch.long)
+    return (lambda: batch_channel_norm(x, groups, running_mean, running_var, gamma, beta, omega, eta, training=True,
+                                       num_batches_tracked=tracked)), [x, gamma, beta, omega, eta]
+
+
+def record_case(case, launches):
+    """Run one case's forward and backward through the wrappers (inside
+    ``recording_launches``); returns [(pass, RecordedLaunch)]."""
+    import torch
+
+    forward, leaves = case_call(case)
+    start = len(launches)
+    out = forward()
+    middle = len(launches)
+    torch.autograd.grad(out, leaves, torch.empty_like(out))
+    return [("fwd", launch) for launch in launches[start:middle]] + [("bwd", launch) for launch in launches[middle:]]
+
+
+def _widths_text(widths: dict) -> str:
+    return " ".join(f"{b}Bx{k}" for b, k in sorted(widths.items(), reverse=True))
+
+
+def _bulk_width(widths: dict) -> int:
+    """The width most of the accesses have (the narrower one on a tie); 0 if none.
+    Given the accesses in loops, that is the width of the streaming loads/stores."""
+    return min(widths, key=lambda b: (-widths[b], b)) if widths else 0
+
+
+def launch_row(case, pass_, launch, spec, facts, spec_id) -> dict:
+    from .static_compile import SMS, ctas_per_sm
+
+    num_warps = spec.options.num_warps
+    ctas, limiter = ctas_per_sm(facts["registers"], facts["shared_bytes"], num_warps)
+    constexprs = {k: v for k, v in spec.constexpr_values(launch.kernel).items() if k.isupper()}
+    shape = case["shape"]
+    return {
+        "op": case["op"], "pass": pass_, "kernel": launch.name, "dtype": case["dtype"], "layout": case["layout"],
+        "n": case["n"], "shape": "x".join(map(str, shape)),
+        "c": shape[0] if case["op"] != "ws" else None,
+        "s": shape[1] * shape[2] if case["op"] != "ws" else None,
+        "fan_in": shape[1] * shape[2] * shape[3] if case["op"] == "ws" else None,
+        "grid": "x".join(map(str, launch.grid)), "programs": launch.programs,
+        "num_warps": num_warps, "num_stages": spec.options.num_stages,
+        "constexprs": " ".join(f"{k}={v}" for k, v in sorted(constexprs.items())),
+        "registers": facts["registers"], "spill_store_bytes": facts["spill_store_bytes"],
+        "spill_load_bytes": facts["spill_load_bytes"], "stack_bytes": facts["stack_bytes"],
+        "shared_bytes": facts["shared_bytes"], "ctas_per_sm": ctas, "occupancy_limit": limiter,
+        "waves": launch.programs / (ctas * SMS) if ctas else float("inf"),
+        "load_bytes": _bulk_width(facts["loop_widths"]["ld"]), "store_bytes": _bulk_width(facts["loop_widths"]["st"]),
+        "loop_loads": _widths_text(facts["loop_widths"]["ld"]), "loop_stores": _widths_text(facts["loop_widths"]["st"]),
+        "loads": _widths_text(facts["widths"]["ld"]), "stores": _widths_text(facts["widths"]["st"]),
+        # what one loop step of every resident CTA asks of memory at once (if a step's
+        # loads are all issued before their first use): an H100 needs ~15-20 KB per SM
+        # in flight to reach its bandwidth (~3.3 TB/s x ~0.6 us / 132 SMs)
+        "step_load_kb_per_sm": round(sum(b * k for b, k in facts["loop_widths"]["ld"].items()) * 32 * num_warps
+                                     * ctas / 1024, 1),
+        "async_copies": facts["async_copies"], "compile_s": round(facts["compile_s"], 3), "spec_id": spec_id,
+    }
+
+
+def _commit() -> str:
+    import subprocess
+
+    root = Path(__file__).resolve().parents[2]
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=root, capture_output=True, text=True,
+                             check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "kernels", "wsbcn/heuristics.py"], cwd=root,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return sha + ("+dirty" if dirty else "")
+
+
+def build_report(suite, batch_sizes, dtypes, layouts, ops, arch=90, progress=print):
+    """The report as a pandas DataFrame, one row per recorded launch."""
+    import pandas as pd
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import make_backend
+
+    from .launch_recorder import recording_launches
+    from .static_compile import compile_static, specialise
+
+    target = GPUTarget("cuda", arch, 32)
+    backend = make_backend(target)
+    rows, facts_of = [], {}
+    with tempfile.TemporaryDirectory(prefix="wsbcn-report-cache-") as cache:
+        saved_cache = os.environ.get("TRITON_CACHE_DIR")
+        os.environ["TRITON_CACHE_DIR"] = cache  # compile times from scratch, never from an old cache
+        try:
+            for case in suite_cases(suite, batch_sizes, dtypes, layouts, ops):
+                with recording_launches(target) as launches:
+                    passes = record_case(case, launches)
+                for pass_, launch in passes:
+                    spec = specialise(launch, backend)
+                    key = spec.key()
+                    if key not in facts_of:
+                        facts_of[key] = (len(facts_of), compile_static(spec, launch.kernel, target))
+                        progress(f"compiled #{facts_of[key][0]} {spec.name} in {facts_of[key][1]['compile_s']:.1f} s")
+                    spec_id, facts = facts_of[key]
+                    rows.append(launch_row(case, pass_, launch, spec, facts, spec_id))
+        finally:
+            if saved_cache is None:
+                os.environ.pop("TRITON_CACHE_DIR", None)
+            else:
+                os.environ["TRITON_CACHE_DIR"] = saved_cache
+    frame = pd.DataFrame(rows)
+    frame.insert(0, "device", DEVICE if arch == 90 else f"sm_{arch} static")
+    frame.insert(1, "triton", triton.__version__)
+    frame.insert(2, "commit", _commit())
+    return frame
+
+
+def _case_text(r) -> str:
+    n = "" if r["n"] != r["n"] else f" n={int(r['n'])}"  # NaN for WS
+    return f"{r['op']} {r['dtype']} {r['layout']}{n} {r['shape']}: {r['constexprs']} num_warps={r['num_warps']}"
+
+
+def check(frame, max_compile_s: float) -> list:
+    """The problems CI fails on: any spill, any specialisation compiling longer than
+    ``max_compile_s``."""
+    problems = []
+    spills = frame[(frame.spill_store_bytes > 0) | (frame.spill_load_bytes > 0)]
+    for _, r in spills.drop_duplicates("spec_id").iterrows():
+        problems.append(f"{r['kernel']} spills {r['spill_store_bytes']} B ({_case_text(r)})")
+    slow = frame[frame.compile_s > max_compile_s]
+    for _, r in slow.drop_duplicates("spec_id").iterrows():
+        problems.append(f"{r['kernel']} takes {r['compile_s']:.1f} s to compile (> {max_compile_s} s; {_case_text(r)})")
+    return problems
+
+
+def summary(frame):
+    """Per kernel and layout: ranges of registers, spills, CTAs per SM, waves (N = 2
+    and 32 apart), the bulk load width, and the slowest compile."""
+    def span(values):
+        lo, hi = values.min(), values.max()
+        return f"{lo:.3g}" if lo == hi else f"{lo:.3g}-{hi:.3g}"
+
+    groups = frame.groupby(["kernel", "layout"], sort=True)
+    out = groups.agg(
+        registers=("registers", span), spill_bytes=("spill_store_bytes", "max"), smem_kb=("shared_bytes", lambda v: span(v / 1024)),
+        ctas_per_sm=("ctas_per_sm", span), load_bytes=("load_bytes", span), store_bytes=("store_bytes", span),
+        async_copies=("async_copies", "max"), max_compile_s=("compile_s", "max"))
+    for n in sorted(frame.n.dropna().unique()):
+        out[f"waves_n{int(n)}"] = frame[frame.n == n].groupby(["kernel", "layout"]).waves.agg(span)
+    return out.reset_index()
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--suite", choices=SUITES, default="resnet50",
+                   help="resnet50: every norm and conv shape of ResNet-50 at 224^2; ci: a few of them")
+    p.add_argument("--batch-sizes", nargs="+", type=int, default=[2, 32])
+    p.add_argument("--dtypes", nargs="+", choices=("float32", "bfloat16", "float16"), default=["bfloat16", "float32"])
+    p.add_argument("--layouts", nargs="+", choices=("contiguous", "channels_last"),
+                   default=["contiguous", "channels_last"])
+    p.add_argument("--ops", nargs="+", choices=("bcn", "gn", "ws"), default=["bcn", "gn", "ws"])
+    p.add_argument("--arch", type=int, default=90, help="compute capability to compile for (occupancy assumes 90)")
+    p.add_argument("--out", default=None,
+                   help="CSV to write (default: perf/results/sm90-static/kernels.csv for the resnet50 suite, "
+                        "none for ci)")
+    p.add_argument("--plot", default=None, help="PNG to draw (default: perf/plots/sm90-static/kernels.png with "
+                                                "the default --out)")
+    p.add_argument("--baseline", default=None, help="a report CSV of another commit, drawn in grey on the plot")
+    p.add_argument("--check", action="store_true", help="exit 1 on any spill or slow compile")
+    p.add_argument("--max-compile-s", type=float, default=30.0, help="slowest compile --check accepts (seconds)")
+    p.add_argument("--quiet", action="store_true", help="no line per compiled specialisation")
+
+
+def run(args) -> int:
+    from .. import backend
+
+    if backend.interpreter_enabled():
+        print("wsbcn report-kernels compiles for a GPU target and cannot run under TRITON_INTERPRET=1: "
+              "unset it (and WSBCN_BACKEND=triton) for this command", file=sys.stderr)
+        return 2
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # triton's default, stated (3.9 warns otherwise)
+    start = time.perf_counter()
+    frame = build_report(args.suite, args.batch_sizes, args.dtypes, args.layouts, args.ops, args.arch,
+                         progress=(lambda line: None) if args.quiet else print)
+    out, plot = args.out, args.plot
+    if out is None and args.suite == "resnet50":
+        out = "perf/results/sm90-static/kernels.csv"
+        plot = plot or "perf/plots/sm90-static/kernels.png"
+    import pandas as pd
+
+    with pd.option_context("display.width", 200, "display.max_columns", 20, "display.max_rows", 200):
+        print(summary(frame).to_string(index=False))
+    specs = frame.drop_duplicates("spec_id")
+    print(f"{len(frame)} launches, {len(specs)} specialisations compiled in {specs.compile_s.sum():.0f} s "
+          f"(slowest {specs.compile_s.max():.1f} s); report took {time.perf_counter() - start:.0f} s")
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        frame.to_csv(out, index=False)
+        print(f"-> {out}")
+    if plot:
+        from .kernel_report_plot import plot_report
+
+        plot_report(frame, plot, pd.read_csv(args.baseline) if args.baseline else None)
+        print(f"-> {plot}")
+    if args.check:
+        problems = check(frame, args.max_compile_s)
+        for line in problems:
+            print("FAIL", line)
+        if problems:
+            return 1
+    return 0
+
+
+def add_subcommand(sub) -> None:
+    """``wsbcn report-kernels`` (one line in tools/commands.py)."""
+    p = sub.add_parser("report-kernels", help="compile every launch of a shape suite for sm_90 and report "
+                                              "registers, spills, occupancy, waves, vector widths (no GPU needed)")
+    add_arguments(p)
+    p.set_defaults(func=run)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m wsbcn.tools.kernel_report", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(p)
+    return run(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
