@@ -2,10 +2,11 @@
 
 The Triton interpreter that CI uses checks what kernels compute, not that they
 compile: type rules, loop-carried values and layouts are only checked by the real
-compiler. This script runs the launch wrappers on CPU tensors with each kernel
-replaced by a recorder, turns every recorded launch into a signature (pointer
-dtypes, integer widths, Triton's specialisation of integers equal to 1, the
-constexprs) and compiles it with triton.compile for the target, down to cubin.
+compiler. This script runs the launch wrappers on CPU tensors while
+wsbcn.tools.launch_recorder records every ``kernel[grid](...)``, specialises each
+launch with triton's own binder (integers equal to 1 become constexprs, integers
+and pointers divisible by 16 get ``tt.divisibility``: wsbcn.tools.static_compile)
+and compiles it with triton.compile for the target, down to cubin.
 
 Run in its own process, with TRITON_INTERPRET unset:
     python tests/tools/aot_compile.py [ARCH]
@@ -20,52 +21,13 @@ os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 import torch  # noqa: E402
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
+from triton.compiler import ASTSource, make_backend  # noqa: E402
 
 import wsbcn.kernels.norm as knorm  # noqa: E402
 import wsbcn.kernels.ws as kws  # noqa: E402
 from wsbcn.heuristics import norm_tile, ws_config  # noqa: E402
-
-POINTER = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.int64: "*i64"}
-LAUNCH_OPTIONS = ("num_warps", "num_stages")
-
-
-class Recorder:
-    def __init__(self, kernel, launches):
-        self.kernel, self.launches = kernel, launches
-
-    def __getitem__(self, grid):
-        def launch(*args, **kwargs):
-            self.launches.append((self.kernel, args, kwargs))
-        return launch
-
-    def __getattr__(self, name):  # arg_names, fn: what the launch plans read
-        return getattr(self.kernel, name)
-
-
-def signature_of(kernel, args, kwargs):
-    names = kernel.arg_names
-    sig, constexprs = {}, {}
-    for name, value in zip(names, args):
-        if isinstance(value, torch.Tensor):
-            sig[name] = POINTER[value.dtype]
-        elif isinstance(value, bool):
-            sig[name] = "i1"
-        elif isinstance(value, int):
-            if value == 1:  # Triton specialises integer arguments equal to 1
-                sig[name], constexprs[name] = "constexpr", 1
-            else:
-                sig[name] = "i64" if abs(value) >= 2**31 else "i32"
-        elif isinstance(value, float):
-            sig[name] = "fp32"
-        else:
-            raise TypeError(f"{kernel.fn.__name__}: cannot type argument {name}={value!r}")
-    for name, value in kwargs.items():
-        if name in LAUNCH_OPTIONS:
-            continue
-        sig[name], constexprs[name] = "constexpr", value
-    options = {k: kwargs[k] for k in LAUNCH_OPTIONS if k in kwargs}
-    return sig, constexprs, options
+from wsbcn.tools.launch_recorder import RecordedLaunch, recording_launches  # noqa: E402
+from wsbcn.tools.static_compile import specialise  # noqa: E402
 
 
 def shipped_norm_configs(dtype):
@@ -85,13 +47,8 @@ def shipped_norm_configs(dtype):
     return out
 
 
-def record_launches():
-    launches = []
-    for module in (knorm, kws):
-        for name in dir(module):
-            obj = getattr(module, name)
-            if isinstance(obj, triton.runtime.jit.JITFunction) and name.endswith("_kernel"):
-                setattr(module, name, Recorder(obj, launches))
+def record_launches(launches):
+    """Run the wrappers over every mode, layout and dtype (inside recording_launches)."""
     f32 = torch.float32
     for dtype in (torch.float32, torch.bfloat16):
         # N = 1 with several spatial chunks: Triton specialises N = 1, which removes the
@@ -145,27 +102,28 @@ def record_launches():
                 for cfg in (ws_config(fan_in, True), {"BLOCK": 1024, "num_warps": 4}):
                     w_hat, st = kws.ws_forward(w, 1e-5, 0, std_mode, cfg)
                     kws.ws_backward(torch.randn_like(w), w, torch.zeros(3, shape[0]), cfg)
-    return launches
 
 
 def main(arch: int = 90) -> int:
     target = GPUTarget("cuda", arch, 32)
+    backend = make_backend(target)
     seen = set()
-    launches = record_launches()
+    with recording_launches(target) as launches:
+        record_launches(launches)
     # int64 offsets (a sample of >= 2^31 elements) cannot be reached with CPU tensors
     # of a sane size: compile those variants from the recorded launches.
-    launches += [(k, a, dict(kw, LARGE=True)) for k, a, kw in launches if kw.get("LARGE") is False]
-    for kernel, args, kwargs in launches:
-        sig, constexprs, options = signature_of(kernel, args, kwargs)
-        key = (kernel.fn.__name__, tuple(sorted(sig.items())), tuple(sorted(constexprs.items())),
-               tuple(sorted(options.items())))
-        if key in seen:
+    launches += [RecordedLaunch(r.kernel, r.grid, r.args, dict(r.kwargs, LARGE=True))
+                 for r in launches if r.kwargs.get("LARGE") is False]
+    for launch in launches:
+        spec = specialise(launch, backend)
+        if spec.key() in seen:
             continue
-        seen.add(key)
-        compiled = triton.compile(ASTSource(kernel, sig, constexprs), target=target, options=options)
+        seen.add(spec.key())
+        compiled = triton.compile(ASTSource(launch.kernel, spec.signature, spec.constexprs, spec.attrs),
+                                  target=target, options=spec.options.__dict__)
         assert "cubin" in compiled.asm
-        const = ", ".join(f"{k}={v}" for k, v in sorted(constexprs.items()) if k.isupper())
-        print(f"sm_{arch} ok {kernel.fn.__name__}({const})")
+        const = ", ".join(f"{k}={v}" for k, v in sorted(spec.constexpr_values(launch.kernel).items()) if k.isupper())
+        print(f"sm_{arch} ok {spec.name}({const})")
     print(f"{len(seen)} specialisations compiled")
     return 0
 
