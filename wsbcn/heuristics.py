@@ -6,10 +6,21 @@ comes from here; the tuning layer (wsbcn.tuning) may replace only the rest.
 Results are cached per shape (callers get copies): eager micro-batch layers are
 host-bound. On the CPU interpreter the aim is different from the GPU's: programs
 run one after the other at ~1 ms each, so there we prefer few, large programs.
+
+The GPU plans are sized with the static kernel report (python -m
+wsbcn.tools.kernel_report; perf/NOTES.md, "Static kernel report"): tiles of 4-8
+values per thread keep the passes over x at about 64 registers, so about
+RESIDENT_CTAS programs of 4 warps fit an SM, and the spatial split asks for WAVES
+waves of them where the tensor has that many tiles.
 """
 import functools
 
 from .kernels.layout import cdiv, next_pow2  # noqa: F401 (re-exported for the tuning layer)
+
+GPU_WARPS = 4  # warps per program of the passes over x (tunable; the plan assumes it)
+RESIDENT_CTAS = 8  # programs per SM at 4 warps and <= 64 registers (65536 / (64 x 128))
+WAVES = 4  # programs the split aims for: WAVES x RESIDENT_CTAS x SMs
+WS_GPU_BLOCK = 1024  # lanes of a WS row on GPU: longer rows loop over chunks of this
 
 
 def _warps(elements: int) -> int:
@@ -22,7 +33,9 @@ def _warps(elements: int) -> int:
 
 @functools.lru_cache(maxsize=4096)
 def ws_config(fan_in: int, on_gpu: bool) -> dict:
-    cap = 4096 if on_gpu else 16384
+    # On GPU a whole row in one block of 2048-4096 lanes took triton 3.6 45-200 s
+    # to compile, and the looped 4096-lane backward spilled: 1024 lanes loop instead.
+    cap = WS_GPU_BLOCK if on_gpu else 16384
     block = min(next_pow2(fan_in), cap)
     return {"BLOCK": block, "num_warps": _warps(block)}
 
@@ -33,27 +46,32 @@ def norm_tile(n: int, c: int, s: int, channels_last: bool, on_gpu: bool, sm_coun
 
     The tile is [BLOCK_C, BLOCK_S]: for NCHW the spatial axis is contiguous and
     gets the long side; for channels_last the channel axis does. ``split``
-    divides the spatial axis so that micro-batches (N = 1-2) still fill the GPU.
+    divides the spatial axis so that programs reach WAVES waves; a tensor with
+    fewer tiles than that gets one program per tile.
     BLOCK_S (the lanes of the reductions) and split are the plan; BLOCK_C and the
     rest are the tunable defaults.
     """
-    tile = 4096 if on_gpu else 16384
+    if not on_gpu:
+        tile = 16384
+        if channels_last:
+            block_c = min(next_pow2(c), 1024)
+            block_s = max(1, min(next_pow2(s), tile // block_c))
+        else:
+            block_s = min(next_pow2(s), tile)
+            block_c = max(1, min(next_pow2(c), tile // block_s))
+        return {"BLOCK_C": block_c, "BLOCK_S": block_s, "split": 1, "num_warps": _warps(block_c * block_s),
+                "num_stages": 2}
     if channels_last:
-        block_c = min(next_pow2(c), 128 if on_gpu else 1024)
-        block_s = max(1, min(next_pow2(s), tile // block_c))
+        # 16 channels (32-64 contiguous bytes) by 64 positions: 8 values per thread
+        block_s = min(next_pow2(s), 64)
+        block_c = min(next_pow2(c), 16)
     else:
-        block_s = min(next_pow2(s), 2048 if on_gpu else tile)
-        block_c = max(1, min(next_pow2(c), tile // block_s))
+        # 128 lanes along the contiguous spatial axis. Triton knows a row starts
+        # 16-byte aligned only when S is a multiple of 16: then 16-byte loads and 8
+        # values per thread; otherwise (S = 196, 49) scalar loads, each value with
+        # its own 64-bit address, so 4 values per thread to stay within 64 registers.
+        block_s = min(next_pow2(s), 128)
+        block_c = max(1, min(next_pow2(c), (1024 if s % 16 == 0 else 512) // block_s))
     programs = n * cdiv(c, block_c)
-    s_blocks = cdiv(s, block_s)
-    if on_gpu:
-        split = max(1, min(s_blocks, cdiv(4 * sm_count, programs)))
-    else:
-        split = 1
-    return {
-        "BLOCK_C": block_c,
-        "BLOCK_S": block_s,
-        "split": split,
-        "num_warps": _warps(block_c * block_s),
-        "num_stages": 2,
-    }
+    split = max(1, min(cdiv(s, block_s), cdiv(WAVES * RESIDENT_CTAS * sm_count, programs)))
+    return {"BLOCK_C": block_c, "BLOCK_S": block_s, "split": split, "num_warps": GPU_WARPS, "num_stages": 2}
