@@ -39,6 +39,42 @@ import triton.language as tl
 from .layout import cdiv, next_pow2
 from .reduce import lane_tree_chan, lane_tree_sum, lane_welford
 
+# The lane trees of the statistics passes run their first levels in rows of ROW
+# lanes ([BLOCK_C * BLOCK_S / ROW, ROW], row-major), then merge each channel's row
+# results pairwise: the same pairs in the same order as one tree over BLOCK_S
+# lanes (level k pairs lanes within aligned blocks of 2^k), so bitwise the same
+# numbers. The point is the layout: triton 3.6 ran the long rows' upper levels in
+# layouts that replicate lanes across threads (108 registers for the NCHW stats
+# pass at BLOCK_S = 128 in fp32; 56 in rows of 32).
+ROW = tl.constexpr(32)
+
+
+@triton.jit
+def _rows_tree_sum(v, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+    """lane_tree_sum of a [BLOCK_C, BLOCK_S] tile -> [BLOCK_C], in rows of ROW lanes."""
+    if BLOCK_S > ROW:
+        rows = lane_tree_sum(tl.reshape(v, [BLOCK_C * (BLOCK_S // ROW), ROW]))
+        out = lane_tree_sum(tl.reshape(rows, [BLOCK_C, BLOCK_S // ROW]))
+    else:
+        out = lane_tree_sum(v)
+    return out
+
+
+@triton.jit
+def _rows_tree_chan(count, mean, m2, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+    """lane_tree_chan(count[None, :], mean, m2) of [BLOCK_C, BLOCK_S] lanes (count
+    [BLOCK_S], the same for every channel) -> [BLOCK_C] mean and M2, in rows of ROW."""
+    if BLOCK_S > ROW:
+        rows: tl.constexpr = BLOCK_C * (BLOCK_S // ROW)
+        counts = tl.reshape(tl.broadcast_to(count[None, :], [BLOCK_C, BLOCK_S]), [rows, ROW])
+        row_mean, row_m2 = lane_tree_chan(counts, tl.reshape(mean, [rows, ROW]), tl.reshape(m2, [rows, ROW]))
+        row_count = lane_tree_sum(tl.reshape(count, [BLOCK_S // ROW, ROW]))
+        out_mean, out_m2 = lane_tree_chan(row_count[None, :], tl.reshape(row_mean, [BLOCK_C, BLOCK_S // ROW]),
+                                          tl.reshape(row_m2, [BLOCK_C, BLOCK_S // ROW]))
+    else:
+        out_mean, out_m2 = lane_tree_chan(count[None, :], mean, m2)
+    return out_mean, out_m2
+
 # Modes of the BN stage.
 MODE_GN = 0  # no BN stage (GroupNorm)
 MODE_BATCH = 1  # training, batch statistics (estimate=False)
@@ -151,7 +187,7 @@ def _norm_stats_kernel(
         x = tl.load(x_n + c_off[:, None] + _offsets(s, stride_xs, LARGE)[None, :], mask=mask, other=0.0)
         count += smask.to(tl.float32)
         mean, m2 = lane_welford(count, mean, m2, x.to(tl.float32) - pivot[:, None], mask)
-    mean, m2 = lane_tree_chan(count[None, :], mean, m2)
+    mean, m2 = _rows_tree_chan(count, mean, m2, BLOCK_C, BLOCK_S)
     out = (n * C + c) * n_split + split
     tl.store(Part_mean + out, mean, mask=cmask)
     tl.store(Part_m2 + out, m2, mask=cmask)
@@ -435,8 +471,8 @@ def _norm_bwd_reduce_kernel(
                            ACT, LARGE)
         d1 += dz
         de += dz * e
-    d1 = lane_tree_sum(d1)
-    de = lane_tree_sum(de)
+    d1 = _rows_tree_sum(d1, BLOCK_C, BLOCK_S)
+    de = _rows_tree_sum(de, BLOCK_C, BLOCK_S)
     out = (n * C + c) * n_split + split
     tl.store(Part_d1 + out, d1, mask=cmask)
     tl.store(Part_de + out, de, mask=cmask)
@@ -640,11 +676,12 @@ def _chunking(s, config):
 
 def _combine_blocks(n, k, n_split, config):
     """(BLOCK_N, BLOCK_K, BLOCK_J) of the combine kernels: the whole group, then as
-    many samples and chunks as fit a tile of ~1024 values (8 per thread at 4 warps;
-    4096 on 128 threads took 255 registers and spilled)."""
+    many samples and chunks as fit a tile of ~512 values (8 per thread at the 2 warps
+    such a tile gets). 4096 values on 128 threads took 255 registers and spilled;
+    1024 still spilled on triton 3.6 (perf/NOTES.md, "Static kernel report")."""
     block_k = next_pow2(k)
-    block_n = max(1, min(next_pow2(n), 1024 // block_k))
-    block_j = max(1, min(next_pow2(n_split), 1024 // (block_k * block_n)))
+    block_n = max(1, min(next_pow2(n), 512 // block_k))
+    block_j = max(1, min(next_pow2(n_split), 512 // (block_k * block_n)))
     return block_n, block_k, config.get("BLOCK_J", block_j)
 
 

@@ -12,7 +12,39 @@ constant filter give exact zeros. The row's sums run in an order fixed by BLOCK
 import triton
 import triton.language as tl
 
-from .reduce import lane_total, lane_tree_chan, lane_welford
+from .reduce import lane_total, lane_tree_chan, lane_tree_sum, lane_welford
+
+# The lane trees below run their first 5 levels in rows of 32 lanes ([BLOCK / 32,
+# 32], lane 32 r + j), then merge the row results pairwise: the same pairs in the
+# same order as one tree over BLOCK lanes (level k pairs lanes within aligned
+# blocks of 2^k), so bitwise the same numbers. The point is the layout: a
+# [BLOCK] or [1, BLOCK] tree ends in layouts that hold every lane in every
+# thread, which took triton 3.6 255 registers and spills at BLOCK = 1024.
+ROW = tl.constexpr(32)
+
+
+@triton.jit
+def _tree_total(v, BLOCK: tl.constexpr):
+    """[BLOCK] -> scalar: lane_total(v), computed in rows of ROW lanes."""
+    if BLOCK > ROW:
+        total = lane_total(lane_tree_sum(tl.reshape(v, [BLOCK // ROW, ROW])))
+    else:
+        total = lane_total(v)
+    return total
+
+
+@triton.jit
+def _tree_chan_total(count, mean, m2, BLOCK: tl.constexpr):
+    """[BLOCK] count, mean, M2 per lane -> scalar mean and M2 of the row: the
+    pairwise Chan merge of lane_tree_chan, computed in rows of ROW lanes."""
+    if BLOCK > ROW:
+        counts = tl.reshape(count, [BLOCK // ROW, ROW])
+        row_mean, row_m2 = lane_tree_chan(counts, tl.reshape(mean, [BLOCK // ROW, ROW]),
+                                          tl.reshape(m2, [BLOCK // ROW, ROW]))
+        mean, m2 = lane_tree_chan(lane_tree_sum(counts)[None, :], row_mean[None, :], row_m2[None, :])
+    else:
+        mean, m2 = lane_tree_chan(count[None, :], tl.reshape(mean, [1, BLOCK]), tl.reshape(m2, [1, BLOCK]))
+    return tl.sum(mean, axis=0), tl.sum(m2, axis=0)  # [1] -> scalars, exact
 
 
 @triton.jit
@@ -52,9 +84,7 @@ def _ws_fwd_kernel(
             w = tl.load(base + idx, mask=mask, other=0.0).to(tl.float32) - w0
             count += mask.to(tl.float32)
             lane_mean, lane_m2 = lane_welford(count, lane_mean, lane_m2, w[None, :], mask[None, :])
-    mean, m2 = lane_tree_chan(count[None, :], lane_mean, lane_m2)
-    mean = tl.sum(mean, axis=0)  # [1] -> scalar, exact
-    m2 = tl.sum(m2, axis=0)
+    mean, m2 = _tree_chan_total(count, lane_mean, lane_m2, BLOCK)
     var = m2 / denom
     if STD_MODE:
         std = tl.sqrt(var)
@@ -105,8 +135,8 @@ def _ws_bwd_kernel(
         g = tl.load(g_base + offs, mask=mask, other=0.0).to(tl.float32)
         w = tl.load(w_base + offs, mask=mask, other=0.0).to(tl.float32)
         w_hat = tl.where(mask, (w - w0 - mean) * rstd, 0.0)
-        sum_g = lane_total(g)
-        sum_gw = lane_total(g * w_hat)
+        sum_g = _tree_total(g, BLOCK)
+        sum_gw = _tree_total(g * w_hat, BLOCK)
         dw = rstd * (g - sum_g / fan_in) - k * w_hat * sum_gw
         tl.store(out + offs, dw.to(Dw.dtype.element_ty), mask=mask)
     else:
@@ -120,9 +150,13 @@ def _ws_bwd_kernel(
             w_hat = tl.where(mask, (w - w0 - mean) * rstd, 0.0)
             lane_g += g
             lane_gw += g * w_hat
-        sum_g = lane_total(lane_g)
-        sum_gw = lane_total(lane_gw)
+        sum_g = _tree_total(lane_g, BLOCK)
+        sum_gw = _tree_total(lane_gw, BLOCK)
         mean_g = sum_g / fan_in
+        # A row is never empty. Said to the compiler, it computes the sums here rather
+        # than sinking the lane trees' replicated tails into the guard of the loop
+        # below, where two of them were live at once and spilled (2.9-22 KB, sm_90).
+        tl.assume(fan_in > 0)
         for start in range(0, fan_in, BLOCK):
             idx = start + offs
             mask = idx < fan_in
