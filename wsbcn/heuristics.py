@@ -9,16 +9,18 @@ run one after the other at ~1 ms each, so there we prefer few, large programs.
 
 The GPU plans are sized with the static kernel report (python -m
 wsbcn.tools.kernel_report; perf/NOTES.md, "Static kernel report"): tiles of 4-8
-values per thread keep the passes over x at about 64 registers, so about
-RESIDENT_CTAS programs of 4 warps fit an SM, and the spatial split asks for WAVES
-waves of them where the tensor has that many tiles.
+values per thread keep the passes over x at about 64 registers or fewer, so 7-16
+programs of 4 warps fit an SM, and the spatial split asks for WAVES waves of
+RESIDENT_CTAS of them where the tensor has that many tiles.
 """
 import functools
 
 from .kernels.layout import cdiv, next_pow2  # noqa: F401 (re-exported for the tuning layer)
 
 GPU_WARPS = 4  # warps per program of the passes over x (tunable; the plan assumes it)
-RESIDENT_CTAS = 8  # programs per SM at 4 warps and <= 64 registers (65536 / (64 x 128))
+# 4-warp programs an SM can hold: 16 by threads (2048 / 128); the report finds 7-16
+# at 40-72 registers, so sizing for 16 gives >= WAVES waves at any of them
+RESIDENT_CTAS = 16
 WAVES = 4  # programs the split aims for: WAVES x RESIDENT_CTAS x SMs
 WS_GPU_BLOCK = 1024  # lanes of a WS row on GPU: longer rows loop over chunks of this
 
