@@ -74,6 +74,9 @@ def norm_tile(n: int, c: int, s: int, channels_last: bool, on_gpu: bool, sm_coun
         # its own 64-bit address, so 4 values per thread to stay within 64 registers.
         block_s = min(next_pow2(s), 128)
         block_c = max(1, min(next_pow2(c), (1024 if s % 16 == 0 else 512) // block_s))
-    programs = n * cdiv(c, block_c)
-    split = max(1, min(cdiv(s, block_s), cdiv(WAVES * RESIDENT_CTAS * sm_count, programs)))
+    # chunks wanted; a chunk is a whole number of tiles, rounded down so that the
+    # chunks (kernels/norm.py _chunking) are at least as many as wanted
+    wanted = cdiv(WAVES * RESIDENT_CTAS * sm_count, n * cdiv(c, block_c))
+    s_blocks = cdiv(s, block_s)
+    split = cdiv(s_blocks, max(1, s_blocks // wanted))
     return {"BLOCK_C": block_c, "BLOCK_S": block_s, "split": split, "num_warps": GPU_WARPS, "num_stages": 2}
