@@ -46,7 +46,7 @@ class Launch:
     """One kernel launch of a plan: ``kernel``, ``grid``, ``options`` (num_warps,
     num_stages) and, for each kernel parameter in order, the index of its value in
     the call's value list (``picks``; constexprs included, which the C launcher
-    skips). ``constexprs`` names the parameters passed by keyword on the slow path."""
+    skips). Through ``kernel[grid]`` the constexprs go by name, the rest by position."""
 
     __slots__ = ("kernel", "grid", "picks", "runtime_picks", "constexpr_picks", "options", "compiled", "device")
 
