@@ -677,8 +677,8 @@ def _chunking(s, config):
 def _combine_blocks(n, k, n_split, config):
     """(BLOCK_N, BLOCK_K, BLOCK_J) of the combine kernels: the whole group, then as
     many samples and chunks as fit a tile of ~512 values (8 per thread at the 2 warps
-    such a tile gets). 4096 values on 128 threads took 255 registers and spilled;
-    1024 still spilled on triton 3.6 (perf/NOTES.md, "Static kernel report")."""
+    such a tile gets). 4096 values on 128 threads took 255 registers and spilled
+    (perf/NOTES.md, "Static kernel report")."""
     block_k = next_pow2(k)
     block_n = max(1, min(next_pow2(n), 512 // block_k))
     block_j = max(1, min(next_pow2(n_split), 512 // (block_k * block_n)))

@@ -22,7 +22,7 @@ GPU_WARPS = 4  # warps per program of the passes over x (tunable; the plan assum
 # at 40-72 registers, so sizing for 16 gives >= WAVES waves at any of them
 RESIDENT_CTAS = 16
 WAVES = 4  # programs the split aims for: WAVES x RESIDENT_CTAS x SMs
-WS_GPU_BLOCK = 1024  # lanes of a WS row on GPU: longer rows loop over chunks of this
+WS_GPU_BLOCK = 512  # lanes of a WS row on GPU: longer rows loop over chunks of this
 
 
 def _warps(elements: int) -> int:
@@ -36,7 +36,8 @@ def _warps(elements: int) -> int:
 @functools.lru_cache(maxsize=4096)
 def ws_config(fan_in: int, on_gpu: bool) -> dict:
     # On GPU a whole row in one block of 2048-4096 lanes took triton 3.6 45-200 s
-    # to compile, and the looped 4096-lane backward spilled: 1024 lanes loop instead.
+    # to compile, the looped 4096-lane backward spilled, and triton 3.6 spilled the
+    # one-block backward at 1024 lanes: rows longer than 512 loop instead.
     cap = WS_GPU_BLOCK if on_gpu else 16384
     block = min(next_pow2(fan_in), cap)
     return {"BLOCK": block, "num_warps": _warps(block)}
