@@ -63,8 +63,14 @@ def plot_report(frame, path, baseline=None):
         ax.set_ylabel(ylabel)
         ax.set_xlabel("kernel (left of each tick: NCHW, right: channels_last)")
         ax.grid(axis="y", alpha=0.3)
+        # headroom above the data for the legend
         if column == "waves":
             ax.set_yscale("log")
+            ax.set_ylim(0.3, 80)
+        elif column == "registers":
+            ax.set_ylim(0, 330)
+        else:
+            ax.set_ylim(0, 42)
         ax.legend(fontsize=8, loc="upper left")
     shapes = frame[frame.op != "ws"]
     fig.suptitle("Static sm_90 kernel report (no GPU: compiled with triton, occupancy from H100 limits): every launch of "
