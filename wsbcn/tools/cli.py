@@ -1,4 +1,4 @@
-"""The ``wsbcn`` command: info | autotune | bench | plot | train."""
+"""The ``wsbcn`` command: info | bench | autotune | plot | train | report-kernels."""
 import argparse
 import sys
 

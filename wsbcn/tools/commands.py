@@ -1,9 +1,11 @@
-"""argparse wiring of ``wsbcn autotune | bench | plot | train``."""
+"""argparse wiring of ``wsbcn bench | autotune | plot | train | report-kernels``."""
 
 
 def add_subcommands(sub) -> None:
-    """Add the bench, autotune, plot and train subparsers to ``sub``."""
-    for add in (_bench, _autotune, _plot, _train):
+    """Add the bench, autotune, plot, train and report-kernels subparsers to ``sub``."""
+    from . import kernel_report
+
+    for add in (_bench, _autotune, _plot, _train, kernel_report.add_subcommand):
         add(sub)
 
 
