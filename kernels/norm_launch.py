@@ -198,8 +198,11 @@ class NormPlan:
 
     def backward(self, dy, x, saved, gamma, omega, eta, dx=None):
         """dx and the fp32 parameter gradients (d_gamma, d_beta, d_omega, d_eta;
-        empty for absent parameters). ``dy`` must be walkable (nsc_strides);
-        ``saved`` is the forward's side buffer or its (stats, rstd_c, rho)."""
+        empty for absent parameters). ``saved`` is the forward's side buffer or its
+        (stats, rstd_c, rho). A ``dy`` whose spatial dims one stride cannot walk is
+        copied first."""
+        if dy.stride() != self.y_stride and nsc_strides(dy) is None:
+            dy = dy.contiguous()
         launches, constants, offsets, shapes, size, pieces, byte_offsets = self._backward_plan(dy)
         dx = self.alloc_y(x) if dx is None else dx
         if dx.stride() != self.y_stride:

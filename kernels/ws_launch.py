@@ -55,7 +55,10 @@ class WSPlan:
         return w_hat, stats
 
     def backward(self, grad, w, stats):
-        """dW; ``grad`` must have the same strides as ``w``."""
+        """dW (``grad`` is copied to ``w``'s strides first when it has others: the
+        kernel walks both with ``w``'s)."""
+        if grad.stride() != w.stride():
+            grad = torch.empty_like(w).copy_(grad)
         dw = torch.empty_like(w)
         launch = self.bwd
         o = 4 * self.out_channels

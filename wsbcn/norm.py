@@ -85,8 +85,6 @@ def _norm_backward_impl(dy, x, stats, rstd_c, rho, gamma, omega, eta, num_groups
         return (torch.zeros_like(x),) + tuple(torch.zeros(m, device=x.device, dtype=stats.dtype) for m in lengths)
     if backend.backend_for(x) == "torch":
         return norm_backward_torch(dy, x, stats, rstd_c, rho, gamma, omega, eta, num_groups, mode, activation, group_affine)
-    if nsc_strides(dy) is None:
-        dy = dy.contiguous()
     # The backward reads no running buffer and no eps/momentum; the forward's flags
     # that shape its launches are the ones passed here.
     plan = launch_plan(x, num_groups, mode, False, False, activation, group_affine,
@@ -222,10 +220,7 @@ class _EagerNormFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x, side, gamma, omega, eta = ctx.saved_tensors
-        plan = ctx.plan
-        if dy.stride() != plan.y_stride and nsc_strides(dy) is None:
-            dy = dy.contiguous()
-        dx, d_gamma, d_beta, d_omega, d_eta = plan.backward(dy, x, side, gamma, omega, eta)
+        dx, d_gamma, d_beta, d_omega, d_eta = ctx.plan.backward(dy, x, side, gamma, omega, eta)
         return (dx, _as_param(d_gamma, gamma), _as_param(d_beta, gamma), _as_param(d_omega, omega),
                 _as_param(d_eta, omega), None, None)
 

@@ -37,8 +37,6 @@ def _ws_backward_impl(grad: torch.Tensor, weight: torch.Tensor, stats: torch.Ten
         return torch.zeros_like(weight)
     if backend.backend_for(weight) == "torch":
         return ws_backward_torch(grad, weight, stats)
-    if grad.stride() != weight.stride():
-        grad = torch.empty_like(weight).copy_(grad)  # the kernel walks both with W's strides
     # eps and correction only enter the forward: any values give the same backward launch
     return ws_plan(weight, 1e-5, 0, False).backward(grad, weight, stats.contiguous())
 
@@ -121,8 +119,6 @@ class _EagerWSFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         weight, stats = ctx.saved_tensors
-        if grad.stride() != weight.stride():
-            grad = torch.empty_like(weight).copy_(grad)  # the kernel walks both with W's strides
         return ctx.plan.backward(grad, weight, stats), None
 
 
