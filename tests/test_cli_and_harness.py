@@ -144,6 +144,35 @@ def test_cli_info_and_errors(capsys):
         cli.main(["bench", "--ops", "nope"])
 
 
+def test_cli_bench_host_runs_the_host_benchmark_in_a_fresh_process(tmp_path, monkeypatch, capsys):
+    """`wsbcn bench --host` hands its narrowing options to `python -m wsbcn.tools.host_bench`
+    in a process without TRITON_INTERPRET (the benchmark itself: tests/test_host_bench.py),
+    and refuses options that only the device benchmark takes."""
+    import subprocess
+
+    seen = {}
+
+    def fake_run(command, env):
+        seen["command"], seen["env"] = command, env
+        return subprocess.CompletedProcess(command, 0)
+
+    monkeypatch.setattr(subprocess, "run", fake_run)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    args = ["bench", "--host", "--ops", "bcn", "gn", "--batch-sizes", "2", "--dtypes", "bfloat16", "--quick",
+            "--out", str(tmp_path)]
+    assert cli.main(args) == 0
+    command = seen["command"]
+    assert command[1:3] == ["-m", "wsbcn.tools.host_bench"]
+    joined = " ".join(command)
+    for part in ("--ops bcn gn", "--batch-sizes 2", "--dtypes bfloat16", "--quick", f"--out {tmp_path}"):
+        assert part in joined, part
+    assert "--modes" not in command  # bench's default modes: host_bench's own (fwd, fwdbwd)
+    assert "TRITON_INTERPRET" not in seen["env"] and "WSBCN_BACKEND" not in seen["env"]
+    seen.clear()
+    assert cli.main(["bench", "--host", "--e2e"]) == 2
+    assert not seen and "--host times eager calls only" in capsys.readouterr().err
+
+
 def test_cli_autotune_bench_plot_on_cpu(tmp_path, monkeypatch, capsys):
     """The subcommands end to end (Triton through the interpreter, real CPU timers)."""
     monkeypatch.setenv("WSBCN_CACHE_DIR", str(tmp_path / "cache"))
