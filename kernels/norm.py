@@ -104,16 +104,33 @@ def _activation_grad(dy, z, ACT: tl.constexpr):
 
 
 @triton.jit
-def _tile_offsets(pid, split, C, S, chunk, stride_xc, BLOCK_C: tl.constexpr, LARGE: tl.constexpr):
+def _tile_offsets(pid, split, C, S, chunk, stride_xc, BLOCK_C: tl.constexpr, LARGE: tl.constexpr,
+                  ALIGN: tl.constexpr):
     """Sample n, channels c [BLOCK_C], their mask, the spatial range of this split,
     and the per-channel part of the offsets within one sample."""
     n_cblocks = tl.cdiv(C, BLOCK_C)
     n = pid // n_cblocks
     c = (pid % n_cblocks) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = c < C
-    s_begin = split * chunk
-    s_end = tl.minimum(S, s_begin + chunk)
-    return n, c, cmask, s_begin, s_end, _offsets(c, stride_xc, LARGE)
+    # S, chunk and every stride are multiples of ALIGN (the wrapper's promise), so are
+    # the chunk's ends: the row masks then come in runs the loads can vectorize
+    s_begin = tl.multiple_of(split * chunk, ALIGN)
+    s_end = tl.multiple_of(tl.minimum(S, s_begin + chunk), ALIGN)
+    return n, c, cmask, s_begin, s_end, _channel_offsets(c, stride_xc, LARGE, ALIGN)
+
+
+@triton.jit
+def _channel_offsets(c, stride_c, LARGE: tl.constexpr, ALIGN: tl.constexpr):
+    """c * stride_c, which the wrapper knows to be a multiple of ALIGN elements (a
+    power of two, at most 16, dividing S, chunk and every sample and channel stride):
+    with it the compiler can vectorize rows whose length is no multiple of 16 (S = 196)."""
+    return tl.multiple_of(_offsets(c, stride_c, LARGE), ALIGN)
+
+
+@triton.jit
+def _sample_start(ptr, n, stride_n, ALIGN: tl.constexpr):
+    """ptr + n * stride_n, an offset that is a multiple of ALIGN elements."""
+    return ptr + tl.multiple_of(n.to(tl.int64) * stride_n, ALIGN)
 
 
 @triton.jit
@@ -159,11 +176,12 @@ def _norm_stats_kernel(
     LARGE: tl.constexpr,  # one sample holds >= 2^31 elements: int64 offsets
     BLOCK_C: tl.constexpr,  # channels per tile
     BLOCK_S: tl.constexpr,  # spatial positions per tile: the lanes of the reductions
+    ALIGN: tl.constexpr,  # a power of two (<= 16) dividing S, chunk and every sample and channel stride
 ):
     pid = tl.program_id(0)
     split = tl.program_id(1)
-    n, c, cmask, s_begin, s_end, c_off = _tile_offsets(pid, split, C, S, chunk, stride_xc, BLOCK_C, LARGE)
-    x_n = X + n.to(tl.int64) * stride_xn
+    n, c, cmask, s_begin, s_end, c_off = _tile_offsets(pid, split, C, S, chunk, stride_xc, BLOCK_C, LARGE, ALIGN)
+    x_n = _sample_start(X, n, stride_xn, ALIGN)
     if PIVOT_MODE == 0:
         pc = (c // K) * K
         pivot = tl.load(x_n + pc.to(tl.int64) * stride_xc, mask=cmask, other=0.0).to(tl.float32)
@@ -403,17 +421,18 @@ def _norm_apply_kernel(
     LARGE: tl.constexpr,  # int64 offsets within a sample
     BLOCK_C: tl.constexpr,  # channels per tile
     BLOCK_S: tl.constexpr,  # spatial positions per tile: the lanes of the reductions
+    ALIGN: tl.constexpr,  # a power of two (<= 16) dividing S, chunk and every sample and channel stride
 ):
     pid = tl.program_id(0)
     split = tl.program_id(1)
     if INCREMENT:
         if pid == 0 and split == 0:
             tl.store(Num_batches, tl.load(Num_batches) + 1)
-    n, c, cmask, s_begin, s_end, c_off = _tile_offsets(pid, split, C, S, chunk, stride_xc, BLOCK_C, LARGE)
+    n, c, cmask, s_begin, s_end, c_off = _tile_offsets(pid, split, C, S, chunk, stride_xc, BLOCK_C, LARGE, ALIGN)
     pivot, mean, coef_a, coef_b = _load_channel_coefs(Pivot, Mean, P, Ym, Omega, Eta, n, c, cmask, K, HAS_AFFINE, GROUP_AFFINE, C)
-    yc_off = _offsets(c, stride_yc, LARGE)
-    x_n = X + n.to(tl.int64) * stride_xn
-    y_n = Y + n.to(tl.int64) * stride_yn
+    yc_off = _channel_offsets(c, stride_yc, LARGE, ALIGN)
+    x_n = _sample_start(X, n, stride_xn, ALIGN)
+    y_n = _sample_start(Y, n, stride_yn, ALIGN)
     for s0 in range(s_begin, s_end, BLOCK_S):
         s = s0 + tl.arange(0, BLOCK_S)
         mask = cmask[:, None] & (s < s_end)[None, :]
@@ -453,14 +472,15 @@ def _norm_bwd_reduce_kernel(
     LARGE: tl.constexpr,  # int64 offsets within a sample
     BLOCK_C: tl.constexpr,  # channels per tile
     BLOCK_S: tl.constexpr,  # spatial positions per tile: the lanes of the reductions
+    ALIGN: tl.constexpr,  # a power of two (<= 16) dividing S, chunk and every sample and channel stride
 ):
     pid = tl.program_id(0)
     split = tl.program_id(1)
-    n, c, cmask, s_begin, s_end, c_off = _tile_offsets(pid, split, C, S, chunk, stride_xc, BLOCK_C, LARGE)
+    n, c, cmask, s_begin, s_end, c_off = _tile_offsets(pid, split, C, S, chunk, stride_xc, BLOCK_C, LARGE, ALIGN)
     pivot, mean, coef_a, coef_b = _load_channel_coefs(Pivot, Mean, P, Ym, Omega, Eta, n, c, cmask, K, HAS_AFFINE, GROUP_AFFINE, C)
-    dc_off = _offsets(c, stride_dc, LARGE)
-    x_n = X + n.to(tl.int64) * stride_xn
-    dy_n = Dy + n.to(tl.int64) * stride_dn
+    dc_off = _channel_offsets(c, stride_dc, LARGE, ALIGN)
+    x_n = _sample_start(X, n, stride_xn, ALIGN)
+    dy_n = _sample_start(Dy, n, stride_dn, ALIGN)
     # per-lane sums, then one pairwise tree over the lanes (reduce.py)
     d1 = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)
     de = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)
@@ -635,20 +655,21 @@ def _norm_bwd_apply_kernel(
     LARGE: tl.constexpr,  # int64 offsets within a sample
     BLOCK_C: tl.constexpr,  # channels per tile
     BLOCK_S: tl.constexpr,  # spatial positions per tile: the lanes of the reductions
+    ALIGN: tl.constexpr,  # a power of two (<= 16) dividing S, chunk and every sample and channel stride
 ):
     pid = tl.program_id(0)
     split = tl.program_id(1)
-    n, c, cmask, s_begin, s_end, c_off = _tile_offsets(pid, split, C, S, chunk, stride_xc, BLOCK_C, LARGE)
+    n, c, cmask, s_begin, s_end, c_off = _tile_offsets(pid, split, C, S, chunk, stride_xc, BLOCK_C, LARGE, ALIGN)
     pivot, mean, coef_a, coef_b = _load_channel_coefs(Pivot, Mean, P, Ym, Omega, Eta, n, c, cmask, K, HAS_AFFINE, GROUP_AFFINE, C)
     idx = n * C + c
     ca = tl.load(CA + idx, mask=cmask, other=0.0)
     ce = tl.load(CE + idx, mask=cmask, other=0.0)
     cc = tl.load(CC + idx, mask=cmask, other=0.0)
-    dc_off = _offsets(c, stride_dc, LARGE)
-    oc_off = _offsets(c, stride_oc, LARGE)
-    x_n = X + n.to(tl.int64) * stride_xn
-    dy_n = Dy + n.to(tl.int64) * stride_dn
-    dx_n = Dx + n.to(tl.int64) * stride_on
+    dc_off = _channel_offsets(c, stride_dc, LARGE, ALIGN)
+    oc_off = _channel_offsets(c, stride_oc, LARGE, ALIGN)
+    x_n = _sample_start(X, n, stride_xn, ALIGN)
+    dy_n = _sample_start(Dy, n, stride_dn, ALIGN)
+    dx_n = _sample_start(Dx, n, stride_on, ALIGN)
     for s0 in range(s_begin, s_end, BLOCK_S):
         s = s0 + tl.arange(0, BLOCK_S)
         mask = cmask[:, None] & (s < s_end)[None, :]

@@ -14,6 +14,8 @@ Side buffers (fp32). Forward, one allocation, kept for the backward:
 Backward, one allocation: partial sums [2, N, C, n_split] | coefficients [3, N, C]
     | d_gamma, d_beta [2, C] | d_omega, d_eta [2, G or C]
 """
+import math
+
 import torch
 
 from . import norm as K
@@ -72,12 +74,13 @@ class NormPlan:
         tile = dict(BLOCK_C=config["BLOCK_C"], BLOCK_S=config["BLOCK_S"])
         opts = dict(num_warps=config["num_warps"], num_stages=config["num_stages"])
         large = K._large(c, s, sx[1:], sy[1:])
+        align_x, align_xy = _align(s, self.chunk, sx[0], sx[1]), _align(s, self.chunk, sx[0], sx[1], sy[0], sy[1])
         self.fwd = [
             t.launch(K._norm_stats_kernel, self.grid, opts,
                      X=S("x"), Pivot=S("pivot"), Running_mean=S("rm"), Part_mean=S("part_a"), Part_m2=S("part_b"),
                      C=c, S=s, K=k, stride_xn=sx[0], stride_xc=sx[1], stride_xs=sx[2], chunk=self.chunk,
                      n_split=self.n_split, PIVOT_MODE=0 if mode == K.MODE_GN else (2 if mode == K.MODE_RUNNING else 1),
-                     LARGE=large, **tile),
+                     LARGE=large, ALIGN=align_x, **tile),
             t.launch(K._norm_combine_kernel, (num_groups,), dict(num_warps=4 if bn * bk * bj >= 1024 else 2),
                      Part_mean=S("part_a"), Part_m2=S("part_b"), Pivot=S("pivot"), Gamma=S("gamma"), Beta=S("beta"),
                      Running_mean=S("rm"), Running_var=S("rv"), Num_batches=S("nbt"), Mean=S("mean"), Dm=S("dm"),
@@ -91,7 +94,7 @@ class NormPlan:
                      stride_xn=sx[0], stride_xc=sx[1], stride_xs=sx[2],
                      stride_yn=sy[0], stride_yc=sy[1], stride_ys=sy[2], chunk=self.chunk,
                      ACT=K.ACTIVATIONS[activation], HAS_AFFINE=has_affine, GROUP_AFFINE=group_affine,
-                     INCREMENT=update_running and has_nbt, LARGE=large, **tile),
+                     INCREMENT=update_running and has_nbt, LARGE=large, ALIGN=align_xy, **tile),
         ]
         self.fwd_constants = t.constants
         self._bwd = {}  # dy strides -> the backward's launches, constants and buffer layout
@@ -174,13 +177,15 @@ class NormPlan:
         opts = dict(num_warps=config["num_warps"], num_stages=config["num_stages"])
         act = K.ACTIVATIONS[self.activation]
         common = dict(ACT=act, HAS_AFFINE=self.has_affine, GROUP_AFFINE=self.group_affine, LARGE=large, **tile)
+        align_xd = _align(s, chunk, sx[0], sx[1], sd[0], sd[1])
+        align_xdo = _align(s, chunk, sx[0], sx[1], sd[0], sd[1], so[0], so[1])
         launches = [
             t.launch(K._norm_bwd_reduce_kernel, grid, opts,
                      Dy=S("dy"), X=S("x"), Pivot=S("pivot"), Mean=S("mean"), P=S("p"), Ym=S("ym"), Omega=S("omega"),
                      Eta=S("eta"), Part_d1=S("part_a"), Part_de=S("part_b"), C=c, S=s, K=k,
                      stride_xn=sx[0], stride_xc=sx[1], stride_xs=sx[2],
                      stride_dn=sd[0], stride_dc=sd[1], stride_ds=sd[2], chunk=chunk, n_split=n_split,
-                     **common),
+                     ALIGN=align_xd, **common),
             t.launch(K._norm_bwd_combine_kernel, (num_groups,), dict(num_warps=4 if bn * bk * bj >= 1024 else 2),
                      Part_d1=S("part_a"), Part_de=S("part_b"), Rstd_c=S("rstd_c"), Rho=S("rho"), Dm=S("dm"), P=S("p"),
                      Ym=S("ym"), M2=S("m2"), Gamma=S("gamma"), Omega=S("omega"), Dgamma=S("d_gamma"),
@@ -192,7 +197,7 @@ class NormPlan:
                      Omega=S("omega"), Eta=S("eta"), CA=S("ca"), CE=S("ce"), CC=S("cc"), C=c, S=s, K=k,
                      stride_xn=sx[0], stride_xc=sx[1], stride_xs=sx[2],
                      stride_dn=sd[0], stride_dc=sd[1], stride_ds=sd[2],
-                     stride_on=so[0], stride_oc=so[1], stride_os=so[2], chunk=chunk, **common),
+                     stride_on=so[0], stride_oc=so[1], stride_os=so[2], chunk=chunk, ALIGN=align_xdo, **common),
         ]
         return launches, t.constants, offsets, shapes, size, pieces, byte_offsets
 
@@ -235,6 +240,17 @@ class NormPlan:
         for launch in launches:
             launch.jit(values, aligned)
         return (dx,) + grads
+
+
+def _align(*lengths) -> int:
+    """The largest power of two, at most 16, dividing every one of ``lengths`` (S,
+    the chunk, the element strides over samples and channels): the tiled kernels'
+    ALIGN, a promise that every per-sample and per-channel offset and both ends of
+    every chunk are multiples of it."""
+    g = 0
+    for st in lengths:
+        g = math.gcd(g, abs(st))
+    return 16 if g == 0 else min(16, g & -g)
 
 
 def _layout(shapes, blocks):
