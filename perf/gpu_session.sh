@@ -3,8 +3,9 @@
 # each under $OUT. Usage (on the device machine, from the repository root):
 #   WSBCN_COMMIT=<sha> perf/gpu_session.sh test bench autotune e2e
 # Steps:
-#   test       the whole suite natively (gpu-marked tests included), with pytest-xdist
-#              and pytest-timeout, which the lent machines' image has
+#   test       the whole suite natively (gpu- and slow-marked tests included), with
+#              pytest-xdist and pytest-timeout, which the lent machines' image has
+#   host       `wsbcn bench --host` with the real driver (host time of eager calls)
 #   autotune   `wsbcn autotune` on $BATCHES / $DTYPES (cache: $OUT/cache/<device>.json,
 #              which later steps of the same command then use)
 #   bench      `wsbcn bench` on $BATCHES / $DTYPES
@@ -21,10 +22,11 @@ cat "$OUT/device.txt"
 for step in "$@"; do
   start=$SECONDS
   case $step in
-    test) python3 -m pytest -q -p no:cacheprovider -n 8 --timeout 240 -rfEs 2>&1 | tee "$OUT/pytest.log" | tail -40 ;;
+    test) python3 -m pytest -q -p no:cacheprovider -m "" -n 8 --timeout 240 -rfEs 2>&1 | tee "$OUT/pytest.log" | tail -40 ;;
     autotune) wsbcn autotune --batch-sizes $BATCHES --dtypes $DTYPES --max-minutes "$MINUTES" 2>&1 | tee "$OUT/autotune.log" | tail -15 ;;
     bench) wsbcn bench --batch-sizes $BATCHES --dtypes $DTYPES --max-minutes "$MINUTES" 2>&1 | tee "$OUT/bench.log" | tail -15 ;;
     e2e) wsbcn bench --e2e-only 2>&1 | tee "$OUT/e2e.log" | tail -15 ;;
+    host) wsbcn bench --host --batch-sizes $BATCHES --dtypes $DTYPES 2>&1 | tee "$OUT/host.log" | tail -15 ;;
     pack) tar czf "$OUT/results.tgz" perf/results ;;
     *) echo "unknown step $step"; exit 2 ;;
   esac
