@@ -99,8 +99,15 @@ def validated(cache: dict, key, validate):
         found = cache.get(key)
     except TypeError:  # an unhashable argument: the checks will name it
         return validate()
+    return found if found is not None else cached(cache, key, validate)
+
+
+def cached(cache: dict, key, build):
+    """``cache[key]``, built by ``build()`` on a miss; the cache is emptied when it
+    reaches MAX_CACHED_SIGNATURES entries (a model has a few dozen signatures)."""
+    found = cache.get(key)
     if found is None:
-        found = validate()
+        found = build()
         if len(cache) >= MAX_CACHED_SIGNATURES:
             cache.clear()
         cache[key] = found

@@ -45,17 +45,15 @@ def launch_plan(x, num_groups, mode, update_running, cumulative, activation, gro
     key = (x.shape, x.stride(), x.dtype, x.device, num_groups, mode, update_running, cumulative, activation,
            group_affine, has_bn_affine, has_affine, has_nbt, eps, momentum,
            tuning.config_for, tuning.generation(), backend.emulated_gpu())
-    plan = _plans.get(key)
-    if plan is None:
+
+    def build():
         nsc, layout = _shape_nsc(x), channels_fastest(x)
-        plan = backend.kernels().norm_launch.NormPlan(
+        return backend.kernels().norm_launch.NormPlan(
             x, num_groups, mode, update_running, cumulative, activation, group_affine, has_bn_affine, has_affine,
             has_nbt, eps, momentum, tuning.config_for("norm_fwd", x, nsc, layout),
             tuning.config_for("norm_bwd", x, nsc, layout))
-        if len(_plans) >= checks.MAX_CACHED_SIGNATURES:
-            _plans.clear()
-        _plans[key] = plan
-    return plan
+
+    return checks.cached(_plans, key, build)
 
 
 def param_grads(d_gamma, d_beta, d_omega, d_eta, gamma, omega):

@@ -50,16 +50,14 @@ def ws_plan(weight, eps, correction, std_mode):
     tuned-config tables and the config function itself (tests replace it)."""
     key = (weight.shape, weight.stride(), weight.dtype, weight.device, eps, correction, std_mode,
            tuning.config_for, tuning.generation(), backend.emulated_gpu())
-    plan = _plans.get(key)
-    if plan is None:
+
+    def build():
         shape = (weight.shape[0], weight.numel() // weight.shape[0])
-        plan = backend.kernels().ws_launch.WSPlan(weight, eps, correction, std_mode,
+        return backend.kernels().ws_launch.WSPlan(weight, eps, correction, std_mode,
                                                   tuning.config_for("ws_fwd", weight, shape),
                                                   tuning.config_for("ws_bwd", weight, shape))
-        if len(_plans) >= checks.MAX_CACHED_SIGNATURES:
-            _plans.clear()
-        _plans[key] = plan
-    return plan
+
+    return checks.cached(_plans, key, build)
 
 
 @torch.library.custom_op("wsbcn::ws_forward", mutates_args=())
