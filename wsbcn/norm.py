@@ -218,9 +218,8 @@ class _EagerNormFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x, side, gamma, omega, eta = ctx.saved_tensors
-        dx, d_gamma, d_beta, d_omega, d_eta = ctx.plan.backward(dy, x, side, gamma, omega, eta)
-        return (dx, _as_param(d_gamma, gamma), _as_param(d_beta, gamma), _as_param(d_omega, omega),
-                _as_param(d_eta, omega), None, None)
+        dx, *grads = ctx.plan.backward(dy, x, side, gamma, omega, eta)
+        return (dx, *param_grads(*grads, gamma, omega), None, None)
 
 
 def _as_param(grad, param):
