@@ -22,6 +22,7 @@ import functools
 import operator
 import os
 
+from torch._subclasses.fake_tensor import is_fake
 from triton.runtime import driver
 
 try:
@@ -71,6 +72,22 @@ class Launch:
         if aligned and not _interpreting() and compiled is not None and hasattr(compiled, "packed_metadata"):
             self.compiled = compiled
             self.device = driver.active.get_current_device()
+
+    def traced(self, values):
+        """Launch through ``torch.library.wrap_triton`` with tensors in ``values``: inside a
+        ``triton_op`` traced by torch.compile or export this records the launch (a
+        ``triton_kernel_wrapper`` node) instead of running it; called eagerly it is
+        ``kernel[grid]``. The interpreter's kernels cannot be traced: on fake tensors
+        (shape propagation) they are skipped, on real ones run as ``kernel[grid]``."""
+        constexprs = {name: values[i] for name, i in self.constexpr_picks.items()}
+        args = [values[i] for i in self.runtime_picks]
+        if _interpreting():
+            if not is_fake(values[0]):
+                self.kernel[self.grid](*args, **constexprs, **self.options)
+            return
+        from torch.library import wrap_triton
+
+        wrap_triton(self.kernel)[self.grid](*args, **constexprs, **self.options)
 
     def direct(self, values, stream):
         """Launch the compiled kernel with ``values`` holding integer addresses."""

@@ -138,6 +138,31 @@ class NormPlan:
             launch.jit(values, aligned)
         return y, side
 
+    def forward_op(self, x, gamma, beta, omega, eta, running_mean, running_var, num_batches, traced):
+        """The forward of the ``wsbcn::norm_forward`` op: y, stats [6, N, C], rstd_c [C],
+        rho [N, G], each a tensor of its own (an op's outputs may not alias). ``traced``
+        (torch.compile, export): the launches go through ``wrap_triton``
+        (``Launch.traced``) with every buffer a separate tensor, so the tracer sees no
+        addresses and no aliasing views; else as ``forward`` launches."""
+        n, c = self.n, self.c
+        y = self.alloc_y(x)
+        f32 = dict(device=x.device, dtype=torch.float32)
+        if traced:
+            rows = [torch.empty((n * c,), **f32) for _ in range(6)]  # pivot, mean, dm, p, ym, m2
+        else:
+            stats = torch.empty((6, n, c), **f32)
+            rows = list(stats.view(6, n * c).unbind(0))
+        # GN has no BN stage and leaves rstd_c unwritten; an op's output holds defined
+        # values: 1, as in the torch closed form
+        rstd_c = (torch.ones if self.mode == K.MODE_GN else torch.empty)((c,), **f32)
+        rho = torch.empty((n, self.num_groups), **f32)
+        parts = [torch.empty((self.part_size,), **f32) for _ in range(2)]
+        dummy = torch.empty((1,), **f32) if traced else rstd_c  # for an absent tensor: never accessed
+        values = [x, y] + rows + [rstd_c, rho] + parts
+        values += [dummy if t is None else t for t in (gamma, beta, omega, eta, running_mean, running_var, num_batches)]
+        _run(self.fwd, values, self.fwd_constants, traced)
+        return y, torch.stack(rows).view(6, n, c) if traced else stats, rstd_c, rho
+
     def saved_views(self, side):
         """(stats [6, N, C], rstd_c [C], rho [N, G]) of a forward's side buffer."""
         n, c = self.n, self.c
@@ -240,6 +265,42 @@ class NormPlan:
         for launch in launches:
             launch.jit(values, aligned)
         return (dx,) + grads
+
+
+    def backward_op(self, dy, x, stats, rstd_c, rho, gamma, omega, eta, traced):
+        """The backward of the ``wsbcn::norm_backward`` op: ``backward``'s launches with
+        every buffer a tensor of its own (``traced``: through ``wrap_triton``). Returns
+        dx and the fp32 parameter gradients (empty for absent parameters)."""
+        if dy.stride() != self.y_stride and nsc_strides(dy) is None:
+            dy = dy.contiguous()
+        launches, constants, offsets, shapes, size, pieces, byte_offsets = self._backward_plan(dy)
+        dx = self.alloc_y(x)
+        f32 = dict(device=x.device, dtype=torch.float32)
+        bufs = [torch.empty(shape, **f32) for shape in shapes]  # partials, coefficients, gradients
+        dummy = torch.empty((1,), **f32) if traced else rstd_c  # for an absent tensor: never accessed
+        values = [dy, x, dx] + list(stats.unbind(0)) + [rstd_c, rho]
+        values += [b if b.numel() else dummy for b in bufs]
+        values += [dummy if t is None else t for t in (gamma, omega, eta)]
+        _run(launches, values, constants, traced)
+        return (dx,) + tuple(bufs[5:])
+
+
+def _run(launches, values, constants, traced):
+    """Launch ``launches`` with the tensors ``values``: through ``wrap_triton`` when
+    ``traced``, else directly when every pointer is aligned (``kernel[grid]`` if not)."""
+    if traced:
+        for launch in launches:
+            launch.traced(values + constants)
+        return
+    stream = direct_stream(launches)
+    addresses = [v.data_ptr() for v in values]
+    aligned = all_aligned(addresses)
+    if stream is not None and aligned:
+        for launch in launches:
+            launch.direct(addresses + constants, stream)
+        return
+    for launch in launches:
+        launch.jit(values + constants, aligned)
 
 
 def _align(*lengths) -> int:

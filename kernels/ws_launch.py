@@ -54,6 +54,22 @@ class WSPlan:
         launch.jit(values + self.fwd_constants, all_aligned(v.data_ptr() for v in values))
         return w_hat, stats
 
+    def forward_traced(self, w):
+        """``forward`` for the ``wsbcn::ws_forward`` op (torch.compile, export): the launch
+        through ``wrap_triton``, each statistic a tensor of its own."""
+        w_hat = torch.empty_like(w)
+        rows = [torch.empty((self.out_channels,), device=w.device, dtype=torch.float32) for _ in range(3)]
+        self.fwd.traced([w, w_hat] + rows + self.fwd_constants)
+        return w_hat, torch.stack(rows)
+
+    def backward_traced(self, grad, w, stats):
+        """``backward`` for the ``wsbcn::ws_backward`` op, through ``wrap_triton``."""
+        if grad.stride() != w.stride():
+            grad = torch.empty_like(w).copy_(grad)
+        dw = torch.empty_like(w)
+        self.bwd.traced([grad, w, dw] + list(stats.unbind(0)) + self.bwd_constants)
+        return dw
+
     def backward(self, grad, w, stats):
         """dW (``grad`` is copied to ``w``'s strides first when it has others: the
         kernel walks both with ``w``'s)."""

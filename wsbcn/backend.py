@@ -73,7 +73,7 @@ def backend_for(t: torch.Tensor) -> str:
 
 
 def kernels():
-    """The kernel package, imported on first use so CPU-only users never load triton."""
+    """The kernel package (imported when wsbcn is: each op registers its kernels, see ops.py)."""
     import wsbcn.kernels.norm
     import wsbcn.kernels.norm_launch
     import wsbcn.kernels.ws

@@ -7,7 +7,7 @@ from typing import Optional
 
 import torch
 
-from . import backend, checks, tuning
+from . import backend, checks, ops, tuning
 from .kernels.layout import channels_fastest, nsc_strides
 from .torch_norm import (MODE_BATCH, MODE_ESTIMATE, MODE_GN, MODE_RUNNING,
                          norm_backward_torch, norm_forward_torch)
@@ -56,6 +56,12 @@ def launch_plan(x, num_groups, mode, update_running, cumulative, activation, gro
     return checks.cached(_plans, key, build)
 
 
+def _like_y(x):
+    """A tensor laid out as a launch plan allocates y and dx (kernels/norm_launch.py)."""
+    y = torch.empty_like(x)
+    return y if nsc_strides(y) is not None else torch.empty(x.shape, dtype=x.dtype, device=x.device)
+
+
 def param_grads(d_gamma, d_beta, d_omega, d_eta, gamma, omega):
     """The op's fp32 parameter gradients in each parameter's dtype and shape (None
     where absent); beta and eta share gamma's and omega's shape and dtype."""
@@ -63,7 +69,10 @@ def param_grads(d_gamma, d_beta, d_omega, d_eta, gamma, omega):
 
 
 def _norm_forward_impl(x, gamma, beta, omega, eta, running_mean, running_var, num_batches_tracked,
-                       num_groups, eps, momentum, cumulative, mode, update_running, activation, group_affine):
+                       num_groups, eps, momentum, cumulative, mode, update_running, activation, group_affine,
+                       op=False):
+    """The forward on either backend; ``op``: the body of the ``wsbcn::norm_forward``
+    op, traced by torch.compile and export (see ops.py)."""
     if x.numel() == 0:
         acc = dict(device=x.device, dtype=acc_dtype(x.dtype))
         s6, sc, sr = _stat_shapes(x, num_groups)
@@ -71,13 +80,21 @@ def _norm_forward_impl(x, gamma, beta, omega, eta, running_mean, running_var, nu
     if backend.backend_for(x) == "torch":
         return norm_forward_torch(x, gamma, beta, omega, eta, running_mean, running_var, num_batches_tracked,
                                   num_groups, eps, momentum, cumulative, mode, update_running, activation, group_affine)
+    if op and ops.symbolic(x):  # shapes only: the op stays opaque (ops.py) and runs on real tensors
+        s6, sc, sr = _stat_shapes(x, num_groups)
+        return _like_y(x), x.new_empty(s6, dtype=torch.float32), x.new_empty(sc, dtype=torch.float32), \
+            x.new_empty(sr, dtype=torch.float32)
     plan = launch_plan(x, num_groups, mode, update_running, cumulative, activation, group_affine,
                        gamma is not None, omega is not None, num_batches_tracked is not None, eps, momentum)
+    if op:
+        return plan.forward_op(x, gamma, beta, omega, eta, running_mean, running_var, num_batches_tracked,
+                               traced=not ops.plain(x))
     y, side = plan.forward(x, gamma, beta, omega, eta, running_mean, running_var, num_batches_tracked)
     return (y,) + plan.saved_views(side)
 
 
-def _norm_backward_impl(dy, x, stats, rstd_c, rho, gamma, omega, eta, num_groups, mode, activation, group_affine):
+def _norm_backward_impl(dy, x, stats, rstd_c, rho, gamma, omega, eta, num_groups, mode, activation, group_affine,
+                        op=False):
     if x.numel() == 0:
         lengths = _grad_lengths(x, num_groups, gamma, omega, group_affine, mode)
         return (torch.zeros_like(x),) + tuple(torch.zeros(m, device=x.device, dtype=stats.dtype) for m in lengths)
@@ -85,13 +102,27 @@ def _norm_backward_impl(dy, x, stats, rstd_c, rho, gamma, omega, eta, num_groups
         return norm_backward_torch(dy, x, stats, rstd_c, rho, gamma, omega, eta, num_groups, mode, activation, group_affine)
     # The backward reads no running buffer and no eps/momentum; the forward's flags
     # that shape its launches are the ones passed here.
+    if op and ops.symbolic(x):  # shapes only, as in the forward
+        lengths = _grad_lengths(x, num_groups, gamma, omega, group_affine, mode)
+        return (_like_y(x),) + tuple(x.new_empty((m,), dtype=torch.float32) for m in lengths)
     plan = launch_plan(x, num_groups, mode, False, False, activation, group_affine,
                        gamma is not None, omega is not None, False, 1e-5, 0.0)
+    if op:
+        return plan.backward_op(dy, x, stats, rstd_c, rho, gamma, omega, eta, traced=not ops.plain(x))
     return plan.backward(dy, x, (stats, rstd_c, rho), gamma, omega, eta)
 
 
-@torch.library.custom_op(
-    "wsbcn::norm_forward", mutates_args=("running_mean", "running_var", "num_batches_tracked"))
+def _forward_kernels():
+    K = backend.kernels().norm
+    return K._norm_stats_kernel, K._norm_combine_kernel, K._norm_apply_kernel
+
+
+def _backward_kernels():
+    K = backend.kernels().norm
+    return K._norm_bwd_reduce_kernel, K._norm_bwd_combine_kernel, K._norm_bwd_apply_kernel
+
+
+@ops.triton_op("wsbcn::norm_forward", ("running_mean", "running_var", "num_batches_tracked"), _forward_kernels)
 def norm_forward_op(
     x: torch.Tensor, gamma: Optional[torch.Tensor], beta: Optional[torch.Tensor],
     omega: Optional[torch.Tensor], eta: Optional[torch.Tensor],
@@ -101,31 +132,18 @@ def norm_forward_op(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     # (an argument called "mode" would clash with torch's own dispatch helpers)
     return _norm_forward_impl(x, gamma, beta, omega, eta, running_mean, running_var, num_batches_tracked,
-                              num_groups, eps, momentum, cumulative, norm_mode, update_running, activation, group_affine)
+                              num_groups, eps, momentum, cumulative, norm_mode, update_running, activation, group_affine,
+                              op=True)
 
 
-@norm_forward_op.register_fake
-def _(x, gamma, beta, omega, eta, running_mean, running_var, num_batches_tracked, num_groups, eps,
-      momentum, cumulative, norm_mode, update_running, activation, group_affine):
-    s6, sc, sr = _stat_shapes(x, num_groups)
-    acc = acc_dtype(x.dtype)
-    return torch.empty_like(x), x.new_empty(s6, dtype=acc), x.new_empty(sc, dtype=acc), x.new_empty(sr, dtype=acc)
-
-
-@torch.library.custom_op("wsbcn::norm_backward", mutates_args=())
+@ops.triton_op("wsbcn::norm_backward", (), _backward_kernels)
 def norm_backward_op(
     dy: torch.Tensor, x: torch.Tensor, stats: torch.Tensor, rstd_c: torch.Tensor, rho: torch.Tensor,
     gamma: Optional[torch.Tensor], omega: Optional[torch.Tensor], eta: Optional[torch.Tensor],
     num_groups: int, norm_mode: int, activation: Optional[str], group_affine: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     return _norm_backward_impl(dy, x, stats, rstd_c, rho, gamma, omega, eta, num_groups, norm_mode, activation,
-                               group_affine)
-
-
-@norm_backward_op.register_fake
-def _(dy, x, stats, rstd_c, rho, gamma, omega, eta, num_groups, norm_mode, activation, group_affine):
-    lengths = _grad_lengths(x, num_groups, gamma, omega, group_affine, norm_mode)
-    return (torch.empty_like(x),) + tuple(x.new_empty((m,), dtype=stats.dtype) for m in lengths)
+                               group_affine, op=True)
 
 
 class BatchChannelNormFunction(torch.autograd.Function):

@@ -11,7 +11,7 @@ for "std" (0 for a constant filter, whose std has no spread to undo).
 """
 import torch
 
-from . import backend, checks, tuning
+from . import backend, checks, ops, tuning
 from .torch_ws import acc_dtype, ws_backward_torch, ws_forward_torch
 
 
@@ -24,21 +24,31 @@ def row_dense(w: torch.Tensor) -> torch.Tensor:
     return w.contiguous()
 
 
-def _ws_forward_impl(weight: torch.Tensor, eps: float, correction: int, std_mode: bool):
+def _ws_forward_impl(weight: torch.Tensor, eps: float, correction: int, std_mode: bool, op=False):
+    """W_hat and its fp32 statistics on either backend; ``op``: the body of the
+    ``wsbcn::ws_forward`` op, traced by torch.compile and export (see ops.py)."""
     if weight.shape[0] == 0:
         return torch.empty_like(weight), weight.new_empty((3, 0), dtype=acc_dtype(weight.dtype))
     if backend.backend_for(weight) == "torch":
         return ws_forward_torch(weight, eps, correction, std_mode)
-    return ws_plan(weight, eps, correction, std_mode).forward(weight)
+    if op and ops.symbolic(weight):  # shapes only: the op stays opaque (ops.py)
+        return torch.empty_like(weight), weight.new_empty((3, weight.shape[0]), dtype=torch.float32)
+    plan = ws_plan(weight, eps, correction, std_mode)
+    return plan.forward_traced(weight) if op and not ops.plain(weight) else plan.forward(weight)
 
 
-def _ws_backward_impl(grad: torch.Tensor, weight: torch.Tensor, stats: torch.Tensor):
+def _ws_backward_impl(grad: torch.Tensor, weight: torch.Tensor, stats: torch.Tensor, op=False):
     if weight.shape[0] == 0:
         return torch.zeros_like(weight)
     if backend.backend_for(weight) == "torch":
         return ws_backward_torch(grad, weight, stats)
     # eps and correction only enter the forward: any values give the same backward launch
-    return ws_plan(weight, 1e-5, 0, False).backward(grad, weight, stats.contiguous())
+    if op and ops.symbolic(weight):
+        return torch.empty_like(weight)
+    plan = ws_plan(weight, 1e-5, 0, False)
+    if op and not ops.plain(weight):
+        return plan.backward_traced(grad, weight, stats.contiguous())
+    return plan.backward(grad, weight, stats.contiguous())
 
 
 _plans: dict = {}
@@ -60,24 +70,14 @@ def ws_plan(weight, eps, correction, std_mode):
     return checks.cached(_plans, key, build)
 
 
-@torch.library.custom_op("wsbcn::ws_forward", mutates_args=())
+@ops.triton_op("wsbcn::ws_forward", (), lambda: (backend.kernels().ws._ws_fwd_kernel,))
 def ws_forward_op(weight: torch.Tensor, eps: float, correction: int, std_mode: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    return _ws_forward_impl(weight, eps, correction, std_mode)
+    return _ws_forward_impl(weight, eps, correction, std_mode, op=True)
 
 
-@ws_forward_op.register_fake
-def _(weight, eps, correction, std_mode):
-    return torch.empty_like(weight), weight.new_empty((3, weight.shape[0]), dtype=acc_dtype(weight.dtype))
-
-
-@torch.library.custom_op("wsbcn::ws_backward", mutates_args=())
+@ops.triton_op("wsbcn::ws_backward", (), lambda: (backend.kernels().ws._ws_bwd_kernel,))
 def ws_backward_op(grad: torch.Tensor, weight: torch.Tensor, stats: torch.Tensor) -> torch.Tensor:
-    return _ws_backward_impl(grad, weight, stats)
-
-
-@ws_backward_op.register_fake
-def _(grad, weight, stats):
-    return torch.empty_like(weight)
+    return _ws_backward_impl(grad, weight, stats, op=True)
 
 
 def _compiling() -> bool:

@@ -1,0 +1,286 @@
+"""The wsbcn::* ops as torch.library.triton_op (wsbcn/ops.py): what torch.compile and
+torch.export see, and that the op bodies launch what the eager path launches.
+
+In this process triton runs its interpreter (conftest), which cannot be traced, so
+here the ops stay opaque under torch.compile on the Triton backend. What compile
+traces on the Triton backend is checked in a subprocess over the stub CUDA driver
+(wsbcn.tools.stub_driver: triton's real JIT and sm_90 compile, nothing executes):
+the graphs' kernel nodes, their mutated arguments, dynamic shapes, and inductor's
+generated launches. Numbers come from the interpreter, against float64.
+"""
+import copy
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import wsbcn
+from wsbcn import norm, ws
+from wsbcn.torch_norm import MODE_BATCH, MODE_ESTIMATE, MODE_GN, MODE_RUNNING
+from conftest import DEVICE, rel_err
+from reference import bcn_reference, gn_reference, ws_reference
+
+CASES = {  # name -> (mode, update_running, cumulative, has_bn_affine, group_affine)
+    "gn": (MODE_GN, False, False, False, False),
+    "batch": (MODE_BATCH, True, False, True, True),
+    "estimate_cumulative": (MODE_ESTIMATE, True, True, True, False),
+    "running": (MODE_RUNNING, False, False, False, True),
+}
+
+
+def _norm_inputs(case, layout, seed=0):
+    mode, update, cumulative, bn_affine, group_affine = CASES[case]
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, 8, 5, 3, generator=g) * 2 + 0.5
+    if layout == "channels_last":
+        x = x.to(memory_format=torch.channels_last)
+    c, groups = 8, 4
+    aff = groups if group_affine else c
+    return dict(
+        x=x.to(DEVICE), gamma=(torch.rand(c, generator=g) + 0.5).to(DEVICE) if bn_affine else None,
+        beta=torch.randn(c, generator=g).to(DEVICE) if bn_affine else None,
+        omega=(torch.rand(aff, generator=g) + 0.5).to(DEVICE), eta=torch.randn(aff, generator=g).to(DEVICE),
+        running_mean=(torch.randn(c, generator=g) * 0.3).to(DEVICE) if mode != MODE_GN else None,
+        running_var=(torch.rand(c, generator=g) + 0.5).to(DEVICE) if mode != MODE_GN else None,
+        num_batches_tracked=torch.tensor(3, device=DEVICE) if update else None,
+    ), (groups, 1e-5, 0.0 if cumulative else 0.1, cumulative, mode, update, "silu", group_affine)
+
+
+def _fresh(inputs):
+    return {k: (None if v is None else v.clone()) for k, v in inputs.items()}
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_op_bodies_launch_what_the_eager_plan_launches(monkeypatch, case, layout):
+    """The op's launches (direct, and through wrap_triton as compile traces them) give
+    bitwise the eager plan's outputs, gradients and buffer updates; y and dx match
+    the float64 composition."""
+    monkeypatch.setenv("WSBCN_BACKEND", "triton")
+    inputs, (groups, eps, momentum, cumulative, mode, update, act, group_affine) = _norm_inputs(case, layout)
+    x = inputs["x"]
+    plan = norm.launch_plan(x, groups, mode, update, cumulative, act, group_affine, inputs["gamma"] is not None,
+                            True, inputs["num_batches_tracked"] is not None, eps, momentum)
+    eager_in = _fresh(inputs)
+    y, side = plan.forward(*eager_in.values())
+    stats, rstd_c, rho = plan.saved_views(side)
+    dy = torch.randn_like(x)
+    grads = plan.backward(dy, x, side, eager_in["gamma"], eager_in["omega"], eager_in["eta"])
+    for traced in (False, True):
+        op_in = _fresh(inputs)
+        y2, stats2, rstd_c2, rho2 = plan.forward_op(*op_in.values(), traced=traced)
+        assert torch.equal(y2, y) and torch.equal(stats2, stats) and torch.equal(rho2, rho), traced
+        if mode != MODE_GN:
+            assert torch.equal(rstd_c2, rstd_c), traced
+        else:  # unused by GN, and defined: the torch closed form's ones
+            assert torch.equal(rstd_c2, torch.ones_like(rstd_c2))
+        for name in ("running_mean", "running_var", "num_batches_tracked"):
+            if inputs[name] is not None:
+                assert torch.equal(op_in[name], eager_in[name]), (name, traced)
+        grads2 = plan.backward_op(dy, x, stats2, rstd_c2, rho2, op_in["gamma"], op_in["omega"], op_in["eta"],
+                                  traced=traced)
+        assert len(grads2) == len(grads)
+        for a, b in zip(grads2, grads):
+            assert torch.equal(a, b), traced
+    # against the naive float64 composition
+    x64 = x.double().requires_grad_(True)
+    p64 = {k: (None if v is None else v.double().requires_grad_(k in ("gamma", "beta", "omega", "eta")))
+           for k, v in inputs.items() if k != "x"}
+    om, et = p64["omega"], p64["eta"]
+    if mode == MODE_GN:
+        ref = gn_reference(x64, groups, om if not group_affine else om.repeat_interleave(2),
+                           et if not group_affine else et.repeat_interleave(2), eps, act)
+    else:
+        rm, rv = p64["running_mean"].detach().clone(), p64["running_var"].detach().clone()
+        ref = bcn_reference(x64, groups, p64["gamma"], p64["beta"], om.view(1, -1, 1), et.view(1, -1, 1), rm, rv,
+                            training=mode != MODE_RUNNING, estimate=mode == MODE_ESTIMATE,
+                            momentum=None if cumulative else momentum, eps=eps, activation=act,
+                            num_batches_tracked=p64["num_batches_tracked"].detach().clone()
+                            if p64["num_batches_tracked"] is not None else None)
+    ref.backward(dy.double())
+    assert rel_err(y, ref) <= 1e-5
+    assert rel_err(grads[0], x64.grad) <= 1e-4
+
+
+def test_ws_op_bodies_launch_what_the_eager_plan_launches(monkeypatch):
+    monkeypatch.setenv("WSBCN_BACKEND", "triton")
+    torch.manual_seed(0)
+    w = torch.randn(6, 4, 3, 3, device=DEVICE) * 0.1 + 0.02
+    plan = ws.ws_plan(w, 1e-5, 1, True)
+    w_hat, stats = plan.forward(w)
+    g = torch.randn_like(w)
+    dw = plan.backward(g, w, stats)
+    for traced in (False, True):
+        w_hat2, stats2 = (plan.forward_traced(w) if traced else plan.forward(w))
+        assert torch.equal(w_hat2, w_hat) and torch.equal(stats2, stats)
+        dw2 = plan.backward_traced(g, w, stats2) if traced else plan.backward(g, w, stats2)
+        assert torch.equal(dw2, dw)
+    w64 = w.double().requires_grad_(True)
+    ref = ws_reference(w64, 1e-5, 1, "std")
+    ref.backward(g.double())
+    assert rel_err(w_hat, ref) <= 1e-5 and rel_err(dw, w64.grad) <= 1e-4
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_norm_ops_pass_opcheck(backend, case):
+    """torch.library.opcheck: schema and mutations, fake kernel, autograd
+    registration, and AOTAutograd tracing (static and dynamic shapes)."""
+    inputs, scalars = _norm_inputs(case, "channels_last" if case == "batch" else "contiguous")
+    args = tuple(inputs.values()) + scalars
+    torch.library.opcheck(torch.ops.wsbcn.norm_forward.default, args)
+    y, stats, rstd_c, rho = torch.ops.wsbcn.norm_forward(*_fresh(inputs).values(), *scalars)
+    groups, _, _, _, mode, _, act, group_affine = scalars
+    torch.library.opcheck(torch.ops.wsbcn.norm_backward.default,
+                          (torch.randn_like(y), inputs["x"], stats, rstd_c, rho, inputs["gamma"], inputs["omega"],
+                           inputs["eta"], groups, mode, act, group_affine))
+
+
+def test_ws_ops_pass_opcheck(backend):
+    w = torch.randn(6, 4, 3, 3, device=DEVICE)
+    for std_mode in (False, True):
+        torch.library.opcheck(torch.ops.wsbcn.ws_forward.default, (w, 1e-5, 1, std_mode))
+        _, stats = torch.ops.wsbcn.ws_forward(w, 1e-5, 1, std_mode)
+        torch.library.opcheck(torch.ops.wsbcn.ws_backward.default, (torch.randn_like(w), w, stats))
+
+
+def _model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        wsbcn.WSConv2d(3, 16, 3, padding=1),
+        wsbcn.BatchChannelNorm2d(16, num_groups=4, activation="relu"),
+        wsbcn.WSConv2d(16, 16, 3, padding=1, eps_mode="std", correction=1),
+        wsbcn.GroupNorm(4, 16, activation="silu"),
+        wsbcn.WSConv2d(16, 8, 1),
+        wsbcn.BatchChannelNorm2d(8, num_groups=2, estimate=True),
+    ).to(DEVICE)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_export_keeps_the_ops_and_runs_like_eager(backend, training):
+    """torch.export.export of a model with every layer kind: its graph holds the
+    wsbcn ops, and the exported program computes what eager does (running buffers
+    included, in training)."""
+    model = _model().train(training)
+    if not training:  # eval with running statistics that are not the initial ones
+        with torch.no_grad():
+            model.train()(torch.randn(4, 3, 8, 8, device=DEVICE))
+        model.eval()
+    eager = copy.deepcopy(model)
+    x = torch.randn(2, 3, 8, 8, device=DEVICE)
+    program = torch.export.export(model, (x,))
+    targets = [str(n.target) for n in program.graph.nodes if n.op == "call_function"]
+    assert [t for t in targets if t.startswith("wsbcn.")] == ["wsbcn.ws_forward.default",
+                                                              "wsbcn.norm_forward.default"] * 3
+    exported = program.module()
+    before = {k: v.clone() for k, v in eager.named_buffers()}
+    y, y_eager = exported(x), eager(x)
+    torch.testing.assert_close(y, y_eager, rtol=0, atol=0)
+    for (name, b), b_eager in zip(exported.named_buffers(), eager.buffers()):
+        torch.testing.assert_close(b, b_eager, rtol=0, atol=0, msg=name)
+    changed = [k for k, v in eager.named_buffers() if not torch.equal(v, before[k])]
+    assert changed == ([k for k in before] if training else [])
+
+
+CHECK_TRACED = r"""
+import json
+import torch
+from wsbcn.tools import stub_driver
+stub_driver.install()
+import wsbcn
+from wsbcn import backend
+from functorch.compile import make_boxed_func
+from torch._functorch.aot_autograd import aot_module_simplified
+from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
+backend.emulate_gpu(stub_driver.GPU_NAME, stub_driver.SM_COUNT)
+
+def model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        wsbcn.WSConv2d(3, 16, 3, padding=1),
+        wsbcn.BatchChannelNorm2d(16, num_groups=4, activation="relu"),
+        wsbcn.GroupNorm(4, 16, activation="silu"),
+        wsbcn.BatchChannelNorm2d(16, num_groups=2, estimate=True))
+
+graphs = []
+def capture(gm, example_inputs):
+    def keep(g, _):
+        graphs.append(g)
+        return make_boxed_func(g)
+    return aot_module_simplified(gm, example_inputs, fw_compiler=keep, bw_compiler=keep)
+
+def describe(g):
+    out = []
+    for n in g.graph.nodes:
+        if n.op != "call_function":
+            continue
+        if "triton_kernel_wrapper" in str(n.target):
+            kernel = kernel_side_table.get_kernel(n.kwargs["kernel_idx"])
+            out.append([str(n.target), kernel.fn.__name__, sorted(n.kwargs["tensors_to_clone"])])
+        elif "wsbcn" in str(n.target) or "auto_functionalized" in str(n.target):
+            out.append([str(n.target), str(n.args[0]) if n.args else "", []])
+    return out
+
+result = {}
+compiled = torch.compile(model(), fullgraph=True, backend=capture)
+for size in (8, 10, 12):  # a second size makes dynamo compile for dynamic shapes
+    y = compiled(torch.randn(2, 3, size, size))
+    y.square().mean().backward()
+    result[f"graphs after {size}"] = len(graphs)
+result["graphs"] = [describe(g) for g in graphs]
+
+# inductor's generated code launches the kernels itself (the compile of that code
+# for a CPU target fails afterwards: there is no GPU to compile for)
+torch._dynamo.reset()
+code = []
+from torch._inductor.graph import GraphLowering
+GraphLowering.save_output_code = code.append  # the hook torch's run_and_get_code uses
+try:
+    torch.compile(model(), fullgraph=True)(torch.randn(2, 3, 8, 8))
+except Exception as exc:
+    result["inductor error"] = type(exc).__name__
+result["output code"] = "\n".join(code)
+print("RESULT" + json.dumps(result))
+"""
+
+FORWARD = ["_ws_fwd_kernel", "_norm_stats_kernel", "_norm_combine_kernel", "_norm_apply_kernel"]
+
+
+def test_compile_traces_the_triton_kernels_into_the_graph():
+    """Over the stub driver (the Triton path of a GPU, nothing executes): with static
+    shapes the compiled forward and backward graphs hold each layer's Triton launches
+    (no opaque op), clone only fresh buffers and the running buffers, and inductor's
+    code launches the kernels itself; with dynamic shapes the norm ops stay opaque
+    and one graph serves every size."""
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "WSBCN_BACKEND")}
+    proc = subprocess.run([sys.executable, "-c", CHECK_TRACED], env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    out = json.loads(proc.stdout.split("RESULT", 1)[1])
+    assert out["graphs after 8"] == 2 and out["graphs after 10"] == 4 and out["graphs after 12"] == 4
+    static_fwd, static_bwd, dynamic_fwd, dynamic_bwd = out["graphs"]
+    wrapper = "triton_kernel_wrapper_functional"
+    assert [k for _, k, _ in static_fwd] == FORWARD + FORWARD[1:] * 2
+    assert all(t == wrapper for t, _, _ in static_fwd + static_bwd)
+    assert sorted(k for _, k, _ in static_bwd) == sorted(
+        ["_ws_bwd_kernel"] + ["_norm_bwd_reduce_kernel", "_norm_bwd_combine_kernel", "_norm_bwd_apply_kernel"] * 3)
+    # what each launch writes (torch's analysis of the kernel's IR): never an input of the op
+    fwd_inputs = {"X", "W", "Gamma", "Beta", "Omega", "Eta"}
+    bwd_inputs = {"Dy", "X", "Grad", "W", "Gamma", "Omega", "Eta", "Pivot", "Mean", "Dm", "P", "Ym", "M2", "Rstd_c",
+                  "Rho", "Shifted_mean", "Rstd", "Gcoef"}
+    for inputs, graph in ((fwd_inputs, static_fwd), (bwd_inputs, static_bwd)):
+        for _, kernel, cloned in graph:
+            assert cloned and not inputs & set(cloned), (kernel, cloned)
+    combine = [c for _, k, c in static_fwd if k == "_norm_combine_kernel"]
+    assert "Running_mean" in combine[0] and "Running_mean" not in combine[1]  # BCN updates, GN has none
+    # dynamic shapes: WS (static weight shapes) still traced, the norm ops opaque
+    assert [k for t, k, _ in dynamic_fwd if t == wrapper] == ["_ws_fwd_kernel"]
+    assert sum("auto_functionalized" in t or "wsbcn.norm_forward" in t for t, _, _ in dynamic_fwd) == 3
+    assert sum(t == "wsbcn.norm_backward.default" for t, _, _ in dynamic_bwd) == 3
+    code = out["output code"]
+    for kernel in FORWARD:
+        assert f"{kernel}_" in code and "async_compile.triton" in code, kernel
+    for kernel in FORWARD:
+        assert re.search(kernel + r"_\d+\.run\(", code), kernel

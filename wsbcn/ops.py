@@ -1,0 +1,69 @@
+"""How wsbcn's ops are registered with torch.library (DESIGN.md section 6).
+
+Each op (``wsbcn::norm_forward``, ``norm_backward``, ``ws_forward``, ``ws_backward``)
+is a ``torch.library.triton_op``. torch.compile traces into its body: on the Triton
+backend that is the launch plan's ``*_traced`` methods, which launch through
+``torch.library.wrap_triton``, so inductor emits the kernels in its generated code
+and launches them itself; on the torch backend it is the torch closed form, traced
+like any torch code. torch.export keeps each op as one node, and AOTInductor
+compiles the kernels into its package. Eager calls never come here: they launch
+through the plans directly (kernels/launch.py), which costs a fraction of an op
+dispatch.
+
+Two cases stay one opaque node in compiled graphs (as a ``torch.library.custom_op``
+would), whose body then runs eagerly through the plans: the Triton interpreter
+(TRITON_INTERPRET=1, for testing on CPU), whose kernels run on host memory and
+cannot be traced, and inputs with symbolic sizes (``dynamic=True``, or dynamo's
+automatic dynamic shapes after a second input size), because a launch plan is per
+shape and tracing in would compile the graph anew for every size.
+"""
+import functools
+
+import torch
+from torch._subclasses.functional_tensor import FunctionalTensorMode
+
+from . import backend
+
+
+def triton_op(name: str, mutates_args, kernels):
+    """``torch.library.triton_op(name, mutates_args=...)`` for a body that launches the
+    Triton ``kernels`` (a callable returning them, imported on first use)."""
+
+    def register(fn):
+        op = torch.library.triton_op(name, mutates_args=mutates_args)(fn)
+        # torch finds an op's kernels by reading its body's source, which cannot see
+        # kernels launched through a plan; AOTAutograd's cache key hashes their
+        # source, so that an edited kernel never reuses a stale compiled graph.
+        registry = getattr(torch._library.triton, "triton_ops_to_kernels", None)
+        if registry is not None:
+            registry[name] = list(kernels())
+        # triton_op's own rule: trace into the body (torch.export keeps the op whole)
+        decompose = getattr(op, "_torch_dispatch_fns", {}).get(FunctionalTensorMode)
+        op.register_torch_dispatch(FunctionalTensorMode, functools.partial(_functionalize, decompose))
+        return op
+
+    return register
+
+
+def _functionalize(decompose, mode, op, types, args, kwargs):
+    """How compile's functionalization sees an op call whose first argument is the
+    input (x, dy, the weight or its gradient): traced into on the torch backend and
+    for Triton at static shapes; one opaque node, run eagerly, for Triton under the
+    interpreter (not traceable) or at symbolic shapes (a launch plan is per shape:
+    tracing in would recompile the graph for every input size)."""
+    t = args[0]
+    if decompose is not None and (backend.backend_for(t) == "torch"
+                                  or not (backend.interpreter_enabled() or symbolic(t))):
+        return decompose(mode, op, types, args, kwargs)
+    return mode.__torch_dispatch__(op, types, args, kwargs)
+
+
+def symbolic(t: torch.Tensor) -> bool:
+    """True when a size or stride of ``t`` is symbolic (torch.compile, dynamic shapes)."""
+    return not all(type(d) is int for d in (*t.shape, *t.stride()))
+
+
+def plain(t: torch.Tensor) -> bool:
+    """True for a real tensor (not fake, not functional): an eager call of the op, or
+    an opaque op running inside a compiled graph; then the body launches directly."""
+    return type(t) in (torch.Tensor, torch.nn.Parameter)
