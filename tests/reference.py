@@ -4,8 +4,8 @@ import torch
 import torch.nn.functional as F
 
 
-def ws_reference(w: torch.Tensor, eps=1e-5, correction=0, eps_mode="var") -> torch.Tensor:
-    flat = w.double().reshape(w.shape[0], -1)
+def ws_reference(w: torch.Tensor, eps=1e-5, correction=0, eps_mode="var", dtype=torch.float64) -> torch.Tensor:
+    flat = w.to(dtype).reshape(w.shape[0], -1)
     centered = flat - flat.mean(dim=1, keepdim=True)
     if eps_mode == "var":
         d = torch.sqrt(flat.var(dim=1, correction=correction, keepdim=True) + eps)
