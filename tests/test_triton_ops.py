@@ -284,3 +284,15 @@ def test_compile_traces_the_triton_kernels_into_the_graph():
         assert f"{kernel}_" in code and "async_compile.triton" in code, kernel
     for kernel in FORWARD:
         assert re.search(kernel + r"_\d+\.run\(", code), kernel
+
+
+@pytest.mark.slow  # an AOTInductor C++ compile: ~20 s
+def test_aoti_package_of_a_ws_bcn_model_matches_eager_on_cpu():
+    """perf/tools/aoti_package.py on CPU: export, AOTInductor package (the ops' torch
+    closed form; on a GPU their Triton kernels), load, same outputs as eager."""
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "WSBCN_BACKEND")}
+    script = os.path.join(os.path.dirname(__file__), os.pardir, "perf", "tools", "aoti_package.py")
+    proc = subprocess.run([sys.executable, script, "--model", "tiny", "--device", "cpu"], env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert "4 wsbcn op nodes" in proc.stdout and "-> OK" in proc.stdout
