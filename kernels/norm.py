@@ -245,6 +245,20 @@ def _merge_splits(Part_mean, Part_m2, nn, c, mask, C, S, chunk, n_split, BLOCK_N
 
 
 @triton.jit
+def _old_running(Pivot, Running_mean, Running_var, c, kmask, UPDATE_RUNNING: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The combine's pivot per channel (the same for every n in the BN modes), the
+    running buffers before this step (0 and 1 when they are not updated) and
+    pivot - running mean."""
+    pivot_c = tl.load(Pivot + c, mask=kmask, other=0.0)
+    rm_old = tl.zeros([BLOCK_K], dtype=tl.float32)
+    rv_old = tl.full([BLOCK_K], 1.0, tl.float32)
+    if UPDATE_RUNNING:
+        rm_old = tl.load(Running_mean + c, mask=kmask, other=0.0).to(tl.float32)
+        rv_old = tl.load(Running_var + c, mask=kmask, other=1.0).to(tl.float32)
+    return pivot_c, rm_old, rv_old, pivot_c - rm_old
+
+
+@triton.jit
 def _norm_combine_kernel(
     Part_mean,  # fp32 [N, C, n_split] from the stats pass
     Part_m2,  # fp32 [N, C, n_split] from the stats pass
@@ -292,14 +306,12 @@ def _norm_combine_kernel(
         factor = momentum
 
     if MODE == 1 or MODE == 2:
-        # Loop A: per-channel batch statistics over all samples.
-        pivot_c = tl.load(Pivot + c, mask=kmask, other=0.0)  # same for every n in these modes
-        rm_old = tl.zeros([BLOCK_K], dtype=tl.float32)
-        rv_old = tl.full([BLOCK_K], 1.0, tl.float32)
-        if UPDATE_RUNNING:
-            rm_old = tl.load(Running_mean + c, mask=kmask, other=0.0).to(tl.float32)
-            rv_old = tl.load(Running_var + c, mask=kmask, other=1.0).to(tl.float32)
-        to_old = pivot_c - rm_old
+        # Loop A: per-channel batch statistics over all samples. The pivot and the old
+        # running buffers are loaded where they are used: inside the loop (EstBN's
+        # pivot - running mean) and after it, not once before it. Kept alive across
+        # the loop, triton 3.6's ptxas spilled them (4-16 bytes at 72-128 registers,
+        # perf/NOTES.md). Nothing writes these buffers before the loop ends, so every
+        # load reads the same values: the results are bitwise those of one load.
         mean_acc = tl.zeros([BLOCK_K], dtype=tl.float32)
         m2_acc = tl.zeros([BLOCK_K], dtype=tl.float32)
         dev_acc = tl.zeros([BLOCK_K], dtype=tl.float32)
@@ -318,12 +330,15 @@ def _norm_combine_kernel(
             m2_acc += m2_b + delta * delta * (S * count * n_b / total)
             count = total
             if MODE == 2:
+                to_old = _old_running(Pivot, Running_mean, Running_var, c, kmask, UPDATE_RUNNING, BLOCK_K)[3]
                 e = tl.where(mask, m + to_old[None, :], 0.0)  # m_nc - running_mean_old
                 dev_acc += tl.sum(m2, axis=0) + S * tl.sum(e * e, axis=0)
         if MODE == 1:
             shift_c = mean_acc
             var = m2_acc / ns
             if UPDATE_RUNNING:
+                pivot_c, rm_old, rv_old, to_old = _old_running(Pivot, Running_mean, Running_var, c, kmask,
+                                                               UPDATE_RUNNING, BLOCK_K)
                 unbiased = m2_acc / (ns - 1)
                 new_rm = rm_old + factor * (to_old + mean_acc)
                 new_rv = (1.0 - factor) * rv_old + factor * unbiased
@@ -331,6 +346,8 @@ def _norm_combine_kernel(
                 tl.store(Running_var + c, new_rv, mask=kmask)
         else:
             # EstBN: update first, then normalize with the updated estimates.
+            pivot_c, rm_old, rv_old, to_old = _old_running(Pivot, Running_mean, Running_var, c, kmask,
+                                                           UPDATE_RUNNING, BLOCK_K)
             var = (1.0 - factor) * rv_old + factor * (dev_acc / ns)
             shift_c = factor * mean_acc - (1.0 - factor) * to_old  # new running mean - pivot
             tl.store(Running_mean + c, pivot_c + shift_c, mask=kmask)
