@@ -51,6 +51,96 @@ def test_which_suite_bench_runs():
             parse(bad)
 
 
+def measured_plan(monkeypatch, suite, **kwargs):
+    """{(op, provider, mode)} and the cases run_bench would measure for ``suite``,
+    without measuring (measure_case recorded, not run)."""
+    seen, cases = set(), []
+
+    def record(case, provider_names, modes, timings, timer, device, num_groups=bench.NUM_GROUPS):
+        cases.append(case)
+        seen.update((case.op, p, m) for p in provider_names for m in modes)
+        return []
+
+    monkeypatch.setattr(bench, "measure_case", record)
+    bench.run_bench(suite, timer=lambda fn: (1.0, 1.0, 1.0), out_dir=None, with_compiled=True, progress=False,
+                    log=lambda *a: None, **kwargs)
+    return seen, cases
+
+
+def test_the_default_suite_measures_a_subset_of_what_full_measures(monkeypatch):
+    sample, sample_cases = measured_plan(monkeypatch, bench.DEFAULT_GPU_SUITE)
+    full, full_cases = measured_plan(monkeypatch, "resnet50", batch_sizes=[2, 32], dtypes=["bfloat16", "float32"])
+    assert set(sample_cases) <= set(full_cases) and sample <= full
+    # the sample: forward and forward+backward; compiled baselines on BCN and WS only
+    assert {m for _, _, m in sample} == set(suites.SAMPLE_MODES) == {"fwd", "fwdbwd"}
+    compiled = {(op, p) for op, p, _ in sample if p.startswith("compiled")}
+    assert compiled == {("bcn", "compiled_bcn"), ("ws", "compiled_ws")}
+    # --full (and any other suite) keeps every mode and every compiled baseline
+    assert {m for _, _, m in full} == set(bench.MODES)
+    assert ("bcn_estimate", "compiled_bcn", "bwd") in full and ("bcn", "compiled_bcn", "bwd") in full
+    # --modes still chooses for the sample
+    chosen, _ = measured_plan(monkeypatch, bench.DEFAULT_GPU_SUITE, modes=("bwd",))
+    assert {m for _, _, m in chosen} == {"bwd"}
+
+
+def test_the_default_suite_has_shorter_timer_budgets_than_the_full_grid():
+    assert timing.bench_budget_ms(bench.DEFAULT_GPU_SUITE) == timing.SAMPLE_BUDGET_MS
+    assert timing.bench_budget_ms("resnet50") == timing.GPU_BUDGET_MS == (25, 100)  # triton's, as before
+    assert all(a < b for a, b in zip(timing.SAMPLE_BUDGET_MS, timing.GPU_BUDGET_MS))
+    assert commands.bench_suite(parse(["--full"]), on_gpu=True) == "resnet50"
+
+
+def planned_e2e_runs(options):
+    """{(case, variant, mode, N)} run_e2e makes on a GPU with these options."""
+    runs = set()
+    for case in e2e.default_cases(True, detection_batch_sizes=options.get("detection_batch_sizes")):
+        modes = e2e.case_graph_modes(case, True, options.get("graph_modes"))
+        runs |= {(case.name, v, m, n) for v, m in e2e._runs(case, e2e.VARIANTS, modes, options["with_compiled"])
+                 for n in case.batch_sizes}
+    return runs
+
+
+def test_the_default_e2e_runs_compile_nothing_and_full_runs_what_the_default_ran_before():
+    default = commands.e2e_options(parse(["--e2e"]), on_gpu=True)
+    full = commands.e2e_options(parse(["--full", "--e2e"]), on_gpu=True)
+    assert default == {"with_compiled": False}
+    ours, everything = planned_e2e_runs(default), planned_e2e_runs(full)
+    assert ours < everything and not any(m == "compiled" for _, _, m, _ in ours)
+    # the default: classification at N = 2 and 32 eager and graphed, detection at N = 2 eager
+    variants = e2e.VARIANTS
+    assert ours == ({("classification", v, m, n) for v in variants for m in e2e.GRAPH_MODES for n in (2, 32)}
+                    | {("detection", v, "eager", 2) for v in variants})
+    # --full: everything the default run did before it was trimmed (detection N = 1 and 2,
+    # eager and graphed, and the compiled trunk of plain_bn and wsbcn_ws_bcn)
+    before = ({("classification", v, m, n) for v in variants for m in e2e.GRAPH_MODES for n in (2, 32)}
+              | {("detection", v, m, n) for v in variants for m in e2e.GRAPH_MODES for n in (1, 2)}
+              | {("detection", v, "compiled", n) for v in e2e.COMPILED_VARIANTS for n in (1, 2)})
+    assert everything == before
+    # the compiled trunk on request, never with --no-compiled, never by --full on CPU (as before)
+    assert commands.e2e_options(parse(["--e2e-compile"]), on_gpu=True) == {"with_compiled": True}
+    assert commands.e2e_options(parse(["--full", "--e2e", "--no-compiled"]), on_gpu=True)["with_compiled"] is False
+    assert commands.e2e_options(parse(["--full", "--e2e"]), on_gpu=False) == {"with_compiled": False}
+
+
+def test_bench_passes_the_e2e_options_to_run_e2e(tmp_path, monkeypatch):
+    seen, micro = [], []
+    monkeypatch.setattr(e2e, "run_e2e", lambda **kwargs: seen.append(kwargs) or fake_e2e())
+    monkeypatch.setattr(bench, "run_bench", lambda *a, **kw: micro.append(a) or pd.DataFrame(columns=COLUMNS))
+    for argv in (["--e2e-only"], ["--e2e-compile"], ["--e2e-only", "--e2e-compile", "--no-compiled"], []):
+        assert cli.main(["bench", *argv, "--out", str(tmp_path)]) == 0
+    assert [kw["with_compiled"] for kw in seen] == [False, True, False]  # --e2e-compile implies --e2e
+    assert len(micro) == 2  # --e2e-compile alone keeps the micro-benchmarks, as --e2e does
+
+
+def test_bench_help_says_what_the_default_run_does(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["bench", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for part in ("resnet50_sample", "modes fwd and fwdbwd", "no torch.compile of the trunk", "detection at N = 1 and 2",
+                 "--e2e-compile", "an estimate", "perf/tools/default_run_estimate.py"):
+        assert part in text, part
+
+
 def test_unknown_or_impossible_timings_are_refused_before_anything_runs(tmp_path):
     with pytest.raises(ValueError, match="timings"):
         bench.run_bench("tiny", timings=("host",), timer=lambda fn: (1.0, 1.0, 1.0), out_dir=tmp_path,
@@ -60,9 +150,9 @@ def test_unknown_or_impossible_timings_are_refused_before_anything_runs(tmp_path
 
 class ScriptedTimer:
     """Runs each callable once and reports times from a fixed cycle, so that the
-    speedups differ from case to case."""
+    speedups differ from case to case. (Made as bench_timer(suite) is.)"""
 
-    def __init__(self):
+    def __init__(self, suite=None):
         self.times = iter([0.3, 1.7, 0.9, 2.3, 1.1, 0.5, 3.1] * 1000)
 
     def __call__(self, fn):
@@ -150,3 +240,4 @@ def test_bench_runs_cpu_single_threaded_by_default_and_restores_the_setting(tmp_
 def test_positive_int_names_the_bad_value():
     with pytest.raises(argparse.ArgumentTypeError, match="'-3'"):
         commands._positive_int("-3")
+

@@ -55,7 +55,7 @@ def test_classification_step_runs_every_variant():
 
 def test_detection_case_has_a_measured_row_per_provider_mode_and_batch_size():
     frame = e2e.run_e2e(cases=("detection",), detection_size=(32, 48), detection_batch_sizes=(1, 2),
-                        timer=one_step_timer, with_compiled=False, **QUIET)
+                        graph_modes=MODES, timer=one_step_timer, with_compiled=False, **QUIET)
     assert list(frame.columns) == COLUMNS
     expected = [(v, m, n) for v in VARIANTS for m in MODES for n in (1, 2)]
     assert list(zip(frame["provider"], frame["variant"], frame["N"])) == expected
@@ -70,6 +70,27 @@ def test_detection_case_has_a_measured_row_per_provider_mode_and_batch_size():
     assert ((frame["images_per_s"] * frame["ms_p50"] * 1e-3 - frame["N"]).abs() < 1e-9).all()
     for column in ("device", "torch", "commit", "timestamp"):
         assert frame[column].astype(str).str.len().gt(0).all(), column
+
+
+def test_default_runs_leave_out_the_trunk_compile_and_trim_detection_on_gpu():
+    # what run_e2e does by default on a GPU (no GPU needed to ask): detection at N = 2,
+    # eagerly, nothing compiled; classification eager and CUDA-graphed at N = 2 and 32
+    import inspect
+
+    assert inspect.signature(e2e.run_e2e).parameters["with_compiled"].default is False
+    cases = {c.name: c for c in e2e.default_cases(True)}
+    assert cases["classification"].batch_sizes == (2, 32) and cases["detection"].batch_sizes == (2,)
+    assert e2e.case_graph_modes(cases["classification"], True) == ("eager", "cudagraph")
+    assert e2e.case_graph_modes(cases["detection"], True) == ("eager",)
+    assert e2e.case_graph_modes(cases["detection"], False) == ("eager",)
+    assert e2e.case_graph_modes(cases["detection"], True, ("eager", "cudagraph")) == ("eager", "cudagraph")
+    det = cases["detection"]
+    assert not any(m == "compiled" for _, m in e2e._runs(det, VARIANTS, ("eager",), with_compiled=False))
+    compiled = [v for v, m in e2e._runs(det, VARIANTS, ("eager",), with_compiled=True) if m == "compiled"]
+    assert compiled == list(e2e.COMPILED_VARIANTS)
+    # --full's detection batch sizes hold the default's
+    assert set(e2e.DETECTION_BATCH_SIZES_GPU) < set(e2e.FULL_DETECTION_BATCH_SIZES_GPU)
+    assert e2e.default_cases(True, detection_batch_sizes=e2e.FULL_DETECTION_BATCH_SIZES_GPU)[1].batch_sizes == (1, 2)
 
 
 @pytest.mark.slow  # two dynamo traces of a ResNet-50 trunk, forward and backward

@@ -30,6 +30,7 @@ TIMINGS = ("eager", "graph")
 # and writes W_hat forward; reads (g, W) and writes dW backward.
 TRANSFERS = {"norm": {"fwd": 3, "bwd": 5, "fwdbwd": 8}, "ws": {"fwd": 2, "bwd": 3, "fwdbwd": 5}}
 NUM_GROUPS = 32
+DEFAULT_GPU_SUITE = "resnet50_sample"  # what `wsbcn bench` runs on a GPU without --suite/--full
 # The vendor baselines, named for what runs: F.batch_norm is cuDNN on CUDA and
 # torch's native kernel on CPU; F.group_norm is ATen's kernel on either.
 BASELINES = {"cuda": {"bn": "cudnn_bn", "gn": "aten_gn"}, "cpu": {"bn": "torch_bn", "gn": "torch_gn"}}
@@ -263,13 +264,16 @@ def case_label(case) -> str:
     return f"{case.op} N={case.n} C={s.c} {s.h}x{s.w} {case.dtype} {case.layout}"
 
 
-def run_bench(suite_name=None, ops=OPS, modes=MODES, timer=None, out_dir="perf/results", with_compiled=None,
+def run_bench(suite_name=None, ops=OPS, modes=None, timer=None, out_dir="perf/results", with_compiled=None,
               num_groups=NUM_GROUPS, progress=True, log=print, batch_sizes=None, dtypes=None, layouts=None,
               max_minutes=None, graph=False, timings=None):
     """Run the micro-benchmarks; returns the DataFrame of new rows (also upserted to
     ``<out_dir>/<device>/bench.csv`` unless ``out_dir`` is None).
 
-    The suite defaults to resnet50_sample on GPU (a few minutes) and cpu on CPU.
+    The suite defaults to resnet50_sample on GPU (DEFAULT_GPU_SUITE: its cases, in
+    ``suites.default_modes`` unless ``modes`` are given, with the compiled baselines
+    of ``suites.compiled_ops``, timed with the shorter budgets of
+    ``timing.bench_timer``) and cpu on CPU (every mode by default).
     ``batch_sizes``/``dtypes``/``layouts`` narrow the suite; ``max_minutes`` stops
     after the case running at that time, keeping every row measured so far.
     ``timings``: "eager" (eager calls: host and device time) and/or "graph"
@@ -287,13 +291,15 @@ def run_bench(suite_name=None, ops=OPS, modes=MODES, timer=None, out_dir="perf/r
         raise ValueError(f"timings must be among {TIMINGS}, got {timings}")
     if "graph" in timings and not on_gpu:
         raise ValueError("graph timing (bench --graph) times CUDA-graph replays and needs a CUDA device")
+    device = "cuda" if on_gpu else "cpu"
+    suite_name = suite_name or (DEFAULT_GPU_SUITE if on_gpu else "cpu")
+    modes = tuple(modes or suites.default_modes(suite_name, MODES))
     if timings == ("graph",):
         modes = tuple(m for m in modes if m != "bwd")
-    device = "cuda" if on_gpu else "cpu"
-    suite_name = suite_name or ("resnet50_sample" if on_gpu else "cpu")
     with_compiled = on_gpu if with_compiled is None else with_compiled
-    timer = timer or bench_timer()
+    timer = timer or bench_timer(suite_name)
     jobs = suites.cases(suite_name, ops, batch_sizes, dtypes, layouts)
+    compiled_ops = suites.compiled_ops(suite_name, ops) if with_compiled else ()
     if not on_gpu:
         log(f"no CUDA device: running the '{suite_name}' suite on CPU (torch backend against torch's own "
             "kernels and the eager reference" + (", with torch.compile" if with_compiled else "")
@@ -309,7 +315,7 @@ def run_bench(suite_name=None, ops=OPS, modes=MODES, timer=None, out_dir="perf/r
             log(f"stopped after {max_minutes} min: {len(rows)} measurements kept")
             break
         bar.set_postfix_str(case_label(case))
-        names = providers(case.op, with_compiled, device)
+        names = providers(case.op, case.op in compiled_ops, device)
         for row in measure_case(case, names, modes, timings, timer, device, num_groups):
             rows.append(dict(row, suite=suite_name, pct_copy_bw=100 * row["gbps"] / copy_bw, **meta))
     bar.close()

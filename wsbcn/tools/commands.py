@@ -9,27 +9,59 @@ def add_subcommands(sub) -> None:
         add(sub)
 
 
+def _bench_description() -> str:
+    from . import e2e, suites, timing
+
+    warmup, rep = timing.SAMPLE_BUDGET_MS
+    n_cases = len(suites.cases("resnet50_sample", ("bcn", "bcn_estimate", "gn", "ws")))
+    return (
+        "The default run on a GPU, `wsbcn bench --e2e`: the resnet50_sample suite, "
+        f"{n_cases} cases of the ResNet-50 grid (BCN, BCN with estimates and GN: N = 2 and 32, bf16, "
+        "both layouts; four WS weights), modes " + " and ".join(suites.SAMPLE_MODES) + ", every provider "
+        "(torch.compile baselines for " + " and ".join(op.upper() for op in suites.SAMPLE_COMPILED_OPS)
+        + f"), as eager calls and as CUDA-graph replays, {warmup:g} + {rep:g} ms of timer warm-up and "
+        "repetitions per measurement; then the end-to-end training steps of every variant: classification "
+        "at 224^2, N = 2 and 32, eager and CUDA-graphed; the detection trunk at 800x1216, N = "
+        + " and ".join(map(str, e2e.DETECTION_BATCH_SIZES_GPU)) + ", eager; no torch.compile of the trunk. "
+        "Estimated at under 5 minutes on an H100 with a cold compile cache (an estimate from the H100 rows, "
+        "not a measurement: perf/tools/default_run_estimate.py). --full runs everything: the whole grid "
+        "in every mode with every compiled baseline, and detection at N = "
+        + " and ".join(map(str, e2e.FULL_DETECTION_BATCH_SIZES_GPU)) + ", CUDA-graphed and compiled too. On a "
+        "CPU-only machine the default is the cpu suite and a reduced end-to-end run.")
+
+
 def _bench(sub):
     from .bench import MODES, OPS, TIMINGS
     from .suites import SUITES
 
-    p = sub.add_parser("bench", help="benchmark wsbcn against cuDNN BN, ATen GN, eager and compiled references")
+    p = sub.add_parser("bench", help="benchmark wsbcn against cuDNN BN, ATen GN, eager and compiled references",
+                       description=_bench_description())
     which = p.add_mutually_exclusive_group()
     which.add_argument("--suite", choices=SUITES, default=None,
-                       help="shape suite (default: resnet50_sample on GPU, a few minutes; cpu on a CPU-only "
+                       help="shape suite (default: resnet50_sample on GPU, see above; cpu on a CPU-only "
                             "machine; with --batch-sizes/--dtypes/--layouts on GPU: resnet50 narrowed)")
     which.add_argument("--full", action="store_true",
                        help="the whole ResNet-50 grid (--suite resnet50): every norm and conv shape, N in "
-                            "1 2 8 32 128, fp32 and bf16, both layouts; over an hour on an H100")
+                            "1 2 8 32 128, fp32 and bf16, both layouts, every mode and compiled baseline; with "
+                            "--e2e, detection at N = 1 and 2, CUDA-graphed and compiled too; over an hour on "
+                            "an H100")
     p.add_argument("--ops", nargs="+", choices=OPS, default=list(OPS))
-    p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    p.add_argument("--modes", nargs="+", choices=MODES, default=None,
+                   help="default: fwd fwdbwd for the GPU sample (resnet50_sample), all three otherwise")
     timing = p.add_mutually_exclusive_group()
     timing.add_argument("--timings", nargs="+", choices=TIMINGS, default=None,
                         help="eager calls (host + device time) and/or CUDA-graph replays (device time; GPU "
                              "only); default: both on GPU, eager on CPU")
     timing.add_argument("--graph", action="store_true", help="only CUDA-graph replays: the same as --timings graph")
-    p.add_argument("--e2e", action="store_true", help="also time the end-to-end training steps")
+    p.add_argument("--e2e", action="store_true",
+                   help="also time the end-to-end training steps (GPU: ResNet-50 classification at 224^2, N = 2 "
+                        "and 32, eager and CUDA-graphed; the detection trunk at 800x1216, N = 2, eager; every "
+                        "variant; more with --full, the trunk's torch.compile with --full or --e2e-compile)")
     p.add_argument("--e2e-only", action="store_true", help="only the end-to-end training steps")
+    p.add_argument("--e2e-compile", action="store_true",
+                   help="time the end-to-end steps (implies --e2e) with torch.compile of the detection trunk "
+                        "too (plain_bn and wsbcn_ws_bcn: a cold compile per variant and batch size; --full on "
+                        "a GPU does this with --e2e)")
     p.add_argument("--host", action="store_true",
                    help="only the host time of every eager call (wsbcn.tools.host_bench: a stub CUDA driver "
                         "on a machine without a GPU, the real one on a GPU; ResNet-50 shapes, N = 2 and 32, "
@@ -76,6 +108,22 @@ def bench_suite(args, on_gpu: bool):
     return "resnet50" if on_gpu and narrowed else None
 
 
+def e2e_options(args, on_gpu: bool) -> dict:
+    """run_e2e's options for these arguments. The default run on a GPU: every variant;
+    classification at N = 2 and 32, eager and CUDA-graphed; detection at N = 2,
+    eager; no torch.compile. --full on a GPU runs what the default run did before it
+    was trimmed: detection at N = 1 and 2, CUDA-graphed too, and compiled
+    (plain_bn, wsbcn_ws_bcn); --e2e-compile adds the compiled trunk alone;
+    --no-compiled leaves it out whatever else is given."""
+    from .e2e import FULL_DETECTION_BATCH_SIZES_GPU, GRAPH_MODES
+
+    full = bool(args.full and on_gpu)
+    options = dict(with_compiled=bool(not args.no_compiled and (args.e2e_compile or full)))
+    if full:
+        options.update(detection_batch_sizes=FULL_DETECTION_BATCH_SIZES_GPU, graph_modes=GRAPH_MODES)
+    return options
+
+
 def _run_bench(args) -> int:
     """Each part (micro-benchmarks, end-to-end steps) returns its rows, upserted into
     the device's CSV; at the end, the summary of every row this run measured. On
@@ -112,11 +160,11 @@ def _bench_parts(args) -> int:
                                        with_compiled=False if args.no_compiled else None,
                                        batch_sizes=args.batch_sizes, dtypes=args.dtypes, layouts=args.layouts,
                                        max_minutes=args.max_minutes, timings=timings))
-    if args.e2e or args.e2e_only:
+    if args.e2e or args.e2e_only or args.e2e_compile:
         def e2e():
             from . import e2e as end_to_end
 
-            frame = end_to_end.run_e2e(**({"with_compiled": False} if args.no_compiled else {}))
+            frame = end_to_end.run_e2e(**e2e_options(args, on_gpu))
             frame["device"] = device_label()
             upsert(frame, csv)
             return frame
@@ -142,14 +190,12 @@ def _run_host(args) -> int:
     import subprocess
     import sys
 
-    if args.e2e or args.e2e_only or args.graph or args.full or args.timings:
+    if args.e2e or args.e2e_only or args.e2e_compile or args.graph or args.full or args.timings:
         print("wsbcn bench: --host times eager calls only; it takes --ops, --modes, --batch-sizes, --dtypes, "
               "--layouts, --suite, --quick and --out", file=sys.stderr)
         return 2
-    from .bench import MODES
-
     command = [sys.executable, "-m", "wsbcn.tools.host_bench", "--out", args.out, "--ops", *args.ops]
-    if list(args.modes) != list(MODES):  # bench's default (all three): host_bench's own (fwd, fwdbwd)
+    if args.modes:  # none asked for: host_bench's own default (fwd, fwdbwd)
         command += ["--modes", *args.modes]
     for flag, value in (("--suite", args.suite), ("--batch-sizes", args.batch_sizes), ("--dtypes", args.dtypes),
                         ("--layouts", args.layouts)):

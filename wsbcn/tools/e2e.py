@@ -4,16 +4,20 @@ variant, in images/s and peak memory, for the two kinds of users we serve:
 classification  the whole network at 224^2, cross-entropy on the logits;
                 rows: suite "e2e", op "resnet50_step"
 detection       the trunk (stem to layer4, no avgpool/fc) at 800 x 1216, the
-                short side 800 of detectors' training images, N = 1 and 2 per
-                GPU; the loss is the mean square of layer4's features, standing
-                in for the FPN and heads; rows: suite "e2e_detection",
-                op "resnet50_trunk_step"
+                short side 800 of detectors' training images, N = 2 per GPU
+                (N = 1 and 2 with ``wsbcn bench --full``); the loss is the mean
+                square of layer4's features, standing in for the FPN and heads;
+                rows: suite "e2e_detection", op "resnet50_trunk_step"
 
-Each runs eager and CUDA-graphed ("variant" column: eager | cudagraph), and the
+Each runs eager and CUDA-graphed ("variant" column: eager | cudagraph), except that
+by default the detection case runs eagerly only (CUDA-graphed too with --full). On request
+(``with_compiled``: ``wsbcn bench --full`` on a GPU, or ``--e2e-compile``) the
 detection case adds ``torch.compile`` (default mode) of plain_bn and wsbcn_ws_bcn
-(variant "compiled"). GPU: bf16 autocast, channels_last. CPU: a reduced run
-(smaller inputs of the same aspect ratio, fp32, eager, no compile unless asked)
-that proves the steps work and keeps ``wsbcn bench --e2e`` short.
+(variant "compiled"): a cold compile of the trunk, forward and backward, per
+variant and batch size, which the default run leaves out to stay within a few
+minutes (perf/tools/default_run_estimate.py). GPU: bf16 autocast, channels_last.
+CPU: a reduced run (smaller inputs of the same aspect ratio, fp32, eager) that
+proves the steps work and keeps ``wsbcn bench --e2e`` short.
 """
 import math
 from dataclasses import dataclass
@@ -29,6 +33,14 @@ CASES = ("classification", "detection")
 COMPILED_VARIANTS = ("plain_bn", "wsbcn_ws_bcn")  # the variants also timed under torch.compile
 DETECTION_SIZE_GPU = (800, 1216)
 DETECTION_SIZE_CPU = (128, 192)  # the same 800:1216 aspect ratio, ~40x fewer pixels
+# The detection case of the default GPU run: N = 2, eager steps (a detector's training
+# loop runs eagerly unless it captures graphs). `wsbcn bench --full` adds N = 1 and the
+# CUDA-graphed steps: each new batch size is another set of cold kernel compiles, and
+# each mode 4 more runs per batch size (perf/tools/default_run_estimate.py).
+DETECTION_BATCH_SIZES_GPU = (2,)
+FULL_DETECTION_BATCH_SIZES_GPU = (1, 2)
+GRAPH_MODES = ("eager", "cudagraph")
+DETECTION_GRAPH_MODES_GPU = ("eager",)
 
 
 @dataclass(frozen=True)
@@ -62,7 +74,7 @@ def default_cases(on_gpu, cases=CASES, batch_sizes=None, image_size=None, detect
     if "detection" in cases:
         h, w = detection_size or (DETECTION_SIZE_GPU if on_gpu else DETECTION_SIZE_CPU)
         out.append(Case("detection", "e2e_detection", "resnet50_trunk_step", h, w,
-                        tuple(detection_batch_sizes or ((1, 2) if on_gpu else (1,))), None))
+                        tuple(detection_batch_sizes or (DETECTION_BATCH_SIZES_GPU if on_gpu else (1,))), None))
     return out
 
 
@@ -91,6 +103,17 @@ def compile_model(model):
     return torch.compile(model, dynamic=False)
 
 
+def case_graph_modes(case, on_gpu, graph_modes=None) -> tuple:
+    """The graph modes a case runs in: ``graph_modes`` when given; else on a GPU
+    eager and cudagraph for classification, DETECTION_GRAPH_MODES_GPU for detection;
+    eager on CPU."""
+    if graph_modes:
+        return tuple(graph_modes)
+    if not on_gpu:
+        return ("eager",)
+    return DETECTION_GRAPH_MODES_GPU if case.name == "detection" else GRAPH_MODES
+
+
 def _runs(case, variants, graph_modes, with_compiled):
     """(variant, execution mode) pairs of one case: every variant in every graph
     mode, then the compiled ones (detection only)."""
@@ -101,16 +124,18 @@ def _runs(case, variants, graph_modes, with_compiled):
 
 
 def run_e2e(batch_sizes=None, image_size=None, variants=VARIANTS, graph_modes=None, timer=None, log=print,
-            num_classes=1000, cases=CASES, detection_batch_sizes=None, detection_size=None, with_compiled=None,
+            num_classes=1000, cases=CASES, detection_batch_sizes=None, detection_size=None, with_compiled=False,
             compile_fn=compile_model):
     """A DataFrame with bench.COLUMNS: one row per case, variant, batch size and
-    execution mode (eager, cudagraph on GPU, compiled).
+    execution mode (eager, cudagraph on GPU, compiled). ``graph_modes``: those of
+    every case (default: ``case_graph_modes``).
 
     ``batch_sizes``/``image_size`` set the classification case, ``detection_batch_sizes``
     and ``detection_size`` (height, width) the detection case. ``with_compiled``:
-    time torch.compile of COMPILED_VARIANTS in the detection case (default: on GPU
-    only; a CPU compile of ResNet-50 takes minutes). ``compile_fn`` is how a model
-    gets compiled (tests pass a cheaper backend).
+    also time torch.compile of COMPILED_VARIANTS in the detection case (default: no;
+    ``wsbcn bench`` asks for it with --full on a GPU, or with --e2e-compile; a CPU
+    compile of ResNet-50 takes minutes). ``compile_fn`` is how a model gets compiled
+    (tests pass a cheaper backend).
     """
     from .bench import COLUMNS
     from .timing import cpu_timer, cuda_graphed, default_timer
@@ -122,12 +147,12 @@ def run_e2e(batch_sizes=None, image_size=None, variants=VARIANTS, graph_modes=No
     unknown = set(variants) - set(VARIANTS)
     if unknown:
         raise ValueError(f"variants must be among {VARIANTS}, got {sorted(unknown)}")
-    graph_modes = tuple(graph_modes or (("eager", "cudagraph") if on_gpu else ("eager",)))
+    graph_modes = tuple(graph_modes or ())
     if "cudagraph" in graph_modes and not on_gpu:
         raise ValueError("graph mode 'cudagraph' needs a CUDA device")
-    if set(graph_modes) - {"eager", "cudagraph"}:
-        raise ValueError(f"graph_modes must be among ('eager', 'cudagraph'), got {graph_modes}")
-    with_compiled = on_gpu if with_compiled is None else bool(with_compiled)
+    if set(graph_modes) - set(GRAPH_MODES):
+        raise ValueError(f"graph_modes must be among {GRAPH_MODES}, got {graph_modes}")
+    with_compiled = bool(with_compiled)
     todo = default_cases(on_gpu, cases, batch_sizes, image_size, detection_batch_sizes, detection_size, num_classes)
     # CPU: three timed steps after the warm-up keep the whole e2e part short.
     timer = timer or (default_timer() if on_gpu else partial(cpu_timer, reps=3, min_seconds=0))
@@ -139,7 +164,7 @@ def run_e2e(batch_sizes=None, image_size=None, variants=VARIANTS, graph_modes=No
     meta = info.run_metadata()
     rows = []
     for case in todo:
-        for variant, mode in _runs(case, variants, graph_modes, with_compiled):
+        for variant, mode in _runs(case, variants, case_graph_modes(case, on_gpu, graph_modes), with_compiled):
             for n in case.batch_sizes:
                 torch.manual_seed(0)
                 model = resnet50(variant, num_classes=case.num_classes).to(device)

@@ -59,6 +59,26 @@ SAMPLE_WS_CASES = (
     (ConvShape((256, 64, 1, 1)), "channels_last"),
     (ConvShape((1024, 512, 1, 1)), "channels_last"),
 )
+# What the sample times of each case, to keep the default run to a few minutes with
+# a cold compile cache (perf/tools/default_run_estimate.py); other suites time all of it.
+# Modes: forward and forward+backward, what the targets are stated in (the backward
+# alone, which CUDA-graph timing leaves out anyway, only with --modes or --full).
+# torch.compile baselines: compiled_bcn on the BCN cases and compiled_ws on the WS
+# cases (one cold compile per case, forward and backward); BCN with estimates, which
+# the H100 rows hold no case of yet, against its other baselines alone.
+SAMPLE_MODES = ("fwd", "fwdbwd")
+SAMPLE_COMPILED_OPS = ("bcn", "ws")
+
+
+def compiled_ops(name: str, ops) -> tuple:
+    """The ops of ``ops`` whose torch.compile baseline suite ``name`` times."""
+    return tuple(op for op in ops if name != "resnet50_sample" or op in SAMPLE_COMPILED_OPS)
+
+
+def default_modes(name: str, modes: tuple) -> tuple:
+    """The modes suite ``name`` times when none are asked for: SAMPLE_MODES for the
+    sample, else ``modes`` (all of them)."""
+    return SAMPLE_MODES if name == "resnet50_sample" else tuple(modes)
 
 
 def resnet50_shapes(image_size: int = 224):

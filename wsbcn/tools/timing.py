@@ -16,7 +16,19 @@ CPU_ROUND_CALLS = 3
 CPU_ROUND_SECONDS = 0.01
 
 
-def gpu_timer(fn, warmup_ms: float = 25, rep_ms: float = 100):
+# gpu_timer's budgets in ms of warm-up and of timed calls (triton's do_bench adds a
+# first call and 5 calls that size them; each sizing and timed call follows a 256 MiB
+# cache clear). GPU_BUDGET_MS: triton's defaults, for the full grid, autotune and the
+# end-to-end steps. SAMPLE_BUDGET_MS: the default GPU suite (resnet50_sample). Its
+# calls take at most 1.55 ms in the H100 rows, so a timer call costs about its budgets:
+# the 280 timer calls the sample made in all three modes came to ~33 s at 25 + 100 ms
+# and come to ~14 s at 10 + 40 ms, which still times >= 24 calls after >= 6 warm-up
+# ones at 1.55 ms (perf/tools/default_run_estimate.py).
+GPU_BUDGET_MS = (25, 100)
+SAMPLE_BUDGET_MS = (10, 40)
+
+
+def gpu_timer(fn, warmup_ms: float = GPU_BUDGET_MS[0], rep_ms: float = GPU_BUDGET_MS[1]):
     import triton.testing
 
     p50, p20, p80 = triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, quantiles=[0.5, 0.2, 0.8])
@@ -74,6 +86,16 @@ def default_timer():
     return gpu_timer if torch.cuda.is_available() else cpu_timer
 
 
-def bench_timer():
-    """The timer ``wsbcn bench`` uses: gpu_timer on a GPU, cpu_bench_timer on CPU."""
-    return gpu_timer if torch.cuda.is_available() else cpu_bench_timer()
+def bench_budget_ms(suite: str = None) -> tuple:
+    """(warm-up, timed) ms that gpu_timer gets in ``wsbcn bench`` for ``suite``:
+    SAMPLE_BUDGET_MS for the default GPU suite, resnet50_sample; else GPU_BUDGET_MS."""
+    return SAMPLE_BUDGET_MS if suite == "resnet50_sample" else GPU_BUDGET_MS
+
+
+def bench_timer(suite: str = None):
+    """The timer ``wsbcn bench`` uses for ``suite``: gpu_timer with
+    ``bench_budget_ms(suite)`` on a GPU, cpu_bench_timer on CPU."""
+    if not torch.cuda.is_available():
+        return cpu_bench_timer()
+    warmup_ms, rep_ms = bench_budget_ms(suite)
+    return functools.partial(gpu_timer, warmup_ms=warmup_ms, rep_ms=rep_ms)
