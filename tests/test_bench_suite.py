@@ -111,11 +111,13 @@ def test_the_default_e2e_runs_compile_nothing_and_full_runs_what_the_default_ran
     assert ours == ({("classification", v, m, n) for v in variants for m in e2e.GRAPH_MODES for n in (2, 32)}
                     | {("detection", v, "eager", 2) for v in variants})
     # --full: everything the default run did before it was trimmed (detection N = 1 and 2,
-    # eager and graphed, and the compiled trunk of plain_bn and wsbcn_ws_bcn)
+    # eager and graphed, and the compiled trunk of plain_bn and wsbcn_ws_bcn), and the
+    # compiled classification steps
     before = ({("classification", v, m, n) for v in variants for m in e2e.GRAPH_MODES for n in (2, 32)}
               | {("detection", v, m, n) for v in variants for m in e2e.GRAPH_MODES for n in (1, 2)}
               | {("detection", v, "compiled", n) for v in e2e.COMPILED_VARIANTS for n in (1, 2)})
-    assert everything == before
+    assert everything == before | {("classification", v, "compiled", n) for v in e2e.COMPILED_VARIANTS
+                                   for n in (2, 32)}
     # the compiled trunk on request, never with --no-compiled, never by --full on CPU (as before)
     assert commands.e2e_options(parse(["--e2e-compile"]), on_gpu=True) == {"with_compiled": True}
     assert commands.e2e_options(parse(["--full", "--e2e", "--no-compiled"]), on_gpu=True)["with_compiled"] is False
@@ -136,7 +138,7 @@ def test_bench_help_says_what_the_default_run_does(capsys):
     with pytest.raises(SystemExit):
         cli.main(["bench", "--help"])
     text = " ".join(capsys.readouterr().out.split())
-    for part in ("resnet50_sample", "modes fwd and fwdbwd", "no torch.compile of the trunk", "detection at N = 1 and 2",
+    for part in ("resnet50_sample", "modes fwd and fwdbwd", "no torch.compile of the networks", "detection at N = 1 and 2",
                  "--e2e-compile", "an estimate", "perf/tools/default_run_estimate.py"):
         assert part in text, part
 

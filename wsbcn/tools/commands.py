@@ -22,11 +22,11 @@ def _bench_description() -> str:
         + f"), as eager calls and as CUDA-graph replays, {warmup:g} + {rep:g} ms of timer warm-up and "
         "repetitions per measurement; then the end-to-end training steps of every variant: classification "
         "at 224^2, N = 2 and 32, eager and CUDA-graphed; the detection trunk at 800x1216, N = "
-        + " and ".join(map(str, e2e.DETECTION_BATCH_SIZES_GPU)) + ", eager; no torch.compile of the trunk. "
+        + " and ".join(map(str, e2e.DETECTION_BATCH_SIZES_GPU)) + ", eager; no torch.compile of the networks. "
         "Estimated at under 5 minutes on an H100 with a cold compile cache (an estimate from the H100 rows, "
         "not a measurement: perf/tools/default_run_estimate.py). --full runs everything: the whole grid "
         "in every mode with every compiled baseline, and detection at N = "
-        + " and ".join(map(str, e2e.FULL_DETECTION_BATCH_SIZES_GPU)) + ", CUDA-graphed and compiled too. On a "
+        + " and ".join(map(str, e2e.FULL_DETECTION_BATCH_SIZES_GPU)) + ", CUDA-graphed, and torch.compile of both networks (plain_bn, wsbcn_ws_bcn). On a "
         "CPU-only machine the default is the cpu suite and a reduced end-to-end run.")
 
 
@@ -56,12 +56,12 @@ def _bench(sub):
     p.add_argument("--e2e", action="store_true",
                    help="also time the end-to-end training steps (GPU: ResNet-50 classification at 224^2, N = 2 "
                         "and 32, eager and CUDA-graphed; the detection trunk at 800x1216, N = 2, eager; every "
-                        "variant; more with --full, the trunk's torch.compile with --full or --e2e-compile)")
+                        "variant; more with --full; torch.compile of plain_bn and wsbcn_ws_bcn with --full or --e2e-compile)")
     p.add_argument("--e2e-only", action="store_true", help="only the end-to-end training steps")
     p.add_argument("--e2e-compile", action="store_true",
-                   help="time the end-to-end steps (implies --e2e) with torch.compile of the detection trunk "
-                        "too (plain_bn and wsbcn_ws_bcn: a cold compile per variant and batch size; --full on "
-                        "a GPU does this with --e2e)")
+                   help="time the end-to-end steps (implies --e2e) with torch.compile too (plain_bn and "
+                        "wsbcn_ws_bcn, classification and detection: a cold compile per variant and batch "
+                        "size; --full on a GPU does this with --e2e)")
     p.add_argument("--host", action="store_true",
                    help="only the host time of every eager call (wsbcn.tools.host_bench: a stub CUDA driver "
                         "on a machine without a GPU, the real one on a GPU; ResNet-50 shapes, N = 2 and 32, "
@@ -113,7 +113,7 @@ def e2e_options(args, on_gpu: bool) -> dict:
     classification at N = 2 and 32, eager and CUDA-graphed; detection at N = 2,
     eager; no torch.compile. --full on a GPU runs what the default run did before it
     was trimmed: detection at N = 1 and 2, CUDA-graphed too, and compiled
-    (plain_bn, wsbcn_ws_bcn); --e2e-compile adds the compiled trunk alone;
+    (plain_bn, wsbcn_ws_bcn; classification too); --e2e-compile adds the compiled steps alone;
     --no-compiled leaves it out whatever else is given."""
     from .e2e import FULL_DETECTION_BATCH_SIZES_GPU, GRAPH_MODES
 

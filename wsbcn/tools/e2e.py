@@ -11,11 +11,11 @@ detection       the trunk (stem to layer4, no avgpool/fc) at 800 x 1216, the
 
 Each runs eager and CUDA-graphed ("variant" column: eager | cudagraph), except that
 by default the detection case runs eagerly only (CUDA-graphed too with --full). On request
-(``with_compiled``: ``wsbcn bench --full`` on a GPU, or ``--e2e-compile``) the
-detection case adds ``torch.compile`` (default mode) of plain_bn and wsbcn_ws_bcn
-(variant "compiled"): a cold compile of the trunk, forward and backward, per
-variant and batch size, which the default run leaves out to stay within a few
-minutes (perf/tools/default_run_estimate.py). GPU: bf16 autocast, channels_last.
+(``with_compiled``: ``wsbcn bench --full`` on a GPU, or ``--e2e-compile``) both cases
+add ``torch.compile`` (default mode) of plain_bn and wsbcn_ws_bcn (variant
+"compiled"): a cold compile of the network, forward and backward, per variant and
+batch size, which the default run leaves out to stay within a few minutes
+(perf/tools/default_run_estimate.py). GPU: bf16 autocast, channels_last.
 CPU: a reduced run (smaller inputs of the same aspect ratio, fp32, eager) that
 proves the steps work and keeps ``wsbcn bench --e2e`` short.
 """
@@ -116,9 +116,9 @@ def case_graph_modes(case, on_gpu, graph_modes=None) -> tuple:
 
 def _runs(case, variants, graph_modes, with_compiled):
     """(variant, execution mode) pairs of one case: every variant in every graph
-    mode, then the compiled ones (detection only)."""
+    mode, then the compiled ones."""
     runs = [(v, m) for v in variants for m in graph_modes]
-    if with_compiled and case.name == "detection":
+    if with_compiled:
         runs += [(v, "compiled") for v in variants if v in COMPILED_VARIANTS]
     return runs
 
@@ -132,7 +132,7 @@ def run_e2e(batch_sizes=None, image_size=None, variants=VARIANTS, graph_modes=No
 
     ``batch_sizes``/``image_size`` set the classification case, ``detection_batch_sizes``
     and ``detection_size`` (height, width) the detection case. ``with_compiled``:
-    also time torch.compile of COMPILED_VARIANTS in the detection case (default: no;
+    also time torch.compile of COMPILED_VARIANTS in each case (default: no;
     ``wsbcn bench`` asks for it with --full on a GPU, or with --e2e-compile; a CPU
     compile of ResNet-50 takes minutes). ``compile_fn`` is how a model gets compiled
     (tests pass a cheaper backend).
