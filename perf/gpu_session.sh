@@ -11,8 +11,9 @@
 #   bench      `wsbcn bench` on $BATCHES / $DTYPES
 #   e2e        `wsbcn bench --e2e-only`
 #   compile    torch.compile on the Triton path: inductor's generated launches of the
-#              wsbcn kernels (TORCH_LOGS=output_code), then AOTInductor packages of a
-#              WS+BCN ResNet-50 (fp32, bf16) checked against eager
+#              wsbcn kernels (TORCH_LOGS=output_code), AOTInductor packages of a
+#              WS+BCN ResNet-50 (fp32, bf16) checked against eager, then the compiled
+#              e2e steps (`wsbcn bench --e2e-only --e2e-compile`)
 #   pack       tar perf/results (bench.csv, autotune.csv) into $OUT
 set -uo pipefail
 export PYTHONUNBUFFERED=1
@@ -31,7 +32,8 @@ for step in "$@"; do
     e2e) wsbcn bench --e2e-only 2>&1 | tee "$OUT/e2e.log" | tail -15 ;;
     host) wsbcn bench --host --batch-sizes $BATCHES --dtypes $DTYPES 2>&1 | tee "$OUT/host.log" | tail -15 ;;
     compile) { TORCH_LOGS=output_code python3 -m pytest -q -s -p no:cacheprovider tests/test_compile.py -k "triton and inductor" 2>&1 | grep -E "kernel_[0-9]+\.run\(|passed|failed|Error" | sort | uniq -c | sort -rn | head -30
-               python3 perf/tools/aoti_package.py; python3 perf/tools/aoti_package.py --dtype bfloat16; } 2>&1 | tee "$OUT/compile.log" | tail -40 ;;
+               python3 perf/tools/aoti_package.py; python3 perf/tools/aoti_package.py --dtype bfloat16
+               wsbcn bench --e2e-only --e2e-compile; } 2>&1 | tee "$OUT/compile.log" | tail -40 ;;
     pack) tar czf "$OUT/results.tgz" perf/results ;;
     *) echo "unknown step $step"; exit 2 ;;
   esac
