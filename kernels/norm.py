@@ -333,6 +333,12 @@ def _norm_combine_kernel(
                 to_old = _old_running(Pivot, Running_mean, Running_var, c, kmask, UPDATE_RUNNING, BLOCK_K)[3]
                 e = tl.where(mask, m + to_old[None, :], 0.0)  # m_nc - running_mean_old
                 dev_acc += tl.sum(m2, axis=0) + S * tl.sum(e * e, axis=0)
+        if MODE == 2:
+            # The channel mask again, written so that the compiler cannot merge it with
+            # the first one (c < (g + 1) K is k < K): triton 3.6's ptxas kept the first
+            # one's predicates in local memory across loop A (16 B at 72 registers in
+            # one specialisation; perf/NOTES.md). Same values, so results are unchanged.
+            kmask = c < (g + 1) * K
         if MODE == 1:
             shift_c = mean_acc
             var = m2_acc / ns
@@ -577,9 +583,13 @@ def _norm_bwd_combine_kernel(
     d_beta = tl.zeros([BLOCK_K], dtype=tl.float32)
     d_omega = tl.zeros([BLOCK_K], dtype=tl.float32)
     d_eta = tl.zeros([BLOCK_K], dtype=tl.float32)
-    for sweep in tl.static_range(2):
-        # sweep 0 sums the parameter gradients; sweep 1 writes the dx coefficients,
-        # which in batch mode need the complete d_gamma, d_beta.
+    # Batch mode sweeps the samples twice: sweep 0 sums the parameter gradients, sweep 1
+    # writes the dx coefficients, which need the complete d_gamma and d_beta. The other
+    # modes' coefficients (GN, estimates, eval) do not, so there one sweep does both:
+    # the partial sums are read once, and nothing lives from one sweep to the next
+    # (triton 3.9's ptxas spilled channel offsets across sweep 0 in the estimate and
+    # eval modes; perf/NOTES.md). Each value is computed as in two sweeps: same bits.
+    for sweep in tl.static_range(2 if MODE == 1 else 1):
         for n0 in range(0, N, BLOCK_N):
             nn = n0 + tl.arange(0, BLOCK_N)
             nmask = nn < N
@@ -615,7 +625,7 @@ def _norm_bwd_combine_kernel(
                 d_eta += tl.sum(d1, axis=0)
                 d_gamma += tl.sum(tl.where(mask, r[None, :] * sum_dux, 0.0), axis=0)
                 d_beta += tl.sum(tl.where(mask, sum_du, 0.0), axis=0)
-            else:
+            if sweep == 1 or MODE != 1:
                 scale = (r * gamma)[None, :]
                 ca = scale * alpha
                 ce = -scale * rho * e2 * p
