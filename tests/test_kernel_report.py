@@ -9,7 +9,7 @@ import sys
 import pandas as pd
 import pytest
 
-from wsbcn.tools.kernel_report import check
+from wsbcn.tools.kernel_report import BCN_MODES, CI_MODE_SHAPES, OPS, check, suite_cases
 from wsbcn.tools.static_compile import access_widths, ctas_per_sm, loop_bodies, ptxas_resources
 
 
@@ -47,11 +47,12 @@ $L__BB0_2:
 
 
 def test_access_widths_count_bytes_per_instruction():
-    assert access_widths(PTX) == {"ld": {16: 1, 2: 1, 8: 1}, "st": {16: 1, 4: 1}}
+    assert access_widths(PTX) == {"ld": {16: 1, 2: 1, 8: 1}, "st": {16: 1, 4: 1}, "cp": {16: 1}}
+    assert access_widths("cp.async.ca.shared.global [ %r1 + 0 ], [ %rd2 + 0 ], 4, %r3;")["cp"] == {4: 1}
 
 
 def test_loop_bodies_keep_only_the_innermost_loop():
-    assert access_widths(loop_bodies(PTX)) == {"ld": {8: 1}, "st": {16: 1}}
+    assert access_widths(loop_bodies(PTX)) == {"ld": {8: 1}, "st": {16: 1}, "cp": {}}
     assert loop_bodies("ld.global.b32 { %r1 }, [ %rd1 + 0 ];") == "ld.global.b32 { %r1 }, [ %rd1 + 0 ];"
 
 
@@ -65,6 +66,31 @@ def test_ptxas_resources_reads_the_verbose_log():
         ptxas_resources("ptxas fatal")
 
 
+@pytest.mark.parametrize("loop,stages,step_kb,in_flight_kb", [
+    # a plain loop: one 16-byte load per thread and step, 128 threads, 8 CTAs -> 16 KB
+    ({"ld": {16: 1}, "st": {}, "cp": {}}, 3, 16.0, 16.0),
+    # pipelined over 3 stages: the copies of 2 steps outstanding at the wait
+    ({"ld": {}, "st": {16: 1}, "cp": {16: 1}}, 3, 16.0, 32.0),
+    # 2 stages: one buffer, one step, as in a plain loop
+    ({"ld": {}, "st": {}, "cp": {16: 1}}, 2, 16.0, 16.0),
+])
+def test_loads_in_flight_count_the_pipeline_depth(loop, stages, step_kb, in_flight_kb):
+    from types import SimpleNamespace
+
+    from wsbcn.tools.kernel_report import launch_row
+
+    spec = SimpleNamespace(options=SimpleNamespace(num_warps=4, num_stages=stages),
+                           constexpr_values=lambda kernel: {"NUM_STAGES": stages})
+    launch = SimpleNamespace(name="_norm_stats_kernel", kernel=None, grid=(264, 1, 1), programs=264)
+    facts = dict(registers=64, shared_bytes=4096, spill_store_bytes=0, spill_load_bytes=0, stack_bytes=0,
+                 loop_widths=loop, widths=loop, async_copies=sum(loop["cp"].values()), compile_s=0.5)
+    case = dict(op="bcn", shape=(256, 28, 28), n=32, dtype="bfloat16", layout="channels_last")
+    row = launch_row(case, "fwd", launch, spec, facts, 0)
+    assert row["ctas_per_sm"] == 8
+    assert (row["step_load_kb_per_sm"], row["loads_in_flight_kb_per_sm"]) == (step_kb, in_flight_kb)
+    assert row["load_bytes"] == 16
+
+
 def test_check_names_spills_and_slow_compiles():
     row = dict(op="bcn", dtype="bfloat16", layout="channels_last", n=32.0, shape="256x56x56", constexprs="BLOCK_J=16",
                num_warps=4, kernel="_norm_combine_kernel", spill_store_bytes=0, spill_load_bytes=0, compile_s=1.0,
@@ -74,6 +100,18 @@ def test_check_names_spills_and_slow_compiles():
     assert len(problems) == 2
     assert "spills 264 B" in problems[0] and "n=32 256x56x56" in problems[0]
     assert "31.0 s" in problems[1]
+
+
+def test_ci_suite_takes_every_bn_mode_and_keeps_the_others_in_one_dtype():
+    cases = list(suite_cases("ci", [2, 32], ["bfloat16", "float32"], ["contiguous", "channels_last"], OPS))
+    for op in ("bcn", "gn"):
+        assert {c["dtype"] for c in cases if c["op"] == op} == {"bfloat16", "float32"}
+    for op in ("bcn_estimate", "bcn_eval"):
+        mine = [c for c in cases if c["op"] == op]
+        assert {c["dtype"] for c in mine} == {"bfloat16"} and {c["shape"] for c in mine} == set(CI_MODE_SHAPES)
+        assert len(mine) == 2 * 2 * len(CI_MODE_SHAPES)
+    assert BCN_MODES["bcn_eval"] == dict(training=False, estimate=False)
+    assert BCN_MODES["bcn_estimate"] == dict(training=True, estimate=True)
 
 
 def test_ci_suite_compiles_for_sm90_without_spills_or_slow_compiles(tmp_path):
@@ -92,3 +130,17 @@ def test_ci_suite_compiles_for_sm90_without_spills_or_slow_compiles(tmp_path):
     assert (frame[frame.op == "ws"].groupby(["dtype", "layout", "shape", "pass"]).size() == 1).all()
     assert (frame.registers > 0).all() and (frame.spill_store_bytes == 0).all()
     assert png.stat().st_size > 10_000
+    # the three BN modes, each with its own combine kernels (MODE 1-3; GN is MODE 0)
+    assert set(frame.op) == {"bcn", "bcn_estimate", "bcn_eval", "gn", "ws"}
+    combines = frame[frame.kernel.str.contains("combine")]
+    for op, mode in (("gn", 0), ("bcn", 1), ("bcn_estimate", 2), ("bcn_eval", 3)):
+        rows = combines[combines.op == op]
+        assert set(rows.kernel) == {"_norm_combine_kernel", "_norm_bwd_combine_kernel"}
+        assert rows.constexprs.str.contains(f"MODE={mode}").all()
+    # the specialisations that once spilled: the estimate-mode forward combine at
+    # 13 chunks per sample (triton 3.6), the estimate/eval backward combine at 49 (3.9)
+    est = combines[(combines.op == "bcn_estimate") & (combines.n == 2)]
+    assert ((est.layout == "channels_last") & (est.shape == "256x28x28")).any()
+    for op in ("bcn_estimate", "bcn_eval"):
+        assert ((combines.op == op) & (combines.n == 2) & (combines.layout == "contiguous")
+                & (combines.shape == "256x56x56") & (combines.kernel == "_norm_bwd_combine_kernel")).any()

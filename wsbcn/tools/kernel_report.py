@@ -1,13 +1,14 @@
 """Static kernel report: what every launch of a shape suite compiles to for sm_90.
 
-Runs without a GPU. For each case of the suite (BCN, GN and WS; forward and
-backward), the launch wrappers run on CPU tensors with an emulated H100's plans
-(launch_recorder), each launch is compiled for sm_90 with triton's own
+Runs without a GPU. For each case of the suite (BCN in its three BN modes, GN and
+WS; forward and backward), the launch wrappers run on CPU tensors with an emulated
+H100's plans (launch_recorder), each launch is compiled for sm_90 with triton's own
 specialisation (static_compile), and one row per launch goes to a CSV: grid,
 programs, registers, spills, shared memory, resident CTAs per SM and waves on an
-H100's 132 SMs, the width of global loads and stores, asynchronous copies and the
-compile time of its specialisation (each compiled once, in this process, from an
-empty triton cache; other work on the machine inflates it).
+H100's 132 SMs, the width of global loads and stores and of the asynchronous
+copies of pipelined loops, the loads in flight per SM (modelled), and the compile
+time of its specialisation (each compiled once, in this process, from an empty
+triton cache; other work on the machine inflates it).
 
     python -m wsbcn.tools.kernel_report                       # resnet50 suite, N = 2 and 32
     python -m wsbcn.tools.kernel_report --suite ci --check    # CI: fails on spills and slow compiles
@@ -23,15 +24,31 @@ from pathlib import Path
 
 DEVICE = "sm_90 static (H100 limits, 132 SMs)"
 SUITES = ("resnet50", "ci")
+# BCN in its three BN modes (kernels/norm.py MODE_*): training with batch statistics,
+# training with micro-batch estimates (estimate=True), eval with the running ones.
+# Their passes over x are nearly the same code (eval takes its pivot from the running
+# mean and leaves num_batches_tracked alone); their combine kernels differ.
+OPS = ("bcn", "bcn_estimate", "bcn_eval", "gn", "ws")
+BCN_MODES = {"bcn": dict(training=True, estimate=False), "bcn_estimate": dict(training=True, estimate=True),
+             "bcn_eval": dict(training=False, estimate=False)}
 # CI: S a multiple of 16 and split (56^2), scalar loads (14^2, 7^2); a WS row in one
 # block (fan-in 147) and looped (4608). Every kernel, both layouts, N = 2 and 32.
 CI_NORM_SHAPES = ((256, 56, 56), (1024, 14, 14), (2048, 7, 7))
 CI_CONV_SHAPES = ((64, 3, 7, 7), (512, 512, 3, 3))
+# CI's estimate and eval cases: their combine kernels (which never see x's dtype) at
+# 56^2, where triton 3.9 spilled the estimate/eval backward combine (49 chunks per
+# sample at N = 2, NCHW), and 28^2, where triton 3.6 spilled the estimate forward
+# combine (13 chunks, channels_last); their passes over x in the first dtype only
+# (what differs from the batch mode there is one pivot load and the num_batches_tracked
+# increment). The other shapes' modes are left to the full suite, to keep CI's
+# compiles near a minute on 2 cores.
+CI_MODE_SHAPES = ((256, 56, 56), (256, 28, 28))
 
 
 def suite_cases(suite: str, batch_sizes, dtypes, layouts, ops):
     """(op, pass-less case dict) of a suite: norm cases per (shape, N, dtype,
-    layout, op), WS cases per (conv weight, dtype, layout)."""
+    layout, op), WS cases per (conv weight, dtype, layout). The ci suite takes the
+    BCN estimate and eval modes in the first of ``dtypes`` only, on CI_MODE_SHAPES."""
     from .suites import resnet50_shapes
 
     if suite == "resnet50":
@@ -49,17 +66,23 @@ def suite_cases(suite: str, batch_sizes, dtypes, layouts, ops):
                     for shape in convs:
                         yield dict(op=op, shape=tuple(shape), n=None, dtype=dtype, layout=layout)
                 else:
+                    shapes = norms
+                    if suite == "ci" and op in ("bcn_estimate", "bcn_eval"):
+                        if dtype != dtypes[0]:
+                            continue
+                        shapes = CI_MODE_SHAPES
                     for n in batch_sizes:
-                        for shape in norms:
+                        for shape in shapes:
                             yield dict(op=op, shape=tuple(shape), n=n, dtype=dtype, layout=layout)
 
 
 def case_call(case):
     """(forward, leaves) of one case through the public functional API, as a
-    ResNet-50 layer and ``wsbcn bench`` call it: BCN in training with batch
-    statistics and per-group affine, GN with affine in the input's dtype, WS in
-    the released convention (eps 1e-5, unbiased std). Tensors are uninitialised:
-    nothing runs while launches are recorded."""
+    ResNet-50 layer and ``wsbcn bench`` call it: BCN with per-group affine in
+    training with batch statistics (op "bcn"), in training with micro-batch
+    estimates ("bcn_estimate") or in eval ("bcn_eval"), GN with affine in the
+    input's dtype, WS in the released convention (eps 1e-5, unbiased std). Tensors
+    are uninitialised: nothing runs while launches are recorded."""
     import torch
 
     from ..functional import batch_channel_norm, group_norm, weight_standardize
@@ -79,8 +102,8 @@ def case_call(case):
     omega, eta = torch.ones(1, groups, 1, requires_grad=True), torch.zeros(1, groups, 1, requires_grad=True)
     running_mean, running_var = torch.zeros(c), torch.ones(c)
     tracked = torch.zeros((), dtype=torch.long)
-    return (lambda: batch_channel_norm(x, groups, running_mean, running_var, gamma, beta, omega, eta, training=True,
-                                       num_batches_tracked=tracked)), [x, gamma, beta, omega, eta]
+    return (lambda: batch_channel_norm(x, groups, running_mean, running_var, gamma, beta, omega, eta,
+                                       num_batches_tracked=tracked, **BCN_MODES[case["op"]])), [x, gamma, beta, omega, eta]
 
 
 def record_case(case, launches):
@@ -111,6 +134,15 @@ def launch_row(case, pass_, launch, spec, facts, spec_id) -> dict:
 
     num_warps = spec.options.num_warps
     ctas, limiter = ctas_per_sm(facts["registers"], facts["shared_bytes"], num_warps)
+    loop = facts["loop_widths"]
+    streamed = dict(loop["ld"])  # what a loop step loads: plain loads and pipelined copies
+    for b, k in loop.get("cp", {}).items():
+        streamed[b] = streamed.get(b, 0) + k
+    step_kb = sum(b * k for b, k in streamed.items()) * 32 * num_warps * ctas / 1024
+    # a loop pipelined by triton (cp.async) over NUM_STAGES stages keeps NUM_STAGES - 1
+    # steps of copies outstanding at its wait (wait_group NUM_STAGES - 2); a plain loop
+    # issues one step's loads before their first use
+    ahead = max(1, spec.options.num_stages - 1) if loop.get("cp") else 1
     constexprs = {k: v for k, v in spec.constexpr_values(launch.kernel).items() if k.isupper()}
     shape = case["shape"]
     return {
@@ -126,14 +158,17 @@ def launch_row(case, pass_, launch, spec, facts, spec_id) -> dict:
         "spill_load_bytes": facts["spill_load_bytes"], "stack_bytes": facts["stack_bytes"],
         "shared_bytes": facts["shared_bytes"], "ctas_per_sm": ctas, "occupancy_limit": limiter,
         "waves": launch.programs / (ctas * SMS) if ctas else float("inf"),
-        "load_bytes": _bulk_width(facts["loop_widths"]["ld"]), "store_bytes": _bulk_width(facts["loop_widths"]["st"]),
-        "loop_loads": _widths_text(facts["loop_widths"]["ld"]), "loop_stores": _widths_text(facts["loop_widths"]["st"]),
+        "load_bytes": _bulk_width(streamed), "store_bytes": _bulk_width(loop["st"]),
+        "loop_loads": _widths_text(loop["ld"]), "loop_async": _widths_text(loop.get("cp", {})),
+        "loop_stores": _widths_text(loop["st"]),
         "loads": _widths_text(facts["widths"]["ld"]), "stores": _widths_text(facts["widths"]["st"]),
-        # what one loop step of every resident CTA asks of memory at once (if a step's
-        # loads are all issued before their first use): an H100 needs ~15-20 KB per SM
-        # in flight to reach its bandwidth (~3.3 TB/s x ~0.6 us / 132 SMs)
-        "step_load_kb_per_sm": round(sum(b * k for b, k in facts["loop_widths"]["ld"].items()) * 32 * num_warps
-                                     * ctas / 1024, 1),
+        # what one loop step of every resident CTA asks of memory (global loads and
+        # cp.async copies of the innermost loops), and what is outstanding at once at
+        # the loop's wait (modelled: one step for a plain loop whose step's loads are
+        # all issued before their first use, NUM_STAGES - 1 for a pipelined one): an
+        # H100 needs ~15-20 KB per SM in flight to reach its bandwidth (~3.3 TB/s x
+        # ~0.6 us / 132 SMs)
+        "step_load_kb_per_sm": round(step_kb, 1), "loads_in_flight_kb_per_sm": round(step_kb * ahead, 1),
         "async_copies": facts["async_copies"], "compile_s": round(facts["compile_s"], 3), "spec_id": spec_id,
     }
 
@@ -221,7 +256,8 @@ def summary(frame):
     out = groups.agg(
         registers=("registers", span), spill_bytes=("spill_store_bytes", "max"), smem_kb=("shared_bytes", lambda v: span(v / 1024)),
         ctas_per_sm=("ctas_per_sm", span), load_bytes=("load_bytes", span), store_bytes=("store_bytes", span),
-        async_copies=("async_copies", "max"), max_compile_s=("compile_s", "max"))
+        async_copies=("async_copies", "max"), in_flight_kb=("loads_in_flight_kb_per_sm", span),
+        max_compile_s=("compile_s", "max"))
     for n in sorted(frame.n.dropna().unique()):
         out[f"waves_n{int(n)}"] = frame[frame.n == n].groupby(["kernel", "layout"]).waves.agg(span)
     return out.reset_index()
@@ -234,7 +270,9 @@ def add_arguments(p) -> None:
     p.add_argument("--dtypes", nargs="+", choices=("float32", "bfloat16", "float16"), default=["bfloat16", "float32"])
     p.add_argument("--layouts", nargs="+", choices=("contiguous", "channels_last"),
                    default=["contiguous", "channels_last"])
-    p.add_argument("--ops", nargs="+", choices=("bcn", "gn", "ws"), default=["bcn", "gn", "ws"])
+    p.add_argument("--ops", nargs="+", choices=OPS, default=list(OPS),
+                   help="bcn, bcn_estimate, bcn_eval: BCN in training with batch statistics, in training with "
+                        "micro-batch estimates, in eval (running statistics); gn; ws")
     p.add_argument("--arch", type=int, default=90, help="compute capability to compile for (occupancy assumes 90)")
     p.add_argument("--out", default=None,
                    help="CSV to write (default: perf/results/sm90-static/kernels.csv for the resnet50 suite, "

@@ -1,6 +1,6 @@
 """The figure of the static kernel report (kernel_report.py): registers, resident
-CTAs per SM and waves of every launch, per kernel, optionally over a baseline
-report (another commit's CSV) drawn in grey."""
+CTAs per SM, loads in flight per SM and waves of every launch, per kernel,
+optionally over a baseline report (another commit's CSV) drawn in grey."""
 import matplotlib
 
 matplotlib.use("Agg")
@@ -36,13 +36,18 @@ def plot_report(frame, path, baseline=None):
     from pathlib import Path
 
     kernels = [k for k in SHORT if k in set(frame.kernel)]
-    fig, axes = plt.subplots(1, 3, figsize=(17, 5.8))
+    fig, axes = plt.subplots(1, 4, figsize=(22, 5.8))
     panels = [
         (axes[0], "registers", kernels, "registers per thread", [(64, "64: 8 CTAs of 4 warps per SM"),
                                                                    (255, "255: the most a thread gets")]),
         (axes[1], "ctas_per_sm", kernels, "resident CTAs per SM (H100 limits)", []),
-        (axes[2], "waves", PASSES, "waves on 132 SMs at N = 32 (log scale)", [(4, "4 waves")]),
+        (axes[2], "loads_in_flight_kb_per_sm", PASSES, "loads in flight per SM, KB (modelled)",
+         [(15, "~15-20 KB: what an H100 needs")]),
+        (axes[3], "waves", PASSES, "waves on 132 SMs at N = 32 (log scale)", [(4, "4 waves")]),
     ]
+    if baseline is not None and "loads_in_flight_kb_per_sm" not in baseline:
+        # reports before the column: every loop was plain, one step in flight
+        baseline = baseline.assign(loads_in_flight_kb_per_sm=baseline.step_load_kb_per_sm)
     for ax, column, names, ylabel, lines in panels:
         data = frame if column != "waves" else frame[frame.n == 32]
         if baseline is not None:
@@ -69,12 +74,16 @@ def plot_report(frame, path, baseline=None):
             ax.set_ylim(0.3, 80)
         elif column == "registers":
             ax.set_ylim(0, 330)
+        elif column == "loads_in_flight_kb_per_sm":
+            shown = [d[d.kernel.isin(names)][column].max() for d in (data, baseline) if d is not None]
+            top = max([20.0] + [float(v) for v in shown])
+            ax.set_ylim(0, 1.35 * top)
         else:
             ax.set_ylim(0, 42)
         ax.legend(fontsize=8, loc="upper left")
     shapes = frame[frame.op != "ws"]
     fig.suptitle("Static sm_90 kernel report (no GPU: compiled with triton, occupancy from H100 limits): every launch of "
-                 f"the ResNet-50 BCN/GN/WS layers, N = {sorted(int(n) for n in shapes.n.dropna().unique())}, "
+                 f"the ResNet-50 BCN (batch, estimate, eval)/GN/WS layers, N = {sorted(int(n) for n in shapes.n.dropna().unique())}, "
                  f"{' and '.join(sorted(frame.dtype.unique()))}", fontsize=11)
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)

@@ -63,12 +63,21 @@ def specialise(launch, backend) -> Specialisation:
 
 _GLOBAL_ACCESS = re.compile(r"\b(ld|st)\.global((?:\.[\w:]+)*)")
 _ASYNC_COPY = re.compile(r"\bcp\.async\.(?:ca|cg|bulk)\b")
+# cp.async.cg.shared.global [dst], [src], cp-size(, src-size): a global -> shared copy
+# of 4, 8 or 16 bytes, the loads of a loop software-pipelined by triton
+_ASYNC_GLOBAL = re.compile(r"\bcp\.async\.(?:ca|cg)\.shared(?:::cta)?\.global(?:\.[\w:]+)*\s+\[[^\]]*\],\s*\[[^\]]*\],"
+                           r"\s*(0x[0-9a-fA-F]+|\d+)")
 
 
 def access_widths(ptx: str) -> dict:
-    """{"ld": {bytes: count}, "st": {bytes: count}} over the global loads and
-    stores of a PTX listing (ld.global.v4.b32 moves 16 bytes, ld.global.b16 2)."""
-    widths = {"ld": {}, "st": {}}
+    """{"ld": {bytes: count}, "st": {bytes: count}, "cp": {bytes: count}} over the
+    global loads and stores of a PTX listing (ld.global.v4.b32 moves 16 bytes,
+    ld.global.b16 2) and its asynchronous global -> shared copies (cp.async, 4-16
+    bytes each)."""
+    widths = {"ld": {}, "st": {}, "cp": {}}
+    for size in _ASYNC_GLOBAL.findall(ptx):
+        nbytes = int(size, 0)
+        widths["cp"][nbytes] = widths["cp"].get(nbytes, 0) + 1
     for op, suffix in _GLOBAL_ACCESS.findall(ptx):
         lanes, bits = 1, None
         for part in suffix.split(".")[1:]:
