@@ -114,8 +114,11 @@ def _tile_offsets(pid, split, C, S, chunk, stride_xc, BLOCK_C: tl.constexpr, LAR
     cmask = c < C
     # S, chunk and every stride are multiples of ALIGN (the wrapper's promise), so are
     # the chunk's ends: the row masks then come in runs the loads can vectorize
-    s_begin = tl.multiple_of(split * chunk, ALIGN)
-    s_end = tl.multiple_of(tl.minimum(S, s_begin + chunk), ALIGN)
+    s_begin = split * chunk
+    s_end = tl.minimum(S, s_begin + chunk)
+    if ALIGN > 1:  # (see _channel_offsets)
+        s_begin = tl.multiple_of(s_begin, ALIGN)
+        s_end = tl.multiple_of(s_end, ALIGN)
     return n, c, cmask, s_begin, s_end, _channel_offsets(c, stride_xc, LARGE, ALIGN)
 
 
@@ -123,14 +126,24 @@ def _tile_offsets(pid, split, C, S, chunk, stride_xc, BLOCK_C: tl.constexpr, LAR
 def _channel_offsets(c, stride_c, LARGE: tl.constexpr, ALIGN: tl.constexpr):
     """c * stride_c, which the wrapper knows to be a multiple of ALIGN elements (a
     power of two, at most 16, dividing S, chunk and every sample and channel stride):
-    with it the compiler can vectorize rows whose length is no multiple of 16 (S = 196)."""
-    return tl.multiple_of(_offsets(c, stride_c, LARGE), ALIGN)
+    with it the compiler can vectorize rows whose length is no multiple of 16 (S = 196).
+    No hint at ALIGN = 1: tl.multiple_of(v, 1) overwrites what triton proves by itself
+    (a channel block starts at a multiple of BLOCK_C; strides divisible by 16 are
+    specialised), which left every channels_last load scalar (perf/NOTES.md). The
+    hints sit on the op computing the value: on a jit function's argument they vanish."""
+    off = _offsets(c, stride_c, LARGE)
+    if ALIGN > 1:
+        off = tl.multiple_of(off, ALIGN)
+    return off
 
 
 @triton.jit
 def _sample_start(ptr, n, stride_n, ALIGN: tl.constexpr):
     """ptr + n * stride_n, an offset that is a multiple of ALIGN elements."""
-    return ptr + tl.multiple_of(n.to(tl.int64) * stride_n, ALIGN)
+    off = n.to(tl.int64) * stride_n
+    if ALIGN > 1:  # (see _channel_offsets)
+        off = tl.multiple_of(off, ALIGN)
+    return ptr + off
 
 
 @triton.jit
