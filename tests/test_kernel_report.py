@@ -140,7 +140,7 @@ def test_ci_suite_compiles_for_sm90_without_spills_or_slow_compiles(tmp_path):
     # the specialisations that once spilled: the estimate-mode forward combine at
     # 13 chunks per sample (triton 3.6), the estimate/eval backward combine at 49 (3.9)
     est = combines[(combines.op == "bcn_estimate") & (combines.n == 2)]
-    assert ((est.layout == "channels_last") & (est.shape == "256x28x28")).any()
+    assert ((est.layout == "channels_last") & (est["shape"] == "256x28x28")).any()
     for op in ("bcn_estimate", "bcn_eval"):
         assert ((combines.op == op) & (combines.n == 2) & (combines.layout == "contiguous")
-                & (combines.shape == "256x56x56") & (combines.kernel == "_norm_bwd_combine_kernel")).any()
+                & (combines["shape"] == "256x56x56") & (combines.kernel == "_norm_bwd_combine_kernel")).any()
