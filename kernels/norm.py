@@ -190,6 +190,7 @@ def _norm_stats_kernel(
     BLOCK_C: tl.constexpr,  # channels per tile
     BLOCK_S: tl.constexpr,  # spatial positions per tile: the lanes of the reductions
     ALIGN: tl.constexpr,  # a power of two (<= 16) dividing S, chunk and every sample and channel stride
+    NUM_STAGES: tl.constexpr,  # software-pipelining stages of the loop over S (1: a plain loop)
 ):
     pid = tl.program_id(0)
     split = tl.program_id(1)
@@ -211,7 +212,7 @@ def _norm_stats_kernel(
     mean = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)
     m2 = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)
     count = tl.zeros([BLOCK_S], dtype=tl.float32)
-    for s0 in range(s_begin, s_end, BLOCK_S):
+    for s0 in tl.range(s_begin, s_end, BLOCK_S, num_stages=NUM_STAGES):
         s = s0 + tl.arange(0, BLOCK_S)
         smask = s < s_end
         mask = cmask[:, None] & smask[None, :]
@@ -458,6 +459,7 @@ def _norm_apply_kernel(
     BLOCK_C: tl.constexpr,  # channels per tile
     BLOCK_S: tl.constexpr,  # spatial positions per tile: the lanes of the reductions
     ALIGN: tl.constexpr,  # a power of two (<= 16) dividing S, chunk and every sample and channel stride
+    NUM_STAGES: tl.constexpr,  # software-pipelining stages of the loop over S (1: a plain loop)
 ):
     pid = tl.program_id(0)
     split = tl.program_id(1)
@@ -469,7 +471,7 @@ def _norm_apply_kernel(
     yc_off = _channel_offsets(c, stride_yc, LARGE, ALIGN)
     x_n = _sample_start(X, n, stride_xn, ALIGN)
     y_n = _sample_start(Y, n, stride_yn, ALIGN)
-    for s0 in range(s_begin, s_end, BLOCK_S):
+    for s0 in tl.range(s_begin, s_end, BLOCK_S, num_stages=NUM_STAGES):
         s = s0 + tl.arange(0, BLOCK_S)
         mask = cmask[:, None] & (s < s_end)[None, :]
         x = tl.load(x_n + c_off[:, None] + _offsets(s, stride_xs, LARGE)[None, :], mask=mask, other=0.0)
@@ -509,6 +511,7 @@ def _norm_bwd_reduce_kernel(
     BLOCK_C: tl.constexpr,  # channels per tile
     BLOCK_S: tl.constexpr,  # spatial positions per tile: the lanes of the reductions
     ALIGN: tl.constexpr,  # a power of two (<= 16) dividing S, chunk and every sample and channel stride
+    NUM_STAGES: tl.constexpr,  # software-pipelining stages of the loop over S (1: a plain loop)
 ):
     pid = tl.program_id(0)
     split = tl.program_id(1)
@@ -520,7 +523,7 @@ def _norm_bwd_reduce_kernel(
     # per-lane sums, then one pairwise tree over the lanes (reduce.py)
     d1 = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)
     de = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)
-    for s0 in range(s_begin, s_end, BLOCK_S):
+    for s0 in tl.range(s_begin, s_end, BLOCK_S, num_stages=NUM_STAGES):
         s = s0 + tl.arange(0, BLOCK_S)
         mask = cmask[:, None] & (s < s_end)[None, :]
         e, dz = _load_e_dz(x_n, dy_n, c_off, dc_off, s, mask, stride_xs, stride_ds, pivot, mean, coef_a, coef_b,
@@ -696,6 +699,7 @@ def _norm_bwd_apply_kernel(
     BLOCK_C: tl.constexpr,  # channels per tile
     BLOCK_S: tl.constexpr,  # spatial positions per tile: the lanes of the reductions
     ALIGN: tl.constexpr,  # a power of two (<= 16) dividing S, chunk and every sample and channel stride
+    NUM_STAGES: tl.constexpr,  # software-pipelining stages of the loop over S (1: a plain loop)
 ):
     pid = tl.program_id(0)
     split = tl.program_id(1)
@@ -710,7 +714,7 @@ def _norm_bwd_apply_kernel(
     x_n = _sample_start(X, n, stride_xn, ALIGN)
     dy_n = _sample_start(Dy, n, stride_dn, ALIGN)
     dx_n = _sample_start(Dx, n, stride_on, ALIGN)
-    for s0 in range(s_begin, s_end, BLOCK_S):
+    for s0 in tl.range(s_begin, s_end, BLOCK_S, num_stages=NUM_STAGES):
         s = s0 + tl.arange(0, BLOCK_S)
         mask = cmask[:, None] & (s < s_end)[None, :]
         e, dz = _load_e_dz(x_n, dy_n, c_off, dc_off, s, mask, stride_xs, stride_ds, pivot, mean, coef_a, coef_b,

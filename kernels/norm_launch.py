@@ -71,7 +71,7 @@ class NormPlan:
         self.part_size = n * c * self.n_split  # each of the two partial-sum buffers (scratch)
         t = ArgTable(_FWD_SLOTS)
         S = Slot
-        tile = dict(BLOCK_C=config["BLOCK_C"], BLOCK_S=config["BLOCK_S"])
+        tile = dict(BLOCK_C=config["BLOCK_C"], BLOCK_S=config["BLOCK_S"], NUM_STAGES=config["num_stages"])
         opts = dict(num_warps=config["num_warps"], num_stages=config["num_stages"])
         large = K._large(c, s, sx[1:], sy[1:])
         align_x, align_xy = _align(s, self.chunk, sx[0], sx[1]), _align(s, self.chunk, sx[0], sx[1], sy[0], sy[1])
@@ -198,7 +198,7 @@ class NormPlan:
         byte_offsets = [4 * o if _numel(shape) else 0 for o, shape in zip(offsets, shapes)]
         t = ArgTable(_BWD_SLOTS)
         S = Slot
-        tile = dict(BLOCK_C=config["BLOCK_C"], BLOCK_S=config["BLOCK_S"])
+        tile = dict(BLOCK_C=config["BLOCK_C"], BLOCK_S=config["BLOCK_S"], NUM_STAGES=config["num_stages"])
         opts = dict(num_warps=config["num_warps"], num_stages=config["num_stages"])
         act = K.ACTIVATIONS[self.activation]
         common = dict(ACT=act, HAS_AFFINE=self.has_affine, GROUP_AFFINE=self.group_affine, LARGE=large, **tile)

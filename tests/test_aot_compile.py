@@ -2,6 +2,7 @@
 without a GPU by tests/tools/aot_compile.py in a process of its own (the
 interpreter that the other CPU tests use never runs the real compiler)."""
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -18,3 +19,6 @@ def test_all_kernels_compile_for_sm90():
     assert kernels == {"_norm_stats_kernel", "_norm_combine_kernel", "_norm_apply_kernel", "_norm_bwd_reduce_kernel",
                        "_norm_bwd_combine_kernel", "_norm_bwd_apply_kernel", "_ws_fwd_kernel", "_ws_bwd_kernel"}
     assert any("LARGE=True" in line for line in compiled)
+    # the loops over S at every pipelining depth autotune tries
+    stages = {re.search(r"NUM_STAGES=(\d+)", line).group(1) for line in compiled if "_norm_stats_kernel(" in line}
+    assert stages >= {"1", "2", "3"}

@@ -158,6 +158,8 @@ def test_autotune_space_keeps_the_plan_and_the_cache_cannot_change_it(tmp_path, 
         space = autotune.config_space(kernel, shape, True, on_gpu=x.is_cuda)
         assert len(space) > 1
         assert {(c["BLOCK_S"], c["split"]) for c in space} == {(base["BLOCK_S"], base["split"])}
+        # pipelining (NUM_STAGES of the loops over S) is the sweep's to decide, per shape
+        assert {c["num_stages"] for c in space} == {1, 2, 3}
     for kernel, shape_ in (("ws_fwd", (64, 4608)), ("ws_bwd", (64, 4608))):
         space = autotune.config_space(kernel, shape_, False, on_gpu=x.is_cuda)
         assert len(space) > 1 and len({c["BLOCK"] for c in space}) == 1

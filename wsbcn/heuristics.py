@@ -22,6 +22,15 @@ GPU_WARPS = 4  # warps per program of the passes over x (tunable; the plan assum
 # at 40-72 registers, so sizing for 16 gives >= WAVES waves at any of them
 RESIDENT_CTAS = 16
 WAVES = 4  # programs the split aims for: WAVES x RESIDENT_CTAS x SMs
+# Software pipelining of the loops over S (num_stages, the kernels' NUM_STAGES; 1: a
+# plain loop). Triton turns a pipelined loop's loads into cp.async copies into
+# NUM_STAGES - 1 shared buffers: at 2 stages the next step's copy is issued at the end
+# of a step and waited for at the top of the next, so no more is in flight than in a
+# plain loop; 3 keeps two steps in flight. The static report (perf/NOTES.md) has the
+# plain loops of channels_last tiles (bf16 stats: 14-16 KB per SM) and of NCHW rows
+# that are no multiple of 16 (2-8-byte loads: 9-16 KB) below the ~15-20 KB an H100
+# needs; NCHW rows of 16-byte loads hold 16-80 KB without it.
+PIPELINED_STAGES = 3
 WS_GPU_BLOCK = 512  # lanes of a WS row on GPU: longer rows loop over chunks of this
 
 
@@ -51,8 +60,8 @@ def norm_tile(n: int, c: int, s: int, channels_last: bool, on_gpu: bool, sm_coun
     gets the long side; for channels_last the channel axis does. ``split``
     divides the spatial axis so that programs reach WAVES waves; a tensor with
     fewer tiles than that gets one program per tile.
-    BLOCK_S (the lanes of the reductions) and split are the plan; BLOCK_C and the
-    rest are the tunable defaults.
+    BLOCK_S (the lanes of the reductions) and split are the plan; BLOCK_C,
+    num_warps and num_stages (PIPELINED_STAGES or 1) are the tunable defaults.
     """
     if not on_gpu:
         tile = 16384
@@ -80,4 +89,5 @@ def norm_tile(n: int, c: int, s: int, channels_last: bool, on_gpu: bool, sm_coun
     wanted = cdiv(WAVES * RESIDENT_CTAS * sm_count, n * cdiv(c, block_c))
     s_blocks = cdiv(s, block_s)
     split = cdiv(s_blocks, max(1, s_blocks // wanted))
-    return {"BLOCK_C": block_c, "BLOCK_S": block_s, "split": split, "num_warps": GPU_WARPS, "num_stages": 2}
+    stages = PIPELINED_STAGES if channels_last or s % 16 else 1
+    return {"BLOCK_C": block_c, "BLOCK_S": block_s, "split": split, "num_warps": GPU_WARPS, "num_stages": stages}

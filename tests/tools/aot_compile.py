@@ -84,6 +84,20 @@ def record_launches(launches):
                            True, "relu", True, wide)
         knorm.norm_backward(torch.randn_like(x), x, torch.empty_like(x), torch.zeros(6, 1, 8, dtype=f32), torch.ones(8),
                             torch.ones(1, 2), torch.ones(8), torch.ones(2), torch.zeros(2), 2, 1, "relu", True, wide)
+        # The pipelining depth of the loops over S (num_stages -> NUM_STAGES) that autotune
+        # tries and no plan has (plans have 1 and 3): cp.async copies into one shared buffer
+        for channels_last in ((False, True) if dtype == torch.bfloat16 else ()):
+            x = torch.randn(2, 16, 16, 16, dtype=dtype)
+            if channels_last:
+                x = x.to(memory_format=torch.channels_last)
+            for stages in (2,):
+                cfg = dict(norm_tile(2, 16, 256, channels_last, True, 132), num_stages=stages)
+                knorm.norm_forward(x, torch.empty_like(x), torch.ones(16), torch.zeros(16), torch.ones(4),
+                                   torch.zeros(4), torch.zeros(16), torch.ones(16), torch.zeros((), dtype=torch.long),
+                                   4, 1e-5, 0.1, False, 1, True, "relu", True, cfg)
+                knorm.norm_backward(torch.randn_like(x), x, torch.empty_like(x), torch.zeros(6, 2, 16, dtype=f32),
+                                    torch.ones(16), torch.ones(2, 4), torch.ones(16), torch.ones(4), torch.zeros(4), 4,
+                                    1, "relu", True, cfg)
         # Every shipped (autotuned) norm config, in the dtype and layout it was tuned for
         for cfg, channels_last in shipped_norm_configs(dtype):
             x = torch.randn(2, 16, 6, 6, dtype=dtype)

@@ -28,7 +28,9 @@ def config_space(kernel: str, shape: tuple, channels_last: bool, on_gpu: bool) -
     """Candidate configs, the heuristic's first. All share the heuristic's plan
     (BLOCK_S, split; BLOCK for WS), which fixes the reduction order, so every
     candidate computes bit-identical results and the sweep only trades speed.
-    BLOCK_C is a power of two with a tile of up to 8192 values, never far above C."""
+    BLOCK_C is a power of two with a tile of up to 8192 values, never far above C;
+    num_stages 1-3 pipelines the loop over S of the passes over x (1: a plain loop;
+    kernels/norm.py NUM_STAGES), whose speed only a GPU can tell."""
     base = tuning.heuristic_config(kernel, torch.empty(0, device="cuda" if on_gpu else "cpu"), shape, channels_last)
     out = [base]
     if kernel.startswith("ws"):
@@ -38,7 +40,7 @@ def config_space(kernel: str, shape: tuple, channels_last: bool, on_gpu: bool) -
         smallest = min(1024, base["BLOCK_C"] * lanes)  # small problems: down to the heuristic's tile
         block_cs = [bc for bc in (1, 2, 4, 8, 16, 32, 64, 128, 256)
                     if bc <= heuristics.next_pow2(c) and smallest <= bc * lanes <= 8192]
-        for bc, warps, stages in itertools.product(block_cs or [base["BLOCK_C"]], (4, 8), (2, 3)):
+        for bc, warps, stages in itertools.product(block_cs or [base["BLOCK_C"]], (4, 8), (1, 2, 3)):
             out.append(dict(base, BLOCK_C=bc, num_warps=warps, num_stages=stages))
     unique = []
     for cfg in out:
