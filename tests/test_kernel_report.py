@@ -114,6 +114,7 @@ def test_ci_suite_takes_every_bn_mode_and_keeps_the_others_in_one_dtype():
     assert BCN_MODES["bcn_estimate"] == dict(training=True, estimate=True)
 
 
+@pytest.mark.slow  # the CI gate: ~50 s of sm_90 compiles on 2 cores; CI runs it in its slow pass
 def test_ci_suite_compiles_for_sm90_without_spills_or_slow_compiles(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "WSBCN_BACKEND")}
     csv, png = tmp_path / "kernels.csv", tmp_path / "kernels.png"
