@@ -266,7 +266,6 @@ class NormPlan:
             launch.jit(values, aligned)
         return (dx,) + grads
 
-
     def backward_op(self, dy, x, stats, rstd_c, rho, gamma, omega, eta, traced):
         """The backward of the ``wsbcn::norm_backward`` op: ``backward``'s launches with
         every buffer a tensor of its own (``traced``: through ``wrap_triton``). Returns
