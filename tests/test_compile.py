@@ -9,7 +9,8 @@ import wsbcn
 from conftest import DEVICE
 
 
-def _model():
+def layer_kinds_model():
+    """WSConv2d, BCN, GN and micro-batch BCN (tests/test_triton_ops.py uses it too)."""
     torch.manual_seed(0)
     return torch.nn.Sequential(
         wsbcn.WSConv2d(3, 16, 3, padding=1),
@@ -30,21 +31,27 @@ def _train_steps(model, xs):
     return outs
 
 
-@pytest.mark.parametrize("compile_backend", ["aot_eager", "inductor"])
-def test_fullgraph_compile_matches_eager(backend, compile_backend):
-    """On the torch backend compile traces into the ops' closed form; on Triton
-    here (the interpreter) the ops stay opaque and run their plans
-    (tests/test_triton_ops.py checks what compile traces on a GPU's Triton path)."""
-    eager = _model()
-    compiled_model = copy.deepcopy(eager)
-    compiled = torch.compile(compiled_model, fullgraph=True, backend=compile_backend)
-    xs = [torch.randn(2, 3, 8, 8, device=DEVICE) * (1 + i) for i in range(2)]
+def _check_compiled_trains_like_eager(eager, compiled_model, compiled, xs):
+    """Training steps on ``xs``: the compiled model's outputs, parameter gradients and
+    buffers are eager's."""
     for y_e, y_c in zip(_train_steps(eager, xs), _train_steps(compiled, xs)):
         torch.testing.assert_close(y_c, y_e, rtol=1e-5, atol=1e-5)
     for (name, p_e), p_c in zip(eager.named_parameters(), compiled_model.parameters()):
         torch.testing.assert_close(p_c.grad, p_e.grad, rtol=1e-5, atol=1e-5, msg=name)
     for (name, b_e), b_c in zip(eager.named_buffers(), compiled_model.buffers()):
         torch.testing.assert_close(b_c, b_e, rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("compile_backend", ["aot_eager", "inductor"])
+def test_fullgraph_compile_matches_eager(backend, compile_backend):
+    """On the torch backend compile traces into the ops' closed form; on Triton
+    here (the interpreter) the ops stay opaque and run their plans
+    (tests/test_triton_ops.py checks what compile traces on a GPU's Triton path)."""
+    eager = layer_kinds_model()
+    compiled_model = copy.deepcopy(eager)
+    compiled = torch.compile(compiled_model, fullgraph=True, backend=compile_backend)
+    xs = [torch.randn(2, 3, 8, 8, device=DEVICE) * (1 + i) for i in range(2)]
+    _check_compiled_trains_like_eager(eager, compiled_model, compiled, xs)
     eager.eval()
     compiled_model.eval()
     with torch.no_grad():
@@ -70,7 +77,7 @@ def test_ops_are_registered_with_fake_kernels():
 def test_training_step_captured_in_cuda_graph():
     """A whole training step (micro-batch case included) replays from a CUDA graph
     with the same result as eager: nothing on the hot path syncs the host."""
-    eager = _model()
+    eager = layer_kinds_model()
     graphed = copy.deepcopy(eager)
     opt_e = torch.optim.SGD(eager.parameters(), lr=0.1)
     opt_g = torch.optim.SGD(graphed.parameters(), lr=0.1)
@@ -117,9 +124,4 @@ def test_fullgraph_compile_of_1d_and_3d_layers_matches_eager(backend, dims):
     compiled = torch.compile(compiled_model, fullgraph=True, backend="aot_eager")
     shape = (2, 3) + (5,) * dims
     xs = [torch.randn(shape, device=DEVICE) * (1 + i) for i in range(2)]
-    for y_e, y_c in zip(_train_steps(eager, xs), _train_steps(compiled, xs)):
-        torch.testing.assert_close(y_c, y_e, rtol=1e-5, atol=1e-5)
-    for (name, p_e), p_c in zip(eager.named_parameters(), compiled_model.parameters()):
-        torch.testing.assert_close(p_c.grad, p_e.grad, rtol=1e-5, atol=1e-5, msg=name)
-    for (name, b_e), b_c in zip(eager.named_buffers(), compiled_model.buffers()):
-        torch.testing.assert_close(b_c, b_e, rtol=1e-5, atol=1e-6, msg=name)
+    _check_compiled_trains_like_eager(eager, compiled_model, compiled, xs)

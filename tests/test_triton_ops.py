@@ -23,6 +23,7 @@ from wsbcn import norm, ws
 from wsbcn.torch_norm import MODE_BATCH, MODE_ESTIMATE, MODE_GN, MODE_RUNNING
 from conftest import DEVICE, rel_err
 from reference import bcn_reference, gn_reference, ws_reference
+from test_compile import layer_kinds_model
 
 CASES = {  # name -> (mode, update_running, cumulative, has_bn_affine, group_affine)
     "gn": (MODE_GN, False, False, False, False),
@@ -147,24 +148,12 @@ def test_ws_ops_pass_opcheck(backend):
         torch.library.opcheck(torch.ops.wsbcn.ws_backward.default, (torch.randn_like(w), w, stats))
 
 
-def _model():
-    torch.manual_seed(0)
-    return torch.nn.Sequential(
-        wsbcn.WSConv2d(3, 16, 3, padding=1),
-        wsbcn.BatchChannelNorm2d(16, num_groups=4, activation="relu"),
-        wsbcn.WSConv2d(16, 16, 3, padding=1, eps_mode="std", correction=1),
-        wsbcn.GroupNorm(4, 16, activation="silu"),
-        wsbcn.WSConv2d(16, 8, 1),
-        wsbcn.BatchChannelNorm2d(8, num_groups=2, estimate=True),
-    ).to(DEVICE)
-
-
 @pytest.mark.parametrize("training", [True, False])
 def test_export_keeps_the_ops_and_runs_like_eager(backend, training):
     """torch.export.export of a model with every layer kind: its graph holds the
     wsbcn ops, and the exported program computes what eager does (running buffers
     included, in training)."""
-    model = _model().train(training)
+    model = layer_kinds_model().train(training)
     if not training:  # eval with running statistics that are not the initial ones
         with torch.no_grad():
             model.train()(torch.randn(4, 3, 8, 8, device=DEVICE))
