@@ -130,8 +130,13 @@ def _channel_offsets(c, stride_c, LARGE: tl.constexpr, ALIGN: tl.constexpr):
     No hint at ALIGN = 1: tl.multiple_of(v, 1) overwrites what triton proves by itself
     (a channel block starts at a multiple of BLOCK_C; strides divisible by 16 are
     specialised), which left every channels_last load scalar (perf/NOTES.md). The
-    hints sit on the op computing the value: on a jit function's argument they vanish."""
-    off = _offsets(c, stride_c, LARGE)
+    hints sit on the op computing the value: on a jit function's argument they vanish,
+    and so do they on a jit function's result on triton 3.6, which inlines calls after
+    the hints are attached (so the product is written out here, not via _offsets)."""
+    if LARGE:
+        off = c.to(tl.int64) * stride_c
+    else:
+        off = c * stride_c
     if ALIGN > 1:
         off = tl.multiple_of(off, ALIGN)
     return off
