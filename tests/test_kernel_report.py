@@ -9,7 +9,7 @@ import sys
 import pandas as pd
 import pytest
 
-from wsbcn.tools.kernel_report import BCN_MODES, CI_MODE_SHAPES, OPS, check, suite_cases
+from wsbcn.tools.kernel_report import BCN_MODES, CI_MODE_SHAPES, OPS, check, short_of_waves, suite_cases
 from wsbcn.tools.static_compile import access_widths, ctas_per_sm, loop_bodies, ptxas_resources
 
 
@@ -100,6 +100,24 @@ def test_check_names_spills_and_slow_compiles():
     assert len(problems) == 2
     assert "spills 264 B" in problems[0] and "n=32 256x56x56" in problems[0]
     assert "31.0 s" in problems[1]
+
+
+def test_check_names_passes_short_of_waves_that_smaller_tiles_or_a_larger_split_would_fix():
+    row = dict(op="bcn", dtype="float32", layout="channels_last", n=32.0, shape="2048x7x7", constexprs="BLOCK_C=16",
+               num_warps=4, kernel="_norm_stats_kernel", spill_store_bytes=0, spill_load_bytes=0, compile_s=1.0,
+               spec_id=0, waves=3.88, tiles_per_program=1.0, values_per_thread=8.0, values_per_load=4.0)
+    ok = [dict(row, values_per_thread=4.0),  # one 16-byte load per thread, one tile per program: the limit
+          dict(row, waves=4.5),  # enough waves
+          dict(row, n=2.0, tiles_per_program=3.0),  # N = 2 is latency-bound: not held to it
+          dict(row, values_per_thread=4.0, values_per_load=1.0),  # scalar rows keep 4 values per thread
+          dict(row, kernel="_norm_combine_kernel", waves=0.2, tiles_per_program=float("nan"))]
+    short = [row,  # two loads' values per thread: a tile half as large doubles the programs
+             dict(row, values_per_thread=4.0, tiles_per_program=2.0)]  # a larger split would add programs
+    assert short_of_waves(pd.DataFrame(ok)).empty
+    assert len(short_of_waves(pd.DataFrame(short))) == 2
+    problems = check(pd.DataFrame(ok + short), 30.0)
+    assert len(problems) == 2 and "3.88 waves at 1 tiles per program and 8 values per thread" in problems[0]
+    assert "2 tiles per program" in problems[1]
 
 
 def test_ci_suite_takes_every_bn_mode_and_keeps_the_others_in_one_dtype():

@@ -8,10 +8,12 @@ host-bound. On the CPU interpreter the aim is different from the GPU's: programs
 run one after the other at ~1 ms each, so there we prefer few, large programs.
 
 The GPU plans are sized with the static kernel report (python -m
-wsbcn.tools.kernel_report; perf/NOTES.md, "Static kernel report"): tiles of 4-8
-values per thread keep the passes over x at about 64 registers or fewer, so 7-16
-programs of 4 warps fit an SM, and the spatial split asks for WAVES waves of
-RESIDENT_CTAS of them where the tensor has that many tiles.
+wsbcn.tools.kernel_report; perf/NOTES.md, "Static kernel report"): a tile is one
+load vector per thread (16 bytes where the rows allow), which keeps the passes over
+x at about 64 registers or fewer, so 7-16 programs of 4 warps fit an SM, and the
+spatial split asks for WAVES waves of RESIDENT_CTAS of them where the tensor has
+that many tiles. Where it has fewer (one tile per program), the waves can only grow
+with less work per thread, and one vector is the least that keeps loads full width.
 """
 import functools
 
@@ -31,6 +33,7 @@ WAVES = 4  # programs the split aims for: WAVES x RESIDENT_CTAS x SMs
 # that are no multiple of 16 (2-8-byte loads: 9-16 KB) below the ~15-20 KB an H100
 # needs; NCHW rows of 16-byte loads hold 16-80 KB without it.
 PIPELINED_STAGES = 3
+VECTOR_BYTES = 16  # the widest global load (ld.global.v4.b32)
 WS_GPU_BLOCK = 512  # lanes of a WS row on GPU: longer rows loop over chunks of this
 
 
@@ -53,13 +56,15 @@ def ws_config(fan_in: int, on_gpu: bool) -> dict:
 
 
 @functools.lru_cache(maxsize=4096)
-def norm_tile(n: int, c: int, s: int, channels_last: bool, on_gpu: bool, sm_count: int = 132) -> dict:
+def norm_tile(n: int, c: int, s: int, channels_last: bool, on_gpu: bool, sm_count: int = 132,
+              element_size: int = 2) -> dict:
     """Tile and split for the passes over x (stats, apply, backward reduce/apply).
 
     The tile is [BLOCK_C, BLOCK_S]: for NCHW the spatial axis is contiguous and
     gets the long side; for channels_last the channel axis does. ``split``
     divides the spatial axis so that programs reach WAVES waves; a tensor with
-    fewer tiles than that gets one program per tile.
+    fewer tiles than that gets one program per tile. ``element_size``: bytes per
+    value of x.
     BLOCK_S (the lanes of the reductions) and split are the plan; BLOCK_C,
     num_warps and num_stages (PIPELINED_STAGES or 1) are the tunable defaults.
     """
@@ -73,17 +78,22 @@ def norm_tile(n: int, c: int, s: int, channels_last: bool, on_gpu: bool, sm_coun
             block_c = max(1, min(next_pow2(c), tile // block_s))
         return {"BLOCK_C": block_c, "BLOCK_S": block_s, "split": 1, "num_warps": _warps(block_c * block_s),
                 "num_stages": 2}
+    threads = 32 * GPU_WARPS
+    vector = max(1, VECTOR_BYTES // element_size)  # values in one 16-byte load
     if channels_last:
-        # 16 channels (32-64 contiguous bytes) by 64 positions: 8 values per thread
+        # rows of 32 contiguous bytes (one sector: 16 bf16 or 8 fp32 channels) by 64
+        # positions, two threads per row: one 16-byte load per thread
         block_s = min(next_pow2(s), 64)
-        block_c = min(next_pow2(c), 16)
+        block_c = min(next_pow2(c), 2 * vector)
     else:
-        # 128 lanes along the contiguous spatial axis. Triton knows a row starts
-        # 16-byte aligned only when S is a multiple of 16: then 16-byte loads and 8
-        # values per thread; otherwise (S = 196, 49) scalar loads, each value with
-        # its own 64-bit address, so 4 values per thread to stay within 64 registers.
+        # 128 lanes along the contiguous spatial axis. A row's loads are as wide as the
+        # largest power of two dividing S allows (the plan's ALIGN): 16 bytes when S is
+        # a multiple of 16, 8 bytes for bf16 S = 196, scalars for S = 49. One such
+        # load per thread, but at least 4 values: scalar loads each carry their own
+        # 64-bit address, and 4 of them stay within 64 registers.
+        row_vector = min(vector, s & -s)
         block_s = min(next_pow2(s), 128)
-        block_c = max(1, min(next_pow2(c), (1024 if s % 16 == 0 else 512) // block_s))
+        block_c = max(1, min(next_pow2(c), threads * max(row_vector, 4) // block_s))
     # chunks wanted; a chunk is a whole number of tiles, rounded down so that the
     # chunks (kernels/norm.py _chunking) are at least as many as wanted
     wanted = cdiv(WAVES * RESIDENT_CTAS * sm_count, n * cdiv(c, block_c))

@@ -43,7 +43,7 @@ def shipped_norm_configs(dtype):
                 kernel, kind, layout, _ = key.split("|")
                 if kernel.startswith("norm") and kind == str(dtype).replace("torch.", ""):
                     channels_last = layout == "channels_last"
-                    out.append((dict(norm_tile(2, 16, 36, channels_last, True, 132), **cfg), channels_last))
+                    out.append((dict(norm_tile(2, 16, 36, channels_last, True, 132, dtype.itemsize), **cfg), channels_last))
     return out
 
 
@@ -60,7 +60,7 @@ def record_launches(launches):
                 x = x.to(memory_format=torch.channels_last)
             n, c = x.shape[:2]
             s = x[0, 0].numel()
-            cfg = norm_tile(n, c, s, channels_last, on_gpu=True, sm_count=132)
+            cfg = norm_tile(n, c, s, channels_last, on_gpu=True, sm_count=132, element_size=x.element_size())
             params = dict(gamma=torch.ones(c), beta=torch.zeros(c), omega=torch.ones(2), eta=torch.zeros(2))
             nbt = torch.zeros((), dtype=torch.long)
             for mode, act, cumulative in ((0, None, False), (1, "relu", False), (1, "silu", True), (2, None, False),
@@ -91,7 +91,7 @@ def record_launches(launches):
             if channels_last:
                 x = x.to(memory_format=torch.channels_last)
             for stages in (2,):
-                cfg = dict(norm_tile(2, 16, 256, channels_last, True, 132), num_stages=stages)
+                cfg = dict(norm_tile(2, 16, 256, channels_last, True, 132, dtype.itemsize), num_stages=stages)
                 knorm.norm_forward(x, torch.empty_like(x), torch.ones(16), torch.zeros(16), torch.ones(4),
                                    torch.zeros(4), torch.zeros(16), torch.ones(16), torch.zeros((), dtype=torch.long),
                                    4, 1e-5, 0.1, False, 1, True, "relu", True, cfg)

@@ -11,7 +11,7 @@ time of its specialisation (each compiled once, in this process, from an empty
 triton cache; other work on the machine inflates it).
 
     python -m wsbcn.tools.kernel_report                       # resnet50 suite, N = 2 and 32
-    python -m wsbcn.tools.kernel_report --suite ci --check    # CI: fails on spills and slow compiles
+    python -m wsbcn.tools.kernel_report --suite ci --check    # CI: fails on spills, slow compiles, short waves
 
 Run it with TRITON_INTERPRET unset (the interpreter replaces the compiler).
 """
@@ -169,8 +169,26 @@ def launch_row(case, pass_, launch, spec, facts, spec_id) -> dict:
         # H100 needs ~15-20 KB per SM in flight to reach its bandwidth (~3.3 TB/s x
         # ~0.6 us / 132 SMs)
         "step_load_kb_per_sm": round(step_kb, 1), "loads_in_flight_kb_per_sm": round(step_kb * ahead, 1),
+        **_tile_facts(case, launch, constexprs, num_warps, _bulk_width(streamed)),
         "async_copies": facts["async_copies"], "compile_s": round(facts["compile_s"], 3), "spec_id": spec_id,
     }
+
+
+def _tile_facts(case, launch, constexprs, num_warps, load_bytes) -> dict:
+    """For the passes over x (the launches with a [BLOCK_C, BLOCK_S] tile): tiles per
+    program (1: the split gives every tile its own program) and values per thread and
+    in one streaming load (its width over the element size). None for the others."""
+    import torch
+
+    if "BLOCK_S" not in constexprs or "BLOCK_C" not in constexprs or case["op"] == "ws":
+        return {"tiles_per_program": None, "values_per_thread": None, "values_per_load": None}
+    c, h, w = case["shape"]
+    block_c, block_s = constexprs["BLOCK_C"], constexprs["BLOCK_S"]
+    tiles = case["n"] * -(-c // block_c) * -(-(h * w) // block_s)
+    element = getattr(torch, case["dtype"]).itemsize
+    return {"tiles_per_program": round(tiles / launch.programs, 3),
+            "values_per_thread": block_c * block_s / (32 * num_warps),
+            "values_per_load": max(1, load_bytes // element)}
 
 
 def _commit() -> str:
@@ -232,10 +250,33 @@ def _case_text(r) -> str:
     return f"{r['op']} {r['dtype']} {r['layout']}{n} {r['shape']}: {r['constexprs']} num_warps={r['num_warps']}"
 
 
+# The waves the split asks of a pass over x (wsbcn/heuristics.py WAVES), at N >= this
+WAVES, WAVES_MIN_N = 4, 32
+# scalar loads (S = 49) keep 4 values per thread (wsbcn/heuristics.py norm_tile)
+MIN_VALUES_PER_THREAD = 4
+
+
+def short_of_waves(frame):
+    """The passes over x at N >= WAVES_MIN_N below WAVES waves at their real occupancy
+    that could have more: a program with several tiles (a larger split would add
+    programs), or a thread with more than one load's values per tile (a smaller tile
+    would). Below that, more waves need loads narrower than the rows allow."""
+    if "tiles_per_program" not in frame:
+        return frame.iloc[0:0]
+    passes = frame[frame.tiles_per_program.notna() & (frame.n >= WAVES_MIN_N) & (frame.waves < WAVES)]
+    one_load = passes.values_per_thread <= passes.values_per_load.clip(lower=MIN_VALUES_PER_THREAD)
+    return passes[(passes.tiles_per_program > 1) | ~one_load]
+
+
 def check(frame, max_compile_s: float) -> list:
     """The problems CI fails on: any spill, any specialisation compiling longer than
-    ``max_compile_s``."""
+    ``max_compile_s``, a pass over x short of WAVES waves where smaller tiles or a
+    larger split would give them (``short_of_waves``)."""
     problems = []
+    for _, r in short_of_waves(frame).iterrows():
+        problems.append(f"{r['kernel']} runs {r['waves']:.2f} waves at {r['tiles_per_program']:g} tiles per program "
+                        f"and {r['values_per_thread']:g} values per thread ({r['values_per_load']:g} per load; "
+                        f"{_case_text(r)})")
     spills = frame[(frame.spill_store_bytes > 0) | (frame.spill_load_bytes > 0)]
     for _, r in spills.drop_duplicates("spec_id").iterrows():
         problems.append(f"{r['kernel']} spills {r['spill_store_bytes']} B ({_case_text(r)})")
@@ -280,7 +321,8 @@ def add_arguments(p) -> None:
     p.add_argument("--plot", default=None, help="PNG to draw (default: perf/plots/sm90-static/kernels.png with "
                                                 "the default --out)")
     p.add_argument("--baseline", default=None, help="a report CSV of another commit, drawn in grey on the plot")
-    p.add_argument("--check", action="store_true", help="exit 1 on any spill or slow compile")
+    p.add_argument("--check", action="store_true",
+                   help="exit 1 on any spill, slow compile, or pass over x short of waves that smaller tiles would give")
     p.add_argument("--max-compile-s", type=float, default=30.0, help="slowest compile --check accepts (seconds)")
     p.add_argument("--quiet", action="store_true", help="no line per compiled specialisation")
 
