@@ -155,14 +155,35 @@ def test_autotune_space_keeps_the_plan_and_the_cache_cannot_change_it(tmp_path, 
     shape = (32, 256, 196)
     for kernel in ("norm_fwd", "norm_bwd"):
         base = tuning.heuristic_config(kernel, x, shape, True)
-        space = autotune.config_space(kernel, shape, True, on_gpu=x.is_cuda)
+        space = autotune.config_space(kernel, x, shape, True)
         assert len(space) > 1
         assert {(c["BLOCK_S"], c["split"]) for c in space} == {(base["BLOCK_S"], base["split"])}
         # pipelining (NUM_STAGES of the loops over S) is the sweep's to decide, per shape
         assert {c["num_stages"] for c in space} == {1, 2, 3}
     for kernel, shape_ in (("ws_fwd", (64, 4608)), ("ws_bwd", (64, 4608))):
-        space = autotune.config_space(kernel, shape_, False, on_gpu=x.is_cuda)
+        space = autotune.config_space(kernel, torch.empty(shape_, device=DEVICE), shape_, False)
         assert len(space) > 1 and len({c["BLOCK"] for c in space}) == 1
     assert not tuning.valid_config("norm_fwd", {"BLOCK_C": 16, "BLOCK_S": 32, "split": 4, "num_warps": 4,
                                                 "num_stages": 2})
     assert tuning.valid_config("norm_fwd", {"BLOCK_C": 16, "num_warps": 4, "num_stages": 2})
+
+
+def test_autotune_space_of_an_input_has_the_plan_that_input_gets_on_a_gpu():
+    """The GPU plan depends on the element size (one 16-byte load per thread); the
+    sweep for a bf16 input must time the bf16 plan, not an fp32 one."""
+    from wsbcn import backend
+
+    shape = (32, 256, 3136)
+    backend.emulate_gpu("NVIDIA H100 80GB HBM3", 132)
+    try:
+        plans = {}
+        for dtype in (torch.bfloat16, torch.float32):
+            x = torch.empty(32, 256, 56, 56, dtype=dtype)
+            runtime = tuning.config_for("norm_fwd", x, shape)
+            space = autotune.config_space("norm_fwd", x, shape, False)
+            assert {(c["BLOCK_S"], c["split"]) for c in space} == {(runtime["BLOCK_S"], runtime["split"])}
+            assert space[0]["BLOCK_C"] * space[0]["BLOCK_S"] * x.element_size() == 16 * 32 * space[0]["num_warps"]
+            plans[dtype] = (runtime["BLOCK_C"], runtime["split"])
+        assert plans[torch.bfloat16] != plans[torch.float32]
+    finally:
+        backend.emulate_gpu(None)

@@ -98,7 +98,7 @@ def test_every_autotune_candidate_gives_bit_identical_bcn(monkeypatch, shape, la
         x = x.to(memory_format=torch.channels_last)
     n, c = shape[:2]
     nsc = (n, c, shape[2] * shape[3])
-    spaces = {k: autotune.config_space(k, nsc, channels_fastest(x), on_gpu=True) for k in ("norm_fwd", "norm_bwd")}
+    spaces = {k: autotune.config_space(k, x, nsc, channels_fastest(x)) for k in ("norm_fwd", "norm_bwd")}
     assert min(len(v) for v in spaces.values()) > 4
 
     def run(fwd, bwd):
@@ -131,7 +131,7 @@ def test_every_autotune_candidate_gives_bit_identical_ws(monkeypatch, shape):
     torch.manual_seed(0)
     w = torch.randn(shape, device="cuda", requires_grad=True)
     fan_in = w[0].numel()
-    spaces = {k: autotune.config_space(k, (shape[0], fan_in), False, on_gpu=True) for k in ("ws_fwd", "ws_bwd")}
+    spaces = {k: autotune.config_space(k, w, (shape[0], fan_in), False) for k in ("ws_fwd", "ws_bwd")}
     results = []
     for fwd, bwd in zip(spaces["ws_fwd"], spaces["ws_bwd"]):
         configs = {"ws_fwd": fwd, "ws_bwd": bwd}

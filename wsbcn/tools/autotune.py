@@ -24,14 +24,15 @@ def _dtype(name: str) -> torch.dtype:
     return getattr(torch, name)
 
 
-def config_space(kernel: str, shape: tuple, channels_last: bool, on_gpu: bool) -> list:
-    """Candidate configs, the heuristic's first. All share the heuristic's plan
-    (BLOCK_S, split; BLOCK for WS), which fixes the reduction order, so every
+def config_space(kernel: str, t: torch.Tensor, shape: tuple, channels_last: bool) -> list:
+    """Candidate configs for a call on ``t`` (the input or weight: its device and
+    dtype pick the plan), the heuristic's first. All share the plan the call itself
+    gets (BLOCK_S, split; BLOCK for WS), which fixes the reduction order, so every
     candidate computes bit-identical results and the sweep only trades speed.
     BLOCK_C is a power of two with a tile of up to 8192 values, never far above C;
     num_stages 1-3 pipelines the loop over S of the passes over x (1: a plain loop;
     kernels/norm.py NUM_STAGES), whose speed only a GPU can tell."""
-    base = tuning.heuristic_config(kernel, torch.empty(0, device="cuda" if on_gpu else "cpu"), shape, channels_last)
+    base = tuning.heuristic_config(kernel, t, shape, channels_last)
     out = [base]
     if kernel.startswith("ws"):
         out += [dict(base, num_warps=warps) for warps in (1, 2, 4, 8)]
@@ -165,7 +166,7 @@ def run_autotune(suite_name: str = "resnet50", timer=None, out_dir="perf/results
             n, c, spatial = shape
             channels_last = channels_fastest(t)
         key = tuning.config_key(kernel, dtype, channels_last, shape)
-        space = config_space(kernel, shape, channels_last, on_gpu)[: max_configs or None]
+        space = config_space(kernel, t, shape, channels_last)[: max_configs or None]
         for cfg in space:
             p50, p20, p80 = timer(make(cfg))
             tuned = tuning.tunable_part(kernel, cfg)
