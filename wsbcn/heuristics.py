@@ -56,8 +56,8 @@ def ws_config(fan_in: int, on_gpu: bool) -> dict:
 
 
 @functools.lru_cache(maxsize=4096)
-def norm_tile(n: int, c: int, s: int, channels_last: bool, on_gpu: bool, sm_count: int = 132,
-              element_size: int = 2) -> dict:
+def norm_tile(n: int, c: int, s: int, channels_last: bool, on_gpu: bool, sm_count: int = 132, *,
+              element_size: int) -> dict:
     """Tile and split for the passes over x (stats, apply, backward reduce/apply).
 
     The tile is [BLOCK_C, BLOCK_S]: for NCHW the spatial axis is contiguous and

@@ -153,7 +153,7 @@ def heuristic_config(kernel: str, t: torch.Tensor, shape: tuple, channels_last: 
     if kernel in ("ws_fwd", "ws_bwd"):
         return dict(heuristics.ws_config(shape[1], on_gpu))
     n, c, s = shape
-    return dict(heuristics.norm_tile(n, c, s, channels_last, on_gpu, sm, t.element_size()))
+    return dict(heuristics.norm_tile(n, c, s, channels_last, on_gpu, sm, element_size=t.element_size()))
 
 
 def config_for(kernel: str, t: torch.Tensor, shape: tuple, channels_last: bool = False) -> dict:

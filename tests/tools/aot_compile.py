@@ -43,7 +43,8 @@ def shipped_norm_configs(dtype):
                 kernel, kind, layout, _ = key.split("|")
                 if kernel.startswith("norm") and kind == str(dtype).replace("torch.", ""):
                     channels_last = layout == "channels_last"
-                    out.append((dict(norm_tile(2, 16, 36, channels_last, True, 132, dtype.itemsize), **cfg), channels_last))
+                    plan = norm_tile(2, 16, 36, channels_last, True, 132, element_size=dtype.itemsize)
+                    out.append((dict(plan, **cfg), channels_last))
     return out
 
 
@@ -91,7 +92,8 @@ def record_launches(launches):
             if channels_last:
                 x = x.to(memory_format=torch.channels_last)
             for stages in (2,):
-                cfg = dict(norm_tile(2, 16, 256, channels_last, True, 132, dtype.itemsize), num_stages=stages)
+                plan = norm_tile(2, 16, 256, channels_last, True, 132, element_size=dtype.itemsize)
+                cfg = dict(plan, num_stages=stages)
                 knorm.norm_forward(x, torch.empty_like(x), torch.ones(16), torch.zeros(16), torch.ones(4),
                                    torch.zeros(4), torch.zeros(16), torch.ones(16), torch.zeros((), dtype=torch.long),
                                    4, 1e-5, 0.1, False, 1, True, "relu", True, cfg)
