@@ -29,8 +29,8 @@ def config_space(kernel: str, t: torch.Tensor, shape: tuple, channels_last: bool
     dtype pick the plan), the heuristic's first. All share the plan the call itself
     gets (BLOCK_S, split; BLOCK for WS), which fixes the reduction order, so every
     candidate computes bit-identical results and the sweep only trades speed.
-    BLOCK_C is a power of two with a tile of up to 8192 values, never far above C;
-    num_stages 1-3 pipelines the loop over S of the passes over x (1: a plain loop;
+    BLOCK_C is a power of two with a tile from half the heuristic's to 8192 values,
+    never far above C; num_stages 1-3 pipelines the loop over S of the passes over x (1: a plain loop;
     kernels/norm.py NUM_STAGES), whose speed only a GPU can tell."""
     base = tuning.heuristic_config(kernel, t, shape, channels_last)
     out = [base]
@@ -38,7 +38,10 @@ def config_space(kernel: str, t: torch.Tensor, shape: tuple, channels_last: bool
         out += [dict(base, num_warps=warps) for warps in (1, 2, 4, 8)]
     else:
         c, lanes = shape[1], base["BLOCK_S"]
-        smallest = min(1024, base["BLOCK_C"] * lanes)  # small problems: down to the heuristic's tile
+        # down to half the heuristic's tile (half a load vector per thread): where a layer
+        # has fewer tiles than 4 waves need, only a GPU can tell whether twice the
+        # programs beat loads half as wide (perf/NOTES.md, session 6)
+        smallest = min(1024, base["BLOCK_C"] * lanes) // 2
         block_cs = [bc for bc in (1, 2, 4, 8, 16, 32, 64, 128, 256)
                     if bc <= heuristics.next_pow2(c) and smallest <= bc * lanes <= 8192]
         for bc, warps, stages in itertools.product(block_cs or [base["BLOCK_C"]], (4, 8), (1, 2, 3)):
