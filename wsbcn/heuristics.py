@@ -34,6 +34,9 @@ WAVES = 4  # programs the split aims for: WAVES x RESIDENT_CTAS x SMs
 # needs; NCHW rows of 16-byte loads hold 16-80 KB without it.
 PIPELINED_STAGES = 3
 VECTOR_BYTES = 16  # the widest global load (ld.global.v4.b32)
+# values per thread of an NCHW tile whose rows allow no vector loads (S = 49): scalar
+# loads each carry their own 64-bit address, and 4 of them stay within 64 registers
+MIN_VALUES_PER_THREAD = 4
 WS_GPU_BLOCK = 512  # lanes of a WS row on GPU: longer rows loop over chunks of this
 
 
@@ -89,11 +92,10 @@ def norm_tile(n: int, c: int, s: int, channels_last: bool, on_gpu: bool, sm_coun
         # 128 lanes along the contiguous spatial axis. A row's loads are as wide as the
         # largest power of two dividing S allows (the plan's ALIGN): 16 bytes when S is
         # a multiple of 16, 8 bytes for bf16 S = 196, scalars for S = 49. One such
-        # load per thread, but at least 4 values: scalar loads each carry their own
-        # 64-bit address, and 4 of them stay within 64 registers.
+        # load per thread, but at least MIN_VALUES_PER_THREAD values.
         row_vector = min(vector, s & -s)
         block_s = min(next_pow2(s), 128)
-        block_c = max(1, min(next_pow2(c), threads * max(row_vector, 4) // block_s))
+        block_c = max(1, min(next_pow2(c), threads * max(row_vector, MIN_VALUES_PER_THREAD) // block_s))
     # chunks wanted; a chunk is a whole number of tiles, rounded down so that the
     # chunks (kernels/norm.py _chunking) are at least as many as wanted
     wanted = cdiv(WAVES * RESIDENT_CTAS * sm_count, n * cdiv(c, block_c))

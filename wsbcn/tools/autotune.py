@@ -30,8 +30,8 @@ def config_space(kernel: str, t: torch.Tensor, shape: tuple, channels_last: bool
     gets (BLOCK_S, split; BLOCK for WS), which fixes the reduction order, so every
     candidate computes bit-identical results and the sweep only trades speed.
     BLOCK_C is a power of two with a tile from half the heuristic's to 8192 values,
-    never far above C; num_stages 1-3 pipelines the loop over S of the passes over x (1: a plain loop;
-    kernels/norm.py NUM_STAGES), whose speed only a GPU can tell."""
+    never far above C; num_stages 1-3 pipelines the loop over S of the passes over x
+    (1: a plain loop; kernels/norm.py NUM_STAGES), whose speed only a GPU can tell."""
     base = tuning.heuristic_config(kernel, t, shape, channels_last)
     out = [base]
     if kernel.startswith("ws"):

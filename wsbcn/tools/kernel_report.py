@@ -250,17 +250,18 @@ def _case_text(r) -> str:
     return f"{r['op']} {r['dtype']} {r['layout']}{n} {r['shape']}: {r['constexprs']} num_warps={r['num_warps']}"
 
 
-# The waves the split asks of a pass over x (wsbcn/heuristics.py WAVES), at N >= this
-WAVES, WAVES_MIN_N = 4, 32
-# scalar loads (S = 49) keep 4 values per thread (wsbcn/heuristics.py norm_tile)
-MIN_VALUES_PER_THREAD = 4
+WAVES_MIN_N = 32  # the batch sizes held to the split's WAVES (N = 2 is latency-bound)
 
 
 def short_of_waves(frame):
-    """The passes over x at N >= WAVES_MIN_N below WAVES waves at their real occupancy
-    that could have more: a program with several tiles (a larger split would add
-    programs), or a thread with more than one load's values per tile (a smaller tile
-    would). Below that, more waves need loads narrower than the rows allow."""
+    """The passes over x at N >= WAVES_MIN_N below the WAVES waves the split asks for
+    (wsbcn/heuristics.py), at their real occupancy, that could have more: a program
+    with several tiles (a larger split would add programs), or a thread with more
+    than one load's values per tile (a smaller tile would; scalar rows may keep
+    MIN_VALUES_PER_THREAD). Below that, more waves need loads narrower than the rows
+    allow."""
+    from ..heuristics import MIN_VALUES_PER_THREAD, WAVES
+
     if "tiles_per_program" not in frame:
         return frame.iloc[0:0]
     passes = frame[frame.tiles_per_program.notna() & (frame.n >= WAVES_MIN_N) & (frame.waves < WAVES)]
@@ -270,8 +271,8 @@ def short_of_waves(frame):
 
 def check(frame, max_compile_s: float) -> list:
     """The problems CI fails on: any spill, any specialisation compiling longer than
-    ``max_compile_s``, a pass over x short of WAVES waves where smaller tiles or a
-    larger split would give them (``short_of_waves``)."""
+    ``max_compile_s``, a pass over x short of the split's waves where smaller tiles or
+    a larger split would give them (``short_of_waves``)."""
     problems = []
     for _, r in short_of_waves(frame).iterrows():
         problems.append(f"{r['kernel']} runs {r['waves']:.2f} waves at {r['tiles_per_program']:g} tiles per program "
