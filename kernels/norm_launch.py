@@ -132,10 +132,7 @@ class NormPlan:
         dummy = views[6]
         values = [x, y] + views + [dummy if t is None else t
                                    for t in (gamma, beta, omega, eta, running_mean, running_var, num_batches)]
-        aligned = all_aligned(v.data_ptr() for v in values)
-        values += self.fwd_constants
-        for launch in self.fwd:
-            launch.jit(values, aligned)
+        _run(self.fwd, values, self.fwd_constants, traced=False)
         return y, side
 
     def forward_op(self, x, gamma, beta, omega, eta, running_mean, running_var, num_batches, traced):
@@ -260,10 +257,7 @@ class NormPlan:
         dummy = saved_views[6]
         views = [v if v.numel() else dummy for v in _views(buf, offsets, shapes)]
         values = [dy, x, dx] + saved_views + views + [dummy if t is None else t for t in (gamma, omega, eta)]
-        aligned = all_aligned(v.data_ptr() for v in values)
-        values += constants
-        for launch in launches:
-            launch.jit(values, aligned)
+        _run(launches, values, constants, traced=False)
         return (dx,) + grads
 
     def backward_op(self, dy, x, stats, rstd_c, rho, gamma, omega, eta, traced):
@@ -286,7 +280,9 @@ class NormPlan:
 
 def _run(launches, values, constants, traced):
     """Launch ``launches`` with the tensors ``values``: through ``wrap_triton`` when
-    ``traced``, else directly when every pointer is aligned (``kernel[grid]`` if not)."""
+    ``traced``, else directly when every pointer is aligned (``kernel[grid]`` if not).
+    The eager ``forward``/``backward`` try the direct launch first with addresses
+    computed from their one side buffer, and come here when they cannot."""
     if traced:
         for launch in launches:
             launch.traced(values + constants)

@@ -64,8 +64,7 @@ class WSPlan:
 
     def backward_traced(self, grad, w, stats):
         """``backward`` for the ``wsbcn::ws_backward`` op, through ``wrap_triton``."""
-        if grad.stride() != w.stride():
-            grad = torch.empty_like(w).copy_(grad)
+        grad = _strided_like(grad, w)
         dw = torch.empty_like(w)
         self.bwd.traced([grad, w, dw] + list(stats.unbind(0)) + self.bwd_constants)
         return dw
@@ -73,8 +72,7 @@ class WSPlan:
     def backward(self, grad, w, stats):
         """dW (``grad`` is copied to ``w``'s strides first when it has others: the
         kernel walks both with ``w``'s)."""
-        if grad.stride() != w.stride():
-            grad = torch.empty_like(w).copy_(grad)
+        grad = _strided_like(grad, w)
         dw = torch.empty_like(w)
         launch = self.bwd
         o = 4 * self.out_channels
@@ -88,3 +86,11 @@ class WSPlan:
         values = [grad, w, dw, stats[0], stats[1], stats[2]]
         launch.jit(values + self.bwd_constants, all_aligned(v.data_ptr() for v in values))
         return dw
+
+
+def _strided_like(grad, w):
+    """``grad``, copied to ``w``'s strides when it has others (the backward kernel walks
+    both with ``w``'s)."""
+    if grad.stride() != w.stride():
+        grad = torch.empty_like(w).copy_(grad)
+    return grad
