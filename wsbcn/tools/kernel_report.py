@@ -138,6 +138,7 @@ def launch_row(case, pass_, launch, spec, facts, spec_id) -> dict:
     streamed = dict(loop["ld"])  # what a loop step loads: plain loads and pipelined copies
     for b, k in loop.get("cp", {}).items():
         streamed[b] = streamed.get(b, 0) + k
+    load_bytes = _bulk_width(streamed)
     step_kb = sum(b * k for b, k in streamed.items()) * 32 * num_warps * ctas / 1024
     # a loop pipelined by triton (cp.async) over NUM_STAGES stages keeps NUM_STAGES - 1
     # steps of copies outstanding at its wait (wait_group NUM_STAGES - 2); a plain loop
@@ -158,7 +159,7 @@ def launch_row(case, pass_, launch, spec, facts, spec_id) -> dict:
         "spill_load_bytes": facts["spill_load_bytes"], "stack_bytes": facts["stack_bytes"],
         "shared_bytes": facts["shared_bytes"], "ctas_per_sm": ctas, "occupancy_limit": limiter,
         "waves": launch.programs / (ctas * SMS) if ctas else float("inf"),
-        "load_bytes": _bulk_width(streamed), "store_bytes": _bulk_width(loop["st"]),
+        "load_bytes": load_bytes, "store_bytes": _bulk_width(loop["st"]),
         "loop_loads": _widths_text(loop["ld"]), "loop_async": _widths_text(loop.get("cp", {})),
         "loop_stores": _widths_text(loop["st"]),
         "loads": _widths_text(facts["widths"]["ld"]), "stores": _widths_text(facts["widths"]["st"]),
@@ -169,7 +170,7 @@ def launch_row(case, pass_, launch, spec, facts, spec_id) -> dict:
         # H100 needs ~15-20 KB per SM in flight to reach its bandwidth (~3.3 TB/s x
         # ~0.6 us / 132 SMs)
         "step_load_kb_per_sm": round(step_kb, 1), "loads_in_flight_kb_per_sm": round(step_kb * ahead, 1),
-        **_tile_facts(case, launch, constexprs, num_warps, _bulk_width(streamed)),
+        **_tile_facts(case, launch, constexprs, num_warps, load_bytes),
         "async_copies": facts["async_copies"], "compile_s": round(facts["compile_s"], 3), "spec_id": spec_id,
     }
 
