@@ -2,5 +2,5 @@
 
 Nothing here knows about autograd or ``torch.nn``; ``wsbcn`` builds on these.
 Import this package only after ``TRITON_INTERPRET`` has been decided
-(``wsbcn.backend`` does that), because triton reads it when kernels are defined.
+(``wsbcn.backends`` does that), because triton reads it when kernels are defined.
 """

@@ -22,13 +22,9 @@ import functools
 import operator
 import os
 
-from torch._subclasses.fake_tensor import is_fake
 from triton.runtime import driver
 
-try:
-    from triton import knobs
-except ImportError:  # triton < 3.4: no launch hooks to honour
-    knobs = None
+from .._compat import direct_launcher, is_fake, launch_hooks_set
 
 # Counters a test reads to see which path each launch took.
 stats = {"direct": 0, "jit": 0}
@@ -49,7 +45,11 @@ class Launch:
     the call's value list (``picks``; constexprs included, which the C launcher
     skips). Through ``kernel[grid]`` the constexprs go by name, the rest by position."""
 
-    __slots__ = ("kernel", "grid", "picks", "runtime_picks", "constexpr_picks", "options", "compiled", "device")
+    __slots__ = ("kernel", "grid", "picks", "runtime_picks", "constexpr_picks", "options", "compiled", "launcher",
+                 "device")
+    # compiled: the CompiledKernel for all-aligned pointers, launcher: its C launcher
+    # (None until the first aligned kernel[grid] launch, always under the interpreter,
+    # and where this triton's launcher is not the one we know: wsbcn/_compat.py)
 
     def __init__(self, kernel, grid, picks, options):
         self.kernel = kernel
@@ -61,7 +61,7 @@ class Launch:
         self.runtime_picks = [i for name, i in zip(names, picks) if name not in constexprs]
         self.constexpr_picks = {name: i for name, i in zip(names, picks) if name in constexprs}
         self.options = options
-        self.compiled = None  # the CompiledKernel for all-aligned pointers
+        self.compiled = self.launcher = None
         self.device = None  # the device it was loaded on
 
     def jit(self, values, aligned: bool):
@@ -69,8 +69,8 @@ class Launch:
         stats["jit"] += 1
         constexprs = {name: values[i] for name, i in self.constexpr_picks.items()}
         compiled = self.kernel[self.grid](*[values[i] for i in self.runtime_picks], **constexprs, **self.options)
-        if aligned and not _interpreting() and compiled is not None and hasattr(compiled, "packed_metadata"):
-            self.compiled = compiled
+        if aligned and not _interpreting() and compiled is not None:
+            self.compiled, self.launcher = compiled, direct_launcher(compiled)
             self.device = driver.active.get_current_device()
 
     def traced(self, values):
@@ -92,9 +92,7 @@ class Launch:
     def direct(self, values, stream):
         """Launch the compiled kernel with ``values`` holding integer addresses."""
         stats["direct"] += 1
-        ck = self.compiled
-        g = self.grid
-        ck.run(g[0], g[1], g[2], stream, ck.function, ck.packed_metadata, None, None, None, *self.picks(values))
+        self.launcher(self.grid, stream, self.picks(values))
 
 
 def _constexpr_names(kernel) -> set:
@@ -105,18 +103,13 @@ def _constexpr_names(kernel) -> set:
     return {name for name, p in params.items() if "constexpr" in str(p.annotation)}
 
 
-def _hooked(hook) -> bool:
-    """A launch hook is set: a callable (triton 3.6) or a non-empty HookChain (3.9)."""
-    return hook is not None and bool(getattr(hook, "calls", True))
-
-
 def direct_stream(launches):
     """The current stream when every launch in ``launches`` can go direct on the
     current device, else None (then launch through ``kernel[grid]``)."""
     for launch in launches:
-        if launch.compiled is None:  # not compiled yet, or the interpreter
+        if launch.launcher is None:  # not compiled yet, the interpreter, or an unknown triton
             return None
-    if knobs is not None and (_hooked(knobs.runtime.launch_enter_hook) or _hooked(knobs.runtime.launch_exit_hook)):
+    if launch_hooks_set():
         return None
     active = driver.active
     device = active.get_current_device()

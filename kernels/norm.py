@@ -36,7 +36,6 @@ num_stages. Statistics and coefficients are fp32 whatever the input dtype.
 import triton
 import triton.language as tl
 
-from .layout import cdiv, next_pow2
 from .reduce import lane_tree_chan, lane_tree_sum, lane_welford
 
 # The lane trees of the statistics passes run their first levels in rows of ROW
@@ -726,56 +725,3 @@ def _norm_bwd_apply_kernel(
                            ACT, LARGE)
         dx = ca[:, None] * dz + ce[:, None] * e + cc[:, None]
         tl.store(dx_n + oc_off[:, None] + _offsets(s, stride_os, LARGE)[None, :], dx.to(Dx.dtype.element_ty), mask=mask)
-
-
-# ---------------------------------------------------------------------------
-# Launch wrappers
-# ---------------------------------------------------------------------------
-
-
-def _large(c, s, *strides):
-    """True when an offset inside one sample can pass 2^31 - 1."""
-    return max((c - 1) * abs(sc) + (s - 1) * abs(ss) for sc, ss in strides) >= 2**31 - 1
-
-
-def _chunking(s, config):
-    block_s = config["BLOCK_S"]
-    chunk = cdiv(cdiv(s, config["split"]), block_s) * block_s
-    return chunk, cdiv(s, chunk)
-
-
-def _combine_blocks(n, k, n_split, config):
-    """(BLOCK_N, BLOCK_K, BLOCK_J) of the combine kernels: the whole group, then as
-    many samples and chunks as fit a tile of ~512 values (8 per thread at the 2 warps
-    such a tile gets). 4096 values on 128 threads took 255 registers and spilled
-    (perf/NOTES.md, "Static kernel report")."""
-    block_k = next_pow2(k)
-    block_n = max(1, min(next_pow2(n), 512 // block_k))
-    block_j = max(1, min(next_pow2(n_split), 512 // (block_k * block_n)))
-    return block_n, block_k, config.get("BLOCK_J", block_j)
-
-
-def norm_forward(x, y, gamma, beta, omega, eta, running_mean, running_var, num_batches,
-                 num_groups, eps, momentum, cumulative, mode, update_running, activation,
-                 group_affine, config):
-    """The 3 forward launches with one ``config`` (the autotuner and the AOT tool),
-    writing ``y`` (allocated like x). Returns (stats [6, N, C], rstd_c [C], rho [N, G]);
-    the running buffers and ``num_batches`` are updated in place. The arguments are
-    those of kernels/norm_launch.py, the one place that writes them down."""
-    from .norm_launch import NormPlan
-
-    plan = NormPlan(x, num_groups, mode, update_running, cumulative, activation, group_affine, gamma is not None,
-                    omega is not None, num_batches is not None, eps, momentum, config, config)
-    _, side = plan.forward(x, gamma, beta, omega, eta, running_mean, running_var, num_batches, y=y)
-    return plan.saved_views(side)
-
-
-def norm_backward(dy, x, dx, stats, rstd_c, rho, gamma, omega, eta, num_groups, mode,
-                  activation, group_affine, config):
-    """The 3 backward launches with one ``config``, writing ``dx`` (allocated like x).
-    Returns fp32 (d_gamma, d_beta, d_omega, d_eta); absent parameters give empty tensors."""
-    from .norm_launch import NormPlan
-
-    plan = NormPlan(x, num_groups, mode, False, False, activation, group_affine, gamma is not None,
-                    omega is not None, False, 1e-5, 0.0, config, config)
-    return plan.backward(dy, x, (stats, rstd_c, rho), gamma, omega, eta, dx=dx)[1:]

@@ -165,20 +165,3 @@ def _ws_bwd_kernel(
             w_hat = (w - w0 - mean) * rstd
             dw = rstd * (g - mean_g) - k * w_hat * sum_gw
             tl.store(out + idx, dw.to(Dw.dtype.element_ty), mask=mask)
-
-
-def ws_forward(w, eps, correction, std_mode, config):
-    """The WS forward on a row-dense weight ``w`` with one ``config`` (BLOCK,
-    num_warps): the autotuner and the AOT tool. Returns (w_hat, stats), stats fp32
-    [3, O]: shifted mean, rstd, gcoef. The arguments are those of
-    kernels/ws_launch.py, the one place that writes them down."""
-    from .ws_launch import WSPlan
-
-    return WSPlan(w, eps, correction, std_mode, config, config).forward(w)
-
-
-def ws_backward(grad, w, stats, config):
-    """The WS backward with one ``config``; ``grad`` must have the same strides as ``w``."""
-    from .ws_launch import WSPlan
-
-    return WSPlan(w, 1e-5, 0, False, config, config).backward(grad, w, stats)

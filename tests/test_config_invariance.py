@@ -171,10 +171,10 @@ def test_autotune_space_keeps_the_plan_and_the_cache_cannot_change_it(tmp_path, 
 def test_autotune_space_of_an_input_has_the_plan_that_input_gets_on_a_gpu():
     """The GPU plan depends on the element size (one 16-byte load per thread); the
     sweep for a bf16 input must time the bf16 plan, not an fp32 one."""
-    from wsbcn import backend
+    from wsbcn import backends
 
     shape = (32, 256, 3136)
-    backend.emulate_gpu("NVIDIA H100 80GB HBM3", 132)
+    backends.emulate_gpu("NVIDIA H100 80GB HBM3", 132)
     try:
         plans = {}
         for dtype in (torch.bfloat16, torch.float32):
@@ -189,4 +189,4 @@ def test_autotune_space_of_an_input_has_the_plan_that_input_gets_on_a_gpu():
             plans[dtype] = (runtime["BLOCK_C"], runtime["split"])
         assert plans[torch.bfloat16] != plans[torch.float32]
     finally:
-        backend.emulate_gpu(None)
+        backends.emulate_gpu(None)

@@ -97,7 +97,7 @@ def test_module_is_a_drop_in_for_nn_group_norm(backend):
 
 
 def test_bad_group_norm_inputs(backend, monkeypatch):
-    from wsbcn import norm
+    from wsbcn.ops import norm
 
     monkeypatch.setattr(norm, "_norm_forward_impl", lambda *a, **k: (_ for _ in ()).throw(AssertionError("kernel ran")))
     x = torch.randn(2, 8, 3, 3, device=DEVICE)

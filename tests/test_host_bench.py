@@ -14,7 +14,7 @@ import sys
 import pandas as pd
 import pytest
 
-from wsbcn import backend
+from wsbcn import backends
 from wsbcn.tools import host_bench, stub_driver
 from wsbcn.tools.bench import OPS
 
@@ -27,7 +27,7 @@ COUNT_LAUNCHES = r"""
 import json, sys
 import torch
 from triton.runtime.interpreter import InterpretedFunction
-from wsbcn import backend
+from wsbcn import backends
 from wsbcn.tools import stub_driver
 from wsbcn.tools.bench import NormInputs, norm_fn, timed_callable, ws_fn
 
@@ -39,7 +39,7 @@ def counting_run(self, *args, warmup, **kwargs):  # what kernel[grid](...) calls
     return interpreted_run(self, *args, warmup=warmup, **kwargs)
 
 InterpretedFunction.run = counting_run
-backend.emulate_gpu(stub_driver.GPU_NAME, stub_driver.SM_COUNT)
+backends.emulate_gpu(stub_driver.GPU_NAME, stub_driver.SM_COUNT)
 (c, h, w), n, weight, modes = json.loads(sys.argv[1])
 counts = {}
 for op in ("ws", "bcn", "bcn_estimate", "gn"):
@@ -106,8 +106,8 @@ def test_host_bench_refuses_the_interpreter(tmp_path):
 
 def test_bad_arguments_and_the_interpreter_are_refused_before_anything_runs(tmp_path):
     # this process runs with TRITON_INTERPRET=1 (conftest), on any machine
-    assert backend.interpreter_enabled()
-    before = backend.emulated_gpu()
+    assert backends.interpreter_enabled()
+    before = backends.emulated_gpu()
     with pytest.raises(ValueError, match="bad shape '256x14'"):
         host_bench.run_host_bench(shapes=["256x14"], out_dir=tmp_path)
     with pytest.raises(ValueError, match="unknown op"):
@@ -121,7 +121,7 @@ def test_bad_arguments_and_the_interpreter_are_refused_before_anything_runs(tmp_
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
         stub_driver.install()
     assert not stub_driver.installed()
-    assert backend.emulated_gpu() == before
+    assert backends.emulated_gpu() == before
     assert not any(tmp_path.iterdir())
 
 

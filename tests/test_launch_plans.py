@@ -21,7 +21,8 @@ import sys
 import torch
 
 import wsbcn
-from wsbcn import norm, tuning
+from wsbcn import tuning
+from wsbcn.ops import norm
 from wsbcn.functional import batch_channel_norm
 from conftest import DEVICE, rel_err
 
@@ -29,13 +30,14 @@ CHECK_DIRECT_LAUNCHES = r"""
 import json
 import torch
 from triton.compiler.compiler import CompiledKernel
-from wsbcn import backend, norm, ws
+from wsbcn import backends
+from wsbcn.ops import norm, ws
 from wsbcn.functional import batch_channel_norm, weight_standardize
 from wsbcn.kernels import launch
 from wsbcn.tools import stub_driver
 
 stub_driver.install()
-backend.emulate_gpu(stub_driver.GPU_NAME, stub_driver.SM_COUNT)
+backends.emulate_gpu(stub_driver.GPU_NAME, stub_driver.SM_COUNT)
 out = {}
 
 # What reaches triton's C launcher, on either path: the CompiledKernel.run of each
@@ -100,7 +102,7 @@ plan.forward(x, *params[2:], params[0], params[1], nbt, y=y)
 direct = list(seen)
 saved = [(l.compiled, l.device) for l in plan.fwd]
 for l in plan.fwd:
-    l.compiled = None
+    l.compiled = l.launcher = None
 seen.clear()
 plan.forward(x, *params[2:], params[0], params[1], nbt, y=y)
 jitted = list(seen)

@@ -100,12 +100,10 @@ def test_failure_inside_forward_leaves_state_untouched(backend, monkeypatch):
         raise torch.OutOfMemoryError("simulated")
 
     if backend == "torch":
-        from wsbcn import torch_norm
+        from wsbcn.backends import torch_closed_form
 
-        monkeypatch.setattr(torch_norm, "_apply_coefs", oom)  # after the statistics, before the output
+        monkeypatch.setattr(torch_closed_form, "_apply_coefs", oom)  # after the statistics, before the output
     else:
-        from wsbcn.backend import kernels
-
         real_empty = torch.empty
         calls = []
 
@@ -115,7 +113,9 @@ def test_failure_inside_forward_leaves_state_untouched(backend, monkeypatch):
                 oom()
             return real_empty(*args, **kwargs)
 
-        monkeypatch.setattr(kernels().norm_launch.torch, "empty", empty_then_oom)
+        from wsbcn.kernels import norm_plan
+
+        monkeypatch.setattr(norm_plan.torch, "empty", empty_then_oom)
     for training in (True, False):
         if backend != "torch":
             calls.clear()

@@ -19,8 +19,8 @@ import pytest
 import torch
 
 import wsbcn
-from wsbcn import norm, ws
-from wsbcn.torch_norm import MODE_BATCH, MODE_ESTIMATE, MODE_GN, MODE_RUNNING
+from wsbcn.ops import norm, ws
+from wsbcn.kernels.norm import MODE_BATCH, MODE_ESTIMATE, MODE_GN, MODE_RUNNING
 from conftest import DEVICE, rel_err
 from reference import bcn_reference, gn_reference, ws_reference
 from test_compile import layer_kinds_model
@@ -180,11 +180,11 @@ import torch
 from wsbcn.tools import stub_driver
 stub_driver.install()
 import wsbcn
-from wsbcn import backend
+from wsbcn import backends
 from functorch.compile import make_boxed_func
 from torch._functorch.aot_autograd import aot_module_simplified
 from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
-backend.emulate_gpu(stub_driver.GPU_NAME, stub_driver.SM_COUNT)
+backends.emulate_gpu(stub_driver.GPU_NAME, stub_driver.SM_COUNT)
 
 def model():
     torch.manual_seed(0)

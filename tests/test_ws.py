@@ -67,7 +67,7 @@ def test_fan_in_above_2_pow_20(backend):
 def test_channels_last_weight_read_in_place(backend):
     torch.manual_seed(4)
     w = torch.randn(8, 6, 3, 3, device=DEVICE).to(memory_format=torch.channels_last)
-    from wsbcn.ws import row_dense
+    from wsbcn.ops.ws import row_dense
 
     assert row_dense(w) is w
     _check_ws(w, 1e-5, 0, "var", TOL[torch.float32])
@@ -155,7 +155,7 @@ BAD_WS_INPUTS = [
 
 @pytest.mark.parametrize("kwargs,exc,words", BAD_WS_INPUTS)
 def test_bad_ws_input_raises_before_kernels(backend, monkeypatch, kwargs, exc, words):
-    from wsbcn import ws
+    from wsbcn.ops import ws
 
     def no_kernel(*a, **k):
         raise AssertionError("a kernel ran before validation")

@@ -1,7 +1,7 @@
 """wsbcn: Weight Standardization and Batch-Channel Normalization as fast Triton kernels."""
-from . import backend as _backend
+from . import backends as _backends
 
-_backend.prepare_interpreter()  # before anything imports triton
+_backends.prepare_interpreter()  # before anything imports triton
 
 from . import functional  # noqa: E402
 from .convert import convert  # noqa: E402

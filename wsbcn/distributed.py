@@ -1,13 +1,12 @@
 """Batch-Channel Normalization across processes: public helpers.
 
 ``BatchChannelNorm{1,2,3}d(process_group=...)`` combines the batch statistics of all
-ranks (wsbcn/distributed_norm.py); ``sync_running_stats`` re-synchronizes running
+ranks (wsbcn/ops/collectives.py); ``sync_running_stats`` re-synchronizes running
 estimates that did drift (e.g. after ranks trained apart).
 """
 import torch
 import torch.distributed as dist
 
-from .distributed_norm import distributed_batch_channel_norm  # noqa: F401 (re-exported)
 from .modules.norm import _BatchChannelNorm
 
 

@@ -1,5 +1,5 @@
 """Functional API: ``weight_standardize``, ``batch_channel_norm``, ``group_norm``."""
-from .norm import batch_channel_norm, group_norm
-from .ws import weight_standardize
+from .ops.norm import batch_channel_norm, group_norm
+from .ops.ws import weight_standardize
 
 __all__ = ["weight_standardize", "batch_channel_norm", "group_norm"]

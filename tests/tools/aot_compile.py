@@ -23,9 +23,9 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource, make_backend  # noqa: E402
 
-import wsbcn.kernels.norm as knorm  # noqa: E402
-import wsbcn.kernels.ws as kws  # noqa: E402
-from wsbcn.heuristics import norm_tile, ws_config  # noqa: E402
+import wsbcn.kernels.norm_plan as knorm  # noqa: E402
+import wsbcn.kernels.ws_plan as kws  # noqa: E402
+from wsbcn.tuning import norm_tile, ws_config  # noqa: E402
 from wsbcn.tools.launch_recorder import RecordedLaunch, recording_launches  # noqa: E402
 from wsbcn.tools.static_compile import specialise  # noqa: E402
 

@@ -5,8 +5,7 @@ import torch
 from torch import nn
 
 from .. import checks
-from ..distributed_norm import distributed_batch_channel_norm
-from ..norm import _batch_channel_norm, _group_norm
+from ..ops.norm import _batch_channel_norm, _group_norm
 
 
 class _BatchChannelNorm(nn.Module):
@@ -83,17 +82,15 @@ class _BatchChannelNorm(nn.Module):
                 f"(shape {tuple(x.shape)})")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.process_group is not None and self.training:
-            self._check_input(x)
-            return distributed_batch_channel_norm(self, x)
         # The functional checks, with _check_input, run once per call signature. The
         # parameters and buffers are read from their dicts (what self.weight resolves
         # to, without nn.Module.__getattr__: eager micro-batch layers are host-bound).
         p, b = self._parameters, self._buffers
+        group = self.process_group if self.training else None
         return _batch_channel_norm(
             x, self.num_groups, b["running_mean"], b["running_var"], p["weight"], p["bias"],
             p["group_weight"], p["group_bias"], self.training, self.estimate, self.momentum, self.eps,
-            self.activation, b["num_batches_tracked"], owner=self)
+            self.activation, b["num_batches_tracked"], owner=self, group=group)
 
     def extra_repr(self) -> str:
         text = (f"{self.num_channels}, num_groups={self.num_groups}, eps={self.eps}, "

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from .. import checks
-from ..ws import weight_standardize
+from ..ops.ws import weight_standardize
 
 
 class _WSConvMixin:

@@ -14,10 +14,10 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-from .. import heuristics, tuning
+from .. import tuning
 from . import info, suites
 from ..kernels.layout import channels_fastest
-from ..torch_norm import MODE_BATCH
+from ..kernels.norm import MODE_BATCH
 
 
 def _dtype(name: str) -> torch.dtype:
@@ -43,7 +43,7 @@ def config_space(kernel: str, t: torch.Tensor, shape: tuple, channels_last: bool
         # programs beat loads half as wide (perf/NOTES.md, session 6)
         smallest = min(1024, base["BLOCK_C"] * lanes) // 2
         block_cs = [bc for bc in (1, 2, 4, 8, 16, 32, 64, 128, 256)
-                    if bc <= heuristics.next_pow2(c) and smallest <= bc * lanes <= 8192]
+                    if bc <= tuning.next_pow2(c) and smallest <= bc * lanes <= 8192]
         for bc, warps, stages in itertools.product(block_cs or [base["BLOCK_C"]], (4, 8), (1, 2, 3)):
             out.append(dict(base, BLOCK_C=bc, num_warps=warps, num_stages=stages))
     unique = []
@@ -54,7 +54,7 @@ def config_space(kernel: str, t: torch.Tensor, shape: tuple, channels_last: bool
 
 
 def _ws_case(conv_shape, dtype, layout, device):
-    from ..ws import row_dense
+    from ..ops.ws import row_dense
 
     w = torch.randn(conv_shape, device=device, dtype=dtype)
     if layout == "channels_last" and w.dim() == 4:
@@ -74,9 +74,7 @@ def _norm_case(norm_shape, n, dtype, layout, device):
 def _norm_runner(x, num_groups, kernel, config):
     """A closure running the BCN forward (or backward) with ``config``; the
     running buffers are restored after every call, so repeats never advance them."""
-    from ..backend import kernels
-
-    knorm = kernels().norm
+    from ..kernels import norm_plan as knorm
     c = x.shape[1]
     f32 = dict(device=x.device, dtype=torch.float32)
     gamma, beta = torch.ones(c, **f32), torch.zeros(c, **f32)
@@ -108,9 +106,7 @@ def _norm_runner(x, num_groups, kernel, config):
 
 
 def _ws_runner(w, kernel, config):
-    from ..backend import kernels
-
-    kws = kernels().ws
+    from ..kernels import ws_plan as kws
     w_hat, stats = kws.ws_forward(w, 1e-5, 0, False, tuning.heuristic_config("ws_fwd", w, (w.shape[0], w[0].numel())))
     if kernel == "ws_fwd":
         return lambda: kws.ws_forward(w, 1e-5, 0, False, config)

@@ -225,7 +225,7 @@ def _run_autotune(args) -> int:
     import torch
 
     from .autotune import run_autotune
-    from ..backend import interpreter_enabled
+    from ..backends import interpreter_enabled
 
     if not torch.cuda.is_available() and not interpreter_enabled():
         print("wsbcn autotune times Triton kernels and needs a CUDA device "

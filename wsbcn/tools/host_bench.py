@@ -11,7 +11,7 @@ writes rows in the bench CSV schema with variant "host".
 Two drivers:
 
 ``stub`` (any machine, no GPU needed): triton runs over ``wsbcn.tools.stub_driver``
-    and ``wsbcn.backend.emulate_gpu`` sends CPU tensors down wsbcn's GPU path with
+    and ``wsbcn.backends.emulate_gpu`` sends CPU tensors down wsbcn's GPU path with
     the launch plans and tuned configs of the GPU the stub answers as (an H100).
     Everything on the host runs for real, the first call's compile for sm_90
     included; no kernel runs (outputs are garbage). Host time = the CPU time of the
@@ -53,7 +53,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from .. import backend
+from .. import backends
 from . import info, suites
 from .bench import COLUMNS, OPS, NormInputs, norm_fn, timed_callable, upsert, ws_fn
 
@@ -90,12 +90,12 @@ def _resolve_driver(driver: str) -> str:
 
 def _check_process() -> None:
     """Refuse what would make the numbers meaningless, before anything runs."""
-    if backend.interpreter_enabled():
+    if backends.interpreter_enabled():
         raise RuntimeError(
             "the host benchmark times compiled launches, but TRITON_INTERPRET is set, so triton runs its "
             "interpreter; run `python -m wsbcn.tools.host_bench` in a fresh process without TRITON_INTERPRET")
-    if backend.requested_backend() != "auto":
-        raise RuntimeError(f"WSBCN_BACKEND={backend.requested_backend()} is set: the host benchmark picks the "
+    if backends.requested_backend() != "auto":
+        raise RuntimeError(f"WSBCN_BACKEND={backends.requested_backend()} is set: the host benchmark picks the "
                            "Triton path itself; unset WSBCN_BACKEND")
 
 
@@ -198,9 +198,9 @@ def run_host_bench(suite_name: str = "resnet50", ops=OPS, modes=DEFAULT_MODES, b
 
     log(f"host time per call, {driver} driver, {clock} clock, {len(jobs) * len(modes)} cases")
     rows = []
-    previous = backend.emulated_gpu()
+    previous = backends.emulated_gpu()
     if driver == "stub":
-        backend.emulate_gpu(stub_driver.GPU_NAME, stub_driver.SM_COUNT)
+        backends.emulate_gpu(stub_driver.GPU_NAME, stub_driver.SM_COUNT)
     try:
         for op, shape, n, dtype_name, layout, suite_label in jobs:
             if op == "ws":
@@ -231,7 +231,7 @@ def run_host_bench(suite_name: str = "resnet50", ops=OPS, modes=DEFAULT_MODES, b
                 log(f"{op:>12} {mode:<6} {label:<16} {dtype_name:<8} {layout:<13} host {p50 * 1e3:8.1f} us/call "
                     f"(p20 {p20 * 1e3:.1f}, p80 {p80 * 1e3:.1f})  launches {launches:.0f}  warm-up {warm_s:.1f} s")
     finally:
-        backend.emulate_gpu(*(previous or (None,)))
+        backends.emulate_gpu(*(previous or (None,)))
     frame = pd.DataFrame(rows, columns=COLUMNS)
     if out_dir is not None:
         upsert(frame, Path(out_dir) / folder / "bench.csv")

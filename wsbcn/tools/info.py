@@ -3,7 +3,7 @@ import platform
 
 import torch
 
-from .. import backend, tuning
+from .. import backends, tuning
 from ..tuning import slugify  # noqa: F401 (part of this module's API)
 
 
@@ -28,7 +28,7 @@ def triton_version() -> str:
 
 
 def collect() -> dict:
-    requested = backend.requested_backend()
+    requested = backends.requested_backend()
     cuda = torch.cuda.is_available()
     on_cpu = "torch" if requested == "auto" else requested
     return {
@@ -39,7 +39,7 @@ def collect() -> dict:
         "WSBCN_BACKEND": requested,
         "backend (cuda)": ("triton" if requested == "auto" else requested) if cuda else "n/a",
         "backend (cpu)": on_cpu,
-        "interpreter": "on" if backend.interpreter_enabled() else "off",
+        "interpreter": "on" if backends.interpreter_enabled() else "off",
         "tuning cache": str(tuning.cache_dir()),
     }
 

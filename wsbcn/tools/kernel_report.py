@@ -199,7 +199,7 @@ def _commit() -> str:
     try:
         sha = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=root, capture_output=True, text=True,
                              check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "kernels", "wsbcn/heuristics.py"], cwd=root,
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "kernels", "wsbcn/tuning.py"], cwd=root,
                                capture_output=True, text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
@@ -256,12 +256,12 @@ WAVES_MIN_N = 32  # the batch sizes held to the split's WAVES (N = 2 is latency-
 
 def short_of_waves(frame):
     """The passes over x at N >= WAVES_MIN_N below the WAVES waves the split asks for
-    (wsbcn/heuristics.py), at their real occupancy, that could have more: a program
+    (wsbcn/tuning.py), at their real occupancy, that could have more: a program
     with several tiles (a larger split would add programs), or a thread with more
     than one load's values per tile (a smaller tile would; scalar rows may keep
     MIN_VALUES_PER_THREAD). Below that, more waves need loads narrower than the rows
     allow."""
-    from ..heuristics import MIN_VALUES_PER_THREAD, WAVES
+    from ..tuning import MIN_VALUES_PER_THREAD, WAVES
 
     if "tiles_per_program" not in frame:
         return frame.iloc[0:0]
@@ -330,9 +330,9 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    from .. import backend
+    from .. import backends
 
-    if backend.interpreter_enabled():
+    if backends.interpreter_enabled():
         print("wsbcn report-kernels compiles for a GPU target and cannot run under TRITON_INTERPRET=1: "
               "unset it (and WSBCN_BACKEND=triton) for this command", file=sys.stderr)
         return 2

@@ -1,7 +1,7 @@
 """Record the kernel launches the launch wrappers make, on a machine without a GPU.
 
 Inside ``recording_launches()``, CPU tensors take the GPU path of an emulated device
-(``backend.emulate_gpu``: its plans and shipped configs), and every
+(``backends.emulate_gpu``: its plans and shipped configs), and every
 ``kernel[grid](...)`` is recorded instead of compiled and run. The record is
 taken at triton's own entry point (``JITFunction.run``, which ``kernel[grid]``
 calls), so it sees exactly what the wrappers pass, whichever way they compute it.
@@ -63,9 +63,9 @@ def recording_launches(target, device_name: str = "NVIDIA H100 80GB HBM3", sm_co
     from triton.runtime import driver
     from triton.runtime.jit import JITFunction
 
-    from .. import backend, tuning
+    from .. import backends, tuning
 
-    if backend.interpreter_enabled():
+    if backends.interpreter_enabled():
         raise RuntimeError("recording launches needs the real triton JIT: unset TRITON_INTERPRET before "
                            "triton is imported (run in a process of its own)")
     launches = []
@@ -74,11 +74,11 @@ def recording_launches(target, device_name: str = "NVIDIA H100 80GB HBM3", sm_co
         launches.append(RecordedLaunch(self, _canonical_grid(self, grid, args, kwargs), args, kwargs))
         return None  # no CompiledKernel: wrappers that cache one for direct launches keep using kernel[grid]
 
-    saved = JITFunction.run, driver._active, backend.emulated_gpu(), os.environ.get("WSBCN_CACHE_DIR")
+    saved = JITFunction.run, driver._active, backends.emulated_gpu(), os.environ.get("WSBCN_CACHE_DIR")
     with tempfile.TemporaryDirectory(prefix="wsbcn-no-user-cache-") as empty:
         JITFunction.run = record
         driver.set_active(_NoDevice(target))
-        backend.emulate_gpu(device_name, sm_count)
+        backends.emulate_gpu(device_name, sm_count)
         os.environ["WSBCN_CACHE_DIR"] = empty
         tuning.forget_loaded_tables()
         try:
@@ -86,7 +86,7 @@ def recording_launches(target, device_name: str = "NVIDIA H100 80GB HBM3", sm_co
         finally:
             JITFunction.run = saved[0]
             driver.set_active(saved[1])
-            backend.emulate_gpu(*(saved[2] or (None,)))
+            backends.emulate_gpu(*(saved[2] or (None,)))
             if saved[3] is None:
                 os.environ.pop("WSBCN_CACHE_DIR", None)
             else:

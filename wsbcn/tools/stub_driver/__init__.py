@@ -16,7 +16,7 @@ device does nothing. Each costs less than the torch.cuda call it replaces.
 Use it in a fresh process, with ``TRITON_INTERPRET`` unset (triton decides between
 the interpreter and the compiler when kernels are defined) and before anything
 loads a real libcuda. For wsbcn's own calls to take the GPU path on CPU tensors,
-also turn on ``wsbcn.backend.emulate_gpu(GPU_NAME, SM_COUNT)``.
+also turn on ``wsbcn.backends.emulate_gpu(GPU_NAME, SM_COUNT)``.
 
 Ported from ../shared/tools/hostmeter (fakecuda.py, fake_libcuda.c), which first
 measured triton's host path this way; works with triton 3.6 and 3.9.
@@ -101,9 +101,9 @@ def _loaded_libcuda() -> list:
 
 
 def _refuse_if_interpreted() -> None:
-    from ... import backend
+    from ... import backends
 
-    if backend.interpreter_enabled():
+    if backends.interpreter_enabled():
         raise RuntimeError(
             "TRITON_INTERPRET is set: triton defines kernels for its interpreter and never reaches a "
             "driver; run in a fresh process with TRITON_INTERPRET unset")

@@ -1,19 +1,25 @@
-"""BCN and GroupNorm: torch.library ops, autograd Function, functional API.
+"""BCN and GroupNorm: validation, the autograd Function, the ``wsbcn::norm_*`` ops and
+the functional API.
 
 The math (DESIGN.md sections 3-4) lives in kernels/norm.py (Triton) and
-wsbcn/torch_norm.py (torch); this file validates, dispatches and wires autograd.
+backends/torch_closed_form.py (torch); this file validates a call once per
+signature (``_Call``), picks its backend and wires autograd. One Function serves
+every path: the eager Triton launch plan, the torch closed form, the ops that
+torch.compile traces, and BCN across processes (``process_group``).
 """
 from typing import Optional
 
 import torch
 
-from . import backend, checks, ops, tuning
-from .kernels.layout import channels_fastest, nsc_strides
-from .torch_norm import (MODE_BATCH, MODE_ESTIMATE, MODE_GN, MODE_RUNNING,
-                         norm_backward_torch, norm_forward_torch)
-from .torch_ws import acc_dtype
+from .. import backends, checks, tuning
+from ..backends.torch_closed_form import acc_dtype, norm_backward_torch, norm_forward_torch
+from ..kernels import norm as kernels
+from ..kernels.layout import channels_fastest, nsc_strides
+from ..kernels.norm import MODE_BATCH, MODE_ESTIMATE, MODE_GN, MODE_RUNNING
+from ..kernels.norm_plan import NormPlan
+from . import collectives, library
 
-__all__ = ["batch_channel_norm", "group_norm", "BatchChannelNormFunction"]
+__all__ = ["batch_channel_norm", "group_norm", "NormFunction"]
 
 
 def _shape_nsc(x):
@@ -39,16 +45,16 @@ _plans: dict = {}
 
 def launch_plan(x, num_groups, mode, update_running, cumulative, activation, group_affine,
                 has_bn_affine, has_affine, has_nbt, eps, momentum):
-    """The Triton launch plan of a call (kernels/norm_launch.py), cached on
+    """The Triton launch plan of a call (kernels/norm_plan.py), cached on
     everything it derives from: the signature, the device (or emulated GPU), the
     tuned-config tables and the config function itself (tests replace it)."""
     key = (x.shape, x.stride(), x.dtype, x.device, num_groups, mode, update_running, cumulative, activation,
            group_affine, has_bn_affine, has_affine, has_nbt, eps, momentum,
-           tuning.config_for, tuning.generation(), backend.emulated_gpu())
+           tuning.config_for, tuning.generation(), backends.emulated_gpu())
 
     def build():
         nsc, layout = _shape_nsc(x), channels_fastest(x)
-        return backend.kernels().norm_launch.NormPlan(
+        return NormPlan(
             x, num_groups, mode, update_running, cumulative, activation, group_affine, has_bn_affine, has_affine,
             has_nbt, eps, momentum, tuning.config_for("norm_fwd", x, nsc, layout),
             tuning.config_for("norm_bwd", x, nsc, layout))
@@ -57,7 +63,7 @@ def launch_plan(x, num_groups, mode, update_running, cumulative, activation, gro
 
 
 def _like_y(x):
-    """A tensor laid out as a launch plan allocates y and dx (kernels/norm_launch.py)."""
+    """A tensor laid out as a launch plan allocates y and dx (kernels/norm_plan.py)."""
     y = torch.empty_like(x)
     return y if nsc_strides(y) is not None else torch.empty(x.shape, dtype=x.dtype, device=x.device)
 
@@ -71,16 +77,16 @@ def param_grads(d_gamma, d_beta, d_omega, d_eta, gamma, omega):
 def _norm_forward_impl(x, gamma, beta, omega, eta, running_mean, running_var, num_batches_tracked,
                        num_groups, eps, momentum, cumulative, mode, update_running, activation, group_affine,
                        op=False):
-    """The forward on either backend; ``op``: the body of the ``wsbcn::norm_forward``
-    op, traced by torch.compile and export (see ops.py)."""
+    """The forward on either backend: the eager body and, with ``op``, the body of the
+    ``wsbcn::norm_forward`` op, traced by torch.compile and export (library.py)."""
     if x.numel() == 0:
         acc = dict(device=x.device, dtype=acc_dtype(x.dtype))
         s6, sc, sr = _stat_shapes(x, num_groups)
         return torch.empty_like(x), torch.zeros(s6, **acc), torch.zeros(sc, **acc), torch.zeros(sr, **acc)
-    if backend.backend_for(x) == "torch":
+    if backends.backend_for(x) == "torch":
         return norm_forward_torch(x, gamma, beta, omega, eta, running_mean, running_var, num_batches_tracked,
                                   num_groups, eps, momentum, cumulative, mode, update_running, activation, group_affine)
-    if op and ops.symbolic(x):  # shapes only: the op stays opaque (ops.py) and runs on real tensors
+    if op and library.symbolic(x):  # shapes only: the op stays opaque (library.py) and runs on real tensors
         s6, sc, sr = _stat_shapes(x, num_groups)
         return _like_y(x), x.new_empty(s6, dtype=torch.float32), x.new_empty(sc, dtype=torch.float32), \
             x.new_empty(sr, dtype=torch.float32)
@@ -88,7 +94,7 @@ def _norm_forward_impl(x, gamma, beta, omega, eta, running_mean, running_var, nu
                        gamma is not None, omega is not None, num_batches_tracked is not None, eps, momentum)
     if op:
         return plan.forward_op(x, gamma, beta, omega, eta, running_mean, running_var, num_batches_tracked,
-                               traced=not ops.plain(x))
+                               traced=not library.plain(x))
     y, side = plan.forward(x, gamma, beta, omega, eta, running_mean, running_var, num_batches_tracked)
     return (y,) + plan.saved_views(side)
 
@@ -98,31 +104,29 @@ def _norm_backward_impl(dy, x, stats, rstd_c, rho, gamma, omega, eta, num_groups
     if x.numel() == 0:
         lengths = _grad_lengths(x, num_groups, gamma, omega, group_affine, mode)
         return (torch.zeros_like(x),) + tuple(torch.zeros(m, device=x.device, dtype=stats.dtype) for m in lengths)
-    if backend.backend_for(x) == "torch":
+    if backends.backend_for(x) == "torch":
         return norm_backward_torch(dy, x, stats, rstd_c, rho, gamma, omega, eta, num_groups, mode, activation, group_affine)
     # The backward reads no running buffer and no eps/momentum; the forward's flags
     # that shape its launches are the ones passed here.
-    if op and ops.symbolic(x):  # shapes only, as in the forward
+    if op and library.symbolic(x):  # shapes only, as in the forward
         lengths = _grad_lengths(x, num_groups, gamma, omega, group_affine, mode)
         return (_like_y(x),) + tuple(x.new_empty((m,), dtype=torch.float32) for m in lengths)
     plan = launch_plan(x, num_groups, mode, False, False, activation, group_affine,
                        gamma is not None, omega is not None, False, 1e-5, 0.0)
     if op:
-        return plan.backward_op(dy, x, stats, rstd_c, rho, gamma, omega, eta, traced=not ops.plain(x))
+        return plan.backward_op(dy, x, stats, rstd_c, rho, gamma, omega, eta, traced=not library.plain(x))
     return plan.backward(dy, x, (stats, rstd_c, rho), gamma, omega, eta)
 
 
 def _forward_kernels():
-    K = backend.kernels().norm
-    return K._norm_stats_kernel, K._norm_combine_kernel, K._norm_apply_kernel
+    return kernels._norm_stats_kernel, kernels._norm_combine_kernel, kernels._norm_apply_kernel
 
 
 def _backward_kernels():
-    K = backend.kernels().norm
-    return K._norm_bwd_reduce_kernel, K._norm_bwd_combine_kernel, K._norm_bwd_apply_kernel
+    return kernels._norm_bwd_reduce_kernel, kernels._norm_bwd_combine_kernel, kernels._norm_bwd_apply_kernel
 
 
-@ops.triton_op("wsbcn::norm_forward", ("running_mean", "running_var", "num_batches_tracked"), _forward_kernels)
+@library.triton_op("wsbcn::norm_forward", ("running_mean", "running_var", "num_batches_tracked"), _forward_kernels)
 def norm_forward_op(
     x: torch.Tensor, gamma: Optional[torch.Tensor], beta: Optional[torch.Tensor],
     omega: Optional[torch.Tensor], eta: Optional[torch.Tensor],
@@ -136,7 +140,7 @@ def norm_forward_op(
                               op=True)
 
 
-@ops.triton_op("wsbcn::norm_backward", (), _backward_kernels)
+@library.triton_op("wsbcn::norm_backward", (), _backward_kernels)
 def norm_backward_op(
     dy: torch.Tensor, x: torch.Tensor, stats: torch.Tensor, rstd_c: torch.Tensor, rho: torch.Tensor,
     gamma: Optional[torch.Tensor], omega: Optional[torch.Tensor], eta: Optional[torch.Tensor],
@@ -144,31 +148,6 @@ def norm_backward_op(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     return _norm_backward_impl(dy, x, stats, rstd_c, rho, gamma, omega, eta, num_groups, norm_mode, activation,
                                group_affine, op=True)
-
-
-class BatchChannelNormFunction(torch.autograd.Function):
-    """Autograd for BCN / GroupNorm. Saves x and O(N*C) fp32 statistics only;
-    backward recomputes the pre-activation from x (y is never saved)."""
-
-    @staticmethod
-    def forward(ctx, x, gamma, beta, omega, eta, running_mean, running_var, num_batches_tracked,
-                num_groups, eps, momentum, cumulative, mode, update_running, activation, group_affine):
-        if nsc_strides(x) is None:
-            x = x.contiguous()  # spatial dims that one stride cannot walk
-        fwd = norm_forward_op if torch.compiler.is_compiling() else _norm_forward_impl
-        y, stats, rstd_c, rho = fwd(x, gamma, beta, omega, eta, running_mean, running_var, num_batches_tracked,
-                                    num_groups, eps, momentum, cumulative, mode, update_running, activation, group_affine)
-        ctx.save_for_backward(x, stats, rstd_c, rho, gamma, omega, eta)
-        ctx.config = (num_groups, mode, activation, group_affine)
-        return y
-
-    @staticmethod
-    def backward(ctx, dy):
-        x, stats, rstd_c, rho, gamma, omega, eta = ctx.saved_tensors
-        num_groups, mode, activation, group_affine = ctx.config
-        bwd = norm_backward_op if torch.compiler.is_compiling() else _norm_backward_impl
-        dx, *grads = bwd(dy, x, stats, rstd_c, rho, gamma, omega, eta, num_groups, mode, activation, group_affine)
-        return (dx, *param_grads(*grads, gamma, omega)) + (None,) * 11
 
 
 def _check_param(name, t, numels, x):
@@ -188,15 +167,19 @@ def _validate_common(x, num_groups, eps, activation):
 
 
 class _Call:
-    """A validated call signature: what the checks derived from it, and the launch
-    plans of its Triton path, so that a repeat call skips both (a dict lookup)."""
+    """A validated call signature: what the checks derived from it, the backend that
+    runs it, and the launch plans of its Triton path, so that a repeat call skips all
+    of it (one dict lookup). ``forward``/``backward`` are the op bodies behind
+    ``NormFunction``; ``saved`` is what the forward keeps for the backward."""
 
     __slots__ = ("num_groups", "eps", "momentum", "cumulative", "mode", "update_running", "activation",
-                 "group_affine", "eager", "plans")
+                 "group_affine", "eager", "group", "plans")
 
-    def __init__(self, x, num_groups, eps, momentum, cumulative, mode, update_running, activation, group_affine):
+    def __init__(self, x, num_groups, eps, momentum, cumulative, mode, update_running, activation, group_affine,
+                 group=None):
         self.num_groups, self.eps, self.momentum, self.cumulative = num_groups, eps, momentum, cumulative
         self.mode, self.update_running, self.activation, self.group_affine = mode, update_running, activation, group_affine
+        self.group = group  # a process group: statistics combined across its ranks
         # The eager Triton path takes non-empty inputs whose spatial dims one stride walks.
         # A call built under torch.compile is never cached (checks.validated) and
         # takes the torch.library ops.
@@ -204,7 +187,7 @@ class _Call:
         self.plans = {}
 
     def plan(self, x, gamma, omega, nbt):
-        key = (tuning.config_for, tuning._generation[0], backend._emulated_gpu)  # what a plan derives from
+        key = (tuning.config_for, tuning._generation[0], backends._emulated_gpu)  # what a plan derives from
         plan = self.plans.get(key)
         if plan is None:
             plan = self.plans[key] = launch_plan(
@@ -212,31 +195,80 @@ class _Call:
                 self.group_affine, gamma is not None, omega is not None, nbt is not None, self.eps, self.momentum)
         return plan
 
-    def __call__(self, x, gamma, beta, omega, eta, running_mean, running_var, nbt):
-        if self.eager and backend.backend_for(x) == "triton":
-            plan = self.plan(x, gamma, omega, nbt)
-            return _EagerNormFunction.apply(x, gamma, beta, omega, eta, plan, (running_mean, running_var, nbt))
-        return BatchChannelNormFunction.apply(
+    def forward(self, x, gamma, beta, omega, eta, running_mean, running_var, nbt):
+        """(y, saved): eager Triton saves its one fp32 side buffer, the other paths
+        (stats, rstd_c, rho), across processes also the batch count."""
+        if self.group is not None:
+            return self._forward_distributed(x, gamma, beta, omega, eta, running_mean, running_var, nbt)
+        if self.eager and backends.backend_for(x) == "triton":
+            y, side = self.plan(x, gamma, omega, nbt).forward(x, gamma, beta, omega, eta, running_mean, running_var,
+                                                              nbt)
+            return y, (side,)
+        if nsc_strides(x) is None:
+            x = x.contiguous()  # spatial dims that one stride cannot walk
+        fwd = norm_forward_op if torch.compiler.is_compiling() else _norm_forward_impl
+        y, *saved = fwd(x, gamma, beta, omega, eta, running_mean, running_var, nbt, self.num_groups, self.eps,
+                        self.momentum, self.cumulative, self.mode, self.update_running, self.activation,
+                        self.group_affine)
+        return y, tuple(saved)
+
+    def backward(self, dy, x, saved, gamma, omega, eta):
+        """dx and the fp32 gradients (d_gamma, d_beta, d_omega, d_eta)."""
+        if self.group is not None:
+            return self._backward_distributed(dy, x, saved, gamma, omega, eta)
+        if len(saved) == 1:  # the eager Triton path's side buffer
+            return self.plan(x, gamma, omega, None).backward(dy, x, saved[0], gamma, omega, eta)
+        if nsc_strides(x) is None:
+            x = x.contiguous()
+        bwd = norm_backward_op if torch.compiler.is_compiling() else _norm_backward_impl
+        return bwd(dy, x, *saved, gamma, omega, eta, self.num_groups, self.mode, self.activation, self.group_affine)
+
+    # Across processes (DESIGN.md section 8): the torch closed form, with one
+    # collective on the per-channel statistics forward and on the per-channel
+    # gradient sums backward (collectives.py).
+    def _forward_distributed(self, x, gamma, beta, omega, eta, running_mean, running_var, nbt):
+        counts = []
+        gather = collectives.channel_stats_reducer(self.group)
+
+        def reduce(kind, mean_abs, second, count):
+            mean, second, total = gather(kind, mean_abs, second, count)
+            counts.append(total)
+            return mean, second, total
+
+        y, stats, rstd_c, rho = norm_forward_torch(
             x, gamma, beta, omega, eta, running_mean, running_var, nbt, self.num_groups, self.eps,
-            self.momentum, self.cumulative, self.mode, self.update_running, self.activation, self.group_affine)
+            self.momentum, self.cumulative, self.mode, True, self.activation, self.group_affine,
+            reduce_channel_stats=reduce)
+        return y, (stats, rstd_c, rho, counts[0])
+
+    def _backward_distributed(self, dy, x, saved, gamma, omega, eta):
+        stats, rstd_c, rho, count = saved
+        reduce = (lambda t: collectives.all_reduce_sum(t, self.group)) if self.mode == MODE_BATCH else None
+        return norm_backward_torch(dy, x, stats, rstd_c, rho, gamma, omega, eta, self.num_groups, self.mode,
+                                   self.activation, self.group_affine, reduce_channel_grads=reduce,
+                                   batch_count=count)
+
+    def __call__(self, x, gamma, beta, omega, eta, running_mean, running_var, nbt):
+        return NormFunction.apply(x, gamma, beta, omega, eta, self, (running_mean, running_var, nbt))
 
 
-class _EagerNormFunction(torch.autograd.Function):
-    """The eager Triton path: one launch plan, one fp32 side buffer saved (stats,
-    rstd_c, rho), 3 launches each way. Running buffers travel in a tuple: they are
-    updated in place and take no gradient."""
+class NormFunction(torch.autograd.Function):
+    """Autograd for BCN / GroupNorm on every path (``_Call`` picks it). Saves x and
+    O(N*C) fp32 statistics only; backward recomputes the pre-activation from x (y is
+    never saved). Running buffers travel in a tuple: they are updated in place and
+    take no gradient."""
 
     @staticmethod
-    def forward(ctx, x, gamma, beta, omega, eta, plan, buffers):
-        y, side = plan.forward(x, gamma, beta, omega, eta, *buffers)
-        ctx.save_for_backward(x, side, gamma, omega, eta)
-        ctx.plan = plan
+    def forward(ctx, x, gamma, beta, omega, eta, call, buffers):
+        y, saved = call.forward(x, gamma, beta, omega, eta, *buffers)
+        ctx.save_for_backward(x, gamma, omega, eta, *saved)
+        ctx.call = call
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, side, gamma, omega, eta = ctx.saved_tensors
-        dx, *grads = ctx.plan.backward(dy, x, side, gamma, omega, eta)
+        x, gamma, omega, eta, *saved = ctx.saved_tensors
+        dx, *grads = ctx.call.backward(dy, x, saved, gamma, omega, eta)
         return (dx, *param_grads(*grads, gamma, omega), None, None)
 
 
@@ -284,27 +316,30 @@ def batch_channel_norm(
 
 
 def _batch_channel_norm(x, num_groups, running_mean, running_var, weight, bias, group_weight, group_bias, training,
-                        estimate, momentum, eps, activation, num_batches_tracked, owner=None):
+                        estimate, momentum, eps, activation, num_batches_tracked, owner=None, group=None):
     """batch_channel_norm; ``owner``: the calling module, whose own input checks
-    (``_check_input``) join the ones cached per signature."""
+    (``_check_input``) join the ones cached per signature; ``group``: a process group
+    whose ranks' batch statistics are combined (training only)."""
     try:
         key = ("bcn", _owner_key(owner), x.shape, x.stride(), x.dtype, x.device, num_groups, type(num_groups),
                _meta(running_mean), _meta(running_var), _meta(weight), _meta(bias), _meta(group_weight), _meta(group_bias),
                _meta(num_batches_tracked), bool(training), bool(estimate), momentum, type(momentum), eps, type(eps),
-               activation)
+               activation, group)
     except AttributeError:  # not a tensor somewhere: the checks will name it
         key = None
     call = checks.validated(_calls, key, lambda: _validate_bcn(
         owner, x, num_groups, running_mean, running_var, weight, bias, group_weight, group_bias, training, estimate,
-        momentum, eps, activation, num_batches_tracked))
+        momentum, eps, activation, num_batches_tracked, group))
     return call(x, weight, bias, group_weight, group_bias, running_mean, running_var,
                 num_batches_tracked if call.update_running else None)
 
 
 def _validate_bcn(owner, x, num_groups, running_mean, running_var, weight, bias, group_weight, group_bias, training,
-                  estimate, momentum, eps, activation, num_batches_tracked) -> _Call:
+                  estimate, momentum, eps, activation, num_batches_tracked, group=None) -> _Call:
     if owner is not None:
         owner._check_input(x)
+    if group is not None:
+        collectives.check_initialized()
     eps, activation = _validate_common(x, num_groups, eps, activation)
     momentum = checks.check_momentum(momentum)
     c = x.shape[1]
@@ -342,8 +377,10 @@ def _validate_bcn(owner, x, num_groups, running_mean, running_var, weight, bias,
     if num_batches_tracked is not None and num_batches_tracked.device != x.device:
         raise ValueError(f"num_batches_tracked is on {num_batches_tracked.device} but the input is on {x.device}")
     group_affine = group_weight is not None and group_weight.numel() == num_groups
+    if group is not None and not (training and has_running):
+        raise ValueError("a process_group combines statistics in training, with running buffers")
     return _Call(x, num_groups, eps, 0.0 if cumulative else momentum, cumulative, mode, update_running, activation,
-                 group_affine)
+                 group_affine, group)
 
 
 def group_norm(x: torch.Tensor, num_groups: int, weight: Optional[torch.Tensor] = None,

@@ -1,16 +1,22 @@
-"""BCN and GroupNorm in plain torch: the CPU backend, the closed form of
-kernels/norm.py written with tensor ops (same pivots, same saved statistics).
+"""The torch backend: the closed forms of kernels/norm.py and kernels/ws.py
+written with tensor ops (same pivots, same saved statistics). CPU tensors and
+float64 run here.
 
-Modes and saved statistics are those of kernels/norm.py: stats [6, N, C] holds
-pivot, mean, dm, P, y_hat mean and M2 per (n, c); rstd_c [C]; rho [N, G]. As
-there, every pass works with e = (x - pivot) - mean_nc.
+BCN / GroupNorm: modes and saved statistics are those of kernels/norm.py: stats
+[6, N, C] holds pivot, mean, dm, P, y_hat mean and M2 per (n, c); rstd_c [C]; rho
+[N, G]. As there, every pass works with e = (x - pivot) - mean_nc.
+
+WS: works on (O, fan_in) rows in fp32 (float64 for float64 weights); statistics of
+``w - w[:, :1]`` as in the kernel, so a constant filter gives exact zeros.
 """
 import torch
 import torch.nn.functional as F
 
-from .torch_ws import acc_dtype
+from ..kernels.norm import MODE_BATCH, MODE_ESTIMATE, MODE_GN, MODE_RUNNING
 
-MODE_GN, MODE_BATCH, MODE_ESTIMATE, MODE_RUNNING = 0, 1, 2, 3
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _per_nc(t: torch.Tensor, ndim: int) -> torch.Tensor:
@@ -215,3 +221,33 @@ def norm_backward_torch(dy, x, stats, rstd_c, rho, gamma, omega, eta, num_groups
     if gamma is None or mode == MODE_GN:
         d_gamma, d_beta = empty(), empty()
     return dx, d_gamma, d_beta, d_omega, d_eta
+
+
+# --- Weight Standardization ---------------------------------------------------------
+
+def ws_forward_torch(w: torch.Tensor, eps: float, correction: int, std_mode: bool):
+    rows = w.reshape(w.shape[0], -1).to(acc_dtype(w.dtype))
+    denom = rows.shape[1] - correction
+    d = rows - rows[:, :1]
+    mean = d.mean(dim=1)
+    d = d - mean[:, None]
+    var = d.square().sum(dim=1) / denom
+    if std_mode:
+        std = var.sqrt()
+        rstd = 1.0 / (std + eps)
+        gcoef = torch.where(std > 0, 1.0 / (std.clamp_min(1e-30) * denom), torch.zeros_like(std))
+    else:
+        rstd = torch.rsqrt(var + eps)
+        gcoef = rstd / denom
+    w_hat = (d * rstd[:, None]).to(w.dtype).reshape(w.shape)
+    return w_hat, torch.stack([mean, rstd, gcoef])
+
+
+def ws_backward_torch(grad: torch.Tensor, w: torch.Tensor, stats: torch.Tensor):
+    acc = acc_dtype(w.dtype)
+    rows = w.reshape(w.shape[0], -1).to(acc)
+    g = grad.reshape(w.shape[0], -1).to(acc)
+    mean, rstd, gcoef = stats[0, :, None], stats[1, :, None], stats[2, :, None]
+    w_hat = (rows - rows[:, :1] - mean) * rstd
+    dw = rstd * (g - g.mean(dim=1, keepdim=True)) - gcoef * w_hat * (g * w_hat).sum(dim=1, keepdim=True)
+    return dw.to(w.dtype).reshape(w.shape)

@@ -20,7 +20,7 @@ import torch
 
 from . import norm as K
 from .launch import ArgTable, Slot, all_aligned, direct_stream
-from .layout import cdiv, nsc_strides
+from .layout import cdiv, next_pow2, nsc_strides
 
 # Value slots a call fills (tensors on the kernel[grid] path, addresses on the
 # direct path); the plan's integers and constexprs follow them.
@@ -28,6 +28,28 @@ _FWD_SLOTS = ("x", "y", "pivot", "mean", "dm", "p", "ym", "m2", "rstd_c", "rho",
               "gamma", "beta", "omega", "eta", "rm", "rv", "nbt")
 _BWD_SLOTS = ("dy", "x", "dx", "pivot", "mean", "dm", "p", "ym", "m2", "rstd_c", "rho", "part_a", "part_b",
               "ca", "ce", "cc", "d_gamma", "d_beta", "d_omega", "d_eta", "gamma", "omega", "eta")
+
+
+def _large(c, s, *strides):
+    """True when an offset inside one sample can pass 2^31 - 1."""
+    return max((c - 1) * abs(sc) + (s - 1) * abs(ss) for sc, ss in strides) >= 2**31 - 1
+
+
+def _chunking(s, config):
+    block_s = config["BLOCK_S"]
+    chunk = cdiv(cdiv(s, config["split"]), block_s) * block_s
+    return chunk, cdiv(s, chunk)
+
+
+def _combine_blocks(n, k, n_split, config):
+    """(BLOCK_N, BLOCK_K, BLOCK_J) of the combine kernels: the whole group, then as
+    many samples and chunks as fit a tile of ~512 values (8 per thread at the 2 warps
+    such a tile gets). 4096 values on 128 threads took 255 registers and spilled
+    (perf/NOTES.md, "Static kernel report")."""
+    block_k = next_pow2(k)
+    block_n = max(1, min(next_pow2(n), 512 // block_k))
+    block_j = max(1, min(next_pow2(n_split), 512 // (block_k * block_n)))
+    return block_n, block_k, config.get("BLOCK_J", block_j)
 
 
 def _views(buffer, offsets, shapes):
@@ -60,9 +82,9 @@ class NormPlan:
         self.mode, self.activation, self.group_affine = mode, activation, group_affine
         self.has_bn_affine, self.has_affine = has_bn_affine, has_affine
         self.config_bwd = config_bwd
-        self.chunk, self.n_split = K._chunking(s, config)
+        self.chunk, self.n_split = _chunking(s, config)
         self.grid = (n * cdiv(c, config["BLOCK_C"]), self.n_split)
-        bn, bk, bj = K._combine_blocks(n, k, self.n_split, config)
+        bn, bk, bj = _combine_blocks(n, k, self.n_split, config)
         # forward side buffer
         nc = n * c
         self.fwd_shapes = [(nc,)] * 6 + [(c,), (n, num_groups)]
@@ -73,7 +95,7 @@ class NormPlan:
         S = Slot
         tile = dict(BLOCK_C=config["BLOCK_C"], BLOCK_S=config["BLOCK_S"], NUM_STAGES=config["num_stages"])
         opts = dict(num_warps=config["num_warps"], num_stages=config["num_stages"])
-        large = K._large(c, s, sx[1:], sy[1:])
+        large = _large(c, s, sx[1:], sy[1:])
         align_x, align_xy = _align(s, self.chunk, sx[0], sx[1]), _align(s, self.chunk, sx[0], sx[1], sy[0], sy[1])
         self.fwd = [
             t.launch(K._norm_stats_kernel, self.grid, opts,
@@ -178,11 +200,11 @@ class NormPlan:
     def _build_backward(self, dy):
         n, c, s, k, num_groups = self.n, self.c, self.s, self.k, self.num_groups
         sx, sd, so = self.sx, nsc_strides(dy), self.sy  # dx is allocated like y
-        large = K._large(c, s, sx[1:], sd[1:], so[1:])
+        large = _large(c, s, sx[1:], sd[1:], so[1:])
         config = self.config_bwd
-        chunk, n_split = K._chunking(s, config)
+        chunk, n_split = _chunking(s, config)
         grid = (n * cdiv(c, config["BLOCK_C"]), n_split)
-        bn, bk, bj = K._combine_blocks(n, k, n_split, config)
+        bn, bk, bj = _combine_blocks(n, k, n_split, config)
         aff = num_groups if self.group_affine else c
         bn_len = c if self.has_bn_affine else 0
         aff_len = aff if self.has_affine else 0
@@ -321,3 +343,25 @@ def _layout(shapes, blocks):
             at += _numel(shape)
         i += count
     return offsets, at
+
+
+def norm_forward(x, y, gamma, beta, omega, eta, running_mean, running_var, num_batches,
+                 num_groups, eps, momentum, cumulative, mode, update_running, activation,
+                 group_affine, config):
+    """The 3 forward launches with one ``config`` (the autotuner and the AOT tool),
+    writing ``y`` (allocated like x). Returns (stats [6, N, C], rstd_c [C], rho [N, G]);
+    the running buffers and ``num_batches`` are updated in place. The arguments are
+    those of kernels/norm_plan.py, the one place that writes them down."""
+    plan = NormPlan(x, num_groups, mode, update_running, cumulative, activation, group_affine, gamma is not None,
+                    omega is not None, num_batches is not None, eps, momentum, config, config)
+    _, side = plan.forward(x, gamma, beta, omega, eta, running_mean, running_var, num_batches, y=y)
+    return plan.saved_views(side)
+
+
+def norm_backward(dy, x, dx, stats, rstd_c, rho, gamma, omega, eta, num_groups, mode,
+                  activation, group_affine, config):
+    """The 3 backward launches with one ``config``, writing ``dx`` (allocated like x).
+    Returns fp32 (d_gamma, d_beta, d_omega, d_eta); absent parameters give empty tensors."""
+    plan = NormPlan(x, num_groups, mode, False, False, activation, group_affine, gamma is not None,
+                    omega is not None, False, 1e-5, 0.0, config, config)
+    return plan.backward(dy, x, (stats, rstd_c, rho), gamma, omega, eta, dx=dx)[1:]

@@ -94,3 +94,16 @@ def _strided_like(grad, w):
     if grad.stride() != w.stride():
         grad = torch.empty_like(w).copy_(grad)
     return grad
+
+
+def ws_forward(w, eps, correction, std_mode, config):
+    """The WS forward on a row-dense weight ``w`` with one ``config`` (BLOCK,
+    num_warps): the autotuner and the AOT tool. Returns (w_hat, stats), stats fp32
+    [3, O]: shifted mean, rstd, gcoef. The arguments are those of
+    kernels/ws_plan.py, the one place that writes them down."""
+    return WSPlan(w, eps, correction, std_mode, config, config).forward(w)
+
+
+def ws_backward(grad, w, stats, config):
+    """The WS backward with one ``config``; ``grad`` must have the same strides as ``w``."""
+    return WSPlan(w, 1e-5, 0, False, config, config).backward(grad, w, stats)

@@ -1,4 +1,5 @@
-"""Weight Standardization: torch.library ops, autograd Function, functional API.
+"""Weight Standardization: validation, the autograd Function, the ``wsbcn::ws_*`` ops
+and the functional API.
 
     W_hat = (W - mean) / D   per output channel, over its fan-in
     eps_mode="var": D = sqrt(var + eps)       (the paper, timm, BiT)
@@ -11,8 +12,11 @@ for "std" (0 for a constant filter, whose std has no spread to undo).
 """
 import torch
 
-from . import backend, checks, ops, tuning
-from .torch_ws import acc_dtype, ws_backward_torch, ws_forward_torch
+from .. import backends, checks, tuning
+from ..backends.torch_closed_form import acc_dtype, ws_backward_torch, ws_forward_torch
+from ..kernels import ws as kernels
+from ..kernels.ws_plan import WSPlan
+from . import library
 
 
 def row_dense(w: torch.Tensor) -> torch.Tensor:
@@ -25,28 +29,29 @@ def row_dense(w: torch.Tensor) -> torch.Tensor:
 
 
 def _ws_forward_impl(weight: torch.Tensor, eps: float, correction: int, std_mode: bool, op=False):
-    """W_hat and its fp32 statistics on either backend; ``op``: the body of the
-    ``wsbcn::ws_forward`` op, traced by torch.compile and export (see ops.py)."""
+    """W_hat and its fp32 statistics on either backend: the eager body and, with
+    ``op``, the body of the ``wsbcn::ws_forward`` op, traced by torch.compile and
+    export (library.py)."""
     if weight.shape[0] == 0:
         return torch.empty_like(weight), weight.new_empty((3, 0), dtype=acc_dtype(weight.dtype))
-    if backend.backend_for(weight) == "torch":
+    if backends.backend_for(weight) == "torch":
         return ws_forward_torch(weight, eps, correction, std_mode)
-    if op and ops.symbolic(weight):  # shapes only: the op stays opaque (ops.py)
+    if op and library.symbolic(weight):  # shapes only: the op stays opaque (library.py)
         return torch.empty_like(weight), weight.new_empty((3, weight.shape[0]), dtype=torch.float32)
     plan = ws_plan(weight, eps, correction, std_mode)
-    return plan.forward_traced(weight) if op and not ops.plain(weight) else plan.forward(weight)
+    return plan.forward_traced(weight) if op and not library.plain(weight) else plan.forward(weight)
 
 
 def _ws_backward_impl(grad: torch.Tensor, weight: torch.Tensor, stats: torch.Tensor, op=False):
     if weight.shape[0] == 0:
         return torch.zeros_like(weight)
-    if backend.backend_for(weight) == "torch":
+    if backends.backend_for(weight) == "torch":
         return ws_backward_torch(grad, weight, stats)
     # eps and correction only enter the forward: any values give the same backward launch
-    if op and ops.symbolic(weight):
+    if op and library.symbolic(weight):
         return torch.empty_like(weight)
     plan = ws_plan(weight, 1e-5, 0, False)
-    if op and not ops.plain(weight):
+    if op and not library.plain(weight):
         return plan.backward_traced(grad, weight, stats.contiguous())
     return plan.backward(grad, weight, stats.contiguous())
 
@@ -55,73 +60,35 @@ _plans: dict = {}
 
 
 def ws_plan(weight, eps, correction, std_mode):
-    """The Triton launch plan (kernels/ws_launch.py) of a row-dense weight, cached on
+    """The Triton launch plan (kernels/ws_plan.py) of a row-dense weight, cached on
     everything it derives from: the signature, the device (or emulated GPU), the
     tuned-config tables and the config function itself (tests replace it)."""
     key = (weight.shape, weight.stride(), weight.dtype, weight.device, eps, correction, std_mode,
-           tuning.config_for, tuning.generation(), backend.emulated_gpu())
+           tuning.config_for, tuning.generation(), backends.emulated_gpu())
 
     def build():
         shape = (weight.shape[0], weight.numel() // weight.shape[0])
-        return backend.kernels().ws_launch.WSPlan(weight, eps, correction, std_mode,
+        return WSPlan(weight, eps, correction, std_mode,
                                                   tuning.config_for("ws_fwd", weight, shape),
                                                   tuning.config_for("ws_bwd", weight, shape))
 
     return checks.cached(_plans, key, build)
 
 
-@ops.triton_op("wsbcn::ws_forward", (), lambda: (backend.kernels().ws._ws_fwd_kernel,))
+@library.triton_op("wsbcn::ws_forward", (), lambda: (kernels._ws_fwd_kernel,))
 def ws_forward_op(weight: torch.Tensor, eps: float, correction: int, std_mode: bool) -> tuple[torch.Tensor, torch.Tensor]:
     return _ws_forward_impl(weight, eps, correction, std_mode, op=True)
 
 
-@ops.triton_op("wsbcn::ws_backward", (), lambda: (backend.kernels().ws._ws_bwd_kernel,))
+@library.triton_op("wsbcn::ws_backward", (), lambda: (kernels._ws_bwd_kernel,))
 def ws_backward_op(grad: torch.Tensor, weight: torch.Tensor, stats: torch.Tensor) -> torch.Tensor:
     return _ws_backward_impl(grad, weight, stats, op=True)
 
 
-def _compiling() -> bool:
-    return torch.compiler.is_compiling()
-
-
-class WeightStandardizeFunction(torch.autograd.Function):
-    """Autograd for W_hat; saves only W and three fp32 numbers per output channel."""
-
-    @staticmethod
-    def forward(ctx, weight, eps, correction, std_mode):
-        weight = row_dense(weight)
-        # Eager calls skip the op dispatcher (tens of microseconds a call); traced
-        # calls go through it so torch.compile sees one opaque op.
-        fwd = ws_forward_op if _compiling() else _ws_forward_impl
-        w_hat, stats = fwd(weight, eps, correction, std_mode)
-        ctx.save_for_backward(weight, stats)
-        return w_hat
-
-    @staticmethod
-    def backward(ctx, grad):
-        weight, stats = ctx.saved_tensors
-        bwd = ws_backward_op if _compiling() else _ws_backward_impl
-        return bwd(grad, weight, stats), None, None, None
-
-
-class _EagerWSFunction(torch.autograd.Function):
-    """The eager Triton path of a row-dense weight: one launch plan, one launch each way."""
-
-    @staticmethod
-    def forward(ctx, weight, plan):
-        w_hat, stats = plan.forward(weight)
-        ctx.save_for_backward(weight, stats)
-        ctx.plan = plan
-        return w_hat
-
-    @staticmethod
-    def backward(ctx, grad):
-        weight, stats = ctx.saved_tensors
-        return ctx.plan.backward(grad, weight, stats), None
-
-
 class _Call:
-    """A validated weight signature and its launch plans (see checks.validated)."""
+    """A validated weight signature, its backend and its launch plans (see
+    checks.validated); ``forward``/``backward`` are the op bodies behind
+    ``WeightStandardizeFunction``."""
 
     __slots__ = ("eps", "correction", "std_mode", "eager", "plans")
 
@@ -129,17 +96,54 @@ class _Call:
         self.eps, self.correction, self.std_mode = eps, correction, std_mode
         # the eager Triton path takes non-empty weights whose rows are dense already; a
         # call built under torch.compile is never cached and takes the torch.library ops
-        self.eager = weight.shape[0] > 0 and row_dense(weight) is weight and not _compiling()
+        self.eager = weight.shape[0] > 0 and row_dense(weight) is weight and not torch.compiler.is_compiling()
         self.plans = {}
 
+    def plan(self, weight):
+        key = (tuning.config_for, tuning._generation[0], backends._emulated_gpu)  # what a plan derives from
+        plan = self.plans.get(key)
+        if plan is None:
+            plan = self.plans[key] = ws_plan(weight, self.eps, self.correction, self.std_mode)
+        return plan
+
+    def forward(self, weight):
+        """(W_hat, saved): the weight as the backward reads it (row dense) and its fp32
+        statistics [3, O]."""
+        if self.eager and backends.backend_for(weight) == "triton":
+            w_hat, stats = self.plan(weight).forward(weight)
+            return w_hat, (weight, stats)
+        weight = row_dense(weight)
+        # Eager calls skip the op dispatcher (tens of microseconds a call); traced
+        # calls go through it so torch.compile sees one opaque op.
+        fwd = ws_forward_op if torch.compiler.is_compiling() else _ws_forward_impl
+        w_hat, stats = fwd(weight, self.eps, self.correction, self.std_mode)
+        return w_hat, (weight, stats)
+
+    def backward(self, grad, weight, stats):
+        if self.eager and backends.backend_for(weight) == "triton":
+            return self.plan(weight).backward(grad, weight, stats)
+        bwd = ws_backward_op if torch.compiler.is_compiling() else _ws_backward_impl
+        return bwd(grad, weight, stats)
+
     def __call__(self, weight):
-        if self.eager and backend.backend_for(weight) == "triton":
-            key = (tuning.config_for, tuning._generation[0], backend._emulated_gpu)  # what a plan derives from
-            plan = self.plans.get(key)
-            if plan is None:
-                plan = self.plans[key] = ws_plan(weight, self.eps, self.correction, self.std_mode)
-            return _EagerWSFunction.apply(weight, plan)
-        return WeightStandardizeFunction.apply(weight, self.eps, self.correction, self.std_mode)
+        return WeightStandardizeFunction.apply(weight, self)
+
+
+class WeightStandardizeFunction(torch.autograd.Function):
+    """Autograd for W_hat on every path (``_Call`` picks it); saves only W and three
+    fp32 numbers per output channel."""
+
+    @staticmethod
+    def forward(ctx, weight, call):
+        w_hat, saved = call.forward(weight)
+        ctx.save_for_backward(*saved)
+        ctx.call = call
+        return w_hat
+
+    @staticmethod
+    def backward(ctx, grad):
+        weight, stats = ctx.saved_tensors
+        return ctx.call.backward(grad, weight, stats), None
 
 
 _calls: dict = {}  # validated weight signature -> _Call

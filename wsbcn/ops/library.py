@@ -1,4 +1,4 @@
-"""How wsbcn's ops are registered with torch.library (DESIGN.md section 6).
+"""How wsbcn's ops are registered with torch.library (DESIGN.md section 8).
 
 Each op (``wsbcn::norm_forward``, ``norm_backward``, ``ws_forward``, ``ws_backward``)
 is a ``torch.library.triton_op``. torch.compile traces into its body: on the Triton
@@ -17,12 +17,9 @@ cannot be traced, and inputs with symbolic sizes (``dynamic=True``, or dynamo's
 automatic dynamic shapes after a second input size), because a launch plan is per
 shape and tracing in would compile the graph anew for every size.
 """
-import functools
-
 import torch
-from torch._subclasses.functional_tensor import FunctionalTensorMode
 
-from . import backend
+from .. import _compat, backends
 
 
 def triton_op(name: str, mutates_args, kernels):
@@ -31,15 +28,8 @@ def triton_op(name: str, mutates_args, kernels):
 
     def register(fn):
         op = torch.library.triton_op(name, mutates_args=mutates_args)(fn)
-        # torch finds an op's kernels by reading its body's source, which cannot see
-        # kernels launched through a plan; AOTAutograd's cache key hashes their
-        # source, so that an edited kernel never reuses a stale compiled graph.
-        registry = getattr(torch._library.triton, "triton_ops_to_kernels", None)
-        if registry is not None:
-            registry[name] = list(kernels())
-        # triton_op's own rule: trace into the body (torch.export keeps the op whole)
-        decompose = getattr(op, "_torch_dispatch_fns", {}).get(FunctionalTensorMode)
-        op.register_torch_dispatch(FunctionalTensorMode, functools.partial(_functionalize, decompose))
+        _compat.register_op_kernels(name, kernels())
+        _compat.functionalize_rule(op, _functionalize)
         return op
 
     return register
@@ -52,8 +42,7 @@ def _functionalize(decompose, mode, op, types, args, kwargs):
     interpreter (not traceable) or at symbolic shapes (a launch plan is per shape:
     tracing in would recompile the graph for every input size)."""
     t = args[0]
-    if decompose is not None and (backend.backend_for(t) == "torch"
-                                  or not (backend.interpreter_enabled() or symbolic(t))):
+    if backends.backend_for(t) == "torch" or not (backends.interpreter_enabled() or symbolic(t)):
         return decompose(mode, op, types, args, kwargs)
     return mode.__torch_dispatch__(op, types, args, kwargs)
 

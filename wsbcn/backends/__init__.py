@@ -7,7 +7,7 @@ kernels compute in fp32, and float64 is what gradcheck needs.
 
 ``emulate_gpu(name, sm_count)`` sends CPU tensors down the GPU (Triton) path, with
 the launch plans that GPU would get, for measuring host time on a machine without
-one: triton must then run over a stub CUDA driver (``wsbcn.tools.stub_driver``),
+one: triton must then run over a stub CUDA driver (``perf/stub_driver``),
 under which no kernel runs and outputs hold garbage. Never for real work.
 """
 import os
@@ -70,13 +70,3 @@ def backend_for(t: torch.Tensor) -> str:
             "triton is imported"
         )
     return choice
-
-
-def kernels():
-    """The kernel package (imported when wsbcn is: each op registers its kernels, see ops.py)."""
-    import wsbcn.kernels.norm
-    import wsbcn.kernels.norm_launch
-    import wsbcn.kernels.ws
-    import wsbcn.kernels.ws_launch
-
-    return wsbcn.kernels
