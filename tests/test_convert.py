@@ -1,21 +1,52 @@
-"""wsbcn.convert on the package's ResNet-50 and on small hand-made models."""
+"""wsbcn.convert on the package's ResNet-50, on small hand-made models, and on the
+torchvision/timm layers detection and BiT users train (their real classes when
+importable, always stand-ins with the same buffers and forward)."""
 import copy
-import importlib.util
+import functools
+import importlib
 import logging
+import pathlib
+import types
 import warnings
+from collections import Counter
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import wsbcn
+from wsbcn.convert import (ConvertRule, NormAct, ScaledWSConv2d, bn_like_norm, convert_rule_for,
+                           convert_rules_table, register_convert_rule, unregister_convert_rule)
 from wsbcn.tools.models import resnet50
 from conftest import DEVICE, rel_err
-from reference import bcn_reference, gn_reference
+from reference import bcn_reference, conv_nd, gn_reference, ws_reference
+
+convert_module = importlib.import_module("wsbcn.convert")  # the attribute wsbcn.convert is the function
 
 
 def _count(model, cls):
     return sum(isinstance(m, cls) for m in model.modules())
+
+
+def _census(model):
+    return Counter(type(m).__name__ for m in model.modules())
+
+
+def _import_or_skip(*names):
+    """The modules, or a skip naming the one that does not import (torchvision fails with
+    RuntimeError, not ImportError, when it does not match the installed torch)."""
+    modules = []
+    for name in names:
+        try:
+            modules.append(importlib.import_module(name))
+        except Exception as exc:  # noqa: BLE001
+            pytest.skip(f"{name} is not importable ({type(exc).__name__}: {exc})")
+    return modules
+
+
+# ---------------------------------------------------------------------------------------
+# The package's ResNet-50 and small torch.nn models
 
 
 def test_resnet50_conversion_swaps_fuses_and_carries_weights():
@@ -42,6 +73,7 @@ def test_resnet50_conversion_swaps_fuses_and_carries_weights():
     fused_acts = [m.activation for m in fused.modules() if isinstance(m, wsbcn.BatchChannelNorm2d)]
     assert fused_acts.count("relu") == 1 + 16 * 2  # the stem and bn1, bn2 of every bottleneck
     assert sum("fused" in line for line in summary) == 33
+    assert not any("left alone" in line for line in summary)
     x = torch.randn(2, 3, 32, 32, device=DEVICE)
     fused.eval()
     unfused.eval()
@@ -52,13 +84,14 @@ def test_resnet50_conversion_swaps_fuses_and_carries_weights():
     assert fused.conv1.weight.grad is not None
 
 
-def test_conv_not_followed_by_norm_is_left_alone():
+def test_conv_not_followed_by_norm_is_left_alone_and_named():
     model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.BatchNorm2d(8), nn.SiLU())
-    out = wsbcn.convert(model)
+    out, summary = wsbcn.convert(model, return_summary=True)
     kinds = [type(m) for m in out.modules()]
     assert kinds.count(nn.Conv2d) == 1 and kinds.count(wsbcn.WSConv2d) == 1
     assert out.get_submodule("3").activation == "silu"
     assert out(torch.randn(2, 3, 8, 8)).shape == (2, 8, 4, 4)
+    assert "0: Conv2d left alone: its output feeds no norm (WS without a norm after it hurts training)" in summary
 
 
 def test_gn_target_and_group_norm_sources():
@@ -75,10 +108,10 @@ def test_gn_target_and_group_norm_sources():
 
 
 class Untraceable(nn.Module):
-    def __init__(self):
+    def __init__(self, norm=None):
         super().__init__()
         self.conv = nn.Conv2d(3, 8, 3)
-        self.bn = nn.BatchNorm2d(8)
+        self.bn = norm if norm is not None else nn.BatchNorm2d(8)
         self.act = nn.ReLU()
 
     def forward(self, x):
@@ -102,21 +135,19 @@ def test_convert_rejects_bad_arguments():
         wsbcn.convert(nn.Sequential(), num_groups=0)
     with pytest.raises(TypeError, match="nn.Module"):
         wsbcn.convert("resnet")
+    with pytest.raises(TypeError, match="keep_frozen"):
+        wsbcn.convert(nn.Sequential(), keep_frozen="yes")
 
 
-@pytest.mark.skipif(importlib.util.find_spec("torchvision") is None, reason="torchvision is not installed")
 def test_torchvision_resnet18():
-    import torchvision
-
+    (torchvision,) = _import_or_skip("torchvision")
     model = wsbcn.convert(torchvision.models.resnet18(num_classes=10))
     assert _count(model, nn.BatchNorm2d) == 0 and _count(model, wsbcn.WSConv2d) == 20
     assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("timm") is None, reason="timm is not installed")
 def test_timm_resnet():
-    import timm
-
+    _, timm = _import_or_skip("torchvision", "timm")  # timm's norm layers import torchvision
     model = wsbcn.convert(timm.create_model("resnet18", num_classes=10))
     assert _count(model, nn.BatchNorm2d) == 0
     assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
@@ -125,7 +156,8 @@ def test_timm_resnet():
 def _converting_again_changes_nothing(model, caplog, expected_counts):
     """Convert ``model`` a second time: the same object comes back with the same
     modules and tensors and the same output, the summary and the log say there was
-    nothing to do, and no warning is raised (no torch.fx fallback)."""
+    nothing to do (and name what stays as it is), and no warning is raised (no
+    torch.fx fallback)."""
     modules = dict(model.named_modules())
     state = {k: v.clone() for k, v in model.state_dict().items()}
     x = torch.randn(2, 3, 16, 16, device=DEVICE)
@@ -139,10 +171,10 @@ def _converting_again_changes_nothing(model, caplog, expected_counts):
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
     with torch.no_grad():
         assert torch.equal(model(x), before)
-    assert len(summary) == 1 and summary[0].startswith("nothing to convert")
+    assert summary[0].startswith("nothing to convert") and all("left alone" in line for line in summary[1:])
     assert f"already converted: {expected_counts[0]} WSConv and {expected_counts[1]} wsbcn norm layers" in summary[0]
-    assert [r.getMessage() for r in caplog.records] == [f"wsbcn.convert: {summary[0]}"]
-    assert caplog.records[0].levelno == logging.INFO
+    assert [r.getMessage() for r in caplog.records] == [f"wsbcn.convert: {line}" for line in summary]
+    assert all(r.levelno == logging.INFO for r in caplog.records)
 
 
 def test_converting_a_converted_resnet50_again_is_a_noop_that_says_so(caplog):
@@ -155,7 +187,7 @@ def test_converting_a_converted_resnet50_again_is_a_noop_that_says_so(caplog):
 
 def test_converting_again_traces_through_wsbcn_layers(caplog):
     """A plain conv that feeds no norm stays: the second call must trace the model,
-    wsbcn layers included, and find nothing to do."""
+    wsbcn layers included, and find nothing to do but name that conv."""
     torch.manual_seed(11)
     model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.BatchNorm2d(8), nn.SiLU())
     model = wsbcn.convert(model, num_groups=4)
@@ -171,11 +203,13 @@ def test_converting_an_untraceable_model_again_does_not_warn(caplog):
 def test_ws_false_then_ws_true_standardizes_the_convs_feeding_wsbcn_norms():
     model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 1))
     weight = model[0].weight
-    bcn_only = wsbcn.convert(model, num_groups=4, ws=False)
+    bcn_only, first = wsbcn.convert(model, num_groups=4, ws=False, return_summary=True)
     assert type(bcn_only.get_submodule("0")) is nn.Conv2d
+    assert "0: Conv2d left alone: ws=False" in first
     norm_layer = bcn_only.get_submodule("1")
     both, summary = wsbcn.convert(bcn_only, num_groups=4, return_summary=True)
-    assert summary == ["0: Conv2d -> WSConv2d"]
+    assert summary == ["0: Conv2d -> WSConv2d",
+                       "3: Conv2d left alone: its output feeds no norm (WS without a norm after it hurts training)"]
     assert type(both.get_submodule("0")) is wsbcn.WSConv2d and both.get_submodule("0").weight is weight
     assert both.get_submodule("1") is norm_layer  # the wsbcn norm is kept, not rebuilt
     assert type(both.get_submodule("3")) is nn.Conv2d  # feeds no norm
@@ -203,3 +237,591 @@ def test_num_groups_that_do_not_divide_the_channels_are_reported(caplog, norm):
         expected = bcn_reference(x, 16, out[1].weight, out[1].bias, out[1].group_weight, out[1].group_bias,
                                  out[1].running_mean.double(), out[1].running_var.double(), training=False)
     assert rel_err(got, expected) <= 1e-5
+
+
+# ---------------------------------------------------------------------------------------
+# Stand-ins for torchvision's and timm's layers: the same buffers, parameters and forward
+# (torchvision/ops/misc.py, timm/layers/norm_act.py and std_conv.py), under the same
+# module and class names, which is how convert recognizes them.
+
+
+def _named_as(full_name):
+    def rename(cls):
+        cls.__module__, _, cls.__qualname__ = full_name.rpartition(".")
+        cls.__name__ = cls.__qualname__
+        return cls
+    return rename
+
+
+@_named_as("torchvision.ops.misc.FrozenBatchNorm2d")
+class _FrozenBatchNorm2d(nn.Module):
+    def __init__(self, num_features, eps=1e-5):
+        super().__init__()
+        self.eps = eps
+        self.register_buffer("weight", torch.ones(num_features))
+        self.register_buffer("bias", torch.zeros(num_features))
+        self.register_buffer("running_mean", torch.zeros(num_features))
+        self.register_buffer("running_var", torch.ones(num_features))
+
+    def forward(self, x):
+        w, b = self.weight.reshape(1, -1, 1, 1), self.bias.reshape(1, -1, 1, 1)
+        rv, rm = self.running_var.reshape(1, -1, 1, 1), self.running_mean.reshape(1, -1, 1, 1)
+        scale = w * (rv + self.eps).rsqrt()
+        return x * scale + (b - rm * scale)
+
+
+def _drop_act(module, act_layer, drop_layer, apply_act):
+    module.drop = drop_layer() if drop_layer is not None else nn.Identity()
+    module.act = nn.Identity()
+    if apply_act and act_layer is not None:
+        try:  # as timm's create_act_layer: inplace where the activation has it
+            module.act = act_layer(inplace=True)
+        except TypeError:
+            module.act = act_layer()
+
+
+@_named_as("timm.layers.norm_act.BatchNormAct2d")
+class _BatchNormAct2d(nn.BatchNorm2d):
+    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True,
+                 apply_act=True, act_layer=nn.ReLU, drop_layer=None):
+        super().__init__(num_features, eps=eps, momentum=momentum, affine=affine,
+                         track_running_stats=track_running_stats)
+        _drop_act(self, act_layer, drop_layer, apply_act)
+
+    def forward(self, x):
+        return self.act(self.drop(super().forward(x)))
+
+
+@_named_as("timm.layers.norm_act.GroupNormAct")
+class _GroupNormAct(nn.GroupNorm):
+    def __init__(self, num_channels, num_groups=32, eps=1e-5, affine=True, apply_act=True, act_layer=nn.ReLU,
+                 drop_layer=None):
+        super().__init__(num_groups, num_channels, eps=eps, affine=affine)
+        _drop_act(self, act_layer, drop_layer, apply_act)
+
+    def forward(self, x):
+        x = F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
+        return self.act(self.drop(x))
+
+
+@_named_as("timm.layers.std_conv.StdConv2d")
+class _StdConv2d(nn.Conv2d):
+    def __init__(self, in_channel, out_channels, kernel_size, stride=1, padding=None, dilation=1, groups=1,
+                 bias=False, eps=1e-6):
+        padding = ((stride - 1) + dilation * (kernel_size - 1)) // 2 if padding is None else padding
+        super().__init__(in_channel, out_channels, kernel_size, stride=stride, padding=padding, dilation=dilation,
+                         groups=groups, bias=bias)
+        self.eps = eps
+
+    def forward(self, x):
+        weight = F.batch_norm(self.weight.reshape(1, self.out_channels, -1), None, None, training=True,
+                              momentum=0., eps=self.eps).reshape_as(self.weight)
+        return F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+@_named_as("timm.layers.std_conv.ScaledStdConv2d")
+class _ScaledStdConv2d(nn.Conv2d):
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=None, dilation=1, groups=1,
+                 bias=True, gamma=1.0, eps=1e-6, gain_init=1.0):
+        padding = ((stride - 1) + dilation * (kernel_size - 1)) // 2 if padding is None else padding
+        super().__init__(in_channels, out_channels, kernel_size, stride=stride, padding=padding,
+                         dilation=dilation, groups=groups, bias=bias)
+        self.scale = gamma * self.weight[0].numel() ** -0.5
+        self.eps = eps
+        self.gain = nn.Parameter(torch.full((out_channels, 1, 1, 1), gain_init))
+
+    def forward(self, x):
+        weight = F.batch_norm(self.weight.reshape(1, self.out_channels, -1), None, None,
+                              weight=(self.gain * self.scale).view(-1), training=True, momentum=0.,
+                              eps=self.eps).reshape_as(self.weight)
+        return F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+STAND_INS = types.SimpleNamespace(FrozenBatchNorm2d=_FrozenBatchNorm2d, BatchNormAct2d=_BatchNormAct2d,
+                                  GroupNormAct=_GroupNormAct, StdConv2d=_StdConv2d, ScaledStdConv2d=_ScaledStdConv2d)
+
+
+@pytest.fixture(params=["stand-in", "real"])
+def layers(request):
+    """The layer classes: stand-ins always; torchvision's and timm's own when importable."""
+    if request.param == "stand-in":
+        return STAND_INS
+    _, misc, timm_layers = _import_or_skip("torchvision", "torchvision.ops.misc", "timm.layers")
+    return types.SimpleNamespace(FrozenBatchNorm2d=misc.FrozenBatchNorm2d, BatchNormAct2d=timm_layers.BatchNormAct2d,
+                                 GroupNormAct=timm_layers.GroupNormAct, StdConv2d=timm_layers.StdConv2d,
+                                 ScaledStdConv2d=timm_layers.ScaledStdConv2d)
+
+
+def _randomize(model):
+    """Non-trivial statistics and affine in every norm-like layer, and gains."""
+    with torch.no_grad():
+        for m in model.modules():
+            for name, t in list(m.named_parameters(recurse=False)) + list(m.named_buffers(recurse=False)):
+                if name in ("weight", "running_var", "gain") and t.dim() == 1 or name == "gain":
+                    t.uniform_(0.5, 1.5)
+                elif name in ("bias", "running_mean") and t.dim() == 1:
+                    t.normal_(0, 0.2)
+    return model
+
+
+class _Reference(nn.Module):
+    """A converted layer computed from the paper's formulas (tests/reference.py, float64)
+    with the converted layer's current parameters, then the source layer's own drop and
+    act (timm's norm+act layers); a fused activation from after the layer stays in the
+    model's forward."""
+
+    def __init__(self, converted, source):
+        super().__init__()
+        self.converted = [converted]  # not a submodule: the reference must not own it
+        self.tail = nn.Sequential(source.drop, source.act) if hasattr(source, "act") else nn.Identity()
+
+    def forward(self, x):
+        m = self.converted[0]
+        m = m.norm if isinstance(m, NormAct) else m
+        if isinstance(m, wsbcn.WSConv2d):
+            w = ws_reference(m.weight, m.eps, m.correction, m.eps_mode)
+            if isinstance(m, ScaledWSConv2d):
+                w = w * (m.gain.double() * m.scale)
+            return conv_nd(x, w, None if m.bias is None else m.bias.double(), m)
+        if isinstance(m, wsbcn.GroupNorm):
+            y = gn_reference(x, m.num_groups, m.weight, m.bias, m.eps)
+        else:
+            assert not m.training
+            y = bcn_reference(x, m.num_groups, m.weight, m.bias, m.group_weight, m.group_bias,
+                              m.running_mean.double().clone(), m.running_var.double().clone(), training=False,
+                              eps=m.eps)
+        return self.tail(y)
+
+
+def _reference_model(original, converted):
+    """``original`` (a copy taken before convert) with every layer convert replaced
+    computed by ``_Reference``: an independent twin of the converted model."""
+    twin = copy.deepcopy(original)
+    done = []
+    for path, m in converted.named_modules():
+        if isinstance(m, (wsbcn.WSConv2d, wsbcn.BatchChannelNorm2d, wsbcn.GroupNorm, NormAct)) and not any(
+                path.startswith(p + ".") for p in done):
+            parent, _, leaf = path.rpartition(".")
+            holder = twin.get_submodule(parent) if parent else twin
+            setattr(holder, leaf, _Reference(m, getattr(holder, leaf)))
+            done.append(path)
+    assert done, "nothing was converted"
+    return twin.eval()
+
+
+def _matches_reference(original, converted, x, tol=1e-10):
+    twin = _reference_model(original, converted)
+    converted.eval()
+    with torch.no_grad():
+        got, want = converted(x), twin(x)
+    if isinstance(got, dict):
+        assert got.keys() == want.keys()
+        return max(rel_err(got[k], want[k]) for k in got) <= tol
+    return rel_err(got, want) <= tol
+
+
+def _train_step(model, x):
+    model.train()
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    out = model(x)
+    loss = sum(o.float().square().mean() for o in out.values()) if isinstance(out, dict) else out.square().mean()
+    loss.backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
+    opt.step()
+
+
+# ---------------------------------------------------------------------------------------
+# FrozenBatchNorm2d
+
+
+@pytest.mark.parametrize("norm", ["bcn", "gn"])
+def test_frozen_batch_norm_becomes_a_norm_whose_bn_stage_is_the_frozen_layer(layers, norm):
+    torch.manual_seed(20)
+    frozen = _randomize(layers.FrozenBatchNorm2d(8, eps=1e-4)).double()
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), frozen, nn.ReLU()).double()
+    original = copy.deepcopy(model)
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    out, summary = wsbcn.convert(model, norm=norm, num_groups=4, return_summary=True)
+    new = out.get_submodule("1")
+    assert type(out.get_submodule("0")) is wsbcn.WSConv2d
+    assert type(new) is (wsbcn.BatchChannelNorm2d if norm == "bcn" else wsbcn.GroupNorm)
+    assert new.activation == "relu" and "1: fused the following relu" in summary
+    assert new.eps == frozen.eps and new.weight.requires_grad and isinstance(new.weight, nn.Parameter)
+    assert torch.equal(new.weight, frozen.weight) and torch.equal(new.bias, frozen.bias)
+    if norm == "bcn":
+        # the BN stage, right after conversion, in eval: the frozen layer, exactly
+        assert torch.equal(new.running_mean, frozen.running_mean) and torch.equal(new.running_var, frozen.running_var)
+        h = torch.randn(2, 8, 5, 5, dtype=torch.float64)
+        bn_stage = (h - new.running_mean.view(1, -1, 1, 1)) / torch.sqrt(new.running_var.view(1, -1, 1, 1) + new.eps)
+        bn_stage = bn_stage * new.weight.view(1, -1, 1, 1) + new.bias.view(1, -1, 1, 1)
+        assert rel_err(bn_stage, frozen(h)) <= 1e-14
+    assert _matches_reference(original, out, x)
+    _train_step(out, x)
+    assert new.weight.grad is not None  # the frozen affine now trains
+
+
+def test_keep_frozen_leaves_frozen_layers_and_their_convs_and_says_why(layers, caplog):
+    torch.manual_seed(21)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), layers.FrozenBatchNorm2d(8), nn.ReLU(),
+                          nn.Conv2d(8, 8, 3), nn.BatchNorm2d(8), nn.ReLU())
+    frozen, conv = model[1], model[0]
+    with caplog.at_level(logging.INFO, logger="wsbcn"):
+        out, summary = wsbcn.convert(model, num_groups=4, keep_frozen=True, return_summary=True)
+    assert isinstance(out, torch.fx.GraphModule)  # the second ReLU was fused
+    # the frozen layer is still a module of its own type (fx did not trace through it)
+    assert out.get_submodule("1") is frozen and out.get_submodule("0") is conv
+    assert type(out.get_submodule("3")) is wsbcn.WSConv2d
+    assert "1: FrozenBatchNorm2d left alone: kept frozen (keep_frozen=True)" in summary
+    assert ("0: Conv2d left alone: feeds 1 (FrozenBatchNorm2d), kept frozen (keep_frozen=True): a standardized "
+            "weight would change what that layer's fixed statistics see") in summary
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert out(torch.randn(2, 3, 8, 8)).shape == (2, 8, 4, 4)
+
+
+def test_frozen_layer_in_an_untraceable_model_is_converted_by_module_order():
+    model = Untraceable(_randomize(_FrozenBatchNorm2d(8)))
+    with pytest.warns(UserWarning, match="module order"):
+        out = wsbcn.convert(model, num_groups=4)
+    assert type(out.conv) is wsbcn.WSConv2d and type(out.bn) is wsbcn.BatchChannelNorm2d
+
+
+# ---------------------------------------------------------------------------------------
+# timm
+
+
+def test_std_convs_become_ws_convs_with_the_same_output(layers):
+    torch.manual_seed(22)
+    std = layers.StdConv2d(4, 6, 3, eps=1e-8)
+    scaled = _randomize(layers.ScaledStdConv2d(6, 8, 3, stride=2, gamma=1.7, eps=1e-5))
+    model = nn.Sequential(std, nn.ReLU(), scaled).double()  # no norm after them: converted all the same
+    original, keys = copy.deepcopy(model), model.state_dict().keys()
+    x = torch.randn(2, 4, 9, 9, dtype=torch.float64)
+    with torch.no_grad():
+        before = model(x)
+    out, summary = wsbcn.convert(model, return_summary=True)
+    assert type(out[0]) is wsbcn.WSConv2d and type(out[2]) is ScaledWSConv2d
+    assert (out[0].eps, out[0].correction, out[0].eps_mode) == (1e-8, 0, "var")
+    assert out[2].gain is scaled.gain and out[2].scale == scaled.scale and out[2].eps == 1e-5
+    assert out.state_dict().keys() == keys  # timm checkpoints still load
+    with torch.no_grad():
+        assert rel_err(out(x), before) <= 1e-13
+    assert summary == ["0: StdConv2d -> WSConv2d", "2: ScaledStdConv2d -> ScaledWSConv2d"]
+    assert _matches_reference(original, out, x)
+    _, ws_off = wsbcn.convert(nn.Sequential(layers.StdConv2d(4, 6, 3)), ws=False, return_summary=True)
+    assert "0: StdConv2d left alone: ws=False" in ws_off
+
+
+def test_norm_act_layers_fuse_their_activation_and_keep_the_rest(layers):
+    torch.manual_seed(23)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3), layers.BatchNormAct2d(8),                                   # ReLU: fused
+        nn.Conv2d(8, 8, 1), layers.GroupNormAct(8, num_groups=4, act_layer=nn.GELU),  # GELU: kept after
+        nn.Conv2d(8, 8, 1), layers.BatchNormAct2d(8, act_layer=nn.SiLU,              # a drop before SiLU
+                                                  drop_layer=functools.partial(nn.Dropout, 0.5)),
+        nn.Conv2d(8, 8, 1), layers.BatchNormAct2d(8, apply_act=False), nn.SiLU(),      # the next SiLU fuses
+    ).double()
+    _randomize(model)
+    original = copy.deepcopy(model)
+    drop = model[5].drop
+    out, summary = wsbcn.convert(model, num_groups=4, return_summary=True)
+    assert [type(out.get_submodule(str(i))) for i in (0, 2, 4, 6)] == [wsbcn.WSConv2d] * 4
+    assert type(out.get_submodule("1")) is wsbcn.BatchChannelNorm2d and out.get_submodule("1").activation == "relu"
+    gn_act = out.get_submodule("3")
+    assert type(gn_act) is NormAct and type(gn_act.act) is nn.GELU and gn_act.norm.activation is None
+    assert gn_act.norm.num_groups == 4 and torch.equal(gn_act.norm.group_weight.reshape(-1), original[3].weight)
+    dropped = out.get_submodule("5")
+    assert type(dropped) is NormAct and dropped.drop is drop and type(dropped.act) is nn.SiLU
+    assert out.get_submodule("7").activation == "silu" and "7: fused the following silu" in summary
+    x = torch.randn(2, 3, 7, 7, dtype=torch.float64)
+    assert _matches_reference(original, out, x)
+    _train_step(out, x)
+    # the second convert finds everything converted (NormAct counts as a wsbcn norm)
+    again, summary = wsbcn.convert(out, return_summary=True)
+    assert summary == ["nothing to convert: no norm layer with a convert rule, and no convolution feeding a norm "
+                       "(already converted: 4 WSConv and 4 wsbcn norm layers)"]
+
+
+def test_group_norm_act_as_gn_computes_what_timm_does(layers):
+    torch.manual_seed(24)
+    model = _randomize(nn.Sequential(layers.StdConv2d(3, 8, 3), layers.GroupNormAct(8, num_groups=4),
+                                     layers.StdConv2d(8, 8, 3), layers.GroupNormAct(8, num_groups=2,
+                                                                                     act_layer=nn.SiLU))).double()
+    x = torch.randn(2, 3, 9, 9, dtype=torch.float64)
+    with torch.no_grad():
+        before = model(x)
+    out = wsbcn.convert(model, norm="gn")
+    assert [getattr(m, "activation", None) for m in out if isinstance(m, wsbcn.GroupNorm)] == ["relu", "silu"]
+    with torch.no_grad():
+        assert rel_err(out(x), before) <= 1e-13
+
+
+# ---------------------------------------------------------------------------------------
+# What the summary says about what convert left alone
+
+
+@_named_as("tests.custom.MyNorm")
+class _MyNorm(nn.Module):
+    """A hand-written norm convert has no rule for."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(c))
+
+    def forward(self, x):
+        return x / x.std(dim=(2, 3), keepdim=True) * self.scale.view(1, -1, 1, 1)
+
+
+def test_layers_without_a_rule_stay_modules_and_are_named(caplog):
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), _MyNorm(8), nn.InstanceNorm2d(8), nn.ConvTranspose2d(8, 8, 3),
+                          nn.BatchNorm2d(8), nn.ReLU())
+    mine = model[1]
+    with caplog.at_level(logging.INFO, logger="wsbcn"):
+        out, summary = wsbcn.convert(model, num_groups=4, return_summary=True)
+    assert isinstance(out, torch.fx.GraphModule) and out.get_submodule("1") is mine  # not inlined
+    assert "1: MyNorm left alone: no convert rule for MyNorm" in summary
+    assert "2: InstanceNorm2d left alone: no convert rule for InstanceNorm2d" in summary
+    assert "3: ConvTranspose2d left alone: no convert rule for ConvTranspose2d" in summary
+    assert "0: Conv2d left alone: feeds 1 (MyNorm), which is left alone" in summary
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warned) == 3 and all("left alone: no convert rule for" in w for w in warned)
+    sub = type("SubBatchNorm", (nn.BatchNorm2d,), {})
+    _, summary = wsbcn.convert(nn.Sequential(nn.Conv2d(3, 4, 1), sub(4)), return_summary=True)
+    assert ("1: SubBatchNorm left alone: no convert rule for SubBatchNorm (a subclass of BatchNorm2d: its forward "
+            "may differ; register it if it computes the same)") in summary
+
+
+def test_a_model_with_nothing_convertible_says_so_at_warning(caplog):
+    with caplog.at_level(logging.INFO, logger="wsbcn"):
+        _, summary = wsbcn.convert(nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4)), return_summary=True)
+    assert summary[0] == "nothing to convert: 1 conv/norm layer left alone, listed below"
+    assert caplog.records[0].levelno == logging.WARNING
+    assert "1: LayerNorm left alone: no convert rule for LayerNorm" in summary
+
+
+class _Scaled(nn.Module):
+    """A block holding a parameter of its own besides its layers: kept whole."""
+
+    def __init__(self):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.full((1,), 0.5))
+        self.conv = nn.Conv2d(8, 8, 1)
+        self.bn = nn.BatchNorm2d(8)
+
+    def forward(self, x):
+        return self.gamma * self.bn(self.conv(x))
+
+
+def test_a_block_with_its_own_parameters_is_kept_whole_and_converted_inside():
+    model = nn.Sequential(nn.Conv2d(3, 8, 1), nn.BatchNorm2d(8), nn.ReLU(), _Scaled())
+    block = model[3]
+    out, summary = wsbcn.convert(model, num_groups=4, return_summary=True)
+    assert out.get_submodule("3") is block and type(block.conv) is wsbcn.WSConv2d
+    assert type(block.bn) is wsbcn.BatchChannelNorm2d and block.bn.activation is None
+    assert any(line.startswith("3: _Scaled kept as one module") for line in summary)
+    assert out(torch.randn(2, 3, 4, 4)).shape == (2, 8, 4, 4)
+
+
+class _Split(nn.Module):
+    """A module with a parameter that returns a tuple its caller iterates over (as
+    torchvision's FPN does with its LastLevelMaxPool's): as an fx leaf it would make
+    tracing fail, so convert traces through it instead."""
+
+    def __init__(self):
+        super().__init__()
+        self.alpha = nn.Parameter(torch.full((1,), 2.0))
+
+    def forward(self, x):
+        return x * self.alpha, x
+
+
+class _UsesSplit(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn, self.relu, self.split = nn.Conv2d(3, 8, 1), nn.BatchNorm2d(8), nn.ReLU(), _Split()
+
+    def forward(self, x):
+        return sum(list(self.split(self.relu(self.bn(self.conv(x))))))
+
+
+def test_a_stateful_module_that_cannot_be_a_leaf_is_traced_through():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no module-order fallback
+        out, summary = wsbcn.convert(_UsesSplit(), num_groups=4, return_summary=True)
+    assert out.get_submodule("bn").activation == "relu"
+    assert any(line.startswith("torch.fx could not trace the model with its stateful modules as leaves")
+               for line in summary)
+    assert out(torch.randn(2, 3, 4, 4)).shape == (2, 8, 4, 4)
+
+
+# ---------------------------------------------------------------------------------------
+# The registry
+
+
+def test_builtin_rules_and_the_docs_table():
+    for name in ("torchvision.ops.misc.FrozenBatchNorm2d", "timm.layers.norm_act.BatchNormAct2d",
+                 "timm.layers.norm_act.GroupNormAct", "timm.layers.std_conv.StdConv2d",
+                 "timm.layers.std_conv.ScaledStdConv2d"):
+        assert convert_rule_for(name) is not None, name
+    for cls in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.GroupNorm, nn.Conv1d,
+                nn.Conv2d, nn.Conv3d):
+        assert convert_rule_for(cls) is not None, cls
+    assert convert_rule_for(_FrozenBatchNorm2d) is convert_rule_for("torchvision.ops.misc.FrozenBatchNorm2d")
+    table = convert_rules_table()
+    assert len(table.splitlines()) <= 15
+    docs = pathlib.Path(__file__).resolve().parents[1] / "docs" / "convert.md"
+    assert table in docs.read_text(), "docs/convert.md's table is out of date: paste convert_rules_table()"
+
+
+@pytest.fixture
+def registered():
+    """Register rules for the test, and forget them afterwards."""
+    done = []
+
+    def register(layer_type, rule, **kwargs):
+        register_convert_rule(layer_type, rule, **kwargs)
+        done.append(layer_type)
+
+    yield register
+    for layer_type in done:
+        unregister_convert_rule(layer_type)
+
+
+def _my_norm_rule(width_change=0):
+    return ConvertRule("norm", lambda m, spec: bn_like_norm(spec, m.scale.numel() + width_change, weight=m.scale,
+                                                            bias=torch.zeros_like(m.scale)),
+                       channels=lambda m: m.scale.numel(), carries="scale")
+
+
+@pytest.mark.parametrize("by", ["class", "name"])
+def test_a_registered_user_layer_is_converted(registered, by):
+    registered(_MyNorm if by == "class" else "tests.custom.MyNorm", _my_norm_rule())
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), _MyNorm(8), nn.ReLU())
+    scale = model[1].scale
+    out, summary = wsbcn.convert(model, num_groups=4, return_summary=True)
+    assert type(out.get_submodule("0")) is wsbcn.WSConv2d
+    assert type(out.get_submodule("1")) is wsbcn.BatchChannelNorm2d and out.get_submodule("1").activation == "relu"
+    assert out.get_submodule("1").weight is scale  # the same Parameter
+    assert not any("left alone" in line for line in summary)
+
+
+def test_a_builtin_rule_serves_a_user_class(registered):
+    class MyFrozen(_FrozenBatchNorm2d):  # a subclass: no rule until registered
+        pass
+
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), MyFrozen(8))
+    assert "left alone" in wsbcn.convert(copy.deepcopy(model), return_summary=True)[1][-1]
+    registered(MyFrozen, convert_rule_for("torchvision.ops.misc.FrozenBatchNorm2d"))
+    assert type(wsbcn.convert(model, num_groups=4)[1]) is wsbcn.BatchChannelNorm2d
+
+
+def test_registering_checks_its_arguments(registered):
+    with pytest.raises(ValueError, match="already has a convert rule"):
+        register_convert_rule(nn.BatchNorm2d, convert_rule_for(nn.BatchNorm2d))
+    with pytest.raises(TypeError, match="ConvertRule"):
+        register_convert_rule(_MyNorm, lambda m, spec: m)
+    with pytest.raises(TypeError, match="nn.Module"):
+        register_convert_rule(int, _my_norm_rule())
+    with pytest.raises(ValueError, match="package.module.Class"):
+        register_convert_rule("MyNorm", _my_norm_rule())
+    with pytest.raises(ValueError, match="kind"):
+        ConvertRule("act", lambda m: m)
+    with pytest.raises(KeyError, match="no convert rule"):
+        unregister_convert_rule(_MyNorm)
+
+
+def _snapshot(model):
+    return dict(model.named_modules()), {k: v.clone() for k, v in model.state_dict().items()}, \
+        [id(p) for p in model.parameters()]
+
+
+def _unchanged(model, snapshot):
+    modules, state, params = snapshot
+    return (dict(model.named_modules()) == modules and [id(p) for p in model.parameters()] == params
+            and all(torch.equal(v, state[k]) for k, v in model.state_dict().items()))
+
+
+def test_a_rule_returning_the_wrong_width_fails_naming_the_layer_and_changes_nothing(registered):
+    registered(_MyNorm, _my_norm_rule(width_change=8))
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(),
+                          nn.Sequential(nn.Conv2d(8, 8, 3), _MyNorm(8)))
+    snapshot = _snapshot(model)
+    with pytest.raises(ValueError, match=r"'3\.1' has 8") as info:
+        wsbcn.convert(model, num_groups=4)
+    assert "16 channels" in str(info.value) and "MyNorm" in str(info.value)
+    assert _unchanged(model, snapshot)
+
+
+def test_a_failure_while_swapping_puts_the_old_layers_back(monkeypatch):
+    def broken_graph_module(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(convert_module, "fx", types.SimpleNamespace(GraphModule=broken_graph_module))
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 1), nn.BatchNorm2d(8))
+    snapshot = _snapshot(model)
+    with pytest.raises(RuntimeError, match="boom"):
+        wsbcn.convert(model, num_groups=4)  # the ReLU fuses: GraphModule comes last
+    assert _unchanged(model, snapshot)
+
+
+# ---------------------------------------------------------------------------------------
+# Whole models: torchvision detection with FrozenBatchNorm2d, timm BiT (real classes only)
+
+
+def test_detection_backbone_with_frozen_batch_norm():
+    _, misc, backbone_utils, detection = _import_or_skip(
+        "torchvision", "torchvision.ops.misc", "torchvision.models.detection.backbone_utils",
+        "torchvision.models.detection")
+    torch.manual_seed(30)
+    backbone = backbone_utils.resnet_fpn_backbone(backbone_name="resnet50", weights=None,
+                                                  norm_layer=misc.FrozenBatchNorm2d)
+    _randomize(backbone)
+    before = _census(backbone)
+    assert before["FrozenBatchNorm2d"] == 53 and before["Conv2d"] == 61
+    original = copy.deepcopy(backbone).double()
+    converted, summary = wsbcn.convert(copy.deepcopy(backbone).double(), return_summary=True)
+    after = _census(converted)
+    assert after["FrozenBatchNorm2d"] == 0 and after["BatchChannelNorm2d"] == 53
+    assert after["WSConv2d"] == 53 and after["Conv2d"] == 8  # the FPN's convs feed no norm
+    assert sum("left alone: its output feeds no norm" in line for line in summary) == 8
+    assert sum("fused the following relu" in line for line in summary) == 33
+    assert _matches_reference(original, converted, torch.randn(1, 3, 64, 64, dtype=torch.float64))
+    kept, summary = wsbcn.convert(copy.deepcopy(backbone), keep_frozen=True, return_summary=True)
+    assert _census(kept)["FrozenBatchNorm2d"] == 53 and _census(kept)["WSConv2d"] == 0
+    assert summary[0] == "nothing to convert: 114 conv/norm layers left alone, listed below"
+    assert sum("kept frozen (keep_frozen=True)" in line for line in summary) == 53 * 2
+    # a detection train step with the converted backbone
+    model = detection.FasterRCNN(backbone, num_classes=3, min_size=64, max_size=64)
+    model.backbone = wsbcn.convert(model.backbone)
+    model.train()
+    images = [torch.rand(3, 64, 64), torch.rand(3, 64, 64)]
+    targets = [{"boxes": torch.tensor([[4.0, 4.0, 40.0, 40.0]]), "labels": torch.tensor([1])}] * 2
+    losses = model(images, targets)
+    sum(losses.values()).backward()
+    assert all(torch.isfinite(v) for v in losses.values())
+    assert model.backbone.get_submodule("body.layer1.0.bn1").weight.grad is not None
+
+
+@pytest.mark.parametrize("norm", ["bcn", "gn"])
+def test_timm_bit_resnetv2(norm):
+    _, timm = _import_or_skip("torchvision", "timm")
+    torch.manual_seed(31)
+    model = _randomize(timm.create_model("resnetv2_50x1_bit", pretrained=False, num_classes=10)).double()
+    before = _census(model)
+    assert before["StdConv2d"] == 53 and before["GroupNormAct"] == 49
+    original = copy.deepcopy(model)
+    x = torch.randn(1, 3, 32, 32, dtype=torch.float64)
+    with torch.no_grad():
+        timm_out = model.eval()(x)
+    converted, summary = wsbcn.convert(model, norm=norm, return_summary=True)
+    after = _census(converted)
+    target = "BatchChannelNorm2d" if norm == "bcn" else "GroupNorm"
+    assert after["StdConv2d"] == 0 and after["GroupNormAct"] == 0
+    assert after["WSConv2d"] == 53 and after[target] == 49
+    assert all(m.activation == "relu" for m in converted.modules() if type(m).__name__ == target)
+    assert "head.fc: Conv2d left alone: its output feeds no norm (WS without a norm after it hurts training)" in summary
+    assert _matches_reference(original, converted, x)
+    if norm == "gn":  # GroupNorm for GroupNorm, WS for WS: timm's numbers
+        with torch.no_grad():
+            assert rel_err(converted.eval()(x), timm_out) <= 1e-12
+    _train_step(converted, x.repeat(2, 1, 1, 1))

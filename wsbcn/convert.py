@@ -1,17 +1,34 @@
 """wsbcn.convert: swap the convolutions and norms of an existing model.
 
-- a convolution whose output feeds a normalization layer becomes a WSConv (WS
-  without a following norm hurts, so other convolutions are left alone);
-- BatchNorm / GroupNorm layers become BatchChannelNorm (norm="bcn") or
-  wsbcn.GroupNorm (norm="gn"), weights and buffers carried over;
+What convert knows is one table, ``convert_registry``: source layer type -> rule
+(what it becomes, what carries over, which activation fuses). Built in
+(``convert_builtin``): torch.nn BatchNorm1d/2d/3d, SyncBatchNorm, GroupNorm,
+Conv1d/2d/3d; torchvision FrozenBatchNorm2d; timm BatchNormAct2d, GroupNormAct,
+FrozenBatchNormAct2d, StdConv2d, ScaledStdConv2d (recognized by class name: convert
+never imports torchvision or timm). ``register_convert_rule`` adds a type.
+
+- a convolution whose output feeds a norm becomes a WSConv (WS without a following
+  norm hurts, so other convolutions are left alone); timm's StdConv2d/ScaledStdConv2d,
+  already standardized, always become the WSConv of the same formula;
+- norm layers become BatchChannelNorm (norm="bcn") or wsbcn.GroupNorm (norm="gn"),
+  weights and buffers carried over; a FrozenBatchNorm2d too, its BN stage starting
+  from the frozen statistics and affine, unless ``keep_frozen=True`` (then it stays,
+  and so does the convolution feeding it);
 - a ReLU/SiLU that consumes only a norm's output is fused as ``activation=``.
 
-The data flow is read with torch.fx. When tracing fails, a module-order fallback
-(a conv directly followed, in registration order, by a norm of matching width)
-is used, with a warning, and nothing is fused. Convolutions and norms are swapped
-in place on the model, reusing the Parameter objects (optimizers keep working);
-when an activation is fused the model returned is an ``fx.GraphModule`` with the
-activation call removed from the graph.
+The data flow is read with torch.fx; layers stay modules (fx leaves, see
+``convert_plan``). When tracing fails, a module-order fallback (a conv directly
+followed, in registration order, by a norm of matching width) is used, with a
+warning, and nothing is fused. Layers are swapped in place on the model, reusing the
+Parameter objects (optimizers keep working); when an activation is fused the model
+returned is an ``fx.GraphModule`` with the activation call removed from the graph.
+Every replacement is built and checked before the first swap, and a failure while
+swapping puts the old layers back: a convert that raises leaves the model as it was.
+
+The summary lists what changed and every conv/norm-like layer left alone, with its
+path and why (no rule for its type, its output feeds no norm, kept frozen, ...); it
+is logged on the ``wsbcn`` logger, at WARNING for a changed group count, for layer
+types without a rule, and for a model with nothing convertible.
 
 wsbcn layers are never converted again: they are leaves to torch.fx, and count as
 the norm a plain convolution feeds. So converting a converted model is a no-op
@@ -21,209 +38,209 @@ with ``ws=True``). A BatchNorm's channels must split into equal groups: when
 is used, and the summary and the log (at WARNING) say so.
 """
 import logging
-import math
 import warnings
+from collections import Counter
 
-import torch
 import torch.fx as fx
-import torch.nn.functional as F
 from torch import nn
 
-from .modules.norm import BatchChannelNorm1d, BatchChannelNorm2d, BatchChannelNorm3d, GroupNorm
-from .modules.ws_conv import WSConv1d, WSConv2d, WSConv3d
+from . import convert_builtin  # noqa: F401  (registers the built-in rules)
+from .convert_builtin import bn_like_norm  # noqa: F401  (public: a helper for user rules)
+from .convert_layers import NormAct, ScaledWSConv2d  # noqa: F401
+from .convert_plan import Flow, Tracer, by_module_order, census, decide, flow_from_graph, role_of
+from .convert_registry import (ConvertRule, NormSpec, convert_rule_for, convert_rules,  # noqa: F401
+                               convert_rules_table, register_convert_rule, unregister_convert_rule)
+from .modules import WSConv1d, WSConv2d, WSConv3d
 
 log = logging.getLogger("wsbcn")
 
-_WS = {nn.Conv1d: WSConv1d, nn.Conv2d: WSConv2d, nn.Conv3d: WSConv3d}
-_BCN_BY_DIMS = {1: BatchChannelNorm1d, 2: BatchChannelNorm2d, 3: BatchChannelNorm3d}
-_BN_DIMS = {nn.BatchNorm1d: 1, nn.BatchNorm2d: 2, nn.BatchNorm3d: 3, nn.SyncBatchNorm: 2}
-_ACT_MODULES = {nn.ReLU: "relu", nn.SiLU: "silu"}
-_ACT_FUNCTIONS = {F.relu: "relu", torch.relu: "relu", F.silu: "silu"}
-_WSBCN_CONVS = (WSConv1d, WSConv2d, WSConv3d)
-_WSBCN_NORMS = (BatchChannelNorm1d, BatchChannelNorm2d, BatchChannelNorm3d, GroupNorm)
+__all__ = ["convert", "register_convert_rule", "unregister_convert_rule", "convert_rule_for", "convert_rules",
+           "convert_rules_table", "ConvertRule", "NormSpec", "bn_like_norm", "NormAct", "ScaledWSConv2d"]
 
 
-def _is_norm(m) -> bool:
-    """A norm layer that convert swaps."""
-    return type(m) in _BN_DIMS or type(m) is nn.GroupNorm
-
-
-def _is_any_norm(m) -> bool:
-    """A norm layer that makes the convolution feeding it a WSConv: swappable or already wsbcn."""
-    return _is_norm(m) or isinstance(m, _WSBCN_NORMS)
-
-
-def _width(norm) -> int:
-    return norm.num_features if type(norm) in _BN_DIMS else norm.num_channels
-
-
-class _Tracer(fx.Tracer):
-    """Treats wsbcn layers as leaves, like torch.nn's own: their input checks branch
-    on shapes, which symbolic tracing cannot follow."""
-
-    def is_leaf_module(self, m, qualname):
-        return isinstance(m, _WSBCN_CONVS + _WSBCN_NORMS) or super().is_leaf_module(m, qualname)
-
-
-def _ws_conv(conv):
-    ws = _WS[type(conv)](conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride,
-                         padding=conv.padding, dilation=conv.dilation, groups=conv.groups,
-                         bias=conv.bias is not None, padding_mode=conv.padding_mode,
-                         device=conv.weight.device, dtype=conv.weight.dtype)
-    ws.weight = conv.weight  # the same Parameter objects: optimizers keep working
-    if conv.bias is not None:
-        ws.bias = conv.bias
-    ws.train(conv.training)
-    return ws
-
-
-def _groups_for(channels, num_groups):
-    return math.gcd(channels, num_groups)
-
-
-def _new_norm(old, norm, num_groups, estimate, activation, dims, process_group):
-    c = old.num_features if type(old) in _BN_DIMS else old.num_channels
-    ref = next(iter(old.parameters()), None)
-    factory = dict(device=ref.device if ref is not None else None, dtype=ref.dtype if ref is not None else None)
-    if norm == "gn":
-        g = old.num_groups if type(old) is nn.GroupNorm else _groups_for(c, num_groups)
-        new = GroupNorm(g, c, eps=old.eps, affine=old.weight is not None, activation=activation, **factory)
-        if old.weight is not None:
-            new.weight, new.bias = old.weight, old.bias
-    elif type(old) is nn.GroupNorm:
-        cls = _BCN_BY_DIMS[dims or 2]
-        new = cls(c, num_groups=old.num_groups, eps=old.eps, estimate=estimate, affine=old.weight is not None,
-                  group_affine=False, activation=activation, process_group=process_group, **factory)
-        if old.weight is not None:  # GN's per-channel affine is the channel stage's
-            with torch.no_grad():
-                new.group_weight.copy_(old.weight.reshape(1, c, 1))
-                new.group_bias.copy_(old.bias.reshape(1, c, 1))
-    else:
-        cls = _BCN_BY_DIMS[dims or _BN_DIMS[type(old)]]
-        new = cls(c, num_groups=_groups_for(c, num_groups), eps=old.eps, momentum=old.momentum, estimate=estimate,
-                  affine=old.affine, activation=activation, process_group=process_group, **factory)
-        if old.affine:
-            new.weight, new.bias = old.weight, old.bias
-        if old.track_running_stats:
-            with torch.no_grad():
-                new.running_mean.copy_(old.running_mean)
-                new.running_var.copy_(old.running_var)
-                new.num_batches_tracked.copy_(old.num_batches_tracked)
-    new.train(old.training)
-    return new
-
-
-def _set_module(root, name, module):
-    parent_name, _, leaf = name.rpartition(".")
-    setattr(root.get_submodule(parent_name) if parent_name else root, leaf, module)
-
-
-def _act_of(node, modules):
-    if node.op == "call_module" and type(modules.get(node.target)) in _ACT_MODULES:
-        return _ACT_MODULES[type(modules[node.target])]
-    if node.op == "call_function" and node.target in _ACT_FUNCTIONS:
-        return _ACT_FUNCTIONS[node.target]
-    return None
-
-
-def _plan_from_graph(graph, modules, fuse_activation):
-    """(convs to standardize, norms to swap with their conv dims, fusions)."""
-    calls = {}
-    for node in graph.nodes:
-        if node.op == "call_module":
-            calls[node.target] = calls.get(node.target, 0) + 1
-    convs, norms, fusions = [], {}, []
-    for node in graph.nodes:
-        if node.op != "call_module" or not _is_any_norm(modules[node.target]):
-            continue
-        src = node.args[0] if node.args else None
-        dims = None
-        if isinstance(src, fx.Node) and src.op == "call_module" and type(modules.get(src.target)) in _WS:
-            convs.append(src.target)
-            dims = modules[src.target].weight.dim() - 2
-        if not _is_norm(modules[node.target]):
-            continue  # already a wsbcn layer: only its convolution is converted
-        norms[node.target] = dims
-        users = list(node.users)
-        if fuse_activation and calls[node.target] == 1 and len(users) == 1:
-            act_node = users[0]
-            act = _act_of(act_node, modules)
-            # the activation must consume the norm's output and nothing else
-            if act is not None and tuple(act_node.args) == (node,):
-                fusions.append((node, act_node, act))
-    return list(dict.fromkeys(convs)), norms, fusions
-
-
-def _plan_by_module_order(model):
-    named = list(model.named_modules())
-    convs, norms = [], {}
-    for (name_a, a), (name_b, b) in zip(named, named[1:]):
-        if type(a) in _WS and _is_any_norm(b) and _width(b) == a.out_channels:
-            convs.append(name_a)
-            if _is_norm(b):
-                norms[name_b] = a.weight.dim() - 2
-    for name, m in named:
-        if _is_norm(m) and name not in norms:
-            norms[name] = None
-    return convs, norms
-
-
-def convert(model: nn.Module, norm: str = "bcn", num_groups: int = 32, estimate: bool = False, ws: bool = True,
-            fuse_activation: bool = True, process_group=None, return_summary: bool = False):
-    """Convert ``model`` (see the module docstring). Returns the converted model,
-    and with ``return_summary=True`` also a list of lines saying what changed."""
+def _check_arguments(model, norm, num_groups, keep_frozen):
     if norm not in ("bcn", "gn"):
         raise ValueError(f"norm must be 'bcn' or 'gn', got {norm!r}")
     if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups <= 0:
         raise ValueError(f"num_groups must be a positive int, got {num_groups!r}")
+    if not isinstance(keep_frozen, bool):
+        raise TypeError(f"keep_frozen must be a bool, got {type(keep_frozen).__name__}")
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    summary, adjusted = [], set()
-    modules = dict(model.named_modules())
-    has_work = any(_is_norm(m) for m in modules.values()) or (
-        ws and any(type(m) in _WS for m in modules.values()) and any(map(_is_any_norm, modules.values())))
-    graph, convs, norms, fusions = None, [], {}, []
-    if has_work:  # else nothing can change: no tracing, so no fallback warning either
+
+
+def _flow(model, layers):
+    """The data flow, from torch.fx (graph returned for fusion) or module order; and a
+    note when tracing needed the retry that traces through stateful modules."""
+    if not any(role.rule is not None for _, _, role in layers):
+        return Flow(called=None), None, None  # nothing can change: no tracing, so no fallback warning either
+    note = None
+    for keep_stateful in (True, False):
+        tracer = Tracer(keep_stateful)
         try:
-            graph = _Tracer().trace(model)
-            convs, norms, fusions = _plan_from_graph(graph, modules, fuse_activation)
+            graph = tracer.trace(model)
+            break
         except Exception as exc:  # tracing fails on data-dependent control flow
-            warnings.warn(f"wsbcn.convert: torch.fx could not trace the model ({type(exc).__name__}: {exc}); "
-                          "falling back to module order, without activation fusion", stacklevel=2)
-            graph, fusions = None, []
-            convs, norms = _plan_by_module_order(model)
-    fused_act = {n.target: act for n, _, act in fusions}
-    if ws:
-        for name in convs:
-            old = model.get_submodule(name)
-            new = _ws_conv(old)
-            _set_module(model, name, new)
-            summary.append(f"{name}: {type(old).__name__} -> {type(new).__name__}")
-    for name, dims in norms.items():
-        old = model.get_submodule(name)
-        new = _new_norm(old, norm, num_groups, estimate, fused_act.get(name), dims, process_group)
-        _set_module(model, name, new)
-        summary.append(f"{name}: {type(old).__name__} -> {new!r}")
-        if type(old) in _BN_DIMS and new.num_groups != num_groups:
-            summary.append(f"{name}: num_groups={num_groups} does not divide its {_width(old)} channels; "
-                           f"it has {new.num_groups} groups (the greatest common divisor)")
-            adjusted.add(summary[-1])
-    result = model
-    if fusions:
-        for norm_node, act_node, act in fusions:
+            error = f"{type(exc).__name__}: {exc}"
+            note = ("torch.fx could not trace the model with its stateful modules as leaves "
+                    f"({error}); traced through them instead")
+    else:
+        warnings.warn(f"wsbcn.convert: torch.fx could not trace the model ({error}); "
+                      "falling back to module order, without activation fusion", stacklevel=3)
+        return by_module_order(layers), None, None
+    kept = {path: m for path, m in tracer.kept_whole.items()
+            if any(p.startswith(path + ".") and role.rule is not None for p, _, role in layers)}
+    return flow_from_graph(graph, model, layers, kept), graph, note
+
+
+def _add_note(exc, note):
+    if hasattr(exc, "add_note"):  # Python 3.11+
+        exc.add_note(note)
+
+
+def _built_channels(new):
+    for name in ("num_channels", "num_features", "out_channels"):
+        value = getattr(new, name, None)
+        if isinstance(value, int):
+            return value
+    return None
+
+
+def _build(path, old, rule, *args):
+    """rule.build(old, *args), checked: an nn.Module of the layer's channel count."""
+    what = f"the {type(old).__name__} rule's build for layer {path!r}"
+    try:
+        new = rule.build(old, *args)
+    except Exception as exc:
+        _add_note(exc, f"wsbcn.convert: raised by {what}; the model is unchanged")
+        raise
+    if not isinstance(new, nn.Module):
+        raise TypeError(f"wsbcn.convert: {what} returned a {type(new).__name__}, not an nn.Module; "
+                        "the model is unchanged")
+    want, got = rule.channels(old), _built_channels(new)
+    if got is None:
+        raise TypeError(f"wsbcn.convert: {what} returned a {type(new).__name__} with no num_channels, "
+                        "num_features or out_channels to check its width against; the model is unchanged")
+    if got != want:
+        raise ValueError(f"wsbcn.convert: {what} returned a {type(new).__name__} with {got} channels, but "
+                         f"{path!r} has {want}; the model is unchanged")
+    if rule.kind == "conv" and getattr(new, "in_channels", old.in_channels) != old.in_channels:
+        raise ValueError(f"wsbcn.convert: {what} returned a {type(new).__name__} with {new.in_channels} input "
+                         f"channels, but {path!r} has {old.in_channels}; the model is unchanged")
+    new.train(old.training)
+    return new
+
+
+def _describe(new):
+    if isinstance(new, NormAct):
+        return f"{new.norm!r}, then its {new.drop!r} and {new.act!r} (not fused)"
+    return type(new).__name__ if isinstance(new, (WSConv1d, WSConv2d, WSConv3d)) else repr(new)
+
+
+def _set_module(root, path, module):
+    parent, _, leaf = path.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, leaf, module)
+
+
+def _swap(model, replacements, fusions, graph):
+    """Put the new layers in, fuse, and return the model (a GraphModule when fusing);
+    on any failure put the old layers back and re-raise."""
+    done = []
+    try:
+        for path, old, new in replacements:
+            _set_module(model, path, new)
+            done.append((path, old))
+        if not fusions:
+            return model
+        for norm_node, act_node, _ in fusions:
             act_node.replace_all_uses_with(norm_node)
             graph.erase_node(act_node)
-            summary.append(f"{norm_node.target}: fused the following {act}")
         graph.lint()
         result = fx.GraphModule(model, graph, class_name=type(model).__name__)
-    if not summary:
-        n_ws = sum(isinstance(m, _WSBCN_CONVS) for m in modules.values())
-        n_norms = sum(isinstance(m, _WSBCN_NORMS) for m in modules.values())
-        summary.append("nothing to convert: no BatchNorm/GroupNorm layer"
-                       + (", and no nn.ConvNd feeding a norm" if ws else "")
-                       + (f" (already converted: {n_ws} WSConv and {n_norms} wsbcn norm layers)"
-                          if n_ws or n_norms else ""))
+        # the model's plain attributes too: callers read some (torchvision's detection
+        # models read backbone.out_channels)
+        for name, value in vars(model).items():
+            if not name.startswith("_") and name != "training" and not hasattr(result, name):
+                setattr(result, name, value)
+        return result
+    except BaseException:
+        for path, old in reversed(done):
+            _set_module(model, path, old)
+        raise
+
+
+def convert(model: nn.Module, norm: str = "bcn", num_groups: int = 32, estimate: bool = False, ws: bool = True,
+            fuse_activation: bool = True, process_group=None, return_summary: bool = False,
+            keep_frozen: bool = False):
+    """Convert ``model`` (see the module docstring). Returns the converted model,
+    and with ``return_summary=True`` also a list of lines saying what changed and
+    what was left alone, and why. ``keep_frozen=True`` leaves frozen layers
+    (FrozenBatchNorm2d) and the convolutions feeding them as they are."""
+    _check_arguments(model, norm, num_groups, keep_frozen)
+    layers = census(model)
+    flow, graph, trace_note = _flow(model, layers)
+    plan = decide(layers, flow, ws, keep_frozen, fuse_activation)
+    by_path = {path: layer for path, layer, _ in layers}
+    fused_act = {node.target: act for node, _, act in plan.fusions}
+
+    replacements, changed, warned = [], [], set()
+    for path in plan.convs:
+        old = by_path[path]
+        new = _build(path, old, convert_rule_for(old))
+        replacements.append((path, old, new))
+        changed.append(f"{path}: {type(old).__name__} -> {_describe(new)}")
+    for path, dims in plan.norms.items():
+        old = by_path[path]
+        rule = convert_rule_for(old)
+        spec = NormSpec(norm, num_groups, estimate, fused_act.get(path), dims, process_group)
+        new = _build(path, old, rule, spec)
+        replacements.append((path, old, new))
+        changed.append(f"{path}: {type(old).__name__} -> {_describe(new)}")
+        channels = rule.channels(old)
+        if not rule.keeps_groups and spec.groups_for(channels) != num_groups:
+            changed.append(f"{path}: num_groups={num_groups} does not divide its {channels} channels; "
+                           f"it has {spec.groups_for(channels)} groups (the greatest common divisor)")
+            warned.add(changed[-1])
+    result = _swap(model, replacements, plan.fusions, graph)
+    changed += [f"{node.target}: fused the following {act}" for node, _, act in plan.fusions]
+
+    summary = changed + ([trace_note] if trace_note else []) + _left_alone_lines(model, layers, plan, flow, warned)
+    if not changed:
+        summary.insert(0, _nothing_line(layers, ws))
+        if not any(role.converted or role.rule is not None for _, _, role in layers):
+            warned.add(summary[0])  # nothing convertible (not merely kept by option): the user should know
     for line in summary:
-        log.log(logging.WARNING if line in adjusted else logging.INFO, "wsbcn.convert: %s", line)
+        log.log(logging.WARNING if line in warned else logging.INFO, "wsbcn.convert: %s", line)
     return (result, summary) if return_summary else result
 
+
+def _left_alone_lines(model, layers, plan, flow, warned):
+    lines = []
+    if role_of(model) is not None:
+        lines.append(f"(the model itself): {type(model).__name__} left alone: convert swaps the layers inside a "
+                     "model; wrap the layer (nn.Sequential(layer)) to convert it")
+    for path, scope in flow.kept_whole.items():
+        lines.append(f"{path}: {type(scope).__name__} kept as one module (it holds parameters or buffers of its "
+                     "own besides sub-modules, and tracing through it would dissolve it): the layers inside it "
+                     "were paired by module order, with nothing fused")
+    unknown = Counter()
+    for path, layer, role in layers:
+        if path in plan.reasons:
+            lines.append(f"{path}: {type(layer).__name__} left alone: {plan.reasons[path]}")
+            if role.rule is None:
+                unknown[type(layer).__name__] += 1
+    for name, n in unknown.items():
+        lines.append(f"{n} {name} layer{'s' if n > 1 else ''} left alone: no convert rule for {name} "
+                     "(wsbcn.convert_registry.register_convert_rule adds one)")
+        warned.add(lines[-1])
+    return lines
+
+
+def _nothing_line(layers, ws):
+    n_ws = sum(isinstance(layer, (WSConv1d, WSConv2d, WSConv3d)) for _, layer, _ in layers)
+    n_norms = sum(role.converted and role.kind == "norm" for _, _, role in layers)
+    n_left = sum(not role.converted for _, _, role in layers)
+    what = (f"{n_left} conv/norm layer{'s' if n_left > 1 else ''} left alone, listed below" if n_left else
+            "no norm layer with a convert rule" + (", and no convolution feeding a norm" if ws else ""))
+    done = f" (already converted: {n_ws} WSConv and {n_norms} wsbcn norm layers)" if n_ws or n_norms else ""
+    return f"nothing to convert: {what}{done}"

@@ -1,0 +1,228 @@
+"""The rules ``wsbcn.convert`` ships with: torch.nn, torchvision and timm layers.
+
+torchvision and timm are never imported here: their rules are registered by class
+name (see ``convert_registry``) and read only the attributes the layers have. The
+formulas each rule reproduces:
+
+- torchvision ``FrozenBatchNorm2d`` (torchvision/ops/misc.py): y = (x - running_mean)
+  * weight / sqrt(running_var + eps) + bias, all four buffers. The BN stage of the
+  BCN layer starts from them (as trainable Parameters), so in eval it computes y.
+- timm ``StdConv2d`` / ``ScaledStdConv2d`` (timm/layers/std_conv.py): the weight goes
+  through ``F.batch_norm(w.reshape(1, out, -1), training=True, eps=eps)``: biased
+  variance, eps inside the square root, i.e. WSConv's eps_mode="var", correction=0,
+  with the layer's eps (timm's default 1e-6; BiT uses 1e-8). ScaledStdConv2d then
+  multiplies by gain * scale per output channel (``ScaledWSConv2d``).
+- timm ``BatchNormAct2d`` / ``GroupNormAct`` / ``FrozenBatchNormAct2d``
+  (timm/layers/norm_act.py): the norm, then ``self.drop``, then ``self.act``.
+"""
+import dataclasses
+
+import torch
+from torch import nn
+
+from .convert_layers import NormAct, ScaledWSConv2d
+from .convert_registry import ConvertRule, NormSpec, register_convert_rule
+from .modules import (BatchChannelNorm1d, BatchChannelNorm2d, BatchChannelNorm3d, GroupNorm, WSConv1d, WSConv2d,
+                      WSConv3d)
+
+_BCN_BY_DIMS = {1: BatchChannelNorm1d, 2: BatchChannelNorm2d, 3: BatchChannelNorm3d}
+_WS_BY_DIMS = {1: WSConv1d, 2: WSConv2d, 3: WSConv3d}
+_ACTIVATIONS = {nn.ReLU: "relu", nn.SiLU: "silu"}  # the activations wsbcn's kernels apply
+_NORM_TARGET = "BatchChannelNormNd / GroupNorm"
+
+
+def _factory(layer) -> dict:
+    """device and dtype of the layer's first floating-point tensor (parameters, then buffers:
+    a FrozenBatchNorm2d has no parameters)."""
+    for t in list(layer.parameters(recurse=False)) + list(layer.buffers(recurse=False)):
+        if t.is_floating_point():
+            return dict(device=t.device, dtype=t.dtype)
+    return dict(device=None, dtype=None)
+
+
+def _as_parameter(t):
+    """The same Parameter object (an optimizer holding it keeps working), or a new
+    Parameter with a copy of a buffer's values (a frozen layer's affine becomes trainable)."""
+    if t is None or isinstance(t, nn.Parameter):
+        return t
+    return nn.Parameter(t.detach().clone())
+
+
+def bn_like_norm(spec: NormSpec, channels: int, *, weight=None, bias=None, running_mean=None, running_var=None,
+                 num_batches_tracked=None, eps: float = 1e-5, momentum=0.1, factory=None) -> nn.Module:
+    """The wsbcn norm for a BatchNorm-like layer (per-channel statistics and affine):
+    BatchChannelNorm with its BN stage starting from ``weight``, ``bias`` and the running
+    statistics (``spec.norm == "bcn"``), or GroupNorm with the affine (``"gn"``; a
+    GroupNorm has no running statistics). A public helper for user rules; ``factory``
+    (device, dtype) defaults to that of the tensors given."""
+    if factory is None:  # the device and dtype of the statistics and affine given
+        given = next((t for t in (weight, running_mean, bias, running_var) if t is not None), None)
+        factory = dict(device=given.device, dtype=given.dtype) if given is not None else {}
+    groups = spec.groups_for(channels)
+    affine = weight is not None
+    if spec.norm == "gn":
+        new = GroupNorm(groups, channels, eps=eps, affine=affine, activation=spec.activation, **factory)
+    else:
+        new = _BCN_BY_DIMS[spec.dims](channels, num_groups=groups, eps=eps, momentum=momentum,
+                                      estimate=spec.estimate, affine=affine, activation=spec.activation,
+                                      process_group=spec.process_group, **factory)
+        with torch.no_grad():
+            if running_mean is not None:
+                new.running_mean.copy_(running_mean)
+                new.running_var.copy_(running_var)
+            if num_batches_tracked is not None:
+                new.num_batches_tracked.copy_(num_batches_tracked)
+    if affine:
+        new.weight, new.bias = _as_parameter(weight), _as_parameter(bias)
+    return new
+
+
+def _batch_norm(layer, spec):
+    return bn_like_norm(spec, layer.num_features, weight=layer.weight, bias=layer.bias,
+                        running_mean=layer.running_mean, running_var=layer.running_var,
+                        num_batches_tracked=layer.num_batches_tracked, eps=layer.eps, momentum=layer.momentum,
+                        factory=_factory(layer))
+
+
+def _frozen_batch_norm(layer, spec):
+    return bn_like_norm(spec, layer.weight.shape[0], weight=layer.weight, bias=layer.bias,
+                        running_mean=layer.running_mean, running_var=layer.running_var, eps=layer.eps,
+                        factory=_factory(layer))
+
+
+def _group_norm(layer, spec):
+    """A GroupNorm keeps its group count. As BCN, its per-channel affine is the channel
+    stage's (group_affine=False) and the BN stage starts as the identity's statistics."""
+    c, factory = layer.num_channels, _factory(layer)
+    affine = layer.weight is not None
+    if spec.norm == "gn":
+        new = GroupNorm(layer.num_groups, c, eps=layer.eps, affine=affine, activation=spec.activation, **factory)
+        if affine:
+            new.weight, new.bias = layer.weight, layer.bias
+        return new
+    new = _BCN_BY_DIMS[spec.dims](c, num_groups=layer.num_groups, eps=layer.eps, estimate=spec.estimate,
+                                  affine=affine, group_affine=False, activation=spec.activation,
+                                  process_group=spec.process_group, **factory)
+    if affine:
+        with torch.no_grad():
+            new.group_weight.copy_(layer.weight.reshape(1, c, 1))
+            new.group_bias.copy_(layer.bias.reshape(1, c, 1))
+    return new
+
+
+def _ws_conv(layer, **ws):
+    cls = _WS_BY_DIMS[layer.weight.dim() - 2]
+    new = cls(layer.in_channels, layer.out_channels, layer.kernel_size, stride=layer.stride, padding=layer.padding,
+              dilation=layer.dilation, groups=layer.groups, bias=layer.bias is not None,
+              padding_mode=layer.padding_mode, device=layer.weight.device, dtype=layer.weight.dtype, **ws)
+    new.weight = layer.weight  # the same Parameter objects: optimizers keep working
+    if layer.bias is not None:
+        new.bias = layer.bias
+    return new
+
+
+def _std_conv(layer):
+    return _ws_conv(layer, eps=layer.eps, correction=0, eps_mode="var")
+
+
+def _scaled_std_conv(layer):
+    new = ScaledWSConv2d(layer.in_channels, layer.out_channels, layer.kernel_size, stride=layer.stride,
+                         padding=layer.padding, dilation=layer.dilation, groups=layer.groups,
+                         bias=layer.bias is not None, device=layer.weight.device, dtype=layer.weight.dtype,
+                         eps=layer.eps, correction=0, eps_mode="var", scale=layer.scale)
+    new.weight, new.gain = layer.weight, layer.gain
+    if layer.bias is not None:
+        new.bias = layer.bias
+    return new
+
+
+def _std_conv_skip(layer):
+    # timm's forward ignores padding_mode; WSConv would honour it
+    if getattr(layer, "padding_mode", "zeros") != "zeros":
+        return f"padding_mode={layer.padding_mode!r}, which timm's forward ignores and WSConv2d would apply"
+    return None
+
+
+def _act_name(act):
+    """"relu"/"silu" for an activation wsbcn fuses, None for nn.Identity, False otherwise."""
+    if type(act) is nn.Identity:
+        return None
+    return _ACTIVATIONS.get(type(act), False)
+
+
+def _fuses_own_act(layer) -> bool:
+    return type(layer.drop) is nn.Identity and _act_name(layer.act) is not False
+
+
+def _takes_following_act(layer) -> bool:
+    """Nothing of the layer's own after the norm: a following ReLU/SiLU may fuse."""
+    return type(layer.drop) is nn.Identity and type(layer.act) is nn.Identity
+
+
+def _with_drop_act(build_norm):
+    """A norm+act rule's build: the layer's activation fused when wsbcn has it and no drop
+    layer sits between; otherwise the norm, then the layer's drop and act (``NormAct``)."""
+
+    def build(layer, spec):
+        act = _act_name(layer.act)
+        if _fuses_own_act(layer):
+            return build_norm(layer, dataclasses.replace(spec, activation=act or spec.activation))
+        return NormAct(build_norm(layer, dataclasses.replace(spec, activation=None)), layer.drop, layer.act)
+
+    return build
+
+
+_FOLLOWING = "a following ReLU/SiLU"
+_OWN = "its own ReLU/SiLU if no drop precedes it; a following one if it has no act"
+_BN = dict(becomes=_NORM_TARGET, carries="weight, bias, eps; BCN also running stats, momentum", fuses=_FOLLOWING)
+_GN = dict(becomes=_NORM_TARGET + ", keeping its num_groups",
+           carries="num_groups, eps, weight, bias (BCN: as its channel-stage affine)", fuses=_FOLLOWING)
+_KEPT = "; unchanged with `keep_frozen=True`"
+_FROZEN = dict(becomes=_NORM_TARGET + _KEPT,
+               carries="weight, bias (now trainable), eps; BCN also running stats", frozen=True,
+               channels=lambda m: m.weight.shape[0])
+_THEN = ", then its drop/act unless fused"
+_AND = "; its drop and act modules"
+
+BUILTIN_RULES = {
+    nn.BatchNorm1d: ConvertRule("norm", _batch_norm, **_BN, default_dims=1),
+    nn.BatchNorm2d: ConvertRule("norm", _batch_norm, **_BN, default_dims=2),
+    nn.BatchNorm3d: ConvertRule("norm", _batch_norm, **_BN, default_dims=3),
+    # the process group is not carried over (convert's process_group= applies)
+    nn.SyncBatchNorm: ConvertRule("norm", _batch_norm, **_BN, default_dims=2),
+    nn.GroupNorm: ConvertRule("norm", _group_norm, **_GN, keeps_groups=True),
+    **{conv: ConvertRule("conv", _ws_conv, becomes="WSConvNd, when its output feeds a norm",
+                         carries="geometry, weight, bias (the same Parameters)")
+       for conv in (nn.Conv1d, nn.Conv2d, nn.Conv3d)},
+    "torchvision.ops.misc.FrozenBatchNorm2d": ConvertRule("norm", _frozen_batch_norm, **_FROZEN, fuses=_FOLLOWING),
+    "timm.layers.norm_act.BatchNormAct2d": ConvertRule(
+        "norm", _with_drop_act(_batch_norm), becomes=_BN["becomes"] + _THEN, carries=_BN["carries"] + _AND,
+        fuses=_OWN, takes_activation=_takes_following_act),
+    "timm.layers.norm_act.GroupNormAct": ConvertRule(
+        "norm", _with_drop_act(_group_norm), becomes=_GN["becomes"] + _THEN, carries=_GN["carries"] + _AND,
+        fuses=_OWN, takes_activation=_takes_following_act, keeps_groups=True),
+    "timm.layers.norm_act.FrozenBatchNormAct2d": ConvertRule(
+        "norm", _with_drop_act(_frozen_batch_norm), **dict(_FROZEN, becomes=_NORM_TARGET + _THEN + _KEPT,
+                                                           carries=_FROZEN["carries"] + _AND),
+        fuses=_OWN, takes_activation=_takes_following_act),
+    "timm.layers.std_conv.StdConv2d": ConvertRule(
+        "conv", _std_conv, becomes="WSConv2d (eps_mode=\"var\", correction=0), always", carries="geometry, eps, "
+        "weight, bias", needs_norm=False, skip=_std_conv_skip),
+    "timm.layers.std_conv.ScaledStdConv2d": ConvertRule(
+        "conv", _scaled_std_conv, becomes="ScaledWSConv2d (that WSConv2d, times gain * scale), always",
+        carries="geometry, eps, scale, weight, gain, bias", needs_norm=False, skip=_std_conv_skip),
+}
+
+# timm before 0.9 defined the same classes under timm.models.layers
+_TIMM_OLD_PATHS = {name: name.replace("timm.layers.", "timm.models.layers.")
+                   for name in BUILTIN_RULES if isinstance(name, str) and name.startswith("timm.layers.")}
+
+
+def register_builtin_rules() -> None:
+    for layer_type, rule in BUILTIN_RULES.items():
+        register_convert_rule(layer_type, rule, replace=True)
+        if layer_type in _TIMM_OLD_PATHS:
+            register_convert_rule(_TIMM_OLD_PATHS[layer_type], rule, replace=True)
+
+
+register_builtin_rules()

@@ -1,0 +1,248 @@
+"""What ``wsbcn.convert`` will change in a model, and why it leaves the rest alone.
+
+1. ``census``: every layer of the model, with its role: a registered type (its rule),
+   an already converted wsbcn layer, or a conv/norm-like layer convert has no rule for.
+   The walk does not go inside a layer (timm's BatchNormAct2d holds its act).
+2. The data flow: which convolution feeds which norm, which activation consumes only
+   a norm's output. From torch.fx (``trace``), else from module order (``by_module_order``).
+3. ``decide``: the convs and norms to convert, the fusions, and a reason for every
+   layer left alone.
+
+The tracer keeps layers as modules (fx leaves): registered types, wsbcn layers,
+conv/norm-like layers without a rule, and any module holding parameters or buffers of
+its own (a hand-written layer: tracing through it would inline its ops and drop the
+module from the returned ``GraphModule``); one that also has children is "kept
+whole": its children are planned by module order instead, without fusion. Stateless
+modules (Sequential, a ResNet block, a functional helper) are traced through; those
+with children keep their paths, with their forward inlined. When a stateful module
+cannot be a leaf (it returns a tuple its caller iterates over), convert traces again with
+only the conv/norm layers as leaves.
+"""
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+from .convert_layers import NormAct
+from .convert_registry import ConvertRule, convert_rule_for
+from .modules import (BatchChannelNorm1d, BatchChannelNorm2d, BatchChannelNorm3d, GroupNorm, WSConv1d, WSConv2d,
+                      WSConv3d)
+
+_WSBCN_CONVS = (WSConv1d, WSConv2d, WSConv3d)
+_WSBCN_NORMS = (BatchChannelNorm1d, BatchChannelNorm2d, BatchChannelNorm3d, GroupNorm, NormAct)
+_TORCH_NORMS = tuple(c for c in (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm,
+                                 getattr(nn, "RMSNorm", None)) if c is not None)
+_ACT_MODULES = {nn.ReLU: "relu", nn.SiLU: "silu"}
+_ACT_FUNCTIONS = {F.relu: "relu", torch.relu: "relu", F.silu: "silu"}
+
+
+@dataclass(frozen=True)
+class Role:
+    kind: str                           # "norm" or "conv"
+    rule: Optional[ConvertRule] = None  # None: already wsbcn (converted) or unknown
+    converted: bool = False             # a wsbcn layer: never converted again
+
+
+def _has_own_state(m) -> bool:
+    return next(m.parameters(recurse=False), None) is not None or next(m.buffers(recurse=False), None) is not None
+
+
+def role_of(m) -> Optional[Role]:
+    """The layer's role for convert, or None for anything that is not a conv or norm."""
+    if isinstance(m, _WSBCN_CONVS):
+        return Role("conv", converted=True)
+    if isinstance(m, _WSBCN_NORMS):
+        return Role("norm", converted=True)
+    rule = convert_rule_for(m)
+    if rule is not None:
+        return Role(rule.kind, rule)
+    name = type(m).__name__.lower()
+    weight = m._parameters.get("weight") if hasattr(m, "_parameters") else None
+    if isinstance(m, nn.modules.conv._ConvNd) or ("conv" in name and weight is not None and weight.dim() >= 3):
+        return Role("conv")
+    if isinstance(m, _TORCH_NORMS) or ("running_mean" in m._buffers and "running_var" in m._buffers) or (
+            "norm" in name and _has_own_state(m)):
+        return Role("norm")
+    return None
+
+
+def census(model) -> List[Tuple[str, nn.Module, Role]]:
+    """(path, layer, role) of every conv/norm-like layer, in registration order; the
+    walk stops at layers (their children are theirs)."""
+    found, seen = [], set()
+
+    def walk(module, prefix):
+        for name, child in module.named_children():
+            if id(child) in seen:  # a shared module: its first path, as named_modules gives
+                continue
+            seen.add(id(child))
+            path = f"{prefix}{name}"
+            role = role_of(child)
+            if role is not None:
+                found.append((path, child, role))
+            else:
+                walk(child, path + ".")
+
+    walk(model, "")
+    return found
+
+
+class Tracer(fx.Tracer):
+    """torch.fx tracer that keeps layers as modules (see the module docstring) and
+    records the modules it kept whole. ``keep_stateful=False`` keeps only conv/norm-like
+    and wsbcn layers (and torch.nn's leaves): the retry for a model whose stateful
+    modules cannot be leaves (one returning a tuple its caller iterates over)."""
+
+    def __init__(self, keep_stateful: bool = True):
+        super().__init__()
+        self.keep_stateful = keep_stateful
+        self.kept_whole: Dict[str, nn.Module] = {}
+
+    def is_leaf_module(self, m, qualname):
+        if role_of(m) is not None:
+            return True
+        # stateless custom modules (containers, functional helpers) hold nothing to lose
+        if super().is_leaf_module(m, qualname) or (self.keep_stateful and _has_own_state(m)):
+            if next(m.children(), None) is not None:
+                self.kept_whole[qualname] = m
+            return True
+        return False
+
+
+@dataclass
+class Flow:
+    """The data flow convert needs: which conv feeds which norm, which layers run."""
+
+    feeds: Dict[str, str] = field(default_factory=dict)   # conv path -> norm path its output goes to
+    called: Optional[set] = None                          # layer paths the forward runs (None: all)
+    candidates: list = field(default_factory=list)        # (norm node, act node, "relu"/"silu")
+    kept_whole: Dict[str, nn.Module] = field(default_factory=dict)
+
+
+def _act_of(node, modules):
+    if node.op == "call_module" and type(modules.get(node.target)) in _ACT_MODULES:
+        return _ACT_MODULES[type(modules[node.target])]
+    if node.op == "call_function":
+        return _ACT_FUNCTIONS.get(node.target)
+    return None
+
+
+def flow_from_graph(graph, model, layers, kept_whole) -> Flow:
+    modules = dict(model.named_modules())
+    roles = {path: role for path, _, role in layers}
+    flow = Flow(called=set(), kept_whole=dict(kept_whole))
+    calls: Dict[str, int] = {}
+    for node in graph.nodes:
+        if node.op != "call_module":
+            continue
+        calls[node.target] = calls.get(node.target, 0) + 1
+        role = roles.get(node.target)
+        if role is None:
+            continue
+        flow.called.add(node.target)
+        if role.kind != "norm":
+            continue
+        src = node.args[0] if node.args else None
+        src_role = roles.get(src.target) if isinstance(src, fx.Node) and src.op == "call_module" else None
+        if src_role is not None and src_role.kind == "conv":
+            flow.feeds.setdefault(src.target, node.target)
+    for node in graph.nodes:
+        role = roles.get(node.target) if node.op == "call_module" else None
+        if role is None or role.rule is None or role.kind != "norm" or calls[node.target] != 1:
+            continue
+        users = list(node.users)
+        if len(users) == 1:
+            act = _act_of(users[0], modules)
+            # the activation must consume the norm's output and nothing else
+            if act is not None and tuple(users[0].args) == (node,):
+                flow.candidates.append((node, users[0], act))
+    # inside a module kept whole, only module order tells
+    for scope in kept_whole:
+        inner = [item for item in layers if item[0].startswith(scope + ".")]
+        flow.feeds.update(by_module_order(inner).feeds)
+        flow.called.update(path for path, _, _ in inner)
+    return flow
+
+
+def channels_of(layer, role) -> Optional[int]:
+    try:
+        if role.rule is not None:
+            return role.rule.channels(layer)
+        return layer.out_channels if role.kind == "conv" else layer.num_channels
+    except (AttributeError, TypeError, IndexError):
+        return None
+
+
+def by_module_order(layers) -> Flow:
+    """A conv directly followed, in registration order, by a norm of its width feeds it."""
+    flow = Flow()
+    for (path_a, a, role_a), (path_b, b, role_b) in zip(layers, layers[1:]):
+        if role_a.kind == "conv" and role_b.kind == "norm" and channels_of(a, role_a) == channels_of(b, role_b):
+            flow.feeds[path_a] = path_b
+    return flow
+
+
+@dataclass
+class Plan:
+    convs: List[str] = field(default_factory=list)         # conv paths to convert
+    norms: Dict[str, int] = field(default_factory=dict)     # norm path -> spatial dims for its NormSpec
+    fusions: list = field(default_factory=list)             # (norm node, act node, act)
+    reasons: Dict[str, str] = field(default_factory=dict)   # left-alone path -> why
+
+
+def _why_unknown(layer) -> str:
+    known = next((base.__name__ for base in type(layer).__mro__[1:] if convert_rule_for(base) is not None), None)
+    hint = (f" (a subclass of {known}: its forward may differ; register it if it computes the same)"
+            if known else "")
+    return f"no convert rule for {type(layer).__name__}{hint}"
+
+
+def decide(layers, flow: Flow, ws: bool, keep_frozen: bool, fuse_activation: bool) -> Plan:
+    plan = Plan()
+    roles = {path: (layer, role) for path, layer, role in layers}
+    fed_by = {norm: conv for conv, norm in flow.feeds.items()}
+    for path, layer, role in layers:
+        if role.kind != "norm" or role.converted:
+            continue
+        if role.rule is None:
+            plan.reasons[path] = _why_unknown(layer)
+        elif flow.called is not None and path not in flow.called:
+            plan.reasons[path] = "not called by the traced forward"
+        elif role.rule.frozen and keep_frozen:
+            plan.reasons[path] = "kept frozen (keep_frozen=True)"
+        elif role.rule.skip is not None and role.rule.skip(layer):
+            plan.reasons[path] = role.rule.skip(layer)
+        else:
+            conv = roles.get(fed_by.get(path), (None, None))[0]
+            dims = conv.weight.dim() - 2 if conv is not None and conv.weight.dim() in (3, 4, 5) else None
+            plan.norms[path] = dims if dims is not None else role.rule.default_dims
+    for path, layer, role in layers:
+        if role.kind != "conv" or role.converted:
+            continue
+        norm = flow.feeds.get(path)
+        if role.rule is None:
+            plan.reasons[path] = _why_unknown(layer)
+        elif flow.called is not None and path not in flow.called:
+            plan.reasons[path] = "not called by the traced forward"
+        elif not ws:
+            plan.reasons[path] = "ws=False"
+        elif role.rule.skip is not None and role.rule.skip(layer):
+            plan.reasons[path] = role.rule.skip(layer)
+        elif not role.rule.needs_norm or norm in plan.norms or (norm is not None and roles[norm][1].converted):
+            plan.convs.append(path)
+        elif norm is None:
+            plan.reasons[path] = "its output feeds no norm (WS without a norm after it hurts training)"
+        else:
+            norm_layer = roles[norm][0]
+            why = plan.reasons.get(norm, "left alone")
+            plan.reasons[path] = (f"feeds {norm} ({type(norm_layer).__name__}), {why}: a standardized weight "
+                                  "would change what that layer's fixed statistics see" if "frozen" in why
+                                  else f"feeds {norm} ({type(norm_layer).__name__}), which is left alone")
+    if fuse_activation:
+        plan.fusions = [(node, act_node, act) for node, act_node, act in flow.candidates
+                        if node.target in plan.norms and roles[node.target][1].rule.takes_activation(
+                            roles[node.target][0])]
+    return plan
