@@ -124,9 +124,10 @@ def _build(path, old, rule, *args):
     if got != want:
         raise ValueError(f"wsbcn.convert: {what} returned a {type(new).__name__} with {got} channels, but "
                          f"{path!r} has {want}; the model is unchanged")
-    if rule.kind == "conv" and getattr(new, "in_channels", old.in_channels) != old.in_channels:
-        raise ValueError(f"wsbcn.convert: {what} returned a {type(new).__name__} with {new.in_channels} input "
-                         f"channels, but {path!r} has {old.in_channels}; the model is unchanged")
+    want_in, got_in = getattr(old, "in_channels", None), getattr(new, "in_channels", None)
+    if rule.kind == "conv" and None not in (want_in, got_in) and got_in != want_in:
+        raise ValueError(f"wsbcn.convert: {what} returned a {type(new).__name__} with {got_in} input "
+                         f"channels, but {path!r} has {want_in}; the model is unchanged")
     new.train(old.training)
     return new
 
