@@ -825,3 +825,20 @@ def test_timm_bit_resnetv2(norm):
         with torch.no_grad():
             assert rel_err(converted.eval()(x), timm_out) <= 1e-12
     _train_step(converted, x.repeat(2, 1, 1, 1))
+
+
+def test_freeze_bakes_the_gain_of_a_scaled_wsconv():
+    """freeze turns a WSConvNd subclass (ScaledWSConv2d) into nn.Conv2d holding
+    gain * scale * W_hat, against a float64 standardization written out here."""
+    torch.manual_seed(0)
+    conv = ScaledWSConv2d(4, 6, 3, padding=1, scale=0.7, eps=1e-6).double()
+    with torch.no_grad():
+        conv.gain.uniform_(0.5, 1.5)
+    frozen = wsbcn.freeze(conv)
+    assert type(frozen) is nn.Conv2d
+    w = conv.weight.detach().reshape(6, -1)
+    w_hat = (w - w.mean(1, keepdim=True)) / torch.sqrt(w.var(1, unbiased=False, keepdim=True) + 1e-6)
+    expected = (w_hat.reshape(conv.weight.shape) * conv.gain.detach() * 0.7)
+    assert torch.allclose(frozen.weight, expected, rtol=1e-12, atol=1e-12)
+    x = torch.randn(2, 4, 5, 5, dtype=torch.float64)
+    assert torch.allclose(frozen(x), F.conv2d(x, expected, conv.bias, padding=1), rtol=1e-12, atol=1e-12)

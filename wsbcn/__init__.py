@@ -5,10 +5,11 @@ _backends.prepare_interpreter()  # before anything imports triton
 
 from . import functional  # noqa: E402
 from .convert import convert  # noqa: E402
+from .convert_registry import register_convert_rule  # noqa: E402
 from .freeze import freeze  # noqa: E402
 from .modules import (BatchChannelNorm1d, BatchChannelNorm2d, BatchChannelNorm3d,  # noqa: E402
                       GroupNorm, WSConv1d, WSConv2d, WSConv3d)
 
-__all__ = ["functional", "convert", "freeze", "WSConv1d", "WSConv2d", "WSConv3d", "BatchChannelNorm1d",
+__all__ = ["functional", "convert", "register_convert_rule", "freeze", "WSConv1d", "WSConv2d", "WSConv3d", "BatchChannelNorm1d",
            "BatchChannelNorm2d", "BatchChannelNorm3d", "GroupNorm"]
 __version__ = "0.1.0"

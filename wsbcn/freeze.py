@@ -13,14 +13,19 @@ from .modules.ws_conv import WSConv1d, WSConv2d, WSConv3d
 _PLAIN = {WSConv1d: nn.Conv1d, WSConv2d: nn.Conv2d, WSConv3d: nn.Conv3d}
 
 
-def _frozen_conv(m) -> nn.Module:
-    plain = _PLAIN[type(m)](
+def _plain_type(m):
+    """nn.ConvNd for a WSConvNd or a subclass of one (e.g. ScaledWSConv2d), else None."""
+    return next((plain for ws, plain in _PLAIN.items() if isinstance(m, ws)), None)
+
+
+def _frozen_conv(m, plain_type) -> nn.Module:
+    plain = plain_type(
         m.in_channels, m.out_channels, m.kernel_size, stride=m.stride, padding=m.padding,
         dilation=m.dilation, groups=m.groups, bias=m.bias is not None,
         padding_mode=m.padding_mode, device=m.weight.device, dtype=m.weight.dtype,
     )
     with torch.no_grad():
-        plain.weight.copy_(m.standardized_weight())  # W_hat of the weight as it is now
+        plain.weight.copy_(m.standardized_weight())  # W_hat of the weight as it is now (gain included)
         if m.bias is not None:
             plain.bias.copy_(m.bias)
     plain.weight.requires_grad_(m.weight.requires_grad)
@@ -29,8 +34,9 @@ def _frozen_conv(m) -> nn.Module:
 
 
 def _freeze_in_place(model: nn.Module) -> nn.Module:
-    if type(model) in _PLAIN:
-        return _frozen_conv(model)
+    plain_type = _plain_type(model)
+    if plain_type is not None:
+        return _frozen_conv(model, plain_type)
     for name, child in list(model.named_children()):
         setattr(model, name, _freeze_in_place(child))
     return model
