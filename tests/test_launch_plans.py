@@ -40,18 +40,26 @@ stub_driver.install()
 backends.emulate_gpu(stub_driver.GPU_NAME, stub_driver.SM_COUNT)
 out = {}
 
-# What reaches triton's C launcher, on either path: the CompiledKernel.run of each
-# compiled kernel is wrapped, and pointers (tensors or addresses) become addresses.
+# What reaches triton's C launch function, on either path: kernel[grid] calls the
+# CompiledKernel's launcher object, which calls its C ``launch``; the direct path calls
+# that C function itself (wsbcn/_compat.py). Each compiled kernel's ``launch`` is
+# wrapped, and pointers (tensors or addresses) become addresses. The kernel arguments
+# are the last argument (a tuple, triton 3.9) or the arguments after the 13th (3.6).
 seen = []
 real_run = CompiledKernel.run
 
 def recording_run(self):
     launcher = real_run.fget(self)
-    def run(*args):
-        seen.append((self.hash, args[:3],
-                     [a.data_ptr() if hasattr(a, "data_ptr") else a for a in args[9:]]))
-        return launcher(*args)
-    return run
+    if not getattr(launcher, "recorded", False):
+        c_launch = launcher.launch
+        def launch(*args):
+            kernel_args = args[-1] if isinstance(args[-1], tuple) else args[13:]
+            seen.append((self.hash, args[:3],
+                         [a.data_ptr() if hasattr(a, "data_ptr") else a for a in kernel_args]))
+            return c_launch(*args)
+        launcher.launch = launch
+        launcher.recorded = True
+    return launcher
 
 CompiledKernel.run = property(recording_run)
 

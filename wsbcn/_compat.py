@@ -11,12 +11,22 @@ import torch
 import triton
 
 # --- triton: the compiled kernel's launcher ------------------------------------------
-# A CompiledKernel's ``run`` (the driver's launcher object) takes
-# (gridX, gridY, gridZ, stream, function, packed_metadata, launch_metadata,
-# launch_enter_hook, launch_exit_hook, *kernel_args). Calling it directly skips
-# JITFunction.run's binder (kernels/launch.py). The public path is ``kernel[grid]``.
-# Checked on triton 3.6 and 3.9; any other version launches through the public path.
-DIRECT_LAUNCH_TRITON = ((3, 6), (3, 9))  # oldest and newest triton (major, minor)
+# A CompiledKernel's ``run`` is the NVIDIA driver's launcher object (CudaLauncher). Its
+# Python ``__call__(gridX, gridY, gridZ, stream, function, packed_metadata,
+# launch_metadata, launch_enter_hook, launch_exit_hook, *kernel_args)`` allocates the
+# kernel's scratch buffers, if it has any, and calls ``launcher.launch``, the C function
+# that packs the arguments and calls cuLaunchKernelEx. For a kernel with no scratch
+# (no global or profile scratch, no sanitizer), that wrapper adds ~3 us per launch and
+# nothing else, so we call the C function directly, with the arguments the wrapper
+# would hand it. Its argument list differs between triton versions:
+#   3.6: (gx, gy, gz, stream, function, cooperative, pdl, global_scratch,
+#         profile_scratch, packed_metadata, launch_metadata, enter_hook, exit_hook, *args)
+#   3.9: (gx, gy, gz, stream, function, cooperative, pdl, packed_metadata,
+#         launch_metadata, enter_hook, exit_hook, global_scratch, profile_scratch,
+#         arg_annotations, kernel_signature, args)
+# Other versions (and kernels with scratch) go through ``run``; where even ``run``'s
+# form is not known (outside 3.6-3.9), every launch goes through ``kernel[grid]``.
+DIRECT_LAUNCH_TRITON = ((3, 6), (3, 9))  # oldest and newest triton (major, minor) checked
 
 
 def _version(text: str) -> tuple:
@@ -27,23 +37,49 @@ def _version(text: str) -> tuple:
     return tuple(parts)
 
 
-_triton_known = DIRECT_LAUNCH_TRITON[0] <= _version(triton.__version__) <= DIRECT_LAUNCH_TRITON[1]
-direct_launch_enabled = _triton_known  # tests turn it off to check the public path gives the same bits
+_TRITON = _version(triton.__version__)
+direct_launch_enabled = DIRECT_LAUNCH_TRITON[0] <= _TRITON <= DIRECT_LAUNCH_TRITON[1]
+c_launch_enabled = True  # tests turn these off to check the slower paths give the same launches
 
 
 def direct_launcher(compiled):
     """``f(grid, stream, args)`` launching ``compiled`` (a triton CompiledKernel) with
-    integer addresses for pointers, or None when this triton's launcher is not the
-    one we know (then every launch goes through ``kernel[grid]``)."""
+    integer addresses for pointers, or None when this triton's launcher is not one we
+    know (then every launch goes through ``kernel[grid]``)."""
     if not direct_launch_enabled or not hasattr(compiled, "packed_metadata"):
         return None
     run = compiled.run
     function, metadata = compiled.function, compiled.packed_metadata
+    c_launch = _c_launcher(run, function, metadata) if c_launch_enabled else None
+    if c_launch is not None:
+        return c_launch
 
     def launch(grid, stream, args):
         run(grid[0], grid[1], grid[2], stream, function, metadata, None, None, None, *args)
 
     return launch
+
+
+def _c_launcher(run, function, metadata):
+    """The C launch of a kernel without scratch buffers, skipping ``run``'s Python
+    wrapper (see above), or None."""
+    c = getattr(run, "launch", None)
+    if (c is None or getattr(run, "global_scratch_size", 1) or getattr(run, "profile_scratch_size", 1)
+            or getattr(run, "gsan_enabled", False)):
+        return None
+    coop, pdl = run.launch_cooperative_grid, run.launch_pdl
+    if _TRITON == (3, 6):
+        def launch(grid, stream, args):
+            c(grid[0], grid[1], grid[2], stream, function, coop, pdl, None, None, metadata, None, None, None, *args)
+        return launch
+    if _TRITON == (3, 9) and hasattr(run, "arg_annotations") and hasattr(run, "kernel_signature"):
+        annotations, signature = run.arg_annotations, run.kernel_signature
+
+        def launch(grid, stream, args):
+            c(grid[0], grid[1], grid[2], stream, function, coop, pdl, metadata, None, None, None, None, None,
+              annotations, signature, args)
+        return launch
+    return None
 
 
 try:  # launch hooks (profilers): triton >= 3.4 keeps them in knobs

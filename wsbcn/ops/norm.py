@@ -69,8 +69,8 @@ def _like_y(x):
 
 
 def param_grads(d_gamma, d_beta, d_omega, d_eta, gamma, omega):
-    """The op's fp32 parameter gradients in each parameter's dtype and shape (None
-    where absent); beta and eta share gamma's and omega's shape and dtype."""
+    """The op's fp32 parameter gradients in each parameter's shape (None where
+    absent); beta and eta share gamma's and omega's shape."""
     return _as_param(d_gamma, gamma), _as_param(d_beta, gamma), _as_param(d_omega, omega), _as_param(d_eta, omega)
 
 
@@ -273,12 +273,12 @@ class NormFunction(torch.autograd.Function):
 
 
 def _as_param(grad, param):
-    """A 1-d fp32 gradient in its parameter's dtype and shape (None when absent)."""
+    """A 1-d fp32 gradient in its parameter's shape (None when absent). Its dtype is
+    left to autograd, which casts a gradient to its input's dtype in C++ (the same
+    ``to`` as in Python, without the Python call)."""
     if param is None:
         return None
-    if grad.dtype != param.dtype:
-        grad = grad.to(param.dtype)
-    return grad if param.dim() == 1 else grad.reshape(param.shape)
+    return grad if param.dim() == 1 else grad.view(param.shape)
 
 
 _calls: dict = {}  # validated call signature -> _Call
