@@ -3,13 +3,13 @@
 The Triton interpreter that CI uses checks what kernels compute, not that they
 compile: type rules, loop-carried values and layouts are only checked by the real
 compiler. This script runs the launch wrappers on CPU tensors while
-wsbcn.tools.launch_recorder records every ``kernel[grid](...)``, specialises each
-launch with triton's own binder (integers equal to 1 become constexprs, integers
-and pointers divisible by 16 get ``tt.divisibility``: wsbcn.tools.static_compile)
+the repository's launch recorder (perf/wsbcn_dev/) records every ``kernel[grid](...)``,
+specialises each launch with triton's own binder (integers equal to 1 become constexprs,
+integers and pointers divisible by 16 get ``tt.divisibility``: its static_compile)
 and compiles it with triton.compile for the target, down to cubin.
 
 Run in its own process, with TRITON_INTERPRET unset:
-    python tests/tools/aot_compile.py [ARCH]
+    python tests/aot_compile.py [ARCH]
 Prints one line per compiled specialisation and exits non-zero on the first failure.
 """
 import os
@@ -26,8 +26,7 @@ from triton.compiler import ASTSource, make_backend  # noqa: E402
 import wsbcn.kernels.norm_plan as knorm  # noqa: E402
 import wsbcn.kernels.ws_plan as kws  # noqa: E402
 from wsbcn.tuning import norm_tile, ws_config  # noqa: E402
-from wsbcn.tools.launch_recorder import RecordedLaunch, recording_launches  # noqa: E402
-from wsbcn.tools.static_compile import specialise  # noqa: E402
+from wsbcn.tools import launch_recorder, static_compile  # noqa: E402
 
 
 def shipped_norm_configs(dtype):
@@ -124,14 +123,14 @@ def main(arch: int = 90) -> int:
     target = GPUTarget("cuda", arch, 32)
     backend = make_backend(target)
     seen = set()
-    with recording_launches(target) as launches:
+    with launch_recorder.recording_launches(target) as launches:
         record_launches(launches)
     # int64 offsets (a sample of >= 2^31 elements) cannot be reached with CPU tensors
     # of a sane size: compile those variants from the recorded launches.
-    launches += [RecordedLaunch(r.kernel, r.grid, r.args, dict(r.kwargs, LARGE=True))
+    launches += [launch_recorder.RecordedLaunch(r.kernel, r.grid, r.args, dict(r.kwargs, LARGE=True))
                  for r in launches if r.kwargs.get("LARGE") is False]
     for launch in launches:
-        spec = specialise(launch, backend)
+        spec = static_compile.specialise(launch, backend)
         if spec.key() in seen:
             continue
         seen.add(spec.key())

@@ -1,5 +1,5 @@
 """Every kernel specialisation compiles for Hopper (sm_90) down to cubin, checked
-without a GPU by tests/tools/aot_compile.py in a process of its own (the
+without a GPU by tests/aot_compile.py in a process of its own (the
 interpreter that the other CPU tests use never runs the real compiler)."""
 import os
 import re
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-TOOL = Path(__file__).resolve().parent / "tools" / "aot_compile.py"
+TOOL = Path(__file__).resolve().parent / "aot_compile.py"
 
 
 @pytest.mark.slow  # every specialisation through ptxas: ~100 s with a cold triton cache on 2 cores

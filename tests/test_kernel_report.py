@@ -9,8 +9,11 @@ import sys
 import pandas as pd
 import pytest
 
+from wsbcn.tools import static_compile
 from wsbcn.tools.kernel_report import BCN_MODES, CI_MODE_SHAPES, OPS, check, short_of_waves, suite_cases
-from wsbcn.tools.static_compile import access_widths, ctas_per_sm, loop_bodies, ptxas_resources
+
+access_widths, ctas_per_sm = static_compile.access_widths, static_compile.ctas_per_sm
+loop_bodies, ptxas_resources = static_compile.loop_bodies, static_compile.ptxas_resources
 
 
 @pytest.mark.parametrize("registers,shared,warps,expected", [

@@ -12,6 +12,8 @@ import os
 import tempfile
 from dataclasses import dataclass
 
+from . import GPU_NAME, SM_COUNT
+
 
 @dataclass
 class RecordedLaunch:
@@ -55,7 +57,7 @@ def _canonical_grid(kernel, grid, args, kwargs) -> tuple:
 
 
 @contextlib.contextmanager
-def recording_launches(target, device_name: str = "NVIDIA H100 80GB HBM3", sm_count: int = 132):
+def recording_launches(target, device_name: str = GPU_NAME, sm_count: int = SM_COUNT):
     """Yield a list that fills with a ``RecordedLaunch`` per kernel launch made in
     the block. The user's tuning cache is left out (an empty cache directory), so
     the launches are those of the heuristics and the configs shipped for
@@ -63,7 +65,7 @@ def recording_launches(target, device_name: str = "NVIDIA H100 80GB HBM3", sm_co
     from triton.runtime import driver
     from triton.runtime.jit import JITFunction
 
-    from .. import backends, tuning
+    from wsbcn import backends, tuning
 
     if backends.interpreter_enabled():
         raise RuntimeError("recording launches needs the real triton JIT: unset TRITON_INTERPRET before "

@@ -15,12 +15,12 @@ import re
 import time
 from dataclasses import dataclass
 
+from . import SM_COUNT as SMS
+
 # NVIDIA H100 (SXM and PCIe, compute capability 9.0): per-SM limits from the CUDA
 # occupancy calculator.
-SMS = 132
 REGS_PER_SM = 65536
 REG_ALLOC_PER_WARP = 256  # registers are handed to warps in blocks of 256 (8 per thread)
-MAX_REGS_PER_THREAD = 255
 SMEM_PER_SM = 228 * 1024
 SMEM_RESERVED_PER_CTA = 1024  # the driver keeps 1 KB of shared memory per resident CTA
 MAX_THREADS_PER_SM = 2048

@@ -19,7 +19,8 @@ loads a real libcuda. For wsbcn's own calls to take the GPU path on CPU tensors,
 also turn on ``wsbcn.backends.emulate_gpu(GPU_NAME, SM_COUNT)``.
 
 Ported from ../shared/tools/hostmeter (fakecuda.py, fake_libcuda.c), which first
-measured triton's host path this way; works with triton 3.6 and 3.9.
+measured triton's host path this way; works with triton 3.6 and 3.9. A development
+tool of the repository (perf/wsbcn_dev/), not installed with wsbcn.
 """
 import ctypes
 import hashlib
@@ -30,9 +31,9 @@ import tempfile
 from pathlib import Path
 
 SOURCE = Path(__file__).with_name("stub_libcuda.c")
-GPU_NAME = "NVIDIA H100 80GB HBM3"  # what the stub answers as
+from . import GPU_NAME, SM_COUNT  # what the stub answers as
+
 CAPABILITY = (9, 0)
-SM_COUNT = 132
 _DEFINES = {"STUB_CC_MAJOR": CAPABILITY[0], "STUB_CC_MINOR": CAPABILITY[1], "STUB_SM_COUNT": SM_COUNT}
 
 _library = None  # the loaded stub, once installed
@@ -59,7 +60,7 @@ def build_dir() -> Path:
     """Where the stub library lives: the wsbcn user cache (``$WSBCN_CACHE_DIR``,
     else ``~/.cache/wsbcn``) / stub_driver / a hash of everything the build reads,
     so an edit of the source or another triton's cuda.h gets its own build."""
-    from ...tuning import cache_dir
+    from wsbcn.tuning import cache_dir
 
     digest = hashlib.sha256(SOURCE.read_bytes())
     digest.update((_triton_include_dir() / "cuda.h").read_bytes())
@@ -101,7 +102,7 @@ def _loaded_libcuda() -> list:
 
 
 def _refuse_if_interpreted() -> None:
-    from ... import backends
+    from wsbcn import backends
 
     if backends.interpreter_enabled():
         raise RuntimeError(

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-from tqdm import tqdm
 
 from .. import tuning
 from . import info, suites
@@ -147,10 +146,12 @@ def run_autotune(suite_name: str = "resnet50", timer=None, out_dir="perf/results
     rows = []
     todo = list(cases(suite_name, kernels, batch_sizes=batch_sizes, dtypes=dtypes, layouts=layouts))
     deadline = time.monotonic() + 60 * max_minutes if max_minutes is not None else float("inf")
-    for kernel, case in tqdm(todo, desc="autotune", disable=not progress, unit="case"):
+    for i, (kernel, case) in enumerate(todo, 1):
         if time.monotonic() > deadline:
             print(f"autotune stopped after {max_minutes} min with {len(rows)} measurements")
             break
+        if progress:
+            print(f"autotune {i}/{len(todo)}: {kernel} {' '.join(str(v) for v in case.values())}")
         dtype = _dtype(case["dtype"])
         layout = case["layout"]
         if kernel.startswith("ws"):

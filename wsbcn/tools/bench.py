@@ -15,12 +15,11 @@ from pathlib import Path
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from . import info, suites
 from ..functional import batch_channel_norm, group_norm, weight_standardize
-from .reference import reference_bcn, reference_ws
-from .results import CASE_COLUMNS, COLUMNS, MICRO_OPS, upsert  # noqa: F401 (e2e and host_bench take them from here)
+from .models import reference_bcn, reference_ws
+from .results import COLUMNS, MICRO_OPS, upsert
 
 OPS = MICRO_OPS
 MODES = ("fwd", "bwd", "fwdbwd")
@@ -257,7 +256,7 @@ def measure_case(case, provider_names, modes, timings, timer, device, num_groups
 
 
 def case_label(case) -> str:
-    """A short name of a case for the progress bar and logs."""
+    """A short name of a case for the progress lines."""
     if case.op == "ws":
         return f"ws {'x'.join(map(str, case.shape.shape))} {case.layout}"
     s = case.shape
@@ -309,16 +308,15 @@ def run_bench(suite_name=None, ops=OPS, modes=None, timer=None, out_dir="perf/re
     log(f"copy bandwidth on {meta['device']}: {copy_bw:.1f} GB/s; {len(jobs)} cases ({', '.join(timings)} timing)")
     rows = []
     deadline = time.monotonic() + 60 * max_minutes if max_minutes is not None else math.inf
-    bar = tqdm(jobs, desc="bench", disable=not progress, unit="case", total=len(jobs))
-    for case in bar:
+    for i, case in enumerate(jobs, 1):
         if time.monotonic() > deadline:
             log(f"stopped after {max_minutes} min: {len(rows)} measurements kept")
             break
-        bar.set_postfix_str(case_label(case))
+        if progress:
+            log(f"case {i}/{len(jobs)}: {case_label(case)}")
         names = providers(case.op, case.op in compiled_ops, device)
         for row in measure_case(case, names, modes, timings, timer, device, num_groups):
             rows.append(dict(row, suite=suite_name, pct_copy_bw=100 * row["gbps"] / copy_bw, **meta))
-    bar.close()
     frame = pd.DataFrame(rows, columns=COLUMNS)
     if out_dir is not None:
         upsert(frame, Path(out_dir) / info.device_slug() / "bench.csv")

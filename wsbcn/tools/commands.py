@@ -15,19 +15,17 @@ def _bench_description() -> str:
     warmup, rep = timing.SAMPLE_BUDGET_MS
     n_cases = len(suites.cases("resnet50_sample", ("bcn", "bcn_estimate", "gn", "ws")))
     return (
-        "The default run on a GPU, `wsbcn bench --e2e`: the resnet50_sample suite, "
-        f"{n_cases} cases of the ResNet-50 grid (BCN, BCN with estimates and GN: N = 2 and 32, bf16, "
-        "both layouts; four WS weights), modes " + " and ".join(suites.SAMPLE_MODES) + ", every provider "
-        "(torch.compile baselines for " + " and ".join(op.upper() for op in suites.SAMPLE_COMPILED_OPS)
-        + f"), as eager calls and as CUDA-graph replays, {warmup:g} + {rep:g} ms of timer warm-up and "
-        "repetitions per measurement; then the end-to-end training steps of every variant: classification "
-        "at 224^2, N = 2 and 32, eager and CUDA-graphed; the detection trunk at 800x1216, N = "
-        + " and ".join(map(str, e2e.DETECTION_BATCH_SIZES_GPU)) + ", eager; no torch.compile of the networks. "
-        "Estimated at under 5 minutes on an H100 with a cold compile cache (an estimate from the H100 rows, "
-        "not a measurement: perf/tools/default_run_estimate.py). --full runs everything: the whole grid "
-        "in every mode with every compiled baseline, and detection at N = "
-        + " and ".join(map(str, e2e.FULL_DETECTION_BATCH_SIZES_GPU)) + ", CUDA-graphed, and torch.compile of both networks (plain_bn, wsbcn_ws_bcn). On a "
-        "CPU-only machine the default is the cpu suite and a reduced end-to-end run.")
+        f"The default run on a GPU, `wsbcn bench --e2e`: the resnet50_sample suite, {n_cases} cases of the "
+        "ResNet-50 grid, modes " + " and ".join(suites.SAMPLE_MODES) + ", every provider (torch.compile baselines "
+        "for " + " and ".join(op.upper() for op in suites.SAMPLE_COMPILED_OPS) + f"), as eager calls and as "
+        f"CUDA-graph replays, {warmup:g} + {rep:g} ms of timer warm-up and repetitions per measurement; then the "
+        "end-to-end training steps of every variant: classification at 224^2, N = " + " and ".join(
+            map(str, e2e.default_cases(True, ("classification",))[0].batch_sizes)) + ", eager and CUDA-graphed; the "
+        "detection trunk at 800x1216, N = " + " and ".join(map(str, e2e.DETECTION_BATCH_SIZES_GPU)) + ", eager; "
+        "no torch.compile of the networks. --full runs the whole grid in every mode with every compiled "
+        "baseline, and detection at N = " + " and ".join(map(str, e2e.FULL_DETECTION_BATCH_SIZES_GPU))
+        + ", CUDA-graphed, and torch.compile of both networks. On a CPU-only machine the default is the cpu "
+        "suite and a reduced end-to-end run.")
 
 
 def _bench(sub):
@@ -63,12 +61,12 @@ def _bench(sub):
                         "wsbcn_ws_bcn, classification and detection: a cold compile per variant and batch "
                         "size; --full on a GPU does this with --e2e)")
     p.add_argument("--host", action="store_true",
-                   help="only the host time of every eager call (wsbcn.tools.host_bench: a stub CUDA driver "
-                        "on a machine without a GPU, the real one on a GPU; ResNet-50 shapes, N = 2 and 32, "
-                        "bf16 unless narrowed); rows with variant 'host'")
+                   help="only the host time of every eager call and of its floor (wsbcn.tools.host_bench: the "
+                        "repository's stub CUDA driver on a machine without a GPU, the real one on a GPU; "
+                        "ResNet-50 shapes, N = 2 and 32, bf16 unless narrowed); rows with variant 'host'")
     p.add_argument("--quick", action="store_true", help="with --host: 3 rounds of 5 calls per case")
     p.add_argument("--no-compiled", action="store_true", help="leave out the torch.compile providers")
-    p.add_argument("--threads", type=_positive_int, default=None,
+    p.add_argument("--threads", type=positive_int, default=None,
                    help="CPU threads torch computes with (default on CPU: 1, which keeps timings stable on a "
                         "shared machine; GPU runs leave torch's setting alone)")
     p.add_argument("--out", default="perf/results", help="results folder (a subfolder per device)")
@@ -76,7 +74,7 @@ def _bench(sub):
     p.set_defaults(func=_run_bench)
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
     import argparse
 
     try:
@@ -146,7 +144,8 @@ def _bench_parts(args) -> int:
     import torch
 
     from . import info
-    from .bench import device_label, run_bench, upsert
+    from .bench import device_label, run_bench
+    from .results import upsert
     from .plot import summary_markdown
 
     if args.host:
@@ -190,9 +189,17 @@ def _run_host(args) -> int:
     import subprocess
     import sys
 
+    import torch
+
+    from . import dev_tools_dir
+
     if args.e2e or args.e2e_only or args.e2e_compile or args.graph or args.full or args.timings:
         print("wsbcn bench: --host times eager calls only; it takes --ops, --modes, --batch-sizes, --dtypes, "
               "--layouts, --suite, --quick and --out", file=sys.stderr)
+        return 2
+    if not torch.cuda.is_available() and dev_tools_dir() is None:
+        print("wsbcn bench --host without a GPU needs the stub CUDA driver of a wsbcn repository checkout "
+              "(perf/wsbcn_dev/), which is not installed: run it from a clone of the repository", file=sys.stderr)
         return 2
     command = [sys.executable, "-m", "wsbcn.tools.host_bench", "--out", args.out, "--ops", *args.ops]
     if args.modes:  # none asked for: host_bench's own default (fwd, fwdbwd)
@@ -250,7 +257,6 @@ def _run_plot(args) -> int:
 
     run_plot(args.results, args.plots)
     return 0
-
 
 
 def _train(sub):

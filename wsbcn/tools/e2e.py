@@ -14,8 +14,8 @@ by default the detection case runs eagerly only (CUDA-graphed too with --full). 
 (``with_compiled``: ``wsbcn bench --full`` on a GPU, or ``--e2e-compile``) both cases
 add ``torch.compile`` (default mode) of plain_bn and wsbcn_ws_bcn (variant
 "compiled"): a cold compile of the network, forward and backward, per variant and
-batch size, which the default run leaves out to stay within a few minutes
-(perf/tools/default_run_estimate.py). GPU: bf16 autocast, channels_last.
+batch size, which the default run leaves out to stay within a few minutes.
+GPU: bf16 autocast, channels_last.
 CPU: a reduced run (smaller inputs of the same aspect ratio, fp32, eager) that
 proves the steps work and keeps ``wsbcn bench --e2e`` short.
 """
@@ -36,7 +36,7 @@ DETECTION_SIZE_CPU = (128, 192)  # the same 800:1216 aspect ratio, ~40x fewer pi
 # The detection case of the default GPU run: N = 2, eager steps (a detector's training
 # loop runs eagerly unless it captures graphs). `wsbcn bench --full` adds N = 1 and the
 # CUDA-graphed steps: each new batch size is another set of cold kernel compiles, and
-# each mode 4 more runs per batch size (perf/tools/default_run_estimate.py).
+# each mode 4 more runs per batch size.
 DETECTION_BATCH_SIZES_GPU = (2,)
 FULL_DETECTION_BATCH_SIZES_GPU = (1, 2)
 GRAPH_MODES = ("eager", "cudagraph")
@@ -137,7 +137,7 @@ def run_e2e(batch_sizes=None, image_size=None, variants=VARIANTS, graph_modes=No
     compile of ResNet-50 takes minutes). ``compile_fn`` is how a model gets compiled
     (tests pass a cheaper backend).
     """
-    from .bench import COLUMNS
+    from .results import COLUMNS
     from .timing import cpu_timer, cuda_graphed, default_timer
 
     import pandas as pd

@@ -1,7 +1,7 @@
 """Host time of wsbcn's eager calls, on any machine (``wsbcn bench --host``).
 
 At micro-batch sizes an eager BCN layer is host-bound: in the H100 session
-(README, Results; perf/tools/host_overhead.py) a BCN forward+backward kept the GPU
+(README, Results) a BCN forward+backward kept the GPU
 busy for 17 us and the host for ~1.6 ms (Python, torch dispatch and autograd,
 allocations, triton's binder and launcher). This
 module measures that host time per eager call, for the calls ``wsbcn bench`` times
@@ -10,7 +10,8 @@ writes rows in the bench CSV schema with variant "host".
 
 Two drivers:
 
-``stub`` (any machine, no GPU needed): triton runs over ``wsbcn.tools.stub_driver``
+``stub`` (any machine, no GPU needed): triton runs over the repository's stub driver
+    (perf/wsbcn_dev/stub_driver.py, reached as ``wsbcn.tools.stub_driver``)
     and ``wsbcn.backends.emulate_gpu`` sends CPU tensors down wsbcn's GPU path with
     the launch plans and tuned configs of the GPU the stub answers as (an H100).
     Everything on the host runs for real, the first call's compile for sm_90
@@ -55,14 +56,13 @@ import torch
 
 from .. import backends
 from . import info, suites
-from .bench import COLUMNS, OPS, NormInputs, norm_fn, timed_callable, upsert, ws_fn
+from .bench import MODES, NUM_GROUPS, OPS, NormInputs, norm_fn, timed_callable, ws_fn
+from .results import COLUMNS, upsert
 
-MODES = ("fwd", "bwd", "fwdbwd")
 DEFAULT_MODES = ("fwd", "fwdbwd")
 DRIVERS = ("auto", "stub", "cuda")
 # "wall": elapsed time; "cpu": CPU time of the calling thread (see the module docstring)
 CLOCKS = {"wall": time.perf_counter_ns, "cpu": time.thread_time_ns}
-NUM_GROUPS = 32
 
 
 def parse_shape(text: str, dims: int) -> tuple:
@@ -193,8 +193,7 @@ def run_host_bench(suite_name: str = "resnet50", ops=OPS, modes=DEFAULT_MODES, b
         device, sync, folder = "cuda", torch.cuda.synchronize, info.device_slug()
         device_label = info.device_name()
         launches_of = count_launches
-    meta = dict(device=device_label, torch=torch.__version__, triton=info.triton_version(), commit=info.git_commit(),
-                timestamp=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    meta = dict(info.run_metadata(), device=device_label)
 
     log(f"host time per call, {driver} driver, {clock} clock, {len(jobs) * len(modes)} cases")
     rows = []
@@ -279,10 +278,15 @@ def main(argv=None) -> int:
     except RuntimeError as exc:
         print(f"host_bench: {exc}", file=sys.stderr)
         return 2
+    from . import DevToolsMissing
+
     try:
         frame = run_host_bench(args.suite, args.ops, args.modes, args.batch_sizes, args.dtypes, args.layouts,
                                args.shapes, args.weights, args.rounds, args.calls, args.warmup, args.driver, args.clock,
                                args.out)
+    except DevToolsMissing as exc:
+        print(f"host_bench: {exc}", file=sys.stderr)
+        return 2
     except ValueError as exc:  # a bad shape or option: argparse's usage error
         build_parser().error(str(exc))
     print(f"{len(frame)} host-time rows written under {args.out}")

@@ -4,7 +4,6 @@ import platform
 import torch
 
 from .. import backends, tuning
-from ..tuning import slugify  # noqa: F401 (part of this module's API)
 
 
 def device_name() -> str:
@@ -15,7 +14,7 @@ def device_name() -> str:
 
 def device_slug() -> str:
     """A folder-safe name for the device: 'nvidia-h100-80gb-hbm3', or 'cpu'."""
-    return slugify(torch.cuda.get_device_name(0)) if torch.cuda.is_available() else "cpu"
+    return tuning.slugify(torch.cuda.get_device_name(0)) if torch.cuda.is_available() else "cpu"
 
 
 def triton_version() -> str:
@@ -44,10 +43,11 @@ def collect() -> dict:
     }
 
 
-def git_commit() -> str:
+def git_commit(paths=()) -> str:
     """Short commit of the working tree wsbcn runs from, '+dirty' when it has
-    uncommitted changes; 'unknown' outside a git checkout. A copy of the tree
-    without .git (a lent GPU machine) names its commit in WSBCN_COMMIT."""
+    uncommitted changes (to ``paths`` only, when given); 'unknown' outside a git
+    checkout. A copy of the tree without .git (a lent GPU machine) names its commit
+    in WSBCN_COMMIT."""
     import os
     import subprocess
     from pathlib import Path
@@ -58,7 +58,7 @@ def git_commit() -> str:
     try:
         sha = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=root, capture_output=True,
                              text=True, timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", *paths], cwd=root,
                                capture_output=True, text=True, timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "unknown"

@@ -130,10 +130,10 @@ def _bulk_width(widths: dict) -> int:
 
 
 def launch_row(case, pass_, launch, spec, facts, spec_id) -> dict:
-    from .static_compile import SMS, ctas_per_sm
+    from . import static_compile
 
     num_warps = spec.options.num_warps
-    ctas, limiter = ctas_per_sm(facts["registers"], facts["shared_bytes"], num_warps)
+    ctas, limiter = static_compile.ctas_per_sm(facts["registers"], facts["shared_bytes"], num_warps)
     loop = facts["loop_widths"]
     streamed = dict(loop["ld"])  # what a loop step loads: plain loads and pipelined copies
     for b, k in loop.get("cp", {}).items():
@@ -158,7 +158,7 @@ def launch_row(case, pass_, launch, spec, facts, spec_id) -> dict:
         "registers": facts["registers"], "spill_store_bytes": facts["spill_store_bytes"],
         "spill_load_bytes": facts["spill_load_bytes"], "stack_bytes": facts["stack_bytes"],
         "shared_bytes": facts["shared_bytes"], "ctas_per_sm": ctas, "occupancy_limit": limiter,
-        "waves": launch.programs / (ctas * SMS) if ctas else float("inf"),
+        "waves": launch.programs / (ctas * static_compile.SMS) if ctas else float("inf"),
         "load_bytes": load_bytes, "store_bytes": _bulk_width(loop["st"]),
         "loop_loads": _widths_text(loop["ld"]), "loop_async": _widths_text(loop.get("cp", {})),
         "loop_stores": _widths_text(loop["st"]),
@@ -192,20 +192,6 @@ def _tile_facts(case, launch, constexprs, num_warps, load_bytes) -> dict:
             "values_per_load": max(1, load_bytes // element)}
 
 
-def _commit() -> str:
-    import subprocess
-
-    root = Path(__file__).resolve().parents[2]
-    try:
-        sha = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=root, capture_output=True, text=True,
-                             check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "kernels", "wsbcn/tuning.py"], cwd=root,
-                               capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return sha + ("+dirty" if dirty else "")
-
-
 def build_report(suite, batch_sizes, dtypes, layouts, ops, arch=90, progress=print):
     """The report as a pandas DataFrame, one row per recorded launch."""
     import pandas as pd
@@ -213,8 +199,8 @@ def build_report(suite, batch_sizes, dtypes, layouts, ops, arch=90, progress=pri
     from triton.backends.compiler import GPUTarget
     from triton.compiler import make_backend
 
-    from .launch_recorder import recording_launches
-    from .static_compile import compile_static, specialise
+    from . import launch_recorder, static_compile
+    from .info import git_commit
 
     target = GPUTarget("cuda", arch, 32)
     backend = make_backend(target)
@@ -224,13 +210,13 @@ def build_report(suite, batch_sizes, dtypes, layouts, ops, arch=90, progress=pri
         os.environ["TRITON_CACHE_DIR"] = cache  # compile times from scratch, never from an old cache
         try:
             for case in suite_cases(suite, batch_sizes, dtypes, layouts, ops):
-                with recording_launches(target) as launches:
+                with launch_recorder.recording_launches(target) as launches:
                     passes = record_case(case, launches)
                 for pass_, launch in passes:
-                    spec = specialise(launch, backend)
+                    spec = static_compile.specialise(launch, backend)
                     key = spec.key()
                     if key not in facts_of:
-                        facts_of[key] = (len(facts_of), compile_static(spec, launch.kernel, target))
+                        facts_of[key] = (len(facts_of), static_compile.compile_static(spec, launch.kernel, target))
                         progress(f"compiled #{facts_of[key][0]} {spec.name} in {facts_of[key][1]['compile_s']:.1f} s")
                     spec_id, facts = facts_of[key]
                     rows.append(launch_row(case, pass_, launch, spec, facts, spec_id))
@@ -242,7 +228,7 @@ def build_report(suite, batch_sizes, dtypes, layouts, ops, arch=90, progress=pri
     frame = pd.DataFrame(rows)
     frame.insert(0, "device", DEVICE if arch == 90 else f"sm_{arch} static")
     frame.insert(1, "triton", triton.__version__)
-    frame.insert(2, "commit", _commit())
+    frame.insert(2, "commit", git_commit(paths=("kernels", "wsbcn/tuning.py")))
     return frame
 
 
@@ -331,7 +317,12 @@ def add_arguments(p) -> None:
 
 def run(args) -> int:
     from .. import backends
+    from . import dev_tools_dir
 
+    if dev_tools_dir() is None:
+        print("wsbcn report-kernels needs the developer tools of a wsbcn repository checkout (perf/wsbcn_dev/), "
+              "which are not installed: run it from a clone of the repository", file=sys.stderr)
+        return 2
     if backends.interpreter_enabled():
         print("wsbcn report-kernels compiles for a GPU target and cannot run under TRITON_INTERPRET=1: "
               "unset it (and WSBCN_BACKEND=triton) for this command", file=sys.stderr)

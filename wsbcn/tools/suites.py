@@ -44,8 +44,7 @@ class Case:
 # bf16, four shapes from three stages and tensors of 0.1 to 12.8 M elements. WS:
 # two weights per layout, from the stem's 3x7x7 to 1024x512. Chosen against the
 # H100 rows (perf/results/nvidia-h100-80gb-hbm3/bench.csv) so that the sample's
-# geometric-mean speedups stay close to those of every measured case
-# (perf/tools/sample_fidelity.py prints the comparison).
+# geometric-mean speedups stayed close to those of every measured case.
 SAMPLE_NORM_CASES = (
     (NormShape(256, 14, 14), 2, "contiguous"),
     (NormShape(128, 56, 56), 2, "channels_last"),
@@ -60,7 +59,7 @@ SAMPLE_WS_CASES = (
     (ConvShape((1024, 512, 1, 1)), "channels_last"),
 )
 # What the sample times of each case, to keep the default run to a few minutes with
-# a cold compile cache (perf/tools/default_run_estimate.py); other suites time all of it.
+# a cold compile cache; other suites time all of it.
 # Modes: forward and forward+backward, what the targets are stated in (the backward
 # alone, which CUDA-graph timing leaves out anyway, only with --modes or --full).
 # torch.compile baselines: compiled_bcn on the BCN cases and compiled_ws on the WS

@@ -23,7 +23,7 @@ CPU_ROUND_SECONDS = 0.01
 # calls take at most 1.55 ms in the H100 rows, so a timer call costs about its budgets:
 # the 280 timer calls the sample made in all three modes came to ~33 s at 25 + 100 ms
 # and come to ~14 s at 10 + 40 ms, which still times >= 24 calls after >= 6 warm-up
-# ones at 1.55 ms (perf/tools/default_run_estimate.py).
+# ones at 1.55 ms.
 GPU_BUDGET_MS = (25, 100)
 SAMPLE_BUDGET_MS = (10, 40)
 

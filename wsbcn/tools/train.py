@@ -17,7 +17,6 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm
 
 NORMS = ("bn", "gn", "ws_gn", "ws_bcn")
 SHORT_NAMES = {"bn": "BN", "gn": "GN", "ws_gn": "WS+GN", "ws_bcn": "WS+BCN"}  # the table's
@@ -130,10 +129,7 @@ def train_one(norm, data, steps, batch_size, lr, seed=0, eval_every=25, device="
         run.curve_accuracy.append(accuracy(model, x_test, y_test))
 
     evaluate(0)
-    # disable=None: a bar on a terminal, nothing in a log file
-    bar = tqdm(range(1, steps + 1), desc=f"{norm:>6} bs={batch_size}", disable=None if progress else True,
-               leave=False)
-    for step in bar:
+    for step in range(1, steps + 1):
         start = time.perf_counter()
         idx = torch.randint(0, len(x_train), (batch_size,), generator=gen).to(device)
         loss = F.cross_entropy(model(x_train[idx]), y_train[idx])
@@ -146,9 +142,11 @@ def train_one(norm, data, steps, batch_size, lr, seed=0, eval_every=25, device="
         sched.step()
         run.losses.append(loss.item())  # .item() waits for the step: the time below is the step's
         run.train_seconds += time.perf_counter() - start
-        bar.set_postfix(loss=f"{run.losses[-1]:.3f}")
         if step % eval_every == 0 or step == steps:
             evaluate(step)
+            if progress:
+                print(f"{norm:>6} step {step}/{steps}: loss {run.losses[-1]:.3f}, test accuracy "
+                      f"{100 * run.curve_accuracy[-1]:.1f} %", file=sys.stderr)
     if run.diverged_at is not None:
         evaluate(run.diverged_at)
     return run
@@ -244,13 +242,6 @@ def run(norms=NORMS, steps=600, batch_size=2, lr=0.02, seed=0, *, eval_every=25,
     return table, runs, plot
 
 
-def _positive_int(text):
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
-
-
 def _positive_float(text):
     value = float(text)
     if not (math.isfinite(value) and value > 0):
@@ -260,6 +251,8 @@ def _positive_float(text):
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The options of ``wsbcn train`` (and ``python -m wsbcn.tools.train``)."""
+    from .commands import positive_int
+
     p.description = p.description or DESCRIPTION
     p.epilog = EPILOG
     p.formatter_class = argparse.RawDescriptionHelpFormatter  # keep the line breaks above
@@ -267,9 +260,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="which networks to train, in this order: bn = BatchNorm, gn = GroupNorm, ws_gn = "
                         "weight-standardized convs + GroupNorm, ws_bcn = weight-standardized convs + "
                         "batch-channel norm with estimated (running) statistics (default: all four)")
-    p.add_argument("--steps", type=_positive_int, default=600,
+    p.add_argument("--steps", type=positive_int, default=600,
                    help="SGD steps per network (default: %(default)s)")
-    p.add_argument("--batch-size", type=_positive_int, default=2,
+    p.add_argument("--batch-size", type=positive_int, default=2,
                    help="images per step, the micro-batch whose statistics BN normalizes with "
                         "(default: %(default)s)")
     p.add_argument("--lr", type=_positive_float, default=0.02,
@@ -278,12 +271,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0,
                    help="seed of the generated data, the initial weights and the order of the micro-batches, "
                         "the same for every norm (default: %(default)s)")
-    p.add_argument("--eval-every", type=_positive_int, default=25,
+    p.add_argument("--eval-every", type=positive_int, default=25,
                    help="measure test accuracy (500 held-out images) every this many steps: the points of the "
                         "curves (default: %(default)s)")
     p.add_argument("--device", default=default_device(),
                    help="where to train: cpu, or cuda (the Triton kernels) (default: %(default)s)")
-    p.add_argument("--threads", type=_positive_int, default=1,
+    p.add_argument("--threads", type=positive_int, default=1,
                    help="torch CPU threads while training; one is fastest for steps this small "
                         "(default: %(default)s)")
     p.add_argument("--plot", type=Path, default=None, metavar="PATH",
