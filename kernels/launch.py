@@ -45,8 +45,8 @@ class Launch:
     the call's value list (``picks``; constexprs included, which the C launcher
     skips). Through ``kernel[grid]`` the constexprs go by name, the rest by position."""
 
-    __slots__ = ("kernel", "grid", "picks", "runtime_picks", "constexpr_picks", "options", "compiled", "launcher",
-                 "device")
+    __slots__ = ("kernel", "grid", "picks", "pick_indices", "runtime_picks", "constexpr_picks", "options", "compiled",
+                 "launcher", "device")
     # compiled: the CompiledKernel for all-aligned pointers, launcher: its C launcher
     # (None until the first aligned kernel[grid] launch, always under the interpreter,
     # and where this triton's launcher is not the one we know: wsbcn/_compat.py)
@@ -55,6 +55,7 @@ class Launch:
         self.kernel = kernel
         self.grid = tuple(grid) + (1,) * (3 - len(grid))
         self.picks = operator.itemgetter(*picks)
+        self.pick_indices = tuple(picks)
         # kernel[grid] takes the runtime arguments by position and the constexprs by name
         constexprs = _constexpr_names(kernel)
         names = kernel.arg_names
@@ -109,6 +110,61 @@ def direct_stream(launches):
     for launch in launches:
         if launch.launcher is None:  # not compiled yet, the interpreter, or an unknown triton
             return None
+    return _direct_stream(launches)
+
+
+class DirectLaunches:
+    """The direct path of one pass of a plan (its ``launches``, made by one ``ArgTable``)
+    as one generated function, so that a call costs the address reads, one alignment
+    test and the C launches, and no per-call list of values.
+
+    ``params``: the names of the generated function's arguments after the stream (the
+    call's tensors, or None for an absent one); ``prelude``: lines of code run first
+    (e.g. a buffer's base address); ``slot_code``: for each slot of the ArgTable, in
+    order, an expression of its address. ``call(*args)`` launches and returns True, or
+    returns False when a launch cannot go direct (not compiled yet, launch hooks,
+    another device, a misaligned address): then the caller goes through
+    ``kernel[grid]``, which is what decides (and the function checks) every case in
+    which triton would pick another compiled kernel."""
+
+    def __init__(self, launches, params, prelude, slot_code, constants):
+        self.launches, self.params, self.prelude = launches, params, prelude
+        self.slot_code, self.constants = slot_code, constants
+        self._launchers = None
+        self._function = None
+
+    def call(self, *args) -> bool:
+        launchers = [launch.launcher for launch in self.launches]
+        if launchers != self._launchers:
+            if None in launchers:  # not compiled yet, the interpreter, or an unknown triton
+                return False
+            self._function, self._launchers = self._generate(), launchers
+        stream = _direct_stream(self.launches)
+        return stream is not None and self._function(stream, *args)
+
+    def _generate(self):
+        n_slots = len(self.slot_code)
+        lines = [f"def launch_all(stream, {', '.join(self.params)}):"]
+        lines += [f"    {line}" for line in self.prelude]
+        lines += [f"    s{i} = {code}" for i, code in enumerate(self.slot_code)]
+        lines.append(f"    if ({' | '.join(f's{i}' for i in range(n_slots))}) & 15:")
+        lines.append("        return False")
+        scope = {"stats": stats}
+        for j, value in enumerate(self.constants):
+            scope[f"k{j}"] = value
+        for i, launch in enumerate(self.launches):
+            scope[f"L{i}"], scope[f"G{i}"] = launch.launcher, launch.grid
+            args = [f"s{k}" if k < n_slots else f"k{k - n_slots}" for k in launch.pick_indices]
+            lines.append(f"    L{i}(G{i}, stream, ({', '.join(args)},))")
+        lines.append(f"    stats['direct'] += {len(self.launches)}")
+        lines.append("    return True")
+        exec(compile("\n".join(lines), "<wsbcn direct launches>", "exec"), scope)
+        return scope["launch_all"]
+
+
+def _direct_stream(launches):
+    """The current stream when every launch (all compiled) can go direct on the current
+    device, else None."""
     if launch_hooks_set():
         return None
     active = driver.active

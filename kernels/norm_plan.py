@@ -19,7 +19,7 @@ import math
 import torch
 
 from . import norm as K
-from .launch import ArgTable, Slot, all_aligned, direct_stream
+from .launch import ArgTable, DirectLaunches, Slot, all_aligned, direct_stream
 from .layout import cdiv, next_pow2, nsc_strides
 
 # Value slots a call fills (tensors on the kernel[grid] path, addresses on the
@@ -119,6 +119,14 @@ class NormPlan:
                      INCREMENT=update_running and has_nbt, LARGE=large, ALIGN=align_xy, **tile),
         ]
         self.fwd_constants = t.constants
+        dummy = 4 * self.fwd_offsets[6]  # rstd_c: any valid fp32 address, for an absent tensor
+        self.fwd_direct = DirectLaunches(
+            self.fwd, ("x", "y", "side", "part", "gamma", "beta", "omega", "eta", "rm", "rv", "nbt"),
+            ["base = side.data_ptr()", f"dummy = base + {dummy}", "part_a = part.data_ptr()"],
+            ["x.data_ptr()", "y.data_ptr()"] + [f"base + {o}" for o in self.fwd_byte_offsets]
+            + ["part_a", f"part_a + {4 * self.part_size}"]
+            + [f"dummy if {t} is None else {t}.data_ptr()" for t in ("gamma", "beta", "omega", "eta", "rm", "rv", "nbt")],
+            t.constants)
         self._bwd = {}  # dy strides -> the backward's launches, constants and buffer layout
 
     # -- forward -------------------------------------------------------------------
@@ -136,20 +144,8 @@ class NormPlan:
         part = torch.empty((2, self.part_size), device=x.device, dtype=torch.float32)
         if y.stride() != self.y_stride:  # never expected: empty_like is deterministic
             raise RuntimeError("wsbcn: output layout differs from the launch plan's")
-        stream = direct_stream(self.fwd)
-        if stream is not None:
-            base = side.data_ptr()
-            dummy = base + 4 * self.fwd_offsets[6]  # rstd_c: any valid fp32 address
-            part_a = part.data_ptr()
-            addresses = [x.data_ptr(), y.data_ptr()] + [base + o for o in self.fwd_byte_offsets]
-            addresses += [part_a, part_a + 4 * self.part_size]
-            addresses += [dummy if t is None else t.data_ptr()
-                          for t in (gamma, beta, omega, eta, running_mean, running_var, num_batches)]
-            if all_aligned(addresses):
-                values = addresses + self.fwd_constants
-                for launch in self.fwd:
-                    launch.direct(values, stream)
-                return y, side
+        if self.fwd_direct.call(x, y, side, part, gamma, beta, omega, eta, running_mean, running_var, num_batches):
+            return y, side
         views = _views(side, self.fwd_offsets, self.fwd_shapes) + list(part.unbind(0))
         dummy = views[6]
         values = [x, y] + views + [dummy if t is None else t
@@ -243,7 +239,15 @@ class NormPlan:
                      stride_dn=sd[0], stride_dc=sd[1], stride_ds=sd[2],
                      stride_on=so[0], stride_oc=so[1], stride_os=so[2], chunk=chunk, ALIGN=align_xdo, **common),
         ]
-        return launches, t.constants, offsets, shapes, size, pieces, byte_offsets
+        dummy = 4 * self.fwd_offsets[6]
+        direct = DirectLaunches(
+            launches, ("dy", "x", "dx", "side", "buf", "gamma", "omega", "eta"),
+            ["saved = side.data_ptr()", "base = buf.data_ptr()", f"dummy = saved + {dummy}"],
+            ["dy.data_ptr()", "x.data_ptr()", "dx.data_ptr()"] + [f"saved + {o}" for o in self.fwd_byte_offsets]
+            + [f"base + {o}" for o in byte_offsets]
+            + [f"dummy if {t} is None else {t}.data_ptr()" for t in ("gamma", "omega", "eta")],
+            t.constants)
+        return launches, t.constants, offsets, shapes, size, pieces, direct
 
     def backward(self, dy, x, saved, gamma, omega, eta, dx=None):
         """dx and the fp32 parameter gradients (d_gamma, d_beta, d_omega, d_eta;
@@ -252,25 +256,14 @@ class NormPlan:
         copied first."""
         if dy.stride() != self.y_stride and nsc_strides(dy) is None:
             dy = dy.contiguous()
-        launches, constants, offsets, shapes, size, pieces, byte_offsets = self._backward_plan(dy)
+        launches, constants, offsets, shapes, size, pieces, direct = self._backward_plan(dy)
         dx = self.alloc_y(x) if dx is None else dx
         if dx.stride() != self.y_stride:
             raise RuntimeError("wsbcn: dx layout differs from the launch plan's")
         buf = torch.empty((size,), device=x.device, dtype=torch.float32)
         grads = buf.split_with_sizes(pieces)[1:]
-        stream = None if isinstance(saved, tuple) else direct_stream(launches)
-        if stream is not None:
-            base, side = buf.data_ptr(), saved.data_ptr()
-            dummy = side + 4 * self.fwd_offsets[6]
-            addresses = [dy.data_ptr(), x.data_ptr(), dx.data_ptr()]
-            addresses += [side + o for o in self.fwd_byte_offsets]
-            addresses += [base + o for o in byte_offsets]
-            addresses += [dummy if t is None else t.data_ptr() for t in (gamma, omega, eta)]
-            if all_aligned(addresses):
-                values = addresses + constants
-                for launch in launches:
-                    launch.direct(values, stream)
-                return (dx,) + grads
+        if not isinstance(saved, tuple) and direct.call(dy, x, dx, saved, buf, gamma, omega, eta):
+            return (dx,) + grads
         if isinstance(saved, tuple):
             stats, rstd_c, rho = saved
             saved_views = list(stats.unbind(0)) + [rstd_c, rho]
@@ -288,7 +281,7 @@ class NormPlan:
         dx and the fp32 parameter gradients (empty for absent parameters)."""
         if dy.stride() != self.y_stride and nsc_strides(dy) is None:
             dy = dy.contiguous()
-        launches, constants, offsets, shapes, size, pieces, byte_offsets = self._backward_plan(dy)
+        launches, constants, offsets, shapes, size, pieces, _ = self._backward_plan(dy)
         dx = self.alloc_y(x)
         f32 = dict(device=x.device, dtype=torch.float32)
         bufs = [torch.empty(shape, **f32) for shape in shapes]  # partials, coefficients, gradients

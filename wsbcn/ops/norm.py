@@ -173,13 +173,16 @@ class _Call:
     ``NormFunction``; ``saved`` is what the forward keeps for the backward."""
 
     __slots__ = ("num_groups", "eps", "momentum", "cumulative", "mode", "update_running", "activation",
-                 "group_affine", "eager", "group", "plans")
+                 "group_affine", "affine_shape", "eager", "group", "plans")
 
     def __init__(self, x, num_groups, eps, momentum, cumulative, mode, update_running, activation, group_affine,
-                 group=None):
+                 group=None, affine_shape=None):
         self.num_groups, self.eps, self.momentum, self.cumulative = num_groups, eps, momentum, cumulative
         self.mode, self.update_running, self.activation, self.group_affine = mode, update_running, activation, group_affine
         self.group = group  # a process group: statistics combined across its ranks
+        # the channel-stage affine's shape when it is not 1-d (a module's (1, G, 1)): the
+        # eager backward shapes its gradients with ints (a view by a Size costs more)
+        self.affine_shape = affine_shape
         # The eager Triton path takes non-empty inputs whose spatial dims one stride walks.
         # A call built under torch.compile is never cached (checks.validated) and
         # takes the torch.library ops.
@@ -217,7 +220,11 @@ class _Call:
         if self.group is not None:
             return self._backward_distributed(dy, x, saved, gamma, omega, eta)
         if len(saved) == 1:  # the eager Triton path's side buffer
-            return self.plan(x, gamma, omega, None).backward(dy, x, saved[0], gamma, omega, eta)
+            dx, d_gamma, d_beta, d_omega, d_eta = self.plan(x, gamma, omega, None).backward(dy, x, saved[0], gamma,
+                                                                                             omega, eta)
+            if self.affine_shape is not None and omega is not None:
+                d_omega, d_eta = d_omega.view(*self.affine_shape), d_eta.view(*self.affine_shape)
+            return dx, d_gamma, d_beta, d_omega, d_eta
         if nsc_strides(x) is None:
             x = x.contiguous()
         bwd = norm_backward_op if torch.compiler.is_compiling() else _norm_backward_impl
@@ -278,7 +285,7 @@ def _as_param(grad, param):
     ``to`` as in Python, without the Python call)."""
     if param is None:
         return None
-    return grad if param.dim() == 1 else grad.view(param.shape)
+    return grad if grad.dim() == param.dim() else grad.view(param.shape)
 
 
 _calls: dict = {}  # validated call signature -> _Call
@@ -327,9 +334,14 @@ def _batch_channel_norm(x, num_groups, running_mean, running_var, weight, bias, 
                activation, group)
     except AttributeError:  # not a tensor somewhere: the checks will name it
         key = None
-    call = checks.validated(_calls, key, lambda: _validate_bcn(
-        owner, x, num_groups, running_mean, running_var, weight, bias, group_weight, group_bias, training, estimate,
-        momentum, eps, activation, num_batches_tracked, group))
+    try:
+        call = None if torch.compiler.is_compiling() else _calls.get(key)
+    except TypeError:  # an unhashable argument: the checks will name it
+        call = None
+    if call is None:  # a new signature (or no key, or tracing): check it
+        call = checks.validated(_calls, key, lambda: _validate_bcn(
+            owner, x, num_groups, running_mean, running_var, weight, bias, group_weight, group_bias, training,
+            estimate, momentum, eps, activation, num_batches_tracked, group))
     return call(x, weight, bias, group_weight, group_bias, running_mean, running_var,
                 num_batches_tracked if call.update_running else None)
 
@@ -380,7 +392,7 @@ def _validate_bcn(owner, x, num_groups, running_mean, running_var, weight, bias,
     if group is not None and not (training and has_running):
         raise ValueError("a process_group combines statistics in training, with running buffers")
     return _Call(x, num_groups, eps, 0.0 if cumulative else momentum, cumulative, mode, update_running, activation,
-                 group_affine, group)
+                 group_affine, group, _shape_unless_1d(group_weight))
 
 
 def group_norm(x: torch.Tensor, num_groups: int, weight: Optional[torch.Tensor] = None,
@@ -398,7 +410,12 @@ def _group_norm(x, num_groups, weight, bias, eps, activation, owner=None):
                _meta(weight), _meta(bias), eps, type(eps), activation)
     except AttributeError:
         key = None
-    call = checks.validated(_calls, key, lambda: _validate_gn(owner, x, num_groups, weight, bias, eps, activation))
+    try:
+        call = None if torch.compiler.is_compiling() else _calls.get(key)
+    except TypeError:  # an unhashable argument: the checks will name it
+        call = None
+    if call is None:  # a new signature (or no key, or tracing): check it
+        call = checks.validated(_calls, key, lambda: _validate_gn(owner, x, num_groups, weight, bias, eps, activation))
     if weight is not None and bias is None:  # as F.group_norm allows
         bias = torch.zeros_like(weight)
     elif bias is not None and weight is None:
@@ -413,4 +430,9 @@ def _validate_gn(owner, x, num_groups, weight, bias, eps, activation) -> _Call:
     c = x.shape[1]
     _check_param("weight", weight, (c,), x)
     _check_param("bias", bias, (c,), x)
-    return _Call(x, num_groups, eps, 0.0, False, MODE_GN, False, activation, False)
+    return _Call(x, num_groups, eps, 0.0, False, MODE_GN, False, activation, False,
+                 affine_shape=_shape_unless_1d(weight))
+
+
+def _shape_unless_1d(t):
+    return None if t is None or t.dim() == 1 else tuple(t.shape)
