@@ -1,0 +1,135 @@
+"""wsbcn/_compat.py: every private torch/triton interface has a public fallback, and the
+fallback computes the same thing.
+
+Triton's launcher: the direct C launch, the launcher object's Python ``run`` and the
+public ``kernel[grid]`` must hand triton's C launch function the same kernels, grids and
+arguments (checked over the stub CUDA driver in a subprocess, where triton's real host
+path runs; the same kernel with the same arguments computes the same bits). torch's
+functionalization rule: with triton_op's own rule in place of wsbcn's, a compiled step
+gives bitwise the same results.
+"""
+import json
+import os
+import subprocess
+import sys
+import types
+
+import pytest
+import torch
+
+import wsbcn
+from wsbcn import _compat
+
+LAUNCH_PATHS = r"""
+import json
+import torch
+from triton.compiler.compiler import CompiledKernel
+from wsbcn import _compat, backends, tuning
+from wsbcn.functional import batch_channel_norm, weight_standardize
+from wsbcn.kernels import launch
+from wsbcn.tools import stub_driver
+
+stub_driver.install()
+backends.emulate_gpu(stub_driver.GPU_NAME, stub_driver.SM_COUNT)
+
+# every call of a compiled kernel's C launch function: kernel hash, grid, and the
+# kernel arguments with addresses (ints above 2^20) left out
+seen = []
+real_run = CompiledKernel.run
+
+def recording_run(self):
+    launcher = real_run.fget(self)
+    if not getattr(launcher, "recorded", False):
+        c_launch = launcher.launch
+        def record(*args):
+            kernel_args = args[-1] if isinstance(args[-1], tuple) else args[13:]
+            values = [a.data_ptr() if hasattr(a, "data_ptr") else a for a in kernel_args]
+            seen.append([self.hash, list(args[:3]), [a for a in values if not (isinstance(a, int) and a > 1 << 20)]])
+            return c_launch(*args)
+        launcher.launch = record
+        launcher.recorded = True
+    return launcher
+
+CompiledKernel.run = property(recording_run)
+
+torch.manual_seed(0)
+x = torch.randn(2, 64, 6, 6, dtype=torch.bfloat16, requires_grad=True)
+w = torch.randn(16, 8, 3, 3, requires_grad=True)
+params = [torch.ones(64, requires_grad=True), torch.zeros(64, requires_grad=True),
+          torch.ones(1, 8, 1, requires_grad=True), torch.zeros(1, 8, 1, requires_grad=True)]
+rm, rv = torch.zeros(64), torch.ones(64)
+
+def step():
+    y = batch_channel_norm(x, 8, rm, rv, *params, training=True)
+    torch.autograd.grad(y, [x] + params, torch.ones_like(y))
+    torch.autograd.grad(weight_standardize(w), [w], torch.ones_like(w))
+
+out = {}
+for name, direct, c_launch in (("c launch", True, True), ("run", True, False), ("kernel[grid]", False, False)):
+    _compat.direct_launch_enabled, _compat.c_launch_enabled = direct, c_launch
+    tuning.forget_loaded_tables()  # new plans: their launchers are made under these settings
+    step()  # compiles (kernel[grid]) and keeps the launchers
+    seen.clear()
+    before = dict(launch.stats)
+    step()
+    out[name] = {"launches": list(seen), "direct": launch.stats["direct"] - before["direct"]}
+print("RESULT" + json.dumps(out))
+"""
+
+
+def test_every_launch_path_hands_triton_the_same_launches():
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "WSBCN_BACKEND")}
+    proc = subprocess.run([sys.executable, "-c", LAUNCH_PATHS], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    out = json.loads(proc.stdout.split("RESULT", 1)[1])
+    assert out["c launch"]["direct"] == 8 and out["run"]["direct"] == 8  # 3 + 3 BCN, 1 + 1 WS
+    assert out["kernel[grid]"]["direct"] == 0
+    assert len(out["c launch"]["launches"]) == 8
+    assert out["c launch"]["launches"] == out["run"]["launches"] == out["kernel[grid]"]["launches"]
+
+
+def test_the_triton_versions_with_a_direct_launch_are_the_checked_ones():
+    import triton
+
+    checked = _compat.DIRECT_LAUNCH_TRITON[0] <= _compat._version(triton.__version__) <= _compat.DIRECT_LAUNCH_TRITON[1]
+    assert _compat.direct_launch_enabled == checked
+    assert _compat._version("3.9.0+git1234") == (3, 9) and _compat._version("3.10.0") == (3, 10)
+    assert not _compat.DIRECT_LAUNCH_TRITON[0] <= (3, 10) <= _compat.DIRECT_LAUNCH_TRITON[1]
+
+
+def test_an_op_without_the_private_dispatch_table_keeps_triton_ops_rule():
+    assert _compat.functionalize_rule(types.SimpleNamespace(), lambda *a: None) is False
+
+
+@pytest.mark.skipif(_compat.FunctionalTensorMode is None, reason="this torch has no FunctionalTensorMode")
+def test_compiled_results_are_the_same_with_triton_ops_own_rule(monkeypatch):
+    """On the torch backend wsbcn's rule traces into the op body, as triton_op's own rule
+    (the fallback) does: bitwise the same compiled forward and gradients."""
+    from wsbcn.ops.norm import norm_backward_op, norm_forward_op
+
+    monkeypatch.setenv("WSBCN_BACKEND", "torch")
+
+    def run():
+        torch.manual_seed(0)
+        m = wsbcn.BatchChannelNorm2d(8, num_groups=4, activation="relu")
+        x = torch.randn(2, 8, 5, 5, requires_grad=True)
+        torch._dynamo.reset()
+        y = torch.compile(m, backend="aot_eager", fullgraph=True)(x)
+        grads = torch.autograd.grad(y, [x, *m.parameters()], torch.ones_like(y))
+        return [y.detach(), *grads, m.running_mean, m.running_var]
+
+    ours = run()
+    for op in (norm_forward_op, norm_backward_op):
+        fns = op._torch_dispatch_fns
+        monkeypatch.setitem(fns, _compat.FunctionalTensorMode, fns[_compat.FunctionalTensorMode].args[0])
+    fallback = run()
+    for a, b in zip(ours, fallback):
+        assert torch.equal(a, b)
+
+
+def test_is_fake_knows_fake_tensors():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        fake = torch.empty(3)
+    assert _compat.is_fake(fake) and not _compat.is_fake(torch.empty(3))
