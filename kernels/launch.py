@@ -149,14 +149,14 @@ class DirectLaunches:
         lines += [f"    s{i} = {code}" for i, code in enumerate(self.slot_code)]
         lines.append(f"    if ({' | '.join(f's{i}' for i in range(n_slots))}) & 15:")
         lines.append("        return False")
-        scope = {"stats": stats}
+        scope = {"launch_stats": stats}
         for j, value in enumerate(self.constants):
             scope[f"k{j}"] = value
         for i, launch in enumerate(self.launches):
             scope[f"L{i}"], scope[f"G{i}"] = launch.launcher, launch.grid
             args = [f"s{k}" if k < n_slots else f"k{k - n_slots}" for k in launch.pick_indices]
             lines.append(f"    L{i}(G{i}, stream, ({', '.join(args)},))")
-        lines.append(f"    stats['direct'] += {len(self.launches)}")
+        lines.append(f"    launch_stats['direct'] += {len(self.launches)}")
         lines.append("    return True")
         exec(compile("\n".join(lines), "<wsbcn direct launches>", "exec"), scope)
         return scope["launch_all"]

@@ -9,7 +9,7 @@ written down.
 import torch
 
 from . import ws as K
-from .launch import ArgTable, Slot, all_aligned, direct_stream
+from .launch import ArgTable, DirectLaunches, Slot, all_aligned
 
 
 class WSPlan:
@@ -30,28 +30,27 @@ class WSPlan:
                             denom=float(fan_in - correction), eps=float(eps), STD_MODE=std_mode,
                             ONE_BLOCK=fan_in <= block, BLOCK=block)
         self.fwd_constants = t.constants
+        o = 4 * out_channels  # bytes between the three rows of the fp32 statistics
+        stat_slots = ["base", f"base + {o}", f"base + {2 * o}"]
+        self.fwd_direct = DirectLaunches([self.fwd], ("w", "w_hat", "stats"), ["base = stats.data_ptr()"],
+                                         ["w.data_ptr()", "w_hat.data_ptr()"] + stat_slots, t.constants)
         block = config_bwd["BLOCK"]
         t = ArgTable(("grad", "w", "dw", "mean", "rstd", "gcoef"))
         self.bwd = t.launch(K._ws_bwd_kernel, grid, dict(num_warps=config_bwd["num_warps"]),
                             Grad=Slot("grad"), W=Slot("w"), Dw=Slot("dw"), **stats, row_stride=row_stride,
                             fan_in=fan_in, ONE_BLOCK=fan_in <= block, BLOCK=block)
         self.bwd_constants = t.constants
+        self.bwd_direct = DirectLaunches([self.bwd], ("grad", "w", "dw", "stats"), ["base = stats.data_ptr()"],
+                                         ["grad.data_ptr()", "w.data_ptr()", "dw.data_ptr()"] + stat_slots, t.constants)
 
     def forward(self, w):
         """(w_hat, stats) with stats fp32 [3, O]: shifted mean, rstd, gcoef."""
         w_hat = torch.empty_like(w)
         stats = torch.empty((3, self.out_channels), device=w.device, dtype=torch.float32)
-        launch = self.fwd
-        o = 4 * self.out_channels
-        stream = direct_stream((launch,))
-        if stream is not None:
-            base = stats.data_ptr()
-            addresses = [w.data_ptr(), w_hat.data_ptr(), base, base + o, base + 2 * o]
-            if all_aligned(addresses):
-                launch.direct(addresses + self.fwd_constants, stream)
-                return w_hat, stats
+        if self.fwd_direct.call(w, w_hat, stats):
+            return w_hat, stats
         values = [w, w_hat, stats[0], stats[1], stats[2]]
-        launch.jit(values + self.fwd_constants, all_aligned(v.data_ptr() for v in values))
+        self.fwd.jit(values + self.fwd_constants, all_aligned(v.data_ptr() for v in values))
         return w_hat, stats
 
     def forward_traced(self, w):
@@ -74,17 +73,10 @@ class WSPlan:
         kernel walks both with ``w``'s)."""
         grad = _strided_like(grad, w)
         dw = torch.empty_like(w)
-        launch = self.bwd
-        o = 4 * self.out_channels
-        stream = direct_stream((launch,))
-        if stream is not None and stats.is_contiguous():
-            base = stats.data_ptr()
-            addresses = [grad.data_ptr(), w.data_ptr(), dw.data_ptr(), base, base + o, base + 2 * o]
-            if all_aligned(addresses):
-                launch.direct(addresses + self.bwd_constants, stream)
-                return dw
+        if stats.is_contiguous() and self.bwd_direct.call(grad, w, dw, stats):
+            return dw
         values = [grad, w, dw, stats[0], stats[1], stats[2]]
-        launch.jit(values + self.bwd_constants, all_aligned(v.data_ptr() for v in values))
+        self.bwd.jit(values + self.bwd_constants, all_aligned(v.data_ptr() for v in values))
         return dw
 
 
