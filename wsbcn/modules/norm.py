@@ -2,6 +2,7 @@
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .. import checks
@@ -85,12 +86,18 @@ class _BatchChannelNorm(nn.Module):
         # The functional checks, with _check_input, run once per call signature. The
         # parameters and buffers are read from their dicts (what self.weight resolves
         # to, without nn.Module.__getattr__: eager micro-batch layers are host-bound).
+        # A parametrization or pruning takes a parameter out of _parameters: then the
+        # attributes are what the parameters are (see WSConv's standardized_weight).
         p, b = self._parameters, self._buffers
+        try:
+            weight, bias, group_weight, group_bias = p["weight"], p["bias"], p["group_weight"], p["group_bias"]
+        except KeyError:
+            weight, bias, group_weight, group_bias = self.weight, self.bias, self.group_weight, self.group_bias
         group = self.process_group if self.training else None
         return _batch_channel_norm(
-            x, self.num_groups, b["running_mean"], b["running_var"], p["weight"], p["bias"],
-            p["group_weight"], p["group_bias"], self.training, self.estimate, self.momentum, self.eps,
-            self.activation, b["num_batches_tracked"], owner=self, group=group)
+            x, self.num_groups, b["running_mean"], b["running_var"], weight, bias, group_weight, group_bias,
+            self.training, self.estimate, self.momentum, self.eps, self.activation, b["num_batches_tracked"],
+            owner=self, group=group)
 
     def extra_repr(self) -> str:
         text = (f"{self.num_channels}, num_groups={self.num_groups}, eps={self.eps}, "
@@ -157,7 +164,14 @@ class GroupNorm(nn.GroupNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # the functional checks, with _check_input, run once per call signature
         p = self._parameters  # what self.weight resolves to, without nn.Module.__getattr__
-        return _group_norm(x, self.num_groups, p["weight"], p["bias"], self.eps, self.activation, owner=self)
+        try:
+            weight, bias = p["weight"], p["bias"]
+        except KeyError:  # parametrized or pruned: see WSConv's standardized_weight
+            weight, bias = self.weight, self.bias
+            c = self.num_channels
+            if (weight is not None and weight.shape != (c,)) or (bias is not None and bias.shape != (c,)):
+                F.group_norm(x, self.num_groups, weight, bias, self.eps)  # raises nn.GroupNorm's error
+        return _group_norm(x, self.num_groups, weight, bias, self.eps, self.activation, owner=self)
 
     def extra_repr(self) -> str:
         text = super().extra_repr()

@@ -23,8 +23,15 @@ class _WSConvMixin:
         cheap key proves a cached W_hat current. Inference that wants the standardization
         done once uses ``wsbcn.freeze``."""
         # _parameters["weight"] is what self.weight resolves to, without
-        # nn.Module.__getattr__ (eager micro-batch layers are host-bound)
-        return weight_standardize(self._parameters["weight"], self.eps, self.correction, self.eps_mode)
+        # nn.Module.__getattr__ (eager micro-batch layers are host-bound). A
+        # parametrization (a property of a generated subclass), pruning or the hook
+        # form of weight_norm / spectral_norm (a plain attribute a forward pre-hook
+        # sets) takes "weight" out of _parameters: then self.weight is the weight.
+        try:
+            weight = self._parameters["weight"]
+        except KeyError:
+            weight = self.weight
+        return weight_standardize(weight, self.eps, self.correction, self.eps_mode)
 
     def forward(self, input):
         return self._conv_forward(input, self.standardized_weight(), self.bias)
