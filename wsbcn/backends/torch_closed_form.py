@@ -6,8 +6,10 @@ BCN / GroupNorm: modes and saved statistics are those of kernels/norm.py: stats
 [6, N, C] holds pivot, mean, dm, P, y_hat mean and M2 per (n, c); rstd_c [C]; rho
 [N, G]. As there, every pass works with e = (x - pivot) - mean_nc.
 
-WS: works on (O, fan_in) rows in fp32 (float64 for float64 weights); statistics of
-``w - w[:, :1]`` as in the kernel, so a constant filter gives exact zeros.
+WS: works on (O, fan_in) rows in fp32 (float64 for float64 weights), each row the
+fan-in in memory order as the kernel walks it (W_hat and dW keep the weight's memory
+format); statistics of ``w - w[:, :1]`` (the row's first element in memory) as in the
+kernel, so a constant filter gives exact zeros.
 """
 import torch
 import torch.nn.functional as F
@@ -225,8 +227,29 @@ def norm_backward_torch(dy, x, stats, rstd_c, rho, gamma, omega, eta, num_groups
 
 # --- Weight Standardization ---------------------------------------------------------
 
+def _fan_in_order(w: torch.Tensor) -> list:
+    """Dims of w with each output channel's fan-in in memory order (dims 1.. by
+    decreasing stride), as ops/ws.py's row_dense and the kernel walk it."""
+    return [0] + sorted(range(1, w.dim()), key=lambda d: -w.stride(d))
+
+
+def _rows(t: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """t's (O, fan_in) rows in w's memory order: a view when t is row dense like w."""
+    return t.permute(_fan_in_order(w)).reshape(w.shape[0], -1)
+
+
+def _like(rows: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """(O, fan_in) rows in w's memory order (``_rows``) as a tensor shaped and strided
+    like w, so W_hat and dW keep the weight's memory format, down to the strides of
+    size-1 dims (they decide what channels_last means to a depthwise conv)."""
+    order = _fan_in_order(w)
+    if w.permute(order).is_contiguous():  # row dense: the rows are w's memory, in order
+        return rows.contiguous().as_strided(w.shape, w.stride())
+    return rows.reshape([w.shape[d] for d in order]).permute([order.index(d) for d in range(w.dim())])
+
+
 def ws_forward_torch(w: torch.Tensor, eps: float, correction: int, std_mode: bool):
-    rows = w.reshape(w.shape[0], -1).to(acc_dtype(w.dtype))
+    rows = _rows(w, w).to(acc_dtype(w.dtype))
     denom = rows.shape[1] - correction
     d = rows - rows[:, :1]
     mean = d.mean(dim=1)
@@ -239,15 +262,15 @@ def ws_forward_torch(w: torch.Tensor, eps: float, correction: int, std_mode: boo
     else:
         rstd = torch.rsqrt(var + eps)
         gcoef = rstd / denom
-    w_hat = (d * rstd[:, None]).to(w.dtype).reshape(w.shape)
-    return w_hat, torch.stack([mean, rstd, gcoef])
+    return _like((d * rstd[:, None]).to(w.dtype), w), torch.stack([mean, rstd, gcoef])
 
 
 def ws_backward_torch(grad: torch.Tensor, w: torch.Tensor, stats: torch.Tensor):
+    """dW, laid out like w (as the kernel writes it)."""
     acc = acc_dtype(w.dtype)
-    rows = w.reshape(w.shape[0], -1).to(acc)
-    g = grad.reshape(w.shape[0], -1).to(acc)
+    rows = _rows(w, w).to(acc)
+    g = _rows(grad, w).to(acc)
     mean, rstd, gcoef = stats[0, :, None], stats[1, :, None], stats[2, :, None]
     w_hat = (rows - rows[:, :1] - mean) * rstd
     dw = rstd * (g - g.mean(dim=1, keepdim=True)) - gcoef * w_hat * (g * w_hat).sum(dim=1, keepdim=True)
-    return dw.to(w.dtype).reshape(w.shape)
+    return _like(dw.to(w.dtype), w)

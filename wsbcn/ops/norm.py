@@ -268,13 +268,16 @@ class NormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, gamma, beta, omega, eta, call, buffers):
         y, saved = call.forward(x, gamma, beta, omega, eta, *buffers)
-        ctx.save_for_backward(x, gamma, omega, eta, *saved)
+        ctx.save_for_backward(x, gamma, beta, omega, eta, *saved)  # beta: for double backward only
         ctx.call = call
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, gamma, omega, eta, *saved = ctx.saved_tensors
+        x, gamma, beta, omega, eta, *saved = ctx.saved_tensors
+        if torch.is_grad_enabled() and x.numel():  # create_graph=True: differentiable torch ops
+            from . import double_backward
+            return (*double_backward.norm_double_backward(ctx, dy, x, gamma, beta, omega, eta, saved), None, None)
         dx, *grads = ctx.call.backward(dy, x, saved, gamma, omega, eta)
         return (dx, *param_grads(*grads, gamma, omega), None, None)
 

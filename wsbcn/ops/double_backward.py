@@ -1,0 +1,120 @@
+"""Double backward of NormFunction and WeightStandardizeFunction.
+
+The first-order backwards (Triton kernels, or the torch closed form) compute the
+gradients from statistics the forward saved as constants, so the graph they would
+record under ``create_graph=True`` misses every path through those statistics (and
+the closed form works in place). Inside an autograd Function's backward,
+``torch.is_grad_enabled()`` is True exactly when ``create_graph=True``; the two
+Functions then call these instead: the forward written out again with differentiable
+torch ops, from the saved input and parameters, and differentiated with
+``torch.autograd.grad(..., create_graph=True)``. The result is a graph of plain torch
+ops, differentiable to any order. The first-order path (grad mode off) is untouched.
+
+What is recomputed and what is a constant, as in the forward:
+- BCN, training with batch statistics: mean and variance of x per channel, with
+  gradients through them;
+- BCN in estimate mode and in eval: the BN stage's mean and 1/sqrt(var + eps) per
+  channel are constants, read from the saved statistics (kernels/norm.py: for every
+  (n, c), pivot + mean - dm is the mean the forward normalized with; rstd_c its r);
+- the channel stage (and GroupNorm): group statistics of u, with gradients.
+"""
+import torch
+import torch.nn.functional as F
+
+from ..backends.torch_closed_form import acc_dtype
+from ..kernels.norm import MODE_BATCH, MODE_GN
+
+def _activate(z, activation):
+    if activation == "relu":
+        return F.relu(z)
+    if activation == "silu":
+        return F.silu(z)
+    return z
+
+
+def _bn_constants(call, x, gamma, omega, saved):
+    """(mean, rstd) per channel of the BN stage in estimate mode and eval: the
+    forward's, from its saved statistics (the running buffers have moved since)."""
+    if len(saved) == 1:  # the eager Triton path: one fp32 side buffer
+        stats, rstd_c, _ = call.plan(x, gamma, omega, None).saved_views(saved[0])
+    else:
+        stats, rstd_c = saved[0], saved[1]
+    pivot, mean, dm = stats[0, 0], stats[1, 0], stats[2, 0]
+    return pivot + (mean - dm), rstd_c
+
+
+def norm_forward_differentiable(x, gamma, beta, omega, eta, num_groups, eps, mode, activation, group_affine,
+                                bn_mean=None, bn_rstd=None):
+    """BCN / GroupNorm (DESIGN.md section 3) with differentiable torch ops, in fp32
+    (float64 for float64 inputs); ``bn_mean``/``bn_rstd``: the BN stage's constants
+    outside batch statistics."""
+    acc = acc_dtype(x.dtype)
+    n, c = x.shape[:2]
+    shape_c = (1, c) + (1,) * (x.dim() - 2)
+    u = x.to(acc)
+    if mode != MODE_GN:
+        if mode == MODE_BATCH:
+            dims = [0] + list(range(2, x.dim()))
+            var, mean = torch.var_mean(u, dim=dims, correction=0)
+            u = (u - mean.view(shape_c)) * torch.rsqrt(var + eps).view(shape_c)
+        else:
+            u = (u - bn_mean.to(acc).view(shape_c)) * bn_rstd.to(acc).view(shape_c)
+        if gamma is not None:
+            u = u * gamma.to(acc).view(shape_c) + beta.to(acc).view(shape_c)
+    grouped = u.reshape(n, num_groups, -1)
+    tau, nu = torch.var_mean(grouped, dim=2, correction=0, keepdim=True)
+    y = ((grouped - nu) * torch.rsqrt(tau + eps)).reshape(x.shape)
+    if omega is not None:
+        om, et = omega.reshape(-1).to(acc), eta.reshape(-1).to(acc)
+        if group_affine:
+            om, et = om.repeat_interleave(c // num_groups), et.repeat_interleave(c // num_groups)
+        y = y * om.view(shape_c) + et.view(shape_c)
+    return _activate(y, activation).to(x.dtype)
+
+
+def norm_double_backward(ctx, dy, x, gamma, beta, omega, eta, saved):
+    """NormFunction's backward under create_graph=True: (dx, d_gamma, d_beta,
+    d_omega, d_eta), each None where not needed."""
+    call = ctx.call
+    if call.group is not None:
+        raise RuntimeError(
+            "wsbcn BatchChannelNorm with a process_group does not support double backward "
+            "(create_graph=True, e.g. a gradient penalty): its statistics are combined across "
+            "processes. Use it without process_group, or sync statistics another way.")
+    bn_mean = bn_rstd = None
+    if call.mode not in (MODE_GN, MODE_BATCH):
+        bn_mean, bn_rstd = _bn_constants(call, x, gamma, omega, saved)
+    tensors = (x, gamma, beta, omega, eta)
+    wanted = [i for i, t in enumerate(tensors) if t is not None and ctx.needs_input_grad[i]]
+    y = norm_forward_differentiable(x, gamma, beta, omega, eta, call.num_groups, call.eps, call.mode,
+                                    call.activation, call.group_affine, bn_mean, bn_rstd)
+    grads = torch.autograd.grad(y, [tensors[i] for i in wanted], dy, create_graph=True, allow_unused=True)
+    out = [None] * 5
+    for i, g in zip(wanted, grads):
+        out[i] = g
+    return tuple(out)
+
+
+def ws_forward_differentiable(weight, eps, correction, std_mode):
+    """W_hat with differentiable torch ops (fp32, float64 for float64 weights); a
+    constant filter gives 0 and finite derivatives, as in the kernels."""
+    acc = acc_dtype(weight.dtype)
+    rows = weight.reshape(weight.shape[0], -1).to(acc)
+    centered = rows - rows.mean(dim=1, keepdim=True)
+    var = centered.square().sum(dim=1, keepdim=True) / (rows.shape[1] - correction)
+    if std_mode:
+        tiny = torch.finfo(acc).tiny
+        std = torch.where(var > 0, var.clamp_min(tiny).sqrt(), torch.zeros_like(var))
+        w_hat = centered / (std + eps)
+    else:
+        w_hat = centered * torch.rsqrt(var + eps)
+    return w_hat.reshape(weight.shape).to(weight.dtype)
+
+
+def ws_double_backward(call, weight, grad):
+    """WeightStandardizeFunction's backward under create_graph=True: dW."""
+    if weight.numel() == 0:
+        return torch.zeros_like(weight)
+    w_hat = ws_forward_differentiable(weight, call.eps, call.correction, call.std_mode)
+    (dw,) = torch.autograd.grad(w_hat, weight, grad, create_graph=True)
+    return dw
