@@ -96,10 +96,13 @@ def norm_double_backward(ctx, dy, x, gamma, beta, omega, eta, saved):
 
 
 def ws_forward_differentiable(weight, eps, correction, std_mode):
-    """W_hat with differentiable torch ops (fp32, float64 for float64 weights); a
-    constant filter gives 0 and finite derivatives, as in the kernels."""
+    """W_hat with differentiable torch ops (fp32, float64 for float64 weights). As in
+    the kernels, each row is first shifted by one of its elements (a constant: the
+    shift cancels in W_hat and in its derivatives), so a constant filter gives exact
+    zeros, W_hat = 0 and finite derivatives."""
     acc = acc_dtype(weight.dtype)
     rows = weight.reshape(weight.shape[0], -1).to(acc)
+    rows = rows - rows[:, :1].detach()
     centered = rows - rows.mean(dim=1, keepdim=True)
     var = centered.square().sum(dim=1, keepdim=True) / (rows.shape[1] - correction)
     if std_mode:
