@@ -1,10 +1,12 @@
-"""The host-time benchmark (wsbcn.tools.host_bench) over the stub CUDA driver.
+"""The host-time benchmark (wsbcn/tools/host_bench.py) over the stub CUDA driver.
 
 The benchmark must run where TRITON_INTERPRET is unset, which this test process is
 not (conftest), so it runs in a subprocess. Its launch counts (the stub's
 cuLaunchKernelEx counter) are checked against an independent count: the
 `kernel[grid](...)` launches the same calls make through the Triton interpreter,
-counted at triton's entry point in a second subprocess. No timing is asserted.
+counted at triton's entry point in a second subprocess. The benchmark itself checks
+that each case's floor makes the launches the call makes (over the stub). No timing
+is asserted.
 """
 import json
 import os
@@ -89,6 +91,9 @@ def test_host_bench_rows_over_the_stub_driver(tmp_path):
     assert set(ws.C) == {WEIGHT[0]} and set(ws.spatial) == {"x".join(map(str, WEIGHT[1:]))}
     assert (rows.ms_p50 > 0).all()
     assert (rows.ms_p20 <= rows.ms_p50).all() and (rows.ms_p50 <= rows.ms_p80).all()
+    # every row carries its floor, timed in the same run, and the ratio to it
+    assert (rows.floor_ms_p50 > 0).all()
+    assert (rows.ratio_to_floor - rows.ms_p50 / rows.floor_ms_p50).abs().max() < 1e-9
     for row in rows.itertuples():
         assert row.launches == expected[f"{row.op} {row.mode}"], (row.op, row.mode, expected)
     assert all(count > 0 for count in expected.values())

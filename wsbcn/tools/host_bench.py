@@ -1,46 +1,24 @@
-"""Host time of wsbcn's eager calls, on any machine (``wsbcn bench --host``).
+"""Host time of wsbcn's eager calls, on any machine (``wsbcn bench --host``;
+docs/benchmarks.md, "Host time").
 
-At micro-batch sizes an eager BCN layer is host-bound: in the H100 session
-(README, Results) a BCN forward+backward kept the GPU
-busy for 17 us and the host for ~1.6 ms (Python, torch dispatch and autograd,
-allocations, triton's binder and launcher). This
-module measures that host time per eager call, for the calls ``wsbcn bench`` times
-for the ``wsbcn`` provider (BCN in batch and estimate mode, GroupNorm, WS), and
-writes rows in the bench CSV schema with variant "host".
+For the calls ``wsbcn bench`` times for the ``wsbcn`` provider (BCN in batch and
+estimate mode, GroupNorm, WS), rows in the bench CSV schema with variant "host":
 
-Two drivers:
+- driver ``stub`` (no GPU): triton runs over the repository's stub CUDA driver
+  (perf/wsbcn_dev/stub_driver.py) and ``wsbcn.backends.emulate_gpu`` sends CPU tensors
+  down the GPU path with an H100's plans; everything on the host runs for real, the
+  sm_90 compile included, no kernel runs. Host time is the calling thread's CPU time
+  (``--clock cpu``: autograd runs backward on the caller, nothing blocks), which other
+  processes on the machine do not move.
+- driver ``cuda``: CUDA tensors and the real driver; host time is the wall time of the
+  call, started on an idle device (synchronised before, outside the timed span).
 
-``stub`` (any machine, no GPU needed): triton runs over the repository's stub driver
-    (perf/wsbcn_dev/stub_driver.py, reached as ``wsbcn.tools.stub_driver``)
-    and ``wsbcn.backends.emulate_gpu`` sends CPU tensors down wsbcn's GPU path with
-    the launch plans and tuned configs of the GPU the stub answers as (an H100).
-    Everything on the host runs for real, the first call's compile for sm_90
-    included; no kernel runs (outputs are garbage). Host time = the CPU time of the
-    calling thread during the call (``--clock cpu``, the default here): it does all
-    of the work (autograd runs CPU backward on the caller; nothing blocks), so this
-    is the wall time the call takes on an idle core, and other processes competing
-    for the cores do not move it. Wall time does (``--clock wall``): on a 2-core
-    machine at load 5, wall time was 2.5-3x the CPU time, the difference all spent
-    waiting in the run queue (/proc/self/schedstat). Rows go to
-    ``<out>/cpu/bench.csv``; their device column names the stub and the emulated GPU.
-``cuda`` (a GPU machine): CUDA tensors through the real driver. Host time = wall
-    time of the eager call alone, with no synchronisation inside it, started on an
-    idle device (``torch.cuda.synchronize()`` before each call, outside the timed
-    span): the call returns once everything is queued, and an idle device never
-    makes a launch wait for queue space, so the span is the host's work alone.
-    (While the device is slower than the host, a queue that filled up would turn
-    host time into device time; this way it never fills.) Launches come from the
-    CUDA profiler there and include torch's own kernels (e.g. a cast of a gradient).
-
-Each case: a few warm-up calls (the first compiles each kernel for sm_90, seconds
-per kernel; triton caches the cubins on disk), one call to count launches, then
-``rounds`` rounds of ``calls`` calls; ms_p50/p20/p80 are the median, 20th and 80th
-percentiles over rounds of the mean time per call. Run it in a fresh process with
-TRITON_INTERPRET unset (triton picks interpreter or compiler when kernels are
-defined, at import):
-
-    python -m wsbcn.tools.host_bench [--suite resnet50] [--batch-sizes 2 32] [--shapes 256x14x14]
-        [--weights 256x256x3x3] [--ops bcn gn] [--modes fwd fwdbwd] [--quick] [--out perf/results]
+Each case is timed together with its floor (``floor_ms_p50``, ``ratio_to_floor``),
+rounds of the two interleaved: a minimal ``torch.autograd.Function`` that allocates its
+outputs, saves its inputs and makes the call's launches of an empty kernel through
+triton's cached launcher, as the library's direct path does (kernels/launch.py). What
+the call costs above it is wsbcn's own host work. Run in a fresh process with
+TRITON_INTERPRET unset (triton picks interpreter or compiler when kernels are defined).
 """
 import argparse
 import gc
@@ -51,18 +29,68 @@ import sys
 import time
 from pathlib import Path
 
-import pandas as pd
 import torch
+import triton
 
 from .. import backends
 from . import info, suites
 from .bench import MODES, NUM_GROUPS, OPS, NormInputs, norm_fn, timed_callable, ws_fn
-from .results import COLUMNS, upsert
 
 DEFAULT_MODES = ("fwd", "fwdbwd")
 DRIVERS = ("auto", "stub", "cuda")
 # "wall": elapsed time; "cpu": CPU time of the calling thread (see the module docstring)
 CLOCKS = {"wall": time.perf_counter_ns, "cpu": time.thread_time_ns}
+# (forward, backward) launches of one eager call (DESIGN.md section 4); the stub run
+# checks them against the launches it counts for the call itself.
+FLOOR_LAUNCHES = {"bcn": (3, 3), "bcn_estimate": (3, 3), "gn": (3, 3), "ws": (1, 1)}
+
+
+@triton.jit
+def _empty_kernel(out_ptr):
+    pass
+
+
+def floor_launcher():
+    """``launch(count, out)``: ``count`` launches of an empty kernel through the
+    compiled kernel's C launcher, on the current device and stream (compiled here,
+    through ``kernel[grid]``, on the active driver)."""
+    from triton.runtime import driver
+
+    from .._compat import direct_launcher
+
+    active = driver.active
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    run = direct_launcher(_empty_kernel[(1,)](torch.empty(1, device=device)))
+    if run is None:
+        raise RuntimeError(f"triton {triton.__version__}: no direct launcher (wsbcn/_compat.py), so no floor")
+
+    def launch(count, out):
+        stream = active.get_current_stream(active.get_current_device())
+        address = out.data_ptr()
+        for _ in range(count):
+            run((1, 1, 1), stream, (address,))
+
+    return launch
+
+
+class Floor(torch.autograd.Function):
+    """The least an eager autograd op with these launches does on the host: forward
+    saves its inputs, allocates its output and launches; backward allocates one
+    gradient per input and launches."""
+
+    @staticmethod
+    def forward(ctx, launch, counts, *inputs):
+        ctx.launch, ctx.backward_launches = launch, counts[1]
+        ctx.save_for_backward(*inputs)
+        out = torch.empty_like(inputs[0])
+        launch(counts[0], out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        grads = [torch.empty_like(t) for t in ctx.saved_tensors]
+        ctx.launch(ctx.backward_launches, grads[0])
+        return (None, None, *grads)
 
 
 def parse_shape(text: str, dims: int) -> tuple:
@@ -108,21 +136,22 @@ def _quantiles_ms(per_call_ns: list) -> tuple:
     return statistics.median(ms), deciles[1], deciles[7]
 
 
-def time_host(fn, sync, rounds: int, calls: int, clock=time.perf_counter_ns) -> tuple:
-    """(p50, p20, p80) ms over ``rounds`` of the mean time per call of ``calls``
-    calls on ``clock`` (ns), each timed from an idle device (``sync`` runs before
-    it, outside the span)."""
+def time_host(fns, sync, rounds: int, calls: int, clock=time.perf_counter_ns) -> list:
+    """[(p50, p20, p80) ms per fn of ``fns``] over ``rounds`` of the mean time per call
+    of ``calls`` calls on ``clock`` (ns), the fns' rounds interleaved, each call timed
+    from an idle device (``sync`` runs before it, outside the span)."""
     gc.collect()
-    per_round = []
+    per_round = [[] for _ in fns]
     for _ in range(rounds):
-        total = 0
-        for _ in range(calls):
-            sync()
-            start = clock()
-            fn()
-            total += clock() - start
-        per_round.append(total / calls)
-    return _quantiles_ms(per_round)
+        for fn, times in zip(fns, per_round):
+            total = 0
+            for _ in range(calls):
+                sync()
+                start = clock()
+                fn()
+                total += clock() - start
+            times.append(total / calls)
+    return [_quantiles_ms(times) for times in per_round]
 
 
 def _jobs(suite_name, ops, batch_sizes, dtypes, layouts, shapes, weights):
@@ -146,18 +175,21 @@ def _jobs(suite_name, ops, batch_sizes, dtypes, layouts, shapes, weights):
 def run_host_bench(suite_name: str = "resnet50", ops=OPS, modes=DEFAULT_MODES, batch_sizes=(2, 32),
                    dtypes=("bfloat16",), layouts=("contiguous",), shapes=None, weights=None, rounds: int = 15,
                    calls: int = 20, warmup: int = 3, driver: str = "auto", clock: str = "auto",
-                   out_dir="perf/results", log=print) -> pd.DataFrame:
-    """Time the host side of every eager call in the suite; returns the rows (bench
-    CSV schema, variant "host", provider "wsbcn"), also upserted to
+                   out_dir="perf/results", log=print):
+    """Time the host side of every eager call in the suite, and its floor; returns the
+    rows (bench CSV schema, variant "host", provider "wsbcn"), also upserted to
     ``<out_dir>/<device>/bench.csv`` unless ``out_dir`` is None.
 
     ``shapes`` ("CxHxW") and ``weights`` ("OxIxKHxKW") replace the suite's norm
     and conv shapes; rows of shapes outside the suite say suite "custom".
     ``driver``: "stub" (no GPU needed), "cuda", or "auto" (cuda when there is a
     device). ``clock``: "cpu" (the calling thread's CPU time; stub only), "wall",
-    or "auto" (cpu on the stub, wall on CUDA). See the module docstring for what is
-    timed and how.
+    or "auto" (cpu on the stub, wall on CUDA).
     """
+    import pandas as pd
+
+    from .results import COLUMNS, upsert
+
     unknown = [op for op in ops if op not in OPS] + [m for m in modes if m not in MODES]
     if unknown:
         raise ValueError(f"unknown op or mode {unknown}: ops are {OPS}, modes {MODES}")
@@ -195,12 +227,13 @@ def run_host_bench(suite_name: str = "resnet50", ops=OPS, modes=DEFAULT_MODES, b
         launches_of = count_launches
     meta = dict(info.run_metadata(), device=device_label)
 
-    log(f"host time per call, {driver} driver, {clock} clock, {len(jobs) * len(modes)} cases")
+    log(f"host time per call and its floor, {driver} driver, {clock} clock, {len(jobs) * len(modes)} cases")
     rows = []
     previous = backends.emulated_gpu()
     if driver == "stub":
         backends.emulate_gpu(stub_driver.GPU_NAME, stub_driver.SM_COUNT)
     try:
+        launch = floor_launcher()
         for op, shape, n, dtype_name, layout, suite_label in jobs:
             if op == "ws":
                 w = torch.randn(shape, device=device, dtype=torch.float32)
@@ -215,20 +248,28 @@ def run_host_bench(suite_name: str = "resnet50", ops=OPS, modes=DEFAULT_MODES, b
                 case = dict(N=n, C=c, spatial=f"{h}x{wd}", dtype=dtype_name)
                 make, restore = (lambda: norm_fn(op, "wsbcn", inp)), inp.restore
             for mode in modes:
-                fn = timed_callable(*make(), mode)
+                forward, leaves = make()
+                fn = timed_callable(forward, leaves, mode)
+                floor = timed_callable(lambda: Floor.apply(launch, FLOOR_LAUNCHES[op], *leaves), leaves, mode)
                 started = time.perf_counter()
                 for _ in range(warmup):
                     fn()
+                    floor()
                 warm_s = time.perf_counter() - started
-                launches = launches_of(fn)
-                p50, p20, p80 = time_host(fn, sync, rounds, calls, CLOCKS[clock])
+                launches, floor_launches = launches_of(fn), launches_of(floor)
+                if driver == "stub" and launches != floor_launches:
+                    raise RuntimeError(f"{op} {mode}: the call made {launches:.0f} launches and its floor "
+                                       f"{floor_launches:.0f}: FLOOR_LAUNCHES is out of date")
+                (p50, p20, p80), (floor_p50, _, _) = time_host([fn, floor], sync, rounds, calls, CLOCKS[clock])
                 restore()  # timing repeats must not advance running statistics
                 rows.append(dict(suite=suite_label, op=op, provider="wsbcn", variant="host", mode=mode, layout=layout,
                                  ms_p50=p50, ms_p20=p20, ms_p80=p80, gbps=math.nan, pct_copy_bw=math.nan,
-                                 peak_mem_mb=math.nan, launches=launches, images_per_s=math.nan, **case, **meta))
+                                 peak_mem_mb=math.nan, launches=launches, images_per_s=math.nan,
+                                 floor_ms_p50=floor_p50, ratio_to_floor=p50 / floor_p50, **case, **meta))
                 label = "x".join(map(str, shape if n is None else (n, *shape)))
                 log(f"{op:>12} {mode:<6} {label:<16} {dtype_name:<8} {layout:<13} host {p50 * 1e3:8.1f} us/call "
-                    f"(p20 {p20 * 1e3:.1f}, p80 {p80 * 1e3:.1f})  launches {launches:.0f}  warm-up {warm_s:.1f} s")
+                    f"(p20 {p20 * 1e3:.1f}, p80 {p80 * 1e3:.1f}), floor {floor_p50 * 1e3:.1f} us: "
+                    f"{p50 / floor_p50:.2f}x  launches {launches:.0f}  warm-up {warm_s:.1f} s")
     finally:
         backends.emulate_gpu(*(previous or (None,)))
     frame = pd.DataFrame(rows, columns=COLUMNS)
@@ -240,8 +281,8 @@ def run_host_bench(suite_name: str = "resnet50", ops=OPS, modes=DEFAULT_MODES, b
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m wsbcn.tools.host_bench",
-        description="Host time per eager wsbcn call (BCN, BCN estimate, GroupNorm, WS), through a stub CUDA driver "
-                    "on a machine without a GPU or the real driver on one. Needs TRITON_INTERPRET unset.")
+        description="Host time per eager wsbcn call (BCN, BCN estimate, GroupNorm, WS) and its floor, through a stub "
+                    "CUDA driver on a machine without a GPU or the real driver on one. Needs TRITON_INTERPRET unset.")
     p.add_argument("--suite", choices=suites.SUITES, default="resnet50", help="shape suite (default: resnet50)")
     p.add_argument("--shapes", nargs="+", default=None, metavar="CxHxW",
                    help="norm-layer shapes instead of the suite's, e.g. 256x14x14")
@@ -267,6 +308,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    from . import DevToolsMissing
+
     args = build_parser().parse_args(argv)
     if args.quick:
         args.rounds, args.calls, args.warmup = 3, 5, 2
@@ -278,8 +321,6 @@ def main(argv=None) -> int:
     except RuntimeError as exc:
         print(f"host_bench: {exc}", file=sys.stderr)
         return 2
-    from . import DevToolsMissing
-
     try:
         frame = run_host_bench(args.suite, args.ops, args.modes, args.batch_sizes, args.dtypes, args.layouts,
                                args.shapes, args.weights, args.rounds, args.calls, args.warmup, args.driver, args.clock,

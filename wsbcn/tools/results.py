@@ -9,16 +9,19 @@ from pathlib import Path
 
 import pandas as pd
 
+# floor_ms_p50 and ratio_to_floor: host rows only (host_bench); files written before
+# they existed read back with them empty.
 COLUMNS = ["suite", "op", "provider", "variant", "mode", "dtype", "layout", "N", "C", "spatial",
            "ms_p50", "ms_p20", "ms_p80", "gbps", "pct_copy_bw", "peak_mem_mb", "launches", "images_per_s",
-           "device", "torch", "triton", "commit", "timestamp"]
+           "floor_ms_p50", "ratio_to_floor", "device", "torch", "triton", "commit", "timestamp"]
 CASE_COLUMNS = ["op", "provider", "variant", "mode", "dtype", "layout", "N", "C", "spatial"]
 # Explicit types, so that a column read back compares equal to the one written:
 # without them a C column with blanks (the e2e rows) reads as float, 64 becomes
 # 64.0 and no old row matches its new measurement. Blank = missing (<NA>), and
 # two missing values are the same key.
 INTEGER_COLUMNS = ["N", "C"]
-FLOAT_COLUMNS = ["ms_p50", "ms_p20", "ms_p80", "gbps", "pct_copy_bw", "peak_mem_mb", "launches", "images_per_s"]
+FLOAT_COLUMNS = ["ms_p50", "ms_p20", "ms_p80", "gbps", "pct_copy_bw", "peak_mem_mb", "launches", "images_per_s",
+                 "floor_ms_p50", "ratio_to_floor"]
 TEXT_COLUMNS = [c for c in COLUMNS if c not in INTEGER_COLUMNS + FLOAT_COLUMNS]
 MICRO_OPS = ("ws", "bcn", "bcn_estimate", "gn")  # the per-layer ops; other ops are end-to-end steps
 DTYPES = {**{c: "Int64" for c in INTEGER_COLUMNS}, **{c: "float64" for c in FLOAT_COLUMNS},
