@@ -1,139 +1,36 @@
-"""The tuning cache, the autotune sweep, bench, plot and the CLI, on CPU with an
-injected timer (Triton kernels through the interpreter)."""
-import json
+"""The ``wsbcn`` command (wsbcn/tools/cli.py, commands.py): every subcommand's help,
+which suite and end-to-end runs ``wsbcn bench`` asks for, its printed summary against
+its CSV, ``--host`` handed to a fresh process, the repository-only tools refused with
+one line outside a checkout, and the subcommands end to end on CPU (Triton through
+the interpreter, injected or real CPU timers; no timing is asserted)."""
+import argparse
 import math
+import re
+import subprocess
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
 
 from wsbcn import tuning
-from wsbcn.tools import autotune, bench, cli, plot
-from conftest import DEVICE, config_overrides
+from wsbcn.tools import bench, cli, commands, e2e, suites, timing
+from wsbcn.tools.results import COLUMNS
+
+SUBCOMMANDS = ("info", "bench", "autotune", "plot", "train", "report-kernels")
 
 
-class CountingTimer:
-    """Runs the callable for real (so every config is exercised) and returns a
-    deterministic time that favours larger blocks, so the winner is known."""
-
-    def __init__(self):
-        self.calls = 0
-
-    def __call__(self, fn):
-        fn()
-        self.calls += 1
-        return 1.0, 0.9, 1.1
+def parse(argv):
+    return cli.build_parser().parse_args(["bench", *argv])
 
 
-def test_cache_lookup_order_user_then_shipped_then_heuristic(tmp_path, monkeypatch):
-    monkeypatch.setenv("WSBCN_CACHE_DIR", str(tmp_path))
-    tuning.forget_loaded_tables()
-    x = torch.empty(2, 8, 16)
-    key = tuning.config_key("norm_fwd", torch.float32, False, (2, 8, 16))
-    heuristic = tuning.config_for("norm_fwd", x, (2, 8, 16))
-    assert heuristic == tuning.heuristic_config("norm_fwd", x, (2, 8, 16))
-    shipped = {"BLOCK_C": 2, "num_warps": 2, "num_stages": 1}
-    monkeypatch.setattr(tuning, "_shipped", lambda slug: {key: shipped})
-    tuning.forget_loaded_tables()
-    assert tuning.config_for("norm_fwd", x, (2, 8, 16)) == dict(heuristic, **shipped)
-    mine = dict(shipped, BLOCK_C=4, num_warps=4)
-    tuning.write_cache(tmp_path / "cpu.json", "cpu", {key: mine})
-    assert tuning.config_for("norm_fwd", x, (2, 8, 16)) == dict(heuristic, **mine)  # the plan stays the heuristic's
-    data = json.loads((tmp_path / "cpu.json").read_text())
-    assert data["schema_version"] == tuning.SCHEMA_VERSION and data["torch"] == torch.__version__
-    assert not list(tmp_path.glob("*.tmp"))  # atomic write leaves no temp file
-    tuning.forget_loaded_tables()
-
-
-def test_broken_or_foreign_cache_is_ignored(tmp_path, monkeypatch):
-    monkeypatch.setenv("WSBCN_CACHE_DIR", str(tmp_path))
-    (tmp_path / "cpu.json").write_text("{not json")
-    tuning.forget_loaded_tables()
-    x = torch.empty(2, 8, 16)
-    assert tuning.config_for("norm_fwd", x, (2, 8, 16)) == tuning.heuristic_config("norm_fwd", x, (2, 8, 16))
-    key = tuning.config_key("norm_fwd", torch.float32, False, (2, 8, 16))
-    (tmp_path / "cpu.json").write_text(json.dumps({"schema_version": 999, "configs": {key: {"BLOCK_C": 1}}}))
-    tuning.forget_loaded_tables()
-    assert tuning.config_for("norm_fwd", x, (2, 8, 16)) == tuning.heuristic_config("norm_fwd", x, (2, 8, 16))
-    for bad in ({"BLOCK_C": 3, "num_warps": 2, "num_stages": 1},  # not a power of two
-                {"BLOCK_C": 2, "BLOCK_S": 8, "split": 1, "num_warps": 2, "num_stages": 1}):  # carries a plan
-        (tmp_path / "cpu.json").write_text(json.dumps({"schema_version": tuning.SCHEMA_VERSION, "configs": {key: bad}}))
-        tuning.forget_loaded_tables()
-        assert tuning.config_for("norm_fwd", x, (2, 8, 16)) == tuning.heuristic_config("norm_fwd", x, (2, 8, 16))
-    tuning.forget_loaded_tables()
-
-
-def test_autotune_flow_on_cpu_with_injected_timer(tmp_path, monkeypatch):
-    monkeypatch.setenv("WSBCN_CACHE_DIR", str(tmp_path / "cache"))
-    timer = CountingTimer()
-    frame, winners = autotune.run_autotune("tiny", timer=timer, out_dir=tmp_path / "results", max_configs=3,
-                                           num_groups=4, progress=False)
-    assert timer.calls == len(frame) > 0
-    assert set(frame["kernel"]) == set(tuning.KERNELS)
-    csv = pd.read_csv(next((tmp_path / "results").glob("*/autotune.csv")))
-    assert len(csv) == len(frame)
-    assert {"device", "torch", "triton", "commit", "timestamp", "config", "ms_p50"} <= set(csv.columns)
-    cache = json.loads(next((tmp_path / "cache").glob("*.json")).read_text())
-    assert set(cache["configs"]) == set(winners) and winners
-    for key, cfg in winners.items():
-        assert tuning.valid_config(key.split("|")[0], cfg)
-
-
-def test_pick_winners_prefers_fastest_relative_config():
-    rows = []
-    for shape, times in (((1, 8, 16), {"a": 2.0, "b": 1.0}), ((2, 8, 16), {"a": 1.0, "b": 1.5})):
-        for cfg, ms in times.items():
-            rows.append(dict(key="k", config=json.dumps({"name": cfg}), N=shape[0], C=shape[1], spatial=shape[2], ms_p50=ms))
-    # a: relative (2.0, 1.0) mean 1.5; b: (1.0, 1.5) mean 1.25 -> b
-    assert autotune.pick_winners(pd.DataFrame(rows)) == {"k": {"name": "b"}}
-
-
-def test_bench_rows_columns_and_upsert(tmp_path):
-    timer = CountingTimer()
-    frame = bench.run_bench("tiny", ops=("bcn", "ws"), modes=("fwd", "bwd"), timer=timer, out_dir=tmp_path,
-                            with_compiled=False, progress=False, log=lambda *a: None)
-    assert list(frame.columns) == bench.COLUMNS
-    # on CPU the vendor baselines are torch's own kernels, named for what runs
-    expected = {"wsbcn", "reference_bcn", "reference_ws", *bench.BASELINES[DEVICE].values()}
-    assert expected <= set(frame["provider"])
-    assert (frame["gbps"] > 0).all() and (frame["pct_copy_bw"] > 0).all()
-    path = next(tmp_path.glob("*/bench.csv"))
-    first = pd.read_csv(path)
-    bench.run_bench("tiny", ops=("bcn",), modes=("fwd",), timer=timer, out_dir=tmp_path, with_compiled=False,
-                    progress=False, log=lambda *a: None)
-    second = pd.read_csv(path)
-    assert len(second) == len(first)  # same cases replaced, not appended
-    assert list(second.columns) == bench.COLUMNS
-
-
-def test_bench_never_advances_running_statistics():
-    inp = bench.NormInputs(2, 8, 3, 3, torch.float32, "contiguous", "cpu", 4)
-    before = [b.clone() for b in inp.buffers()]
-    forward, leaves = bench.norm_fn("bcn", "wsbcn", inp)
-    bench.measure(bench.timed_callable(forward, leaves, "fwdbwd"), CountingTimer(), inp.restore)
-    for b, s in zip(inp.buffers(), before):
-        assert torch.equal(b, s)
-
-
-def test_plot_writes_pngs_and_summary(tmp_path):
-    timer = CountingTimer()
-    results = tmp_path / "results"
-    bench.run_bench("tiny", ops=("bcn", "gn"), modes=("fwd",), timer=timer, out_dir=results, with_compiled=False,
-                    progress=False, log=lambda *a: None)
-    autotune.run_autotune("tiny", timer=timer, out_dir=results, cache_path=tmp_path / "c.json", max_configs=2,
-                          kernels=("norm_fwd",), num_groups=4, progress=False)
-    written = plot.run_plot(results, tmp_path / "plots", log=lambda *a: None)
-    names = {p.name for p in written}
-    assert {"gbps_bcn.png", "gbps_gn.png", "speedup.png", "pct_copy_bw.png", "autotune_norm_fwd.png", "summary.md"} <= names
-    for p in written:
-        assert p.stat().st_size > 0
-    summary = next(p for p in written if p.name == "summary.md").read_text()
-    assert f"| bcn | fwd | eager | {bench.BASELINES[DEVICE]['bn']} |" in summary
-
-
-def test_geomean():
-    assert plot.geomean([2.0, 8.0]) == pytest.approx(4.0)
-    assert math.isnan(plot.geomean([]))
+@pytest.mark.parametrize("argv", [[], *([name] for name in SUBCOMMANDS)])
+def test_every_subcommand_has_help(argv, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main([*argv, "--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: wsbcn") and (argv or all(name in out for name in SUBCOMMANDS))
 
 
 def test_cli_info_and_errors(capsys):
@@ -144,12 +41,143 @@ def test_cli_info_and_errors(capsys):
         cli.main(["bench", "--ops", "nope"])
 
 
+def test_which_suite_bench_runs():
+    assert commands.bench_suite(parse([]), on_gpu=True) is None  # run_bench's default: resnet50_sample
+    assert commands.bench_suite(parse(["--full"]), on_gpu=True) == "resnet50"
+    assert commands.bench_suite(parse(["--batch-sizes", "8"]), on_gpu=True) == "resnet50"  # narrows the grid
+    assert commands.bench_suite(parse(["--batch-sizes", "2"]), on_gpu=False) is None  # CPU: the cpu suite
+    assert commands.bench_suite(parse(["--suite", "tiny", "--dtypes", "float32"]), on_gpu=True) == "tiny"
+    for bad in (["--full", "--suite", "tiny"], ["--graph", "--timings", "eager"], ["--threads", "0"]):
+        with pytest.raises(SystemExit):
+            parse(bad)
+
+
+def test_positive_int_names_the_bad_value():
+    with pytest.raises(argparse.ArgumentTypeError, match="'-3'"):
+        commands.positive_int("-3")
+
+
+def planned_e2e_runs(options):
+    """{(case, variant, mode, N)} run_e2e makes on a GPU with these options."""
+    runs = set()
+    for case in e2e.default_cases(True, detection_batch_sizes=options.get("detection_batch_sizes")):
+        modes = e2e.case_graph_modes(case, True, options.get("graph_modes"))
+        runs |= {(case.name, v, m, n) for v, m in e2e._runs(case, e2e.VARIANTS, modes, options["with_compiled"])
+                 for n in case.batch_sizes}
+    return runs
+
+
+def test_the_default_e2e_runs_compile_nothing_and_full_runs_more_of_everything():
+    default = planned_e2e_runs(commands.e2e_options(parse(["--e2e"]), on_gpu=True))
+    full = planned_e2e_runs(commands.e2e_options(parse(["--full", "--e2e"]), on_gpu=True))
+    assert default < full and not any(m == "compiled" for _, _, m, _ in default)
+    for runs in (default, full):  # every variant in every case
+        assert {(c, v) for c, v, _, _ in runs} == {(c, v) for c in e2e.CASES for v in e2e.VARIANTS}
+    # --full: every graph mode of every variant in every case at each of its batch sizes,
+    # and the compiled steps of exactly the compiled variants
+    for case in e2e.CASES:
+        sizes = {n for c, _, _, n in full if c == case}
+        assert {n for c, _, _, n in default if c == case} <= sizes
+        assert {(v, m, n) for c, v, m, n in full if c == case and m != "compiled"} == {
+            (v, m, n) for v in e2e.VARIANTS for m in e2e.GRAPH_MODES for n in sizes}
+        assert {(v, n) for c, v, m, n in full if c == case and m == "compiled"} == {
+            (v, n) for v in e2e.COMPILED_VARIANTS for n in sizes}
+    # the compiled steps on request, never with --no-compiled, never by --full on CPU
+    assert commands.e2e_options(parse(["--e2e-compile"]), on_gpu=True) == {"with_compiled": True}
+    assert commands.e2e_options(parse(["--full", "--e2e", "--no-compiled"]), on_gpu=True)["with_compiled"] is False
+    assert commands.e2e_options(parse(["--full", "--e2e"]), on_gpu=False) == {"with_compiled": False}
+
+
+def test_bench_passes_the_e2e_options_to_run_e2e(tmp_path, monkeypatch):
+    seen, micro = [], []
+    monkeypatch.setattr(e2e, "run_e2e", lambda **kwargs: seen.append(kwargs) or fake_e2e())
+    monkeypatch.setattr(bench, "run_bench", lambda *a, **kw: micro.append(a) or pd.DataFrame(columns=COLUMNS))
+    for argv in (["--e2e-only"], ["--e2e-compile"], ["--e2e-only", "--e2e-compile", "--no-compiled"], []):
+        assert cli.main(["bench", *argv, "--out", str(tmp_path)]) == 0
+    assert [kw["with_compiled"] for kw in seen] == [False, True, False]  # --e2e-compile implies --e2e
+    assert len(micro) == 2  # --e2e-compile alone keeps the micro-benchmarks, as --e2e does
+
+
+def test_bench_help_describes_the_default_run_from_the_code(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["bench", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    sample = suites.cases(bench.DEFAULT_GPU_SUITE, bench.OPS)
+    for part in (bench.DEFAULT_GPU_SUITE, f"{len(sample)} cases", "modes " + " and ".join(suites.SAMPLE_MODES),
+                 "detection at N = " + " and ".join(map(str, e2e.FULL_DETECTION_BATCH_SIZES_GPU)),
+                 "%g + %g ms" % timing.SAMPLE_BUDGET_MS, "--e2e-compile"):
+        assert part in text, part
+
+
+class ScriptedTimer:
+    """Runs each callable once and reports times from a fixed cycle, so that the
+    speedups differ from case to case. (Made as bench_timer(suite) is.)"""
+
+    def __init__(self, suite=None):
+        self.times = iter([0.3, 1.7, 0.9, 2.3, 1.1, 0.5, 3.1] * 1000)
+
+    def __call__(self, fn):
+        fn()
+        ms = next(self.times)
+        return ms, ms * 0.9, ms * 1.1
+
+
+def fake_e2e(**kwargs):
+    rows = [dict(suite="e2e", op="resnet50_step", provider=p, variant="eager", mode="fwdbwd", dtype="float32",
+                 layout="contiguous", N=2, C=math.nan, spatial="64x64", ms_p50=ms, ms_p20=ms, ms_p80=ms,
+                 gbps=math.nan, pct_copy_bw=math.nan, peak_mem_mb=math.nan, launches=math.nan,
+                 images_per_s=2 / (ms * 1e-3), device="cpu", torch="t", triton="t", commit="abc",
+                 timestamp="2026-01-01T00:00:00Z")
+            for p, ms in (("plain_bn", 90.0), ("wsbcn_ws_bcn", 230.0))]
+    return pd.DataFrame(rows, columns=COLUMNS)
+
+
+def test_cli_summary_matches_the_csv(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(timing, "bench_timer", ScriptedTimer)
+    monkeypatch.setattr(e2e, "run_e2e", fake_e2e)
+    out = tmp_path / "results"
+    assert cli.main(["bench", "--suite", "tiny", "--ops", "bcn", "gn", "--modes", "fwd", "fwdbwd", "--e2e",
+                     "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    path = next(out.glob("*/bench.csv"))
+    assert str(path) in printed
+    table = {}
+    for op, mode, kind, baseline, value, cases in re.findall(
+            r"^\| (\w+) \| (\w+) \| (\w+) \| (\w+) \| ([\d.]+)x \| (\d+) \|$", printed, flags=re.M):
+        table[(op, mode, kind, baseline)] = (float(value), int(cases))
+    # the reference: per case baseline time / wsbcn time, geometric mean with numpy
+    frame = pd.read_csv(path)
+    micro = frame[frame["op"].isin(bench.OPS)]
+    case = ["op", "mode", "dtype", "layout", "N", "C", "spatial"]
+    ours = micro[micro["provider"] == "wsbcn"].set_index(case)["ms_p50"]
+    expected = {}
+    for (op, mode, provider), group in micro[micro["provider"] != "wsbcn"].groupby(["op", "mode", "provider"]):
+        ratios = group.set_index(case)["ms_p50"] / ours
+        ratios = ratios.dropna()
+        expected[(op, mode, "eager", provider)] = (float(np.exp(np.log(ratios).mean())), len(ratios))
+    assert table.keys() == expected.keys() and len(table) == 2 * 4  # bcn: 3 baselines, gn: 1; 2 modes
+    for key, (value, cases) in table.items():
+        assert cases == expected[key][1]
+        assert value == pytest.approx(expected[key][0], abs=0.0051)
+    images = re.findall(r"^\| resnet50_step \| 64x64 \| 2 \| (\w+) \| eager \| ([\d.]+) \|", printed, flags=re.M)
+    e2e_rows = frame[frame["op"] == "resnet50_step"].set_index("provider")["images_per_s"]
+    assert {p: float(v) for p, v in images} == pytest.approx(e2e_rows.round(1).to_dict())
+
+
+def test_bench_runs_cpu_single_threaded_by_default_and_restores_the_setting(tmp_path, monkeypatch):
+    seen = []
+    monkeypatch.setattr(commands, "_bench_parts", lambda args: seen.append(torch.get_num_threads()) or 0)
+    before = torch.get_num_threads()
+    assert cli.main(["bench", "--out", str(tmp_path)]) == 0
+    assert cli.main(["bench", "--threads", "2", "--out", str(tmp_path)]) == 0
+    assert seen == ([1, 2] if not torch.cuda.is_available() else [before, 2])
+    assert torch.get_num_threads() == before
+
+
 def test_cli_bench_host_runs_the_host_benchmark_in_a_fresh_process(tmp_path, monkeypatch, capsys):
     """`wsbcn bench --host` hands its narrowing options to `python -m wsbcn.tools.host_bench`
-    in a process without TRITON_INTERPRET (the benchmark itself: tests/test_host_bench.py),
+    in a process without TRITON_INTERPRET (the benchmark itself: test_host_bench.py),
     and refuses options that only the device benchmark takes."""
-    import subprocess
-
     seen = {}
 
     def fake_run(command, env):
@@ -173,6 +201,21 @@ def test_cli_bench_host_runs_the_host_benchmark_in_a_fresh_process(tmp_path, mon
     assert not seen and "--host times eager calls only" in capsys.readouterr().err
 
 
+def test_the_repository_only_tools_are_refused_in_one_line_outside_a_checkout(tmp_path, monkeypatch, capsys):
+    import wsbcn.tools as tools
+
+    monkeypatch.setattr(tools, "dev_tools_dir", lambda: None)
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: pytest.fail("started a process"))
+    with pytest.raises(tools.DevToolsMissing, match="clone of the repository"):
+        tools.stub_driver  # noqa: B018
+    if not torch.cuda.is_available():  # a GPU runs --host over the real driver, without the stub
+        assert cli.main(["bench", "--host", "--out", str(tmp_path)]) == 2
+    assert cli.main(["report-kernels", "--suite", "ci"]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line]
+    assert errors and all("perf/wsbcn_dev/" in line and "clone of the repository" in line for line in errors)
+    assert not any(tmp_path.iterdir())
+
+
 def test_cli_autotune_bench_plot_on_cpu(tmp_path, monkeypatch, capsys):
     """The subcommands end to end (Triton through the interpreter, real CPU timers)."""
     monkeypatch.setenv("WSBCN_CACHE_DIR", str(tmp_path / "cache"))
@@ -185,89 +228,3 @@ def test_cli_autotune_bench_plot_on_cpu(tmp_path, monkeypatch, capsys):
     assert cli.main(["plot", "--results", str(out), "--plots", str(tmp_path / "plots")]) == 0
     assert list((tmp_path / "plots").rglob("gbps_gn.png"))
     tuning.forget_loaded_tables()
-
-
-def test_narrowed_suite_and_time_budget(tmp_path):
-    from wsbcn.tools import suites
-
-    norms, convs, batches, dtypes, layouts = suites.suite("resnet50", batch_sizes=[2, 32], dtypes=["bfloat16"],
-                                                          layouts=["channels_last"])
-    assert batches == (2, 32) and dtypes == ("bfloat16",) and layouts == ("channels_last",) and len(norms) == 12
-    timer = CountingTimer()
-    lines = []
-    frame = bench.run_bench("tiny", ops=("gn",), modes=("fwd",), timer=timer, out_dir=None, with_compiled=False,
-                            progress=False, log=lines.append, layouts=["contiguous"], max_minutes=0)
-    assert frame.empty and any("stopped after" in line for line in lines)
-    frame = bench.run_bench("tiny", ops=("gn",), modes=("fwd",), timer=timer, out_dir=None, with_compiled=False,
-                            progress=False, log=lines.append, layouts=["contiguous"])
-    assert set(frame["layout"]) == {"contiguous"} and len(frame) == 2 * 2  # 2 shapes x 2 providers
-
-
-def test_commit_override_for_a_tree_without_git(monkeypatch):
-    from wsbcn.tools.info import git_commit, run_metadata
-
-    monkeypatch.delenv("WSBCN_COMMIT", raising=False)
-    assert git_commit() != "abc123def456"
-    monkeypatch.setenv("WSBCN_COMMIT", "abc123def456")
-    assert run_metadata()["commit"] == "abc123def456"
-
-
-def test_bench_graph_needs_cuda(tmp_path, monkeypatch):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with pytest.raises(ValueError, match="CUDA device"):
-        bench.run_bench("tiny", ops=("bcn",), timer=CountingTimer(), out_dir=tmp_path, graph=True, progress=False,
-                        log=lambda *a: None)
-    assert not any(tmp_path.iterdir())
-
-
-def _shipped_configs():
-    from importlib import resources
-
-    files = [json.loads(f.read_text()) for f in resources.files("wsbcn.configs").iterdir() if f.name.endswith(".json")]
-    return [(data["schema_version"], key, cfg) for data in files for key, cfg in data["configs"].items()]
-
-
-@pytest.mark.parametrize("schema,key,cfg", _shipped_configs())
-def test_every_shipped_config_is_valid_and_computes_like_the_reference(schema, key, cfg, monkeypatch):
-    """Shipped (autotuned) configs load, and each computes its op and gradient like
-    the float64 reference, in the layout it was tuned for (Triton through the
-    interpreter on CPU)."""
-    from reference import bcn_reference, ws_reference
-    from wsbcn.functional import batch_channel_norm, weight_standardize
-
-    kernel, dtype, layout, _ = key.split("|")
-    assert schema == tuning.SCHEMA_VERSION and tuning.valid_config(kernel, cfg)
-    assert dtype in ("float32", "bfloat16", "float16")
-    monkeypatch.setenv("WSBCN_BACKEND", "triton")
-    with config_overrides(cfg, kernel):
-        torch.manual_seed(0)
-        if kernel.startswith("ws"):
-            x = torch.randn(8, 6, 3, 3, device=DEVICE) * 2 + 1
-            op, reference = weight_standardize, ws_reference
-        else:
-            x = torch.randn(2, 16, 5, 7, device=DEVICE) * 2 + 1
-            if layout == "channels_last":
-                x = x.to(memory_format=torch.channels_last)
-            op = lambda t: batch_channel_norm(t, 4, training=True, activation="relu")  # noqa: E731
-            reference = lambda t: bcn_reference(t, 4, activation="relu")  # noqa: E731
-        x64 = x.double().requires_grad_(True)
-        expected = reference(x64)
-        dy = torch.linspace(-1, 1, x.numel(), dtype=torch.float64, device=DEVICE).reshape(x.shape)
-        (expected_dx,) = torch.autograd.grad(expected, x64, dy)
-        xg = x.detach().requires_grad_(True)
-        got = op(xg)
-        (dx,) = torch.autograd.grad(got, xg, dy.float())
-        assert (got - expected).abs().max().item() <= 1e-5
-        assert (dx - expected_dx).abs().max().item() <= 1e-5
-
-
-def test_speedups_never_mix_eager_and_graph_timings():
-    base = dict(op="bcn", mode="fwd", dtype="bfloat16", layout="contiguous", N=2, C=8, spatial="4x4")
-    rows = [dict(base, provider="wsbcn", variant="eager", ms_p50=2.0),
-            dict(base, provider="cudnn_bn", variant="eager", ms_p50=1.0),
-            dict(base, provider="wsbcn", variant="cudagraph", ms_p50=0.1),
-            dict(base, provider="cudnn_bn", variant="cudagraph", ms_p50=0.4),
-            dict(base, provider="compiled_bcn", variant="compiled_cudagraph", ms_p50=0.3)]
-    table = plot.speedups(pd.DataFrame(rows)).set_index(["timing", "baseline"])["speedup"]
-    assert table.to_dict() == {("eager", "cudnn_bn"): 0.5, ("graph", "compiled_bcn"): pytest.approx(3.0),
-                               ("graph", "cudnn_bn"): pytest.approx(4.0)}
