@@ -1,5 +1,5 @@
 """The wsbcn::* ops as torch.library.triton_op (wsbcn/ops.py): what torch.compile and
-torch.export see, and that the op bodies launch what the eager path launches.
+torch.export see, and that the op bodies compute what the float64 reference does.
 
 In this process triton runs its interpreter (conftest), which cannot be traced, so
 here the ops stay opaque under torch.compile on the Triton backend. What compile
@@ -55,75 +55,93 @@ def _fresh(inputs):
     return {k: (None if v is None else v.clone()) for k, v in inputs.items()}
 
 
-@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-@pytest.mark.parametrize("case", list(CASES))
-def test_op_bodies_launch_what_the_eager_plan_launches(monkeypatch, case, layout):
-    """The op's launches (direct, and through wrap_triton as compile traces them) give
-    bitwise the eager plan's outputs, gradients and buffer updates; y and dx match
-    the float64 composition."""
-    monkeypatch.setenv("WSBCN_BACKEND", "triton")
-    inputs, (groups, eps, momentum, cumulative, mode, update, act, group_affine) = _norm_inputs(case, layout)
-    x = inputs["x"]
-    plan = norm.launch_plan(x, groups, mode, update, cumulative, act, group_affine, inputs["gamma"] is not None,
-                            True, inputs["num_batches_tracked"] is not None, eps, momentum)
-    eager_in = _fresh(inputs)
-    y, side = plan.forward(*eager_in.values())
-    stats, rstd_c, rho = plan.saved_views(side)
-    dy = torch.randn_like(x)
-    grads = plan.backward(dy, x, side, eager_in["gamma"], eager_in["omega"], eager_in["eta"])
-    for traced in (False, True):
-        op_in = _fresh(inputs)
-        y2, stats2, rstd_c2, rho2 = plan.forward_op(*op_in.values(), traced=traced)
-        assert torch.equal(y2, y) and torch.equal(stats2, stats) and torch.equal(rho2, rho), traced
-        if mode != MODE_GN:
-            assert torch.equal(rstd_c2, rstd_c), traced
-        else:  # unused by GN, and defined: the torch closed form's ones
-            assert torch.equal(rstd_c2, torch.ones_like(rstd_c2))
-        for name in ("running_mean", "running_var", "num_batches_tracked"):
-            if inputs[name] is not None:
-                assert torch.equal(op_in[name], eager_in[name]), (name, traced)
-        grads2 = plan.backward_op(dy, x, stats2, rstd_c2, rho2, op_in["gamma"], op_in["omega"], op_in["eta"],
-                                  traced=traced)
-        assert len(grads2) == len(grads)
-        for a, b in zip(grads2, grads):
-            assert torch.equal(a, b), traced
-    # against the naive float64 composition
-    x64 = x.double().requires_grad_(True)
+def _norm_reference(inputs, scalars, dy):
+    """The naive float64 composition of a case: y, the gradients of (x, gamma, beta,
+    omega, eta) flattened (None where absent), and the running buffers after the call."""
+    groups, eps, momentum, cumulative, mode, update, act, group_affine = scalars
+    x64 = inputs["x"].double().requires_grad_(True)
     p64 = {k: (None if v is None else v.double().requires_grad_(k in ("gamma", "beta", "omega", "eta")))
            for k, v in inputs.items() if k != "x"}
     om, et = p64["omega"], p64["eta"]
+    buffers = {k: (None if p64[k] is None else p64[k].detach().clone())
+               for k in ("running_mean", "running_var", "num_batches_tracked")}
     if mode == MODE_GN:
-        ref = gn_reference(x64, groups, om if not group_affine else om.repeat_interleave(2),
-                           et if not group_affine else et.repeat_interleave(2), eps, act)
+        k = inputs["x"].shape[1] // groups
+        y = gn_reference(x64, groups, om.repeat_interleave(k) if group_affine else om,
+                         et.repeat_interleave(k) if group_affine else et, eps, act)
     else:
-        rm, rv = p64["running_mean"].detach().clone(), p64["running_var"].detach().clone()
-        ref = bcn_reference(x64, groups, p64["gamma"], p64["beta"], om.view(1, -1, 1), et.view(1, -1, 1), rm, rv,
-                            training=mode != MODE_RUNNING, estimate=mode == MODE_ESTIMATE,
-                            momentum=None if cumulative else momentum, eps=eps, activation=act,
-                            num_batches_tracked=p64["num_batches_tracked"].detach().clone()
-                            if p64["num_batches_tracked"] is not None else None)
-    ref.backward(dy.double())
-    assert rel_err(y, ref) <= 1e-5
-    assert rel_err(grads[0], x64.grad) <= 1e-4
+        y = bcn_reference(x64, groups, p64["gamma"], p64["beta"], om.view(1, -1, 1), et.view(1, -1, 1),
+                          buffers["running_mean"], buffers["running_var"], training=mode != MODE_RUNNING,
+                          estimate=mode == MODE_ESTIMATE, momentum=None if cumulative else momentum, eps=eps,
+                          activation=act, num_batches_tracked=buffers["num_batches_tracked"])
+    y.backward(dy.double())
+    grads = [x64.grad] + [None if p64[k] is None else p64[k].grad.reshape(-1) for k in ("gamma", "beta", "omega", "eta")]
+    return y, grads, buffers
 
 
-def test_ws_op_bodies_launch_what_the_eager_plan_launches(monkeypatch):
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_op_bodies_compute_the_float64_reference(monkeypatch, case, layout):
+    """The op bodies (direct, and through wrap_triton as compile traces them) and the
+    eager plan each against the naive float64 composition: output, every gradient,
+    running buffers and batch count; and the ops give the eager plan's bits."""
+    monkeypatch.setenv("WSBCN_BACKEND", "triton")
+    inputs, scalars = _norm_inputs(case, layout)
+    groups, eps, momentum, cumulative, mode, update, act, group_affine = scalars
+    x = inputs["x"]
+    dy = torch.randn_like(x)
+    y_ref, grads_ref, buffers_ref = _norm_reference(inputs, scalars, dy)
+    plan = norm.launch_plan(x, groups, mode, update, cumulative, act, group_affine, inputs["gamma"] is not None,
+                            True, inputs["num_batches_tracked"] is not None, eps, momentum)
+    results = {}
+    for path in ("eager", "op", "op traced"):
+        state = _fresh(inputs)
+        if path == "eager":
+            y, side = plan.forward(*state.values())
+            grads = plan.backward(dy, x, side, state["gamma"], state["omega"], state["eta"])
+        else:
+            traced = path == "op traced"
+            y, stats, rstd_c, rho = plan.forward_op(*state.values(), traced=traced)
+            if mode == MODE_GN:  # unused by GN, and defined: the torch closed form's ones
+                assert torch.equal(rstd_c, torch.ones_like(rstd_c))
+            grads = plan.backward_op(dy, x, stats, rstd_c, rho, state["gamma"], state["omega"], state["eta"],
+                                     traced=traced)
+        assert rel_err(y, y_ref) <= 1e-5, path
+        assert len(grads) == len(grads_ref) == 5
+        for name, g, g_ref in zip(("dx", "d_gamma", "d_beta", "d_omega", "d_eta"), grads, grads_ref):
+            if g_ref is None or mode == MODE_GN and name in ("d_gamma", "d_beta"):
+                assert g.numel() == 0, (path, name)
+            else:
+                assert g.shape == g_ref.shape and rel_err(g, g_ref) <= 1e-4, (path, name, rel_err(g, g_ref))
+        for name, b_ref in buffers_ref.items():
+            if b_ref is None:
+                continue
+            if name == "num_batches_tracked":
+                assert int(state[name]) == int(b_ref), (path, name)
+            else:
+                assert rel_err(state[name], b_ref) <= 1e-6, (path, name, rel_err(state[name], b_ref))
+        results[path] = [y, *grads] + [state[k] for k in buffers_ref if state[k] is not None]
+    for path in ("op", "op traced"):  # one op body: the same launches give the same bits
+        for a, b in zip(results[path], results["eager"]):
+            assert torch.equal(a, b), path
+
+
+def test_ws_op_bodies_compute_the_float64_reference(monkeypatch):
     monkeypatch.setenv("WSBCN_BACKEND", "triton")
     torch.manual_seed(0)
     w = torch.randn(6, 4, 3, 3, device=DEVICE) * 0.1 + 0.02
-    plan = ws.ws_plan(w, 1e-5, 1, True)
-    w_hat, stats = plan.forward(w)
     g = torch.randn_like(w)
-    dw = plan.backward(g, w, stats)
-    for traced in (False, True):
-        w_hat2, stats2 = (plan.forward_traced(w) if traced else plan.forward(w))
-        assert torch.equal(w_hat2, w_hat) and torch.equal(stats2, stats)
-        dw2 = plan.backward_traced(g, w, stats2) if traced else plan.backward(g, w, stats2)
-        assert torch.equal(dw2, dw)
     w64 = w.double().requires_grad_(True)
     ref = ws_reference(w64, 1e-5, 1, "std")
     ref.backward(g.double())
-    assert rel_err(w_hat, ref) <= 1e-5 and rel_err(dw, w64.grad) <= 1e-4
+    plan = ws.ws_plan(w, 1e-5, 1, True)
+    results = []
+    for path in ("eager", "op traced"):
+        w_hat, stats = plan.forward(w) if path == "eager" else plan.forward_traced(w)
+        dw = plan.backward(g, w, stats) if path == "eager" else plan.backward_traced(g, w, stats)
+        assert rel_err(w_hat, ref) <= 1e-5 and rel_err(dw, w64.grad) <= 1e-4, path
+        results.append((w_hat, dw))
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
 
 
 @pytest.mark.parametrize("case", list(CASES))
