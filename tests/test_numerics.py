@@ -1,9 +1,15 @@
 """Numerical edge cases: offsets, tiny variances, constant channels and filters,
 values near the half-precision range limits, NaN/Inf, and no lost state."""
+import contextlib
+import copy
+import os
+import sys
+
 import pytest
 import torch
 
 import wsbcn
+import wsbcn.kernels
 from wsbcn.functional import batch_channel_norm, group_norm, weight_standardize
 from conftest import DEVICE, config_overrides, rel_err
 from reference import bcn_reference, gn_reference, ws_reference
@@ -88,8 +94,40 @@ def test_nan_and_inf_propagate_like_the_reference(backend, bad):
     assert torch.equal(torch.isnan(ours), torch.isnan(ref)) and torch.equal(torch.isinf(ours), torch.isinf(ref))
 
 
+_FACTORIES = ("empty", "empty_like", "zeros", "zeros_like", "ones", "ones_like", "full", "full_like", "empty_strided")
+
+
+@contextlib.contextmanager
+def _allocations(monkeypatch, fail_at=None):
+    """Counts the tensor allocations wsbcn's own code makes through torch's factory
+    functions (calls from triton's interpreter and from torch are not wsbcn's); the
+    ``fail_at``-th raises torch.OutOfMemoryError. Yields the list of call sites."""
+    roots = tuple(os.path.dirname(m.__file__) + os.sep for m in (wsbcn, wsbcn.kernels))
+    sites = []
+    with monkeypatch.context() as mp:
+        for name in _FACTORIES:
+            real = getattr(torch, name)
+
+            def factory(*args, _real=real, _name=name, **kwargs):
+                caller = sys._getframe(1).f_code.co_filename
+                if caller.startswith(roots):
+                    sites.append(f"{_name} at {os.path.basename(caller)}:{sys._getframe(1).f_lineno}")
+                    if len(sites) == fail_at:
+                        raise torch.OutOfMemoryError(f"simulated, at {sites[-1]}")
+                return _real(*args, **kwargs)
+
+            mp.setattr(torch, name, factory)
+        yield sites
+
+
 def test_failure_inside_forward_leaves_state_untouched(backend, monkeypatch):
-    """An out-of-memory error in the middle of a forward changes no buffer."""
+    """An out-of-memory error anywhere in a forward changes no buffer. The Triton path:
+    at each of the forward's allocations in turn (all of them must come before the
+    first launch: its combine kernel writes the running buffers); the torch closed
+    form: at its last steps before its deferred buffer writes. Training (which updates
+    the buffers) and eval (which must not)."""
+    from wsbcn.backends import torch_closed_form
+
     m = wsbcn.BatchChannelNorm2d(8, num_groups=4).to(DEVICE)
     with torch.no_grad():
         m.running_mean.normal_()
@@ -99,31 +137,28 @@ def test_failure_inside_forward_leaves_state_untouched(backend, monkeypatch):
     def oom(*args, **kwargs):
         raise torch.OutOfMemoryError("simulated")
 
-    if backend == "torch":
-        from wsbcn.backends import torch_closed_form
-
-        monkeypatch.setattr(torch_closed_form, "_apply_coefs", oom)  # after the statistics, before the output
-    else:
-        real_empty = torch.empty
-        calls = []
-
-        def empty_then_oom(*args, **kwargs):  # the plan's last allocation (partial sums) fails
-            calls.append(1)
-            if len(calls) == 2:
-                oom()
-            return real_empty(*args, **kwargs)
-
-        from wsbcn.kernels import norm_plan
-
-        monkeypatch.setattr(norm_plan.torch, "empty", empty_then_oom)
-    for training in (True, False):
-        if backend != "torch":
-            calls.clear()
-        m.train(training)
+    def fails_and_changes_nothing(where):
         with pytest.raises(torch.OutOfMemoryError):
             m(x)
         for k, v in m.state_dict().items():
-            assert torch.equal(v, before[k]), k
+            assert torch.equal(v, before[k]), (k, where)
+
+    for training in (True, False):
+        m.train(training)
+        copy.deepcopy(m)(x)  # the checks and plans of this signature, cached: what a repeat call runs
+        if backend == "torch":
+            for step in ("_apply_coefs", "_activate"):  # the output's coefficients, its last op
+                with monkeypatch.context() as mp:
+                    mp.setattr(torch_closed_form, step, oom)
+                    fails_and_changes_nothing(step)
+            continue
+        other = copy.deepcopy(m)
+        with _allocations(monkeypatch) as sites:
+            other(x)
+        assert len(sites) >= 3, sites  # y and the two fp32 buffers, at least
+        for k in range(1, len(sites) + 1):
+            with _allocations(monkeypatch, fail_at=k):
+                fails_and_changes_nothing(sites[k - 1])
 
 
 def test_determinism_repeated_runs_are_bitwise_identical(backend):
