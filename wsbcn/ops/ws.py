@@ -136,17 +136,18 @@ class WeightStandardizeFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, weight, call):
         w_hat, saved = call.forward(weight)
-        # a row-dense copy is not the input: double backward differentiates the input
-        ctx.save_for_backward(*saved) if saved[0] is weight else ctx.save_for_backward(*saved, weight)
+        ctx.save_for_backward(*saved)
         ctx.call = call
+        if saved[0] is not weight:  # a row-dense copy: double backward differentiates the input
+            ctx.copied_from = weight
         return w_hat
 
     @staticmethod
     def backward(ctx, grad):
-        weight, stats, *copied_from = ctx.saved_tensors
+        weight, stats = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph=True: differentiable torch ops
             from . import double_backward
-            return double_backward.ws_double_backward(ctx.call, copied_from[0] if copied_from else weight, grad), None
+            return double_backward.ws_double_backward(ctx.call, getattr(ctx, "copied_from", weight), grad), None
         dw = ctx.call.backward(grad, weight, stats)
         if dw.stride() != grad.stride() and row_dense(grad) is grad:
             # laid out like dW_hat, as nn.ConvNd lays out its weight gradient (channels_last
