@@ -629,3 +629,65 @@ def test_double_backward_matches_the_float64_reference(use_backend, backend, sam
             assert a is None or not a.any(), i
         else:
             assert a is not None and rel_err(a, b) <= 1e-4, (i, rel_err(a, b))
+
+
+# -- BatchChannelNorm: not in torch's module_db, the same reweighting checks ---------
+
+def _bcn_cases():
+    """Every mode and reweighting on the torch backend; one of each on Triton (the
+    rest marked slow)."""
+    out = []
+    for backend in ("torch", "triton"):
+        for mode in ("batch", "estimate", "eval"):
+            for check in ("parametrize", "prune", "spectral_norm_hook"):
+                slow = backend == "triton" and (mode, check) not in (("batch", "parametrize"), ("eval", "prune"))
+                out.append(pytest.param(backend, mode, check, id=f"{backend}-{mode}-{check}",
+                                        marks=[pytest.mark.slow] if slow else []))
+    return out
+
+
+@pytest.mark.parametrize("backend,mode,check", _bcn_cases())
+def test_batch_channel_norm_takes_parametrized_and_pruned_parameters(use_backend, backend, mode, check):
+    """wsbcn.BatchChannelNorm2d with its parameters parametrized (all four), pruned or
+    spectral-normed: output and the gradients of every original tensor against the
+    float64 BCN reference computed from the same parametrized values."""
+    from reference import bcn_reference
+
+    use_backend(backend)
+    torch.manual_seed(0)
+    m = wsbcn.BatchChannelNorm2d(8, num_groups=4, estimate=mode == "estimate", activation="silu")
+    with torch.no_grad():
+        for p in m.parameters():
+            p.uniform_(0.5, 1.5)
+        # pruning (30%) zeroes gamma of channels 0 and 4, in two groups: a group whose
+        # gammas are all 0 is constant per channel, where float32 keeps d_beta to 3e-5 only
+        m.weight.copy_(torch.tensor([0.5, 1.0, 1.2, 0.9, 0.6, 1.3, 1.1, 1.4]))
+        m.running_mean.normal_()
+    m.train(mode != "eval")
+    ref = copy.deepcopy(m).double()
+    if check == "parametrize":
+        for mod in (m, ref):
+            for name in ("weight", "bias", "group_weight", "group_bias"):
+                parametrize.register_parametrization(mod, name, _Mix())
+    else:
+        for mod in (m, ref):
+            REWEIGHTS[check](mod)
+        ref.load_state_dict(m.state_dict())
+    assert "weight" not in m._parameters
+    x = torch.randn(2, 8, 3, 4) * 2 + 1
+    x64 = x.double().requires_grad_(True)
+    for hook in ref._forward_pre_hooks.values():  # pruning and the hook API set the attribute here
+        hook(ref, (x64,))
+    y_ref = bcn_reference(x64, 4, ref.weight, ref.bias, ref.group_weight, ref.group_bias,
+                          ref.running_mean.clone(), ref.running_var.clone(), training=mode != "eval",
+                          estimate=mode == "estimate", momentum=m.momentum, eps=m.eps, activation="silu")
+    names, leaves = zip(*[(n, p) for n, p in ref.named_parameters()])
+    g = _grad_output(y_ref)
+    grads_ref = torch.autograd.grad(y_ref, (x64,) + leaves, g)
+    xs = x.requires_grad_(True)
+    y = m(xs)
+    grads = torch.autograd.grad(y, (xs,) + tuple(p for _, p in m.named_parameters()), g.float())
+    assert [n for n, _ in m.named_parameters()] == list(names)
+    assert rel_err(y, y_ref) <= TOL[torch.float32]
+    for name, a, b in zip(("input",) + names, grads, grads_ref):
+        assert rel_err(a, b) <= 1e-4, (name, rel_err(a, b))
