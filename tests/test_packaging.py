@@ -29,7 +29,8 @@ def test_wheel_holds_the_library_not_the_developer_tools_and_imports_without_the
     # tree, and files deleted since an earlier build would linger there
     source = tmp_path / "source"
     for folder in ("wsbcn", "kernels", "perf"):
-        shutil.copytree(ROOT / folder, source / folder, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+        shutil.copytree(ROOT / folder, source / folder,
+                        ignore=shutil.ignore_patterns("__pycache__", "*.egg-info", "results", "plots"))
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(ROOT / name, source / name)
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
