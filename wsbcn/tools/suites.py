@@ -4,6 +4,7 @@ The ResNet-50 suites are read off the package's own ResNet-50 (a forward pass on
 the meta device records every norm-layer input and every conv weight), so they
 cannot drift from the model that the end-to-end benchmark trains.
 """
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -80,8 +81,9 @@ def default_modes(name: str, modes: tuple) -> tuple:
     return SAMPLE_MODES if name == "resnet50_sample" else tuple(modes)
 
 
+@functools.lru_cache(maxsize=None)
 def resnet50_shapes(image_size: int = 224):
-    """(unique norm-layer (C, H, W) shapes, unique conv weight shapes) of ResNet-50."""
+    """(unique norm-layer (C, H, W) shapes, unique conv weight shapes) of ResNet-50, as tuples."""
     from .models import resnet50
 
     with torch.device("meta"):
@@ -98,7 +100,7 @@ def resnet50_shapes(image_size: int = 224):
         model(torch.empty(1, 3, image_size, image_size, device="meta"))
     for h in hooks:
         h.remove()
-    return list(dict.fromkeys(norms)), list(dict.fromkeys(convs))
+    return tuple(dict.fromkeys(norms)), tuple(dict.fromkeys(convs))
 
 
 def suite(name: str, batch_sizes=None, dtypes=None, layouts=None):
