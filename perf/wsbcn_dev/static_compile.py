@@ -15,7 +15,7 @@ import re
 import time
 from dataclasses import dataclass
 
-from . import SM_COUNT as SMS
+from . import SM_COUNT as SMS  # noqa: F401 (the report's waves: programs / (CTAs per SM x SMS))
 
 # NVIDIA H100 (SXM and PCIe, compute capability 9.0): per-SM limits from the CUDA
 # occupancy calculator.

@@ -31,7 +31,7 @@ import tempfile
 from pathlib import Path
 
 SOURCE = Path(__file__).with_name("stub_libcuda.c")
-from . import GPU_NAME, SM_COUNT  # what the stub answers as
+from . import GPU_NAME, SM_COUNT  # noqa: F401 (what the stub answers as; callers emulate it)
 
 CAPABILITY = (9, 0)
 _DEFINES = {"STUB_CC_MAJOR": CAPABILITY[0], "STUB_CC_MINOR": CAPABILITY[1], "STUB_SM_COUNT": SM_COUNT}

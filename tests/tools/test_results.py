@@ -4,7 +4,6 @@ timers: seconds, and no timing is asserted."""
 import csv
 import math
 
-import numpy as np
 import pandas as pd
 import pytest
 
