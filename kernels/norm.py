@@ -14,6 +14,14 @@ Backward, 3 launches:
   2. _norm_bwd_combine_kernel  one program per group: parameter gradients and the
                                coefficients of dx = CA dz + CE e + CC
   3. _norm_bwd_apply_kernel    read dy, x, write dx
+Across processes (a process group; kernels/norm_plan.py DistNormPlan), the combines
+run in two halves (DIST 1 and 2) around one collective each way: forward stats |
+combine DIST 1 (this rank's moments per channel, a fp64 row: LOCAL_ROWS) | all_gather
+| _norm_rank_merge_kernel (all ranks' rows merged in rank order: the batch
+statistics, the running buffers) | combine DIST 2 | apply; backward with batch
+statistics reduce | bwd combine DIST 1 (this rank's d_gamma, d_beta sums) |
+all_reduce | bwd combine DIST 2 (the dx coefficients) | apply. DIST 0 (one process)
+compiles to the same code as before the flag existed.
 
 Numerics. Statistics are taken of x - pivot, where the pivot is one element of the
 data (x[0, c, 0] for the batch statistics of channel c, x[n, first channel of the
@@ -276,6 +284,42 @@ def _old_running(Pivot, Running_mean, Running_var, c, kmask, UPDATE_RUNNING: tl.
     return pivot_c, rm_old, rv_old, pivot_c - rm_old
 
 
+# Across processes (DIST): each rank's combine writes its moments per channel into a
+# fp64 row of LOCAL_ROWS * C + LOCAL_HEADER values: pivot_c (x[0, c, 0] of this rank),
+# mean (of x - pivot_c), second (MODE_BATCH: M2 about that mean; MODE_ESTIMATE: sum of
+# (x - running_mean_old)^2) and count (N S) per channel, then a header (MODE, momentum
+# or -1 for the cumulative average, eps, C) that ops/collectives.py compares across
+# ranks. One all_gather makes the rows [R, LOCAL_ROWS * C + LOCAL_HEADER] on every rank;
+# _norm_rank_merge_kernel merges them in rank order. float64 whatever the input dtype:
+# ranks with different input dtypes exchange the same bytes, and counts stay exact.
+LOCAL_ROWS = tl.constexpr(4)
+LOCAL_HEADER = tl.constexpr(4)
+
+
+def local_row_len(channels: int) -> int:
+    """Values in one rank's row (fp64)."""
+    return LOCAL_ROWS.value * channels + LOCAL_HEADER.value
+
+
+@triton.jit
+def _store_local_moments(Local, Pivot, c, kmask, C, mean, second, N, S, g, momentum, eps, MODE: tl.constexpr,
+                         CUMULATIVE: tl.constexpr, BLOCK_K: tl.constexpr):
+    """This rank's row for the collective (see LOCAL_ROWS); program 0 writes the header."""
+    pivot_c = tl.load(Pivot + c, mask=kmask, other=0.0)
+    count = (tl.zeros([BLOCK_K], dtype=tl.float64) + N) * S
+    tl.store(Local + c, pivot_c.to(tl.float64), mask=kmask)
+    tl.store(Local + C + c, mean.to(tl.float64), mask=kmask)
+    tl.store(Local + 2 * C + c, second.to(tl.float64), mask=kmask)
+    tl.store(Local + 3 * C + c, count, mask=kmask)
+    h = tl.arange(0, LOCAL_HEADER)
+    if CUMULATIVE:
+        mom = -1.0
+    else:
+        mom = momentum
+    header = tl.where(h == 0, MODE * 1.0, tl.where(h == 1, mom, tl.where(h == 2, eps, C * 1.0)))
+    tl.store(Local + LOCAL_ROWS * C + h, header.to(tl.float64), mask=h + LOCAL_HEADER * g < LOCAL_HEADER)
+
+
 @triton.jit
 def _norm_combine_kernel(
     Part_mean,  # fp32 [N, C, n_split] from the stats pass
@@ -293,6 +337,8 @@ def _norm_combine_kernel(
     P,  # fp32 [N, C] out: rho * a_c, the slope of y_hat in e
     Ym,  # fp32 [N, C] out: rho * (u_mean - nu), the (n, c) mean of y_hat
     M2,  # fp32 [N, C] out: sum_s e^2
+    Local,  # fp64 [4 C + 4] out (DIST 1): this rank's moments per channel and a header (LOCAL_ROWS)
+    Glob,  # fp32 [2 C + 1] (DIST 2): shift_c and r_c per channel, from _norm_rank_merge_kernel
     N,  # batch size
     C,  # channels
     S,  # spatial size
@@ -305,6 +351,7 @@ def _norm_combine_kernel(
     HAS_BN_AFFINE: tl.constexpr,  # gamma, beta present
     UPDATE_RUNNING: tl.constexpr,  # write the running buffers (training)
     CUMULATIVE: tl.constexpr,  # momentum=None: factor 1 / (num_batches_tracked + 1)
+    DIST: tl.constexpr,  # 0: one process; across processes 1: loop A only, into Local; 2: the rest, from Glob
     BLOCK_N: tl.constexpr,  # samples per step
     BLOCK_K: tl.constexpr,  # >= K: the whole group in one tile
     BLOCK_J: tl.constexpr,  # spatial chunks merged per step
@@ -324,95 +371,197 @@ def _norm_combine_kernel(
         factor = momentum
 
     if MODE == 1 or MODE == 2:
-        # Loop A: per-channel batch statistics over all samples. The pivot and the old
-        # running buffers are loaded where they are used: inside the loop (EstBN's
-        # pivot - running mean) and after it, not once before it. Kept alive across
-        # the loop, triton 3.6's ptxas spilled them (4-16 bytes at 72-128 registers,
-        # perf/NOTES.md). Nothing writes these buffers before the loop ends, so every
-        # load reads the same values: the results are bitwise those of one load.
-        mean_acc = tl.zeros([BLOCK_K], dtype=tl.float32)
-        m2_acc = tl.zeros([BLOCK_K], dtype=tl.float32)
-        dev_acc = tl.zeros([BLOCK_K], dtype=tl.float32)
-        count = 0.0
-        for n0 in range(0, N, BLOCK_N):
-            nn = n0 + tl.arange(0, BLOCK_N)
-            mask = (nn < N)[:, None] & kmask[None, :]
-            m, m2 = _merge_splits(Part_mean, Part_m2, nn, c, mask, C, S, chunk, n_split, BLOCK_N, BLOCK_K, BLOCK_J)
-            n_b = tl.minimum(N - n0, BLOCK_N).to(tl.float32)
-            mean_b = tl.sum(m, axis=0) / n_b
-            d = tl.where(mask, m - mean_b[None, :], 0.0)
-            m2_b = tl.sum(m2, axis=0) + S * tl.sum(d * d, axis=0)
-            total = count + n_b
-            delta = mean_b - mean_acc
-            mean_acc += delta * (n_b / total)
-            m2_acc += m2_b + delta * delta * (S * count * n_b / total)
-            count = total
-            if MODE == 2:
-                to_old = _old_running(Pivot, Running_mean, Running_var, c, kmask, UPDATE_RUNNING, BLOCK_K)[3]
-                e = tl.where(mask, m + to_old[None, :], 0.0)  # m_nc - running_mean_old
-                dev_acc += tl.sum(m2, axis=0) + S * tl.sum(e * e, axis=0)
-        if MODE == 2:
-            # The channel mask again, written so that the compiler cannot merge it with
-            # the first one (c < (g + 1) K is k < K): triton 3.6's ptxas kept the first
-            # one's predicates in local memory across loop A (16 B at 72 registers in
-            # one specialisation; perf/NOTES.md). Same values, so results are unchanged.
-            kmask = c < (g + 1) * K
-        if MODE == 1:
-            shift_c = mean_acc
-            var = m2_acc / ns
-            if UPDATE_RUNNING:
-                pivot_c, rm_old, rv_old, to_old = _old_running(Pivot, Running_mean, Running_var, c, kmask,
-                                                               UPDATE_RUNNING, BLOCK_K)
-                unbiased = m2_acc / (ns - 1)
-                new_rm = rm_old + factor * (to_old + mean_acc)
-                new_rv = (1.0 - factor) * rv_old + factor * unbiased
-                tl.store(Running_mean + c, new_rm, mask=kmask)
-                tl.store(Running_var + c, new_rv, mask=kmask)
+        if DIST == 2:
+            # Across processes, second launch: the statistics of the whole batch, merged
+            # over the ranks by _norm_rank_merge_kernel (which also updated the running
+            # buffers): shift_c = mu_c - pivot_c of this rank, and r_c.
+            shift_c = tl.load(Glob + c, mask=kmask, other=0.0)
+            r = tl.load(Glob + C + c, mask=kmask, other=1.0)
         else:
-            # EstBN: update first, then normalize with the updated estimates.
-            pivot_c, rm_old, rv_old, to_old = _old_running(Pivot, Running_mean, Running_var, c, kmask,
-                                                           UPDATE_RUNNING, BLOCK_K)
-            var = (1.0 - factor) * rv_old + factor * (dev_acc / ns)
-            shift_c = factor * mean_acc - (1.0 - factor) * to_old  # new running mean - pivot
-            tl.store(Running_mean + c, pivot_c + shift_c, mask=kmask)
-            tl.store(Running_var + c, var, mask=kmask)
-        r = tl.rsqrt(var + eps)
+            # Loop A: per-channel batch statistics over all samples. The pivot and the old
+            # running buffers are loaded where they are used: inside the loop (EstBN's
+            # pivot - running mean) and after it, not once before it. Kept alive across
+            # the loop, triton 3.6's ptxas spilled them (4-16 bytes at 72-128 registers,
+            # perf/NOTES.md). Nothing writes these buffers before the loop ends, so every
+            # load reads the same values: the results are bitwise those of one load.
+            mean_acc = tl.zeros([BLOCK_K], dtype=tl.float32)
+            m2_acc = tl.zeros([BLOCK_K], dtype=tl.float32)
+            dev_acc = tl.zeros([BLOCK_K], dtype=tl.float32)
+            count = 0.0
+            for n0 in range(0, N, BLOCK_N):
+                nn = n0 + tl.arange(0, BLOCK_N)
+                mask = (nn < N)[:, None] & kmask[None, :]
+                m, m2 = _merge_splits(Part_mean, Part_m2, nn, c, mask, C, S, chunk, n_split, BLOCK_N, BLOCK_K, BLOCK_J)
+                n_b = tl.minimum(N - n0, BLOCK_N).to(tl.float32)
+                mean_b = tl.sum(m, axis=0) / n_b
+                d = tl.where(mask, m - mean_b[None, :], 0.0)
+                m2_b = tl.sum(m2, axis=0) + S * tl.sum(d * d, axis=0)
+                total = count + n_b
+                delta = mean_b - mean_acc
+                mean_acc += delta * (n_b / total)
+                m2_acc += m2_b + delta * delta * (S * count * n_b / total)
+                count = total
+                if MODE == 2:
+                    to_old = _old_running(Pivot, Running_mean, Running_var, c, kmask, UPDATE_RUNNING, BLOCK_K)[3]
+                    e = tl.where(mask, m + to_old[None, :], 0.0)  # m_nc - running_mean_old
+                    dev_acc += tl.sum(m2, axis=0) + S * tl.sum(e * e, axis=0)
+            if DIST == 1:
+                # Across processes, first launch: this rank's moments, for the collective
+                _store_local_moments(Local, Pivot, c, kmask, C, mean_acc, m2_acc if MODE == 1 else dev_acc,
+                                     N, S, g, momentum, eps, MODE, CUMULATIVE, BLOCK_K)
+            else:
+                if MODE == 2:
+                    # The channel mask again, written so that the compiler cannot merge it with
+                    # the first one (c < (g + 1) K is k < K): triton 3.6's ptxas kept the first
+                    # one's predicates in local memory across loop A (16 B at 72 registers in
+                    # one specialisation; perf/NOTES.md). Same values, so results are unchanged.
+                    kmask = c < (g + 1) * K
+                if MODE == 1:
+                    shift_c = mean_acc
+                    var = m2_acc / ns
+                    if UPDATE_RUNNING:
+                        pivot_c, rm_old, rv_old, to_old = _old_running(Pivot, Running_mean, Running_var, c, kmask,
+                                                                       UPDATE_RUNNING, BLOCK_K)
+                        unbiased = m2_acc / (ns - 1)
+                        new_rm = rm_old + factor * (to_old + mean_acc)
+                        new_rv = (1.0 - factor) * rv_old + factor * unbiased
+                        tl.store(Running_mean + c, new_rm, mask=kmask)
+                        tl.store(Running_var + c, new_rv, mask=kmask)
+                else:
+                    # EstBN: update first, then normalize with the updated estimates.
+                    pivot_c, rm_old, rv_old, to_old = _old_running(Pivot, Running_mean, Running_var, c, kmask,
+                                                                   UPDATE_RUNNING, BLOCK_K)
+                    var = (1.0 - factor) * rv_old + factor * (dev_acc / ns)
+                    shift_c = factor * mean_acc - (1.0 - factor) * to_old  # new running mean - pivot
+                    tl.store(Running_mean + c, pivot_c + shift_c, mask=kmask)
+                    tl.store(Running_var + c, var, mask=kmask)
+                r = tl.rsqrt(var + eps)
     elif MODE == 3:
         var = tl.load(Running_var + c, mask=kmask, other=1.0).to(tl.float32)
         r = tl.rsqrt(var + eps)  # the pivot is the running mean itself: shift 0
     else:
         r = tl.full([BLOCK_K], 1.0, tl.float32)
-    if MODE != 0:
-        tl.store(Rstd_c + c, r, mask=kmask)
-        a = r
-        if HAS_BN_AFFINE:
-            a = r * tl.load(Gamma + c, mask=kmask, other=1.0).to(tl.float32)
-            beta = tl.load(Beta + c, mask=kmask, other=0.0).to(tl.float32)
+    if DIST != 1:  # (DIST 1 stops after loop A)
+        if MODE != 0:
+            tl.store(Rstd_c + c, r, mask=kmask)
+            a = r
+            if HAS_BN_AFFINE:
+                a = r * tl.load(Gamma + c, mask=kmask, other=1.0).to(tl.float32)
+                beta = tl.load(Beta + c, mask=kmask, other=0.0).to(tl.float32)
 
-    # Loop B: u = a x' + beta per (n, c); group statistics; coefficients.
-    for n0 in range(0, N, BLOCK_N):
-        nn = n0 + tl.arange(0, BLOCK_N)
-        nmask = nn < N
-        mask = nmask[:, None] & kmask[None, :]
-        m, m2 = _merge_splits(Part_mean, Part_m2, nn, c, mask, C, S, chunk, n_split, BLOCK_N, BLOCK_K, BLOCK_J)
-        if MODE == 0:
-            shift = tl.sum(m, axis=1)[:, None] / K + tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+        # Loop B: u = a x' + beta per (n, c); group statistics; coefficients.
+        for n0 in range(0, N, BLOCK_N):
+            nn = n0 + tl.arange(0, BLOCK_N)
+            nmask = nn < N
+            mask = nmask[:, None] & kmask[None, :]
+            m, m2 = _merge_splits(Part_mean, Part_m2, nn, c, mask, C, S, chunk, n_split, BLOCK_N, BLOCK_K, BLOCK_J)
+            if MODE == 0:
+                shift = tl.sum(m, axis=1)[:, None] / K + tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+            else:
+                shift = shift_c[None, :] + tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+            dm = tl.where(mask, m - shift, 0.0)  # m_nc - mu
+            u_mean = a[None, :] * dm + beta[None, :]
+            u_var = a[None, :] * a[None, :] * m2 / S
+            nu = tl.sum(tl.where(mask, u_mean, 0.0), axis=1) / K
+            du = tl.where(mask, u_mean - nu[:, None], 0.0)
+            tau = (tl.sum(tl.where(mask, u_var, 0.0), axis=1) + tl.sum(du * du, axis=1)) / K
+            rho = tl.rsqrt(tau + eps)
+            idx = nn[:, None] * C + c[None, :]
+            tl.store(Mean + idx, m, mask=mask)
+            tl.store(Dm + idx, dm, mask=mask)
+            tl.store(P + idx, rho[:, None] * a[None, :], mask=mask)
+            tl.store(Ym + idx, rho[:, None] * du, mask=mask)
+            tl.store(M2 + idx, m2, mask=mask)
+            tl.store(Rho + nn * G + g, rho, mask=nmask)
+
+
+@triton.jit
+def _norm_rank_merge_kernel(
+    Gathered,  # fp64 [R, LOCAL_ROWS * C + LOCAL_HEADER]: every rank's row, in rank order
+    Local,  # fp64 [LOCAL_ROWS * C + LOCAL_HEADER]: this rank's row (its pivots)
+    Running_mean,  # [C] running mean, updated in place
+    Running_var,  # [C] running variance, updated in place
+    Num_batches,  # int64 [1] num_batches_tracked before this step (CUMULATIVE)
+    Glob,  # fp32 [2 C + 1] out: shift_c = mu_c - pivot_c (this rank's pivot), r_c, total count
+    C,  # channels
+    R,  # ranks
+    momentum,  # running-average factor (unless CUMULATIVE)
+    eps,  # added to the variance
+    MODE: tl.constexpr,  # MODE_BATCH / MODE_ESTIMATE
+    UPDATE_RUNNING: tl.constexpr,  # write the running buffers
+    CUMULATIVE: tl.constexpr,  # momentum=None: factor 1 / (num_batches_tracked + 1)
+    BLOCK: tl.constexpr,  # channels per program
+):
+    """The batch statistics of all ranks, from their rows (see LOCAL_ROWS), in float64.
+
+    Every rank's mean is taken relative to one common reference, the pivot p0 of the
+    first rank with values (rank 0 unless it has no images):
+    d_r = (pivot_r - p0) + mean_r, so different pivots per rank lose nothing. Then
+    mu - p0 = sum n_r d_r / sum n_r and (batch statistics) M2 = sum M2_r + sum n_r
+    (d_r - mu + p0)^2, both in rank order. The running buffers are updated from
+    rank-independent values only (p0, the merged moments, the old buffers), so every
+    rank writes the same bits; the shift of this rank's pivot comes last."""
+    pid = tl.program_id(0)
+    c = pid * BLOCK + tl.arange(0, BLOCK)
+    cmask = c < C
+    row_len = LOCAL_ROWS * C + LOCAL_HEADER
+    p0 = tl.zeros([BLOCK], dtype=tl.float64)
+    found = tl.zeros([BLOCK], dtype=tl.int1)
+    for rank in range(0, R):
+        row = Gathered + rank * row_len
+        has = tl.load(row + 3 * C + c, mask=cmask, other=0.0) > 0.0
+        p0 = tl.where(has & ~found, tl.load(row + c, mask=cmask, other=0.0), p0)
+        found = found | has
+    total = tl.zeros([BLOCK], dtype=tl.float64)
+    sum_d = tl.zeros([BLOCK], dtype=tl.float64)
+    for rank in range(0, R):
+        row = Gathered + rank * row_len
+        n_r = tl.load(row + 3 * C + c, mask=cmask, other=0.0)
+        d_r = (tl.load(row + c, mask=cmask, other=0.0) - p0) + tl.load(row + C + c, mask=cmask, other=0.0)
+        total += n_r
+        sum_d += n_r * d_r
+    mean = sum_d / total  # mu - p0
+    second = tl.zeros([BLOCK], dtype=tl.float64)
+    for rank in range(0, R):
+        row = Gathered + rank * row_len
+        s_r = tl.load(row + 2 * C + c, mask=cmask, other=0.0)
+        if MODE == 1:
+            n_r = tl.load(row + 3 * C + c, mask=cmask, other=0.0)
+            d_r = (tl.load(row + c, mask=cmask, other=0.0) - p0) + tl.load(row + C + c, mask=cmask, other=0.0)
+            dev = d_r - mean
+            second += s_r + n_r * dev * dev
         else:
-            shift = shift_c[None, :] + tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-        dm = tl.where(mask, m - shift, 0.0)  # m_nc - mu
-        u_mean = a[None, :] * dm + beta[None, :]
-        u_var = a[None, :] * a[None, :] * m2 / S
-        nu = tl.sum(tl.where(mask, u_mean, 0.0), axis=1) / K
-        du = tl.where(mask, u_mean - nu[:, None], 0.0)
-        tau = (tl.sum(tl.where(mask, u_var, 0.0), axis=1) + tl.sum(du * du, axis=1)) / K
-        rho = tl.rsqrt(tau + eps)
-        idx = nn[:, None] * C + c[None, :]
-        tl.store(Mean + idx, m, mask=mask)
-        tl.store(Dm + idx, dm, mask=mask)
-        tl.store(P + idx, rho[:, None] * a[None, :], mask=mask)
-        tl.store(Ym + idx, rho[:, None] * du, mask=mask)
-        tl.store(M2 + idx, m2, mask=mask)
-        tl.store(Rho + nn * G + g, rho, mask=nmask)
+            second += s_r  # sums of squares about the old running mean: a plain sum
+    if CUMULATIVE:
+        factor = 1.0 / (tl.load(Num_batches).to(tl.float32) + 1.0)
+    else:
+        factor = momentum
+    to_pivot = p0 - tl.load(Local + c, mask=cmask, other=0.0)  # p0 - this rank's pivot
+    rm_old = tl.zeros([BLOCK], dtype=tl.float32)
+    rv_old = tl.full([BLOCK], 1.0, tl.float32)
+    if UPDATE_RUNNING:
+        rm_old = tl.load(Running_mean + c, mask=cmask, other=0.0).to(tl.float32)
+        rv_old = tl.load(Running_var + c, mask=cmask, other=1.0).to(tl.float32)
+    to_old = p0 - rm_old
+    if MODE == 1:
+        var = second / total
+        shift = to_pivot + mean
+        if UPDATE_RUNNING:
+            new_rm = rm_old + factor * (to_old + mean)
+            new_rv = (1.0 - factor) * rv_old + factor * (second / (total - 1.0))
+            tl.store(Running_mean + c, new_rm, mask=cmask)
+            tl.store(Running_var + c, new_rv, mask=cmask)
+    else:
+        # EstBN: update first, then normalize with the updated estimates
+        var = (1.0 - factor) * rv_old + factor * (second / total)
+        q = factor * mean - (1.0 - factor) * to_old  # new running mean - p0
+        tl.store(Running_mean + c, p0 + q, mask=cmask)
+        tl.store(Running_var + c, var, mask=cmask)
+        shift = to_pivot + q
+    r = tl.rsqrt(var.to(tl.float32) + eps)
+    tl.store(Glob + c, shift.to(tl.float32), mask=cmask)
+    tl.store(Glob + C + c, r, mask=cmask)
+    tl.store(Glob + 2 * C + c * 0, total.to(tl.float32), mask=cmask & (c == 0))
 
 
 @triton.jit
@@ -560,6 +709,8 @@ def _norm_bwd_combine_kernel(
     CA,  # fp32 [N, C] out: dx = CA dz + CE e + CC
     CE,  # fp32 [N, C] out
     CC,  # fp32 [N, C] out
+    Gsum,  # fp64 [2, C] (DIST): d_gamma, d_beta as sums over this rank's batch (DIST 1, out), over all ranks (DIST 2)
+    Glob,  # fp32 [2 C + 1] (DIST 2): the forward's merged statistics; [2 C]: values per channel of the whole batch
     N,  # batch size
     C,  # channels
     S,  # spatial size
@@ -569,6 +720,7 @@ def _norm_bwd_combine_kernel(
     HAS_BN_AFFINE: tl.constexpr,  # gamma, beta present
     HAS_AFFINE: tl.constexpr,  # omega, eta present
     GROUP_AFFINE: tl.constexpr,  # omega, eta per group
+    DIST: tl.constexpr,  # 0: one process; across processes (MODE_BATCH) 1: sweep 0 into Gsum; 2: sweep 1 from it
     BLOCK_N: tl.constexpr,  # samples per step
     BLOCK_K: tl.constexpr,  # >= K
     BLOCK_J: tl.constexpr,  # spatial chunks summed per step
@@ -582,6 +734,9 @@ def _norm_bwd_combine_kernel(
     #                                                 -> d_gamma = sum_n r (...)
     # dx = r gamma [du - (r d_gamma x' + d_beta) / M] with batch statistics (M = N S),
     # dx = r gamma du with estimates; x' = e + dm.
+    # Across processes d_gamma, d_beta and M in dx are those of the whole batch: DIST 1
+    # runs sweep 0 (writing the parameter gradients of this rank's batch, as DDP wants
+    # them, and the sums for the all_reduce), DIST 2 sweep 1 with the all_reduced sums.
     g = tl.program_id(0)
     G = C // K
     k = tl.arange(0, BLOCK_K)
@@ -603,13 +758,16 @@ def _norm_bwd_combine_kernel(
     d_beta = tl.zeros([BLOCK_K], dtype=tl.float32)
     d_omega = tl.zeros([BLOCK_K], dtype=tl.float32)
     d_eta = tl.zeros([BLOCK_K], dtype=tl.float32)
+    if DIST == 2:
+        d_gamma = tl.load(Gsum + c, mask=kmask, other=0.0).to(tl.float32)
+        d_beta = tl.load(Gsum + C + c, mask=kmask, other=0.0).to(tl.float32)
     # Batch mode sweeps the samples twice: sweep 0 sums the parameter gradients, sweep 1
     # writes the dx coefficients, which need the complete d_gamma and d_beta. The other
     # modes' coefficients (GN, estimates, eval) do not, so there one sweep does both:
     # the partial sums are read once, and nothing lives from one sweep to the next
     # (triton 3.9's ptxas spilled channel offsets across sweep 0 in the estimate and
     # eval modes; perf/NOTES.md). Each value is computed as in two sweeps: same bits.
-    for sweep in tl.static_range(2 if MODE == 1 else 1):
+    for sweep in tl.static_range(1 if DIST == 2 else 0, 1 if DIST == 1 else (2 if MODE == 1 else 1)):
         for n0 in range(0, N, BLOCK_N):
             nn = n0 + tl.arange(0, BLOCK_N)
             nmask = nn < N
@@ -651,16 +809,25 @@ def _norm_bwd_combine_kernel(
                 ce = -scale * rho * e2 * p
                 cc = -scale * rho * (e1 + e2 * ym)
                 if MODE == 1:
-                    slope = (r * d_gamma)[None, :] / (N * S)
-                    ce -= scale * slope
-                    cc -= scale * (d_beta[None, :] / (N * S) + slope * dm)
+                    if DIST == 2:
+                        count = tl.load(Glob + 2 * C)
+                        slope = (r * d_gamma)[None, :] / count
+                        ce -= scale * slope
+                        cc -= scale * (d_beta[None, :] / count + slope * dm)
+                    else:
+                        slope = (r * d_gamma)[None, :] / (N * S)
+                        ce -= scale * slope
+                        cc -= scale * (d_beta[None, :] / (N * S) + slope * dm)
                 tl.store(CA + idx, ca, mask=mask)
                 tl.store(CE + idx, ce, mask=mask)
                 tl.store(CC + idx, cc, mask=mask)
-    if HAS_BN_AFFINE:
+    if DIST == 1:
+        tl.store(Gsum + c, d_gamma.to(tl.float64), mask=kmask)
+        tl.store(Gsum + C + c, d_beta.to(tl.float64), mask=kmask)
+    if HAS_BN_AFFINE and DIST != 2:
         tl.store(Dgamma + c, d_gamma, mask=kmask)
         tl.store(Dbeta + c, d_beta, mask=kmask)
-    if HAS_AFFINE:
+    if HAS_AFFINE and DIST != 2:
         if GROUP_AFFINE:
             tl.store(Domega + g, tl.sum(d_omega, axis=0))
             tl.store(Deta + g, tl.sum(d_eta, axis=0))

@@ -96,6 +96,15 @@ class NormPlan:
         tile = dict(BLOCK_C=config["BLOCK_C"], BLOCK_S=config["BLOCK_S"], NUM_STAGES=config["num_stages"])
         opts = dict(num_warps=config["num_warps"], num_stages=config["num_stages"])
         large = _large(c, s, sx[1:], sy[1:])
+        # the combine's arguments but DIST and its buffers: DistNormPlan launches it again with them
+        self.combine_options = dict(num_warps=4 if bn * bk * bj >= 1024 else 2)
+        self.combine_args = dict(
+            Part_mean=S("part_a"), Part_m2=S("part_b"), Pivot=S("pivot"), Gamma=S("gamma"), Beta=S("beta"),
+            Running_mean=S("rm"), Running_var=S("rv"), Num_batches=S("nbt"), Mean=S("mean"), Dm=S("dm"),
+            Rstd_c=S("rstd_c"), Rho=S("rho"), P=S("p"), Ym=S("ym"), M2=S("m2"),
+            N=n, C=c, S=s, K=k, chunk=self.chunk, n_split=self.n_split, momentum=float(momentum),
+            eps=float(eps), MODE=mode, HAS_BN_AFFINE=has_bn_affine, UPDATE_RUNNING=update_running,
+            CUMULATIVE=cumulative, BLOCK_N=bn, BLOCK_K=bk, BLOCK_J=bj)
         align_x, align_xy = _align(s, self.chunk, sx[0], sx[1]), _align(s, self.chunk, sx[0], sx[1], sy[0], sy[1])
         self.fwd = [
             t.launch(K._norm_stats_kernel, self.grid, opts,
@@ -103,13 +112,8 @@ class NormPlan:
                      C=c, S=s, K=k, stride_xn=sx[0], stride_xc=sx[1], stride_xs=sx[2], chunk=self.chunk,
                      n_split=self.n_split, PIVOT_MODE=0 if mode == K.MODE_GN else (2 if mode == K.MODE_RUNNING else 1),
                      LARGE=large, ALIGN=align_x, **tile),
-            t.launch(K._norm_combine_kernel, (num_groups,), dict(num_warps=4 if bn * bk * bj >= 1024 else 2),
-                     Part_mean=S("part_a"), Part_m2=S("part_b"), Pivot=S("pivot"), Gamma=S("gamma"), Beta=S("beta"),
-                     Running_mean=S("rm"), Running_var=S("rv"), Num_batches=S("nbt"), Mean=S("mean"), Dm=S("dm"),
-                     Rstd_c=S("rstd_c"), Rho=S("rho"), P=S("p"), Ym=S("ym"), M2=S("m2"),
-                     N=n, C=c, S=s, K=k, chunk=self.chunk, n_split=self.n_split, momentum=float(momentum),
-                     eps=float(eps), MODE=mode, HAS_BN_AFFINE=has_bn_affine, UPDATE_RUNNING=update_running,
-                     CUMULATIVE=cumulative, BLOCK_N=bn, BLOCK_K=bk, BLOCK_J=bj),
+            t.launch(K._norm_combine_kernel, (num_groups,), self.combine_options, Local=S("part_a"),
+                     Glob=S("part_a"), DIST=0, **self.combine_args),
             t.launch(K._norm_apply_kernel, self.grid, opts,
                      X=S("x"), Y=S("y"), Pivot=S("pivot"), Mean=S("mean"), P=S("p"), Ym=S("ym"), Omega=S("omega"),
                      Eta=S("eta"), Num_batches=S("nbt"), C=c, S=s, K=k,
@@ -217,6 +221,15 @@ class NormPlan:
         opts = dict(num_warps=config["num_warps"], num_stages=config["num_stages"])
         act = K.ACTIVATIONS[self.activation]
         common = dict(ACT=act, HAS_AFFINE=self.has_affine, GROUP_AFFINE=self.group_affine, LARGE=large, **tile)
+        # the backward combine's arguments but DIST and its buffers (the same for every dy layout):
+        # DistNormPlan launches it again with them
+        self.bwd_combine_options = dict(num_warps=4 if bn * bk * bj >= 1024 else 2)
+        self.bwd_combine_args = dict(
+            Part_d1=S("part_a"), Part_de=S("part_b"), Rstd_c=S("rstd_c"), Rho=S("rho"), Dm=S("dm"), P=S("p"),
+            Ym=S("ym"), M2=S("m2"), Gamma=S("gamma"), Omega=S("omega"), Dgamma=S("d_gamma"),
+            Dbeta=S("d_beta"), Domega=S("d_omega"), Deta=S("d_eta"), CA=S("ca"), CE=S("ce"), CC=S("cc"),
+            N=n, C=c, S=s, K=k, n_split=n_split, MODE=self.mode, HAS_BN_AFFINE=self.has_bn_affine,
+            HAS_AFFINE=self.has_affine, GROUP_AFFINE=self.group_affine, BLOCK_N=bn, BLOCK_K=bk, BLOCK_J=bj)
         align_xd = _align(s, chunk, sx[0], sx[1], sd[0], sd[1])
         align_xdo = _align(s, chunk, sx[0], sx[1], sd[0], sd[1], so[0], so[1])
         launches = [
@@ -226,12 +239,8 @@ class NormPlan:
                      stride_xn=sx[0], stride_xc=sx[1], stride_xs=sx[2],
                      stride_dn=sd[0], stride_dc=sd[1], stride_ds=sd[2], chunk=chunk, n_split=n_split,
                      ALIGN=align_xd, **common),
-            t.launch(K._norm_bwd_combine_kernel, (num_groups,), dict(num_warps=4 if bn * bk * bj >= 1024 else 2),
-                     Part_d1=S("part_a"), Part_de=S("part_b"), Rstd_c=S("rstd_c"), Rho=S("rho"), Dm=S("dm"), P=S("p"),
-                     Ym=S("ym"), M2=S("m2"), Gamma=S("gamma"), Omega=S("omega"), Dgamma=S("d_gamma"),
-                     Dbeta=S("d_beta"), Domega=S("d_omega"), Deta=S("d_eta"), CA=S("ca"), CE=S("ce"), CC=S("cc"),
-                     N=n, C=c, S=s, K=k, n_split=n_split, MODE=self.mode, HAS_BN_AFFINE=self.has_bn_affine,
-                     HAS_AFFINE=self.has_affine, GROUP_AFFINE=self.group_affine, BLOCK_N=bn, BLOCK_K=bk, BLOCK_J=bj),
+            t.launch(K._norm_bwd_combine_kernel, (num_groups,), self.bwd_combine_options, Gsum=S("part_a"),
+                     Glob=S("part_a"), DIST=0, **self.bwd_combine_args),
             t.launch(K._norm_bwd_apply_kernel, grid, opts,
                      Dy=S("dy"), X=S("x"), Dx=S("dx"), Pivot=S("pivot"), Mean=S("mean"), P=S("p"), Ym=S("ym"),
                      Omega=S("omega"), Eta=S("eta"), CA=S("ca"), CE=S("ce"), CC=S("cc"), C=c, S=s, K=k,
@@ -358,3 +367,107 @@ def norm_backward(dy, x, dx, stats, rstd_c, rho, gamma, omega, eta, num_groups, 
     plan = NormPlan(x, num_groups, mode, False, False, activation, group_affine, gamma is not None,
                     omega is not None, False, 1e-5, 0.0, config, config)
     return plan.backward(dy, x, (stats, rstd_c, rho), gamma, omega, eta, dx=dx)[1:]
+
+
+# -- across processes ----------------------------------------------------------------
+
+_DIST_FWD_SLOTS = _FWD_SLOTS + ("local", "gathered", "glob")
+_DIST_BWD_SLOTS = _BWD_SLOTS + ("gsum", "glob")
+
+
+class DistNormPlan:
+    """The launches of BCN across processes (a ``process_group``; MODE_BATCH or
+    MODE_ESTIMATE), built on the ``NormPlan`` of the same signature, whose stats and
+    apply launches (and the backward's reduce and apply) run as they are. The
+    collectives are the caller's (wsbcn/ops/norm_distributed.py), passed in as
+    functions: kernels never call torch.distributed.
+
+    Forward, 5 launches around one all_gather: stats | combine DIST 1 (this rank's
+    moments per channel: a fp64 row, kernels/norm.py LOCAL_ROWS) | ``gather(row)`` ->
+    [R, row] | _norm_rank_merge_kernel (the whole batch's statistics, the running
+    buffers) | combine DIST 2 (group statistics and coefficients, as in one process)
+    | apply. Backward with batch statistics, 4 launches around one all_reduce: reduce |
+    combine DIST 1 (this rank's parameter gradients; d_gamma, d_beta sums, fp64 [2, C])
+    | ``all_reduce(sums)`` | combine DIST 2 (the dx coefficients) | apply. With
+    estimates the backward needs no collective: ``NormPlan.backward`` on the side buffer.
+
+    The side buffer is the NormPlan's followed by ``glob``, fp32 [2 C + 1] at a 16-byte
+    boundary (shift_c and r_c per channel, then the whole batch's count of values per
+    channel), so ``NormPlan.backward`` and ``saved_views`` read it as their own."""
+
+    def __init__(self, plan, world):
+        self.plan, self.world = plan, world
+        c = plan.c
+        self.row_len = K.local_row_len(c)
+        self.glob_offset = cdiv(plan.fwd_size, 4) * 4
+        self.side_size = self.glob_offset + 2 * c + 1
+        self.header_checked = False  # set by the caller once it compared the ranks' headers
+        args = plan.combine_args
+        block = min(256, next_pow2(c))
+        t = ArgTable(_DIST_FWD_SLOTS)
+        S = Slot
+        self.fwd_local = [t.launch(K._norm_combine_kernel, (plan.num_groups,), plan.combine_options,
+                                   Local=S("local"), Glob=S("glob"), DIST=1, **args)]
+        self.fwd_merge = [
+            t.launch(K._norm_rank_merge_kernel, (cdiv(c, block),), dict(num_warps=4 if block >= 256 else 2),
+                     Gathered=S("gathered"), Local=S("local"), Running_mean=S("rm"), Running_var=S("rv"),
+                     Num_batches=S("nbt"), Glob=S("glob"), C=c, R=world, momentum=args["momentum"], eps=args["eps"],
+                     MODE=args["MODE"], UPDATE_RUNNING=args["UPDATE_RUNNING"], CUMULATIVE=args["CUMULATIVE"],
+                     BLOCK=block),
+            t.launch(K._norm_combine_kernel, (plan.num_groups,), plan.combine_options,
+                     Local=S("local"), Glob=S("glob"), DIST=2, **args),
+        ]
+        self.fwd_constants = t.constants
+        self.bwd = None  # (combine DIST 1, combine DIST 2, constants): built with the first backward
+
+    def forward(self, x, gamma, beta, omega, eta, running_mean, running_var, num_batches, gather):
+        """y and the side buffer; ``gather(row)`` returns every rank's row [R, row_len]
+        (this rank's included) in rank order. The running buffers and ``num_batches``
+        are updated in place, the same on every rank."""
+        plan = self.plan
+        y = plan.alloc_y(x)
+        side = torch.empty((self.side_size,), device=x.device, dtype=torch.float32)
+        part = torch.empty((2, plan.part_size), device=x.device, dtype=torch.float32)
+        row = torch.empty((self.row_len,), device=x.device, dtype=torch.float64)
+        views = _views(side, plan.fwd_offsets, plan.fwd_shapes) + list(part.unbind(0))
+        dummy = views[6]
+        values = [x, y] + views + [dummy if t is None else t
+                                   for t in (gamma, beta, omega, eta, running_mean, running_var, num_batches)]
+        glob = side[self.glob_offset:]
+        _run(plan.fwd[:1], values, plan.fwd_constants, traced=False)
+        _run(self.fwd_local, values + [row, row, glob], self.fwd_constants, traced=False)
+        rows = gather(row)
+        _run(self.fwd_merge, values + [row, rows, glob], self.fwd_constants, traced=False)
+        _run(plan.fwd[2:], values, plan.fwd_constants, traced=False)
+        return y, side
+
+    def backward(self, dy, x, side, gamma, omega, eta, all_reduce):
+        """dx and the fp32 parameter gradients of this rank's batch, as
+        ``NormPlan.backward``; ``all_reduce(sums)`` sums a fp64 [2, C] tensor over the
+        ranks (in place or not) and returns it. Batch statistics only."""
+        plan = self.plan
+        if dy.stride() != plan.y_stride and nsc_strides(dy) is None:
+            dy = dy.contiguous()
+        launches, constants, offsets, shapes, size, pieces = plan._backward_plan(dy)[:6]
+        if self.bwd is None:
+            t = ArgTable(_DIST_BWD_SLOTS)
+            S = Slot
+            local, merged = (t.launch(K._norm_bwd_combine_kernel, (plan.num_groups,), plan.bwd_combine_options,
+                                      Gsum=S("gsum"), Glob=S("glob"), DIST=dist, **plan.bwd_combine_args)
+                             for dist in (1, 2))
+            self.bwd = [local], [merged], t.constants
+        local, merged, my_constants = self.bwd
+        dx = plan.alloc_y(x)
+        buf = torch.empty((size,), device=x.device, dtype=torch.float32)
+        sums = torch.empty((2, plan.c), device=x.device, dtype=torch.float64)
+        saved = _views(side, plan.fwd_offsets, plan.fwd_shapes)
+        dummy = saved[6]
+        views = [v if v.numel() else dummy for v in _views(buf, offsets, shapes)]
+        values = [dy, x, dx] + saved + views + [dummy if t is None else t for t in (gamma, omega, eta)]
+        glob = side[self.glob_offset:]
+        _run(launches[:1], values, constants, traced=False)
+        _run(local, values + [sums, glob], my_constants, traced=False)
+        sums = all_reduce(sums)
+        _run(merged, values + [sums, glob], my_constants, traced=False)
+        _run(launches[2:], values, constants, traced=False)
+        return (dx,) + buf.split_with_sizes(pieces)[1:]

@@ -24,6 +24,7 @@ from .convert_layers import NormAct, ScaledWSConv2d
 from .convert_registry import ConvertRule, NormSpec, register_convert_rule
 from .modules import (BatchChannelNorm1d, BatchChannelNorm2d, BatchChannelNorm3d, GroupNorm, WSConv1d, WSConv2d,
                       WSConv3d)
+from .ops.collectives import WORLD
 
 _BCN_BY_DIMS = {1: BatchChannelNorm1d, 2: BatchChannelNorm2d, 3: BatchChannelNorm3d}
 _WS_BY_DIMS = {1: WSConv1d, 2: WSConv2d, 3: WSConv3d}
@@ -82,6 +83,18 @@ def _batch_norm(layer, spec):
                         running_mean=layer.running_mean, running_var=layer.running_var,
                         num_batches_tracked=layer.num_batches_tracked, eps=layer.eps, momentum=layer.momentum,
                         factory=_factory(layer))
+
+
+def _sync_batch_norm(layer, spec):
+    """An nn.SyncBatchNorm keeps synchronizing: its BCN replacement combines statistics
+    over the layer's own process group; a layer on the default group (process_group=None)
+    over convert's ``process_group=`` when given, else over the default group of the
+    moment it runs (``collectives.WORLD``: as nn.SyncBatchNorm, nothing is combined
+    while torch.distributed is not initialized or has one process)."""
+    group = layer.process_group
+    if group is None:
+        group = spec.process_group if spec.process_group is not None else WORLD
+    return _batch_norm(layer, dataclasses.replace(spec, process_group=group))
 
 
 def _frozen_batch_norm(layer, spec):
@@ -188,8 +201,8 @@ BUILTIN_RULES = {
     nn.BatchNorm1d: ConvertRule("norm", _batch_norm, **_BN, default_dims=1),
     nn.BatchNorm2d: ConvertRule("norm", _batch_norm, **_BN, default_dims=2),
     nn.BatchNorm3d: ConvertRule("norm", _batch_norm, **_BN, default_dims=3),
-    # the process group is not carried over (convert's process_group= applies)
-    nn.SyncBatchNorm: ConvertRule("norm", _batch_norm, **_BN, default_dims=2),
+    # keeps its process group (convert's process_group= for one on the default group)
+    nn.SyncBatchNorm: ConvertRule("norm", _sync_batch_norm, **_BN, default_dims=2),
     nn.GroupNorm: ConvertRule("norm", _group_norm, **_GN, keeps_groups=True),
     **{conv: ConvertRule("conv", _ws_conv, becomes="WSConvNd, when its output feeds a norm",
                          carries="geometry, weight, bias (the same Parameters)")

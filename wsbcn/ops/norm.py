@@ -17,7 +17,7 @@ from ..kernels import norm as kernels
 from ..kernels.layout import channels_fastest, nsc_strides
 from ..kernels.norm import MODE_BATCH, MODE_ESTIMATE, MODE_GN, MODE_RUNNING
 from ..kernels.norm_plan import NormPlan
-from . import collectives, library
+from . import collectives, library, norm_distributed
 
 __all__ = ["batch_channel_norm", "group_norm", "NormFunction"]
 
@@ -201,8 +201,8 @@ class _Call:
     def forward(self, x, gamma, beta, omega, eta, running_mean, running_var, nbt):
         """(y, saved): eager Triton saves its one fp32 side buffer, the other paths
         (stats, rstd_c, rho), across processes also the batch count."""
-        if self.group is not None:
-            return self._forward_distributed(x, gamma, beta, omega, eta, running_mean, running_var, nbt)
+        if self.group is not None:  # across processes (norm_distributed.py)
+            return norm_distributed.forward(self, x, gamma, beta, omega, eta, running_mean, running_var, nbt)
         if self.eager and backends.backend_for(x) == "triton":
             y, side = self.plan(x, gamma, omega, nbt).forward(x, gamma, beta, omega, eta, running_mean, running_var,
                                                               nbt)
@@ -217,8 +217,8 @@ class _Call:
 
     def backward(self, dy, x, saved, gamma, omega, eta):
         """dx and the fp32 gradients (d_gamma, d_beta, d_omega, d_eta)."""
-        if self.group is not None:
-            return self._backward_distributed(dy, x, saved, gamma, omega, eta)
+        if self.group is not None:  # across processes (norm_distributed.py)
+            return norm_distributed.backward(self, dy, x, saved, gamma, omega, eta)
         if len(saved) == 1:  # the eager Triton path's side buffer
             dx, d_gamma, d_beta, d_omega, d_eta = self.plan(x, gamma, omega, None).backward(dy, x, saved[0], gamma,
                                                                                              omega, eta)
@@ -229,31 +229,6 @@ class _Call:
             x = x.contiguous()
         bwd = norm_backward_op if torch.compiler.is_compiling() else _norm_backward_impl
         return bwd(dy, x, *saved, gamma, omega, eta, self.num_groups, self.mode, self.activation, self.group_affine)
-
-    # Across processes (DESIGN.md section 8): the torch closed form, with one
-    # collective on the per-channel statistics forward and on the per-channel
-    # gradient sums backward (collectives.py).
-    def _forward_distributed(self, x, gamma, beta, omega, eta, running_mean, running_var, nbt):
-        counts = []
-        gather = collectives.channel_stats_reducer(self.group)
-
-        def reduce(kind, mean_abs, second, count):
-            mean, second, total = gather(kind, mean_abs, second, count)
-            counts.append(total)
-            return mean, second, total
-
-        y, stats, rstd_c, rho = norm_forward_torch(
-            x, gamma, beta, omega, eta, running_mean, running_var, nbt, self.num_groups, self.eps,
-            self.momentum, self.cumulative, self.mode, True, self.activation, self.group_affine,
-            reduce_channel_stats=reduce)
-        return y, (stats, rstd_c, rho, counts[0])
-
-    def _backward_distributed(self, dy, x, saved, gamma, omega, eta):
-        stats, rstd_c, rho, count = saved
-        reduce = (lambda t: collectives.all_reduce_sum(t, self.group)) if self.mode == MODE_BATCH else None
-        return norm_backward_torch(dy, x, stats, rstd_c, rho, gamma, omega, eta, self.num_groups, self.mode,
-                                   self.activation, self.group_affine, reduce_channel_grads=reduce,
-                                   batch_count=count)
 
     def __call__(self, x, gamma, beta, omega, eta, running_mean, running_var, nbt):
         return NormFunction.apply(x, gamma, beta, omega, eta, self, (running_mean, running_var, nbt))
@@ -353,9 +328,9 @@ def _validate_bcn(owner, x, num_groups, running_mean, running_var, weight, bias,
                   estimate, momentum, eps, activation, num_batches_tracked, group=None) -> _Call:
     if owner is not None:
         owner._check_input(x)
-    if group is not None:
-        collectives.check_initialized()
     eps, activation = _validate_common(x, num_groups, eps, activation)
+    if group is not None:  # a collectives.Ranks, or None when there is nothing to combine (collectives.WORLD)
+        group = collectives.resolve(group, x)
     momentum = checks.check_momentum(momentum)
     c = x.shape[1]
     for name, t in (("weight", weight), ("bias", bias), ("running_mean", running_mean), ("running_var", running_var)):
@@ -373,7 +348,8 @@ def _validate_bcn(owner, x, num_groups, running_mean, running_var, weight, bias,
     has_running = running_mean is not None
     if training and not estimate:
         mode = MODE_BATCH
-        if 0 < x.numel() // c <= 1:  # values per channel: N * prod(spatial)
+        # values per channel: N * prod(spatial) (across processes, of the whole batch: not known here)
+        if 0 < x.numel() // c <= 1 and (group is None or group.size == 1):
             raise ValueError(f"Expected more than 1 value per channel when training, got input size {tuple(x.shape)}")
     elif training:
         mode = MODE_ESTIMATE

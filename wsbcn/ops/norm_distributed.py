@@ -1,0 +1,148 @@
+"""BCN across processes: ``_Call.forward``/``backward`` when the call has a process
+group (DESIGN.md section 8; the collectives and their checks: collectives.py).
+
+- Triton (CUDA tensors, or CPU tensors through the interpreter with
+  ``WSBCN_BACKEND=triton``): the launch plan's kernels around one collective each way
+  (``DistNormPlan``, kernels/norm_plan.py): forward stats pass, this rank's moments
+  per channel, ONE all_gather, the merge of all ranks (and the running buffers), group
+  statistics and coefficients, apply; backward (batch statistics) reduce pass, ONE
+  all_reduce of the per-channel gradient sums, coefficients, apply. No host sync.
+- the torch closed form (CPU tensors by default, float64, under torch.compile):
+  ``norm_forward_torch``/``norm_backward_torch`` with the same collectives as hooks.
+Inputs whose spatial dims one stride cannot walk are made contiguous first, as in one
+process.
+- an empty input (a rank with no images) still takes part in both collectives, so the
+  others do not wait for it, and updates its running buffers as they do.
+
+Estimate mode's backward has no collective (no gradient through the statistics).
+Parameter gradients are this rank's (DDP averages them); dx is that of the whole batch.
+"""
+import torch
+
+from .. import backends
+from ..backends.torch_closed_form import acc_dtype, norm_backward_torch, norm_forward_torch
+from ..kernels.layout import nsc_strides
+from ..kernels.norm import MODE_BATCH
+from ..kernels.norm_plan import DistNormPlan
+from . import collectives
+
+
+def _header(call, x):
+    return collectives.header_values(call.mode, call.momentum, call.cumulative, call.eps, x.shape[1])
+
+
+def _check_each_call(x):
+    """Compare the ranks' headers on every call? Yes for host tensors (no sync); CUDA
+    tensors: on a plan's first call only, never while capturing a CUDA graph."""
+    return not x.is_cuda
+
+
+def _capturing(x):
+    return x.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
+def _dist_plan(call, x, gamma, omega, nbt, world):
+    plan = call.plan(x, gamma, omega, nbt)
+    key = ("dist", plan, world)
+    found = call.plans.get(key)
+    if found is None:
+        found = call.plans[key] = DistNormPlan(plan, world)
+    return found
+
+
+def forward(call, x, gamma, beta, omega, eta, running_mean, running_var, nbt):
+    """(y, saved): the Triton path saves its side buffer ``(side,)`` (the eager
+    layout), the torch closed form (stats, rstd_c, rho, count)."""
+    ranks = call.group
+    if x.numel() == 0:
+        return _forward_empty(call, x, running_mean, running_var, nbt)
+    if nsc_strides(x) is None:
+        x = x.contiguous()  # spatial dims that one stride cannot walk (the backward does the same)
+    if backends.backend_for(x) == "triton" and not torch.compiler.is_compiling():
+        dplan = _dist_plan(call, x, gamma, omega, nbt, ranks.size)
+        check = _check_each_call(x) or (not dplan.header_checked and not _capturing(x))
+
+        def gather(row):
+            rows = collectives.gather_rows(row, ranks, check)
+            if check:
+                dplan.header_checked = True
+            return rows
+
+        y, side = dplan.forward(x, gamma, beta, omega, eta, running_mean, running_var, nbt, gather)
+        return y, (side,)
+    counts = []
+    gather = collectives.channel_stats_reducer(ranks, _header(call, x), check=_check_each_call(x))
+
+    def reduce(kind, mean_abs, second, count):
+        mean, second, total = gather(kind, mean_abs, second, count)
+        counts.append(total)
+        return mean, second, total
+
+    y, stats, rstd_c, rho = norm_forward_torch(
+        x, gamma, beta, omega, eta, running_mean, running_var, nbt, call.num_groups, call.eps,
+        call.momentum, call.cumulative, call.mode, True, call.activation, call.group_affine,
+        reduce_channel_stats=reduce)
+    return y, (stats, rstd_c, rho, counts[0])
+
+
+def backward(call, dy, x, saved, gamma, omega, eta):
+    """dx and the fp32 gradients (d_gamma, d_beta, d_omega, d_eta) of this rank."""
+    ranks = call.group
+    if x.numel() == 0:
+        return _backward_empty(call, x, saved, gamma, omega)
+    if nsc_strides(x) is None:
+        x = x.contiguous()
+    if len(saved) == 1:  # the Triton path's side buffer
+        if call.mode != MODE_BATCH:  # estimates: nothing to combine
+            return call.plan(x, gamma, omega, None).backward(dy, x, saved[0], gamma, omega, eta)
+        dplan = _dist_plan(call, x, gamma, omega, None, ranks.size)
+        return dplan.backward(dy, x, saved[0], gamma, omega, eta,
+                              lambda sums: collectives.all_reduce_rows(sums, ranks))
+    stats, rstd_c, rho, count = saved
+    reduce = (lambda t: collectives.all_reduce_sum(t, ranks)) if call.mode == MODE_BATCH else None
+    return norm_backward_torch(dy, x, stats, rstd_c, rho, gamma, omega, eta, call.num_groups, call.mode,
+                               call.activation, call.group_affine, reduce_channel_grads=reduce, batch_count=count)
+
+
+# -- a rank without images --------------------------------------------------------------
+
+def _forward_empty(call, x, running_mean, running_var, nbt):
+    """Take part in the all_gather with a count of 0 and apply the running-buffer update
+    every rank applies (the formulas of _norm_rank_merge_kernel, float64)."""
+    ranks, c = call.group, x.shape[1]
+    f64 = dict(device=x.device, dtype=torch.float64)
+    zeros = torch.zeros((c,), **f64)
+    row = collectives.local_row(zeros, zeros, zeros, 0.0, _header(call, x))
+    rows = collectives.gather_rows(row, ranks, check=_check_each_call(x))
+    p0, mean, second, total = collectives.merge_rows(rows, c, call.mode == MODE_BATCH)
+    if call.cumulative:  # the kernels' fp32 factor, so that every rank writes the same values
+        factor = (1.0 / (nbt.to(torch.float32) + 1.0)).to(torch.float64)
+    else:
+        factor = float(torch.tensor(call.momentum, dtype=torch.float32))
+    rm_old, rv_old = running_mean.to(torch.float32).to(torch.float64), running_var.to(torch.float32).to(torch.float64)
+    to_old = p0 - rm_old
+    if call.mode == MODE_BATCH:
+        new_rm = rm_old + factor * (to_old + mean)
+        new_rv = (1.0 - factor) * rv_old + factor * (second / (total - 1.0))
+    else:
+        new_rv = (1.0 - factor) * rv_old + factor * (second / total)
+        new_rm = p0 + (factor * mean - (1.0 - factor) * to_old)
+    running_mean.copy_(new_rm)
+    running_var.copy_(new_rv)
+    if nbt is not None:
+        nbt.add_(1)
+    acc = acc_dtype(x.dtype)
+    n, g = x.shape[0], call.num_groups
+    stats = torch.zeros((6, n, c), device=x.device, dtype=acc)
+    return torch.empty_like(x), (stats, torch.zeros((c,), device=x.device, dtype=acc),
+                                 torch.zeros((n, g), device=x.device, dtype=acc), total.to(acc))
+
+
+def _backward_empty(call, x, saved, gamma, omega):
+    """Take part in the all_reduce with zeros; no gradient to give."""
+    c, acc = x.shape[1], saved[0].dtype
+    if call.mode == MODE_BATCH:
+        collectives.all_reduce_rows(torch.zeros((2, c), device=x.device, dtype=torch.float64), call.group)
+    bn = c if gamma is not None else 0
+    aff = (call.num_groups if call.group_affine else c) if omega is not None else 0
+    return (torch.zeros_like(x),) + tuple(torch.zeros((m,), device=x.device, dtype=acc) for m in (bn, bn, aff, aff))
