@@ -50,16 +50,16 @@ def _empty_kernel(out_ptr):
     pass
 
 
-def floor_launcher():
+def floor_launcher(device: str):
     """``launch(count, out)``: ``count`` launches of an empty kernel through the
     compiled kernel's C launcher, on the current device and stream (compiled here,
-    through ``kernel[grid]``, on the active driver)."""
+    through ``kernel[grid]`` on a ``device`` tensor, on the active driver: the stub
+    takes CPU tensors)."""
     from triton.runtime import driver
 
     from .._compat import direct_launcher
 
     active = driver.active
-    device = "cuda" if torch.cuda.is_available() else "cpu"
     run = direct_launcher(_empty_kernel[(1,)](torch.empty(1, device=device)))
     if run is None:
         raise RuntimeError(f"triton {triton.__version__}: no direct launcher (wsbcn/_compat.py), so no floor")
@@ -233,7 +233,7 @@ def run_host_bench(suite_name: str = "resnet50", ops=OPS, modes=DEFAULT_MODES, b
     if driver == "stub":
         backends.emulate_gpu(stub_driver.GPU_NAME, stub_driver.SM_COUNT)
     try:
-        launch = floor_launcher()
+        launch = floor_launcher(device)
         for op, shape, n, dtype_name, layout, suite_label in jobs:
             if op == "ws":
                 w = torch.randn(shape, device=device, dtype=torch.float32)
