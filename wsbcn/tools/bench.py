@@ -303,7 +303,7 @@ def run_bench(suite_name=None, ops=OPS, modes=None, timer=None, out_dir="perf/re
         log(f"no CUDA device: running the '{suite_name}' suite on CPU (torch backend against torch's own "
             "kernels and the eager reference" + (", with torch.compile" if with_compiled else "")
             + f", {torch.get_num_threads()} thread(s)); GPU figures need a GPU")
-    meta = dict(info.run_metadata(), device=device_label())
+    meta = info.run_metadata(device=device_label())
     copy_bw = copy_bandwidth_gbps(device, timer)
     log(f"copy bandwidth on {meta['device']}: {copy_bw:.1f} GB/s; {len(jobs)} cases ({', '.join(timings)} timing)")
     rows = []

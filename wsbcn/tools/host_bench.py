@@ -225,7 +225,7 @@ def run_host_bench(suite_name: str = "resnet50", ops=OPS, modes=DEFAULT_MODES, b
         device, sync, folder = "cuda", torch.cuda.synchronize, info.device_slug()
         device_label = info.device_name()
         launches_of = count_launches
-    meta = dict(info.run_metadata(), device=device_label)
+    meta = info.run_metadata(device=device_label)
 
     log(f"host time per call and its floor, {driver} driver, {clock} clock, {len(jobs) * len(modes)} cases")
     rows = []

@@ -65,12 +65,13 @@ def git_commit(paths=()) -> str:
     return sha + ("+dirty" if dirty else "")
 
 
-def run_metadata() -> dict:
-    """Columns every result row carries."""
+def run_metadata(device: str = None) -> dict:
+    """Columns every result row carries; ``device`` names the device instead of
+    asking torch (the stub driver's runs must not touch torch.cuda)."""
     import datetime
 
     return {
-        "device": device_name(),
+        "device": device or device_name(),
         "torch": torch.__version__,
         "triton": triton_version(),
         "commit": git_commit(),
