@@ -9,7 +9,8 @@ from .convert_registry import register_convert_rule  # noqa: E402
 from .freeze import freeze  # noqa: E402
 from .modules import (BatchChannelNorm1d, BatchChannelNorm2d, BatchChannelNorm3d,  # noqa: E402
                       GroupNorm, WSConv1d, WSConv2d, WSConv3d)
+from .ops.ws_model import ModelWeightStandardizer  # noqa: E402
 
 __all__ = ["functional", "convert", "register_convert_rule", "freeze", "WSConv1d", "WSConv2d", "WSConv3d", "BatchChannelNorm1d",
-           "BatchChannelNorm2d", "BatchChannelNorm3d", "GroupNorm"]
+           "BatchChannelNorm2d", "BatchChannelNorm3d", "GroupNorm", "ModelWeightStandardizer"]
 __version__ = "0.1.0"

@@ -36,6 +36,11 @@ that says so (a model converted with ``ws=False`` gets its WSConv on a second ca
 with ``ws=True``). A BatchNorm's channels must split into equal groups: when
 ``num_groups`` does not divide them, the largest count that divides both (their gcd)
 is used, and the summary and the log (at WARNING) say so.
+
+``ws="model"``: as ``ws=True``, and the returned model standardizes every WSConv
+weight at once on each forward (``wsbcn.ModelWeightStandardizer``: one launch forward
+and one backward, bitwise the per-layer results; every WS weight's gradient is then
+ready only at the end of the backward, which delays DDP's all-reduce of those weights).
 """
 import logging
 import warnings
@@ -170,7 +175,7 @@ def _swap(model, replacements, fusions, graph):
         raise
 
 
-def convert(model: nn.Module, norm: str = "bcn", num_groups: int = 32, estimate: bool = False, ws: bool = True,
+def convert(model: nn.Module, norm: str = "bcn", num_groups: int = 32, estimate: bool = False, ws=True,
             fuse_activation: bool = True, process_group=None, return_summary: bool = False,
             keep_frozen: bool = False):
     """Convert ``model`` (see the module docstring). Returns the converted model,
@@ -178,9 +183,11 @@ def convert(model: nn.Module, norm: str = "bcn", num_groups: int = 32, estimate:
     what was left alone, and why. ``keep_frozen=True`` leaves frozen layers
     (FrozenBatchNorm2d) and the convolutions feeding them as they are."""
     _check_arguments(model, norm, num_groups, keep_frozen)
+    if ws not in (True, False, "model"):
+        raise ValueError(f"ws must be True, False or 'model', got {ws!r}")
     layers = census(model)
     flow, graph, trace_note = _flow(model, layers)
-    plan = decide(layers, flow, ws, keep_frozen, fuse_activation)
+    plan = decide(layers, flow, bool(ws), keep_frozen, fuse_activation)
     by_path = {path: layer for path, layer, _ in layers}
     fused_act = {node.target: act for node, _, act in plan.fusions}
 
@@ -203,6 +210,9 @@ def convert(model: nn.Module, norm: str = "bcn", num_groups: int = 32, estimate:
                            f"it has {spec.groups_for(channels)} groups (the greatest common divisor)")
             warned.add(changed[-1])
     result = _swap(model, replacements, plan.fusions, graph)
+    if ws == "model":  # every WSConv weight standardized at once (ops/ws_model.py)
+        from .ops.ws_model import ModelWeightStandardizer
+        ModelWeightStandardizer.attach(result)
     changed += [f"{node.target}: fused the following {act}" for node, _, act in plan.fusions]
 
     summary = changed + ([trace_note] if trace_note else []) + _left_alone_lines(model, layers, plan, flow, warned)

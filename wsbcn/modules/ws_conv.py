@@ -11,6 +11,8 @@ from ..ops.ws import weight_standardize
 
 
 class _WSConvMixin:
+    _ws_model = None  # the wsbcn.ModelWeightStandardizer covering this layer, if any (ops/ws_model.py)
+
     def _init_ws(self, eps, correction, eps_mode):
         self.eps, self.correction = checks.check_ws_args(self.weight, eps, correction, eps_mode)
         self.eps_mode = eps_mode
@@ -31,6 +33,10 @@ class _WSConvMixin:
             weight = self._parameters["weight"]
         except KeyError:
             weight = self.weight
+        if self._ws_model is not None:  # standardized model-wide for this forward: taken once
+            w_hat = self._ws_model.take(self, weight)
+            if w_hat is not None:
+                return w_hat
         return weight_standardize(weight, self.eps, self.correction, self.eps_mode)
 
     def forward(self, input):

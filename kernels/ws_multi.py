@@ -1,0 +1,221 @@
+"""Weight Standardization of many weights in one launch each way (model-wide WS).
+
+One program per row of every weight of a pack (one dtype, one device), like the
+multi-tensor kernels of fused optimizers: a per-program table names the weight,
+a per-weight table its offsets, fan-in, plan and scalars. Weights live in separate
+tensors: ``W`` is the pointer of one of them (or of a packed copy, when traced) and
+every weight sits at an element offset from it (``Meta``; an offset may be negative),
+so the kernel needs no integer-to-pointer casts and torch's analysis of a traced
+launch sees every access through the pointer arguments.
+
+Each row is computed exactly as ``_ws_fwd_kernel`` / ``_ws_bwd_kernel`` (kernels/ws.py)
+compute it with the BLOCK of that weight's own plan, B (wsbcn.tuning.ws_config): the
+same loads, the same per-lane accumulation and the same pairwise trees, so the bits
+are those of per-layer WS. The kernel's lanes, BLOCK, are the largest B of the launch:
+- a row that fits its own block (fan_in <= B, the per-layer ONE_BLOCK) holds element
+  j in lane j, as the per-layer kernel does; lanes >= fan_in are empty;
+- a row that loops (fan_in > B) strides over chunks of B = BLOCK lanes: the plan
+  (kernels/ws_multi_plan.py) puts a weight that loops with another B in a launch of
+  its own (B is the GPU cap for every looping row, so on a GPU this never happens);
+- the lane trees run log2(B) levels of the kernel's log2(BLOCK) and carry the left
+  operand through the levels above (``levels``, at run time): exactly the per-layer
+  tree, with no merge against empty lanes (which could turn a -0.0 into +0.0).
+The ONE_BLOCK and STD_MODE constexprs of the per-layer kernels are run-time branches
+here (per weight), each branch the per-layer code.
+"""
+import triton
+import triton.language as tl
+
+from .reduce import MAX_LOG2_LANES, _pairs, lane_welford
+from .ws import ROW
+
+# Meta: int64 [weights, META_FIELDS]. Scal: fp32 [weights, 2] (denom, eps).
+M_W_OFF = tl.constexpr(0)  # elements from W to the weight
+M_OUT_OFF = tl.constexpr(1)  # elements from W_hat / Dw to the weight's output
+M_FIRST_PROG = tl.constexpr(2)  # the launch's first program on this weight
+M_STAT_ROW = tl.constexpr(3)  # the weight's first row in Stats
+M_FAN_IN = tl.constexpr(4)  # elements per row (the row stride: rows are dense)
+M_LEVELS = tl.constexpr(5)  # log2(B), B the weight's per-layer BLOCK
+M_STD = tl.constexpr(6)  # 1: D = std + eps ("std"), 0: D = sqrt(var + eps)
+META_FIELDS = tl.constexpr(7)
+LOG2_ROW = tl.constexpr(5)  # log2(ws.ROW): the first level of the trees' second stage
+
+
+@triton.jit
+def _masked_tree_chan(count, mean, m2, levels, first_level: tl.constexpr):
+    """reduce.lane_tree_chan over [R, LANES] whose level k (counted from
+    ``first_level``) merges only while k < ``levels``; above, the left lane passes."""
+    for k in tl.static_range(MAX_LOG2_LANES):
+        if mean.shape[1] > 1:
+            na, nb = _pairs(count)
+            ma, mb = _pairs(mean)
+            qa, qb = _pairs(m2)
+            merged = na + nb
+            w = nb / tl.maximum(merged, 1.0)
+            delta = mb - ma
+            on = levels > first_level + k
+            mean = tl.where(on, ma + delta * w, ma)
+            m2 = tl.where(on, qa + qb + delta * delta * (na * w), qa)
+            count = tl.where(on, merged, na)
+    return tl.reshape(count, [count.shape[0]]), tl.reshape(mean, [mean.shape[0]]), tl.reshape(m2, [m2.shape[0]])
+
+
+@triton.jit
+def _masked_tree_sum(v, levels, first_level: tl.constexpr):
+    """reduce.lane_tree_sum over [R, LANES], merging only levels < ``levels``."""
+    for k in tl.static_range(MAX_LOG2_LANES):
+        if v.shape[1] > 1:
+            a, b = _pairs(v)
+            v = tl.where(levels > first_level + k, a + b, a)
+    return tl.reshape(v, [v.shape[0]])
+
+
+@triton.jit
+def _row_chan_total(count, mean, m2, levels, BLOCK: tl.constexpr):
+    """ws._tree_chan_total of a row whose own block has 2^levels lanes (<= BLOCK)."""
+    if BLOCK > ROW:
+        counts = tl.reshape(count, [BLOCK // ROW, ROW])
+        c, row_mean, row_m2 = _masked_tree_chan(counts, tl.reshape(mean, [BLOCK // ROW, ROW]),
+                                                tl.reshape(m2, [BLOCK // ROW, ROW]), levels, 0)
+        # lane_tree_sum(counts) is the count of each row: exact sums of 0/1 per lane
+        c, mean, m2 = _masked_tree_chan(c[None, :], row_mean[None, :], row_m2[None, :], levels, LOG2_ROW)
+    else:
+        c, mean, m2 = _masked_tree_chan(count[None, :], tl.reshape(mean, [1, BLOCK]), tl.reshape(m2, [1, BLOCK]),
+                                        levels, 0)
+    return tl.sum(mean, axis=0), tl.sum(m2, axis=0)  # [1] -> scalars, exact
+
+
+@triton.jit
+def _row_total(v, levels, BLOCK: tl.constexpr):
+    """ws._tree_total of a row whose own block has 2^levels lanes (<= BLOCK)."""
+    if BLOCK > ROW:
+        rows = _masked_tree_sum(tl.reshape(v, [BLOCK // ROW, ROW]), levels, 0)
+        total = tl.sum(_masked_tree_sum(rows[None, :], levels, LOG2_ROW), axis=0)
+    else:
+        total = tl.sum(_masked_tree_sum(v[None, :], levels, 0), axis=0)
+    return total
+
+
+@triton.jit
+def _ws_multi_fwd_kernel(
+    W,  # pointer: weight i starts Meta[i, M_W_OFF] elements from here
+    W_hat,  # pointer: weight i's W_hat starts Meta[i, M_OUT_OFF] elements from here, laid out as the weight
+    Stats,  # fp32 [3, total_rows]: shifted mean, rstd, gcoef of every row of the pack
+    Prog,  # int32 [programs]: the weight of each program
+    Meta,  # int64 [weights, META_FIELDS]
+    Scal,  # fp32 [weights, 2]: denom (fan_in - correction), eps
+    total_rows,  # rows of the pack: the stride between the three rows of Stats
+    BLOCK: tl.constexpr,  # lanes: the largest per-layer BLOCK of the launch
+):
+    pid = tl.program_id(0)
+    i = tl.load(Prog + pid).to(tl.int64)
+    meta = Meta + i * META_FIELDS
+    fan_in = tl.load(meta + M_FAN_IN).to(tl.int32)
+    levels = tl.load(meta + M_LEVELS).to(tl.int32)
+    row = pid - tl.load(meta + M_FIRST_PROG)  # int64
+    srow = tl.load(meta + M_STAT_ROW) + row
+    denom = tl.load(Scal + 2 * i)
+    eps = tl.load(Scal + 2 * i + 1)
+    base = W + tl.load(meta + M_W_OFF) + row * fan_in
+    out = W_hat + tl.load(meta + M_OUT_OFF) + row * fan_in
+    offs = tl.arange(0, BLOCK)
+    w0 = tl.load(base).to(tl.float32)
+    one_block = fan_in <= (1 << levels)
+    if one_block:
+        mask = offs < fan_in
+        w = tl.where(mask, tl.load(base + offs, mask=mask, other=0.0).to(tl.float32) - w0, 0.0)
+        count = mask.to(tl.float32)
+        lane_mean = w[None, :]
+        lane_m2 = tl.zeros([1, BLOCK], dtype=tl.float32)
+    else:
+        w = tl.zeros([BLOCK], dtype=tl.float32)
+        count = tl.zeros([BLOCK], dtype=tl.float32)
+        lane_mean = tl.zeros([1, BLOCK], dtype=tl.float32)
+        lane_m2 = tl.zeros([1, BLOCK], dtype=tl.float32)
+        for start in range(0, fan_in, BLOCK):
+            idx = start + offs
+            m = idx < fan_in
+            x = tl.load(base + idx, mask=m, other=0.0).to(tl.float32) - w0
+            count += m.to(tl.float32)
+            lane_mean, lane_m2 = lane_welford(count, lane_mean, lane_m2, x[None, :], m[None, :])
+    mean, m2 = _row_chan_total(count, lane_mean, lane_m2, levels, BLOCK)
+    var = m2 / denom
+    if tl.load(meta + M_STD) != 0:
+        std = tl.sqrt(var)
+        rstd = 1.0 / (std + eps)
+        k = tl.where(std > 0.0, 1.0 / tl.maximum(std, 1e-30) / denom, 0.0)
+    else:
+        rstd = tl.rsqrt(var + eps)
+        k = rstd / denom
+    tl.store(Stats + srow, mean)
+    tl.store(Stats + total_rows + srow, rstd)
+    tl.store(Stats + 2 * total_rows + srow, k)
+    if one_block:
+        tl.store(out + offs, ((w - mean) * rstd).to(W_hat.dtype.element_ty), mask=offs < fan_in)
+    else:
+        for start in range(0, fan_in, BLOCK):
+            idx = start + offs
+            m = idx < fan_in
+            x = tl.load(base + idx, mask=m, other=0.0).to(tl.float32)
+            tl.store(out + idx, ((x - w0 - mean) * rstd).to(W_hat.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _ws_multi_bwd_kernel(
+    Grad,  # pointer: weight i's dL/dW_hat starts G_off[i] elements from here, laid out as the weight
+    W,  # pointer: weight i starts Meta[i, M_W_OFF] elements from here
+    Dw,  # pointer: weight i's dL/dW starts Meta[i, M_OUT_OFF] elements from here
+    Stats,  # fp32 [3, total_rows] from the forward
+    Prog,  # int32 [programs]: the weight of each program
+    Meta,  # int64 [weights, META_FIELDS]
+    G_off,  # int64 [weights]: elements from Grad to each weight's gradient
+    total_rows,
+    BLOCK: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    i = tl.load(Prog + pid).to(tl.int64)
+    meta = Meta + i * META_FIELDS
+    fan_in = tl.load(meta + M_FAN_IN).to(tl.int32)
+    levels = tl.load(meta + M_LEVELS).to(tl.int32)
+    row = pid - tl.load(meta + M_FIRST_PROG)
+    srow = tl.load(meta + M_STAT_ROW) + row
+    g_base = Grad + tl.load(G_off + i) + row * fan_in
+    w_base = W + tl.load(meta + M_W_OFF) + row * fan_in
+    out = Dw + tl.load(meta + M_OUT_OFF) + row * fan_in
+    offs = tl.arange(0, BLOCK)
+    w0 = tl.load(w_base).to(tl.float32)
+    mean = tl.load(Stats + srow)
+    rstd = tl.load(Stats + total_rows + srow)
+    k = tl.load(Stats + 2 * total_rows + srow)
+    if fan_in <= (1 << levels):
+        mask = offs < fan_in
+        g = tl.load(g_base + offs, mask=mask, other=0.0).to(tl.float32)
+        w = tl.load(w_base + offs, mask=mask, other=0.0).to(tl.float32)
+        w_hat = tl.where(mask, (w - w0 - mean) * rstd, 0.0)
+        sum_g = _row_total(g, levels, BLOCK)
+        sum_gw = _row_total(g * w_hat, levels, BLOCK)
+        dw = rstd * (g - sum_g / fan_in) - k * w_hat * sum_gw
+        tl.store(out + offs, dw.to(Dw.dtype.element_ty), mask=mask)
+    else:
+        lane_g = tl.zeros([BLOCK], dtype=tl.float32)
+        lane_gw = tl.zeros([BLOCK], dtype=tl.float32)
+        for start in range(0, fan_in, BLOCK):
+            idx = start + offs
+            m = idx < fan_in
+            g = tl.load(g_base + idx, mask=m, other=0.0).to(tl.float32)
+            w = tl.load(w_base + idx, mask=m, other=0.0).to(tl.float32)
+            w_hat = tl.where(m, (w - w0 - mean) * rstd, 0.0)
+            lane_g += g
+            lane_gw += g * w_hat
+        sum_g = _row_total(lane_g, levels, BLOCK)
+        sum_gw = _row_total(lane_gw, levels, BLOCK)
+        mean_g = sum_g / fan_in
+        tl.assume(fan_in > 0)
+        for start in range(0, fan_in, BLOCK):
+            idx = start + offs
+            m = idx < fan_in
+            g = tl.load(g_base + idx, mask=m, other=0.0).to(tl.float32)
+            w = tl.load(w_base + idx, mask=m, other=0.0).to(tl.float32)
+            w_hat = (w - w0 - mean) * rstd
+            dw = rstd * (g - mean_g) - k * w_hat * sum_gw
+            tl.store(out + idx, dw.to(Dw.dtype.element_ty), mask=m)

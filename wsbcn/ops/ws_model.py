@@ -1,0 +1,589 @@
+"""Model-wide Weight Standardization: every WSConv weight of a model in one launch
+forward and one launch backward (per dtype and device), like fused optimizers.
+
+    standardizer = wsbcn.ModelWeightStandardizer(model)   # or wsbcn.convert(model, ws="model")
+    loss = model(x).sum()   # a forward pre-hook standardizes every WSConv weight at once;
+    loss.backward()         # each WSConv takes its W_hat; one backward launch for all
+
+Bitwise the same W_hat and weight gradients as per-layer WS (kernels/ws_multi.py
+computes each row exactly as the per-layer kernels do). The cost: the one backward
+launch runs when autograd has the gradients of every W_hat, i.e. when the backward
+reaches the first conv, so every WS weight's gradient becomes ready at the end of
+the backward, which delays DDP's bucketed all-reduce of those weights (README).
+
+What runs where:
+- eager, Triton: one ``WSMultiPlan`` per pack (dtype, device): 1 forward and 1
+  backward launch (more only for a looping weight whose BLOCK is not the pack's,
+  which the GPU plans never give);
+- the torch backend (CPU, float64), empty weights and weights whose rows are not
+  dense: the per-layer op body of each weight (ops/ws.py ``_Call``), bitwise the
+  per-layer result by construction, inside the same autograd Function;
+- torch.compile / export: the ``wsbcn::ws_model_forward`` / ``ws_model_backward``
+  ops (torch.library triton_ops over lists of weights), traced into (the weights
+  packed by one torch.cat, then the same kernels through ``wrap_triton``) or opaque
+  under the Triton interpreter and at symbolic shapes, as the per-layer ops are
+  (ops/library.py); torch-backend weights take the per-layer ops.
+
+The module side: ``ModelWeightStandardizer(model)`` registers a forward pre-hook on
+``model`` that standardizes the weights of its WSConv layers and hands each layer its
+W_hat for this forward; a layer takes it once (a second call in the same forward
+standardizes per layer again, so gradients accumulate as per-layer WS's do), and the
+hand-over ends with the forward (a forward hook), so a W_hat is never reused.
+Layers not called in a forward had their W_hat computed and ignored; their weights
+get no gradient (None), as with per-layer WS. Two exceptions, both of one node
+holding every weight: a torch.compile'd graph hands an autograd.Function zeros for
+the gradient of an output it did not use, so there such a weight gets a zero
+gradient; and DDP with find_unused_parameters=True counts every covered weight as
+used, so a layer skipped in a forward leaves DDP waiting for its gradient (pass
+``modules=`` the layers every forward calls, or use per-layer WS for such models).
+"""
+import itertools
+import operator
+
+import torch
+
+from .. import backends, checks, tuning
+from ..backends.torch_closed_form import ws_backward_torch, ws_forward_torch
+from ..kernels.ws_multi_plan import PackLayout, WSMultiPlan
+from . import library
+from .ws import _Call, row_dense
+
+_data_ptr = torch.Tensor.data_ptr
+_is_contiguous = torch.Tensor.is_contiguous
+
+
+def _has_none(values) -> bool:
+    return not all(map(operator.is_not, values, itertools.repeat(None)))
+
+
+# --- packs and plans ---------------------------------------------------------------
+
+def _dense_stride(w):
+    """The strides a row-dense weight has (its own), else the contiguous ones (the
+    per-layer path standardizes a contiguous copy of such a weight)."""
+    if row_dense(w) is w:
+        return tuple(w.stride())
+    stride, step = [], 1
+    for size in reversed(w.shape):
+        stride.append(step)
+        step *= size
+    return tuple(reversed(stride))
+
+
+def _aligned(w) -> bool:
+    """The weight's address is a whole number of elements (any two such weights of a
+    dtype are a whole number of elements apart, as the kernels' offsets need)."""
+    return w.data_ptr() % w.element_size() == 0
+
+
+_plans: dict = {}
+
+
+def multi_plan(weights, args, grouped=True):
+    """The WSMultiPlan of a pack (``weights`` of one dtype and device, non-empty;
+    ``args`` per weight (eps, correction, std_mode); ``grouped``: the flat layout, see
+    PackLayout), cached on its signature and on everything the per-layer configs
+    derive from."""
+    w0 = weights[0]
+    specs = tuple((tuple(w.shape), _dense_stride(w), *a) for w, a in zip(weights, args))
+    key = (specs, w0.dtype, w0.device, grouped, tuning.config_for, tuning.generation(), backends.emulated_gpu())
+
+    def build():
+        configs = {"ws_fwd": [], "ws_bwd": []}
+        for w in weights:
+            shape = (w.shape[0], w.numel() // w.shape[0])
+            for kernel, found in configs.items():
+                found.append(tuning.config_for(kernel, w, shape))
+        return WSMultiPlan(specs, w0.dtype, w0.device, configs["ws_fwd"], configs["ws_bwd"], grouped)
+
+    return checks.cached(_plans, key, build)
+
+
+def _pack_indices(weights):
+    """Indices of the weights per (device, dtype), in order of first appearance."""
+    packs = {}
+    for i, w in enumerate(weights):
+        packs.setdefault((w.device, w.dtype), []).append(i)
+    return list(packs.values())
+
+
+def _usable(w):
+    """``w`` as the eager kernels take it: row dense, at a whole-element address."""
+    w = row_dense(w)
+    return w if _aligned(w) else w.clone()
+
+
+def _zero_grads(grads, weights):
+    return [torch.zeros_like(w) if g is None else g for g, w in zip(grads, weights)]
+
+
+def _laid_out(grads, plan, weights):
+    """``grads`` laid out as the weights (the kernels walk both with the weights'
+    strides); a copy only for one that is not."""
+    if plan.contiguous and all(map(_is_contiguous, grads)):
+        return grads
+    return [g if g.stride() == s else torch.empty_like(w).copy_(g) for g, s, w in zip(grads, plan.strides, weights)]
+
+
+# --- the torch.library ops (torch.compile, export) ---------------------------------
+
+def _layout(ws):
+    """The flat layout of a pack in the ops' outputs (kernels/ws_multi_plan.py, not
+    grouped): from shapes and strides only, so the caller's views match the op's body
+    whatever path runs it."""
+    return PackLayout([tuple(w.shape) for w in ws], [_dense_stride(w) for w in ws], grouped=False)
+
+
+def _model_forward_impl(weights, eps, correction, std_mode, op=False):
+    """The body of ``wsbcn::ws_model_forward``: per pack (weights of one device and
+    dtype, in order of first appearance) one flat W_hat (``_layout``), then per pack
+    its stats fp32 [3, rows]. Flat buffers, not views: an op's outputs may not alias
+    one another; the caller makes the views (``ModelCall``)."""
+    flats, stats = [], []
+    for indices in _pack_indices(weights):
+        ws = [weights[i] for i in indices]
+        args = [(float(eps[i]), int(correction[i]), bool(std_mode[i])) for i in indices]
+        if backends.backend_for(ws[0]) == "torch":  # the per-layer closed form, weight by weight
+            found = [ws_forward_torch(row_dense(w), *a) for w, a in zip(ws, args)]
+            flat, st = _layout(ws).pack([h for h, _ in found]), torch.cat([s for _, s in found], dim=1)
+        elif op and library.symbolic(ws[0]):  # shapes only: the op stays opaque (library.py)
+            flat = ws[0].new_empty((sum(w.numel() for w in ws),))
+            st = ws[0].new_empty((3, sum(w.shape[0] for w in ws)), dtype=torch.float32)
+        else:
+            plan = multi_plan(ws, args, grouped=False)
+            if op and not library.plain(ws[0]):
+                flat, st = plan.forward_traced(ws)
+            else:
+                ws = [_usable(w) for w in ws]
+                flat, st = plan.forward_flat(ws, tuple(map(_data_ptr, ws)))
+        flats.append(flat)
+        stats.append(st)
+    return flats + stats
+
+
+def _model_backward_impl(grads, weights, stats, op=False):
+    """The body of ``wsbcn::ws_model_backward``: per pack one flat dW."""
+    flats = []
+    for indices, st in zip(_pack_indices(weights), stats):
+        ws = [weights[i] for i in indices]
+        gs = [grads[i] for i in indices]
+        if backends.backend_for(ws[0]) == "torch":
+            rows = list(itertools.accumulate([0] + [w.shape[0] for w in ws]))
+            dws = [ws_backward_torch(g, row_dense(w), st[:, a:b]) for g, w, a, b in zip(gs, ws, rows, rows[1:])]
+            flat = _layout(ws).pack(dws)
+        elif op and library.symbolic(ws[0]):
+            flat = ws[0].new_empty((sum(w.numel() for w in ws),))
+        else:
+            # eps, correction and the mode only enter the forward: any values give the
+            # same backward launches (the backward reads no scalar of the plan)
+            plan = multi_plan(ws, [(1e-5, 0, False)] * len(ws), grouped=False)
+            if op and not library.plain(ws[0]):
+                flat = plan.backward_traced(gs, ws, st)
+            else:
+                ws = [_usable(w) for w in ws]
+                flat = plan.backward_flat(_laid_out(gs, plan, ws), ws, tuple(map(_data_ptr, ws)), st.contiguous())
+        flats.append(flat)
+    return flats
+
+
+def _functionalize(decompose, mode, op, types, args, kwargs):
+    """library._functionalize for ops whose first argument is a list of tensors."""
+    t = args[0][0]
+    if backends.backend_for(t) == "torch" or not (backends.interpreter_enabled() or library.symbolic(t)):
+        return decompose(mode, op, types, args, kwargs)
+    return mode.__torch_dispatch__(op, types, args, kwargs)
+
+
+def _register(name, kernels):
+    from .. import _compat
+
+    def register(fn):
+        op = torch.library.triton_op(name, mutates_args=())(fn)
+        _compat.register_op_kernels(name, kernels())
+        _compat.functionalize_rule(op, _functionalize)
+        return op
+
+    return register
+
+
+def _kernels_fwd():
+    from ..kernels import ws_multi
+    return (ws_multi._ws_multi_fwd_kernel,)
+
+
+def _kernels_bwd():
+    from ..kernels import ws_multi
+    return (ws_multi._ws_multi_bwd_kernel,)
+
+
+@_register("wsbcn::ws_model_forward", _kernels_fwd)
+def ws_model_forward_op(weights: list[torch.Tensor], eps: list[float], correction: list[int],
+                        std_mode: list[bool]) -> list[torch.Tensor]:
+    return _model_forward_impl(weights, eps, correction, std_mode, op=True)
+
+
+@_register("wsbcn::ws_model_backward", _kernels_bwd)
+def ws_model_backward_op(grads: list[torch.Tensor], weights: list[torch.Tensor],
+                         stats: list[torch.Tensor]) -> list[torch.Tensor]:
+    return _model_backward_impl(grads, weights, stats, op=True)
+
+
+# --- the validated call and its autograd Function ------------------------------------
+
+class ModelCall:
+    """A validated list of weights with their (eps, correction, std_mode): how each is
+    standardized (packs of the eager Triton path, the model op under compile, or a
+    per-layer ``_Call``) and the plans. ``forward``/``backward`` are the bodies of
+    ``ModelWeightStandardizeFunction``."""
+
+    def __init__(self, weights, args):
+        self.n = len(weights)
+        self.args = [tuple(a) for a in args]
+        self.compiling = torch.compiler.is_compiling()
+        self.packs = []  # eager: (indices, itemgetter, plan); compiling: [(indices, None, None)]
+        self.singles = []  # (index, per-layer _Call)
+        multi = []
+        for i, (w, a) in enumerate(zip(weights, self.args)):
+            if backends.backend_for(w) == "triton" and w.shape[0] > 0 and (
+                    self.compiling or (row_dense(w) is w and _aligned(w))):
+                multi.append(i)
+            else:
+                self.singles.append((i, _Call(w, *a)))
+        if self.compiling:
+            if multi:
+                self.packs.append((multi, operator.itemgetter(*multi), None))
+        else:
+            for pack in _pack_indices([weights[i] for i in multi]):
+                indices = [multi[j] for j in pack]
+                self.packs.append((indices, operator.itemgetter(*indices),
+                                   multi_plan([weights[i] for i in indices], [self.args[i] for i in indices])))
+        # eager, one pack of every weight in order: the Function's fast path
+        self.whole = not self.compiling and len(self.packs) == 1 and not self.singles
+        self.key = (tuning.config_for, tuning._generation[0], backends._emulated_gpu)  # what the plans derive from
+        self.addresses = None  # the weights' data_ptr()s, when the caller has just read them (``whole`` only)
+        self.last_addresses = None  # those the last forward used (``whole`` only)
+
+    def current(self) -> bool:
+        """False when a plan would now be built differently (a new tuned table, another
+        config function, an emulated GPU turned on or off)."""
+        return self.key == (tuning.config_for, tuning._generation[0], backends._emulated_gpu)
+
+    def launches(self) -> tuple:
+        """(forward, backward) launches of the eager Triton packs."""
+        return (sum(len(p.fwd) for _, _, p in self.packs if p is not None),
+                sum(len(p.bwd) for _, _, p in self.packs if p is not None))
+
+    def forward(self, weights):
+        """(W_hat of every weight, tensors the backward needs)."""
+        if self.compiling:
+            return self._forward_op(weights)
+        if self.whole:
+            addresses = self.addresses  # read by the caller just now, or None
+            if addresses is None:
+                addresses = tuple(map(_data_ptr, weights))
+            self.addresses = None
+            self.last_addresses = addresses
+            found = self.packs[0][2].forward(weights, addresses)
+            return found[0], (found[1],)
+        outs = [None] * self.n
+        saved = []
+        for indices, pick, plan in self.packs:
+            ws = pick(weights) if len(indices) > 1 else (weights[indices[0]],)
+            found = plan.forward(ws, tuple(map(_data_ptr, ws)))
+            for i, h in zip(indices, found[0]):
+                outs[i] = h
+            saved.append(found[1])
+        for i, call in self.singles:
+            outs[i], (w, st) = call.forward(weights[i])
+            saved += [w, st]
+        return tuple(outs), tuple(saved)
+
+    def _forward_op(self, weights):
+        outs = [None] * self.n
+        saved = []
+        for indices, pick, _ in self.packs:
+            ws = [weights[i] for i in indices]
+            eps, correction, std = (list(x) for x in zip(*[self.args[i] for i in indices]))
+            found = ws_model_forward_op(ws, eps, correction, std)
+            packs = _pack_indices(ws)
+            for j, pack in enumerate(packs):
+                hats = _layout([ws[k] for k in pack]).views(found[j])
+                for k, h in zip(pack, hats):
+                    outs[indices[k]] = h
+            saved += found[len(packs):]
+        for i, call in self.singles:
+            outs[i], (w, st) = call.forward(weights[i])
+            saved += [w, st]
+        return tuple(outs), tuple(saved)
+
+    def backward(self, grads, weights, saved):
+        """dW of every weight (None where its W_hat got no gradient)."""
+        dws = [None] * self.n
+        k = 0
+        for indices, pick, plan in self.packs:
+            ws = pick(weights) if len(indices) > 1 else (weights[indices[0]],)
+            n_stats = len(_pack_indices(ws)) if self.compiling else 1  # the op makes one per (device, dtype)
+            stats = saved[k:k + n_stats]
+            k += n_stats
+            gs = pick(grads) if len(indices) > 1 else (grads[indices[0]],)
+            if all(g is None for g in gs):
+                continue
+            gs = _zero_grads(gs, ws) if _has_none(gs) else gs
+            if self.compiling:
+                found = [None] * len(ws)
+                flats = ws_model_backward_op(list(gs), list(ws), list(stats))
+                for pack, flat in zip(_pack_indices(ws), flats):
+                    for j, d in zip(pack, _layout([ws[j] for j in pack]).views(flat)):
+                        found[j] = d
+            else:
+                found = plan.backward(_laid_out(gs, plan, ws), ws, tuple(map(_data_ptr, ws)), stats[0])
+            for i, d in zip(indices, found):
+                if grads[i] is not None:
+                    dws[i] = d
+        for i, call in self.singles:
+            w, st = saved[k], saved[k + 1]
+            k += 2
+            if grads[i] is not None:
+                dws[i] = call.backward(grads[i], w, st)
+        return dws
+
+    def __call__(self, weights):
+        return ModelWeightStandardizeFunction.apply(self, *weights)
+
+
+class ModelWeightStandardizeFunction(torch.autograd.Function):
+    """W_hat of many weights, one autograd node: its backward runs once autograd has
+    the gradient of every W_hat that got one."""
+
+    @staticmethod
+    def forward(ctx, call, *weights):
+        outs, saved = call.forward(weights)
+        ctx.set_materialize_grads(False)
+        ctx.call = call
+        ctx.addresses = call.last_addresses
+        ctx.save_for_backward(*weights, *saved)
+        return outs
+
+    @staticmethod
+    def backward(ctx, *grads):
+        call = ctx.call
+        saved = ctx.saved_tensors
+        weights, rest = saved[:call.n], saved[call.n:]
+        if torch.is_grad_enabled():  # create_graph=True: differentiable torch ops
+            return (None, *_double_backward(call, weights, grads))
+        if call.whole and not _has_none(grads):
+            plan = call.packs[0][2]
+            return (None, *plan.backward(_laid_out(grads, plan, weights), weights, ctx.addresses, rest[0]))
+        return (None, *call.backward(grads, weights, rest))
+
+
+def _standardize_differentiable(w, eps, correction, std_mode):
+    """W_hat with differentiable torch ops (fp32, float64 for float64): the graph a
+    ``create_graph=True`` backward differentiates. Same values as the kernels up to
+    rounding; only its derivatives are used."""
+    acc = torch.float64 if w.dtype == torch.float64 else torch.float32
+    rows = w.reshape(w.shape[0], -1).to(acc)
+    denom = rows.shape[1] - correction
+    centred = rows - rows.mean(dim=1, keepdim=True)
+    var = centred.square().sum(dim=1, keepdim=True) / denom
+    d = var.sqrt() + eps if std_mode else (var + eps).sqrt()
+    return (centred / d).reshape(w.shape)
+
+
+def _double_backward(call, weights, grads):
+    out = []
+    for w, g, (eps, correction, std_mode) in zip(weights, grads, call.args):
+        if g is None:
+            out.append(None)
+            continue
+        with torch.enable_grad():
+            leaf = w.detach().requires_grad_(True) if not w.requires_grad else w
+            w_hat = _standardize_differentiable(leaf, eps, correction, std_mode)
+            (dw,) = torch.autograd.grad(w_hat, leaf, g.to(w_hat.dtype), create_graph=True)
+        out.append(dw.to(w.dtype))
+    return out
+
+
+# --- the functional API -----------------------------------------------------------
+
+_calls: dict = {}
+
+
+def _validate(weights, args) -> ModelCall:
+    checked = []
+    for w, (eps, correction, eps_mode) in zip(weights, args):
+        eps, correction = checks.check_ws_args(w, eps, correction, eps_mode)
+        checked.append((eps, correction, eps_mode == "std"))
+    return ModelCall(weights, checked)
+
+
+def _per_weight(value, n, name):
+    if isinstance(value, (list, tuple)):
+        if len(value) != n:
+            raise ValueError(f"{name}: {len(value)} values for {n} weights")
+        return list(value)
+    return [value] * n
+
+
+def weight_standardize_all(weights, eps=1e-5, correction=0, eps_mode="var") -> tuple:
+    """``wsbcn.functional.weight_standardize`` of every tensor in ``weights`` at once:
+    one launch forward and one backward per (dtype, device) on the Triton path,
+    bitwise the per-weight results. ``eps``, ``correction`` and ``eps_mode``: one value
+    for all, or a list with one per weight. Returns a tuple of W_hat."""
+    weights = list(weights)
+    if not weights:
+        return ()
+    n = len(weights)
+    args = list(zip(_per_weight(eps, n, "eps"), _per_weight(correction, n, "correction"),
+                    _per_weight(eps_mode, n, "eps_mode")))
+    key = None  # not cached under torch.compile (dynamo traces the checks), nor for non-tensors
+    if not torch.compiler.is_compiling() and all(isinstance(w, torch.Tensor) for w in weights):
+        key = tuple((w.shape, w.stride(), w.dtype, w.device, _aligned(w), a, type(a[0]), type(a[1]))
+                    for w, a in zip(weights, args))
+    call = checks.validated(_calls, key, lambda: _validate(weights, args))
+    if not call.current():
+        _calls.pop(key, None)
+        call = checks.validated(_calls, key, lambda: _validate(weights, args))
+    return call(weights)
+
+
+# --- the module side ---------------------------------------------------------------
+
+class ModelWeightStandardizer:
+    """Standardizes every WSConv weight of ``model`` at once on each forward of
+    ``model`` and hands each WSConv its W_hat (see the module docstring).
+
+    ``model``: the module whose forward runs the layers (the hooks go on it);
+    ``modules``: the WSConv layers to cover (default: every WSConv in ``model`` whose
+    weight is a plain Parameter; a parametrized weight stays per layer). ``remove()``
+    detaches it. The layers' eps, correction and eps_mode are read when it attaches
+    and checked when a layer takes its W_hat: a layer changed since takes the
+    per-layer path for that forward, and the next forward reads them again."""
+
+    def __init__(self, model: torch.nn.Module, modules=None):
+        from ..modules.ws_conv import _WSConvMixin
+
+        if not isinstance(model, torch.nn.Module):
+            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        if modules is None:
+            modules = [m for m in model.modules() if isinstance(m, _WSConvMixin)]
+        for m in modules:
+            if not isinstance(m, _WSConvMixin):
+                raise TypeError(f"not a WSConv layer: {type(m).__name__}")
+            previous = m.__dict__.get("_ws_model")
+            if previous is not None and previous is not self:
+                raise ValueError(f"{type(m).__name__} already has a ModelWeightStandardizer: remove() it first")
+        self.model = model
+        self._all = list(modules)
+        self._hats = None  # W_hat per layer while a forward of ``model`` runs
+        self._taken_from = None  # the weights they were computed from
+        self._call = None
+        self._convs = []
+        self._refresh()
+        self._handles = (model.register_forward_pre_hook(self._before),
+                         model.register_forward_hook(self._after, always_call=True))
+
+    def _refresh(self):
+        """Read the layers again: which are covered, their parameters and arguments."""
+        for m in self._convs:
+            m.__dict__.pop("_ws_model", None)
+        self._convs = [m for m in self._all if isinstance(m._parameters.get("weight"), torch.Tensor)]
+        for i, m in enumerate(self._convs):
+            m._ws_model = self
+            m._ws_model_index = i
+        self._args = [(m.eps, m.correction, m.eps_mode) for m in self._convs]
+        self._checked = [(a[0], a[1], a[2] == "std") for a in self._args]
+        self._weights = None
+        self._addresses = None
+        self._stale = False
+
+    @classmethod
+    def attach(cls, model: torch.nn.Module) -> "ModelWeightStandardizer":
+        """The standardizer of every WSConv in ``model``: the one already attached to
+        ``model`` when it covers them all, else a new one (standardizers attached
+        elsewhere to these layers are removed first). ``wsbcn.convert(ws="model")``."""
+        from ..modules.ws_conv import _WSConvMixin
+
+        convs = [m for m in model.modules() if isinstance(m, _WSConvMixin)]
+        found = {id(m._ws_model): m._ws_model for m in convs if m._ws_model is not None}
+        if len(found) == 1:
+            existing = next(iter(found.values()))
+            if existing.model is model and set(map(id, existing._all)) == set(map(id, convs)):
+                return existing
+        for standardizer in found.values():
+            standardizer.remove()
+        return cls(model, convs)
+
+    def __getstate__(self):  # deepcopy and pickle: the validated call and plans are rebuilt on use
+        state = dict(self.__dict__)
+        state.update(_call=None, _weights=None, _addresses=None, _hats=None, _taken_from=None)
+        return state
+
+    @property
+    def layers(self) -> list:
+        """The WSConv layers standardized model-wide."""
+        return list(self._convs)
+
+    def remove(self):
+        """Detach: the hooks go, and every layer standardizes its own weight again."""
+        for h in self._handles:
+            h.remove()
+        for m in self._convs:
+            m.__dict__.pop("_ws_model", None)
+            m.__dict__.pop("_ws_model_index", None)
+        self._convs, self._hats = [], None
+
+    def _weights_now(self):
+        try:
+            return [m._parameters["weight"] for m in self._convs]
+        except KeyError:  # a weight was parametrized or removed since: those layers leave
+            self._refresh()
+            return [m._parameters["weight"] for m in self._convs]
+
+    def _call_for(self, weights):
+        """The validated call for ``weights``: kept while the Parameter objects, their
+        addresses and what the plans derive from stay the same (a change of shape,
+        dtype or device moves a weight)."""
+        if torch.compiler.is_compiling():
+            return ModelCall(weights, self._checked)
+        call = self._call
+        addresses = tuple(map(_data_ptr, weights))
+        if not (call is not None and addresses == self._addresses and all(map(operator.is_, weights, self._weights))
+                and call.current()):
+            for m, w in zip(self._convs, weights):
+                checks.check_ws_args(w, m.eps, m.correction, m.eps_mode)
+            self._call = call = ModelCall(weights, self._checked)
+            self._weights, self._addresses = weights, addresses
+        call.addresses = addresses
+        return call
+
+    def _before(self, module, args):
+        if self._stale:
+            self._refresh()
+        if not self._convs:
+            return
+        weights = self._weights_now()
+        self._hats = list(self._call_for(weights)(weights))
+        self._taken_from = weights
+
+    def _after(self, module, args, output):
+        self._hats = self._taken_from = None
+
+    def take(self, conv, weight):
+        """The W_hat computed for ``conv`` in this forward (once), or None: outside a
+        forward of the model, on a second call, or when the layer's weight or arguments
+        changed since (then it standardizes per layer)."""
+        hats = self._hats
+        if hats is None:
+            return None
+        i = conv._ws_model_index
+        w_hat = hats[i]
+        if w_hat is None:
+            return None
+        hats[i] = None
+        if self._taken_from[i] is not weight:
+            return None
+        if (conv.eps, conv.correction, conv.eps_mode) != self._args[i]:
+            self._stale = True
+            return None
+        return w_hat
