@@ -102,9 +102,7 @@ def _loaded_libcuda() -> list:
 
 
 def _refuse_if_interpreted() -> None:
-    from wsbcn import backends
-
-    if backends.interpreter_enabled():
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):  # as triton reads it
         raise RuntimeError(
             "TRITON_INTERPRET is set: triton defines kernels for its interpreter and never reaches a "
             "driver; run in a fresh process with TRITON_INTERPRET unset")
