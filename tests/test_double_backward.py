@@ -13,6 +13,27 @@ from wsbcn.functional import batch_channel_norm, group_norm, weight_standardize
 from conftest import DEVICE, rel_err
 from reference import bcn_reference, gn_reference, ws_reference
 
+def _on_triton_slow(values, default):
+    """pytest params of ``values`` with the backend fixture's two values folded in:
+    every value on the torch backend, those in ``default`` on the Triton interpreter,
+    the others there marked slow (the interpreter is slow)."""
+    out = []
+    for backend in ("torch", "triton"):
+        for v in values:
+            v = v if isinstance(v, tuple) else (v,)
+            slow = backend == "triton" and v not in default
+            out.append(pytest.param(backend, *v, id="-".join([backend, *map(str, v)]),
+                                    marks=[pytest.mark.slow] if slow else []))
+    return out
+
+
+@pytest.fixture
+def on_backend(monkeypatch):
+    def use(backend):
+        monkeypatch.setenv("WSBCN_BACKEND", backend)
+    return use
+
+
 BCN_CASES = {  # name -> (training, estimate, affine, group_affine, activation, momentum)
     "batch": (True, False, True, True, "relu", 0.1),
     "batch-no_affine": (True, False, False, True, None, 0.1),
@@ -85,10 +106,11 @@ def _bcn_fns(case, dtype):
     return ours, ref, [x, *params.values()]
 
 
-@pytest.mark.parametrize("case", list(BCN_CASES))
-def test_bcn_double_backward_matches_the_reference(backend, case):
+@pytest.mark.parametrize("backend,case", _on_triton_slow(list(BCN_CASES), {("batch",), ("estimate",)}))
+def test_bcn_double_backward_matches_the_reference(on_backend, backend, case):
     """float32 on either backend (the Triton path: its kernels forward, the
     differentiable recompute backward), and float64 (torch backend) to 1e-9."""
+    on_backend(backend)
     for dtype, tol_first, tol_second in ((torch.float32, 1e-5, 1e-4), (torch.float64, 1e-10, 1e-9)):
         ours, ref, leaves = _bcn_fns(case, dtype)
         _compare(_penalty_grads(ours, leaves), _penalty_grads(ref, [t.double().cpu() for t in leaves]),
@@ -105,11 +127,10 @@ def test_bcn_gradgradcheck(case):
     assert torch.autograd.gradgradcheck(ours, leaves, fast_mode=True)
 
 
-@pytest.mark.parametrize("activation,layout", [
-    (None, "contiguous"), ("silu", "channels_last"),
-    pytest.param("relu", "contiguous", marks=pytest.mark.slow), pytest.param("silu", "contiguous", marks=pytest.mark.slow),
-    pytest.param(None, "channels_last", marks=pytest.mark.slow), pytest.param("relu", "channels_last", marks=pytest.mark.slow)])
-def test_group_norm_double_backward(backend, activation, layout):
+@pytest.mark.parametrize("backend,activation,layout", _on_triton_slow(
+    [(a, lay) for a in (None, "relu", "silu") for lay in ("contiguous", "channels_last")], {("silu", "channels_last")}))
+def test_group_norm_double_backward(on_backend, backend, activation, layout):
+    on_backend(backend)
     g = torch.Generator().manual_seed(2)
     x = torch.randn(2, 6, 3, 4, generator=g, dtype=torch.float64) * 3 + 1
     w, b = torch.rand(6, generator=g, dtype=torch.float64) + 0.5, torch.randn(6, generator=g, dtype=torch.float64)
@@ -137,9 +158,11 @@ WS_WEIGHTS = {
 }
 
 
-@pytest.mark.parametrize("weight", list(WS_WEIGHTS))
-@pytest.mark.parametrize("eps_mode,correction", [("var", 0), ("std", 1), ("var", 1)])
-def test_ws_double_backward(backend, weight, eps_mode, correction):
+@pytest.mark.parametrize("backend,weight,eps_mode,correction", _on_triton_slow(
+    [(w, m, c) for w in WS_WEIGHTS for m, c in (("var", 0), ("std", 1), ("var", 1))],
+    {("channels_last", "var", 0), ("strided", "std", 1)}))
+def test_ws_double_backward(on_backend, backend, weight, eps_mode, correction):
+    on_backend(backend)
     g = torch.Generator().manual_seed(3)
     base = torch.randn(5, 3, 3, 3, generator=g, dtype=torch.float64) * 0.2 + 0.05
     w = WS_WEIGHTS[weight](base)
@@ -196,10 +219,12 @@ def test_double_backward_across_processes_raises_a_clear_error():
         double_backward.norm_double_backward(ctx, torch.ones_like(x), x, None, None, None, None, ())
 
 
-def test_first_order_gradients_stay_the_kernels(backend):
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.slow)])
+def test_first_order_gradients_stay_the_kernels(on_backend, backend):
     """create_graph=False keeps the first-order path: the gradients are bitwise what
     the op's backward computes (here: twice the same call gives the same bits, and
     they match the recompute's first derivative to rounding only)."""
+    on_backend(backend)
     torch.manual_seed(5)
     x = torch.randn(2, 8, 4, 4, device=DEVICE, requires_grad=True)
     w = torch.rand(8, device=DEVICE, requires_grad=True)

@@ -193,7 +193,7 @@ TRITON_SAMPLES = [
     "common_nn-Conv2d_circular_stride2_pad2", "common_nn-Conv3d_no_bias",
 ]
 TRITON_DEFAULT = {"nn.GroupNorm-2d_affine", "nn.Conv2d-batched"}
-TRITON_DEFAULT_CHECKS = {None, "parametrize", "prune"}
+TRITON_DEFAULT_CHECKS = {None, "parametrize"}
 assert set(DEFAULT_SAMPLES + TRITON_SAMPLES) <= set(BY_ID), set(DEFAULT_SAMPLES + TRITON_SAMPLES) - set(BY_ID)
 
 # Explicit skips: (backend, sample id or "*", check) -> reason.
