@@ -487,7 +487,10 @@ class ModelWeightStandardizer:
         """Read the layers again: which are covered, their parameters and arguments."""
         for m in self._convs:
             m.__dict__.pop("_ws_model", None)
-        self._convs = [m for m in self._all if isinstance(m._parameters.get("weight"), torch.Tensor)]
+        # a Parameter weight (a parametrized one is computed per forward: per layer), and
+        # full WS (a layer that only centers, ``standardize="center"``, stays per layer)
+        self._convs = [m for m in self._all if isinstance(m._parameters.get("weight"), torch.Tensor)
+                       and getattr(m, "standardize", "full") == "full"]
         for i, m in enumerate(self._convs):
             m._ws_model = self
             m._ws_model_index = i
