@@ -61,6 +61,7 @@ def _ws_fwd_kernel(
     STD_MODE: tl.constexpr,  # False: D = sqrt(var + eps); True: D = std + eps
     ONE_BLOCK: tl.constexpr,  # the row fits one block: keep it in registers
     BLOCK: tl.constexpr,  # elements per step along the row: the lanes of the reductions
+    CENTER_ONLY: tl.constexpr = False,  # True: W_hat = W - mean (rstd 1, gcoef 0); eps, STD_MODE unused
 ):
     row = tl.program_id(0).to(tl.int64)
     base = W + row * row_stride
@@ -86,7 +87,12 @@ def _ws_fwd_kernel(
             lane_mean, lane_m2 = lane_welford(count, lane_mean, lane_m2, w[None, :], mask[None, :])
     mean, m2 = _tree_chan_total(count, lane_mean, lane_m2, BLOCK)
     var = m2 / denom
-    if STD_MODE:
+    if CENTER_ONLY:
+        # centering only: D = 1 and no spread to undo; x * 1.0 is x, so the stores
+        # below write w - w0 - mean as they are
+        rstd = tl.full([], 1.0, tl.float32)
+        k = tl.full([], 0.0, tl.float32)
+    elif STD_MODE:
         std = tl.sqrt(var)
         rstd = 1.0 / (std + eps)
         # d(std)/dw = w_hat D / (std denom); a zero std has no spread to undo.
@@ -119,49 +125,70 @@ def _ws_bwd_kernel(
     fan_in,  # elements per row
     ONE_BLOCK: tl.constexpr,  # the row fits one block: keep it in registers
     BLOCK: tl.constexpr,  # elements per step along the row: the lanes of the reductions
+    CENTER_ONLY: tl.constexpr = False,  # True: dW = g - mean(g) (W is not read)
 ):
     row = tl.program_id(0).to(tl.int64)
     g_base = Grad + row * row_stride
     w_base = W + row * row_stride
     out = Dw + row * row_stride
     offs = tl.arange(0, BLOCK)
-    w0 = tl.load(w_base).to(tl.float32)
-    mean = tl.load(Shifted_mean + row)
-    rstd = tl.load(Rstd + row)
-    k = tl.load(Gcoef + row)
-    # W_hat is recomputed from W in fp32 rather than read back in the weight dtype.
-    if ONE_BLOCK:
-        mask = offs < fan_in
-        g = tl.load(g_base + offs, mask=mask, other=0.0).to(tl.float32)
-        w = tl.load(w_base + offs, mask=mask, other=0.0).to(tl.float32)
-        w_hat = tl.where(mask, (w - w0 - mean) * rstd, 0.0)
-        sum_g = _tree_total(g, BLOCK)
-        sum_gw = _tree_total(g * w_hat, BLOCK)
-        dw = rstd * (g - sum_g / fan_in) - k * w_hat * sum_gw
-        tl.store(out + offs, dw.to(Dw.dtype.element_ty), mask=mask)
+    if CENTER_ONLY:
+        if ONE_BLOCK:
+            mask = offs < fan_in
+            g = tl.load(g_base + offs, mask=mask, other=0.0).to(tl.float32)
+            dw = g - _tree_total(g, BLOCK) / fan_in
+            tl.store(out + offs, dw.to(Dw.dtype.element_ty), mask=mask)
+        else:
+            lane_g = tl.zeros([BLOCK], dtype=tl.float32)
+            for start in range(0, fan_in, BLOCK):
+                idx = start + offs
+                mask = idx < fan_in
+                lane_g += tl.load(g_base + idx, mask=mask, other=0.0).to(tl.float32)
+            mean_g = _tree_total(lane_g, BLOCK) / fan_in
+            tl.assume(fan_in > 0)
+            for start in range(0, fan_in, BLOCK):
+                idx = start + offs
+                mask = idx < fan_in
+                g = tl.load(g_base + idx, mask=mask, other=0.0).to(tl.float32)
+                tl.store(out + idx, (g - mean_g).to(Dw.dtype.element_ty), mask=mask)
     else:
-        lane_g = tl.zeros([BLOCK], dtype=tl.float32)
-        lane_gw = tl.zeros([BLOCK], dtype=tl.float32)
-        for start in range(0, fan_in, BLOCK):
-            idx = start + offs
-            mask = idx < fan_in
-            g = tl.load(g_base + idx, mask=mask, other=0.0).to(tl.float32)
-            w = tl.load(w_base + idx, mask=mask, other=0.0).to(tl.float32)
+        w0 = tl.load(w_base).to(tl.float32)
+        mean = tl.load(Shifted_mean + row)
+        rstd = tl.load(Rstd + row)
+        k = tl.load(Gcoef + row)
+        # W_hat is recomputed from W in fp32 rather than read back in the weight dtype.
+        if ONE_BLOCK:
+            mask = offs < fan_in
+            g = tl.load(g_base + offs, mask=mask, other=0.0).to(tl.float32)
+            w = tl.load(w_base + offs, mask=mask, other=0.0).to(tl.float32)
             w_hat = tl.where(mask, (w - w0 - mean) * rstd, 0.0)
-            lane_g += g
-            lane_gw += g * w_hat
-        sum_g = _tree_total(lane_g, BLOCK)
-        sum_gw = _tree_total(lane_gw, BLOCK)
-        mean_g = sum_g / fan_in
-        # A row is never empty. Said to the compiler, it computes the sums here rather
-        # than sinking the lane trees' replicated tails into the guard of the loop
-        # below, where two of them were live at once and spilled (2.9-22 KB, sm_90).
-        tl.assume(fan_in > 0)
-        for start in range(0, fan_in, BLOCK):
-            idx = start + offs
-            mask = idx < fan_in
-            g = tl.load(g_base + idx, mask=mask, other=0.0).to(tl.float32)
-            w = tl.load(w_base + idx, mask=mask, other=0.0).to(tl.float32)
-            w_hat = (w - w0 - mean) * rstd
-            dw = rstd * (g - mean_g) - k * w_hat * sum_gw
-            tl.store(out + idx, dw.to(Dw.dtype.element_ty), mask=mask)
+            sum_g = _tree_total(g, BLOCK)
+            sum_gw = _tree_total(g * w_hat, BLOCK)
+            dw = rstd * (g - sum_g / fan_in) - k * w_hat * sum_gw
+            tl.store(out + offs, dw.to(Dw.dtype.element_ty), mask=mask)
+        else:
+            lane_g = tl.zeros([BLOCK], dtype=tl.float32)
+            lane_gw = tl.zeros([BLOCK], dtype=tl.float32)
+            for start in range(0, fan_in, BLOCK):
+                idx = start + offs
+                mask = idx < fan_in
+                g = tl.load(g_base + idx, mask=mask, other=0.0).to(tl.float32)
+                w = tl.load(w_base + idx, mask=mask, other=0.0).to(tl.float32)
+                w_hat = tl.where(mask, (w - w0 - mean) * rstd, 0.0)
+                lane_g += g
+                lane_gw += g * w_hat
+            sum_g = _tree_total(lane_g, BLOCK)
+            sum_gw = _tree_total(lane_gw, BLOCK)
+            mean_g = sum_g / fan_in
+            # A row is never empty. Said to the compiler, it computes the sums here rather
+            # than sinking the lane trees' replicated tails into the guard of the loop
+            # below, where two of them were live at once and spilled (2.9-22 KB, sm_90).
+            tl.assume(fan_in > 0)
+            for start in range(0, fan_in, BLOCK):
+                idx = start + offs
+                mask = idx < fan_in
+                g = tl.load(g_base + idx, mask=mask, other=0.0).to(tl.float32)
+                w = tl.load(w_base + idx, mask=mask, other=0.0).to(tl.float32)
+                w_hat = (w - w0 - mean) * rstd
+                dw = rstd * (g - mean_g) - k * w_hat * sum_gw
+                tl.store(out + idx, dw.to(Dw.dtype.element_ty), mask=mask)

@@ -1,7 +1,7 @@
 """Launch plans of the Weight Standardization kernels (kernels/ws.py).
 
 A ``WSPlan`` holds what a weight's signature fixes (shape, strides, dtype, eps,
-correction, mode and the launch config): the integers, the grid and one
+correction, mode, centering only or not, and the launch config): the integers, the grid and one
 ``Launch`` per kernel (kernels/launch.py), so a repeat call allocates its outputs
 and makes one launch each way. The one place where the WS kernels' arguments are
 written down.
@@ -16,7 +16,7 @@ class WSPlan:
     """Forward and backward launches of one weight signature. ``w`` must be row
     dense (each output channel's fan-in one block in memory)."""
 
-    def __init__(self, w, eps, correction, std_mode, config_fwd, config_bwd):
+    def __init__(self, w, eps, correction, std_mode, config_fwd, config_bwd, center_only=False):
         out_channels = w.shape[0]
         fan_in = w.numel() // out_channels
         row_stride = fan_in
@@ -28,7 +28,7 @@ class WSPlan:
         self.fwd = t.launch(K._ws_fwd_kernel, grid, dict(num_warps=config_fwd["num_warps"]),
                             W=Slot("w"), W_hat=Slot("w_hat"), **stats, row_stride=row_stride, fan_in=fan_in,
                             denom=float(fan_in - correction), eps=float(eps), STD_MODE=std_mode,
-                            ONE_BLOCK=fan_in <= block, BLOCK=block)
+                            ONE_BLOCK=fan_in <= block, BLOCK=block, CENTER_ONLY=center_only)
         self.fwd_constants = t.constants
         o = 4 * out_channels  # bytes between the three rows of the fp32 statistics
         stat_slots = ["base", f"base + {o}", f"base + {2 * o}"]
@@ -38,7 +38,7 @@ class WSPlan:
         t = ArgTable(("grad", "w", "dw", "mean", "rstd", "gcoef"))
         self.bwd = t.launch(K._ws_bwd_kernel, grid, dict(num_warps=config_bwd["num_warps"]),
                             Grad=Slot("grad"), W=Slot("w"), Dw=Slot("dw"), **stats, row_stride=row_stride,
-                            fan_in=fan_in, ONE_BLOCK=fan_in <= block, BLOCK=block)
+                            fan_in=fan_in, ONE_BLOCK=fan_in <= block, BLOCK=block, CENTER_ONLY=center_only)
         self.bwd_constants = t.constants
         self.bwd_direct = DirectLaunches([self.bwd], ("grad", "w", "dw", "stats"), ["base = stats.data_ptr()"],
                                          ["grad.data_ptr()", "w.data_ptr()", "dw.data_ptr()"] + stat_slots, t.constants)
@@ -88,14 +88,14 @@ def _strided_like(grad, w):
     return grad
 
 
-def ws_forward(w, eps, correction, std_mode, config):
+def ws_forward(w, eps, correction, std_mode, config, center_only=False):
     """The WS forward on a row-dense weight ``w`` with one ``config`` (BLOCK,
     num_warps): the autotuner and the AOT tool. Returns (w_hat, stats), stats fp32
     [3, O]: shifted mean, rstd, gcoef. The arguments are those of
     kernels/ws_plan.py, the one place that writes them down."""
-    return WSPlan(w, eps, correction, std_mode, config, config).forward(w)
+    return WSPlan(w, eps, correction, std_mode, config, config, center_only).forward(w)
 
 
-def ws_backward(grad, w, stats, config):
+def ws_backward(grad, w, stats, config, center_only=False):
     """The WS backward with one ``config``; ``grad`` must have the same strides as ``w``."""
-    return WSPlan(w, 1e-5, 0, False, config, config).backward(grad, w, stats)
+    return WSPlan(w, 1e-5, 0, False, config, config, center_only).backward(grad, w, stats)

@@ -184,3 +184,50 @@ def test_wsconv_pickles_and_deep_copies(tmp_path):
     x = torch.randn(1, 3, 5, 5)
     with torch.no_grad():
         assert torch.equal(loaded(x), conv(x)) and torch.equal(clone(x), conv(x))
+
+
+# --- standardize="center": centering only, W_hat = W - mean, dW = g - mean(g) ---------
+
+def _center_reference(w64):
+    rows = w64.reshape(w64.shape[0], -1)
+    return (rows - rows.mean(dim=1, keepdim=True)).reshape(w64.shape)
+
+
+@pytest.mark.parametrize("block", [None, 16])  # 16: fan-in 75 takes the looped kernel path
+def test_center_only_matches_float64_reference(backend, monkeypatch, block):
+    from wsbcn import tuning
+
+    if block is not None:
+        monkeypatch.setattr(tuning, "config_for", lambda *a, **k: {"BLOCK": block, "num_warps": 1})
+    torch.manual_seed(5)
+    w = (torch.randn(5, 3, 5, 5, device=DEVICE) * 0.1 + 3.0).requires_grad_(True)
+    ref_w = w.detach().double().requires_grad_(True)
+    out = weight_standardize(w, standardize="center")
+    ref = _center_reference(ref_w)
+    assert rel_err(out, ref) <= TOL[torch.float32]
+    g = torch.randn_like(ref)
+    out.backward(g.float())
+    ref.backward(g)
+    assert rel_err(w.grad, ref_w.grad) <= TOL[torch.float32]
+    assert rel_err(w.grad, g - g.reshape(5, -1).mean(1).view(5, 1, 1, 1)) <= TOL[torch.float32]
+    # the full standardization of the same weight is still what it was
+    full = weight_standardize(w.detach())
+    assert rel_err(full, ws_reference(w.detach().double(), 1e-5, 0, "var")) <= TOL[torch.float32]
+
+
+def test_center_only_gradcheck_float64_torch_backend(monkeypatch):
+    monkeypatch.setenv("WSBCN_BACKEND", "torch")
+    torch.manual_seed(6)
+    w = torch.randn(3, 2, 3, 3, dtype=torch.float64, requires_grad=True)
+    fn = lambda t: weight_standardize(t, standardize="center")  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (w,))
+    assert torch.autograd.gradgradcheck(fn, (w,))  # the double backward's formula
+
+
+def test_bad_standardize_is_refused():
+    w = torch.randn(4, 3, 3, 3)
+    for bad in ("centre", "", None, 1):
+        with pytest.raises(ValueError, match="standardize"):
+            weight_standardize(w, standardize=bad)
+        with pytest.raises(ValueError, match="standardize"):
+            wsbcn.WSConv2d(3, 4, 3, standardize=bad)

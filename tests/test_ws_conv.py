@@ -158,3 +158,25 @@ def test_freeze_rejects_bad_inplace_and_changes_nothing():
     with pytest.raises(TypeError, match="inplace"):
         wsbcn.freeze(model, inplace="yes")
     assert type(model[0]) is wsbcn.WSConv2d and type(model[2][0]) is wsbcn.WSConv2d
+
+
+def test_wsconv_center_only_matches_float64_reference(backend):
+    """WSConv2d(standardize="center"): the conv of W - mean, forward and backward."""
+    torch.manual_seed(7)
+    conv = wsbcn.WSConv2d(3, 4, 3, padding=1, standardize="center").to(DEVICE)
+    assert "standardize='center'" in repr(conv)
+    x = torch.randn(2, 3, 5, 5, device=DEVICE, requires_grad=True)
+    x64 = x.detach().double().requires_grad_(True)
+    w64 = conv.weight.detach().double().requires_grad_(True)
+    rows = w64.reshape(4, -1)
+    w_hat = (rows - rows.mean(dim=1, keepdim=True)).reshape(w64.shape)
+    ref = conv_nd(x64, w_hat, conv.bias.detach().double(), conv)
+    out = conv(x)
+    assert rel_err(out, ref) <= TOL[torch.float32]
+    g = torch.randn_like(ref)
+    out.backward(g.float())
+    ref.backward(g)
+    assert rel_err(conv.weight.grad, w64.grad) <= TOL[torch.float32]
+    assert rel_err(x.grad, x64.grad) <= TOL[torch.float32]
+    frozen = wsbcn.freeze(conv)  # freeze bakes in W - mean
+    assert rel_err(frozen(x.detach()), ref) <= TOL[torch.float32]

@@ -248,8 +248,15 @@ def _like(rows: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return rows.reshape([w.shape[d] for d in order]).permute([order.index(d) for d in range(w.dim())])
 
 
-def ws_forward_torch(w: torch.Tensor, eps: float, correction: int, std_mode: bool):
+def ws_forward_torch(w: torch.Tensor, eps: float, correction: int, std_mode: bool, center_only: bool = False):
+    """(W_hat, stats [3, O]: shifted mean, rstd, gcoef); ``center_only``: W_hat = W - mean,
+    rstd 1 and gcoef 0 (eps, correction and std_mode unused), as the kernel's CENTER_ONLY."""
     rows = _rows(w, w).to(acc_dtype(w.dtype))
+    if center_only:
+        d = rows - rows[:, :1]
+        mean = d.mean(dim=1)
+        ones = torch.ones_like(mean)
+        return _like((d - mean[:, None]).to(w.dtype), w), torch.stack([mean, ones, torch.zeros_like(mean)])
     denom = rows.shape[1] - correction
     d = rows - rows[:, :1]
     mean = d.mean(dim=1)
@@ -265,9 +272,12 @@ def ws_forward_torch(w: torch.Tensor, eps: float, correction: int, std_mode: boo
     return _like((d * rstd[:, None]).to(w.dtype), w), torch.stack([mean, rstd, gcoef])
 
 
-def ws_backward_torch(grad: torch.Tensor, w: torch.Tensor, stats: torch.Tensor):
-    """dW, laid out like w (as the kernel writes it)."""
+def ws_backward_torch(grad: torch.Tensor, w: torch.Tensor, stats: torch.Tensor, center_only: bool = False):
+    """dW, laid out like w (as the kernel writes it); ``center_only``: dW = g - mean(g)."""
     acc = acc_dtype(w.dtype)
+    if center_only:
+        g = _rows(grad, w).to(acc)
+        return _like((g - g.mean(dim=1, keepdim=True)).to(w.dtype), w)
     rows = _rows(w, w).to(acc)
     g = _rows(grad, w).to(acc)
     mean, rstd, gcoef = stats[0, :, None], stats[1, :, None], stats[2, :, None]

@@ -1,21 +1,26 @@
 """WSConv1d/2d/3d: ``nn.ConvNd`` whose weight is standardized before every use.
 
 Same constructor arguments and state dict as ``nn.ConvNd``, plus ``eps``,
-``correction`` and ``eps_mode`` (see ``wsbcn.functional.weight_standardize``).
+``correction``, ``eps_mode`` and ``standardize`` ("full", or "center": W_hat = W - mean,
+centering only) (see ``wsbcn.functional.weight_standardize``). A centering-only layer
+standardizes per layer, also under a ModelWeightStandardizer.
 """
 import torch
 from torch import nn
 
 from .. import checks
-from ..ops.ws import weight_standardize
+from ..ops.ws import check_standardize, weight_standardize
 
 
 class _WSConvMixin:
     _ws_model = None  # the wsbcn.ModelWeightStandardizer covering this layer, if any (ops/ws_model.py)
 
-    def _init_ws(self, eps, correction, eps_mode):
+    standardize = "full"
+
+    def _init_ws(self, eps, correction, eps_mode, standardize="full"):
         self.eps, self.correction = checks.check_ws_args(self.weight, eps, correction, eps_mode)
         self.eps_mode = eps_mode
+        self.standardize = check_standardize(standardize)
 
     def standardized_weight(self) -> torch.Tensor:
         """W_hat of the current weight, recomputed on every call.
@@ -33,6 +38,8 @@ class _WSConvMixin:
             weight = self._parameters["weight"]
         except KeyError:
             weight = self.weight
+        if self.standardize != "full":  # the model-wide kernels know full WS only
+            return weight_standardize(weight, self.eps, self.correction, self.eps_mode, self.standardize)
         if self._ws_model is not None:  # standardized model-wide for this forward: taken once
             w_hat = self._ws_model.take(self, weight)
             if w_hat is not None:
@@ -43,22 +50,26 @@ class _WSConvMixin:
         return self._conv_forward(input, self.standardized_weight(), self.bias)
 
     def extra_repr(self):
-        return super().extra_repr() + f", eps={self.eps}, correction={self.correction}, eps_mode={self.eps_mode!r}"
+        return super().extra_repr() + f", eps={self.eps}, correction={self.correction}, eps_mode={self.eps_mode!r}" + (
+            f", standardize={self.standardize!r}" if self.standardize != "full" else "")
 
 
 class WSConv1d(_WSConvMixin, nn.Conv1d):
-    def __init__(self, *args, eps: float = 1e-5, correction: int = 0, eps_mode: str = "var", **kwargs):
+    def __init__(self, *args, eps: float = 1e-5, correction: int = 0, eps_mode: str = "var",
+                 standardize: str = "full", **kwargs):
         super().__init__(*args, **kwargs)
-        self._init_ws(eps, correction, eps_mode)
+        self._init_ws(eps, correction, eps_mode, standardize)
 
 
 class WSConv2d(_WSConvMixin, nn.Conv2d):
-    def __init__(self, *args, eps: float = 1e-5, correction: int = 0, eps_mode: str = "var", **kwargs):
+    def __init__(self, *args, eps: float = 1e-5, correction: int = 0, eps_mode: str = "var",
+                 standardize: str = "full", **kwargs):
         super().__init__(*args, **kwargs)
-        self._init_ws(eps, correction, eps_mode)
+        self._init_ws(eps, correction, eps_mode, standardize)
 
 
 class WSConv3d(_WSConvMixin, nn.Conv3d):
-    def __init__(self, *args, eps: float = 1e-5, correction: int = 0, eps_mode: str = "var", **kwargs):
+    def __init__(self, *args, eps: float = 1e-5, correction: int = 0, eps_mode: str = "var",
+                 standardize: str = "full", **kwargs):
         super().__init__(*args, **kwargs)
-        self._init_ws(eps, correction, eps_mode)
+        self._init_ws(eps, correction, eps_mode, standardize)

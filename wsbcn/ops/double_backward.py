@@ -95,15 +95,17 @@ def norm_double_backward(ctx, dy, x, gamma, beta, omega, eta, saved):
     return tuple(out)
 
 
-def ws_forward_differentiable(weight, eps, correction, std_mode):
+def ws_forward_differentiable(weight, eps, correction, std_mode, center_only=False):
     """W_hat with differentiable torch ops (fp32, float64 for float64 weights). As in
     the kernels, each row is first shifted by one of its elements (a constant: the
     shift cancels in W_hat and in its derivatives), so a constant filter gives exact
-    zeros, W_hat = 0 and finite derivatives."""
+    zeros, W_hat = 0 and finite derivatives. ``center_only``: W_hat = W - mean."""
     acc = acc_dtype(weight.dtype)
     rows = weight.reshape(weight.shape[0], -1).to(acc)
     rows = rows - rows[:, :1].detach()
     centered = rows - rows.mean(dim=1, keepdim=True)
+    if center_only:
+        return centered.reshape(weight.shape).to(weight.dtype)
     var = centered.square().sum(dim=1, keepdim=True) / (rows.shape[1] - correction)
     if std_mode:
         tiny = torch.finfo(acc).tiny
@@ -118,6 +120,6 @@ def ws_double_backward(call, weight, grad):
     """WeightStandardizeFunction's backward under create_graph=True: dW."""
     if weight.numel() == 0:
         return torch.zeros_like(weight)
-    w_hat = ws_forward_differentiable(weight, call.eps, call.correction, call.std_mode)
+    w_hat = ws_forward_differentiable(weight, call.eps, call.correction, call.std_mode, call.center_only)
     (dw,) = torch.autograd.grad(w_hat, weight, grad, create_graph=True)
     return dw

@@ -9,6 +9,9 @@ and the functional API.
 Backward (g = dL/dW_hat):  dW = (g - mean(g)) / D - k * W_hat * sum(g * W_hat)
 with k = 1 / (D (fan_in - correction)) for "var" and k = 1 / (std (fan_in - correction))
 for "std" (0 for a constant filter, whose std has no spread to undo).
+
+standardize="center" (centering only, the paper's ablation of WS):
+    W_hat = W - mean,  dW = g - mean(g)   (eps, correction and eps_mode unused)
 """
 import torch
 
@@ -28,29 +31,31 @@ def row_dense(w: torch.Tensor) -> torch.Tensor:
     return w.contiguous()
 
 
-def _ws_forward_impl(weight: torch.Tensor, eps: float, correction: int, std_mode: bool, op=False):
+def _ws_forward_impl(weight: torch.Tensor, eps: float, correction: int, std_mode: bool, center_only: bool = False,
+                     op=False):
     """W_hat and its fp32 statistics on either backend: the eager body and, with
     ``op``, the body of the ``wsbcn::ws_forward`` op, traced by torch.compile and
     export (library.py)."""
     if weight.shape[0] == 0:
         return torch.empty_like(weight), weight.new_empty((3, 0), dtype=acc_dtype(weight.dtype))
     if backends.backend_for(weight) == "torch":
-        return ws_forward_torch(weight, eps, correction, std_mode)
+        return ws_forward_torch(weight, eps, correction, std_mode, center_only)
     if op and library.symbolic(weight):  # shapes only: the op stays opaque (library.py)
         return torch.empty_like(weight), weight.new_empty((3, weight.shape[0]), dtype=torch.float32)
-    plan = ws_plan(weight, eps, correction, std_mode)
+    plan = ws_plan(weight, eps, correction, std_mode, center_only)
     return plan.forward_traced(weight) if op and not library.plain(weight) else plan.forward(weight)
 
 
-def _ws_backward_impl(grad: torch.Tensor, weight: torch.Tensor, stats: torch.Tensor, op=False):
+def _ws_backward_impl(grad: torch.Tensor, weight: torch.Tensor, stats: torch.Tensor, center_only: bool = False,
+                      op=False):
     if weight.shape[0] == 0:
         return torch.zeros_like(weight)
     if backends.backend_for(weight) == "torch":
-        return ws_backward_torch(grad, weight, stats)
+        return ws_backward_torch(grad, weight, stats, center_only)
     # eps and correction only enter the forward: any values give the same backward launch
     if op and library.symbolic(weight):
         return torch.empty_like(weight)
-    plan = ws_plan(weight, 1e-5, 0, False)
+    plan = ws_plan(weight, 1e-5, 0, False, center_only)
     if op and not library.plain(weight):
         return plan.backward_traced(grad, weight, stats.contiguous())
     return plan.backward(grad, weight, stats.contiguous())
@@ -59,30 +64,32 @@ def _ws_backward_impl(grad: torch.Tensor, weight: torch.Tensor, stats: torch.Ten
 _plans: dict = {}
 
 
-def ws_plan(weight, eps, correction, std_mode):
+def ws_plan(weight, eps, correction, std_mode, center_only=False):
     """The Triton launch plan (kernels/ws_plan.py) of a row-dense weight, cached on
     everything it derives from: the signature, the device (or emulated GPU), the
     tuned-config tables and the config function itself (tests replace it)."""
-    key = (weight.shape, weight.stride(), weight.dtype, weight.device, eps, correction, std_mode,
+    key = (weight.shape, weight.stride(), weight.dtype, weight.device, eps, correction, std_mode, center_only,
            tuning.config_for, tuning.generation(), backends.emulated_gpu())
 
     def build():
         shape = (weight.shape[0], weight.numel() // weight.shape[0])
         return WSPlan(weight, eps, correction, std_mode,
                                                   tuning.config_for("ws_fwd", weight, shape),
-                                                  tuning.config_for("ws_bwd", weight, shape))
+                                                  tuning.config_for("ws_bwd", weight, shape), center_only)
 
     return checks.cached(_plans, key, build)
 
 
 @library.triton_op("wsbcn::ws_forward", (), lambda: (kernels._ws_fwd_kernel,))
-def ws_forward_op(weight: torch.Tensor, eps: float, correction: int, std_mode: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    return _ws_forward_impl(weight, eps, correction, std_mode, op=True)
+def ws_forward_op(weight: torch.Tensor, eps: float, correction: int, std_mode: bool,
+                  center_only: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    return _ws_forward_impl(weight, eps, correction, std_mode, center_only, op=True)
 
 
 @library.triton_op("wsbcn::ws_backward", (), lambda: (kernels._ws_bwd_kernel,))
-def ws_backward_op(grad: torch.Tensor, weight: torch.Tensor, stats: torch.Tensor) -> torch.Tensor:
-    return _ws_backward_impl(grad, weight, stats, op=True)
+def ws_backward_op(grad: torch.Tensor, weight: torch.Tensor, stats: torch.Tensor,
+                   center_only: bool = False) -> torch.Tensor:
+    return _ws_backward_impl(grad, weight, stats, center_only, op=True)
 
 
 class _Call:
@@ -90,10 +97,10 @@ class _Call:
     checks.validated); ``forward``/``backward`` are the op bodies behind
     ``WeightStandardizeFunction``."""
 
-    __slots__ = ("eps", "correction", "std_mode", "eager", "plans")
+    __slots__ = ("eps", "correction", "std_mode", "center_only", "eager", "plans")
 
-    def __init__(self, weight, eps, correction, std_mode):
-        self.eps, self.correction, self.std_mode = eps, correction, std_mode
+    def __init__(self, weight, eps, correction, std_mode, center_only=False):
+        self.eps, self.correction, self.std_mode, self.center_only = eps, correction, std_mode, center_only
         # the eager Triton path takes non-empty weights whose rows are dense already; a
         # call built under torch.compile is never cached and takes the torch.library ops
         self.eager = weight.shape[0] > 0 and row_dense(weight) is weight and not torch.compiler.is_compiling()
@@ -103,7 +110,7 @@ class _Call:
         key = (tuning.config_for, tuning._generation[0], backends._emulated_gpu)  # what a plan derives from
         plan = self.plans.get(key)
         if plan is None:
-            plan = self.plans[key] = ws_plan(weight, self.eps, self.correction, self.std_mode)
+            plan = self.plans[key] = ws_plan(weight, self.eps, self.correction, self.std_mode, self.center_only)
         return plan
 
     def forward(self, weight):
@@ -116,14 +123,14 @@ class _Call:
         # Eager calls skip the op dispatcher (tens of microseconds a call); traced
         # calls go through it so torch.compile sees one opaque op.
         fwd = ws_forward_op if torch.compiler.is_compiling() else _ws_forward_impl
-        w_hat, stats = fwd(weight, self.eps, self.correction, self.std_mode)
+        w_hat, stats = fwd(weight, self.eps, self.correction, self.std_mode, self.center_only)
         return w_hat, (weight, stats)
 
     def backward(self, grad, weight, stats):
         if self.eager and backends.backend_for(weight) == "triton":
             return self.plan(weight).backward(grad, weight, stats)
         bwd = ws_backward_op if torch.compiler.is_compiling() else _ws_backward_impl
-        return bwd(grad, weight, stats)
+        return bwd(grad, weight, stats, self.center_only)
 
     def __call__(self, weight):
         return WeightStandardizeFunction.apply(weight, self)
@@ -159,20 +166,33 @@ class WeightStandardizeFunction(torch.autograd.Function):
 _calls: dict = {}  # validated weight signature -> _Call
 
 
-def _validate(weight, eps, correction, eps_mode) -> _Call:
+STANDARDIZE = ("full", "center")
+
+
+def check_standardize(standardize) -> str:
+    """``standardize`` itself when it is "full" (W_hat = (W - mean) / D) or "center"
+    (W_hat = W - mean), else a ValueError."""
+    if not isinstance(standardize, str) or standardize not in STANDARDIZE:
+        raise ValueError(f"standardize must be one of {STANDARDIZE}, got {standardize!r}")
+    return standardize
+
+
+def _validate(weight, eps, correction, eps_mode, standardize="full") -> _Call:
     eps, correction = checks.check_ws_args(weight, eps, correction, eps_mode)
-    return _Call(weight, eps, correction, eps_mode == "std")
+    return _Call(weight, eps, correction, eps_mode == "std", check_standardize(standardize) == "center")
 
 
-def weight_standardize(weight: torch.Tensor, eps: float = 1e-5, correction: int = 0, eps_mode: str = "var") -> torch.Tensor:
+def weight_standardize(weight: torch.Tensor, eps: float = 1e-5, correction: int = 0, eps_mode: str = "var",
+                       standardize: str = "full") -> torch.Tensor:
     """Standardize each output channel of ``weight`` over its fan-in (dims 1..).
 
-    See the module docstring for the two ``eps_mode`` conventions. The checks run
-    once per weight signature; repeat calls reuse what they derived.
+    See the module docstring for the two ``eps_mode`` conventions. ``standardize="center"``
+    only centers: W_hat = W - mean (eps, correction and eps_mode are checked, not used).
+    The checks run once per weight signature; repeat calls reuse what they derived.
     """
     try:
         key = (weight.shape, weight.stride(), weight.dtype, weight.device, eps, type(eps), correction,
-               type(correction), eps_mode)
+               type(correction), eps_mode, standardize, type(standardize))
     except AttributeError:  # not a tensor: the checks will name it
         key = None
-    return checks.validated(_calls, key, lambda: _validate(weight, eps, correction, eps_mode))(weight)
+    return checks.validated(_calls, key, lambda: _validate(weight, eps, correction, eps_mode, standardize))(weight)
