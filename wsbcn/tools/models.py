@@ -144,6 +144,8 @@ def resnet50(variant: str = "plain_bn", num_classes=1000, num_groups: int = 32, 
     plain_bn          nn.Conv2d + nn.BatchNorm2d
     reference_ws_bcn  the released WS conv + the released BCN layer (eager)
     wsbcn_ws_bcn      wsbcn.WSConv2d + wsbcn.BatchChannelNorm2d
+    wsbcn_ws_bcn_modelws  the same, every WS weight standardized in one launch each way
+                      (wsbcn.ModelWeightStandardizer)
     wsbcn_ws_gn       wsbcn.WSConv2d + wsbcn.GroupNorm
 
     The wsbcn convs use the released WS formula (W - mean) / (std_unbiased + 1e-5)
@@ -157,12 +159,16 @@ def resnet50(variant: str = "plain_bn", num_classes=1000, num_groups: int = 32, 
         "plain_bn": (nn.Conv2d, nn.BatchNorm2d),
         "reference_ws_bcn": (ReferenceWSConv2d, partial(ReferenceBCN2d, num_groups=num_groups)),
         "wsbcn_ws_bcn": (ws_conv, partial(wsbcn.BatchChannelNorm2d, num_groups=num_groups)),
+        "wsbcn_ws_bcn_modelws": (ws_conv, partial(wsbcn.BatchChannelNorm2d, num_groups=num_groups)),
         "wsbcn_ws_gn": (ws_conv, lambda c: wsbcn.GroupNorm(num_groups, c)),
     }
     if variant not in variants:
         raise ValueError(f"variant must be one of {sorted(variants)}, got {variant!r}")
     conv, norm = variants[variant]
-    return ResNet(num_classes=num_classes, conv=conv, norm=norm, **kwargs)
+    net = ResNet(num_classes=num_classes, conv=conv, norm=norm, **kwargs)
+    if variant == "wsbcn_ws_bcn_modelws":
+        wsbcn.ModelWeightStandardizer(net)  # its hooks live on net; the layers hold it
+    return net
 
 
 def resnet50_trunk(variant: str = "plain_bn", num_groups: int = 32, **kwargs) -> ResNet:
@@ -170,4 +176,4 @@ def resnet50_trunk(variant: str = "plain_bn", num_groups: int = 32, **kwargs) ->
     return resnet50(variant, num_classes=None, num_groups=num_groups, **kwargs)
 
 
-VARIANTS = ("plain_bn", "reference_ws_bcn", "wsbcn_ws_bcn", "wsbcn_ws_gn")
+VARIANTS = ("plain_bn", "reference_ws_bcn", "wsbcn_ws_bcn", "wsbcn_ws_bcn_modelws", "wsbcn_ws_gn")
