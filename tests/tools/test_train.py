@@ -1,79 +1,100 @@
-"""``wsbcn train``: WS+BCN learns the generated task at batch size 2, the command
-explains its options, ends with one table holding every norm and writes a PNG."""
+"""``wsbcn train``: the fair protocol (every method, an lr grid chosen on validation,
+several seeds) at a tiny budget, the digits split, the missing-extra message, the
+options and their refusals."""
 import argparse
-import math
+import sys
 
 import pytest
 import torch
-from matplotlib import image
 
 from wsbcn.tools import cli, train
 
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-NAMES = ("BN", "GN", "WS+GN", "WS+BCN")
+NAMES = [name for _, _, name in train.METHODS.values()]
 
 
-def table_rows(out):
-    """The table's rows, by the name in their first column."""
-    return {line.split()[0]: line.split()[1:] for line in out.splitlines() if line.split()[:1] and
-            line.split()[0] in NAMES}
+def _sklearn():
+    return pytest.importorskip("sklearn", reason="the demo extra (scikit-learn) is not installed")
 
 
-def test_ws_bcn_learns_at_batch_size_2(tmp_path):
+def test_digits_split_is_fixed_stratified_and_disjoint():
+    _sklearn()
+    a, b = train.load_digits_data(), train.load_digits_data()
+    assert (len(a.y_train), len(a.y_val), len(a.y_test)) == (1097, 300, 400)
+    assert a.x_train.shape[1:] == (1, 8, 8)
+    assert torch.equal(a.x_test, b.x_test) and torch.equal(a.y_val, b.y_val)  # fixed
+    for y in (a.y_train, a.y_val, a.y_test):  # stratified: every class, in proportion
+        counts = torch.bincount(y, minlength=10).float() / len(y)
+        assert counts.min() > 0.08 and counts.max() < 0.12
+    flat = [x.reshape(len(x), -1) for x in (a.x_train, a.x_val, a.x_test)]
+    assert not (torch.cdist(flat[2], flat[0]).min(dim=1).values == 0).all()  # not the same images
+
+
+def test_full_protocol_at_a_tiny_budget_prints_every_method(capsys):
+    _sklearn()
     lines = []
-    table, runs, _ = train.run(norms=("bn", "ws_bcn"), steps=300, batch_size=2, eval_every=100, progress=False,
-                               log=lines.append, plot=tmp_path / "curves.png")
-    assert list(table["norm"]) == ["BN", "WS+BCN"]
-    ws_bcn = table.set_index("norm").loc["WS+BCN"]
-    assert ws_bcn["test accuracy (%)"] > 50  # 10 classes: chance is 10 %
-    assert ws_bcn["status"] == "ok"
-    # the curve starts untrained and ends at the table's number
-    assert runs[1].curve_steps == [0, 100, 200, 300]
-    assert runs[1].curve_accuracy[0] < 0.3
-    assert 100 * runs[1].curve_accuracy[-1] == ws_bcn["test accuracy (%)"]
+    table, grid_view, grid, seed_runs = train.run(steps=3, lrs=(0.01, 0.1), seeds=2, progress=False,
+                                                  log=lines.append)
+    assert list(table["method"]) == NAMES
+    assert list(table["batch"]) == [2, 32, 2, 2, 2, 2, 32]
+    for m in train.METHODS:
+        assert [r.lr for r in grid[m]] == [0.01, 0.1]
+        chosen = train.choose_lr(grid[m])
+        assert [(r.lr, r.seed) for r in seed_runs[m]] == [(chosen.lr, 0), (chosen.lr, 1)]
+        assert seed_runs[m][0] is chosen  # seed 0's grid run is reused
+    assert table["lr"].isin([0.01, 0.1]).all()
+    assert ((table["test acc mean (%)"] >= 0) & (table["test acc mean (%)"] <= 100)).all()
+    assert list(grid_view.columns) == ["method", "lr 0.01", "lr 0.1"]
+    out = "\n".join(lines)
+    assert "digits: 1097 train / 300 validation / 400 test" in out
+    assert out.count("| WS(center)+GN | 2 |") == 1 and " ± " in out
 
 
-def test_run_prints_one_table_with_every_norm_and_writes_a_png(tmp_path, capsys):
-    threads = torch.get_num_threads()
-    plot = tmp_path / "sub" / "curves.png"
-    assert train.main(["--steps", "4", "--eval-every", "2", "--plot", str(plot)]) == 0
+def test_digits_are_learned_by_ws_bcn_at_batch_2():
+    _sklearn()
+    data = train.load_digits_data()
+    r = train.train_one("ws_bcn", data, steps=150, lr=0.02)
+    assert r.diverged_at is None and r.val_accuracy > 0.5  # 10 classes: chance is 10 %
+
+
+def test_lr_choice_and_status():
+    def run(lr, val, diverged=None):
+        return train.Run("gn", lr, 0, val_accuracy=val, test_accuracy=val, diverged_at=diverged)
+
+    grid = {"gn": [run(0.01, 0.5), run(0.1, 0.9), run(1.0, 0.0, diverged=3)],
+            "ws_gn": [run(0.01, 0.11), run(0.1, 0.12)]}
+    assert train.choose_lr(grid["gn"]).lr == 0.1
+    assert train.choose_lr([run(0.1, 0.5), run(0.01, 0.5)]).lr == 0.01  # a tie: the smaller lr
+    seeds = {"gn": [grid["gn"][1], run(0.1, 0.8), run(0.1, 0.0, diverged=7)], "ws_gn": [grid["ws_gn"][1]]}
+    table = train.results_table(["gn", "ws_gn"], (0.01, 0.1), grid, seeds).set_index("method")
+    assert table.loc["GN", "test acc mean (%)"] == pytest.approx(100 * (0.9 + 0.8) / 3)
+    assert table.loc["GN", "status"] == "1 seed(s) diverged"
+    assert table.loc["WS+GN", "status"] == "near chance at every lr"  # reported, not hidden
+    assert table.loc["WS+GN", "test acc std (%)"] == 0
+
+
+def test_synthetic_data_is_an_explicit_option(capsys):
+    assert train.main(["--data", "synthetic", "--methods", "gn", "ws_gn", "--steps", "2", "--lrs", "0.01",
+                       "--seeds", "1"]) == 0
     out = capsys.readouterr().out
-    assert [line.split()[0] for line in out.splitlines() if line.strip()].count("norm") == 1  # one table
-    rows = table_rows(out)
-    assert set(rows) == set(NAMES)
-    for values in rows.values():
-        assert 0 <= float(values[0]) <= 100  # test accuracy (%)
-        assert math.isfinite(float(values[2]))  # train loss
-    assert out.rstrip().endswith(str(plot.resolve()))
-    assert plot.read_bytes()[:8] == PNG_SIGNATURE
-    height, width, _ = image.imread(plot).shape  # a PNG that a decoder reads
-    assert height > 100 and width > 100
-    assert torch.get_num_threads() == threads  # the training's thread count is not left behind
+    assert out.startswith("synthetic: 2000 train / 500 validation / 500 test")
+    assert "| GN | 2 |" in out and "| WS+GN | 2 |" in out
 
 
-def test_wsbcn_train_writes_its_plot_under_perf_plots_by_default(tmp_path, monkeypatch, capsys):
-    monkeypatch.chdir(tmp_path)
-    assert cli.main(["train", "--norms", "gn", "ws_gn", "--steps", "3"]) == 0
-    out = capsys.readouterr().out
-    assert set(table_rows(out)) == {"GN", "WS+GN"}
-    plot = tmp_path / "perf" / "plots" / "cpu" / "train.png"
-    assert plot.read_bytes()[:8] == PNG_SIGNATURE
-    assert str(plot.resolve()) in out
-
-
-def test_divergence_is_reported_in_the_table(tmp_path):
-    table, runs, _ = train.run(norms=("gn",), steps=30, lr=1e12, progress=False, log=lambda line: None,
-                               plot=tmp_path / "curves.png")
-    assert runs[0].diverged_at is not None
-    assert table["status"][0] == f"diverged at step {runs[0].diverged_at}"
+def test_missing_demo_extra_is_named_and_nothing_trains(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "sklearn", None)  # import sklearn raises ImportError
+    monkeypatch.setitem(sys.modules, "sklearn.datasets", None)
+    monkeypatch.setattr(train, "train_one", lambda *a, **k: pytest.fail("trained without the data"))
+    assert cli.main(["train", "--steps", "2"]) == 1
+    captured = capsys.readouterr()
+    assert "pip install 'wsbcn[demo]'" in captured.err and "scikit-learn" in captured.err
+    assert captured.out == ""
 
 
 def test_help_explains_every_option_with_its_default(capsys):
     parser = argparse.ArgumentParser()
     train.add_arguments(parser)
     options = [a for a in parser._actions if not isinstance(a, argparse._HelpAction)]
-    assert {a.dest for a in options} == {"norms", "steps", "batch_size", "lr", "seed", "eval_every", "device",
-                                         "threads", "plot"}
+    assert {a.dest for a in options} == {"data", "methods", "steps", "lrs", "seeds", "device", "threads"}
     for action in options:
         assert action.help and "default" in action.help, action.dest
     with pytest.raises(SystemExit) as exit_:
@@ -84,23 +105,23 @@ def test_help_explains_every_option_with_its_default(capsys):
         assert action.option_strings[0] in text
         if action.default is not None and not isinstance(action.default, list):
             assert f"(default: {action.default})" in text, action.dest
-    assert "test accuracy" in text and "PNG" in text
+    assert "(default: 0.001 0.005 0.02 0.1)" in text
+    assert "validation" in text and "mean +- std" in text
 
 
-@pytest.mark.parametrize("bad", [dict(norms=()), dict(norms=("batchnorm",)), dict(steps=0), dict(batch_size=2.5),
-                                 dict(lr=-0.1), dict(lr=float("nan")), dict(eval_every=0), dict(threads=0),
-                                 dict(device="tpu")])
-def test_bad_settings_are_refused_before_anything_trains(tmp_path, bad):
-    plot = tmp_path / "curves.png"
-    with pytest.raises(ValueError, match=next(iter(bad)).split("_")[0]):
-        train.run(**bad, progress=False, log=lambda line: pytest.fail(f"logged {line!r}"), plot=plot)
-    assert not plot.exists()
+@pytest.mark.parametrize("bad", [dict(methods=()), dict(methods=("batchnorm",)), dict(steps=0), dict(seeds=2.5),
+                                 dict(lrs=()), dict(lrs=(0.1, -0.1)), dict(lrs=(float("nan"),)), dict(threads=0),
+                                 dict(device="tpu"), dict(data="mnist")])
+def test_bad_settings_are_refused_before_anything_trains(monkeypatch, bad):
+    monkeypatch.setattr(train, "train_one", lambda *a, **k: pytest.fail("trained"))
+    with pytest.raises(ValueError, match=next(iter(bad))):
+        train.run(**bad, progress=False, log=lambda line: pytest.fail(f"logged {line!r}"))
 
 
-@pytest.mark.parametrize("argv", [["--steps", "0"], ["--lr", "-1"], ["--norms", "batchnorm"]])
-def test_bad_options_are_refused_by_the_parser(argv, tmp_path, capsys):
+@pytest.mark.parametrize("argv", [["--steps", "0"], ["--lrs", "-1"], ["--methods", "batchnorm"],
+                                  ["--data", "mnist"]])
+def test_bad_options_are_refused_by_the_parser(argv, capsys):
     with pytest.raises(SystemExit) as exit_:
-        train.main(argv + ["--plot", str(tmp_path / "curves.png")])
+        train.main(argv)
     assert exit_.value.code == 2
     assert argv[0] in capsys.readouterr().err
-    assert not (tmp_path / "curves.png").exists()
