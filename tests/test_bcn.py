@@ -374,3 +374,16 @@ def test_released_state_dict_with_bad_moving_speed_changes_nothing():
     assert ours.momentum == 0.1
     for k, v in ours.state_dict().items():
         assert torch.equal(v, before[k]), k
+
+
+def test_meta_tensors_take_the_closed_form_whatever_the_backend(monkeypatch):
+    """Shapes only: with WSBCN_BACKEND=triton a meta input still gets a meta output of
+    the right shape and dtype (no kernel runs on meta tensors)."""
+    monkeypatch.setenv("WSBCN_BACKEND", "triton")
+    m = wsbcn.BatchChannelNorm2d(8, num_groups=4, device="meta")
+    gn = wsbcn.GroupNorm(4, 8, device="meta")
+    conv = wsbcn.WSConv2d(8, 8, 3, device="meta")
+    x = torch.empty(2, 8, 5, 5, device="meta")
+    for layer in (m, gn, conv):
+        y = layer(x)
+        assert y.is_meta and y.shape[:2] == (2, 8) and y.dtype == x.dtype

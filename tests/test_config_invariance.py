@@ -12,7 +12,7 @@ butterfly, the way a GPU reduction runs), and vary BLOCK_C, which changes the
 tiles and the program grid. A kernel that reduced a BLOCK_C-dependent tile with
 tl.sum fails them (the kernels before kernels/reduce.py did). On a GPU the same
 tests run on the hardware's own order and vary all three settings for real;
-tests/test_gpu.py also sweeps autotune's whole space there.
+tests/gpu/test_gpu.py also sweeps autotune's whole space there.
 """
 import numpy as np
 import pytest

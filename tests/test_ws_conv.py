@@ -180,3 +180,17 @@ def test_wsconv_center_only_matches_float64_reference(backend):
     assert rel_err(x.grad, x64.grad) <= TOL[torch.float32]
     frozen = wsbcn.freeze(conv)  # freeze bakes in W - mean
     assert rel_err(frozen(x.detach()), ref) <= TOL[torch.float32]
+
+
+def test_freeze_detaches_a_model_wide_standardizer():
+    """A frozen model has no WSConv left: its model-wide standardizer's hooks go with
+    them (they would launch for layers no longer in the model), and the output is the
+    same as before freezing."""
+    torch.manual_seed(0)
+    model = nn.Sequential(wsbcn.WSConv2d(3, 4, 3), wsbcn.GroupNorm(2, 4), wsbcn.WSConv2d(4, 4, 3)).double()
+    wsbcn.ModelWeightStandardizer(model)
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    frozen = wsbcn.freeze(model)
+    assert len(model._forward_pre_hooks) == 1  # the original keeps its standardizer
+    assert len(frozen._forward_pre_hooks) == 0 and len(frozen._forward_hooks) == 0
+    assert torch.allclose(frozen(x), model(x), rtol=1e-12, atol=1e-12)

@@ -54,4 +54,9 @@ def freeze(model: nn.Module, inplace: bool = False) -> nn.Module:
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if not isinstance(inplace, bool):
         raise TypeError(f"inplace must be a bool, got {type(inplace).__name__}")
-    return _freeze_in_place(model if inplace else copy.deepcopy(model))
+    model = model if inplace else copy.deepcopy(model)
+    # a model-wide standardizer (ops/ws_model.py) would go on standardizing the layers
+    # freeze takes out of the model: detach it first
+    for standardizer in {id(s): s for s in (m.__dict__.get("_ws_model") for m in model.modules()) if s}.values():
+        standardizer.remove()
+    return _freeze_in_place(model)

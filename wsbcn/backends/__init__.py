@@ -64,6 +64,8 @@ def backend_for(t: torch.Tensor) -> str:
     choice = requested_backend()
     if choice == "auto":
         return "triton" if t.is_cuda else "torch"
+    if choice == "triton" and not t.is_cuda and t.is_meta:
+        return "torch"  # no kernel runs on meta tensors: the closed form propagates shapes
     if choice == "triton" and not t.is_cuda and not interpreter_enabled():
         raise RuntimeError(
             "WSBCN_BACKEND=triton on a CPU tensor needs TRITON_INTERPRET=1 set before "
