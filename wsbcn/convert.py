@@ -181,7 +181,12 @@ def convert(model: nn.Module, norm: str = "bcn", num_groups: int = 32, estimate:
     """Convert ``model`` (see the module docstring). Returns the converted model,
     and with ``return_summary=True`` also a list of lines saying what changed and
     what was left alone, and why. ``keep_frozen=True`` leaves frozen layers
-    (FrozenBatchNorm2d) and the convolutions feeding them as they are."""
+    (FrozenBatchNorm2d) and the convolutions feeding them as they are.
+    ``process_group``: the BatchChannelNorm layers made from BatchNorms combine their
+    batch statistics over it in training. An ``nn.SyncBatchNorm`` keeps synchronizing:
+    over its own process group, or, on the default group (its ``process_group=None``),
+    over ``process_group`` when given, else over the default group (looked up when the
+    layer runs: nothing is combined without torch.distributed, as nn.SyncBatchNorm)."""
     _check_arguments(model, norm, num_groups, keep_frozen)
     if ws not in (True, False, "model"):
         raise ValueError(f"ws must be True, False or 'model', got {ws!r}")
