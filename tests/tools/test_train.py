@@ -61,15 +61,17 @@ def test_lr_choice_and_status():
         return train.Run("gn", lr, 0, val_accuracy=val, test_accuracy=val, diverged_at=diverged)
 
     grid = {"gn": [run(0.01, 0.5), run(0.1, 0.9), run(1.0, 0.0, diverged=3)],
-            "ws_gn": [run(0.01, 0.11), run(0.1, 0.12)]}
+            "ws_gn": [run(0.01, 0.11), run(0.1, 0.12)], "wsc_gn": [run(0.01, 0.9), run(0.1, 0.5), run(1.0, 0.1)]}
     assert train.choose_lr(grid["gn"]).lr == 0.1
     assert train.choose_lr([run(0.1, 0.5), run(0.01, 0.5)]).lr == 0.01  # a tie: the smaller lr
-    seeds = {"gn": [grid["gn"][1], run(0.1, 0.8), run(0.1, 0.0, diverged=7)], "ws_gn": [grid["ws_gn"][1]]}
-    table = train.results_table(["gn", "ws_gn"], (0.01, 0.1), grid, seeds).set_index("method")
+    seeds = {"gn": [grid["gn"][1], run(0.1, 0.8), run(0.1, 0.0, diverged=7)], "ws_gn": [grid["ws_gn"][1]],
+             "wsc_gn": [grid["wsc_gn"][0]]}
+    table = train.results_table(["gn", "ws_gn", "wsc_gn"], (0.01, 0.1, 1.0), grid, seeds).set_index("method")
     assert table.loc["GN", "test acc mean (%)"] == pytest.approx(100 * (0.9 + 0.8) / 3)
     assert table.loc["GN", "status"] == "1 seed(s) diverged"
     assert table.loc["WS+GN", "status"] == "near chance at every lr"  # reported, not hidden
     assert table.loc["WS+GN", "test acc std (%)"] == 0
+    assert table.loc["WS(center)+GN", "status"] == "ok; lr at the edge of the grid"  # said, not hidden
 
 
 def test_synthetic_data_is_an_explicit_option(capsys):
@@ -105,7 +107,7 @@ def test_help_explains_every_option_with_its_default(capsys):
         assert action.option_strings[0] in text
         if action.default is not None and not isinstance(action.default, list):
             assert f"(default: {action.default})" in text, action.dest
-    assert "(default: 0.001 0.005 0.02 0.1)" in text
+    assert "(default: 0.0003 0.001 0.003 0.01 0.03 0.1)" in text
     assert "validation" in text and "mean +- std" in text
 
 

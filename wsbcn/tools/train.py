@@ -33,7 +33,7 @@ METHODS = {
     "ws_bcn": ("ws_bcn", 2, "WS+BCN (estimates)"),
     "ws_bcn_32": ("ws_bcn_batch", 32, "WS+BCN (batch stats), batch 32"),
 }
-DEFAULT_LRS = (0.001, 0.005, 0.02, 0.1)  # two decades
+DEFAULT_LRS = (0.0003, 0.001, 0.003, 0.01, 0.03, 0.1)  # two and a half decades
 DATA = ("digits", "synthetic")
 CLASSES = 10
 NEAR_CHANCE = 0.2  # best validation accuracy below this at every lr: "near chance at every lr"
@@ -237,6 +237,8 @@ def results_table(methods, lrs, grid, seeds_runs) -> pd.DataFrame:
             status = f"{len(diverged)} seed(s) diverged"
         else:
             status = "ok"
+        if len(lrs) > 1 and chosen.lr in (min(lrs), max(lrs)) and best_val >= NEAR_CHANCE:
+            status += "; lr at the edge of the grid"  # a wider grid might do better
         rows.append({
             "method": METHODS[m][2],
             "batch": METHODS[m][1],
