@@ -353,7 +353,7 @@ def _positive_float(text):
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The options of ``wsbcn train`` (and ``python -m wsbcn.tools.train``)."""
-    from .commands import positive_int
+    from .arguments import positive_int
 
     p.description = DESCRIPTION
     p.epilog = EPILOG
