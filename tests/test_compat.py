@@ -23,7 +23,7 @@ from wsbcn import _compat
 LAUNCH_PATHS = r"""
 import json
 import torch
-from triton.compiler.compiler import CompiledKernel
+import stub_launches
 from wsbcn import _compat, backends, tuning
 from wsbcn.functional import batch_channel_norm, weight_standardize
 from wsbcn.kernels import launch
@@ -32,25 +32,8 @@ from wsbcn.tools import stub_driver
 stub_driver.install()
 backends.emulate_gpu(stub_driver.GPU_NAME, stub_driver.SM_COUNT)
 
-# every call of a compiled kernel's C launch function: kernel hash, grid, and the
-# kernel arguments with addresses (ints above 2^20) left out
-seen = []
-real_run = CompiledKernel.run
-
-def recording_run(self):
-    launcher = real_run.fget(self)
-    if not getattr(launcher, "recorded", False):
-        c_launch = launcher.launch
-        def record(*args):
-            kernel_args = args[-1] if isinstance(args[-1], tuple) else args[13:]
-            values = [a.data_ptr() if hasattr(a, "data_ptr") else a for a in kernel_args]
-            seen.append([self.hash, list(args[:3]), [a for a in values if not (isinstance(a, int) and a > 1 << 20)]])
-            return c_launch(*args)
-        launcher.launch = record
-        launcher.recorded = True
-    return launcher
-
-CompiledKernel.run = property(recording_run)
+seen = []  # every launch: (kernel hash, grid, arguments), tensors as addresses (stub_launches.py)
+stub_launches.record(seen)
 
 torch.manual_seed(0)
 x = torch.randn(2, 64, 6, 6, dtype=torch.bfloat16, requires_grad=True)
@@ -72,13 +55,15 @@ for name, direct, c_launch in (("c launch", True, True), ("run", True, False), (
     seen.clear()
     before = dict(launch.stats)
     step()
-    out[name] = {"launches": list(seen), "direct": launch.stats["direct"] - before["direct"]}
+    launches = [[h, g, [a for a in args if not (isinstance(a, int) and a > 1 << 20)]] for h, g, args in seen]
+    out[name] = {"launches": launches, "direct": launch.stats["direct"] - before["direct"]}
 print("RESULT" + json.dumps(out))
 """
 
 
 def test_every_launch_path_hands_triton_the_same_launches():
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "WSBCN_BACKEND")}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, (os.path.dirname(__file__), env.get("PYTHONPATH"))))
     proc = subprocess.run([sys.executable, "-c", LAUNCH_PATHS], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     out = json.loads(proc.stdout.split("RESULT", 1)[1])

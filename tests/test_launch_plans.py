@@ -29,7 +29,7 @@ from conftest import DEVICE, rel_err
 CHECK_DIRECT_LAUNCHES = r"""
 import json
 import torch
-from triton.compiler.compiler import CompiledKernel
+import stub_launches
 from wsbcn import backends
 from wsbcn.ops import norm, ws
 from wsbcn.functional import batch_channel_norm, weight_standardize
@@ -40,28 +40,8 @@ stub_driver.install()
 backends.emulate_gpu(stub_driver.GPU_NAME, stub_driver.SM_COUNT)
 out = {}
 
-# What reaches triton's C launch function, on either path: kernel[grid] calls the
-# CompiledKernel's launcher object, which calls its C ``launch``; the direct path calls
-# that C function itself (wsbcn/_compat.py). Each compiled kernel's ``launch`` is
-# wrapped, and pointers (tensors or addresses) become addresses. The kernel arguments
-# are the last argument (a tuple, triton 3.9) or the arguments after the 13th (3.6).
-seen = []
-real_run = CompiledKernel.run
-
-def recording_run(self):
-    launcher = real_run.fget(self)
-    if not getattr(launcher, "recorded", False):
-        c_launch = launcher.launch
-        def launch(*args):
-            kernel_args = args[-1] if isinstance(args[-1], tuple) else args[13:]
-            seen.append((self.hash, args[:3],
-                         [a.data_ptr() if hasattr(a, "data_ptr") else a for a in kernel_args]))
-            return c_launch(*args)
-        launcher.launch = launch
-        launcher.recorded = True
-    return launcher
-
-CompiledKernel.run = property(recording_run)
+seen = []  # every launch: (kernel hash, grid, arguments), tensors as addresses (stub_launches.py)
+stub_launches.record(seen)
 
 
 def bcn(x, params, nbt):
@@ -140,6 +120,7 @@ print("RESULT" + json.dumps(out))
 
 def _env():
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "WSBCN_BACKEND")}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, (os.path.dirname(__file__), env.get("PYTHONPATH"))))
     return env
 
 
