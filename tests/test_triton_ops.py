@@ -256,6 +256,7 @@ print("RESULT" + json.dumps(result))
 FORWARD = ["_ws_fwd_kernel", "_norm_stats_kernel", "_norm_combine_kernel", "_norm_apply_kernel"]
 
 
+@pytest.mark.slow  # 70-80 s with a cold inductor cache; fast cousins: test_compile's fullgraph compiles
 def test_compile_traces_the_triton_kernels_into_the_graph():
     """Over the stub driver (the Triton path of a GPU, nothing executes): with static
     shapes the compiled forward and backward graphs hold each layer's Triton launches
