@@ -53,6 +53,39 @@ def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
 
 
 @contextlib.contextmanager
+
+def assert_graph_replays_train_like_eager(eager, graphed, input_shape, steps=3):
+    """CUDA: SGD training steps of ``graphed`` replayed from one captured CUDA graph give
+    the losses and parameters of the same steps run eagerly on ``eager`` (a copy)."""
+    opt_e, opt_g = (torch.optim.SGD(m.parameters(), lr=0.1) for m in (eager, graphed))
+    static_x = torch.randn(input_shape, device="cuda")
+
+    def step(model, opt, x):
+        loss = model(x).square().mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=False)
+        return loss
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up off the capture stream, as CUDA graphs need
+        for _ in range(2):
+            step(graphed, opt_g, static_x)
+            step(eager, opt_e, static_x)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_loss = step(graphed, opt_g, static_x)
+    for _ in range(steps):
+        x = torch.randn(input_shape, device="cuda")
+        static_x.copy_(x)
+        graph.replay()
+        loss = step(eager, opt_e, x)
+        torch.testing.assert_close(static_loss, loss, rtol=1e-4, atol=1e-5)
+    for p_e, p_g in zip(eager.parameters(), graphed.parameters()):
+        torch.testing.assert_close(p_g, p_e, rtol=1e-4, atol=1e-5)
+
 def config_overrides(overrides, kernel=None):
     """Launch with the shape heuristic's config and ``overrides`` laid over it (for
     ``kernel`` only, or every kernel): a plan to test, or a tuned part. A context

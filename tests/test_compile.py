@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import wsbcn
-from conftest import DEVICE
+from conftest import DEVICE, assert_graph_replays_train_like_eager
 
 
 def layer_kinds_model():
@@ -79,35 +79,7 @@ def test_training_step_captured_in_cuda_graph():
     with the same result as eager: nothing on the hot path syncs the host."""
     eager = layer_kinds_model()
     graphed = copy.deepcopy(eager)
-    opt_e = torch.optim.SGD(eager.parameters(), lr=0.1)
-    opt_g = torch.optim.SGD(graphed.parameters(), lr=0.1)
-    static_x = torch.randn(1, 3, 8, 8, device="cuda")
-
-    def step(model, opt, x):
-        loss = model(x).square().mean()
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=False)
-        return loss
-
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            step(graphed, opt_g, static_x)
-            step(eager, opt_e, static_x)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static_loss = step(graphed, opt_g, static_x)
-    for _ in range(3):
-        x = torch.randn(1, 3, 8, 8, device="cuda")
-        static_x.copy_(x)
-        graph.replay()
-        loss = step(eager, opt_e, x)
-        torch.testing.assert_close(static_loss, loss, rtol=1e-4, atol=1e-5)
-    for p_e, p_g in zip(eager.parameters(), graphed.parameters()):
-        torch.testing.assert_close(p_g, p_e, rtol=1e-4, atol=1e-5)
+    assert_graph_replays_train_like_eager(eager, graphed, (1, 3, 8, 8))
 
 
 @pytest.mark.parametrize("dims", [1, 3])

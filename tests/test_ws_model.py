@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 import wsbcn
-from conftest import DEVICE, TOL, rel_err
+from conftest import DEVICE, TOL, assert_graph_replays_train_like_eager, rel_err
 from reference import ws_reference
 from wsbcn import tuning
 from wsbcn.functional import weight_standardize
@@ -469,34 +469,7 @@ def test_training_step_with_standardizer_captured_in_cuda_graph():
     graphed = copy.deepcopy(eager)
     ModelWeightStandardizer(eager)
     ModelWeightStandardizer(graphed)
-    opt_e, opt_g = (torch.optim.SGD(m.parameters(), lr=0.1) for m in (eager, graphed))
-    static_x = torch.randn(2, 3, 8, 8, device="cuda")
-
-    def step(model, opt, x):
-        loss = model(x).square().mean()
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=False)
-        return loss
-
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            step(graphed, opt_g, static_x)
-            step(eager, opt_e, static_x)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static_loss = step(graphed, opt_g, static_x)
-    for _ in range(3):
-        x = torch.randn(2, 3, 8, 8, device="cuda")
-        static_x.copy_(x)
-        graph.replay()
-        loss = step(eager, opt_e, x)
-        torch.testing.assert_close(static_loss, loss, rtol=1e-4, atol=1e-5)
-    for p_e, p_g in zip(eager.parameters(), graphed.parameters()):
-        torch.testing.assert_close(p_g, p_e, rtol=1e-4, atol=1e-5)
+    assert_graph_replays_train_like_eager(eager, graphed, (2, 3, 8, 8))
 
 
 def test_next_pow2_blocks_in_meta():
