@@ -52,8 +52,6 @@ def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return (a - e).norm().item() / (denom if denom > 0 else 1.0)
 
 
-@contextlib.contextmanager
-
 def assert_graph_replays_train_like_eager(eager, graphed, input_shape, steps=3):
     """CUDA: SGD training steps of ``graphed`` replayed from one captured CUDA graph give
     the losses and parameters of the same steps run eagerly on ``eager`` (a copy)."""
@@ -86,6 +84,8 @@ def assert_graph_replays_train_like_eager(eager, graphed, input_shape, steps=3):
     for p_e, p_g in zip(eager.parameters(), graphed.parameters()):
         torch.testing.assert_close(p_g, p_e, rtol=1e-4, atol=1e-5)
 
+
+@contextlib.contextmanager
 def config_overrides(overrides, kernel=None):
     """Launch with the shape heuristic's config and ``overrides`` laid over it (for
     ``kernel`` only, or every kernel): a plan to test, or a tuned part. A context
