@@ -19,17 +19,9 @@ What is recomputed and what is a constant, as in the forward:
 - the channel stage (and GroupNorm): group statistics of u, with gradients.
 """
 import torch
-import torch.nn.functional as F
 
-from ..backends.torch_closed_form import acc_dtype
+from ..backends.torch_closed_form import _activate, acc_dtype
 from ..kernels.norm import MODE_BATCH, MODE_GN
-
-def _activate(z, activation):
-    if activation == "relu":
-        return F.relu(z)
-    if activation == "silu":
-        return F.silu(z)
-    return z
 
 
 def _bn_constants(call, x, gamma, omega, saved):
