@@ -6,18 +6,7 @@ import pandas as pd
 
 from wsbcn import tuning
 from wsbcn.tools import autotune
-
-
-class CountingTimer:
-    """Runs the callable for real (so every config is exercised) and reports a fixed time."""
-
-    def __init__(self):
-        self.calls = 0
-
-    def __call__(self, fn):
-        fn()
-        self.calls += 1
-        return 1.0, 0.9, 1.1
+from .test_bench import CountingTimer  # runs each callable for real, reports a fixed time
 
 
 def test_autotune_flow_on_cpu_with_injected_timer(tmp_path, monkeypatch):

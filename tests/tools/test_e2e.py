@@ -10,6 +10,7 @@ import torch
 from wsbcn.tools import e2e
 from wsbcn.tools.bench import COLUMNS
 from wsbcn.tools.models import VARIANTS
+from .test_bench import CountingTimer  # runs each callable for real, reports a fixed time
 
 MODES = ["eager", "cudagraph"] if torch.cuda.is_available() else ["eager"]
 QUIET = dict(log=lambda *a: None)
@@ -23,14 +24,6 @@ def one_cpu_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-class CountingTimer:
-    """Runs the step once for real and reports a fixed time."""
-
-    def __call__(self, fn):
-        fn()
-        return 1.0, 0.9, 1.1
 
 
 def one_step_timer(fn):
