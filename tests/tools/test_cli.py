@@ -201,6 +201,37 @@ def test_cli_bench_host_runs_the_host_benchmark_in_a_fresh_process(tmp_path, mon
     assert not seen and "--host times eager calls only" in capsys.readouterr().err
 
 
+def test_cli_bench_distributed_runs_the_distributed_benchmark_in_a_fresh_process(tmp_path, monkeypatch, capsys):
+    """`wsbcn bench --distributed` hands the world size and its narrowing options to
+    `python -m wsbcn.tools.dist_bench` in a process without TRITON_INTERPRET (the
+    benchmark itself: test_dist_bench.py); its ops default to BCN's two modes."""
+    seen = {}
+
+    def fake_run(command, env):
+        seen["command"], seen["env"] = command, env
+        return subprocess.CompletedProcess(command, 0)
+
+    monkeypatch.setattr(subprocess, "run", fake_run)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert cli.main(["bench", "--host", "--distributed", "--world-size", "3", "--batch-sizes", "2", "--modes", "fwd",
+                     "--quick", "--out", str(tmp_path)]) == 0
+    command = seen["command"]
+    assert command[1:3] == ["-m", "wsbcn.tools.dist_bench"]
+    joined = " ".join(command)
+    for part in ("--ops bcn bcn_estimate", "--world-size 3", "--batch-sizes 2", "--modes fwd", "--quick",
+                 f"--out {tmp_path}"):
+        assert part in joined, part
+    assert "TRITON_INTERPRET" not in seen["env"] and "WSBCN_BACKEND" not in seen["env"]
+    assert cli.main(["bench", "--distributed", "--ops", "bcn"]) == 0  # --host implied; an --ops given is kept
+    command = seen["command"]
+    assert command[command.index("--ops") + 1:] == ["bcn"] and "--world-size" not in command
+    seen.clear()
+    assert cli.main(["bench", "--distributed", "--e2e"]) == 2
+    assert cli.main(["bench", "--host", "--world-size", "2"]) == 2
+    err = capsys.readouterr().err
+    assert not seen and "--distributed times eager calls only" in err and "--world-size goes with --distributed" in err
+
+
 def test_the_repository_only_tools_are_refused_in_one_line_outside_a_checkout(tmp_path, monkeypatch, capsys):
     import wsbcn.tools as tools
 

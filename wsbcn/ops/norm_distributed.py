@@ -37,8 +37,17 @@ def _check_each_call(x):
     return not x.is_cuda
 
 
-def _capturing(x):
-    return x.is_cuda and torch.cuda.is_current_stream_capturing()
+def _check_header(x, dplan):
+    """Compare the ranks' headers in this call of the Triton path? CPU tensors through
+    the interpreter: every call (``_check_each_call``); CUDA tensors: a plan's first
+    call only, never while a CUDA graph is captured. CPU tensors on an emulated GPU
+    (``backends.emulate_gpu`` over the stub driver, for host time): never. They take
+    the CUDA path, so that repeat calls time what a CUDA run does, and no kernel
+    writes the rows there (they hold whatever memory held), so the first call has
+    nothing to compare; host time skips one host read of the rows, once per plan."""
+    if x.is_cuda:
+        return not dplan.header_checked and not torch.cuda.is_current_stream_capturing()
+    return backends.emulated_gpu() is None
 
 
 def _dist_plan(call, x, gamma, omega, nbt, world):
@@ -60,7 +69,7 @@ def forward(call, x, gamma, beta, omega, eta, running_mean, running_var, nbt):
         x = x.contiguous()  # spatial dims that one stride cannot walk (the backward does the same)
     if backends.backend_for(x) == "triton" and not torch.compiler.is_compiling():
         dplan = _dist_plan(call, x, gamma, omega, nbt, ranks.size)
-        check = _check_each_call(x) or (not dplan.header_checked and not _capturing(x))
+        check = _check_header(x, dplan)
 
         def gather(row):
             rows = collectives.gather_rows(row, ranks, check)

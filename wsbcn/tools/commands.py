@@ -65,7 +65,14 @@ def _bench(sub):
                    help="only the host time of every eager call and of its floor (wsbcn.tools.host_bench: the "
                         "repository's stub CUDA driver on a machine without a GPU, the real one on a GPU; "
                         "ResNet-50 shapes, N = 2 and 32, bf16 unless narrowed); rows with variant 'host'")
-    p.add_argument("--quick", action="store_true", help="with --host: 3 rounds of 5 calls per case")
+    p.add_argument("--distributed", action="store_true",
+                   help="host time of BCN across processes (wsbcn.tools.dist_bench): --world-size ranks on this "
+                        "machine, gloo over the stub CUDA driver without a GPU, NCCL with one GPU per rank; each "
+                        "rank times BatchChannelNorm2d with a process group, its floor and the single-process call "
+                        "(ResNet-50 shapes, N = 2 per rank, bf16 unless narrowed); rows with variant "
+                        "'host_dist<W>'; implies --host")
+    p.add_argument("--world-size", type=positive_int, default=None, help="with --distributed: ranks (default 2)")
+    p.add_argument("--quick", action="store_true", help="with --host or --distributed: 3 rounds of 5 calls per case")
     p.add_argument("--no-compiled", action="store_true", help="leave out the torch.compile providers")
     p.add_argument("--threads", type=positive_int, default=None,
                    help="CPU threads torch computes with (default on CPU: 1, which keeps timings stable on a "
@@ -127,6 +134,7 @@ def _run_bench(args) -> int:
 
 
 def _bench_parts(args) -> int:
+    import sys
     from pathlib import Path
 
     import pandas as pd
@@ -137,6 +145,11 @@ def _bench_parts(args) -> int:
     from .results import upsert
     from .plot import summary_markdown
 
+    if args.distributed:
+        return _run_distributed(args)
+    if args.world_size is not None:
+        print("wsbcn bench: --world-size goes with --distributed", file=sys.stderr)
+        return 2
     if args.host:
         return _run_host(args)
     on_gpu = torch.cuda.is_available()
@@ -174,6 +187,24 @@ def _bench_parts(args) -> int:
 def _run_host(args) -> int:
     """``wsbcn bench --host``: the host-time benchmark in a fresh process, because
     triton must see the stub driver (and no interpreter) before it is imported."""
+    return _host_time_command(args, "--host", "wsbcn.tools.host_bench", args.ops)
+
+
+def _run_distributed(args) -> int:
+    """``wsbcn bench --distributed``: BCN's host time across processes, in a fresh
+    process (as --host) that spawns the ranks. The ops default to BCN's two modes
+    (GroupNorm and WS take no process group)."""
+    from .bench import OPS
+    from .dist_bench import DIST_OPS
+
+    ops = DIST_OPS if sorted(args.ops) == sorted(OPS) else args.ops  # --ops not given: BCN's
+    extra = ["--world-size", str(args.world_size)] if args.world_size is not None else []
+    return _host_time_command(args, "--distributed", "wsbcn.tools.dist_bench", ops, extra)
+
+
+def _host_time_command(args, flag, module, ops, extra=()) -> int:
+    """Run ``python -m <module>`` with the narrowing options of ``args``, without
+    TRITON_INTERPRET and WSBCN_BACKEND; its exit status."""
     import os
     import subprocess
     import sys
@@ -183,20 +214,20 @@ def _run_host(args) -> int:
     from . import dev_tools_dir
 
     if args.e2e or args.e2e_only or args.e2e_compile or args.graph or args.full or args.timings:
-        print("wsbcn bench: --host times eager calls only; it takes --ops, --modes, --batch-sizes, --dtypes, "
+        print(f"wsbcn bench: {flag} times eager calls only; it takes --ops, --modes, --batch-sizes, --dtypes, "
               "--layouts, --suite, --quick and --out", file=sys.stderr)
         return 2
     if not torch.cuda.is_available() and dev_tools_dir() is None:
-        print("wsbcn bench --host without a GPU needs the stub CUDA driver of a wsbcn repository checkout "
+        print(f"wsbcn bench {flag} without a GPU needs the stub CUDA driver of a wsbcn repository checkout "
               "(perf/wsbcn_dev/), which is not installed: run it from a clone of the repository", file=sys.stderr)
         return 2
-    command = [sys.executable, "-m", "wsbcn.tools.host_bench", "--out", args.out, "--ops", *args.ops]
-    if args.modes:  # none asked for: host_bench's own default (fwd, fwdbwd)
+    command = [sys.executable, "-m", module, "--out", args.out, "--ops", *ops, *extra]
+    if args.modes:  # none asked for: the tool's own default (fwd, fwdbwd)
         command += ["--modes", *args.modes]
-    for flag, value in (("--suite", args.suite), ("--batch-sizes", args.batch_sizes), ("--dtypes", args.dtypes),
-                        ("--layouts", args.layouts)):
+    for option, value in (("--suite", args.suite), ("--batch-sizes", args.batch_sizes), ("--dtypes", args.dtypes),
+                          ("--layouts", args.layouts)):
         if value:
-            command += [flag, *map(str, value if isinstance(value, list) else [value])]
+            command += [option, *map(str, value if isinstance(value, list) else [value])]
     if args.quick:
         command.append("--quick")
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "WSBCN_BACKEND")}

@@ -154,6 +154,26 @@ def time_host(fns, sync, rounds: int, calls: int, clock=time.perf_counter_ns) ->
     return [_quantiles_ms(times) for times in per_round]
 
 
+def time_host_two_clocks(fns, sync, rounds: int, calls: int, inner, outer) -> list:
+    """``time_host`` with every call read on two clocks, ``inner`` read inside
+    ``outer``'s span: [((p50, p20, p80) on inner, (p50, p20, p80) on outer) per fn]."""
+    gc.collect()
+    per_round = [([], []) for _ in fns]
+    for _ in range(rounds):
+        for fn, (inner_times, outer_times) in zip(fns, per_round):
+            inner_total = outer_total = 0
+            for _ in range(calls):
+                sync()
+                outer_start = outer()
+                inner_start = inner()
+                fn()
+                inner_total += inner() - inner_start
+                outer_total += outer() - outer_start
+            inner_times.append(inner_total / calls)
+            outer_times.append(outer_total / calls)
+    return [(_quantiles_ms(a), _quantiles_ms(b)) for a, b in per_round]
+
+
 def _jobs(suite_name, ops, batch_sizes, dtypes, layouts, shapes, weights):
     """(op, shape, N, dtype, layout, suite label) of every case."""
     norms, convs, batches, kinds, orders = suites.suite(suite_name, batch_sizes, dtypes, layouts)
