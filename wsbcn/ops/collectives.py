@@ -23,7 +23,9 @@ What is checked, and when (``resolve`` once per call signature; ``check_header``
   rank raises the same error, before any buffer is written): mode (estimate or not),
   momentum, eps, channels. On CPU tensors every call; on CUDA tensors (Triton) the first
   call of each launch plan only (reading the header waits for the GPU), never while a
-  CUDA graph is being captured, and not on the torch closed form;
+  CUDA graph is being captured, and not on the torch closed form; never on CPU tensors
+  with an emulated GPU (host time over the stub driver, where no kernel writes the rows:
+  norm_distributed.py ``_check_header``);
 - dtypes need no check: the rows are float64 whatever the input dtype (fp16, bf16,
   fp32, float64), so ranks with different dtypes exchange the same bytes and combine
   correctly;
