@@ -8,6 +8,7 @@ path runs; the same kernel with the same arguments computes the same bits). torc
 functionalization rule: with triton_op's own rule in place of wsbcn's, a compiled step
 gives bitwise the same results.
 """
+import inspect
 import json
 import os
 import subprocess
@@ -110,6 +111,79 @@ def test_compiled_results_are_the_same_with_triton_ops_own_rule(monkeypatch):
     fallback = run()
     for a, b in zip(ours, fallback):
         assert torch.equal(a, b)
+
+
+def _small_model_step(c_apply_enabled, monkeypatch, x=None):
+    """Outputs, gradients and buffers of one training step of WSConv + BCN + GroupNorm,
+    then model-wide WS, with the layers calling ``Function.apply``'s C half or not."""
+    from wsbcn.ops import norm, ws, ws_model
+
+    monkeypatch.setattr(_compat, "c_apply_enabled", c_apply_enabled)
+    for cache in (norm._calls, ws._calls, ws_model._calls):
+        cache.clear()  # new calls: each reads c_apply_enabled when it is made
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(wsbcn.WSConv2d(4, 8, 3, padding=1), wsbcn.BatchChannelNorm2d(8, 4),
+                                wsbcn.GroupNorm(4, 8), wsbcn.WSConv2d(8, 8, 1))
+    inputs = list(model.parameters())  # and x, unless given
+    if x is None:
+        x = torch.randn(2, 4, 5, 5).requires_grad_(True)
+        inputs.insert(0, x)
+    results = []
+    for model_wide in (False, True):
+        standardizer = wsbcn.ModelWeightStandardizer(model) if model_wide else None
+        y = model(x)
+        results += [y, *torch.autograd.grad(y, inputs, torch.ones_like(y)), *model.buffers()]
+        if standardizer is not None:
+            standardizer.remove()
+    return results
+
+
+def test_function_apply_s_c_half_is_taken_where_apply_is_torch_s_python_wrapper(monkeypatch):
+    """Through torch 2.13 the layers call the C half of ``Function.apply`` themselves;
+    where apply is C already (torch 2.14) or a Function has setup_context, they call apply."""
+    from wsbcn.ops.norm import NormFunction
+
+    python_apply = isinstance(inspect.getattr_static(torch.autograd.Function, "apply"), classmethod)
+    assert (_compat.function_c_apply(NormFunction) is not None) == python_apply
+
+    class WithSetupContext(torch.autograd.Function):
+        @staticmethod
+        def forward(x):
+            return x
+
+        @staticmethod
+        def setup_context(ctx, inputs, output):
+            pass
+
+    assert _compat.function_c_apply(WithSetupContext) is None
+    if python_apply:  # the layers never call the Python wrapper
+        def refuse(*args):
+            raise AssertionError("Function.apply called")
+
+        monkeypatch.setattr(torch.autograd.Function, "apply", classmethod(refuse))
+        _small_model_step(True, monkeypatch)
+
+
+def test_function_apply_s_c_half_gives_function_apply_s_results(backend, monkeypatch):
+    for ours, theirs in zip(_small_model_step(True, monkeypatch), _small_model_step(False, monkeypatch)):
+        assert torch.equal(ours, theirs)
+
+
+def test_a_functorch_wrapper_that_outlived_its_transform_gives_the_plain_tensor_s_results(backend, monkeypatch):
+    leaked = []
+
+    def keep(t):
+        leaked.append(t)
+        return t.sum()
+
+    x = torch.randn(2, 4, 5, 5)
+    torch.func.grad(keep)(x)  # leaked[0]: x wrapped by a transform that has ended
+    dead = leaked[0]
+    assert torch._C._functorch.is_functorch_wrapped_tensor(dead)
+    expected = _small_model_step(False, monkeypatch, x.clone())
+    for c_half in (True, False):
+        for ours, theirs in zip(_small_model_step(c_half, monkeypatch, dead), expected):
+            assert torch.equal(ours, theirs)
 
 
 def test_is_fake_knows_fake_tensors():

@@ -32,7 +32,7 @@ import torch
 import stub_launches
 from wsbcn import backends
 from wsbcn.ops import norm, ws
-from wsbcn.functional import batch_channel_norm, weight_standardize
+from wsbcn.functional import batch_channel_norm, group_norm, weight_standardize
 from wsbcn.kernels import launch
 from wsbcn.tools import stub_driver
 
@@ -72,6 +72,18 @@ out["misaligned call"] = [c3["jit"] - c2["jit"], c3["direct"] - c2["direct"]]
 x_big = torch.randn(2, 64, 7, 7, dtype=torch.bfloat16)
 bcn(x_big, params, nbt); c4 = counts()
 out["other shape"] = [c4["jit"] - c3["jit"], c4["direct"] - c3["direct"]]
+# x's signature again, with bf16 parameters and buffers: triton specialises on each
+# pointer's dtype, so these are other kernels, never the fp32 ones launched directly
+seen.clear()
+bcn(x, [p.to(torch.bfloat16) for p in params], nbt); c5 = counts()
+out["bf16 parameters"] = [c5["jit"] - c4["jit"], c5["direct"] - c4["direct"]]
+out["bf16 parameters' kernels differ"] = [a != b for a, (b, _, _) in zip(first_kernels, seen)]
+# GroupNorm: its affine in fp32, then in bf16 (as a model cast to bf16 has it)
+gn_counts = []
+for dtype in (torch.float32, torch.float32, torch.bfloat16):
+    c0 = counts(); group_norm(x, 8, torch.ones(64, dtype=dtype), torch.zeros(64, dtype=dtype)); c1 = counts()
+    gn_counts.append([c1["jit"] - c0["jit"], c1["direct"] - c0["direct"]])
+out["group norm fp32, fp32, bf16 affine"] = gn_counts
 
 # The plan's kernels are the ones kernel[grid] returns for the same (aligned) arguments,
 # and the misaligned call compiled other ones (triton's specialisation differs).
@@ -133,6 +145,9 @@ def test_direct_launches_are_the_jit_launches_and_fall_back_when_specialisation_
     assert out["repeat call"] == [0, 3]  # the cached kernels, launched directly
     assert out["misaligned call"] == [3, 0]  # x 2 bytes off: triton's specialisation differs
     assert out["other shape"] == [3, 0]  # a new plan
+    assert out["bf16 parameters"] == [3, 0]  # the parameters' dtypes are part of the plan
+    assert out["bf16 parameters' kernels differ"] == [True, True, True]
+    assert out["group norm fp32, fp32, bf16 affine"] == [[3, 0], [0, 3], [3, 0]]
     assert out["misaligned kernels differ"] == [True, False, True]
     assert out["same kernels both paths"] and out["same kernels as stored"]
     assert out["same grids and argument counts"]

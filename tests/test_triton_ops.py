@@ -92,7 +92,8 @@ def test_op_bodies_compute_the_float64_reference(monkeypatch, case, layout):
     dy = torch.randn_like(x)
     y_ref, grads_ref, buffers_ref = _norm_reference(inputs, scalars, dy)
     plan = norm.launch_plan(x, groups, mode, update, cumulative, act, group_affine, inputs["gamma"] is not None,
-                            True, inputs["num_batches_tracked"] is not None, eps, momentum)
+                            True, inputs["num_batches_tracked"] is not None, eps, momentum,
+                            norm.tensor_dtypes(*list(inputs.values())[1:]))
     results = {}
     for path in ("eager", "op", "op traced"):
         state = _fresh(inputs)

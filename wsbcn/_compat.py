@@ -6,6 +6,7 @@ and 2.13, triton 3.6 and 3.9 (pyproject.toml's lower bounds are the oldest of
 those); a newer release that changes one of these loses speed, never results.
 """
 import functools
+import inspect
 
 import torch
 import triton
@@ -99,6 +100,42 @@ def launch_hooks_set() -> bool:
         return False
     runtime = _knobs.runtime
     return _hooked(runtime.launch_enter_hook) or _hooked(runtime.launch_exit_hook)
+
+
+# --- torch: autograd.Function.apply ---------------------------------------------------
+# Through torch 2.13, ``Function.apply`` (torch/autograd/function.py) is a Python
+# classmethod. For a Function without ``setup_context`` and with no functorch transform
+# (vmap, grad, ...) active, all it does is pass each tensor argument through
+# ``unwrap_if_dead`` (a functorch wrapper that outlived its transform becomes the tensor
+# it wraps) and call the C ``_FunctionBase.apply`` it inherits. That Python costs about
+# 5 us a call, a quarter of an eager BCN forward's host time, so the eager layers take
+# those two steps themselves. torch 2.14 moved ``apply`` to C: there, and wherever the
+# wrapper is not the one we know, ``function_c_apply`` gives None and the layers call
+# ``Function.apply``. So does anything dynamo traces: it knows ``Function.apply``.
+functorch_transforms_active = getattr(torch._C, "_are_functorch_transforms_active", None)
+unwrap_if_dead = getattr(getattr(torch._C, "_functorch", None), "unwrap_if_dead", None)
+
+
+def _python_apply_known() -> bool:
+    """``Function.apply`` is the Python wrapper described above."""
+    apply = inspect.getattr_static(torch.autograd.Function, "apply", None)
+    if not isinstance(apply, classmethod) or functorch_transforms_active is None or unwrap_if_dead is None:
+        return False
+    return {"_are_functorch_transforms_active", "unwrap_dead_wrappers"} <= set(apply.__func__.__code__.co_names)
+
+
+_PYTHON_APPLY = _python_apply_known()
+c_apply_enabled = True  # tests turn it off to compare with Function.apply
+
+
+def function_c_apply(cls):
+    """The C ``apply`` under ``cls.apply`` (a ``torch.autograd.Function`` without
+    ``setup_context``) when ``cls.apply`` is the Python wrapper above, else None. Call it
+    only outside dynamo's tracing, when ``functorch_transforms_active()`` is False, with
+    each tensor argument passed through ``unwrap_if_dead``: then it is ``cls.apply``."""
+    if not (_PYTHON_APPLY and c_apply_enabled) or cls.setup_context != torch.autograd.Function.setup_context:
+        return None
+    return super(torch.autograd.Function, cls).apply
 
 
 # --- torch: fake tensors ----------------------------------------------------------

@@ -11,7 +11,7 @@ from typing import Optional
 
 import torch
 
-from .. import backends, checks, tuning
+from .. import _compat, backends, checks, tuning
 from ..backends.torch_closed_form import acc_dtype, norm_backward_torch, norm_forward_torch
 from ..kernels import norm as kernels
 from ..kernels.layout import channels_fastest, nsc_strides
@@ -43,13 +43,21 @@ def _grad_lengths(x, num_groups, gamma, omega, group_affine, mode):
 _plans: dict = {}
 
 
+def tensor_dtypes(*tensors):
+    """The dtype of each tensor (None for an absent one): triton compiles a kernel for
+    the dtypes of its pointer arguments, so a launch plan is one per dtypes."""
+    return tuple(None if t is None else t.dtype for t in tensors)
+
+
 def launch_plan(x, num_groups, mode, update_running, cumulative, activation, group_affine,
-                has_bn_affine, has_affine, has_nbt, eps, momentum):
+                has_bn_affine, has_affine, has_nbt, eps, momentum, dtypes):
     """The Triton launch plan of a call (kernels/norm_plan.py), cached on
-    everything it derives from: the signature, the device (or emulated GPU), the
-    tuned-config tables and the config function itself (tests replace it)."""
+    everything it derives from: the signature (``dtypes``: ``tensor_dtypes`` of gamma,
+    beta, omega, eta and the running buffers as the kernels get them), the device (or
+    emulated GPU), the tuned-config tables and the config function itself (tests
+    replace it)."""
     key = (x.shape, x.stride(), x.dtype, x.device, num_groups, mode, update_running, cumulative, activation,
-           group_affine, has_bn_affine, has_affine, has_nbt, eps, momentum,
+           group_affine, has_bn_affine, has_affine, has_nbt, eps, momentum, dtypes,
            tuning.config_for, tuning.generation(), backends.emulated_gpu())
 
     def build():
@@ -91,7 +99,8 @@ def _norm_forward_impl(x, gamma, beta, omega, eta, running_mean, running_var, nu
         return _like_y(x), x.new_empty(s6, dtype=torch.float32), x.new_empty(sc, dtype=torch.float32), \
             x.new_empty(sr, dtype=torch.float32)
     plan = launch_plan(x, num_groups, mode, update_running, cumulative, activation, group_affine,
-                       gamma is not None, omega is not None, num_batches_tracked is not None, eps, momentum)
+                       gamma is not None, omega is not None, num_batches_tracked is not None, eps, momentum,
+                       tensor_dtypes(gamma, beta, omega, eta, running_mean, running_var, num_batches_tracked))
     if op:
         return plan.forward_op(x, gamma, beta, omega, eta, running_mean, running_var, num_batches_tracked,
                                traced=not library.plain(x))
@@ -112,7 +121,8 @@ def _norm_backward_impl(dy, x, stats, rstd_c, rho, gamma, omega, eta, num_groups
         lengths = _grad_lengths(x, num_groups, gamma, omega, group_affine, mode)
         return (_like_y(x),) + tuple(x.new_empty((m,), dtype=torch.float32) for m in lengths)
     plan = launch_plan(x, num_groups, mode, False, False, activation, group_affine,
-                       gamma is not None, omega is not None, False, 1e-5, 0.0)
+                       gamma is not None, omega is not None, False, 1e-5, 0.0,
+                       tensor_dtypes(gamma, None, omega, eta, None, None, None))
     if op:
         return plan.backward_op(dy, x, stats, rstd_c, rho, gamma, omega, eta, traced=not library.plain(x))
     return plan.backward(dy, x, (stats, rstd_c, rho), gamma, omega, eta)
@@ -173,21 +183,24 @@ class _Call:
     ``NormFunction``; ``saved`` is what the forward keeps for the backward."""
 
     __slots__ = ("num_groups", "eps", "momentum", "cumulative", "mode", "update_running", "activation",
-                 "group_affine", "affine_shape", "eager", "group", "plans")
+                 "group_affine", "affine_shape", "dtypes", "eager", "group", "plans", "c_apply")
 
     def __init__(self, x, num_groups, eps, momentum, cumulative, mode, update_running, activation, group_affine,
-                 group=None, affine_shape=None):
+                 dtypes, group=None, affine_shape=None):
         self.num_groups, self.eps, self.momentum, self.cumulative = num_groups, eps, momentum, cumulative
         self.mode, self.update_running, self.activation, self.group_affine = mode, update_running, activation, group_affine
         self.group = group  # a process group: statistics combined across its ranks
         # the channel-stage affine's shape when it is not 1-d (a module's (1, G, 1)): the
         # eager backward shapes its gradients with ints (a view by a Size costs more)
         self.affine_shape = affine_shape
+        self.dtypes = dtypes  # tensor_dtypes of the tensors the kernels get besides x
         # The eager Triton path takes non-empty inputs whose spatial dims one stride walks.
         # A call built under torch.compile is never cached (checks.validated) and
         # takes the torch.library ops.
         self.eager = x.numel() > 0 and nsc_strides(x) is not None and not torch.compiler.is_compiling()
         self.plans = {}
+        # NormFunction.apply's C half, or None (wsbcn/_compat.py; always None under tracing)
+        self.c_apply = None if torch.compiler.is_compiling() else _compat.function_c_apply(NormFunction)
 
     def plan(self, x, gamma, omega, nbt):
         key = (tuning.config_for, tuning._generation[0], backends._emulated_gpu)  # what a plan derives from
@@ -195,7 +208,8 @@ class _Call:
         if plan is None:
             plan = self.plans[key] = launch_plan(
                 x, self.num_groups, self.mode, self.update_running, self.cumulative, self.activation,
-                self.group_affine, gamma is not None, omega is not None, nbt is not None, self.eps, self.momentum)
+                self.group_affine, gamma is not None, omega is not None, nbt is not None, self.eps, self.momentum,
+                self.dtypes)
         return plan
 
     def forward(self, x, gamma, beta, omega, eta, running_mean, running_var, nbt):
@@ -231,7 +245,13 @@ class _Call:
         return bwd(dy, x, *saved, gamma, omega, eta, self.num_groups, self.mode, self.activation, self.group_affine)
 
     def __call__(self, x, gamma, beta, omega, eta, running_mean, running_var, nbt):
-        return NormFunction.apply(x, gamma, beta, omega, eta, self, (running_mean, running_var, nbt))
+        c_apply = self.c_apply
+        if c_apply is None or _compat.functorch_transforms_active():
+            return NormFunction.apply(x, gamma, beta, omega, eta, self, (running_mean, running_var, nbt))
+        u = _compat.unwrap_if_dead  # what NormFunction.apply does before its C half
+        return c_apply(u(x), gamma if gamma is None else u(gamma), beta if beta is None else u(beta),
+                       omega if omega is None else u(omega), eta if eta is None else u(eta), self,
+                       (running_mean, running_var, nbt))
 
 
 class NormFunction(torch.autograd.Function):
@@ -370,8 +390,10 @@ def _validate_bcn(owner, x, num_groups, running_mean, running_var, weight, bias,
     group_affine = group_weight is not None and group_weight.numel() == num_groups
     if group is not None and not (training and has_running):
         raise ValueError("a process_group combines statistics in training, with running buffers")
+    dtypes = tensor_dtypes(weight, bias, group_weight, group_bias, running_mean, running_var,
+                           num_batches_tracked if update_running else None)
     return _Call(x, num_groups, eps, 0.0 if cumulative else momentum, cumulative, mode, update_running, activation,
-                 group_affine, group, _shape_unless_1d(group_weight))
+                 group_affine, dtypes, group, _shape_unless_1d(group_weight))
 
 
 def group_norm(x: torch.Tensor, num_groups: int, weight: Optional[torch.Tensor] = None,
@@ -409,7 +431,10 @@ def _validate_gn(owner, x, num_groups, weight, bias, eps, activation) -> _Call:
     c = x.shape[1]
     _check_param("weight", weight, (c,), x)
     _check_param("bias", bias, (c,), x)
-    return _Call(x, num_groups, eps, 0.0, False, MODE_GN, False, activation, False,
+    # a missing one of weight and bias is made like the other (_group_norm)
+    dtypes = tensor_dtypes(None, None, bias if weight is None else weight, weight if bias is None else bias, None,
+                           None, None)
+    return _Call(x, num_groups, eps, 0.0, False, MODE_GN, False, activation, False, dtypes,
                  affine_shape=_shape_unless_1d(weight))
 
 

@@ -15,7 +15,7 @@ standardize="center" (centering only, the paper's ablation of WS):
 """
 import torch
 
-from .. import backends, checks, tuning
+from .. import _compat, backends, checks, tuning
 from ..backends.torch_closed_form import acc_dtype, ws_backward_torch, ws_forward_torch
 from ..kernels import ws as kernels
 from ..kernels.ws_plan import WSPlan
@@ -97,7 +97,7 @@ class _Call:
     checks.validated); ``forward``/``backward`` are the op bodies behind
     ``WeightStandardizeFunction``."""
 
-    __slots__ = ("eps", "correction", "std_mode", "center_only", "eager", "plans")
+    __slots__ = ("eps", "correction", "std_mode", "center_only", "eager", "plans", "c_apply")
 
     def __init__(self, weight, eps, correction, std_mode, center_only=False):
         self.eps, self.correction, self.std_mode, self.center_only = eps, correction, std_mode, center_only
@@ -105,6 +105,8 @@ class _Call:
         # call built under torch.compile is never cached and takes the torch.library ops
         self.eager = weight.shape[0] > 0 and row_dense(weight) is weight and not torch.compiler.is_compiling()
         self.plans = {}
+        # WeightStandardizeFunction.apply's C half, or None (wsbcn/_compat.py; always None under tracing)
+        self.c_apply = None if torch.compiler.is_compiling() else _compat.function_c_apply(WeightStandardizeFunction)
 
     def plan(self, weight):
         key = (tuning.config_for, tuning._generation[0], backends._emulated_gpu)  # what a plan derives from
@@ -133,7 +135,10 @@ class _Call:
         return bwd(grad, weight, stats, self.center_only)
 
     def __call__(self, weight):
-        return WeightStandardizeFunction.apply(weight, self)
+        c_apply = self.c_apply
+        if c_apply is None or _compat.functorch_transforms_active():
+            return WeightStandardizeFunction.apply(weight, self)
+        return c_apply(_compat.unwrap_if_dead(weight), self)  # what the apply does before its C half
 
 
 class WeightStandardizeFunction(torch.autograd.Function):

@@ -42,7 +42,7 @@ import operator
 
 import torch
 
-from .. import backends, checks, tuning
+from .. import _compat, backends, checks, tuning
 from ..backends.torch_closed_form import ws_backward_torch, ws_forward_torch
 from ..kernels.ws_multi_plan import PackLayout, WSMultiPlan
 from . import library
@@ -240,6 +240,8 @@ class ModelCall:
         self.n = len(weights)
         self.args = [tuple(a) for a in args]
         self.compiling = torch.compiler.is_compiling()
+        # ModelWeightStandardizeFunction.apply's C half, or None (wsbcn/_compat.py)
+        self.c_apply = None if self.compiling else _compat.function_c_apply(ModelWeightStandardizeFunction)
         self.packs = []  # eager: (indices, itemgetter, plan); compiling: [(indices, None, None)]
         self.singles = []  # (index, per-layer _Call)
         multi = []
@@ -348,7 +350,10 @@ class ModelCall:
         return dws
 
     def __call__(self, weights):
-        return ModelWeightStandardizeFunction.apply(self, *weights)
+        c_apply = self.c_apply
+        if c_apply is None or _compat.functorch_transforms_active():
+            return ModelWeightStandardizeFunction.apply(self, *weights)
+        return c_apply(self, *map(_compat.unwrap_if_dead, weights))  # what the apply does before its C half
 
 
 class ModelWeightStandardizeFunction(torch.autograd.Function):
