@@ -125,11 +125,19 @@ class DirectLaunches:
     returns False when a launch cannot go direct (not compiled yet, launch hooks,
     another device, a misaligned address): then the caller goes through
     ``kernel[grid]``, which is what decides (and the function checks) every case in
-    which triton would pick another compiled kernel."""
+    which triton would pick another compiled kernel.
 
-    def __init__(self, launches, params, prelude, slot_code, constants):
+    ``tables``: launches made by several ArgTables whose slots begin alike (one
+    table's slots a prefix of the next's, as DistNormPlan's extend NormPlan's): per
+    launch, (its table's number of slots, its table's constants); by default every
+    launch has ``slot_code``'s slots and ``constants``."""
+
+    def __init__(self, launches, params, prelude, slot_code, constants, tables=None):
         self.launches, self.params, self.prelude = launches, params, prelude
         self.slot_code, self.constants = slot_code, constants
+        self.tables = tables or [(len(slot_code), constants)] * len(launches)
+        if len(self.tables) != len(launches) or any(n > len(slot_code) for n, _ in self.tables):
+            raise ValueError("DirectLaunches: one table per launch, each with at most slot_code's slots")
         self._launchers = None
         self._function = None
 
@@ -150,11 +158,17 @@ class DirectLaunches:
         lines.append(f"    if ({' | '.join(f's{i}' for i in range(n_slots))}) & 15:")
         lines.append("        return False")
         scope = {"launch_stats": stats}
-        for j, value in enumerate(self.constants):
-            scope[f"k{j}"] = value
+        tables = {}  # id of a constants list -> the name prefix of its values
+        for table_slots, constants in self.tables:
+            if id(constants) not in tables:
+                prefix = tables[id(constants)] = f"k{len(tables)}_"
+                for j, value in enumerate(constants):
+                    scope[f"{prefix}{j}"] = value
         for i, launch in enumerate(self.launches):
             scope[f"L{i}"], scope[f"G{i}"] = launch.launcher, launch.grid
-            args = [f"s{k}" if k < n_slots else f"k{k - n_slots}" for k in launch.pick_indices]
+            table_slots, constants = self.tables[i]
+            prefix = tables[id(constants)]
+            args = [f"s{k}" if k < table_slots else f"{prefix}{k - table_slots}" for k in launch.pick_indices]
             lines.append(f"    L{i}(G{i}, stream, ({', '.join(args)},))")
         lines.append(f"    launch_stats['direct'] += {len(self.launches)}")
         lines.append("    return True")

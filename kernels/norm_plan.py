@@ -190,14 +190,17 @@ class NormPlan:
                 side[o[7]:o[7] + n * self.num_groups].view(n, self.num_groups))
 
     # -- backward ------------------------------------------------------------------
-    def _backward_plan(self, dy):
-        key = dy.stride()
+    def _backward_plan(self, dy, grad_dtype=torch.float32):
+        key = (dy.stride(), grad_dtype)
         found = self._bwd.get(key)
         if found is None:
-            found = self._bwd[key] = self._build_backward(dy)
+            found = self._bwd[key] = self._build_backward(dy, grad_dtype)
         return found
 
-    def _build_backward(self, dy):
+    def _build_backward(self, dy, grad_dtype):
+        """The launches for ``dy``'s layout with the parameter gradients written in
+        ``grad_dtype``: fp32 into the buffer, another dtype into one of their own
+        (``pieces``: the lengths of the gradients' buffer, after a head)."""
         n, c, s, k, num_groups = self.n, self.c, self.s, self.k, self.num_groups
         sx, sd, so = self.sx, nsc_strides(dy), self.sy  # dx is allocated like y
         large = _large(c, s, sx[1:], sd[1:], so[1:])
@@ -210,8 +213,9 @@ class NormPlan:
         aff_len = aff if self.has_affine else 0
         shapes = [(n, c, n_split)] * 2 + [(n * c,)] * 3 + [(bn_len,)] * 2 + [(aff_len,)] * 2
         offsets, size = _layout(shapes, blocks=(2, 3, 4))
-        # the gradients: one split of the buffer (head, the four gradients)
-        pieces = [offsets[5], bn_len, bn_len, aff_len, aff_len]
+        # the gradients: one split of the buffer (head, the four gradients), or of their own
+        in_buf = grad_dtype == torch.float32
+        pieces = [offsets[5] if in_buf else 0, bn_len, bn_len, aff_len, aff_len]
         # byte offsets for the direct path; an absent gradient gets the buffer's start
         # (never written: its HAS_* flag is off)
         byte_offsets = [4 * o if _numel(shape) else 0 for o, shape in zip(offsets, shapes)]
@@ -249,29 +253,41 @@ class NormPlan:
                      stride_on=so[0], stride_oc=so[1], stride_os=so[2], chunk=chunk, ALIGN=align_xdo, **common),
         ]
         dummy = 4 * self.fwd_offsets[6]
+        params = ("dy", "x", "dx", "side", "buf", "gamma", "omega", "eta")
+        prelude = ["saved = side.data_ptr()", "base = buf.data_ptr()", f"dummy = saved + {dummy}"]
+        buf_code = [f"base + {o}" for o in byte_offsets]
+        if not in_buf:  # the gradients' own buffer (an absent one keeps the buffer's start)
+            params = params[:5] + ("grads",) + params[5:]
+            prelude.append("grad_base = grads.data_ptr()")
+            size_of = torch.empty((), dtype=grad_dtype).element_size()
+            starts = [0, bn_len, 2 * bn_len, 2 * bn_len + aff_len]
+            buf_code[5:] = [f"grad_base + {size_of * o}" if n else "base" for o, n in zip(starts, pieces[1:])]
         direct = DirectLaunches(
-            launches, ("dy", "x", "dx", "side", "buf", "gamma", "omega", "eta"),
-            ["saved = side.data_ptr()", "base = buf.data_ptr()", f"dummy = saved + {dummy}"],
+            launches, params, prelude,
             ["dy.data_ptr()", "x.data_ptr()", "dx.data_ptr()"] + [f"saved + {o}" for o in self.fwd_byte_offsets]
-            + [f"base + {o}" for o in byte_offsets]
-            + [f"dummy if {t} is None else {t}.data_ptr()" for t in ("gamma", "omega", "eta")],
+            + buf_code + [f"dummy if {t} is None else {t}.data_ptr()" for t in ("gamma", "omega", "eta")],
             t.constants)
         return launches, t.constants, offsets, shapes, size, pieces, direct
 
-    def backward(self, dy, x, saved, gamma, omega, eta, dx=None):
-        """dx and the fp32 parameter gradients (d_gamma, d_beta, d_omega, d_eta;
-        empty for absent parameters). ``saved`` is the forward's side buffer or its
-        (stats, rstd_c, rho). A ``dy`` whose spatial dims one stride cannot walk is
+    def backward(self, dy, x, saved, gamma, omega, eta, dx=None, grad_dtype=torch.float32):
+        """dx and the parameter gradients (d_gamma, d_beta, d_omega, d_eta; empty for
+        absent parameters) in ``grad_dtype``. ``saved`` is the forward's side buffer or
+        its (stats, rstd_c, rho). A ``dy`` whose spatial dims one stride cannot walk is
         copied first."""
         if dy.stride() != self.y_stride and nsc_strides(dy) is None:
             dy = dy.contiguous()
-        launches, constants, offsets, shapes, size, pieces, direct = self._backward_plan(dy)
+        launches, constants, offsets, shapes, size, pieces, direct = self._backward_plan(dy, grad_dtype)
         dx = self.alloc_y(x) if dx is None else dx
         if dx.stride() != self.y_stride:
             raise RuntimeError("wsbcn: dx layout differs from the launch plan's")
         buf = torch.empty((size,), device=x.device, dtype=torch.float32)
-        grads = buf.split_with_sizes(pieces)[1:]
-        if not isinstance(saved, tuple) and direct.call(dy, x, dx, saved, buf, gamma, omega, eta):
+        if pieces[0]:  # fp32: in the buffer
+            grad_buf, tensors = buf, (dy, x, dx, saved, buf, gamma, omega, eta)
+        else:
+            grad_buf = torch.empty((sum(pieces),), device=x.device, dtype=grad_dtype)
+            tensors = (dy, x, dx, saved, buf, grad_buf, gamma, omega, eta)
+        grads = grad_buf.split_with_sizes(pieces)[1:]
+        if not isinstance(saved, tuple) and direct.call(*tensors):
             return (dx,) + grads
         if isinstance(saved, tuple):
             stats, rstd_c, rho = saved
@@ -279,7 +295,10 @@ class NormPlan:
         else:
             saved_views = _views(saved, self.fwd_offsets, self.fwd_shapes)
         dummy = saved_views[6]
-        views = [v if v.numel() else dummy for v in _views(buf, offsets, shapes)]
+        views = _views(buf, offsets, shapes)
+        if grad_buf is not buf:
+            views[5:] = grads
+        views = [v if v.numel() else dummy for v in views]
         values = [dy, x, dx] + saved_views + views + [dummy if t is None else t for t in (gamma, omega, eta)]
         _run(launches, values, constants, traced=False)
         return (dx,) + grads
@@ -393,7 +412,12 @@ class DistNormPlan:
 
     The side buffer is the NormPlan's followed by ``glob``, fp32 [2 C + 1] at a 16-byte
     boundary (shift_c and r_c per channel, then the whole batch's count of values per
-    channel), so ``NormPlan.backward`` and ``saved_views`` read it as their own."""
+    channel), so ``NormPlan.backward`` and ``saved_views`` read it as their own.
+
+    Repeat calls launch directly (kernels/launch.py ``DirectLaunches``), as NormPlan's
+    do: each way one generated function before the collective and one after, with
+    NormPlan's slots and address code followed by this plan's (row, rows, glob; sums,
+    glob), so a call builds no views and no value lists."""
 
     def __init__(self, plan, world):
         self.plan, self.world = plan, world
@@ -418,28 +442,70 @@ class DistNormPlan:
                      Local=S("local"), Glob=S("glob"), DIST=2, **args),
         ]
         self.fwd_constants = t.constants
+        # the direct path (NormPlan's): two generated functions, before and after the
+        # collective, with NormPlan's slots and addresses and then local, gathered, glob
+        fd, glob = plan.fwd_direct, 4 * self.glob_offset
+        ours, theirs = (len(_DIST_FWD_SLOTS), self.fwd_constants), (len(_FWD_SLOTS), plan.fwd_constants)
+        prelude = fd.prelude + [f"glob = base + {glob}"]
+        self.fwd_direct_local = DirectLaunches(
+            plan.fwd[:1] + self.fwd_local, fd.params + ("row",), prelude,
+            fd.slot_code + ["row.data_ptr()", "row.data_ptr()", "glob"], None, [theirs, ours])
+        self.fwd_direct_merged = DirectLaunches(
+            self.fwd_merge + plan.fwd[2:], fd.params + ("row", "rows"), prelude,
+            fd.slot_code + ["row.data_ptr()", "rows.data_ptr()", "glob"], None, [ours, ours, theirs])
         self.bwd = None  # (combine DIST 1, combine DIST 2, constants): built with the first backward
+        self._bwd_direct = {}  # dy strides -> the backward's two direct functions
+
+    def _forward_values(self, x, y, side, part, gamma, beta, omega, eta, running_mean, running_var, num_batches):
+        """The kernel[grid] path's values (NormPlan's slots) and the glob view."""
+        plan = self.plan
+        views = _views(side, plan.fwd_offsets, plan.fwd_shapes) + list(part.unbind(0))
+        dummy = views[6]
+        values = [x, y] + views + [dummy if t is None else t
+                                   for t in (gamma, beta, omega, eta, running_mean, running_var, num_batches)]
+        return values, side[self.glob_offset:]
 
     def forward(self, x, gamma, beta, omega, eta, running_mean, running_var, num_batches, gather):
         """y and the side buffer; ``gather(row)`` returns every rank's row [R, row_len]
         (this rank's included) in rank order. The running buffers and ``num_batches``
-        are updated in place, the same on every rank."""
+        are updated in place, the same on every rank. Launches go direct as
+        NormPlan's do (kernels/launch.py), else through ``kernel[grid]``."""
         plan = self.plan
         y = plan.alloc_y(x)
         side = torch.empty((self.side_size,), device=x.device, dtype=torch.float32)
         part = torch.empty((2, plan.part_size), device=x.device, dtype=torch.float32)
         row = torch.empty((self.row_len,), device=x.device, dtype=torch.float64)
-        views = _views(side, plan.fwd_offsets, plan.fwd_shapes) + list(part.unbind(0))
-        dummy = views[6]
-        values = [x, y] + views + [dummy if t is None else t
-                                   for t in (gamma, beta, omega, eta, running_mean, running_var, num_batches)]
-        glob = side[self.glob_offset:]
-        _run(plan.fwd[:1], values, plan.fwd_constants, traced=False)
-        _run(self.fwd_local, values + [row, row, glob], self.fwd_constants, traced=False)
+        tensors = (x, y, side, part, gamma, beta, omega, eta, running_mean, running_var, num_batches)
+        values = None
+        if not self.fwd_direct_local.call(*tensors, row):
+            values, glob = self._forward_values(*tensors)
+            _run(plan.fwd[:1], values, plan.fwd_constants, traced=False)
+            _run(self.fwd_local, values + [row, row, glob], self.fwd_constants, traced=False)
         rows = gather(row)
+        if self.fwd_direct_merged.call(*tensors, row, rows):
+            return y, side
+        if values is None:
+            values, glob = self._forward_values(*tensors)
         _run(self.fwd_merge, values + [row, rows, glob], self.fwd_constants, traced=False)
         _run(plan.fwd[2:], values, plan.fwd_constants, traced=False)
         return y, side
+
+    def _backward_direct(self, dy, launches, constants, direct):
+        """The backward's two direct functions for this dy layout (NormPlan's slots and
+        addresses, then gsum, glob), before and after the all_reduce."""
+        key = dy.stride()
+        found = self._bwd_direct.get(key)
+        if found is None:
+            local, merged, my_constants = self.bwd
+            ours, theirs = (len(_DIST_BWD_SLOTS), my_constants), (len(_BWD_SLOTS), constants)
+            prelude = direct.prelude + [f"glob = saved + {4 * self.glob_offset}"]
+            slot_code = direct.slot_code + ["sums.data_ptr()", "glob"]
+            found = self._bwd_direct[key] = (
+                DirectLaunches(launches[:1] + local, direct.params + ("sums",), prelude, slot_code, None,
+                               [theirs, ours]),
+                DirectLaunches(merged + launches[2:], direct.params + ("sums",), prelude, slot_code, None,
+                               [ours, theirs]))
+        return found
 
     def backward(self, dy, x, side, gamma, omega, eta, all_reduce):
         """dx and the fp32 parameter gradients of this rank's batch, as
@@ -448,7 +514,9 @@ class DistNormPlan:
         plan = self.plan
         if dy.stride() != plan.y_stride and nsc_strides(dy) is None:
             dy = dy.contiguous()
-        launches, constants, offsets, shapes, size, pieces = plan._backward_plan(dy)[:6]
+        backward_plan = plan._backward_plan(dy)
+        launches, constants, offsets, shapes, size, pieces = backward_plan[:6]
+        direct = backward_plan[6]
         if self.bwd is None:
             t = ArgTable(_DIST_BWD_SLOTS)
             S = Slot
@@ -457,17 +525,30 @@ class DistNormPlan:
                              for dist in (1, 2))
             self.bwd = [local], [merged], t.constants
         local, merged, my_constants = self.bwd
+        direct_local, direct_merged = self._backward_direct(dy, launches, constants, direct)
         dx = plan.alloc_y(x)
         buf = torch.empty((size,), device=x.device, dtype=torch.float32)
         sums = torch.empty((2, plan.c), device=x.device, dtype=torch.float64)
+        tensors = (dy, x, dx, side, buf, gamma, omega, eta)
+        values = None
+        if not direct_local.call(*tensors, sums):
+            values, glob = self._backward_values(tensors, offsets, shapes)
+            _run(launches[:1], values, constants, traced=False)
+            _run(local, values + [sums, glob], my_constants, traced=False)
+        sums = all_reduce(sums)
+        if not direct_merged.call(*tensors, sums):
+            if values is None:
+                values, glob = self._backward_values(tensors, offsets, shapes)
+            _run(merged, values + [sums, glob], my_constants, traced=False)
+            _run(launches[2:], values, constants, traced=False)
+        return (dx,) + buf.split_with_sizes(pieces)[1:]
+
+    def _backward_values(self, tensors, offsets, shapes):
+        """The kernel[grid] path's values (NormPlan's backward slots) and the glob view."""
+        plan = self.plan
+        dy, x, dx, side, buf, gamma, omega, eta = tensors
         saved = _views(side, plan.fwd_offsets, plan.fwd_shapes)
         dummy = saved[6]
         views = [v if v.numel() else dummy for v in _views(buf, offsets, shapes)]
         values = [dy, x, dx] + saved + views + [dummy if t is None else t for t in (gamma, omega, eta)]
-        glob = side[self.glob_offset:]
-        _run(launches[:1], values, constants, traced=False)
-        _run(local, values + [sums, glob], my_constants, traced=False)
-        sums = all_reduce(sums)
-        _run(merged, values + [sums, glob], my_constants, traced=False)
-        _run(launches[2:], values, constants, traced=False)
-        return (dx,) + buf.split_with_sizes(pieces)[1:]
+        return values, side[self.glob_offset:]
