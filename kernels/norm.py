@@ -111,6 +111,22 @@ def _activation_grad(dy, z, ACT: tl.constexpr):
 
 
 @triton.jit
+def _as_element_of(v, Ptr):
+    """fp32 ``v`` in the element type of ``Ptr``, rounded to nearest even, as torch casts
+    (a parameter gradient written in its parameter's dtype gets the bits autograd's
+    cast of the fp32 gradient would give it). bf16 is rounded on the bits, because
+    triton's interpreter truncates a bf16 cast; a NaN becomes 0x7FFF, CUDA's NaN (torch's
+    CPU cast gives another NaN)."""
+    if Ptr.dtype.element_ty == tl.bfloat16:
+        u = v.to(tl.uint32, bitcast=True)
+        r = (u + 0x7FFF + ((u >> 16) & 1)) >> 16
+        r = tl.where(v != v, 0x7FFF, r)
+        return r.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        return v.to(Ptr.dtype.element_ty)
+
+
+@triton.jit
 def _tile_offsets(pid, split, C, S, chunk, stride_xc, BLOCK_C: tl.constexpr, LARGE: tl.constexpr,
                   ALIGN: tl.constexpr):
     """Sample n, channels c [BLOCK_C], their mask, the spatial range of this split,
@@ -702,10 +718,10 @@ def _norm_bwd_combine_kernel(
     M2,  # fp32 [N, C] saved by the forward
     Gamma,  # [C] BN-stage weight (HAS_BN_AFFINE)
     Omega,  # channel-stage weight (HAS_AFFINE)
-    Dgamma,  # fp32 [C] out (HAS_BN_AFFINE)
-    Dbeta,  # fp32 [C] out (HAS_BN_AFFINE)
-    Domega,  # fp32 [G] or [C] out (HAS_AFFINE)
-    Deta,  # fp32 [G] or [C] out (HAS_AFFINE)
+    Dgamma,  # [C] out (HAS_BN_AFFINE): fp32, or the parameters' dtype (rounded as torch casts)
+    Dbeta,  # [C] out (HAS_BN_AFFINE), as Dgamma
+    Domega,  # [G] or [C] out (HAS_AFFINE), as Dgamma
+    Deta,  # [G] or [C] out (HAS_AFFINE), as Dgamma
     CA,  # fp32 [N, C] out: dx = CA dz + CE e + CC
     CE,  # fp32 [N, C] out
     CC,  # fp32 [N, C] out
@@ -825,15 +841,15 @@ def _norm_bwd_combine_kernel(
         tl.store(Gsum + c, d_gamma.to(tl.float64), mask=kmask)
         tl.store(Gsum + C + c, d_beta.to(tl.float64), mask=kmask)
     if HAS_BN_AFFINE and DIST != 2:
-        tl.store(Dgamma + c, d_gamma, mask=kmask)
-        tl.store(Dbeta + c, d_beta, mask=kmask)
+        tl.store(Dgamma + c, _as_element_of(d_gamma, Dgamma), mask=kmask)
+        tl.store(Dbeta + c, _as_element_of(d_beta, Dbeta), mask=kmask)
     if HAS_AFFINE and DIST != 2:
         if GROUP_AFFINE:
-            tl.store(Domega + g, tl.sum(d_omega, axis=0))
-            tl.store(Deta + g, tl.sum(d_eta, axis=0))
+            tl.store(Domega + g, _as_element_of(tl.sum(d_omega, axis=0), Domega))
+            tl.store(Deta + g, _as_element_of(tl.sum(d_eta, axis=0), Deta))
         else:
-            tl.store(Domega + c, d_omega, mask=kmask)
-            tl.store(Deta + c, d_eta, mask=kmask)
+            tl.store(Domega + c, _as_element_of(d_omega, Domega), mask=kmask)
+            tl.store(Deta + c, _as_element_of(d_eta, Deta), mask=kmask)
 
 
 @triton.jit

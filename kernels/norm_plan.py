@@ -8,11 +8,13 @@ the same signature allocates y and two fp32 buffers and makes 3 + 3 launches.
 This file is the one place where the kernels' arguments are written down: the
 eager path, the torch.library ops and the autotuner all launch through it.
 
-Side buffers (fp32). Forward, one allocation, kept for the backward:
+Side buffers (fp32). Forward: the side buffer, kept for the backward,
     stats [6, N, C] (pivot, mean, dm, P, y_hat mean, M2) | rstd_c [C] | rho [N, G]
-    | partial sums [2, N, C, n_split] (scratch)
-Backward, one allocation: partial sums [2, N, C, n_split] | coefficients [3, N, C]
-    | d_gamma, d_beta [2, C] | d_omega, d_eta [2, G or C]
+and the partial sums [2, N, C, n_split] (scratch, a second allocation, so that the
+backward does not keep it alive). Backward, one allocation: partial sums [2, N, C,
+n_split] | coefficients [3, N, C] | d_gamma, d_beta [2, C] | d_omega, d_eta [2, G or C];
+gradients asked for in the parameters' dtype (bf16, fp16) go to an allocation of
+their own in that dtype instead, so that autograd casts nothing.
 """
 import math
 

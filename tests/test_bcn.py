@@ -387,3 +387,37 @@ def test_meta_tensors_take_the_closed_form_whatever_the_backend(monkeypatch):
     for layer in (m, gn, conv):
         y = layer(x)
         assert y.is_meta and y.shape[:2] == (2, 8) and y.dtype == x.dtype
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("layer", ["bcn", "bcn per-channel affine", "group norm"])
+def test_low_precision_parameter_gradients_are_autograds_cast_of_the_fp32_ones(monkeypatch, dtype, layer):
+    """With parameters in one low-precision dtype, the eager Triton backward writes their
+    gradients in it (autograd has nothing to cast): bitwise autograd's cast of the fp32
+    gradients, which the same kernels write when told to (the path before)."""
+    from wsbcn.ops import norm
+
+    monkeypatch.setenv("WSBCN_BACKEND", "triton")
+
+    def gradients(in_fp32):
+        norm._calls.clear()
+        torch.manual_seed(0)
+        if layer == "group norm":
+            m = wsbcn.GroupNorm(4, 16)
+        else:
+            m = wsbcn.BatchChannelNorm2d(16, 4, group_affine=layer == "bcn")
+        m = m.to(device=DEVICE, dtype=dtype)
+        with torch.no_grad():
+            for p in m.parameters():
+                p.copy_(torch.randn_like(p))
+        x = torch.randn(2, 16, 5, 5, device=DEVICE, dtype=dtype, requires_grad=True)
+        y = m(x)
+        (call,) = norm._calls.values()
+        assert call.grad_dtype == dtype
+        if in_fp32:
+            call.grad_dtype = torch.float32
+        return torch.autograd.grad(y, [x, *m.parameters()], torch.randn_like(y))
+
+    for ours, cast in zip(gradients(False), gradients(True)):
+        assert ours.dtype == cast.dtype == dtype
+        assert torch.equal(ours, cast)

@@ -78,6 +78,16 @@ seen.clear()
 bcn(x, [p.to(torch.bfloat16) for p in params], nbt); c5 = counts()
 out["bf16 parameters"] = [c5["jit"] - c4["jit"], c5["direct"] - c4["direct"]]
 out["bf16 parameters' kernels differ"] = [a != b for a, (b, _, _) in zip(first_kernels, seen)]
+# bf16 parameters, forward and backward: the backward writes their gradients in bf16,
+# launched directly from the second step on
+xg = x.detach().requires_grad_(True)
+p16 = [p.to(torch.bfloat16) for p in params[:2]] + [p.to(torch.bfloat16).requires_grad_(True) for p in params[2:]]
+def step16():
+    y = bcn(xg, p16, nbt)
+    return torch.autograd.grad(y, [xg] + p16[2:], torch.ones_like(y))
+step16(); c0 = counts(); g16 = step16(); c1 = counts()
+out["bf16 parameters fwd+bwd repeat"] = [c1["jit"] - c0["jit"], c1["direct"] - c0["direct"]]
+out["bf16 parameter gradients"] = sorted({str(g.dtype) for g in g16[1:]})
 # GroupNorm: its affine in fp32, then in bf16 (as a model cast to bf16 has it)
 gn_counts = []
 for dtype in (torch.float32, torch.float32, torch.bfloat16):
@@ -148,6 +158,8 @@ def test_direct_launches_are_the_jit_launches_and_fall_back_when_specialisation_
     assert out["bf16 parameters"] == [3, 0]  # the parameters' dtypes are part of the plan
     assert out["bf16 parameters' kernels differ"] == [True, True, True]
     assert out["group norm fp32, fp32, bf16 affine"] == [[3, 0], [0, 3], [3, 0]]
+    assert out["bf16 parameters fwd+bwd repeat"] == [0, 6]
+    assert out["bf16 parameter gradients"] == ["torch.bfloat16"]
     assert out["misaligned kernels differ"] == [True, False, True]
     assert out["same kernels both paths"] and out["same kernels as stored"]
     assert out["same grids and argument counts"]

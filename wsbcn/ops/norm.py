@@ -183,7 +183,7 @@ class _Call:
     ``NormFunction``; ``saved`` is what the forward keeps for the backward."""
 
     __slots__ = ("num_groups", "eps", "momentum", "cumulative", "mode", "update_running", "activation",
-                 "group_affine", "affine_shape", "dtypes", "eager", "group", "plans", "c_apply")
+                 "group_affine", "affine_shape", "dtypes", "grad_dtype", "eager", "group", "plans", "c_apply")
 
     def __init__(self, x, num_groups, eps, momentum, cumulative, mode, update_running, activation, group_affine,
                  dtypes, group=None, affine_shape=None):
@@ -194,6 +194,10 @@ class _Call:
         # eager backward shapes its gradients with ints (a view by a Size costs more)
         self.affine_shape = affine_shape
         self.dtypes = dtypes  # tensor_dtypes of the tensors the kernels get besides x
+        # the eager backward writes the parameter gradients in the parameters' dtype when
+        # they share one (autograd has nothing to cast), else in fp32
+        present = {d for d in dtypes[:4] if d is not None}
+        self.grad_dtype = present.pop() if len(present) == 1 else torch.float32
         # The eager Triton path takes non-empty inputs whose spatial dims one stride walks.
         # A call built under torch.compile is never cached (checks.validated) and
         # takes the torch.library ops.
@@ -230,12 +234,13 @@ class _Call:
         return y, tuple(saved)
 
     def backward(self, dy, x, saved, gamma, omega, eta):
-        """dx and the fp32 gradients (d_gamma, d_beta, d_omega, d_eta)."""
+        """dx and the gradients (d_gamma, d_beta, d_omega, d_eta): in ``grad_dtype`` on
+        the eager Triton path, else fp32."""
         if self.group is not None:  # across processes (norm_distributed.py)
             return norm_distributed.backward(self, dy, x, saved, gamma, omega, eta)
         if len(saved) == 1:  # the eager Triton path's side buffer
-            dx, d_gamma, d_beta, d_omega, d_eta = self.plan(x, gamma, omega, None).backward(dy, x, saved[0], gamma,
-                                                                                             omega, eta)
+            dx, d_gamma, d_beta, d_omega, d_eta = self.plan(x, gamma, omega, None).backward(
+                dy, x, saved[0], gamma, omega, eta, grad_dtype=self.grad_dtype)
             if self.affine_shape is not None and omega is not None:
                 d_omega, d_eta = d_omega.view(*self.affine_shape), d_eta.view(*self.affine_shape)
             return dx, d_gamma, d_beta, d_omega, d_eta
