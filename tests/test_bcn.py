@@ -421,3 +421,42 @@ def test_low_precision_parameter_gradients_are_autograds_cast_of_the_fp32_ones(m
     for ours, cast in zip(gradients(False), gradients(True)):
         assert ours.dtype == cast.dtype == dtype
         assert torch.equal(ours, cast)
+
+
+@pytest.mark.parametrize("layer", ["bcn", "group norm"])
+def test_parameters_and_running_buffers_with_gaps_or_repeats(backend, layer):
+    """Parameters and running buffers that are views with gaps (every other element of a
+    larger tensor) or repeats (an expanded group affine): bitwise the call on contiguous
+    copies, the gradients reach the views' bases, and the running buffers' updates land
+    in their own elements, the gaps between them untouched."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 8, 4, 4, device=DEVICE)
+    dy = torch.randn_like(x)
+    bases = [torch.randn(16, device=DEVICE, requires_grad=True) for _ in range(2)]
+    group = [torch.rand(1, 1, 1, device=DEVICE, requires_grad=True) + 0.5, torch.randn(1, 1, 1, device=DEVICE)]
+    group[1].requires_grad_(True)
+
+    def run(dense):
+        weight, bias = (b[::2] for b in bases)
+        omega, eta = (g.expand(1, 4, 1) for g in group)
+        running = [torch.zeros(16, device=DEVICE), torch.ones(16, device=DEVICE)]
+        rm, rv = (r[::2] for r in running)
+        if dense:
+            weight, bias, omega, eta, rm, rv = (t.contiguous() for t in (weight, bias, omega, eta, rm, rv))
+        if layer == "bcn":
+            y = batch_channel_norm(x, 4, rm, rv, weight, bias, omega, eta, training=True, momentum=0.5)
+        else:
+            y = wsbcn.functional.group_norm(x, 4, weight, bias)
+        leaves = bases + ([] if layer != "bcn" else [g for g in group])
+        grads = torch.autograd.grad(y, leaves, dy)
+        return y, grads, (rm, rv), running
+
+    y, grads, buffers, running = run(dense=False)
+    y_ref, grads_ref, buffers_ref, _ = run(dense=True)
+    assert torch.equal(y, y_ref)
+    for g, g_ref in zip(grads, grads_ref):
+        assert torch.equal(g, g_ref)
+    if layer == "bcn":
+        for b, b_ref, whole, fill in zip(buffers, buffers_ref, running, (0.0, 1.0)):
+            assert torch.equal(b, b_ref) and not torch.equal(b_ref, torch.full_like(b_ref, fill))
+            assert torch.equal(whole[1::2], torch.full_like(whole[1::2], fill))  # the gaps

@@ -115,5 +115,6 @@ def cached(cache: dict, key, build):
 
 
 def tensor_meta(t):
-    """The part of an optional tensor argument its checks read."""
-    return None if t is None else (t.dtype, t.shape, t.device)
+    """The part of an optional tensor argument its checks and kernels read: dtype,
+    shape, device, and whether it is contiguous (kernels index parameters densely)."""
+    return None if t is None else (t.dtype, t.shape, t.device, t.is_contiguous())

@@ -183,10 +183,11 @@ class _Call:
     ``NormFunction``; ``saved`` is what the forward keeps for the backward."""
 
     __slots__ = ("num_groups", "eps", "momentum", "cumulative", "mode", "update_running", "activation",
-                 "group_affine", "affine_shape", "dtypes", "grad_dtype", "eager", "group", "plans", "c_apply")
+                 "group_affine", "affine_shape", "dtypes", "grad_dtype", "dense", "eager", "group", "plans",
+                 "c_apply")
 
     def __init__(self, x, num_groups, eps, momentum, cumulative, mode, update_running, activation, group_affine,
-                 dtypes, group=None, affine_shape=None):
+                 dtypes, group=None, affine_shape=None, dense=True):
         self.num_groups, self.eps, self.momentum, self.cumulative = num_groups, eps, momentum, cumulative
         self.mode, self.update_running, self.activation, self.group_affine = mode, update_running, activation, group_affine
         self.group = group  # a process group: statistics combined across its ranks
@@ -194,6 +195,7 @@ class _Call:
         # eager backward shapes its gradients with ints (a view by a Size costs more)
         self.affine_shape = affine_shape
         self.dtypes = dtypes  # tensor_dtypes of the tensors the kernels get besides x
+        self.dense = dense  # every parameter and running buffer is contiguous (else: call_dense)
         # the eager backward writes the parameter gradients in the parameters' dtype when
         # they share one (autograd has nothing to cast), else in fp32
         present = {d for d in dtypes[:4] if d is not None}
@@ -248,6 +250,18 @@ class _Call:
             x = x.contiguous()
         bwd = norm_backward_op if torch.compiler.is_compiling() else _norm_backward_impl
         return bwd(dy, x, *saved, gamma, omega, eta, self.num_groups, self.mode, self.activation, self.group_affine)
+
+    def call_dense(self, x, gamma, beta, omega, eta, running_mean, running_var, nbt):
+        """The call with contiguous copies of parameters and running buffers that are not
+        (views with gaps or repeats: the kernels and the closed form index them densely);
+        the running buffers' updates are copied back."""
+        dense = [None if t is None else t.contiguous() for t in (gamma, beta, omega, eta, running_mean, running_var)]
+        y = self(x, *dense, nbt)
+        with torch.no_grad():
+            for t, d in zip((running_mean, running_var), dense[4:]):
+                if d is not t:
+                    t.copy_(d)
+        return y
 
     def __call__(self, x, gamma, beta, omega, eta, running_mean, running_var, nbt):
         c_apply = self.c_apply
@@ -345,8 +359,8 @@ def _batch_channel_norm(x, num_groups, running_mean, running_var, weight, bias, 
         call = checks.validated(_calls, key, lambda: _validate_bcn(
             owner, x, num_groups, running_mean, running_var, weight, bias, group_weight, group_bias, training,
             estimate, momentum, eps, activation, num_batches_tracked, group))
-    return call(x, weight, bias, group_weight, group_bias, running_mean, running_var,
-                num_batches_tracked if call.update_running else None)
+    return (call if call.dense else call.call_dense)(x, weight, bias, group_weight, group_bias, running_mean,
+                                                     running_var, num_batches_tracked if call.update_running else None)
 
 
 def _validate_bcn(owner, x, num_groups, running_mean, running_var, weight, bias, group_weight, group_bias, training,
@@ -397,8 +411,10 @@ def _validate_bcn(owner, x, num_groups, running_mean, running_var, weight, bias,
         raise ValueError("a process_group combines statistics in training, with running buffers")
     dtypes = tensor_dtypes(weight, bias, group_weight, group_bias, running_mean, running_var,
                            num_batches_tracked if update_running else None)
+    dense = all(t is None or t.is_contiguous()
+                for t in (weight, bias, group_weight, group_bias, running_mean, running_var))
     return _Call(x, num_groups, eps, 0.0 if cumulative else momentum, cumulative, mode, update_running, activation,
-                 group_affine, dtypes, group, _shape_unless_1d(group_weight))
+                 group_affine, dtypes, group, _shape_unless_1d(group_weight), dense)
 
 
 def group_norm(x: torch.Tensor, num_groups: int, weight: Optional[torch.Tensor] = None,
@@ -426,7 +442,7 @@ def _group_norm(x, num_groups, weight, bias, eps, activation, owner=None):
         bias = torch.zeros_like(weight)
     elif bias is not None and weight is None:
         weight = torch.ones_like(bias)
-    return call(x, None, None, weight, bias, None, None, None)
+    return (call if call.dense else call.call_dense)(x, None, None, weight, bias, None, None, None)
 
 
 def _validate_gn(owner, x, num_groups, weight, bias, eps, activation) -> _Call:
@@ -440,7 +456,8 @@ def _validate_gn(owner, x, num_groups, weight, bias, eps, activation) -> _Call:
     dtypes = tensor_dtypes(None, None, bias if weight is None else weight, weight if bias is None else bias, None,
                            None, None)
     return _Call(x, num_groups, eps, 0.0, False, MODE_GN, False, activation, False, dtypes,
-                 affine_shape=_shape_unless_1d(weight))
+                 affine_shape=_shape_unless_1d(weight),
+                 dense=all(t is None or t.is_contiguous() for t in (weight, bias)))
 
 
 def _shape_unless_1d(t):
