@@ -174,10 +174,10 @@ def test_bench_runs_cpu_single_threaded_by_default_and_restores_the_setting(tmp_
     assert torch.get_num_threads() == before
 
 
-def test_cli_bench_host_runs_the_host_benchmark_in_a_fresh_process(tmp_path, monkeypatch, capsys):
-    """`wsbcn bench --host` hands its narrowing options to `python -m wsbcn.tools.host_bench`
-    in a process without TRITON_INTERPRET (the benchmark itself: test_host_bench.py),
-    and refuses options that only the device benchmark takes."""
+@pytest.fixture
+def subprocess_calls(monkeypatch):
+    """The command and environment of the last ``subprocess.run``, which runs nothing;
+    TRITON_INTERPRET is set, as in this test process."""
     seen = {}
 
     def fake_run(command, env):
@@ -186,6 +186,14 @@ def test_cli_bench_host_runs_the_host_benchmark_in_a_fresh_process(tmp_path, mon
 
     monkeypatch.setattr(subprocess, "run", fake_run)
     monkeypatch.setenv("TRITON_INTERPRET", "1")
+    return seen
+
+
+def test_cli_bench_host_runs_the_host_benchmark_in_a_fresh_process(tmp_path, subprocess_calls, capsys):
+    """`wsbcn bench --host` hands its narrowing options to `python -m wsbcn.tools.host_bench`
+    in a process without TRITON_INTERPRET (the benchmark itself: test_host_bench.py),
+    and refuses options that only the device benchmark takes."""
+    seen = subprocess_calls
     args = ["bench", "--host", "--ops", "bcn", "gn", "--batch-sizes", "2", "--dtypes", "bfloat16", "--quick",
             "--out", str(tmp_path)]
     assert cli.main(args) == 0
@@ -201,18 +209,11 @@ def test_cli_bench_host_runs_the_host_benchmark_in_a_fresh_process(tmp_path, mon
     assert not seen and "--host times eager calls only" in capsys.readouterr().err
 
 
-def test_cli_bench_distributed_runs_the_distributed_benchmark_in_a_fresh_process(tmp_path, monkeypatch, capsys):
+def test_cli_bench_distributed_runs_the_distributed_benchmark_in_a_fresh_process(tmp_path, subprocess_calls, capsys):
     """`wsbcn bench --distributed` hands the world size and its narrowing options to
     `python -m wsbcn.tools.dist_bench` in a process without TRITON_INTERPRET (the
     benchmark itself: test_dist_bench.py); its ops default to BCN's two modes."""
-    seen = {}
-
-    def fake_run(command, env):
-        seen["command"], seen["env"] = command, env
-        return subprocess.CompletedProcess(command, 0)
-
-    monkeypatch.setattr(subprocess, "run", fake_run)
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    seen = subprocess_calls
     assert cli.main(["bench", "--host", "--distributed", "--world-size", "3", "--batch-sizes", "2", "--modes", "fwd",
                      "--quick", "--out", str(tmp_path)]) == 0
     command = seen["command"]
