@@ -460,3 +460,37 @@ def test_parameters_and_running_buffers_with_gaps_or_repeats(backend, layer):
         for b, b_ref, whole, fill in zip(buffers, buffers_ref, running, (0.0, 1.0)):
             assert torch.equal(b, b_ref) and not torch.equal(b_ref, torch.full_like(b_ref, fill))
             assert torch.equal(whole[1::2], torch.full_like(whole[1::2], fill))  # the gaps
+
+
+@pytest.mark.parametrize("context", ["no_grad", "inference_mode"])
+@pytest.mark.parametrize("model_wide", [False, True])
+def test_without_grad_the_layers_skip_autograd_and_compute_the_same(backend, monkeypatch, context, model_wide):
+    """Under no_grad or inference_mode there is nothing for autograd to record: BCN,
+    GroupNorm and WS (per layer and model-wide) run their op bodies without their
+    autograd Functions, with the grad-enabled call's outputs and running buffers."""
+    from wsbcn.ops.norm import NormFunction
+    from wsbcn.ops.ws import WeightStandardizeFunction
+    from wsbcn.ops.ws_model import ModelWeightStandardizeFunction
+
+    def model():
+        torch.manual_seed(0)
+        layers = torch.nn.Sequential(wsbcn.WSConv2d(4, 8, 3, padding=1), wsbcn.BatchChannelNorm2d(8, 4),
+                                     wsbcn.GroupNorm(4, 8), wsbcn.WSConv2d(8, 8, 1)).to(DEVICE)
+        return layers, (wsbcn.ModelWeightStandardizer(layers) if model_wide else None)
+
+    x = torch.randn(2, 4, 5, 5, device=DEVICE)
+    with_grad, _ = model()
+    y_ref = with_grad(x)
+    assert y_ref.requires_grad
+    without, _ = model()
+
+    def refuse(*args):
+        raise AssertionError("an autograd Function ran")
+
+    for function in (NormFunction, WeightStandardizeFunction, ModelWeightStandardizeFunction):
+        monkeypatch.setattr(function, "forward", staticmethod(refuse))
+    with getattr(torch, context)():
+        y = without(x)
+    assert not y.requires_grad and torch.equal(y, y_ref.detach())
+    for ours, theirs in zip(without.buffers(), with_grad.buffers()):
+        assert torch.equal(ours, theirs)

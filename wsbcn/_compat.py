@@ -112,14 +112,19 @@ def launch_hooks_set() -> bool:
 # those two steps themselves. torch 2.14 moved ``apply`` to C: there, and wherever the
 # wrapper is not the one we know, ``function_c_apply`` gives None and the layers call
 # ``Function.apply``. So does anything dynamo traces: it knows ``Function.apply``.
-functorch_transforms_active = getattr(torch._C, "_are_functorch_transforms_active", None)
-unwrap_if_dead = getattr(getattr(torch._C, "_functorch", None), "unwrap_if_dead", None)
+# The same two steps let a call under no_grad skip the Function: with nothing for
+# autograd to record, the layers run the op body alone.
+_TRANSFORMS_ACTIVE = getattr(torch._C, "_are_functorch_transforms_active", None)
+_UNWRAP_IF_DEAD = getattr(getattr(torch._C, "_functorch", None), "unwrap_if_dead", None)
+# where this torch lacks them, every call counts as under a transform (Function.apply)
+functorch_transforms_active = _TRANSFORMS_ACTIVE or (lambda: True)
+unwrap_if_dead = _UNWRAP_IF_DEAD or (lambda t: t)
 
 
 def _python_apply_known() -> bool:
     """``Function.apply`` is the Python wrapper described above."""
     apply = inspect.getattr_static(torch.autograd.Function, "apply", None)
-    if not isinstance(apply, classmethod) or functorch_transforms_active is None or unwrap_if_dead is None:
+    if not isinstance(apply, classmethod) or _TRANSFORMS_ACTIVE is None or _UNWRAP_IF_DEAD is None:
         return False
     return {"_are_functorch_transforms_active", "unwrap_dead_wrappers"} <= set(apply.__func__.__code__.co_names)
 

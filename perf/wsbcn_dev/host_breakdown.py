@@ -5,7 +5,8 @@ CUDA driver (no GPU; nothing executes). Interleaved rounds in one process; media
 
 Cases, (2, 256, 14, 14) bf16, BN-stage parameters in bf16, training with batch
 statistics, gradients of x only:
-- the module, fwd and fwd+bwd; each inner room of its forward, down to the plan;
+- the module, fwd, fwd+bwd and fwd under no_grad; each inner room of its forward, down
+  to the plan;
 - FLOOR: a minimal autograd Function that saves its inputs, allocates its output and
   makes the call's launches (3, or 3 + 3) of an empty kernel through triton's cached
   launcher, ``CompiledKernel.run`` (the floor of issue 22; ``wsbcn bench --host``
@@ -76,7 +77,12 @@ def cases():
     xg, dy = x.clone().requires_grad_(True), torch.randn_like(x)
     m = wsbcn.BatchChannelNorm2d(256, 32).to(torch.bfloat16).train()
     w = torch.ones(256, dtype=torch.bfloat16, requires_grad=True)
+    def no_grad():
+        with torch.no_grad():
+            return m(x)
+
     out = {"module fwd": lambda: m(x), "module fwd+bwd": lambda: torch.autograd.grad(m(xg), [xg], dy),
+           "module fwd under no_grad": no_grad,
            "floor fwd (3)": lambda: Floor.apply(x, w, 3),
            "floor fwd+bwd (3+3)": lambda: torch.autograd.grad(Floor.apply(xg, w, 3), [xg], dy)}
     for _ in range(5):

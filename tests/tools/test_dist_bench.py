@@ -32,6 +32,8 @@ def _env(**extra):
     return env
 
 
+# slow: two ranks compiling their kernels for sm_90 (15-35 s); CI's slow pass runs it
+@pytest.mark.slow
 def test_two_gloo_ranks_over_the_stub_driver(tmp_path):
     c, h, w = SHAPE
     done = subprocess.run(

@@ -71,6 +71,8 @@ def _run(args, env, cwd):
     return done.stdout
 
 
+# slow: ~40 s, mostly cold sm_90 compiles of every kernel the four ops launch; CI's slow pass runs it
+@pytest.mark.slow
 def test_host_bench_rows_over_the_stub_driver(tmp_path):
     cache = tmp_path / "wsbcn_cache"
     c, h, w = NORM_SHAPE

@@ -184,7 +184,7 @@ class _Call:
 
     __slots__ = ("num_groups", "eps", "momentum", "cumulative", "mode", "update_running", "activation",
                  "group_affine", "affine_shape", "dtypes", "grad_dtype", "dense", "eager", "group", "plans",
-                 "c_apply")
+                 "untraced", "c_apply")
 
     def __init__(self, x, num_groups, eps, momentum, cumulative, mode, update_running, activation, group_affine,
                  dtypes, group=None, affine_shape=None, dense=True):
@@ -205,8 +205,10 @@ class _Call:
         # takes the torch.library ops.
         self.eager = x.numel() > 0 and nsc_strides(x) is not None and not torch.compiler.is_compiling()
         self.plans = {}
-        # NormFunction.apply's C half, or None (wsbcn/_compat.py; always None under tracing)
-        self.c_apply = None if torch.compiler.is_compiling() else _compat.function_c_apply(NormFunction)
+        # outside tracing (dynamo knows NormFunction.apply): the no-grad shortcut, and
+        # NormFunction.apply's C half or None (wsbcn/_compat.py)
+        self.untraced = not torch.compiler.is_compiling()
+        self.c_apply = _compat.function_c_apply(NormFunction) if self.untraced else None
 
     def plan(self, x, gamma, omega, nbt):
         key = (tuning.config_for, tuning._generation[0], backends._emulated_gpu)  # what a plan derives from
@@ -264,13 +266,17 @@ class _Call:
         return y
 
     def __call__(self, x, gamma, beta, omega, eta, running_mean, running_var, nbt):
-        c_apply = self.c_apply
-        if c_apply is None or _compat.functorch_transforms_active():
-            return NormFunction.apply(x, gamma, beta, omega, eta, self, (running_mean, running_var, nbt))
-        u = _compat.unwrap_if_dead  # what NormFunction.apply does before its C half
-        return c_apply(u(x), gamma if gamma is None else u(gamma), beta if beta is None else u(beta),
-                       omega if omega is None else u(omega), eta if eta is None else u(eta), self,
-                       (running_mean, running_var, nbt))
+        buffers = (running_mean, running_var, nbt)
+        if not self.untraced or _compat.functorch_transforms_active():
+            return NormFunction.apply(x, gamma, beta, omega, eta, self, buffers)
+        u = _compat.unwrap_if_dead  # what NormFunction.apply does first (wsbcn/_compat.py)
+        x, gamma, beta = u(x), gamma if gamma is None else u(gamma), beta if beta is None else u(beta)
+        omega, eta = omega if omega is None else u(omega), eta if eta is None else u(eta)
+        if not torch.is_grad_enabled():  # nothing for autograd to record: the op body alone
+            return self.forward(x, gamma, beta, omega, eta, *buffers)[0]
+        if self.c_apply is None:
+            return NormFunction.apply(x, gamma, beta, omega, eta, self, buffers)
+        return self.c_apply(x, gamma, beta, omega, eta, self, buffers)
 
 
 class NormFunction(torch.autograd.Function):

@@ -97,7 +97,7 @@ class _Call:
     checks.validated); ``forward``/``backward`` are the op bodies behind
     ``WeightStandardizeFunction``."""
 
-    __slots__ = ("eps", "correction", "std_mode", "center_only", "eager", "plans", "c_apply")
+    __slots__ = ("eps", "correction", "std_mode", "center_only", "eager", "plans", "untraced", "c_apply")
 
     def __init__(self, weight, eps, correction, std_mode, center_only=False):
         self.eps, self.correction, self.std_mode, self.center_only = eps, correction, std_mode, center_only
@@ -105,8 +105,10 @@ class _Call:
         # call built under torch.compile is never cached and takes the torch.library ops
         self.eager = weight.shape[0] > 0 and row_dense(weight) is weight and not torch.compiler.is_compiling()
         self.plans = {}
-        # WeightStandardizeFunction.apply's C half, or None (wsbcn/_compat.py; always None under tracing)
-        self.c_apply = None if torch.compiler.is_compiling() else _compat.function_c_apply(WeightStandardizeFunction)
+        # outside tracing (dynamo knows the Function's apply): the no-grad shortcut, and
+        # WeightStandardizeFunction.apply's C half or None (wsbcn/_compat.py)
+        self.untraced = not torch.compiler.is_compiling()
+        self.c_apply = _compat.function_c_apply(WeightStandardizeFunction) if self.untraced else None
 
     def plan(self, weight):
         key = (tuning.config_for, tuning._generation[0], backends._emulated_gpu)  # what a plan derives from
@@ -135,10 +137,14 @@ class _Call:
         return bwd(grad, weight, stats, self.center_only)
 
     def __call__(self, weight):
-        c_apply = self.c_apply
-        if c_apply is None or _compat.functorch_transforms_active():
+        if not self.untraced or _compat.functorch_transforms_active():
             return WeightStandardizeFunction.apply(weight, self)
-        return c_apply(_compat.unwrap_if_dead(weight), self)  # what the apply does before its C half
+        weight = _compat.unwrap_if_dead(weight)  # what the apply does first (wsbcn/_compat.py)
+        if not torch.is_grad_enabled():  # nothing for autograd to record: the op body alone
+            return self.forward(weight)[0]
+        if self.c_apply is None:
+            return WeightStandardizeFunction.apply(weight, self)
+        return self.c_apply(weight, self)
 
 
 class WeightStandardizeFunction(torch.autograd.Function):

@@ -240,7 +240,7 @@ class ModelCall:
         self.n = len(weights)
         self.args = [tuple(a) for a in args]
         self.compiling = torch.compiler.is_compiling()
-        # ModelWeightStandardizeFunction.apply's C half, or None (wsbcn/_compat.py)
+        # ModelWeightStandardizeFunction.apply's C half, or None (wsbcn/_compat.py; under tracing)
         self.c_apply = None if self.compiling else _compat.function_c_apply(ModelWeightStandardizeFunction)
         self.packs = []  # eager: (indices, itemgetter, plan); compiling: [(indices, None, None)]
         self.singles = []  # (index, per-layer _Call)
@@ -350,10 +350,14 @@ class ModelCall:
         return dws
 
     def __call__(self, weights):
-        c_apply = self.c_apply
-        if c_apply is None or _compat.functorch_transforms_active():
+        if self.compiling or _compat.functorch_transforms_active():
             return ModelWeightStandardizeFunction.apply(self, *weights)
-        return c_apply(self, *map(_compat.unwrap_if_dead, weights))  # what the apply does before its C half
+        weights = tuple(map(_compat.unwrap_if_dead, weights))  # what the apply does first (wsbcn/_compat.py)
+        if not torch.is_grad_enabled():  # nothing for autograd to record: the op body alone
+            return tuple(self.forward(weights)[0])
+        if self.c_apply is None:
+            return ModelWeightStandardizeFunction.apply(self, *weights)
+        return self.c_apply(self, *weights)
 
 
 class ModelWeightStandardizeFunction(torch.autograd.Function):
