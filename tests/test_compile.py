@@ -42,11 +42,15 @@ def _check_compiled_trains_like_eager(eager, compiled_model, compiled, xs):
         torch.testing.assert_close(b_c, b_e, rtol=1e-5, atol=1e-6, msg=name)
 
 
-@pytest.mark.parametrize("compile_backend", ["aot_eager", "inductor"])
-def test_fullgraph_compile_matches_eager(backend, compile_backend):
+@pytest.mark.parametrize("backend, compile_backend", [
+    ("torch", "aot_eager"), ("triton", "aot_eager"), ("triton", "inductor"),
+    # inductor writes and compiles C++ for the closed form: ~65 s with a cold cache
+    pytest.param("torch", "inductor", marks=pytest.mark.slow)])
+def test_fullgraph_compile_matches_eager(monkeypatch, backend, compile_backend):
     """On the torch backend compile traces into the ops' closed form; on Triton
     here (the interpreter) the ops stay opaque and run their plans
     (tests/test_triton_ops.py checks what compile traces on a GPU's Triton path)."""
+    monkeypatch.setenv("WSBCN_BACKEND", backend)
     eager = layer_kinds_model()
     compiled_model = copy.deepcopy(eager)
     compiled = torch.compile(compiled_model, fullgraph=True, backend=compile_backend)
