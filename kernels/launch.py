@@ -71,8 +71,10 @@ class Launch:
         constexprs = {name: values[i] for name, i in self.constexpr_picks.items()}
         compiled = self.kernel[self.grid](*[values[i] for i in self.runtime_picks], **constexprs, **self.options)
         if aligned and not _interpreting() and compiled is not None:
-            self.compiled, self.launcher = compiled, direct_launcher(compiled)
-            self.device = driver.active.get_current_device()
+            device = driver.active.get_current_device()
+            if compiled is not self.compiled or device != self.device:  # keep the launcher DirectLaunches holds
+                self.compiled, self.launcher = compiled, direct_launcher(compiled)
+                self.device = device
 
     def traced(self, values):
         """Launch through ``torch.library.wrap_triton`` with tensors in ``values``: inside a
@@ -115,17 +117,22 @@ def direct_stream(launches):
 
 class DirectLaunches:
     """The direct path of one pass of a plan (its ``launches``, made by one ``ArgTable``)
-    as one generated function, so that a call costs the address reads, one alignment
-    test and the C launches, and no per-call list of values.
+    as one generated function, so that a call costs one Python call, the address reads,
+    one alignment test and the C launches, and no per-call list of values.
 
-    ``params``: the names of the generated function's arguments after the stream (the
-    call's tensors, or None for an absent one); ``prelude``: lines of code run first
-    (e.g. a buffer's base address); ``slot_code``: for each slot of the ArgTable, in
-    order, an expression of its address. ``call(*args)`` launches and returns True, or
-    returns False when a launch cannot go direct (not compiled yet, launch hooks,
-    another device, a misaligned address): then the caller goes through
-    ``kernel[grid]``, which is what decides (and the function checks) every case in
-    which triton would pick another compiled kernel.
+    ``params``: the names of the generated function's arguments (the call's tensors, or
+    None for an absent one); ``prelude``: lines of code run first (e.g. a buffer's base
+    address); ``slot_code``: for each slot of the ArgTable, in order, an expression of
+    its address. ``call(*args)`` launches and returns True, or returns False when a
+    launch cannot go direct (not compiled yet, launch hooks, another device, a
+    misaligned address): then the caller goes through ``kernel[grid]``, which is what
+    decides (and the function checks) every case in which triton would pick another
+    compiled kernel.
+
+    The function checks first that each launch still has the C launcher it was made
+    with (``Launch.jit`` replaces it after a compile on another device), and is made
+    again when not; then the launch hooks, the current device (the one every launch
+    was compiled on) and the current stream, as ``direct_stream`` does.
 
     ``tables``: launches made by several ArgTables whose slots begin alike (one
     table's slots a prefix of the next's, as DistNormPlan's extend NormPlan's): per
@@ -138,26 +145,37 @@ class DirectLaunches:
         self.tables = tables or [(len(slot_code), constants)] * len(launches)
         if len(self.tables) != len(launches) or any(n > len(slot_code) for n, _ in self.tables):
             raise ValueError("DirectLaunches: one table per launch, each with at most slot_code's slots")
-        self._launchers = None
-        self._function = None
+        self.call = self._first_call
 
-    def call(self, *args) -> bool:
-        launchers = [launch.launcher for launch in self.launches]
-        if launchers != self._launchers:
-            if None in launchers:  # not compiled yet, the interpreter, or an unknown triton
-                return False
-            self._function, self._launchers = self._generate(), launchers
-        stream = _direct_stream(self.launches)
-        return stream is not None and self._function(stream, *args)
+    def _first_call(self, *args) -> bool:
+        """``call`` until every launch is compiled (then, and whenever a launcher
+        changed, ``call`` is a newly generated function)."""
+        if any(launch.launcher is None for launch in self.launches):  # not compiled, the interpreter, ...
+            return False
+        devices = {launch.device for launch in self.launches}
+        self.call = self._generate(devices.pop() if len(devices) == 1 else None)
+        return self.call(*args)
 
-    def _generate(self):
+    def _generate(self, device):
         n_slots = len(self.slot_code)
-        lines = [f"def launch_all(stream, {', '.join(self.params)}):"]
+        scope = {"launch_stats": stats, "driver": driver, "hooks_set": launch_hooks_set, "DEVICE": device,
+                 "STALE": self._first_call}
+        launch_names = [f"l{i}" for i in range(len(self.launches))]
+        lines = [f"def launch_all({', '.join(self.params)}):"]
+        for i, launch in enumerate(self.launches):
+            scope[f"l{i}"], scope[f"L{i}"], scope[f"G{i}"] = launch, launch.launcher, launch.grid
+        stale = " or ".join(f"{name}.launcher is not L{name[1:]}" for name in launch_names)
+        lines.append(f"    if {stale}:")
+        lines.append(f"        return STALE({', '.join(self.params)})")
+        lines.append("    active = driver.active")
+        lines.append("    device = active.get_current_device()")
+        lines.append("    if device != DEVICE or hooks_set():")
+        lines.append("        return False")
+        lines.append("    stream = active.get_current_stream(device)")
         lines += [f"    {line}" for line in self.prelude]
         lines += [f"    s{i} = {code}" for i, code in enumerate(self.slot_code)]
         lines.append(f"    if ({' | '.join(f's{i}' for i in range(n_slots))}) & 15:")
         lines.append("        return False")
-        scope = {"launch_stats": stats}
         tables = {}  # id of a constants list -> the name prefix of its values
         for table_slots, constants in self.tables:
             if id(constants) not in tables:
@@ -165,7 +183,6 @@ class DirectLaunches:
                 for j, value in enumerate(constants):
                     scope[f"{prefix}{j}"] = value
         for i, launch in enumerate(self.launches):
-            scope[f"L{i}"], scope[f"G{i}"] = launch.launcher, launch.grid
             table_slots, constants = self.tables[i]
             prefix = tables[id(constants)]
             args = [f"s{k}" if k < table_slots else f"{prefix}{k - table_slots}" for k in launch.pick_indices]

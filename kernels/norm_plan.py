@@ -8,13 +8,16 @@ the same signature allocates y and two fp32 buffers and makes 3 + 3 launches.
 This file is the one place where the kernels' arguments are written down: the
 eager path, the torch.library ops and the autotuner all launch through it.
 
-Side buffers (fp32). Forward: the side buffer, kept for the backward,
+Buffers. A call allocates what the floor of an autograd op allocates (its output, and
+in backward a gradient per input) plus one fp32 side buffer, kept for the backward:
     stats [6, N, C] (pivot, mean, dm, P, y_hat mean, M2) | rstd_c [C] | rho [N, G]
-and the partial sums [2, N, C, n_split] (scratch, a second allocation, so that the
-backward does not keep it alive). Backward, one allocation: partial sums [2, N, C,
-n_split] | coefficients [3, N, C] | d_gamma, d_beta [2, C] | d_omega, d_eta [2, G or C];
-gradients asked for in the parameters' dtype (bf16, fp16) go to an allocation of
-their own in that dtype instead, so that autograd casts nothing.
+    | coefficients [3, N, C] (the backward's dx coefficients: its scratch)
+The partial sums [2, N, C, n_split] of either pass are scratch too, and live in the
+pass's output (y, dx) when it has the bytes: the stats / reduce launch writes them, the
+combine reads them, and only then the apply launch writes the output over them (one
+stream orders the three). The backward writes each parameter gradient into a tensor
+like its parameter (its dtype, rounded as autograd casts), so autograd casts and
+reshapes nothing. An allocation is ~2 us of host time, as much as a view of one.
 """
 import math
 
@@ -87,12 +90,17 @@ class NormPlan:
         self.chunk, self.n_split = _chunking(s, config)
         self.grid = (n * cdiv(c, config["BLOCK_C"]), self.n_split)
         bn, bk, bj = _combine_blocks(n, k, self.n_split, config)
-        # forward side buffer
+        # the side buffer: saved statistics (fwd_shapes), then the backward's coefficients
         nc = n * c
         self.fwd_shapes = [(nc,)] * 6 + [(c,), (n, num_groups)]
-        self.fwd_offsets, self.fwd_size = _layout(self.fwd_shapes, blocks=(6, 1, 1))
+        offsets, self.fwd_size = _layout(self.fwd_shapes + [(nc,)] * 3, blocks=(6, 1, 1, 3))
+        self.fwd_offsets, self.coef_offsets = offsets[:8], offsets[8:]
         self.fwd_byte_offsets = [4 * o for o in self.fwd_offsets]
         self.part_size = n * c * self.n_split  # each of the two partial-sum buffers (scratch)
+        self.part_stride = _part_stride(self.part_size)
+        self.y_bytes = y.numel() * y.element_size()  # y's and dx's: dense, allocated by the plan
+        self.f32 = dict(device=x.device, dtype=torch.float32)  # a plan is one device's
+        self.part_in_y = _fits(self.part_stride, self.y_bytes)
         t = ArgTable(_FWD_SLOTS)
         S = Slot
         tile = dict(BLOCK_C=config["BLOCK_C"], BLOCK_S=config["BLOCK_S"], NUM_STAGES=config["num_stages"])
@@ -130,7 +138,7 @@ class NormPlan:
             self.fwd, ("x", "y", "side", "part", "gamma", "beta", "omega", "eta", "rm", "rv", "nbt"),
             ["base = side.data_ptr()", f"dummy = base + {dummy}", "part_a = part.data_ptr()"],
             ["x.data_ptr()", "y.data_ptr()"] + [f"base + {o}" for o in self.fwd_byte_offsets]
-            + ["part_a", f"part_a + {4 * self.part_size}"]
+            + ["part_a", f"part_a + {4 * self.part_stride}"]
             + [f"dummy if {t} is None else {t}.data_ptr()" for t in ("gamma", "beta", "omega", "eta", "rm", "rv", "nbt")],
             t.constants)
         self._bwd = {}  # dy strides -> the backward's launches, constants and buffer layout
@@ -142,17 +150,20 @@ class NormPlan:
         return torch.empty_like(x)
 
     def forward(self, x, gamma, beta, omega, eta, running_mean, running_var, num_batches, y=None):
-        """y and the saved fp32 buffer (stats | rstd_c | rho). The running buffers (and
-        num_batches) are updated in place as the mode says. ``y``: write there
+        """y and the side buffer (stats | rstd_c | rho | coefficients). The running buffers
+        (and num_batches) are updated in place as the mode says. ``y``: write there
         (allocated like x) instead of a new tensor."""
-        y = self.alloc_y(x) if y is None else y
-        side = torch.empty((self.fwd_size,), device=x.device, dtype=torch.float32)
-        part = torch.empty((2, self.part_size), device=x.device, dtype=torch.float32)
-        if y.stride() != self.y_stride:  # never expected: empty_like is deterministic
-            raise RuntimeError("wsbcn: output layout differs from the launch plan's")
+        if y is None:
+            y = self.alloc_y(x)
+            part = y if self.part_in_y else _new_part(x, self.part_stride)
+        else:
+            part = _new_part(x, self.part_stride)
+            if y.stride() != self.y_stride:
+                raise RuntimeError("wsbcn: output layout differs from the launch plan's")
+        side = torch.empty(self.fwd_size, **self.f32)
         if self.fwd_direct.call(x, y, side, part, gamma, beta, omega, eta, running_mean, running_var, num_batches):
             return y, side
-        views = _views(side, self.fwd_offsets, self.fwd_shapes) + list(part.unbind(0))
+        views = _views(side, self.fwd_offsets, self.fwd_shapes) + list(_part_view(part, self.part_stride).unbind(0))
         dummy = views[6]
         values = [x, y] + views + [dummy if t is None else t
                                    for t in (gamma, beta, omega, eta, running_mean, running_var, num_batches)]
@@ -177,7 +188,7 @@ class NormPlan:
         # values: 1, as in the torch closed form
         rstd_c = (torch.ones if self.mode == K.MODE_GN else torch.empty)((c,), **f32)
         rho = torch.empty((n, self.num_groups), **f32)
-        parts = [torch.empty((self.part_size,), **f32) for _ in range(2)]
+        parts = [torch.empty((self.part_stride,), **f32) for _ in range(2)]
         dummy = torch.empty((1,), **f32) if traced else rstd_c  # for an absent tensor: never accessed
         values = [x, y] + rows + [rstd_c, rho] + parts
         values += [dummy if t is None else t for t in (gamma, beta, omega, eta, running_mean, running_var, num_batches)]
@@ -192,118 +203,60 @@ class NormPlan:
                 side[o[7]:o[7] + n * self.num_groups].view(n, self.num_groups))
 
     # -- backward ------------------------------------------------------------------
-    def _backward_plan(self, dy, grad_dtype=torch.float32):
-        key = (dy.stride(), grad_dtype)
+    def _backward_plan(self, dy, fp32_grads=False):
+        """The backward's launches for ``dy``'s layout, writing the parameter gradients
+        like the parameters (the eager path) or, with ``fp32_grads``, as fp32 vectors
+        (the op's outputs). Triton compiles a kernel per pointer dtype, and the plan's
+        parameters have one dtype each (the plan's signature), so one plan per both
+        suffices."""
+        key = (dy.stride(), fp32_grads)
         found = self._bwd.get(key)
         if found is None:
-            found = self._bwd[key] = self._build_backward(dy, grad_dtype)
+            found = self._bwd[key] = _BackwardPlan(self, dy)
         return found
 
-    def _build_backward(self, dy, grad_dtype):
-        """The launches for ``dy``'s layout with the parameter gradients written in
-        ``grad_dtype``: fp32 into the buffer, another dtype into one of their own
-        (``pieces``: the lengths of the gradients' buffer, after a head)."""
-        n, c, s, k, num_groups = self.n, self.c, self.s, self.k, self.num_groups
-        sx, sd, so = self.sx, nsc_strides(dy), self.sy  # dx is allocated like y
-        large = _large(c, s, sx[1:], sd[1:], so[1:])
-        config = self.config_bwd
-        chunk, n_split = _chunking(s, config)
-        grid = (n * cdiv(c, config["BLOCK_C"]), n_split)
-        bn, bk, bj = _combine_blocks(n, k, n_split, config)
-        aff = num_groups if self.group_affine else c
-        bn_len = c if self.has_bn_affine else 0
-        aff_len = aff if self.has_affine else 0
-        shapes = [(n, c, n_split)] * 2 + [(n * c,)] * 3 + [(bn_len,)] * 2 + [(aff_len,)] * 2
-        offsets, size = _layout(shapes, blocks=(2, 3, 4))
-        # the gradients: one split of the buffer (head, the four gradients), or of their own
-        in_buf = grad_dtype == torch.float32
-        pieces = [offsets[5] if in_buf else 0, bn_len, bn_len, aff_len, aff_len]
-        # byte offsets for the direct path; an absent gradient gets the buffer's start
-        # (never written: its HAS_* flag is off)
-        byte_offsets = [4 * o if _numel(shape) else 0 for o, shape in zip(offsets, shapes)]
-        t = ArgTable(_BWD_SLOTS)
-        S = Slot
-        tile = dict(BLOCK_C=config["BLOCK_C"], BLOCK_S=config["BLOCK_S"], NUM_STAGES=config["num_stages"])
-        opts = dict(num_warps=config["num_warps"], num_stages=config["num_stages"])
-        act = K.ACTIVATIONS[self.activation]
-        common = dict(ACT=act, HAS_AFFINE=self.has_affine, GROUP_AFFINE=self.group_affine, LARGE=large, **tile)
-        # the backward combine's arguments but DIST and its buffers (the same for every dy layout):
-        # DistNormPlan launches it again with them
-        self.bwd_combine_options = dict(num_warps=4 if bn * bk * bj >= 1024 else 2)
-        self.bwd_combine_args = dict(
-            Part_d1=S("part_a"), Part_de=S("part_b"), Rstd_c=S("rstd_c"), Rho=S("rho"), Dm=S("dm"), P=S("p"),
-            Ym=S("ym"), M2=S("m2"), Gamma=S("gamma"), Omega=S("omega"), Dgamma=S("d_gamma"),
-            Dbeta=S("d_beta"), Domega=S("d_omega"), Deta=S("d_eta"), CA=S("ca"), CE=S("ce"), CC=S("cc"),
-            N=n, C=c, S=s, K=k, n_split=n_split, MODE=self.mode, HAS_BN_AFFINE=self.has_bn_affine,
-            HAS_AFFINE=self.has_affine, GROUP_AFFINE=self.group_affine, BLOCK_N=bn, BLOCK_K=bk, BLOCK_J=bj)
-        align_xd = _align(s, chunk, sx[0], sx[1], sd[0], sd[1])
-        align_xdo = _align(s, chunk, sx[0], sx[1], sd[0], sd[1], so[0], so[1])
-        launches = [
-            t.launch(K._norm_bwd_reduce_kernel, grid, opts,
-                     Dy=S("dy"), X=S("x"), Pivot=S("pivot"), Mean=S("mean"), P=S("p"), Ym=S("ym"), Omega=S("omega"),
-                     Eta=S("eta"), Part_d1=S("part_a"), Part_de=S("part_b"), C=c, S=s, K=k,
-                     stride_xn=sx[0], stride_xc=sx[1], stride_xs=sx[2],
-                     stride_dn=sd[0], stride_dc=sd[1], stride_ds=sd[2], chunk=chunk, n_split=n_split,
-                     ALIGN=align_xd, **common),
-            t.launch(K._norm_bwd_combine_kernel, (num_groups,), self.bwd_combine_options, Gsum=S("part_a"),
-                     Glob=S("part_a"), DIST=0, **self.bwd_combine_args),
-            t.launch(K._norm_bwd_apply_kernel, grid, opts,
-                     Dy=S("dy"), X=S("x"), Dx=S("dx"), Pivot=S("pivot"), Mean=S("mean"), P=S("p"), Ym=S("ym"),
-                     Omega=S("omega"), Eta=S("eta"), CA=S("ca"), CE=S("ce"), CC=S("cc"), C=c, S=s, K=k,
-                     stride_xn=sx[0], stride_xc=sx[1], stride_xs=sx[2],
-                     stride_dn=sd[0], stride_dc=sd[1], stride_ds=sd[2],
-                     stride_on=so[0], stride_oc=so[1], stride_os=so[2], chunk=chunk, ALIGN=align_xdo, **common),
-        ]
-        dummy = 4 * self.fwd_offsets[6]
-        params = ("dy", "x", "dx", "side", "buf", "gamma", "omega", "eta")
-        prelude = ["saved = side.data_ptr()", "base = buf.data_ptr()", f"dummy = saved + {dummy}"]
-        buf_code = [f"base + {o}" for o in byte_offsets]
-        if not in_buf:  # the gradients' own buffer (an absent one keeps the buffer's start)
-            params = params[:5] + ("grads",) + params[5:]
-            prelude.append("grad_base = grads.data_ptr()")
-            size_of = torch.empty((), dtype=grad_dtype).element_size()
-            starts = [0, bn_len, 2 * bn_len, 2 * bn_len + aff_len]
-            buf_code[5:] = [f"grad_base + {size_of * o}" if n else "base" for o, n in zip(starts, pieces[1:])]
-        direct = DirectLaunches(
-            launches, params, prelude,
-            ["dy.data_ptr()", "x.data_ptr()", "dx.data_ptr()"] + [f"saved + {o}" for o in self.fwd_byte_offsets]
-            + buf_code + [f"dummy if {t} is None else {t}.data_ptr()" for t in ("gamma", "omega", "eta")],
-            t.constants)
-        return launches, t.constants, offsets, shapes, size, pieces, direct
-
-    def backward(self, dy, x, saved, gamma, omega, eta, dx=None, grad_dtype=torch.float32):
-        """dx and the parameter gradients (d_gamma, d_beta, d_omega, d_eta; empty for
-        absent parameters) in ``grad_dtype``. ``saved`` is the forward's side buffer or
-        its (stats, rstd_c, rho). A ``dy`` whose spatial dims one stride cannot walk is
-        copied first."""
+    def backward(self, dy, x, saved, gamma, beta, omega, eta, dx=None, fp32_grads=False):
+        """dx and the parameter gradients (d_gamma, d_beta, d_omega, d_eta; None for an
+        absent parameter): each a new tensor like its parameter (``beta``, ``eta``: None
+        for one like gamma's, omega's), or with ``fp32_grads`` fp32 vectors. ``saved``
+        is the forward's side buffer (whose coefficient rows the backward uses as
+        scratch) or its (stats, rstd_c, rho). A ``dy`` whose spatial dims one stride
+        cannot walk is copied first."""
         if dy.stride() != self.y_stride and nsc_strides(dy) is None:
             dy = dy.contiguous()
-        launches, constants, offsets, shapes, size, pieces, direct = self._backward_plan(dy, grad_dtype)
-        dx = self.alloc_y(x) if dx is None else dx
-        if dx.stride() != self.y_stride:
-            raise RuntimeError("wsbcn: dx layout differs from the launch plan's")
-        buf = torch.empty((size,), device=x.device, dtype=torch.float32)
-        if pieces[0]:  # fp32: in the buffer
-            grad_buf, tensors = buf, (dy, x, dx, saved, buf, gamma, omega, eta)
+        plan = self._bwd.get((dy.stride(), fp32_grads)) or self._backward_plan(dy, fp32_grads)
+        if dx is None:
+            dx = self.alloc_y(x)
+            part = dx if plan.part_in_dx else _new_part(x, plan.part_stride)
         else:
-            grad_buf = torch.empty((sum(pieces),), device=x.device, dtype=grad_dtype)
-            tensors = (dy, x, dx, saved, buf, grad_buf, gamma, omega, eta)
-        grads = grad_buf.split_with_sizes(pieces)[1:]
-        if not isinstance(saved, tuple) and direct.call(*tensors):
-            return (dx,) + grads
+            part = _new_part(x, plan.part_stride)
+            if dx.stride() != self.y_stride:
+                raise RuntimeError("wsbcn: dx layout differs from the launch plan's")
+        if fp32_grads:
+            d_gamma, d_beta, d_omega, d_eta = plan.fp32_grads(x)
+        else:
+            d_gamma = d_beta = d_omega = d_eta = None
+            if gamma is not None:
+                d_gamma, d_beta = torch.empty_like(gamma), torch.empty_like(gamma if beta is None else beta)
+            if omega is not None:
+                d_omega, d_eta = torch.empty_like(omega), torch.empty_like(omega if eta is None else eta)
+        if not isinstance(saved, tuple) and plan.direct.call(dy, x, dx, saved, part, d_gamma, d_beta, d_omega, d_eta,
+                                                             gamma, omega, eta):
+            return dx, d_gamma, d_beta, d_omega, d_eta
+        f32 = dict(device=x.device, dtype=torch.float32)
         if isinstance(saved, tuple):
             stats, rstd_c, rho = saved
             saved_views = list(stats.unbind(0)) + [rstd_c, rho]
+            coefs = list(torch.empty((3, self.n * self.c), **f32).unbind(0))
         else:
             saved_views = _views(saved, self.fwd_offsets, self.fwd_shapes)
+            coefs = _views(saved, self.coef_offsets, [(self.n * self.c,)] * 3)
         dummy = saved_views[6]
-        views = _views(buf, offsets, shapes)
-        if grad_buf is not buf:
-            views[5:] = grads
-        views = [v if v.numel() else dummy for v in views]
-        values = [dy, x, dx] + saved_views + views + [dummy if t is None else t for t in (gamma, omega, eta)]
-        _run(launches, values, constants, traced=False)
-        return (dx,) + grads
+        grads = [dummy if g is None else g for g in (d_gamma, d_beta, d_omega, d_eta)]
+        values = ([dy, x, dx] + saved_views + list(_part_view(part, plan.part_stride).unbind(0)) + coefs + grads
+                  + [dummy if t is None else t for t in (gamma, omega, eta)])
+        _run(plan.launches, values, plan.constants, traced=False)
+        return dx, d_gamma, d_beta, d_omega, d_eta
 
     def backward_op(self, dy, x, stats, rstd_c, rho, gamma, omega, eta, traced):
         """The backward of the ``wsbcn::norm_backward`` op: ``backward``'s launches with
@@ -311,16 +264,116 @@ class NormPlan:
         dx and the fp32 parameter gradients (empty for absent parameters)."""
         if dy.stride() != self.y_stride and nsc_strides(dy) is None:
             dy = dy.contiguous()
-        launches, constants, offsets, shapes, size, pieces, _ = self._backward_plan(dy)
+        plan = self._backward_plan(dy, fp32_grads=True)
         dx = self.alloc_y(x)
         f32 = dict(device=x.device, dtype=torch.float32)
-        bufs = [torch.empty(shape, **f32) for shape in shapes]  # partials, coefficients, gradients
+        nc = self.n * self.c
+        scratch = [torch.empty((plan.part_stride,), **f32) for _ in range(2)] + [torch.empty((nc,), **f32)
+                                                                                 for _ in range(3)]
+        grads = [torch.empty((m,), **f32) for m in plan.grad_lengths]
         dummy = torch.empty((1,), **f32) if traced else rstd_c  # for an absent tensor: never accessed
-        values = [dy, x, dx] + list(stats.unbind(0)) + [rstd_c, rho]
-        values += [b if b.numel() else dummy for b in bufs]
+        values = [dy, x, dx] + list(stats.unbind(0)) + [rstd_c, rho] + scratch
+        values += [g if g.numel() else dummy for g in grads]
         values += [dummy if t is None else t for t in (gamma, omega, eta)]
-        _run(launches, values, constants, traced)
-        return (dx,) + tuple(bufs[5:])
+        _run(plan.launches, values, plan.constants, traced)
+        return (dx,) + tuple(grads)
+
+
+class _BackwardPlan:
+    """The backward launches of a NormPlan for one dy layout: ``launches``,
+    ``constants``, the direct path (``direct``: the call's tensors, partial sums in
+    ``part``) and where the partial sums go (``part_in_dx``, ``part_stride``)."""
+
+    __slots__ = ("launches", "constants", "direct", "part_stride", "part_in_dx", "grad_lengths")
+
+    def __init__(self, plan, dy):
+        n, c, s, k, num_groups = plan.n, plan.c, plan.s, plan.k, plan.num_groups
+        sx, sd, so = plan.sx, nsc_strides(dy), plan.sy  # dx is allocated like y
+        large = _large(c, s, sx[1:], sd[1:], so[1:])
+        config = plan.config_bwd
+        chunk, n_split = _chunking(s, config)
+        grid = (n * cdiv(c, config["BLOCK_C"]), n_split)
+        bn, bk, bj = _combine_blocks(n, k, n_split, config)
+        aff = num_groups if plan.group_affine else c
+        bn_len = c if plan.has_bn_affine else 0
+        aff_len = aff if plan.has_affine else 0
+        self.grad_lengths = (bn_len, bn_len, aff_len, aff_len)
+        self.part_stride = _part_stride(n * c * n_split)
+        self.part_in_dx = _fits(self.part_stride, plan.y_bytes)
+        t = ArgTable(_BWD_SLOTS)
+        S = Slot
+        tile = dict(BLOCK_C=config["BLOCK_C"], BLOCK_S=config["BLOCK_S"], NUM_STAGES=config["num_stages"])
+        opts = dict(num_warps=config["num_warps"], num_stages=config["num_stages"])
+        act = K.ACTIVATIONS[plan.activation]
+        common = dict(ACT=act, HAS_AFFINE=plan.has_affine, GROUP_AFFINE=plan.group_affine, LARGE=large, **tile)
+        # the backward combine's arguments but DIST and its buffers (the same for every dy layout):
+        # DistNormPlan launches it again with them
+        plan.bwd_combine_options = dict(num_warps=4 if bn * bk * bj >= 1024 else 2)
+        plan.bwd_combine_args = dict(
+            Part_d1=S("part_a"), Part_de=S("part_b"), Rstd_c=S("rstd_c"), Rho=S("rho"), Dm=S("dm"), P=S("p"),
+            Ym=S("ym"), M2=S("m2"), Gamma=S("gamma"), Omega=S("omega"), Dgamma=S("d_gamma"),
+            Dbeta=S("d_beta"), Domega=S("d_omega"), Deta=S("d_eta"), CA=S("ca"), CE=S("ce"), CC=S("cc"),
+            N=n, C=c, S=s, K=k, n_split=n_split, MODE=plan.mode, HAS_BN_AFFINE=plan.has_bn_affine,
+            HAS_AFFINE=plan.has_affine, GROUP_AFFINE=plan.group_affine, BLOCK_N=bn, BLOCK_K=bk, BLOCK_J=bj)
+        align_xd = _align(s, chunk, sx[0], sx[1], sd[0], sd[1])
+        align_xdo = _align(s, chunk, sx[0], sx[1], sd[0], sd[1], so[0], so[1])
+        self.launches = [
+            t.launch(K._norm_bwd_reduce_kernel, grid, opts,
+                     Dy=S("dy"), X=S("x"), Pivot=S("pivot"), Mean=S("mean"), P=S("p"), Ym=S("ym"), Omega=S("omega"),
+                     Eta=S("eta"), Part_d1=S("part_a"), Part_de=S("part_b"), C=c, S=s, K=k,
+                     stride_xn=sx[0], stride_xc=sx[1], stride_xs=sx[2],
+                     stride_dn=sd[0], stride_dc=sd[1], stride_ds=sd[2], chunk=chunk, n_split=n_split,
+                     ALIGN=align_xd, **common),
+            t.launch(K._norm_bwd_combine_kernel, (num_groups,), plan.bwd_combine_options, Gsum=S("part_a"),
+                     Glob=S("part_a"), DIST=0, **plan.bwd_combine_args),
+            t.launch(K._norm_bwd_apply_kernel, grid, opts,
+                     Dy=S("dy"), X=S("x"), Dx=S("dx"), Pivot=S("pivot"), Mean=S("mean"), P=S("p"), Ym=S("ym"),
+                     Omega=S("omega"), Eta=S("eta"), CA=S("ca"), CE=S("ce"), CC=S("cc"), C=c, S=s, K=k,
+                     stride_xn=sx[0], stride_xc=sx[1], stride_xs=sx[2],
+                     stride_dn=sd[0], stride_dc=sd[1], stride_ds=sd[2],
+                     stride_on=so[0], stride_oc=so[1], stride_os=so[2], chunk=chunk, ALIGN=align_xdo, **common),
+        ]
+        self.constants = t.constants
+        # the direct path: saved statistics and coefficients in the side buffer, an absent
+        # tensor at rstd_c (any valid fp32 address: its HAS_* flag is off, never accessed)
+        self.direct = DirectLaunches(
+            self.launches, ("dy", "x", "dx", "side", "part", "d_gamma", "d_beta", "d_omega", "d_eta", "gamma", "omega",
+                            "eta"),
+            ["saved = side.data_ptr()", "part_a = part.data_ptr()", f"dummy = saved + {4 * plan.fwd_offsets[6]}"],
+            ["dy.data_ptr()", "x.data_ptr()", "dx.data_ptr()"] + [f"saved + {o}" for o in plan.fwd_byte_offsets]
+            + ["part_a", f"part_a + {4 * self.part_stride}"] + [f"saved + {4 * o}" for o in plan.coef_offsets]
+            + [f"dummy if {t} is None else {t}.data_ptr()"
+               for t in ("d_gamma", "d_beta", "d_omega", "d_eta", "gamma", "omega", "eta")],
+            t.constants)
+
+    def fp32_grads(self, x):
+        """fp32 (d_gamma, d_beta, d_omega, d_eta) vectors, None for an absent parameter."""
+        return tuple(torch.empty((m,), device=x.device, dtype=torch.float32) if m else None
+                     for m in self.grad_lengths)
+
+
+def _part_stride(size):
+    """Elements from one partial-sum buffer to the next: ``size`` rounded up to 16 bytes,
+    so that both start aligned (triton specialises pointers on 16-byte alignment)."""
+    return cdiv(size, 4) * 4
+
+
+def _fits(part_stride, nbytes):
+    """Whether the two fp32 partial-sum buffers fit in ``nbytes``."""
+    return 8 * part_stride <= nbytes
+
+
+def _new_part(x, part_stride):
+    return torch.empty((2, part_stride), device=x.device, dtype=torch.float32)
+
+
+def _part_view(part, part_stride):
+    """The partial sums [2, part_stride] as an fp32 tensor: ``part`` itself, or a view
+    of the bytes of the output that holds them (the kernel[grid] path)."""
+    if part.dtype == torch.float32 and part.shape == (2, part_stride):
+        return part
+    flat = torch.empty((0,), device=part.device, dtype=torch.float32)
+    return flat.set_(part.untyped_storage(), 0, (2, part_stride), (part_stride, 1))
 
 
 def _run(launches, values, constants, traced):
@@ -384,10 +437,10 @@ def norm_forward(x, y, gamma, beta, omega, eta, running_mean, running_var, num_b
 def norm_backward(dy, x, dx, stats, rstd_c, rho, gamma, omega, eta, num_groups, mode,
                   activation, group_affine, config):
     """The 3 backward launches with one ``config``, writing ``dx`` (allocated like x).
-    Returns fp32 (d_gamma, d_beta, d_omega, d_eta); absent parameters give empty tensors."""
+    Returns fp32 (d_gamma, d_beta, d_omega, d_eta); None for absent parameters."""
     plan = NormPlan(x, num_groups, mode, False, False, activation, group_affine, gamma is not None,
                     omega is not None, False, 1e-5, 0.0, config, config)
-    return plan.backward(dy, x, (stats, rstd_c, rho), gamma, omega, eta, dx=dx)[1:]
+    return plan.backward(dy, x, (stats, rstd_c, rho), gamma, None, omega, eta, dx=dx, fp32_grads=True)[1:]
 
 
 # -- across processes ----------------------------------------------------------------
@@ -461,7 +514,7 @@ class DistNormPlan:
     def _forward_values(self, x, y, side, part, gamma, beta, omega, eta, running_mean, running_var, num_batches):
         """The kernel[grid] path's values (NormPlan's slots) and the glob view."""
         plan = self.plan
-        views = _views(side, plan.fwd_offsets, plan.fwd_shapes) + list(part.unbind(0))
+        views = _views(side, plan.fwd_offsets, plan.fwd_shapes) + list(_part_view(part, plan.part_stride).unbind(0))
         dummy = views[6]
         values = [x, y] + views + [dummy if t is None else t
                                    for t in (gamma, beta, omega, eta, running_mean, running_var, num_batches)]
@@ -475,7 +528,7 @@ class DistNormPlan:
         plan = self.plan
         y = plan.alloc_y(x)
         side = torch.empty((self.side_size,), device=x.device, dtype=torch.float32)
-        part = torch.empty((2, plan.part_size), device=x.device, dtype=torch.float32)
+        part = y if plan.part_in_y else _new_part(x, plan.part_stride)
         row = torch.empty((self.row_len,), device=x.device, dtype=torch.float64)
         tensors = (x, y, side, part, gamma, beta, omega, eta, running_mean, running_var, num_batches)
         values = None
@@ -492,12 +545,13 @@ class DistNormPlan:
         _run(plan.fwd[2:], values, plan.fwd_constants, traced=False)
         return y, side
 
-    def _backward_direct(self, dy, launches, constants, direct):
+    def _backward_direct(self, dy, backward_plan):
         """The backward's two direct functions for this dy layout (NormPlan's slots and
         addresses, then gsum, glob), before and after the all_reduce."""
         key = dy.stride()
         found = self._bwd_direct.get(key)
         if found is None:
+            launches, constants, direct = backward_plan.launches, backward_plan.constants, backward_plan.direct
             local, merged, my_constants = self.bwd
             ours, theirs = (len(_DIST_BWD_SLOTS), my_constants), (len(_BWD_SLOTS), constants)
             prelude = direct.prelude + [f"glob = saved + {4 * self.glob_offset}"]
@@ -509,16 +563,15 @@ class DistNormPlan:
                                [ours, theirs]))
         return found
 
-    def backward(self, dy, x, side, gamma, omega, eta, all_reduce):
-        """dx and the fp32 parameter gradients of this rank's batch, as
-        ``NormPlan.backward``; ``all_reduce(sums)`` sums a fp64 [2, C] tensor over the
-        ranks (in place or not) and returns it. Batch statistics only."""
+    def backward(self, dy, x, side, gamma, beta, omega, eta, all_reduce):
+        """dx and the parameter gradients of this rank's batch, as ``NormPlan.backward``
+        (each like its parameter); ``all_reduce(sums)`` sums a fp64 [2, C] tensor over
+        the ranks (in place or not) and returns it. Batch statistics only."""
         plan = self.plan
         if dy.stride() != plan.y_stride and nsc_strides(dy) is None:
             dy = dy.contiguous()
         backward_plan = plan._backward_plan(dy)
-        launches, constants, offsets, shapes, size, pieces = backward_plan[:6]
-        direct = backward_plan[6]
+        launches, constants = backward_plan.launches, backward_plan.constants
         if self.bwd is None:
             t = ArgTable(_DIST_BWD_SLOTS)
             S = Slot
@@ -527,30 +580,36 @@ class DistNormPlan:
                              for dist in (1, 2))
             self.bwd = [local], [merged], t.constants
         local, merged, my_constants = self.bwd
-        direct_local, direct_merged = self._backward_direct(dy, launches, constants, direct)
+        direct_local, direct_merged = self._backward_direct(dy, backward_plan)
         dx = plan.alloc_y(x)
-        buf = torch.empty((size,), device=x.device, dtype=torch.float32)
+        part = dx if backward_plan.part_in_dx else _new_part(x, backward_plan.part_stride)
+        d_gamma = d_beta = d_omega = d_eta = None
+        if gamma is not None:
+            d_gamma, d_beta = torch.empty_like(gamma), torch.empty_like(gamma if beta is None else beta)
+        if omega is not None:
+            d_omega, d_eta = torch.empty_like(omega), torch.empty_like(omega if eta is None else eta)
         sums = torch.empty((2, plan.c), device=x.device, dtype=torch.float64)
-        tensors = (dy, x, dx, side, buf, gamma, omega, eta)
+        tensors = (dy, x, dx, side, part, d_gamma, d_beta, d_omega, d_eta, gamma, omega, eta)
         values = None
         if not direct_local.call(*tensors, sums):
-            values, glob = self._backward_values(tensors, offsets, shapes)
+            values, glob = self._backward_values(tensors, backward_plan.part_stride)
             _run(launches[:1], values, constants, traced=False)
             _run(local, values + [sums, glob], my_constants, traced=False)
         sums = all_reduce(sums)
         if not direct_merged.call(*tensors, sums):
             if values is None:
-                values, glob = self._backward_values(tensors, offsets, shapes)
+                values, glob = self._backward_values(tensors, backward_plan.part_stride)
             _run(merged, values + [sums, glob], my_constants, traced=False)
             _run(launches[2:], values, constants, traced=False)
-        return (dx,) + buf.split_with_sizes(pieces)[1:]
+        return dx, d_gamma, d_beta, d_omega, d_eta
 
-    def _backward_values(self, tensors, offsets, shapes):
+    def _backward_values(self, tensors, part_stride):
         """The kernel[grid] path's values (NormPlan's backward slots) and the glob view."""
         plan = self.plan
-        dy, x, dx, side, buf, gamma, omega, eta = tensors
+        dy, x, dx, side, part, d_gamma, d_beta, d_omega, d_eta, gamma, omega, eta = tensors
         saved = _views(side, plan.fwd_offsets, plan.fwd_shapes)
         dummy = saved[6]
-        views = [v if v.numel() else dummy for v in _views(buf, offsets, shapes)]
-        values = [dy, x, dx] + saved + views + [dummy if t is None else t for t in (gamma, omega, eta)]
+        coefs = _views(side, plan.coef_offsets, [(plan.n * plan.c,)] * 3)
+        values = ([dy, x, dx] + saved + list(_part_view(part, part_stride).unbind(0)) + coefs
+                  + [dummy if t is None else t for t in (d_gamma, d_beta, d_omega, d_eta, gamma, omega, eta)])
         return values, side[self.glob_offset:]

@@ -174,7 +174,9 @@ def test_nan_propagates_like_reference(backend):
 
 def test_saved_for_backward_is_x_and_small_statistics(backend):
     """Only x and O(N*C) fp32 statistics (plus the parameters) are kept for backward:
-    6 values per (n, c), one per channel and one per (n, group), in one or three tensors."""
+    6 values per (n, c), one per channel and one per (n, group), in one or three tensors;
+    the eager Triton path's one buffer also holds the backward's 3 coefficients per
+    (n, c) (its scratch), each part starting on 16 bytes."""
     n, c, h, w, g = 2, 8, 6, 6, 4
     m = wsbcn.BatchChannelNorm2d(c, num_groups=g, activation="relu").to(DEVICE)
     x = torch.randn(n, c, h, w, device=DEVICE, requires_grad=True)
@@ -188,6 +190,8 @@ def test_saved_for_backward_is_x_and_small_statistics(backend):
         y = m(x)
     params = {p.data_ptr() for p in m.parameters()}
     stats_numel = 6 * n * c + c + n * g
+    if backend == "triton":
+        stats_numel += 3 * n * c + 3 * 3  # coefficients, and at most 3 values of padding before each of 3 parts
     big = [t for t in saved if t.numel() > stats_numel]
     assert len(big) == 1 and big[0].data_ptr() == x.data_ptr()
     stats = [t for t in saved if t.data_ptr() != x.data_ptr() and t.data_ptr() not in params]
@@ -390,14 +394,21 @@ def test_meta_tensors_take_the_closed_form_whatever_the_backend(monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("layer", ["bcn", "bcn per-channel affine", "group norm"])
-def test_low_precision_parameter_gradients_are_autograds_cast_of_the_fp32_ones(monkeypatch, dtype, layer):
-    """With parameters in one low-precision dtype, the eager Triton backward writes their
-    gradients in it (autograd has nothing to cast): bitwise autograd's cast of the fp32
-    gradients, which the same kernels write when told to (the path before)."""
+@pytest.mark.parametrize("layer", ["bcn", "bcn per-channel affine", "bcn fp32 bn stage", "group norm"])
+def test_parameter_gradients_are_autograds_cast_of_the_fp32_ones(monkeypatch, dtype, layer):
+    """The eager Triton backward writes each parameter gradient in its parameter's dtype
+    (autograd has nothing to cast): bitwise autograd's cast of the fp32 gradients, which
+    the same kernels write when told to (the path of the torch.library op), also with
+    parameters of two dtypes (a BN stage kept in fp32)."""
+    from wsbcn.kernels.norm_plan import NormPlan
     from wsbcn.ops import norm
 
     monkeypatch.setenv("WSBCN_BACKEND", "triton")
+    eager_backward = NormPlan.backward
+
+    def fp32_backward(self, dy, x, saved, gamma, beta, omega, eta, **kwargs):
+        dx, *grads = eager_backward(self, dy, x, saved, gamma, beta, omega, eta, fp32_grads=True, **kwargs)
+        return (dx, *(g if g is None else g.view(p.shape) for g, p in zip(grads, (gamma, beta, omega, eta))))
 
     def gradients(in_fp32):
         norm._calls.clear()
@@ -405,22 +416,26 @@ def test_low_precision_parameter_gradients_are_autograds_cast_of_the_fp32_ones(m
         if layer == "group norm":
             m = wsbcn.GroupNorm(4, 16)
         else:
-            m = wsbcn.BatchChannelNorm2d(16, 4, group_affine=layer == "bcn")
+            m = wsbcn.BatchChannelNorm2d(16, 4, group_affine=layer != "bcn per-channel affine")
         m = m.to(device=DEVICE, dtype=dtype)
+        if layer == "bcn fp32 bn stage":
+            m.weight.data, m.bias.data = m.weight.data.float(), m.bias.data.float()
         with torch.no_grad():
             for p in m.parameters():
                 p.copy_(torch.randn_like(p))
         x = torch.randn(2, 16, 5, 5, device=DEVICE, dtype=dtype, requires_grad=True)
-        y = m(x)
-        (call,) = norm._calls.values()
-        assert call.grad_dtype == dtype
-        if in_fp32:
-            call.grad_dtype = torch.float32
-        return torch.autograd.grad(y, [x, *m.parameters()], torch.randn_like(y))
+        with monkeypatch.context() as patch:
+            if in_fp32:
+                patch.setattr(NormPlan, "backward", fp32_backward)
+            y = m(x)
+            return torch.autograd.grad(y, [x, *m.parameters()], torch.randn_like(y)), list(m.parameters())
 
-    for ours, cast in zip(gradients(False), gradients(True)):
-        assert ours.dtype == cast.dtype == dtype
-        assert torch.equal(ours, cast)
+    (ours, params), (cast, _) = gradients(False), gradients(True)
+    for a, b, p in zip(ours, cast, [None, *params]):
+        assert a.dtype == b.dtype == (dtype if p is None else p.dtype)
+        assert torch.equal(a, b)
+    if layer == "bcn fp32 bn stage":
+        assert {g.dtype for g in ours[1:]} == {torch.float32, dtype}
 
 
 @pytest.mark.parametrize("layer", ["bcn", "group norm"])

@@ -92,9 +92,9 @@ def both_paths(run, launches):
 (y, side), out["forward"] = both_paths(
     lambda: dplan.forward(xd, *params, *buffers, gather), plan.fwd[:1] + dplan.fwd_local + dplan.fwd_merge + plan.fwd[2:])
 dy = torch.ones_like(y)
-reduce_, _, apply_ = plan._backward_plan(dy)[0]
+reduce_, _, apply_ = plan._backward_plan(dy).launches
 local, merged, _ = dplan.bwd
-_, out["backward"] = both_paths(lambda: dplan.backward(dy, xd, side, params[0], params[2], params[3], all_reduce),
+_, out["backward"] = both_paths(lambda: dplan.backward(dy, xd, side, *params, all_reduce),
                                 [reduce_] + local + merged + [apply_])
 dist.destroy_process_group()
 print("RESULT" + json.dumps(out))

@@ -129,6 +129,56 @@ out["x and y at the same positions"] = all(
     [i for i, v in enumerate(d[2]) if v in (x_ptr, y_ptr)] == [i for i, v in enumerate(j[2]) if v in (x_ptr, y_ptr)]
     for d, j in zip(direct, jitted))
 
+# The same with the buffers the plan allocates itself: the partial sums in y (forward)
+# and dx (backward), the coefficients in the side buffer, a gradient per parameter.
+# Each address is named by the tensor whose storage holds it, and its byte offset.
+def named(calls, bases):
+    rows = []
+    for h, g, args in calls:
+        row = []
+        for v in args:
+            hit = v
+            if isinstance(v, int) and v > 1 << 20:
+                for name, t in bases.items():
+                    start = t.untyped_storage().data_ptr()
+                    if start <= v < start + t.untyped_storage().nbytes():
+                        hit = (name, v - start)
+                        break
+            row.append(hit)
+        rows.append((h, g, row))
+    return rows
+
+
+def both_paths(run, launches, names):
+    seen.clear()
+    first = run()
+    direct = named(list(seen), names(first))
+    for l in launches:
+        l.compiled = l.launcher = None
+    seen.clear()
+    second = run()
+    jitted = named(list(seen), names(second))
+    return direct, jitted, first
+
+
+fwd_names = lambda r: dict(x=x, y=r[0], side=r[1], **dict(zip("abcdef", params)))
+plan.forward(x, *params[2:], params[0], params[1], nbt)
+direct, jitted, (y_own, side_own) = both_paths(lambda: plan.forward(x, *params[2:], params[0], params[1], nbt),
+                                               plan.fwd, fwd_names)
+out["own buffers forward: same named arguments"] = direct == jitted
+out["own buffers forward: partial sums in y"] = plan.part_in_y and ("y", 0) in direct[0][2]
+dy = torch.randn_like(y_own)
+bwd_args = (dy, x, side_own, params[2], params[3], params[4], params[5])
+bwd_names = lambda r: dict(x=x, dy=dy, side=side_own, dx=r[0], **dict(zip(("dg", "db", "do", "de"), r[1:])),
+                           **dict(zip("abcdef", params)))
+plan.backward(*bwd_args)
+backward_plan = plan._backward_plan(dy)
+direct, jitted, grads = both_paths(lambda: plan.backward(*bwd_args), backward_plan.launches, bwd_names)
+out["own buffers backward: same named arguments"] = direct == jitted
+out["own buffers backward: partial sums in dx"] = backward_plan.part_in_dx and ("dx", 0) in direct[0][2]
+out["own buffers backward: gradients like the parameters"] = [
+    (g.shape == p.shape, g.dtype == p.dtype) for g, p in zip(grads[1:], params[2:])]
+
 # WS: one launch each way, direct on repeat
 w = torch.randn(16, 8, 3, 3, requires_grad=True)
 c0 = counts()
@@ -165,6 +215,9 @@ def test_direct_launches_are_the_jit_launches_and_fall_back_when_specialisation_
     assert out["same grids and argument counts"]
     assert out["same integers and constexprs"]
     assert out["x and y at the same positions"]
+    assert out["own buffers forward: same named arguments"] and out["own buffers forward: partial sums in y"]
+    assert out["own buffers backward: same named arguments"] and out["own buffers backward: partial sums in dx"]
+    assert out["own buffers backward: gradients like the parameters"] == [[True, True]] * 4
     assert out["ws three fwd+bwd"] == [2, 4]
 
 

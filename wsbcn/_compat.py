@@ -89,17 +89,16 @@ except ImportError:
     _knobs = None
 
 
-def _hooked(hook) -> bool:
-    """A hook is set: a callable (triton 3.6) or a non-empty HookChain (3.9)."""
-    return hook is not None and bool(getattr(hook, "calls", True))
-
-
 def launch_hooks_set() -> bool:
-    """A launch enter/exit hook is installed: direct launches would bypass it."""
+    """A launch enter/exit hook is installed (a callable in triton 3.6, a non-empty
+    HookChain in 3.9): direct launches would bypass it. Checked on every direct launch,
+    so written out in one function."""
     if _knobs is None:
         return False
     runtime = _knobs.runtime
-    return _hooked(runtime.launch_enter_hook) or _hooked(runtime.launch_exit_hook)
+    enter, leave = runtime.launch_enter_hook, runtime.launch_exit_hook
+    return ((enter is not None and bool(getattr(enter, "calls", True)))
+            or (leave is not None and bool(getattr(leave, "calls", True))))
 
 
 # --- torch: autograd.Function.apply ---------------------------------------------------

@@ -125,7 +125,7 @@ def _norm_backward_impl(dy, x, stats, rstd_c, rho, gamma, omega, eta, num_groups
                        tensor_dtypes(gamma, None, omega, eta, None, None, None))
     if op:
         return plan.backward_op(dy, x, stats, rstd_c, rho, gamma, omega, eta, traced=not library.plain(x))
-    return plan.backward(dy, x, (stats, rstd_c, rho), gamma, omega, eta)
+    return plan.backward(dy, x, (stats, rstd_c, rho), gamma, None, omega, eta, fp32_grads=True)
 
 
 def _forward_kernels():
@@ -183,23 +183,15 @@ class _Call:
     ``NormFunction``; ``saved`` is what the forward keeps for the backward."""
 
     __slots__ = ("num_groups", "eps", "momentum", "cumulative", "mode", "update_running", "activation",
-                 "group_affine", "affine_shape", "dtypes", "grad_dtype", "dense", "eager", "group", "plans",
-                 "untraced", "c_apply")
+                 "group_affine", "dtypes", "dense", "eager", "group", "plans", "untraced", "c_apply")
 
     def __init__(self, x, num_groups, eps, momentum, cumulative, mode, update_running, activation, group_affine,
-                 dtypes, group=None, affine_shape=None, dense=True):
+                 dtypes, group=None, dense=True):
         self.num_groups, self.eps, self.momentum, self.cumulative = num_groups, eps, momentum, cumulative
         self.mode, self.update_running, self.activation, self.group_affine = mode, update_running, activation, group_affine
         self.group = group  # a process group: statistics combined across its ranks
-        # the channel-stage affine's shape when it is not 1-d (a module's (1, G, 1)): the
-        # eager backward shapes its gradients with ints (a view by a Size costs more)
-        self.affine_shape = affine_shape
         self.dtypes = dtypes  # tensor_dtypes of the tensors the kernels get besides x
         self.dense = dense  # every parameter and running buffer is contiguous (else: call_dense)
-        # the eager backward writes the parameter gradients in the parameters' dtype when
-        # they share one (autograd has nothing to cast), else in fp32
-        present = {d for d in dtypes[:4] if d is not None}
-        self.grad_dtype = present.pop() if len(present) == 1 else torch.float32
         # The eager Triton path takes non-empty inputs whose spatial dims one stride walks.
         # A call built under torch.compile is never cached (checks.validated) and
         # takes the torch.library ops.
@@ -237,21 +229,22 @@ class _Call:
                         self.group_affine)
         return y, tuple(saved)
 
-    def backward(self, dy, x, saved, gamma, omega, eta):
-        """dx and the gradients (d_gamma, d_beta, d_omega, d_eta): in ``grad_dtype`` on
-        the eager Triton path, else fp32."""
+    def backward(self, dy, x, saved, gamma, beta, omega, eta):
+        """dx and the gradients (d_gamma, d_beta, d_omega, d_eta), each in its
+        parameter's shape (None for an absent one). The eager Triton path writes each
+        like its parameter (its dtype, rounded as autograd casts); the others give fp32
+        gradients, which autograd casts."""
+        if len(saved) == 1 and self.group is None:  # the eager Triton path's side buffer
+            return self.plan(x, gamma, omega, None).backward(dy, x, saved[0], gamma, beta, omega, eta)
         if self.group is not None:  # across processes (norm_distributed.py)
-            return norm_distributed.backward(self, dy, x, saved, gamma, omega, eta)
-        if len(saved) == 1:  # the eager Triton path's side buffer
-            dx, d_gamma, d_beta, d_omega, d_eta = self.plan(x, gamma, omega, None).backward(
-                dy, x, saved[0], gamma, omega, eta, grad_dtype=self.grad_dtype)
-            if self.affine_shape is not None and omega is not None:
-                d_omega, d_eta = d_omega.view(*self.affine_shape), d_eta.view(*self.affine_shape)
-            return dx, d_gamma, d_beta, d_omega, d_eta
-        if nsc_strides(x) is None:
-            x = x.contiguous()
-        bwd = norm_backward_op if torch.compiler.is_compiling() else _norm_backward_impl
-        return bwd(dy, x, *saved, gamma, omega, eta, self.num_groups, self.mode, self.activation, self.group_affine)
+            dx, *grads = norm_distributed.backward(self, dy, x, saved, gamma, beta, omega, eta)
+        else:
+            if nsc_strides(x) is None:
+                x = x.contiguous()
+            bwd = norm_backward_op if torch.compiler.is_compiling() else _norm_backward_impl
+            dx, *grads = bwd(dy, x, *saved, gamma, omega, eta, self.num_groups, self.mode, self.activation,
+                             self.group_affine)
+        return (dx, *param_grads(*grads, gamma, omega))
 
     def call_dense(self, x, gamma, beta, omega, eta, running_mean, running_var, nbt):
         """The call with contiguous copies of parameters and running buffers that are not
@@ -298,8 +291,7 @@ class NormFunction(torch.autograd.Function):
         if torch.is_grad_enabled() and x.numel():  # create_graph=True: differentiable torch ops
             from . import double_backward
             return (*double_backward.norm_double_backward(ctx, dy, x, gamma, beta, omega, eta, saved), None, None)
-        dx, *grads = ctx.call.backward(dy, x, saved, gamma, omega, eta)
-        return (dx, *param_grads(*grads, gamma, omega), None, None)
+        return (*ctx.call.backward(dy, x, saved, gamma, beta, omega, eta), None, None)
 
 
 def _as_param(grad, param):
@@ -420,7 +412,7 @@ def _validate_bcn(owner, x, num_groups, running_mean, running_var, weight, bias,
     dense = all(t is None or t.is_contiguous()
                 for t in (weight, bias, group_weight, group_bias, running_mean, running_var))
     return _Call(x, num_groups, eps, 0.0 if cumulative else momentum, cumulative, mode, update_running, activation,
-                 group_affine, dtypes, group, _shape_unless_1d(group_weight), dense)
+                 group_affine, dtypes, group, dense)
 
 
 def group_norm(x: torch.Tensor, num_groups: int, weight: Optional[torch.Tensor] = None,
@@ -462,9 +454,4 @@ def _validate_gn(owner, x, num_groups, weight, bias, eps, activation) -> _Call:
     dtypes = tensor_dtypes(None, None, bias if weight is None else weight, weight if bias is None else bias, None,
                            None, None)
     return _Call(x, num_groups, eps, 0.0, False, MODE_GN, False, activation, False, dtypes,
-                 affine_shape=_shape_unless_1d(weight),
                  dense=all(t is None or t.is_contiguous() for t in (weight, bias)))
-
-
-def _shape_unless_1d(t):
-    return None if t is None or t.dim() == 1 else tuple(t.shape)

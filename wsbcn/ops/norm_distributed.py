@@ -94,8 +94,9 @@ def forward(call, x, gamma, beta, omega, eta, running_mean, running_var, nbt):
     return y, (stats, rstd_c, rho, counts[0])
 
 
-def backward(call, dy, x, saved, gamma, omega, eta):
-    """dx and the fp32 gradients (d_gamma, d_beta, d_omega, d_eta) of this rank."""
+def backward(call, dy, x, saved, gamma, beta, omega, eta):
+    """dx and the gradients (d_gamma, d_beta, d_omega, d_eta) of this rank: on the
+    Triton path each like its parameter, else fp32 vectors."""
     ranks = call.group
     if x.numel() == 0:
         return _backward_empty(call, x, saved, gamma, omega)
@@ -103,9 +104,9 @@ def backward(call, dy, x, saved, gamma, omega, eta):
         x = x.contiguous()
     if len(saved) == 1:  # the Triton path's side buffer
         if call.mode != MODE_BATCH:  # estimates: nothing to combine
-            return call.plan(x, gamma, omega, None).backward(dy, x, saved[0], gamma, omega, eta)
+            return call.plan(x, gamma, omega, None).backward(dy, x, saved[0], gamma, beta, omega, eta)
         dplan = _dist_plan(call, x, gamma, omega, None, ranks.size)
-        return dplan.backward(dy, x, saved[0], gamma, omega, eta,
+        return dplan.backward(dy, x, saved[0], gamma, beta, omega, eta,
                               lambda sums: collectives.all_reduce_rows(sums, ranks))
     stats, rstd_c, rho, count = saved
     reduce = (lambda t: collectives.all_reduce_sum(t, ranks)) if call.mode == MODE_BATCH else None
