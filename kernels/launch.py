@@ -24,7 +24,7 @@ import os
 
 from triton.runtime import driver
 
-from .._compat import direct_launcher, is_fake, launch_hooks_set
+from .._compat import c_launch_form, direct_launcher, is_fake, launch_hooks_set
 
 # Counters a test reads to see which path each launch took.
 stats = {"direct": 0, "jit": 0}
@@ -46,10 +46,11 @@ class Launch:
     skips). Through ``kernel[grid]`` the constexprs go by name, the rest by position."""
 
     __slots__ = ("kernel", "grid", "picks", "pick_indices", "runtime_picks", "constexpr_picks", "options", "compiled",
-                 "launcher", "device")
+                 "launcher", "c_form", "device")
     # compiled: the CompiledKernel for all-aligned pointers, launcher: its C launcher
     # (None until the first aligned kernel[grid] launch, always under the interpreter,
-    # and where this triton's launcher is not the one we know: wsbcn/_compat.py)
+    # and where this triton's launcher is not the one we know: wsbcn/_compat.py),
+    # c_form: the launcher's C call, for code that writes it out (c_launch_form)
 
     def __init__(self, kernel, grid, picks, options):
         self.kernel = kernel
@@ -62,7 +63,7 @@ class Launch:
         self.runtime_picks = [i for name, i in zip(names, picks) if name not in constexprs]
         self.constexpr_picks = {name: i for name, i in zip(names, picks) if name in constexprs}
         self.options = options
-        self.compiled = self.launcher = None
+        self.compiled = self.launcher = self.c_form = None
         self.device = None  # the device it was loaded on
 
     def jit(self, values, aligned: bool):
@@ -74,6 +75,7 @@ class Launch:
             device = driver.active.get_current_device()
             if compiled is not self.compiled or device != self.device:  # keep the launcher DirectLaunches holds
                 self.compiled, self.launcher = compiled, direct_launcher(compiled)
+                self.c_form = c_launch_form(compiled) if self.launcher is not None else None
                 self.device = device
 
     def traced(self, values):
@@ -157,7 +159,6 @@ class DirectLaunches:
         return self.call(*args)
 
     def _generate(self, device):
-        n_slots = len(self.slot_code)
         scope = {"launch_stats": stats, "driver": driver, "hooks_set": launch_hooks_set, "DEVICE": device,
                  "STALE": self._first_call}
         launch_names = [f"l{i}" for i in range(len(self.launches))]
@@ -174,7 +175,7 @@ class DirectLaunches:
         lines.append("    stream = active.get_current_stream(device)")
         lines += [f"    {line}" for line in self.prelude]
         lines += [f"    s{i} = {code}" for i, code in enumerate(self.slot_code)]
-        lines.append(f"    if ({' | '.join(f's{i}' for i in range(n_slots))}) & 15:")
+        lines.append(f"    if ({' | '.join(_alignment_terms(self.slot_code))}) & 15:")
         lines.append("        return False")
         tables = {}  # id of a constants list -> the name prefix of its values
         for table_slots, constants in self.tables:
@@ -185,12 +186,33 @@ class DirectLaunches:
         for i, launch in enumerate(self.launches):
             table_slots, constants = self.tables[i]
             prefix = tables[id(constants)]
-            args = [f"s{k}" if k < table_slots else f"{prefix}{k - table_slots}" for k in launch.pick_indices]
-            lines.append(f"    L{i}(G{i}, stream, ({', '.join(args)},))")
+            args = ", ".join(f"s{k}" if k < table_slots else f"{prefix}{k - table_slots}" for k in launch.pick_indices)
+            if launch.c_form is None:
+                lines.append(f"    L{i}(G{i}, stream, ({args},))")
+                continue
+            # the C launch itself, written out (wsbcn/_compat.py c_launch_form): no wrapper frame
+            c, fixed, spread = launch.c_form
+            scope[f"C{i}"] = c
+            for j, value in enumerate(fixed):
+                scope[f"F{i}_{j}"] = value
+            head = ", ".join([str(g) for g in launch.grid] + ["stream"] + [f"F{i}_{j}" for j in range(len(fixed))])
+            lines.append(f"    C{i}({head}, {args})" if spread else f"    C{i}({head}, ({args},))")
         lines.append(f"    launch_stats['direct'] += {len(self.launches)}")
         lines.append("    return True")
         exec(compile("\n".join(lines), "<wsbcn direct launches>", "exec"), scope)
         return scope["launch_all"]
+
+
+def _alignment_terms(slot_code):
+    """What the alignment test ORs: a slot ``name + offset`` with the offset a multiple of
+    16 is aligned exactly when ``name`` is, so the test reads ``name`` once for all."""
+    terms = []
+    for i, code in enumerate(slot_code):
+        base, plus, offset = code.partition(" + ")
+        term = base if plus and base.isidentifier() and offset.isdigit() and int(offset) % 16 == 0 else f"s{i}"
+        if term not in terms:
+            terms.append(term)
+    return terms
 
 
 def _direct_stream(launches):

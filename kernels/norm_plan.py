@@ -222,9 +222,11 @@ class NormPlan:
         is the forward's side buffer (whose coefficient rows the backward uses as
         scratch) or its (stats, rstd_c, rho). A ``dy`` whose spatial dims one stride
         cannot walk is copied first."""
-        if dy.stride() != self.y_stride and nsc_strides(dy) is None:
+        stride = dy.stride()
+        if stride != self.y_stride and nsc_strides(dy) is None:
             dy = dy.contiguous()
-        plan = self._bwd.get((dy.stride(), fp32_grads)) or self._backward_plan(dy, fp32_grads)
+            stride = dy.stride()
+        plan = self._bwd.get((stride, fp32_grads)) or self._backward_plan(dy, fp32_grads)
         if dx is None:
             dx = self.alloc_y(x)
             part = dx if plan.part_in_dx else _new_part(x, plan.part_stride)

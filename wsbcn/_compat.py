@@ -51,7 +51,7 @@ def direct_launcher(compiled):
         return None
     run = compiled.run
     function, metadata = compiled.function, compiled.packed_metadata
-    c_launch = _c_launcher(run, function, metadata) if c_launch_enabled else None
+    c_launch = _c_launcher(compiled)
     if c_launch is not None:
         return c_launch
 
@@ -61,26 +61,44 @@ def direct_launcher(compiled):
     return launch
 
 
-def _c_launcher(run, function, metadata):
-    """The C launch of a kernel without scratch buffers, skipping ``run``'s Python
-    wrapper (see above), or None."""
+def c_launch_form(compiled):
+    """``(c, fixed, spread)``: the C launch of ``compiled`` (a CompiledKernel without
+    scratch buffers) is ``c(gx, gy, gz, stream, *fixed, *args)`` when ``spread``, else
+    ``c(gx, gy, gz, stream, *fixed, args)`` with ``args`` a tuple; None when this
+    triton's launcher is not one we know. For code that writes the call out
+    (kernels/launch.py ``DirectLaunches``); ``direct_launcher`` wraps it."""
+    if not direct_launch_enabled or not c_launch_enabled or not hasattr(compiled, "packed_metadata"):
+        return None
+    run = compiled.run
     c = getattr(run, "launch", None)
     if (c is None or getattr(run, "global_scratch_size", 1) or getattr(run, "profile_scratch_size", 1)
             or getattr(run, "gsan_enabled", False)):
         return None
+    function, metadata = compiled.function, compiled.packed_metadata
     coop, pdl = run.launch_cooperative_grid, run.launch_pdl
     if _TRITON == (3, 6):
-        def launch(grid, stream, args):
-            c(grid[0], grid[1], grid[2], stream, function, coop, pdl, None, None, metadata, None, None, None, *args)
-        return launch
+        return c, (function, coop, pdl, None, None, metadata, None, None, None), True
     if _TRITON == (3, 9) and hasattr(run, "arg_annotations") and hasattr(run, "kernel_signature"):
-        annotations, signature = run.arg_annotations, run.kernel_signature
-
-        def launch(grid, stream, args):
-            c(grid[0], grid[1], grid[2], stream, function, coop, pdl, metadata, None, None, None, None, None,
-              annotations, signature, args)
-        return launch
+        return c, (function, coop, pdl, metadata, None, None, None, None, None, run.arg_annotations,
+                   run.kernel_signature), False
     return None
+
+
+def _c_launcher(compiled):
+    """The C launch of a kernel without scratch buffers, skipping ``run``'s Python
+    wrapper (see above), or None."""
+    form = c_launch_form(compiled)
+    if form is None:
+        return None
+    c, fixed, spread = form
+    if spread:
+        def launch(grid, stream, args):
+            c(grid[0], grid[1], grid[2], stream, *fixed, *args)
+        return launch
+
+    def launch(grid, stream, args):
+        c(grid[0], grid[1], grid[2], stream, *fixed, args)
+    return launch
 
 
 try:  # launch hooks (profilers): triton >= 3.4 keeps them in knobs
