@@ -509,3 +509,43 @@ def test_without_grad_the_layers_skip_autograd_and_compute_the_same(backend, mon
     assert not y.requires_grad and torch.equal(y, y_ref.detach())
     for ours, theirs in zip(without.buffers(), with_grad.buffers()):
         assert torch.equal(ours, theirs)
+
+
+def test_parameters_replaced_in_place_between_calls(backend):
+    """A ``.data`` assignment between calls: of the same size and another shape the
+    call needs nothing new (gradients take the new shape, values the float64
+    reference's); of another size it is rejected with a ValueError naming the
+    parameter before anything changes; of another dtype it is a new signature."""
+    torch.manual_seed(3)
+    m = wsbcn.BatchChannelNorm2d(8, 4).to(DEVICE)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.copy_(torch.rand_like(p) + 0.5)
+    x = torch.randn(2, 8, 3, 3, device=DEVICE, requires_grad=True)
+    m(x)
+    m.group_weight.data = m.group_weight.data.view(4)  # (1, 4, 1) -> (4,)
+    m.group_bias.data = m.group_bias.data.view(4)
+    ref = {k: t.detach().double().clone() for k, t in list(m.named_parameters()) + list(m.named_buffers())}
+    for k in ("weight", "bias", "group_weight", "group_bias"):
+        ref[k].requires_grad_(True)
+    x64 = x.detach().double().requires_grad_(True)
+    y = m(x)
+    y_ref = bcn_reference(x64, 4, ref["weight"], ref["bias"], ref["group_weight"].view(1, 4, 1),
+                          ref["group_bias"].view(1, 4, 1), ref["running_mean"], ref["running_var"],
+                          num_batches_tracked=ref["num_batches_tracked"])
+    dy = torch.randn_like(y)
+    grads = torch.autograd.grad(y, [x, *m.parameters()], dy)
+    grads_ref = torch.autograd.grad(y_ref, [x64, ref["weight"], ref["bias"], ref["group_weight"], ref["group_bias"]],
+                                    dy.double())
+    assert rel_err(y, y_ref) <= TOL[torch.float32]
+    for g, g_ref in zip(grads, grads_ref):
+        assert g.shape == g_ref.shape and rel_err(g, g_ref) <= TOL[torch.float32]
+    before = {k: t.clone() for k, t in m.state_dict().items()}
+    m.weight.data = m.weight.data[:4]
+    with pytest.raises(ValueError, match="weight must have 8 elements"):
+        m(x)
+    assert all(torch.equal(before[k], t) for k, t in m.state_dict().items() if k != "weight")
+    m.weight.data = before["weight"].double()
+    m.bias.data = before["bias"].double()
+    y64 = m(x.detach().double())  # float64: the torch closed form on every backend
+    assert y64.dtype == torch.float64 and rel_err(y64, y_ref) <= TOL[torch.float32] * 10

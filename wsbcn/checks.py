@@ -115,6 +115,8 @@ def cached(cache: dict, key, build):
 
 
 def tensor_meta(t):
-    """The part of an optional tensor argument its checks and kernels read: dtype,
-    shape, device, and whether it is contiguous (kernels index parameters densely)."""
-    return None if t is None else (t.dtype, t.shape, t.device, t.is_contiguous())
+    """The part of an optional parameter or buffer its checks and kernels read: dtype,
+    number of elements (their checks read no other part of the shape, and the gradients
+    are shaped per call), device, and whether it is contiguous (kernels index them
+    densely). Read on every call, so the cheapest reads that say it: an int, not a Size."""
+    return None if t is None else (t.dtype, t.numel(), t.device, t.is_contiguous())
