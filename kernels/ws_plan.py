@@ -22,6 +22,8 @@ class WSPlan:
         row_stride = fan_in
         grid = (out_channels, 1, 1)
         self.out_channels = out_channels
+        self.w_stride = w.stride()  # a plan is one weight signature: its strides included
+        self.stats_shape, self.f32 = (3, out_channels), dict(device=w.device, dtype=torch.float32)
         stats = dict(Shifted_mean=Slot("mean"), Rstd=Slot("rstd"), Gcoef=Slot("gcoef"))
         block = config_fwd["BLOCK"]
         t = ArgTable(("w", "w_hat", "mean", "rstd", "gcoef"))
@@ -46,7 +48,7 @@ class WSPlan:
     def forward(self, w):
         """(w_hat, stats) with stats fp32 [3, O]: shifted mean, rstd, gcoef."""
         w_hat = torch.empty_like(w)
-        stats = torch.empty((3, self.out_channels), device=w.device, dtype=torch.float32)
+        stats = torch.empty(self.stats_shape, **self.f32)
         if self.fwd_direct.call(w, w_hat, stats):
             return w_hat, stats
         values = [w, w_hat, stats[0], stats[1], stats[2]]
@@ -71,7 +73,8 @@ class WSPlan:
     def backward(self, grad, w, stats):
         """dW (``grad`` is copied to ``w``'s strides first when it has others: the
         kernel walks both with ``w``'s)."""
-        grad = _strided_like(grad, w)
+        if grad.stride() != self.w_stride:
+            grad = _strided_like(grad, w)
         dw = torch.empty_like(w)
         if stats.is_contiguous() and self.bwd_direct.call(grad, w, dw, stats):
             return dw
