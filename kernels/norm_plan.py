@@ -149,17 +149,21 @@ class NormPlan:
             return torch.empty(x.shape, dtype=x.dtype, device=x.device)
         return torch.empty_like(x)
 
+    def _output(self, x, out, part_in_out, part_stride):
+        """(the pass's output, where its partial sums go): a new output like y holds them
+        when they fit (``part_in_out``); a given one (laid out like y) does not."""
+        if out is None:
+            out = self.alloc_y(x)
+            return out, (out if part_in_out else _new_part(x, part_stride))
+        if out.stride() != self.y_stride:
+            raise RuntimeError("wsbcn: an output's layout differs from the launch plan's")
+        return out, _new_part(x, part_stride)
+
     def forward(self, x, gamma, beta, omega, eta, running_mean, running_var, num_batches, y=None):
         """y and the side buffer (stats | rstd_c | rho | coefficients). The running buffers
         (and num_batches) are updated in place as the mode says. ``y``: write there
         (allocated like x) instead of a new tensor."""
-        if y is None:
-            y = self.alloc_y(x)
-            part = y if self.part_in_y else _new_part(x, self.part_stride)
-        else:
-            part = _new_part(x, self.part_stride)
-            if y.stride() != self.y_stride:
-                raise RuntimeError("wsbcn: output layout differs from the launch plan's")
+        y, part = self._output(x, y, self.part_in_y, self.part_stride)
         side = torch.empty(self.fwd_size, **self.f32)
         if self.fwd_direct.call(x, y, side, part, gamma, beta, omega, eta, running_mean, running_var, num_batches):
             return y, side
@@ -227,21 +231,8 @@ class NormPlan:
             dy = dy.contiguous()
             stride = dy.stride()
         plan = self._bwd.get((stride, fp32_grads)) or self._backward_plan(dy, fp32_grads)
-        if dx is None:
-            dx = self.alloc_y(x)
-            part = dx if plan.part_in_dx else _new_part(x, plan.part_stride)
-        else:
-            part = _new_part(x, plan.part_stride)
-            if dx.stride() != self.y_stride:
-                raise RuntimeError("wsbcn: dx layout differs from the launch plan's")
-        if fp32_grads:
-            d_gamma, d_beta, d_omega, d_eta = plan.fp32_grads(x)
-        else:
-            d_gamma = d_beta = d_omega = d_eta = None
-            if gamma is not None:
-                d_gamma, d_beta = torch.empty_like(gamma), torch.empty_like(gamma if beta is None else beta)
-            if omega is not None:
-                d_omega, d_eta = torch.empty_like(omega), torch.empty_like(omega if eta is None else eta)
+        dx, part = self._output(x, dx, plan.part_in_dx, plan.part_stride)
+        d_gamma, d_beta, d_omega, d_eta = plan.fp32_grads(x) if fp32_grads else _grads_like(gamma, beta, omega, eta)
         if not isinstance(saved, tuple) and plan.direct.call(dy, x, dx, saved, part, d_gamma, d_beta, d_omega, d_eta,
                                                              gamma, omega, eta):
             return dx, d_gamma, d_beta, d_omega, d_eta
@@ -363,6 +354,17 @@ def _part_stride(size):
 def _fits(part_stride, nbytes):
     """Whether the two fp32 partial-sum buffers fit in ``nbytes``."""
     return 8 * part_stride <= nbytes
+
+
+def _grads_like(gamma, beta, omega, eta):
+    """A new gradient like each parameter (its dtype and shape; None where absent):
+    ``beta`` and ``eta`` None give ones like gamma's and omega's."""
+    d_gamma = d_beta = d_omega = d_eta = None
+    if gamma is not None:
+        d_gamma, d_beta = torch.empty_like(gamma), torch.empty_like(gamma if beta is None else beta)
+    if omega is not None:
+        d_omega, d_eta = torch.empty_like(omega), torch.empty_like(omega if eta is None else eta)
+    return d_gamma, d_beta, d_omega, d_eta
 
 
 def _new_part(x, part_stride):
@@ -585,11 +587,7 @@ class DistNormPlan:
         direct_local, direct_merged = self._backward_direct(dy, backward_plan)
         dx = plan.alloc_y(x)
         part = dx if backward_plan.part_in_dx else _new_part(x, backward_plan.part_stride)
-        d_gamma = d_beta = d_omega = d_eta = None
-        if gamma is not None:
-            d_gamma, d_beta = torch.empty_like(gamma), torch.empty_like(gamma if beta is None else beta)
-        if omega is not None:
-            d_omega, d_eta = torch.empty_like(omega), torch.empty_like(omega if eta is None else eta)
+        d_gamma, d_beta, d_omega, d_eta = _grads_like(gamma, beta, omega, eta)
         sums = torch.empty((2, plan.c), device=x.device, dtype=torch.float64)
         tensors = (dy, x, dx, side, part, d_gamma, d_beta, d_omega, d_eta, gamma, omega, eta)
         values = None
