@@ -4,7 +4,8 @@ A ``NormPlan`` holds everything a call derives from its signature (shape,
 strides, dtypes, mode, the launch config): the integers each kernel gets, the
 grids, the layout of the fp32 side buffers and one ``Launch`` per kernel
 (kernels/launch.py). Building it is the slow part of a call; a repeat call with
-the same signature allocates y and two fp32 buffers and makes 3 + 3 launches.
+the same signature allocates y and one fp32 side buffer (backward: dx and the gradients)
+and makes 3 + 3 launches.
 This file is the one place where the kernels' arguments are written down: the
 eager path, the torch.library ops and the autotuner all launch through it.
 
@@ -141,7 +142,7 @@ class NormPlan:
             + ["part_a", f"part_a + {4 * self.part_stride}"]
             + [f"dummy if {t} is None else {t}.data_ptr()" for t in ("gamma", "beta", "omega", "eta", "rm", "rv", "nbt")],
             t.constants)
-        self._bwd = {}  # dy strides -> the backward's launches, constants and buffer layout
+        self._bwd = {}  # (dy strides, fp32 gradients or not) -> its _BackwardPlan
 
     # -- forward -------------------------------------------------------------------
     def alloc_y(self, x):
