@@ -549,3 +549,41 @@ def test_parameters_replaced_in_place_between_calls(backend):
     m.bias.data = before["bias"].double()
     y64 = m(x.detach().double())  # float64: the torch closed form on every backend
     assert y64.dtype == torch.float64 and rel_err(y64, y_ref) <= TOL[torch.float32] * 10
+
+
+@pytest.mark.parametrize("layer", ["bcn", "group norm"])
+def test_partial_sums_in_the_output_or_in_a_buffer_of_their_own_give_the_same_bits(monkeypatch, layer):
+    """The partial sums of each pass live in the pass's output (y, dx) when they fit
+    there, else in a buffer of their own: the same launches either way, so the same
+    bits (output, every gradient, running buffers)."""
+    from wsbcn.kernels import norm_plan
+    from wsbcn.ops import norm
+
+    monkeypatch.setenv("WSBCN_BACKEND", "triton")
+    torch.manual_seed(0)
+    x = torch.randn(2, 8, 6, 6, device=DEVICE, requires_grad=True)
+    dy = torch.randn_like(x)
+
+    def run(fits):
+        monkeypatch.setattr(norm, "_calls", {})
+        monkeypatch.setattr(norm, "_plans", {})
+        monkeypatch.setattr(norm_plan, "_fits", fits)
+        torch.manual_seed(1)
+        m = wsbcn.GroupNorm(4, 8) if layer == "group norm" else wsbcn.BatchChannelNorm2d(8, 4)
+        m = m.to(DEVICE)
+        with torch.no_grad():
+            for p in m.parameters():
+                p.copy_(torch.rand_like(p) + 0.5)
+        y = m(x)
+        (call,) = norm._calls.values()
+        plan = next(iter(call.plans.values()))
+        grads = torch.autograd.grad(y, [x, *m.parameters()], dy)
+        return plan, [y, *grads, *m.buffers()]
+
+    fits = norm_plan._fits
+    own_plan, own = run(lambda part_stride, nbytes: False)
+    in_plan, inside = run(fits)
+    assert not own_plan.part_in_y and in_plan.part_in_y
+    assert not any(b.part_in_dx for b in own_plan._bwd.values()) and all(b.part_in_dx for b in in_plan._bwd.values())
+    for a, b in zip(own, inside):
+        assert torch.equal(a, b)
