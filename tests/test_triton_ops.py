@@ -201,9 +201,7 @@ from wsbcn.tools import stub_driver
 stub_driver.install()
 import wsbcn
 from wsbcn import backends
-from functorch.compile import make_boxed_func
-from torch._functorch.aot_autograd import aot_module_simplified
-from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
+from compiled_graphs import calls, capture, inductor_code
 backends.emulate_gpu(stub_driver.GPU_NAME, stub_driver.SM_COUNT)
 
 def model():
@@ -215,43 +213,29 @@ def model():
         wsbcn.BatchChannelNorm2d(16, num_groups=2, estimate=True))
 
 graphs = []
-def capture(gm, example_inputs):
-    def keep(g, _):
-        graphs.append(g)
-        return make_boxed_func(g)
-    return aot_module_simplified(gm, example_inputs, fw_compiler=keep, bw_compiler=keep)
 
 def describe(g):
     out = []
-    for n in g.graph.nodes:
-        if n.op != "call_function":
-            continue
-        if "triton_kernel_wrapper" in str(n.target):
-            kernel = kernel_side_table.get_kernel(n.kwargs["kernel_idx"])
-            out.append([str(n.target), kernel.fn.__name__, sorted(n.kwargs["tensors_to_clone"])])
+    for n, kernel in calls(g):
+        if kernel is not None:
+            out.append([str(n.target), kernel, sorted(n.kwargs["tensors_to_clone"])])
         elif "wsbcn" in str(n.target) or "auto_functionalized" in str(n.target):
             out.append([str(n.target), str(n.args[0]) if n.args else "", []])
     return out
 
 result = {}
-compiled = torch.compile(model(), fullgraph=True, backend=capture)
+compiled = torch.compile(model(), fullgraph=True, backend=capture(graphs))
 for size in (8, 10, 12):  # a second size makes dynamo compile for dynamic shapes
     y = compiled(torch.randn(2, 3, size, size))
     y.square().mean().backward()
     result[f"graphs after {size}"] = len(graphs)
 result["graphs"] = [describe(g) for g in graphs]
 
-# inductor's generated code launches the kernels itself (the compile of that code
-# for a CPU target fails afterwards: there is no GPU to compile for)
-torch._dynamo.reset()
-code = []
-from torch._inductor.graph import GraphLowering
-GraphLowering.save_output_code = code.append  # the hook torch's run_and_get_code uses
-try:
-    torch.compile(model(), fullgraph=True)(torch.randn(2, 3, 8, 8))
-except Exception as exc:
-    result["inductor error"] = type(exc).__name__
-result["output code"] = "\n".join(code)
+# inductor's generated code launches the kernels itself
+code, error = inductor_code(model(), torch.randn(2, 3, 8, 8))
+if error is not None:
+    result["inductor error"] = error
+result["output code"] = code
 print("RESULT" + json.dumps(result))
 """
 
@@ -266,6 +250,7 @@ def test_compile_traces_the_triton_kernels_into_the_graph():
     code launches the kernels itself; with dynamic shapes the norm ops stay opaque
     and one graph serves every size."""
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "WSBCN_BACKEND")}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, (os.path.dirname(__file__), env.get("PYTHONPATH"))))  # compiled_graphs
     proc = subprocess.run([sys.executable, "-c", CHECK_TRACED], env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     out = json.loads(proc.stdout.split("RESULT", 1)[1])

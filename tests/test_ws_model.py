@@ -489,9 +489,7 @@ stub_driver.install()
 import wsbcn
 from wsbcn import backends
 from wsbcn.ops.ws_model import ModelWeightStandardizer
-from functorch.compile import make_boxed_func
-from torch._functorch.aot_autograd import aot_module_simplified
-from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
+from compiled_graphs import calls, capture, inductor_code
 backends.emulate_gpu(stub_driver.GPU_NAME, stub_driver.SM_COUNT)
 
 def model():
@@ -514,35 +512,24 @@ for step in range(3):  # eager: the first call compiles for sm_90, the third goe
     result[f"eager launches {step}"] = stub_driver.launch_count() - before
 
 graphs = []
-def capture(gm, example_inputs):
-    def keep(g, _):
-        graphs.append(g)
-        return make_boxed_func(g)
-    return aot_module_simplified(gm, example_inputs, fw_compiler=keep, bw_compiler=keep)
 
 def describe(g):
     out = []
-    for n in g.graph.nodes:
-        if n.op == "call_function" and "triton_kernel_wrapper" in str(n.target):
-            kernel = kernel_side_table.get_kernel(n.kwargs["kernel_idx"])
-            out.append([kernel.fn.__name__, sorted(n.kwargs["tensors_to_clone"])])
-        elif n.op == "call_function" and "wsbcn" in str(n.target):
+    for n, kernel in calls(g):
+        if kernel is not None:
+            out.append([kernel, sorted(n.kwargs["tensors_to_clone"])])
+        elif "wsbcn" in str(n.target):
             out.append([str(n.target), []])
     return out
 
-compiled = torch.compile(model(), fullgraph=True, backend=capture)
+compiled = torch.compile(model(), fullgraph=True, backend=capture(graphs))
 y = compiled(torch.randn(2, 3, 8, 8))
 y.square().mean().backward()
 result["graphs"] = [describe(g) for g in graphs]
-torch._dynamo.reset()
-code = []
-from torch._inductor.graph import GraphLowering
-GraphLowering.save_output_code = code.append
-try:
-    torch.compile(model(), fullgraph=True)(torch.randn(2, 3, 8, 8))
-except Exception as exc:  # compiling inductor's code for a CPU target fails afterwards: no GPU
-    result["inductor error"] = type(exc).__name__
-result["output code"] = "\n".join(code)
+code, error = inductor_code(model(), torch.randn(2, 3, 8, 8))
+if error is not None:
+    result["inductor error"] = error
+result["output code"] = code
 print("RESULT" + json.dumps(result))
 """
 
@@ -554,6 +541,7 @@ def test_gpu_path_one_launch_each_way_eager_and_compiled():
     _ws_multi_fwd_kernel launch and the backward one _ws_multi_bwd_kernel, writing only
     fresh buffers, and inductor's code launches the kernel itself."""
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "WSBCN_BACKEND")}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, (os.path.dirname(__file__), env.get("PYTHONPATH"))))  # compiled_graphs
     proc = subprocess.run([sys.executable, "-c", CHECK_GPU_PATH], env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     out = json.loads(proc.stdout.split("RESULT", 1)[1])
