@@ -5,9 +5,10 @@ with the tests folder on PYTHONPATH).
 ``capture(graphs)``: a torch.compile backend that appends each forward and backward
 graph AOTAutograd makes to ``graphs`` and runs it as it is. ``calls(g)``: the graph's
 calls, ``(node, kernel name)`` for a Triton launch (a triton_kernel_wrapper node) and
-``(node, None)`` for any other function. ``inductor_code(model, x)``: the Python code
-inductor generates for ``model(x)`` and the name of the error that ends the compile, if
-one does (the code's own compile for a CPU target fails afterwards: there is no GPU).
+``(node, None)`` for any other function. ``inductor_code(model, x)``: {"output code":
+the Python code inductor generates for ``model(x)``} and, when an error ends the
+compile, {"inductor error": its name} (the code's own compile for a CPU target fails
+afterwards: there is no GPU).
 """
 import torch
 from functorch.compile import make_boxed_func
@@ -38,13 +39,14 @@ def inductor_code(model, x):
     from torch._inductor.graph import GraphLowering
 
     torch._dynamo.reset()
-    code, error = [], None
+    code, result = [], {}
     saved = GraphLowering.save_output_code
     GraphLowering.save_output_code = code.append  # the hook torch's run_and_get_code uses
     try:
         torch.compile(model, fullgraph=True)(x)
     except Exception as exc:
-        error = type(exc).__name__
+        result["inductor error"] = type(exc).__name__
     finally:
         GraphLowering.save_output_code = saved
-    return "\n".join(code), error
+    result["output code"] = "\n".join(code)
+    return result

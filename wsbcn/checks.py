@@ -102,6 +102,18 @@ def validated(cache: dict, key, validate):
     return found if found is not None else cached(cache, key, validate)
 
 
+def known(cache: dict, key):
+    """What ``validated`` stored for ``key``, or None when it must validate: a new
+    signature, no key, an unhashable argument, or a call under torch.compile. The hot
+    path of a repeat call, without building the ``validate`` closure."""
+    if key is None or torch.compiler.is_compiling():
+        return None
+    try:
+        return cache.get(key)
+    except TypeError:  # an unhashable argument: the checks will name it
+        return None
+
+
 def cached(cache: dict, key, build):
     """``cache[key]``, built by ``build()`` on a miss; the cache is emptied when it
     reaches MAX_CACHED_SIGNATURES entries (a model has a few dozen signatures)."""

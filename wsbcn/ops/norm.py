@@ -349,10 +349,7 @@ def _batch_channel_norm(x, num_groups, running_mean, running_var, weight, bias, 
                activation, group)
     except AttributeError:  # not a tensor somewhere: the checks will name it
         key = None
-    try:
-        call = None if torch.compiler.is_compiling() else _calls.get(key)
-    except TypeError:  # an unhashable argument: the checks will name it
-        call = None
+    call = checks.known(_calls, key)
     if call is None:  # a new signature (or no key, or tracing): check it
         call = checks.validated(_calls, key, lambda: _validate_bcn(
             owner, x, num_groups, running_mean, running_var, weight, bias, group_weight, group_bias, training,
@@ -428,12 +425,9 @@ def _group_norm(x, num_groups, weight, bias, eps, activation, owner=None):
     try:
         key = ("gn", _owner_key(owner), x.shape, x.stride(), x.dtype, x.device, num_groups, type(num_groups),
                _meta(weight), _meta(bias), eps, type(eps), activation)
-    except AttributeError:
+    except AttributeError:  # not a tensor somewhere: the checks will name it
         key = None
-    try:
-        call = None if torch.compiler.is_compiling() else _calls.get(key)
-    except TypeError:  # an unhashable argument: the checks will name it
-        call = None
+    call = checks.known(_calls, key)
     if call is None:  # a new signature (or no key, or tracing): check it
         call = checks.validated(_calls, key, lambda: _validate_gn(owner, x, num_groups, weight, bias, eps, activation))
     if weight is not None and bias is None:  # as F.group_norm allows
