@@ -48,6 +48,62 @@ def _tree_chan_total(count, mean, m2, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def _ws_scales(var, denom, eps, std_mode):
+    """(rstd, k) of a row from its variance: D = std + eps (``std_mode``) or
+    sqrt(var + eps); k the backward's coefficient (kernels' docstrings). The per-layer
+    kernel passes its STD_MODE constexpr, the model-wide one a run-time flag."""
+    if std_mode:
+        std = tl.sqrt(var)
+        rstd = 1.0 / (std + eps)
+        # d(std)/dw = w_hat D / (std denom); a zero std has no spread to undo.
+        k = tl.where(std > 0.0, 1.0 / tl.maximum(std, 1e-30) / denom, 0.0)
+    else:
+        rstd = tl.rsqrt(var + eps)
+        k = rstd / denom
+    return rstd, k
+
+
+@triton.jit
+def _store_w_hat(base, out, w0, mean, rstd, fan_in, offs, BLOCK: tl.constexpr):
+    """W_hat of a row that loops over chunks of BLOCK: (w - w0 - mean) * rstd."""
+    for start in range(0, fan_in, BLOCK):
+        idx = start + offs
+        mask = idx < fan_in
+        w = tl.load(base + idx, mask=mask, other=0.0).to(tl.float32)
+        tl.store(out + idx, ((w - w0 - mean) * rstd).to(out.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _grad_lane_sums(g_base, w_base, w0, mean, rstd, fan_in, offs, BLOCK: tl.constexpr):
+    """Per lane, the sums of g and of g * W_hat over a row that loops over chunks of
+    BLOCK (W_hat recomputed from W in fp32)."""
+    lane_g = tl.zeros([BLOCK], dtype=tl.float32)
+    lane_gw = tl.zeros([BLOCK], dtype=tl.float32)
+    for start in range(0, fan_in, BLOCK):
+        idx = start + offs
+        mask = idx < fan_in
+        g = tl.load(g_base + idx, mask=mask, other=0.0).to(tl.float32)
+        w = tl.load(w_base + idx, mask=mask, other=0.0).to(tl.float32)
+        w_hat = tl.where(mask, (w - w0 - mean) * rstd, 0.0)
+        lane_g += g
+        lane_gw += g * w_hat
+    return lane_g, lane_gw
+
+
+@triton.jit
+def _store_dw(g_base, w_base, out, w0, mean, rstd, k, mean_g, sum_gw, fan_in, offs, BLOCK: tl.constexpr):
+    """dW of a row that loops over chunks of BLOCK: rstd (g - mean g) - k W_hat sum(g W_hat)."""
+    for start in range(0, fan_in, BLOCK):
+        idx = start + offs
+        mask = idx < fan_in
+        g = tl.load(g_base + idx, mask=mask, other=0.0).to(tl.float32)
+        w = tl.load(w_base + idx, mask=mask, other=0.0).to(tl.float32)
+        w_hat = (w - w0 - mean) * rstd
+        dw = rstd * (g - mean_g) - k * w_hat * sum_gw
+        tl.store(out + idx, dw.to(out.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _ws_fwd_kernel(
     W,  # pointer to the weight: rows of fan_in contiguous elements
     W_hat,  # pointer to the standardized weight, same layout as W
@@ -92,25 +148,15 @@ def _ws_fwd_kernel(
         # below write w - w0 - mean as they are
         rstd = tl.full([], 1.0, tl.float32)
         k = tl.full([], 0.0, tl.float32)
-    elif STD_MODE:
-        std = tl.sqrt(var)
-        rstd = 1.0 / (std + eps)
-        # d(std)/dw = w_hat D / (std denom); a zero std has no spread to undo.
-        k = tl.where(std > 0.0, 1.0 / tl.maximum(std, 1e-30) / denom, 0.0)
     else:
-        rstd = tl.rsqrt(var + eps)
-        k = rstd / denom
+        rstd, k = _ws_scales(var, denom, eps, STD_MODE)
     tl.store(Shifted_mean + row, mean)
     tl.store(Rstd + row, rstd)
     tl.store(Gcoef + row, k)
     if ONE_BLOCK:
         tl.store(out + offs, ((w - mean) * rstd).to(W_hat.dtype.element_ty), mask=mask)
     else:
-        for start in range(0, fan_in, BLOCK):
-            idx = start + offs
-            mask = idx < fan_in
-            w = tl.load(base + idx, mask=mask, other=0.0).to(tl.float32)
-            tl.store(out + idx, ((w - w0 - mean) * rstd).to(W_hat.dtype.element_ty), mask=mask)
+        _store_w_hat(base, out, w0, mean, rstd, fan_in, offs, BLOCK)
 
 
 @triton.jit
@@ -167,16 +213,7 @@ def _ws_bwd_kernel(
             dw = rstd * (g - sum_g / fan_in) - k * w_hat * sum_gw
             tl.store(out + offs, dw.to(Dw.dtype.element_ty), mask=mask)
         else:
-            lane_g = tl.zeros([BLOCK], dtype=tl.float32)
-            lane_gw = tl.zeros([BLOCK], dtype=tl.float32)
-            for start in range(0, fan_in, BLOCK):
-                idx = start + offs
-                mask = idx < fan_in
-                g = tl.load(g_base + idx, mask=mask, other=0.0).to(tl.float32)
-                w = tl.load(w_base + idx, mask=mask, other=0.0).to(tl.float32)
-                w_hat = tl.where(mask, (w - w0 - mean) * rstd, 0.0)
-                lane_g += g
-                lane_gw += g * w_hat
+            lane_g, lane_gw = _grad_lane_sums(g_base, w_base, w0, mean, rstd, fan_in, offs, BLOCK)
             sum_g = _tree_total(lane_g, BLOCK)
             sum_gw = _tree_total(lane_gw, BLOCK)
             mean_g = sum_g / fan_in
@@ -184,11 +221,4 @@ def _ws_bwd_kernel(
             # than sinking the lane trees' replicated tails into the guard of the loop
             # below, where two of them were live at once and spilled (2.9-22 KB, sm_90).
             tl.assume(fan_in > 0)
-            for start in range(0, fan_in, BLOCK):
-                idx = start + offs
-                mask = idx < fan_in
-                g = tl.load(g_base + idx, mask=mask, other=0.0).to(tl.float32)
-                w = tl.load(w_base + idx, mask=mask, other=0.0).to(tl.float32)
-                w_hat = (w - w0 - mean) * rstd
-                dw = rstd * (g - mean_g) - k * w_hat * sum_gw
-                tl.store(out + idx, dw.to(Dw.dtype.element_ty), mask=mask)
+            _store_dw(g_base, w_base, out, w0, mean, rstd, k, mean_g, sum_gw, fan_in, offs, BLOCK)

@@ -21,13 +21,14 @@ are those of per-layer WS. The kernel's lanes, BLOCK, are the largest B of the l
   operand through the levels above (``levels``, at run time): exactly the per-layer
   tree, with no merge against empty lanes (which could turn a -0.0 into +0.0).
 The ONE_BLOCK and STD_MODE constexprs of the per-layer kernels are run-time branches
-here (per weight), each branch the per-layer code.
+here (per weight), each branch the per-layer code: the scales, the W_hat loop and the
+backward's two loops are the per-layer kernels' own jit helpers (kernels/ws.py).
 """
 import triton
 import triton.language as tl
 
 from .reduce import MAX_LOG2_LANES, _pairs, lane_welford
-from .ws import ROW
+from .ws import ROW, _grad_lane_sums, _store_dw, _store_w_hat, _ws_scales
 
 # Meta: int64 [weights, META_FIELDS]. Scal: fp32 [weights, 2] (denom, eps).
 M_W_OFF = tl.constexpr(0)  # elements from W to the weight
@@ -140,24 +141,14 @@ def _ws_multi_fwd_kernel(
             lane_mean, lane_m2 = lane_welford(count, lane_mean, lane_m2, x[None, :], m[None, :])
     mean, m2 = _row_chan_total(count, lane_mean, lane_m2, levels, BLOCK)
     var = m2 / denom
-    if tl.load(meta + M_STD) != 0:
-        std = tl.sqrt(var)
-        rstd = 1.0 / (std + eps)
-        k = tl.where(std > 0.0, 1.0 / tl.maximum(std, 1e-30) / denom, 0.0)
-    else:
-        rstd = tl.rsqrt(var + eps)
-        k = rstd / denom
+    rstd, k = _ws_scales(var, denom, eps, tl.load(meta + M_STD) != 0)
     tl.store(Stats + srow, mean)
     tl.store(Stats + total_rows + srow, rstd)
     tl.store(Stats + 2 * total_rows + srow, k)
     if one_block:
         tl.store(out + offs, ((w - mean) * rstd).to(W_hat.dtype.element_ty), mask=offs < fan_in)
     else:
-        for start in range(0, fan_in, BLOCK):
-            idx = start + offs
-            m = idx < fan_in
-            x = tl.load(base + idx, mask=m, other=0.0).to(tl.float32)
-            tl.store(out + idx, ((x - w0 - mean) * rstd).to(W_hat.dtype.element_ty), mask=m)
+        _store_w_hat(base, out, w0, mean, rstd, fan_in, offs, BLOCK)
 
 
 @triton.jit
@@ -197,25 +188,9 @@ def _ws_multi_bwd_kernel(
         dw = rstd * (g - sum_g / fan_in) - k * w_hat * sum_gw
         tl.store(out + offs, dw.to(Dw.dtype.element_ty), mask=mask)
     else:
-        lane_g = tl.zeros([BLOCK], dtype=tl.float32)
-        lane_gw = tl.zeros([BLOCK], dtype=tl.float32)
-        for start in range(0, fan_in, BLOCK):
-            idx = start + offs
-            m = idx < fan_in
-            g = tl.load(g_base + idx, mask=m, other=0.0).to(tl.float32)
-            w = tl.load(w_base + idx, mask=m, other=0.0).to(tl.float32)
-            w_hat = tl.where(m, (w - w0 - mean) * rstd, 0.0)
-            lane_g += g
-            lane_gw += g * w_hat
+        lane_g, lane_gw = _grad_lane_sums(g_base, w_base, w0, mean, rstd, fan_in, offs, BLOCK)
         sum_g = _row_total(lane_g, levels, BLOCK)
         sum_gw = _row_total(lane_gw, levels, BLOCK)
         mean_g = sum_g / fan_in
         tl.assume(fan_in > 0)
-        for start in range(0, fan_in, BLOCK):
-            idx = start + offs
-            m = idx < fan_in
-            g = tl.load(g_base + idx, mask=m, other=0.0).to(tl.float32)
-            w = tl.load(w_base + idx, mask=m, other=0.0).to(tl.float32)
-            w_hat = (w - w0 - mean) * rstd
-            dw = rstd * (g - mean_g) - k * w_hat * sum_gw
-            tl.store(out + idx, dw.to(Dw.dtype.element_ty), mask=m)
+        _store_dw(g_base, w_base, out, w0, mean, rstd, k, mean_g, sum_gw, fan_in, offs, BLOCK)
