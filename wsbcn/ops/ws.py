@@ -206,4 +206,7 @@ def weight_standardize(weight: torch.Tensor, eps: float = 1e-5, correction: int 
                type(correction), eps_mode, standardize, type(standardize))
     except AttributeError:  # not a tensor: the checks will name it
         key = None
-    return checks.validated(_calls, key, lambda: _validate(weight, eps, correction, eps_mode, standardize))(weight)
+    call = checks.known(_calls, key)
+    if call is None:  # a new signature (or no key, or tracing): check it
+        call = checks.validated(_calls, key, lambda: _validate(weight, eps, correction, eps_mode, standardize))
+    return call(weight)
