@@ -412,6 +412,7 @@ def test_parameter_gradients_are_autograds_cast_of_the_fp32_ones(monkeypatch, dt
 
     def gradients(in_fp32):
         norm._calls.clear()
+        norm._recent.clear()  # and the calls recalled per site (checks.recalled)
         torch.manual_seed(0)
         if layer == "group norm":
             m = wsbcn.GroupNorm(4, 16)
@@ -566,6 +567,7 @@ def test_partial_sums_in_the_output_or_in_a_buffer_of_their_own_give_the_same_bi
 
     def run(fits):
         monkeypatch.setattr(norm, "_calls", {})
+        monkeypatch.setattr(norm, "_recent", {})
         monkeypatch.setattr(norm, "_plans", {})
         monkeypatch.setattr(norm_plan, "_fits", fits)
         torch.manual_seed(1)

@@ -226,6 +226,7 @@ def test_plans_follow_the_config_function_and_the_tuned_tables(monkeypatch):
     config function (tests lay plans over it) or reloaded tuned tables."""
     monkeypatch.setenv("WSBCN_BACKEND", "triton")
     monkeypatch.setattr(norm, "_calls", {})  # the one GroupNorm call below, not an earlier test's
+    monkeypatch.setattr(norm, "_recent", {})
     torch.manual_seed(1)
     x = torch.randn(2, 16, 5, 5, device=DEVICE)
     m = wsbcn.GroupNorm(4, 16).to(DEVICE)

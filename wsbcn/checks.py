@@ -8,6 +8,8 @@ import numbers
 
 import torch
 
+from . import _compat
+
 MAX_CACHED_SIGNATURES = 4096  # per cache; a model has a few dozen layer signatures
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -112,6 +114,62 @@ def known(cache: dict, key):
         return cache.get(key)
     except TypeError:  # an unhashable argument: the checks will name it
         return None
+
+
+MAX_RECALLED_PER_SITE = 8  # signatures a call site keeps (a shared FPN head: one per level)
+
+
+def recalled(sites: dict, site, scalars: tuple, tensors: tuple):
+    """What a repeat call at ``site`` got from ``validated``, recognised without building
+    its key: ``site`` is an object that lives across calls (the calling module, else a
+    parameter), ``scalars`` every non-tensor part of the key, ``tensors`` every tensor
+    argument (None for an absent one). A remembered entry matches when its scalars are
+    equal and its tensor guard (wsbcn/_compat.py) passes: each tensor of the same type,
+    dispatch keys (so device type), dtype, device index, requires_grad, sizes and strides,
+    which is more than the key reads, so a match is a call with the same key. None when
+    nothing matches, under torch.compile, or where torch has no tensor guards."""
+    if torch.compiler.is_compiling():
+        return None
+    entries = sites.get(id(site))
+    if entries is None:
+        return None
+    for known, guard, absent, found in entries:
+        if known == scalars:
+            if absent:  # the entry's absent tensors: absent again, and the present ones checked
+                if any(tensors[i] is not None for i in absent):
+                    continue
+                if guard.check(*(t for t in tensors if t is not None)):
+                    return found
+            elif guard.check(*tensors):
+                return found
+    return None
+
+
+def remember(sites: dict, site, scalars: tuple, tensors: tuple, found) -> None:
+    """Let ``recalled`` find ``found`` for calls like this one at ``site`` (a site keeps
+    its MAX_RECALLED_PER_SITE newest; ``sites`` is emptied at MAX_CACHED_SIGNATURES
+    sites, as ``cached`` does). Nothing is kept under torch.compile, for fake tensors,
+    where torch has no tensor guards, or when a guard could not pass (one tensor given
+    twice)."""
+    if site is None or getattr(site, "grad_fn", None) is not None or torch.compiler.is_compiling():
+        return  # no site, or a tensor made anew for each call (a parametrized weight): no site to recall
+    present = [t for t in tensors if t is not None]
+    if any(_compat.is_fake(t) for t in present):  # sizes may be symbolic: a guard would compare expressions
+        return
+    try:
+        guard = _compat.tensor_guards(present)
+    except TypeError:  # not a tensor (a call the checks let through): nothing to guard
+        return
+    if guard is None or not guard.check(*present):
+        return
+    entries = sites.get(id(site))
+    if entries is None:
+        if len(sites) >= MAX_CACHED_SIGNATURES:
+            sites.clear()
+        entries = sites[id(site)] = []
+    elif len(entries) >= MAX_RECALLED_PER_SITE:
+        del entries[0]
+    entries.append((scalars, guard, tuple(i for i, t in enumerate(tensors) if t is None), found))
 
 
 def cached(cache: dict, key, build):

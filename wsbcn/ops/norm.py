@@ -304,6 +304,7 @@ def _as_param(grad, param):
 
 
 _calls: dict = {}  # validated call signature -> _Call
+_recent: dict = {}  # id of a call site -> its newest (scalars, tensor guard, absent tensors, _Call) (checks.recalled)
 _meta = checks.tensor_meta
 
 
@@ -342,18 +343,27 @@ def _batch_channel_norm(x, num_groups, running_mean, running_var, weight, bias, 
     """batch_channel_norm; ``owner``: the calling module, whose own input checks
     (``_check_input``) join the ones cached per signature; ``group``: a process group
     whose ranks' batch statistics are combined (training only)."""
-    try:
-        key = ("bcn", _owner_key(owner), x.shape, x.stride(), x.dtype, x.device, num_groups, type(num_groups),
-               _meta(running_mean), _meta(running_var), _meta(weight), _meta(bias), _meta(group_weight), _meta(group_bias),
-               _meta(num_batches_tracked), bool(training), bool(estimate), momentum, type(momentum), eps, type(eps),
+    # a repeat call at the same site (module, else weight) is recognised by a tensor guard
+    tensors = (x, running_mean, running_var, weight, bias, group_weight, group_bias, num_batches_tracked)
+    scalars = (None if owner is None else owner.__class__, None if owner is None else owner.num_channels,
+               num_groups, type(num_groups), training, estimate, momentum, type(momentum), eps, type(eps),
                activation, group)
-    except AttributeError:  # not a tensor somewhere: the checks will name it
-        key = None
-    call = checks.known(_calls, key)
-    if call is None:  # a new signature (or no key, or tracing): check it
-        call = checks.validated(_calls, key, lambda: _validate_bcn(
-            owner, x, num_groups, running_mean, running_var, weight, bias, group_weight, group_bias, training,
-            estimate, momentum, eps, activation, num_batches_tracked, group))
+    site = weight if owner is None else owner
+    call = checks.recalled(_recent, site, scalars, tensors)
+    if call is None:
+        try:
+            key = ("bcn", _owner_key(owner), x.shape, x.stride(), x.dtype, x.device, num_groups, type(num_groups),
+                   _meta(running_mean), _meta(running_var), _meta(weight), _meta(bias), _meta(group_weight),
+                   _meta(group_bias), _meta(num_batches_tracked), bool(training), bool(estimate), momentum,
+                   type(momentum), eps, type(eps), activation, group)
+        except AttributeError:  # not a tensor somewhere: the checks will name it
+            key = None
+        call = checks.known(_calls, key)
+        if call is None:  # a new signature (or no key, or tracing): check it
+            call = checks.validated(_calls, key, lambda: _validate_bcn(
+                owner, x, num_groups, running_mean, running_var, weight, bias, group_weight, group_bias, training,
+                estimate, momentum, eps, activation, num_batches_tracked, group))
+        checks.remember(_recent, site, scalars, tensors, call)
     return (call if call.dense else call.call_dense)(x, weight, bias, group_weight, group_bias, running_mean,
                                                      running_var, num_batches_tracked if call.update_running else None)
 
@@ -422,14 +432,22 @@ def group_norm(x: torch.Tensor, num_groups: int, weight: Optional[torch.Tensor] 
 def _group_norm(x, num_groups, weight, bias, eps, activation, owner=None):
     """group_norm; ``owner``: the calling module, whose input checks
     (``_check_input``) join the ones cached per signature."""
-    try:
-        key = ("gn", _owner_key(owner), x.shape, x.stride(), x.dtype, x.device, num_groups, type(num_groups),
-               _meta(weight), _meta(bias), eps, type(eps), activation)
-    except AttributeError:  # not a tensor somewhere: the checks will name it
-        key = None
-    call = checks.known(_calls, key)
-    if call is None:  # a new signature (or no key, or tracing): check it
-        call = checks.validated(_calls, key, lambda: _validate_gn(owner, x, num_groups, weight, bias, eps, activation))
+    tensors = (x, weight, bias)  # a repeat call at the same site (module, else weight): see _batch_channel_norm
+    scalars = (None if owner is None else owner.__class__, None if owner is None else owner.num_channels,
+               num_groups, type(num_groups), eps, type(eps), activation)
+    site = weight if owner is None else owner
+    call = checks.recalled(_recent, site, scalars, tensors)
+    if call is None:
+        try:
+            key = ("gn", _owner_key(owner), x.shape, x.stride(), x.dtype, x.device, num_groups, type(num_groups),
+                   _meta(weight), _meta(bias), eps, type(eps), activation)
+        except AttributeError:  # not a tensor somewhere: the checks will name it
+            key = None
+        call = checks.known(_calls, key)
+        if call is None:  # a new signature (or no key, or tracing): check it
+            call = checks.validated(_calls, key, lambda: _validate_gn(owner, x, num_groups, weight, bias, eps,
+                                                                      activation))
+        checks.remember(_recent, site, scalars, tensors, call)
     if weight is not None and bias is None:  # as F.group_norm allows
         bias = torch.zeros_like(weight)
     elif bias is not None and weight is None:

@@ -175,6 +175,7 @@ class WeightStandardizeFunction(torch.autograd.Function):
 
 
 _calls: dict = {}  # validated weight signature -> _Call
+_recent: dict = {}  # id of a weight -> its newest (scalars, tensor guard, absent tensors, _Call) (checks.recalled)
 
 
 STANDARDIZE = ("full", "center")
@@ -201,12 +202,17 @@ def weight_standardize(weight: torch.Tensor, eps: float = 1e-5, correction: int 
     only centers: W_hat = W - mean (eps, correction and eps_mode are checked, not used).
     The checks run once per weight signature; repeat calls reuse what they derived.
     """
-    try:
-        key = (weight.shape, weight.stride(), weight.dtype, weight.device, eps, type(eps), correction,
-               type(correction), eps_mode, standardize, type(standardize))
-    except AttributeError:  # not a tensor: the checks will name it
-        key = None
-    call = checks.known(_calls, key)
-    if call is None:  # a new signature (or no key, or tracing): check it
-        call = checks.validated(_calls, key, lambda: _validate(weight, eps, correction, eps_mode, standardize))
+    # a repeat call with the same weight object is recognised by a tensor guard (checks.recalled)
+    scalars = (eps, type(eps), correction, type(correction), eps_mode, standardize, type(standardize))
+    call = checks.recalled(_recent, weight, scalars, (weight,))
+    if call is None:
+        try:
+            key = (weight.shape, weight.stride(), weight.dtype, weight.device, eps, type(eps), correction,
+                   type(correction), eps_mode, standardize, type(standardize))
+        except AttributeError:  # not a tensor: the checks will name it
+            key = None
+        call = checks.known(_calls, key)
+        if call is None:  # a new signature (or no key, or tracing): check it
+            call = checks.validated(_calls, key, lambda: _validate(weight, eps, correction, eps_mode, standardize))
+        checks.remember(_recent, weight, scalars, (weight,), call)
     return call(weight)
