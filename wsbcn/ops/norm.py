@@ -179,8 +179,9 @@ def _validate_common(x, num_groups, eps, activation):
 class _Call:
     """A validated call signature: what the checks derived from it, the backend that
     runs it, and the launch plans of its Triton path, so that a repeat call skips all
-    of it (one dict lookup). ``forward``/``backward`` are the op bodies behind
-    ``NormFunction``; ``saved`` is what the forward keeps for the backward."""
+    of it (recalled per call site, else one dict lookup). ``forward``/``backward`` are
+    the op bodies behind ``NormFunction``; ``saved`` is what the forward keeps for the
+    backward."""
 
     __slots__ = ("num_groups", "eps", "momentum", "cumulative", "mode", "update_running", "activation",
                  "group_affine", "dtypes", "dense", "eager", "group", "plans", "untraced", "c_apply")
