@@ -113,6 +113,27 @@ def test_a_call_the_checks_reject_is_rejected_at_a_site_with_remembered_calls(ba
     _run_bcn(params, "base")
 
 
+def test_a_tensor_given_for_a_scalar_gets_the_checks_error_at_a_site_with_remembered_calls(backend):
+    """The remembered scalars are compared with the call's: a tensor of several elements
+    given for eps, momentum or num_groups (whose == gives a tensor) must reach the checks
+    and their TypeError, not fail in the comparison."""
+    params = _bcn_params()
+    _run_bcn(params, "base")
+    w = torch.randn(6, 4, 3, 3, device=DEVICE)
+    weight_standardize(w)
+    two = torch.tensor([1e-5, 1e-5])
+    for kw, name in ((dict(eps=two), "eps"), (dict(momentum=two), "momentum"),
+                     (dict(num_groups=torch.tensor([G, G])), "num_groups")):
+        kw = dict(dict(num_groups=G, training=True), **kw)
+        with pytest.raises(TypeError, match=name):
+            batch_channel_norm(_x(), **kw, **params)
+    with pytest.raises(TypeError, match="eps"):
+        group_norm(_x(), G, params["weight"], params["bias"], eps=two)
+    with pytest.raises(TypeError, match="eps"):
+        weight_standardize(w, eps=two)
+    _run_bcn(params, "base")
+
+
 def test_the_same_tensor_given_twice_is_never_remembered(backend, monkeypatch):
     """A guard cannot pass when one tensor is given for two arguments: such a call is
     not remembered, and checked by its key each time."""

@@ -127,14 +127,22 @@ def recalled(sites: dict, site, scalars: tuple, tensors: tuple):
     equal and its tensor guard (wsbcn/_compat.py) passes: each tensor of the same type,
     dispatch keys (so device type), dtype, device index, requires_grad, sizes and strides,
     which is more than the key reads, so a match is a call with the same key. None when
-    nothing matches, under torch.compile, or where torch has no tensor guards."""
+    nothing matches, under torch.compile, or where torch has no tensor guards.
+
+    ``scalars`` holds each scalar's type before the values, so that a value of another
+    type (a tensor given for eps) ends the comparison before its ``==`` runs; a
+    comparison that raises all the same is no match (the checks then name the argument)."""
     if torch.compiler.is_compiling():
         return None
     entries = sites.get(id(site))
     if entries is None:
         return None
     for known, guard, absent, found in entries:
-        if known == scalars:
+        try:
+            same = known == scalars
+        except Exception:  # a value whose == raises (a tensor of several elements): not a repeat call
+            return None
+        if same:
             if absent:  # the entry's absent tensors: absent again, and the present ones checked
                 if any(tensors[i] is not None for i in absent):
                     continue

@@ -347,8 +347,8 @@ def _batch_channel_norm(x, num_groups, running_mean, running_var, weight, bias, 
     # a repeat call at the same site (module, else weight) is recognised by a tensor guard
     tensors = (x, running_mean, running_var, weight, bias, group_weight, group_bias, num_batches_tracked)
     scalars = (None if owner is None else owner.__class__, None if owner is None else owner.num_channels,
-               num_groups, type(num_groups), training, estimate, momentum, type(momentum), eps, type(eps),
-               activation, group)
+               type(num_groups), type(training), type(estimate), type(momentum), type(eps), type(activation),
+               num_groups, training, estimate, momentum, eps, activation, group)  # types first: see checks.recalled
     site = weight if owner is None else owner
     call = checks.recalled(_recent, site, scalars, tensors)
     if call is None:
@@ -435,7 +435,7 @@ def _group_norm(x, num_groups, weight, bias, eps, activation, owner=None):
     (``_check_input``) join the ones cached per signature."""
     tensors = (x, weight, bias)  # a repeat call at the same site (module, else weight): see _batch_channel_norm
     scalars = (None if owner is None else owner.__class__, None if owner is None else owner.num_channels,
-               num_groups, type(num_groups), eps, type(eps), activation)
+               type(num_groups), type(eps), type(activation), num_groups, eps, activation)
     site = weight if owner is None else owner
     call = checks.recalled(_recent, site, scalars, tensors)
     if call is None:
