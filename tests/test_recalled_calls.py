@@ -41,6 +41,7 @@ BCN_VARIANTS = {
     # the same number of tensors absent, other ones: a guard of the present ones alone would pass
     "no group affine": dict(drop=("group_weight", "group_bias")),
     "no running buffers": dict(drop=("running_mean", "running_var")),
+    "neither": dict(drop=("running_mean", "running_var", "group_weight", "group_bias")),
     "eval": dict(kw=dict(training=False)),
     "estimate": dict(kw=dict(estimate=True)),
     "momentum 0.5": dict(kw=dict(momentum=0.5)),
@@ -88,13 +89,15 @@ def test_bcn_calls_at_one_site_alternating_with_the_base_call_match_the_referenc
         assert len(norm._recent[id(params["weight"])]) >= 2  # both calls were remembered at the site
 
 
-def test_bcn_calls_with_other_tensors_absent_at_one_site_match_the_reference(backend):
-    """Two calls with the same number of absent tensors, other ones (no group affine; no
-    running buffers), alternately at one site."""
+@pytest.mark.parametrize("order", [("no group affine", "no running buffers", "neither"),
+                                   ("neither", "no running buffers", "base", "no group affine")])
+def test_bcn_calls_with_other_tensors_absent_at_one_site_match_the_reference(backend, order):
+    """Calls with the same number of absent tensors but other ones (no group affine; no
+    running buffers), with more of them absent (neither), with none, in turn at one site."""
     params = _bcn_params()
     for _ in range(2):
-        _run_bcn(params, "no group affine")
-        _run_bcn(params, "no running buffers")
+        for variant in order:
+            _run_bcn(params, variant)
 
 
 def test_a_call_the_checks_reject_is_rejected_at_a_site_with_remembered_calls(backend):

@@ -137,16 +137,16 @@ def recalled(sites: dict, site, scalars: tuple, tensors: tuple):
     entries = sites.get(id(site))
     if entries is None:
         return None
-    for known, guard, absent, found in entries:
+    for known, guard, absent, present, found in entries:
         try:
             same = known == scalars
         except Exception:  # a value whose == raises (a tensor of several elements): not a repeat call
             return None
         if same:
-            if absent:  # the entry's absent tensors: absent again, and the present ones checked
+            if absent:  # the entry's absent tensors absent again; its present ones checked (None fails)
                 if any(tensors[i] is not None for i in absent):
                     continue
-                if guard.check(*(t for t in tensors if t is not None)):
+                if guard.check(*[tensors[i] for i in present]):
                     return found
             elif guard.check(*tensors):
                 return found
@@ -177,7 +177,8 @@ def remember(sites: dict, site, scalars: tuple, tensors: tuple, found) -> None:
         entries = sites[id(site)] = []
     elif len(entries) >= MAX_RECALLED_PER_SITE:
         del entries[0]
-    entries.append((scalars, guard, tuple(i for i, t in enumerate(tensors) if t is None), found))
+    absent = tuple(i for i, t in enumerate(tensors) if t is None)
+    entries.append((scalars, guard, absent, tuple(i for i, t in enumerate(tensors) if t is not None), found))
 
 
 def cached(cache: dict, key, build):

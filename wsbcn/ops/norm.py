@@ -305,7 +305,7 @@ def _as_param(grad, param):
 
 
 _calls: dict = {}  # validated call signature -> _Call
-_recent: dict = {}  # id of a call site -> its newest (scalars, tensor guard, absent tensors, _Call) (checks.recalled)
+_recent: dict = {}  # id of a call site -> its newest signatures and their _Call (checks.recalled)
 _meta = checks.tensor_meta
 
 

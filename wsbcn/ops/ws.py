@@ -175,7 +175,7 @@ class WeightStandardizeFunction(torch.autograd.Function):
 
 
 _calls: dict = {}  # validated weight signature -> _Call
-_recent: dict = {}  # id of a weight -> its newest (scalars, tensor guard, absent tensors, _Call) (checks.recalled)
+_recent: dict = {}  # id of a weight -> its newest signatures and their _Call (checks.recalled)
 
 
 STANDARDIZE = ("full", "center")
