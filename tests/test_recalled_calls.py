@@ -290,3 +290,38 @@ def test_remember_keeps_a_bounded_number_of_entries_per_site():
     made = torch.ones(2, requires_grad=True) * 2
     checks.remember(sites, made, (), (made,), "x")
     assert id(made) not in sites
+    # nor is a call with a tensor subclass (a fake tensor's sizes may be symbolic)
+    class Sub(torch.Tensor):
+        pass
+
+    other_site = object()
+    checks.remember(sites, other_site, (), (torch.empty(2).as_subclass(Sub),), "x")
+    assert id(other_site) not in sites
+
+
+@pytest.mark.skipif(_compat._TENSOR_GUARDS is None, reason="this torch has no dynamo tensor guards")
+def test_a_site_whose_inputs_keep_changing_shape_stops_remembering(backend, monkeypatch):
+    """A module fed more input shapes in turn than it keeps (multi-scale training) drops
+    entries; past MAX_DROPPED_PER_SITE it stops remembering and every call builds its
+    key, as before recall existed. Each call matches the float64 reference throughout."""
+    monkeypatch.setattr(norm, "_recent", {})
+    torch.manual_seed(6)
+    m = wsbcn.GroupNorm(G, C).to(DEVICE)
+    sizes = range(2, checks.MAX_RECALLED_PER_SITE + 4)  # one more shape than a site keeps, and some
+    def dropped():
+        entries = norm._recent.get(id(m))
+        return 0 if entries is None else entries.dropped
+
+    calls = 0
+    while dropped() >= 0:
+        for size in sizes:
+            x = torch.randn(1, C, size, device=DEVICE)
+            y = m(x)
+            y_ref = gn_reference(x.double(), G, m.weight.double(), m.bias.double())
+            assert rel_err(y, y_ref) <= TOL[torch.float32]
+            calls += 1
+        assert calls < 10 * checks.MAX_DROPPED_PER_SITE
+    assert not norm._recent[id(m)]
+    x = torch.randn(1, C, 2, device=DEVICE)
+    m(x)
+    assert not norm._recent[id(m)]  # it stays a site that builds its keys

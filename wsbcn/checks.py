@@ -117,6 +117,15 @@ def known(cache: dict, key):
 
 
 MAX_RECALLED_PER_SITE = 8  # signatures a call site keeps (a shared FPN head: one per level)
+# signatures a site may drop before it stops remembering: a site whose inputs keep
+# changing shape (multi-scale training) would pay the scan and a new guard on every call
+MAX_DROPPED_PER_SITE = 32
+
+
+class _SiteEntries(list):
+    """A site's remembered signatures, oldest first; ``dropped`` counts the ones it
+    dropped for newer ones, -1 once it stopped remembering."""
+    dropped = 0
 
 
 def recalled(sites: dict, site, scalars: tuple, tensors: tuple):
@@ -155,28 +164,34 @@ def recalled(sites: dict, site, scalars: tuple, tensors: tuple):
 
 def remember(sites: dict, site, scalars: tuple, tensors: tuple, found) -> None:
     """Let ``recalled`` find ``found`` for calls like this one at ``site`` (a site keeps
-    its MAX_RECALLED_PER_SITE newest; ``sites`` is emptied at MAX_CACHED_SIGNATURES
-    sites, as ``cached`` does). Nothing is kept under torch.compile, for fake tensors,
-    where torch has no tensor guards, or when a guard could not pass (one tensor given
-    twice)."""
+    its MAX_RECALLED_PER_SITE newest, and stops remembering once it has dropped
+    MAX_DROPPED_PER_SITE for newer ones; ``sites`` is emptied at MAX_CACHED_SIGNATURES
+    sites, as ``cached`` does). Nothing is kept under torch.compile, for tensor
+    subclasses (fake tensors among them), where torch has no tensor guards, or when a
+    guard could not pass (one tensor given twice)."""
     if site is None or getattr(site, "grad_fn", None) is not None or torch.compiler.is_compiling():
         return  # no site, or a tensor made anew for each call (a parametrized weight): no site to recall
+    entries = sites.get(id(site))
+    if entries is not None and entries.dropped < 0:  # its signatures kept changing: it builds its keys
+        return
     present = [t for t in tensors if t is not None]
-    if any(_compat.is_fake(t) for t in present):  # sizes may be symbolic: a guard would compare expressions
-        return
-    try:
-        guard = _compat.tensor_guards(present)
-    except TypeError:  # not a tensor (a call the checks let through): nothing to guard
-        return
+    for t in present:  # plain tensors only: a subclass (a fake tensor's sizes may be symbolic) builds its key
+        if type(t) is not torch.Tensor and type(t) is not torch.nn.Parameter:
+            return
+    guard = _compat.tensor_guards(present)
     if guard is None or not guard.check(*present):
         return
-    entries = sites.get(id(site))
     if entries is None:
         if len(sites) >= MAX_CACHED_SIGNATURES:
             sites.clear()
-        entries = sites[id(site)] = []
+        entries = sites[id(site)] = _SiteEntries()
     elif len(entries) >= MAX_RECALLED_PER_SITE:
         del entries[0]
+        entries.dropped += 1
+        if entries.dropped > MAX_DROPPED_PER_SITE:
+            entries.clear()
+            entries.dropped = -1
+            return
     absent = tuple(i for i, t in enumerate(tensors) if t is None)
     entries.append((scalars, guard, absent, tuple(i for i, t in enumerate(tensors) if t is not None), found))
 
