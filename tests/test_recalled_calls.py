@@ -325,3 +325,19 @@ def test_a_site_whose_inputs_keep_changing_shape_stops_remembering(backend, monk
     x = torch.randn(1, C, 2, device=DEVICE)
     m(x)
     assert not norm._recent[id(m)]  # it stays a site that builds its keys
+
+
+def test_nothing_is_remembered_under_torch_compile(monkeypatch):
+    """dynamo traces the key path (checks.recalled and remember step aside while it
+    traces), and the compiled graph calls the wsbcn ops: no site is remembered, and the
+    compiled module gives the eager one's outputs."""
+    monkeypatch.setattr(norm, "_recent", {})
+    monkeypatch.setattr(ws, "_recent", {})
+    torch.manual_seed(7)
+    model = torch.nn.Sequential(wsbcn.WSConv2d(4, C, 3, padding=1), wsbcn.BatchChannelNorm2d(C, G),
+                                wsbcn.GroupNorm(G, C)).to(DEVICE)
+    x = torch.randn(2, 4, 5, 5, device=DEVICE)
+    compiled = torch.compile(model, fullgraph=True, backend="eager")
+    y = compiled(x)
+    assert not norm._recent and not ws._recent
+    torch.testing.assert_close(y, model(x), rtol=1e-5, atol=1e-5)  # batch statistics: the same output

@@ -169,8 +169,8 @@ def remember(sites: dict, site, scalars: tuple, tensors: tuple, found) -> None:
     sites, as ``cached`` does). Nothing is kept under torch.compile, for tensor
     subclasses (fake tensors among them), where torch has no tensor guards, or when a
     guard could not pass (one tensor given twice)."""
-    if site is None or getattr(site, "grad_fn", None) is not None or torch.compiler.is_compiling():
-        return  # no site, or a tensor made anew for each call (a parametrized weight): no site to recall
+    if torch.compiler.is_compiling() or site is None or getattr(site, "grad_fn", None) is not None:
+        return  # tracing, no site, or a tensor made anew for each call (a parametrized weight)
     entries = sites.get(id(site))
     if entries is not None and entries.dropped < 0:  # its signatures kept changing: it builds its keys
         return
