@@ -197,3 +197,30 @@ def test_is_fake_knows_fake_tensors():
     with FakeTensorMode():
         fake = torch.empty(3)
     assert _compat.is_fake(fake) and not _compat.is_fake(torch.empty(3))
+
+
+@pytest.mark.parametrize("behaviour", ["passes everything", "raises", "missing"])
+def test_tensor_guards_are_used_only_where_they_behave_as_known(monkeypatch, behaviour):
+    """The guard class is checked at import: one that lets another tensor (or None, or a
+    tensor given twice) pass, one whose constructor or check raises, or none at all, turns
+    recall off (every call then builds its key, tests/test_recalled_calls.py)."""
+    guards = torch._C._dynamo.guards
+
+    class PassesEverything:
+        def __init__(self, *tensors, dynamic_dims_sizes, dynamic_dims_strides):
+            pass
+
+        def check(self, *tensors):
+            return True
+
+    class Raises(PassesEverything):
+        def check(self, *tensors):
+            raise RuntimeError("another interface")
+
+    if behaviour == "missing":
+        monkeypatch.delattr(guards, "TensorGuards")
+    else:
+        monkeypatch.setattr(guards, "TensorGuards", PassesEverything if behaviour == "passes everything" else Raises)
+    assert _compat._tensor_guards_class() is None
+    monkeypatch.undo()
+    assert _compat._tensor_guards_class() is torch._C._dynamo.guards.TensorGuards
