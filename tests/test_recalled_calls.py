@@ -259,14 +259,14 @@ def test_a_repeat_call_is_recalled_without_building_its_key(backend, monkeypatch
     def refuse(*args):
         raise AssertionError("a repeat call built its key")
 
-    monkeypatch.setattr(checks, "known", refuse)
+    monkeypatch.setattr(checks, "keyed", refuse)
     y = model(x)
     assert torch.equal(y, y_first)
     y.sum().backward()
     monkeypatch.undo()
     bigger = torch.randn(3, 4, 5, 5, device=DEVICE)
     model(bigger)  # a new signature at the same sites: looked up by its key, then remembered
-    monkeypatch.setattr(checks, "known", refuse)
+    monkeypatch.setattr(checks, "keyed", refuse)
     model(bigger)
     model(x)
 

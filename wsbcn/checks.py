@@ -104,18 +104,6 @@ def validated(cache: dict, key, validate):
     return found if found is not None else cached(cache, key, validate)
 
 
-def known(cache: dict, key):
-    """What ``validated`` stored for ``key``, or None when it must validate: a new
-    signature, no key, an unhashable argument, or a call under torch.compile. The hot
-    path of a repeat call, without building the ``validate`` closure."""
-    if key is None or torch.compiler.is_compiling():
-        return None
-    try:
-        return cache.get(key)
-    except TypeError:  # an unhashable argument: the checks will name it
-        return None
-
-
 MAX_RECALLED_PER_SITE = 8  # signatures a call site keeps (a shared FPN head: one per level)
 # signatures a site may drop before it stops remembering: a site whose inputs keep
 # changing shape (multi-scale training) would pay the scan and a new guard on every call
@@ -194,6 +182,20 @@ def remember(sites: dict, site, scalars: tuple, tensors: tuple, found) -> None:
             return
     absent = tuple(i for i, t in enumerate(tensors) if t is None)
     entries.append((scalars, guard, absent, tuple(i for i, t in enumerate(tensors) if t is not None), found))
+
+
+def keyed(cache: dict, sites: dict, site, scalars: tuple, tensors: tuple, key, validate):
+    """The validated call of a call ``recalled`` did not find: looked up by its signature
+    key (``key()``; no key when an argument is not a tensor, the checks will name it),
+    ``validate()`` on a miss (``validated``), then remembered at ``site`` (``remember``).
+    ``key`` and ``validate`` are closures: built only on this path, not on a recalled call."""
+    try:
+        k = key()
+    except AttributeError:  # not a tensor somewhere
+        k = None
+    found = validated(cache, k, validate)
+    remember(sites, site, scalars, tensors, found)
+    return found
 
 
 def cached(cache: dict, key, build):

@@ -351,20 +351,14 @@ def _batch_channel_norm(x, num_groups, running_mean, running_var, weight, bias, 
                num_groups, training, estimate, momentum, eps, activation, group)  # types first: see checks.recalled
     site = weight if owner is None else owner
     call = checks.recalled(_recent, site, scalars, tensors)
-    if call is None:
-        try:
-            key = ("bcn", _owner_key(owner), x.shape, x.stride(), x.dtype, x.device, num_groups, type(num_groups),
-                   _meta(running_mean), _meta(running_var), _meta(weight), _meta(bias), _meta(group_weight),
-                   _meta(group_bias), _meta(num_batches_tracked), bool(training), bool(estimate), momentum,
-                   type(momentum), eps, type(eps), activation, group)
-        except AttributeError:  # not a tensor somewhere: the checks will name it
-            key = None
-        call = checks.known(_calls, key)
-        if call is None:  # a new signature (or no key, or tracing): check it
-            call = checks.validated(_calls, key, lambda: _validate_bcn(
-                owner, x, num_groups, running_mean, running_var, weight, bias, group_weight, group_bias, training,
-                estimate, momentum, eps, activation, num_batches_tracked, group))
-        checks.remember(_recent, site, scalars, tensors, call)
+    if call is None:  # a new site or signature (or tracing): by the key, checked on a miss
+        call = checks.keyed(_calls, _recent, site, scalars, tensors, lambda: (
+            "bcn", _owner_key(owner), x.shape, x.stride(), x.dtype, x.device, num_groups, type(num_groups),
+            _meta(running_mean), _meta(running_var), _meta(weight), _meta(bias), _meta(group_weight),
+            _meta(group_bias), _meta(num_batches_tracked), bool(training), bool(estimate), momentum, type(momentum),
+            eps, type(eps), activation, group), lambda: _validate_bcn(
+            owner, x, num_groups, running_mean, running_var, weight, bias, group_weight, group_bias, training,
+            estimate, momentum, eps, activation, num_batches_tracked, group))
     return (call if call.dense else call.call_dense)(x, weight, bias, group_weight, group_bias, running_mean,
                                                      running_var, num_batches_tracked if call.update_running else None)
 
@@ -438,17 +432,11 @@ def _group_norm(x, num_groups, weight, bias, eps, activation, owner=None):
                type(num_groups), type(eps), type(activation), num_groups, eps, activation)
     site = weight if owner is None else owner
     call = checks.recalled(_recent, site, scalars, tensors)
-    if call is None:
-        try:
-            key = ("gn", _owner_key(owner), x.shape, x.stride(), x.dtype, x.device, num_groups, type(num_groups),
-                   _meta(weight), _meta(bias), eps, type(eps), activation)
-        except AttributeError:  # not a tensor somewhere: the checks will name it
-            key = None
-        call = checks.known(_calls, key)
-        if call is None:  # a new signature (or no key, or tracing): check it
-            call = checks.validated(_calls, key, lambda: _validate_gn(owner, x, num_groups, weight, bias, eps,
-                                                                      activation))
-        checks.remember(_recent, site, scalars, tensors, call)
+    if call is None:  # a new site or signature (or tracing): by the key, checked on a miss
+        call = checks.keyed(_calls, _recent, site, scalars, tensors, lambda: (
+            "gn", _owner_key(owner), x.shape, x.stride(), x.dtype, x.device, num_groups, type(num_groups),
+            _meta(weight), _meta(bias), eps, type(eps), activation),
+            lambda: _validate_gn(owner, x, num_groups, weight, bias, eps, activation))
     if weight is not None and bias is None:  # as F.group_norm allows
         bias = torch.zeros_like(weight)
     elif bias is not None and weight is None:

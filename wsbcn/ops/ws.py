@@ -205,14 +205,9 @@ def weight_standardize(weight: torch.Tensor, eps: float = 1e-5, correction: int 
     # a repeat call with the same weight object is recognised by a tensor guard (checks.recalled)
     scalars = (type(eps), type(correction), type(eps_mode), type(standardize), eps, correction, eps_mode, standardize)
     call = checks.recalled(_recent, weight, scalars, (weight,))
-    if call is None:
-        try:
-            key = (weight.shape, weight.stride(), weight.dtype, weight.device, eps, type(eps), correction,
-                   type(correction), eps_mode, standardize, type(standardize))
-        except AttributeError:  # not a tensor: the checks will name it
-            key = None
-        call = checks.known(_calls, key)
-        if call is None:  # a new signature (or no key, or tracing): check it
-            call = checks.validated(_calls, key, lambda: _validate(weight, eps, correction, eps_mode, standardize))
-        checks.remember(_recent, weight, scalars, (weight,), call)
+    if call is None:  # a new weight or signature (or tracing): by the key, checked on a miss
+        call = checks.keyed(_calls, _recent, weight, scalars, (weight,), lambda: (
+            weight.shape, weight.stride(), weight.dtype, weight.device, eps, type(eps), correction, type(correction),
+            eps_mode, standardize, type(standardize)),
+            lambda: _validate(weight, eps, correction, eps_mode, standardize))
     return call(weight)
