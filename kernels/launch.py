@@ -186,9 +186,18 @@ class DirectLaunches:
         for i, launch in enumerate(self.launches):
             table_slots, constants = self.tables[i]
             prefix = tables[id(constants)]
-            args = ", ".join(f"s{k}" if k < table_slots else f"{prefix}{k - table_slots}" for k in launch.pick_indices)
+            names = [f"s{k}" if k < table_slots else f"{prefix}{k - table_slots}" for k in launch.pick_indices]
+            args = ", ".join(names)
+            # the launcher's argument tuple: the slots, then the constants that end it (a
+            # kernel's pointers come first, its integers and constexprs last) as one tuple
+            # made here, which costs less per call than loading each of them
+            tail = len(names)
+            while tail and names[tail - 1][0] == "k":
+                tail -= 1
+            scope[f"T{i}"] = tuple(scope[name] for name in names[tail:])
+            arg_tuple = f"({', '.join(names[:tail])},) + T{i}" if tail else f"T{i}"
             if launch.c_form is None:
-                lines.append(f"    L{i}(G{i}, stream, ({args},))")
+                lines.append(f"    L{i}(G{i}, stream, {arg_tuple})")
                 continue
             # the C launch itself, written out (wsbcn/_compat.py c_launch_form): no wrapper frame
             c, fixed, spread = launch.c_form
@@ -196,7 +205,7 @@ class DirectLaunches:
             for j, value in enumerate(fixed):
                 scope[f"F{i}_{j}"] = value
             head = ", ".join([str(g) for g in launch.grid] + ["stream"] + [f"F{i}_{j}" for j in range(len(fixed))])
-            lines.append(f"    C{i}({head}, {args})" if spread else f"    C{i}({head}, ({args},))")
+            lines.append(f"    C{i}({head}, {args})" if spread else f"    C{i}({head}, {arg_tuple})")
         lines.append(f"    launch_stats['direct'] += {len(self.launches)}")
         lines.append("    return True")
         exec(compile("\n".join(lines), "<wsbcn direct launches>", "exec"), scope)

@@ -137,8 +137,9 @@ class NormPlan:
         dummy = 4 * self.fwd_offsets[6]  # rstd_c: any valid fp32 address, for an absent tensor
         self.fwd_direct = DirectLaunches(
             self.fwd, ("x", "y", "side", "part", "gamma", "beta", "omega", "eta", "rm", "rv", "nbt"),
-            ["base = side.data_ptr()", f"dummy = base + {dummy}", "part_a = part.data_ptr()"],
-            ["x.data_ptr()", "y.data_ptr()"] + [f"base + {o}" for o in self.fwd_byte_offsets]
+            ["base = side.data_ptr()", f"dummy = base + {dummy}", "out = y.data_ptr()",
+             "part_a = out if part is y else part.data_ptr()"],  # the partial sums in y: one address read
+            ["x.data_ptr()", "out"] + [f"base + {o}" for o in self.fwd_byte_offsets]
             + ["part_a", f"part_a + {4 * self.part_stride}"]
             + [f"dummy if {t} is None else {t}.data_ptr()" for t in ("gamma", "beta", "omega", "eta", "rm", "rv", "nbt")],
             t.constants)
@@ -164,7 +165,11 @@ class NormPlan:
         """y and the side buffer (stats | rstd_c | rho | coefficients). The running buffers
         (and num_batches) are updated in place as the mode says. ``y``: write there
         (allocated like x) instead of a new tensor."""
-        y, part = self._output(x, y, self.part_in_y, self.part_stride)
+        if y is None and not self.y_contiguous:  # _output's common case, written out: the hot path
+            y = torch.empty_like(x)
+            part = y if self.part_in_y else _new_part(x, self.part_stride)
+        else:
+            y, part = self._output(x, y, self.part_in_y, self.part_stride)
         side = torch.empty(self.fwd_size, **self.f32)
         if self.fwd_direct.call(x, y, side, part, gamma, beta, omega, eta, running_mean, running_var, num_batches):
             return y, side
@@ -333,8 +338,9 @@ class _BackwardPlan:
         self.direct = DirectLaunches(
             self.launches, ("dy", "x", "dx", "side", "part", "d_gamma", "d_beta", "d_omega", "d_eta", "gamma", "omega",
                             "eta"),
-            ["saved = side.data_ptr()", "part_a = part.data_ptr()", f"dummy = saved + {4 * plan.fwd_offsets[6]}"],
-            ["dy.data_ptr()", "x.data_ptr()", "dx.data_ptr()"] + [f"saved + {o}" for o in plan.fwd_byte_offsets]
+            ["saved = side.data_ptr()", "out = dx.data_ptr()", "part_a = out if part is dx else part.data_ptr()",
+             f"dummy = saved + {4 * plan.fwd_offsets[6]}"],
+            ["dy.data_ptr()", "x.data_ptr()", "out"] + [f"saved + {o}" for o in plan.fwd_byte_offsets]
             + ["part_a", f"part_a + {4 * self.part_stride}"] + [f"saved + {4 * o}" for o in plan.coef_offsets]
             + [f"dummy if {t} is None else {t}.data_ptr()"
                for t in ("d_gamma", "d_beta", "d_omega", "d_eta", "gamma", "omega", "eta")],

@@ -150,6 +150,85 @@ def test_the_same_tensor_given_twice_is_never_remembered(backend, monkeypatch):
     assert id(w) not in norm._recent
 
 
+def _dead_functorch_wrapper(t):
+    """A functorch wrapper of a copy of ``t`` that outlived its transform (leaked from
+    the function torch.func.grad ran): ``Function.apply`` unwraps such a tensor first."""
+    leaked = []
+
+    def f(u):
+        leaked.append(u * 1)
+        return u.sum()
+
+    torch.func.grad(f)(t.detach().clone())
+    assert _compat.is_functorch_wrapped(leaked[0])
+    return leaked[0]
+
+
+@pytest.mark.parametrize("layer", ["bcn", "group norm", "ws"])
+def test_a_dead_functorch_wrapper_is_unwrapped_at_a_site_with_remembered_calls(backend, layer):
+    """A recalled call skips the unwrap, which is sound only because a functorch wrapper
+    is never remembered (checks.remember): a dead wrapper given at a site that remembered
+    plain calls, twice, is unwrapped each time (the Triton path cannot read a wrapper's
+    address) and matches the reference."""
+    torch.manual_seed(6)
+    if layer == "ws":
+        w = torch.randn(6, 4, 3, 3, device=DEVICE, requires_grad=True)
+        dead = _dead_functorch_wrapper(w)
+        for t in (w, w, dead, dead):
+            assert rel_err(weight_standardize(t), ws_reference(w.detach().double())) <= TOL[torch.float32]
+        assert id(w) in ws._recent and id(dead) not in ws._recent
+        return
+    params = _bcn_params()
+    if layer == "bcn":  # evaluation: the running buffers stay as they are
+        m = wsbcn.BatchChannelNorm2d(C, G).to(DEVICE).eval()
+        with torch.no_grad():
+            for name in ("weight", "bias", "group_weight", "group_bias", "running_mean", "running_var"):
+                getattr(m, name).copy_(params[name])
+        ref = {k: v.double() for k, v in params.items()}
+
+        def reference(x):
+            return bcn_reference(x.double(), G, training=False, **ref)
+    else:
+        m = wsbcn.GroupNorm(G, C).to(DEVICE)
+        with torch.no_grad():
+            m.weight.copy_(params["weight"])
+            m.bias.copy_(params["bias"])
+
+        def reference(x):
+            return gn_reference(x.double(), G, params["weight"].double(), params["bias"].double())
+    x = _x(requires_grad=False)
+    dy = torch.randn_like(x)  # (sum(y^2) cancels: each group of y is normalized)
+    dead = _dead_functorch_wrapper(x)
+    for t in (x, x, dead, dead):
+        y = m(t)
+        assert not _compat.is_functorch_wrapped(y)
+        assert rel_err(y, reference(x)) <= TOL[torch.float32]
+        d_weight, = torch.autograd.grad(y, [m.weight], dy)
+        w64 = m.weight.detach().double().requires_grad_(True)
+        ref_y = (bcn_reference(x.double(), G, training=False, **{**ref, "weight": w64}) if layer == "bcn"
+                 else gn_reference(x.double(), G, w64, params["bias"].double()))
+        d_ref, = torch.autograd.grad(ref_y, [w64], dy.double())
+        assert rel_err(d_weight, d_ref) <= 1e-5
+    assert len(norm._recent[id(m)]) == 1  # the plain call's signature only
+
+
+def test_nothing_is_remembered_where_torch_cannot_tell_a_functorch_wrapper(backend, monkeypatch):
+    """Without ``is_functorch_wrapped_tensor`` a remembered call could be a wrapper that a
+    recalled call would not unwrap: then nothing is remembered, and the results are the
+    reference's."""
+    monkeypatch.setattr(_compat, "is_functorch_wrapped", None)
+    monkeypatch.setattr(norm, "_recent", {})
+    monkeypatch.setattr(ws, "_recent", {})
+    torch.manual_seed(7)
+    m = wsbcn.GroupNorm(G, C).to(DEVICE)
+    w = torch.randn(6, 4, 3, 3, device=DEVICE)
+    x = _x()
+    for _ in range(2):
+        assert rel_err(m(x), gn_reference(x.detach().double(), G)) <= TOL[torch.float32]
+        assert rel_err(weight_standardize(w), ws_reference(w.double())) <= TOL[torch.float32]
+    assert not norm._recent and not ws._recent
+
+
 @pytest.mark.parametrize("layer", ["bcn", "group norm"])
 def test_a_module_changed_between_calls_gets_its_new_checks(backend, layer):
     """Module attributes the checks read (training, eps, num_groups, momentum) changed

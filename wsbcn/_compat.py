@@ -136,6 +136,11 @@ _UNWRAP_IF_DEAD = getattr(getattr(torch._C, "_functorch", None), "unwrap_if_dead
 # where this torch lacks them, every call counts as under a transform (Function.apply)
 functorch_transforms_active = _TRANSFORMS_ACTIVE or (lambda: True)
 unwrap_if_dead = _UNWRAP_IF_DEAD or (lambda t: t)
+# A functorch wrapper (live or dead) has dispatch keys of its own, so a tensor guard made
+# on plain tensors fails on it: a call recalled by such a guard (checks.recalled) has no
+# wrapper to unwrap. ``checks.remember`` therefore remembers no wrapper; where this torch
+# cannot tell a wrapper, it remembers nothing.
+is_functorch_wrapped = getattr(getattr(torch._C, "_functorch", None), "is_functorch_wrapped_tensor", None)
 
 
 def _python_apply_known() -> bool:

@@ -123,8 +123,9 @@ def recalled(sites: dict, site, scalars: tuple, tensors: tuple):
     argument (None for an absent one). A remembered entry matches when its scalars are
     equal and its tensor guard (wsbcn/_compat.py) passes: each tensor of the same type,
     dispatch keys (so device type), dtype, device index, requires_grad, sizes and strides,
-    which is more than the key reads, so a match is a call with the same key. None when
-    nothing matches, under torch.compile, or where torch has no tensor guards.
+    which is more than the key reads, so a match is a call with the same key (and with
+    no functorch wrapper: ``remember``). None when nothing matches, under torch.compile,
+    or where torch has no tensor guards.
 
     ``scalars`` holds each scalar's type before the values, so that a value of another
     type (a tensor given for eps) ends the comparison before its ``==`` runs; a
@@ -155,16 +156,21 @@ def remember(sites: dict, site, scalars: tuple, tensors: tuple, found) -> None:
     its MAX_RECALLED_PER_SITE newest, and stops remembering once it has dropped
     MAX_DROPPED_PER_SITE for newer ones; ``sites`` is emptied at MAX_CACHED_SIGNATURES
     sites, as ``cached`` does). Nothing is kept under torch.compile, for tensor
-    subclasses (fake tensors among them), where torch has no tensor guards, or when a
-    guard could not pass (one tensor given twice)."""
+    subclasses (fake tensors among them) and functorch wrappers, where torch has no
+    tensor guards, or when a guard could not pass (one tensor given twice). So a recalled
+    call's tensors are plain tensors, none of them a functorch wrapper: the caller has
+    nothing to unwrap (wsbcn/_compat.py)."""
     if torch.compiler.is_compiling() or site is None or getattr(site, "grad_fn", None) is not None:
         return  # tracing, no site, or a tensor made anew for each call (a parametrized weight)
     entries = sites.get(id(site))
     if entries is not None and entries.dropped < 0:  # its signatures kept changing: it builds its keys
         return
     present = [t for t in tensors if t is not None]
+    wrapped = _compat.is_functorch_wrapped
     for t in present:  # plain tensors only: a subclass (a fake tensor's sizes may be symbolic) builds its key
         if type(t) is not torch.Tensor and type(t) is not torch.nn.Parameter:
+            return
+        if wrapped is None or wrapped(t):  # a functorch wrapper: the caller unwraps it (_compat.py)
             return
     guard = _compat.tensor_guards(present)
     if guard is None or not guard.check(*present):

@@ -260,12 +260,18 @@ class _Call:
         return y
 
     def __call__(self, x, gamma, beta, omega, eta, running_mean, running_var, nbt):
+        if self.untraced and not _compat.functorch_transforms_active():
+            u = _compat.unwrap_if_dead  # what NormFunction.apply does first (wsbcn/_compat.py)
+            x, gamma, beta = u(x), gamma if gamma is None else u(gamma), beta if beta is None else u(beta)
+            omega, eta = omega if omega is None else u(omega), eta if eta is None else u(eta)
+        return self.call_plain(x, gamma, beta, omega, eta, running_mean, running_var, nbt)
+
+    def call_plain(self, x, gamma, beta, omega, eta, running_mean, running_var, nbt):
+        """The call of tensors that are no functorch wrappers: ``__call__`` after it
+        unwraps, or a call ``checks.recalled`` found."""
         buffers = (running_mean, running_var, nbt)
         if not self.untraced or _compat.functorch_transforms_active():
             return NormFunction.apply(x, gamma, beta, omega, eta, self, buffers)
-        u = _compat.unwrap_if_dead  # what NormFunction.apply does first (wsbcn/_compat.py)
-        x, gamma, beta = u(x), gamma if gamma is None else u(gamma), beta if beta is None else u(beta)
-        omega, eta = omega if omega is None else u(omega), eta if eta is None else u(eta)
         if not torch.is_grad_enabled():  # nothing for autograd to record: the op body alone
             return self.forward(x, gamma, beta, omega, eta, *buffers)[0]
         if self.c_apply is None:
@@ -351,7 +357,9 @@ def _batch_channel_norm(x, num_groups, running_mean, running_var, weight, bias, 
                num_groups, training, estimate, momentum, eps, activation, group)  # types first: see checks.recalled
     site = weight if owner is None else owner
     call = checks.recalled(_recent, site, scalars, tensors)
-    if call is None:  # a new site or signature (or tracing): by the key, checked on a miss
+    if call is not None:  # no functorch wrapper among the tensors (checks.remember): nothing to unwrap
+        run = call.call_plain if call.dense else call.call_dense
+    else:  # a new site or signature (or tracing): by the key, checked on a miss
         call = checks.keyed(_calls, _recent, site, scalars, tensors, lambda: (
             "bcn", _owner_key(owner), x.shape, x.stride(), x.dtype, x.device, num_groups, type(num_groups),
             _meta(running_mean), _meta(running_var), _meta(weight), _meta(bias), _meta(group_weight),
@@ -359,8 +367,9 @@ def _batch_channel_norm(x, num_groups, running_mean, running_var, weight, bias, 
             eps, type(eps), activation, group), lambda: _validate_bcn(
             owner, x, num_groups, running_mean, running_var, weight, bias, group_weight, group_bias, training,
             estimate, momentum, eps, activation, num_batches_tracked, group))
-    return (call if call.dense else call.call_dense)(x, weight, bias, group_weight, group_bias, running_mean,
-                                                     running_var, num_batches_tracked if call.update_running else None)
+        run = call if call.dense else call.call_dense
+    return run(x, weight, bias, group_weight, group_bias, running_mean, running_var,
+               num_batches_tracked if call.update_running else None)
 
 
 def _validate_bcn(owner, x, num_groups, running_mean, running_var, weight, bias, group_weight, group_bias, training,
@@ -432,16 +441,19 @@ def _group_norm(x, num_groups, weight, bias, eps, activation, owner=None):
                type(num_groups), type(eps), type(activation), num_groups, eps, activation)
     site = weight if owner is None else owner
     call = checks.recalled(_recent, site, scalars, tensors)
-    if call is None:  # a new site or signature (or tracing): by the key, checked on a miss
+    if call is not None:  # no functorch wrapper among the tensors (checks.remember): nothing to unwrap
+        run = call.call_plain if call.dense else call.call_dense
+    else:  # a new site or signature (or tracing): by the key, checked on a miss
         call = checks.keyed(_calls, _recent, site, scalars, tensors, lambda: (
             "gn", _owner_key(owner), x.shape, x.stride(), x.dtype, x.device, num_groups, type(num_groups),
             _meta(weight), _meta(bias), eps, type(eps), activation),
             lambda: _validate_gn(owner, x, num_groups, weight, bias, eps, activation))
+        run = call if call.dense else call.call_dense
     if weight is not None and bias is None:  # as F.group_norm allows
         bias = torch.zeros_like(weight)
     elif bias is not None and weight is None:
         weight = torch.ones_like(bias)
-    return (call if call.dense else call.call_dense)(x, None, None, weight, bias, None, None, None)
+    return run(x, None, None, weight, bias, None, None, None)
 
 
 def _validate_gn(owner, x, num_groups, weight, bias, eps, activation) -> _Call:

@@ -137,9 +137,15 @@ class _Call:
         return bwd(grad, weight, stats, self.center_only)
 
     def __call__(self, weight):
+        if self.untraced and not _compat.functorch_transforms_active():
+            weight = _compat.unwrap_if_dead(weight)  # what the apply does first (wsbcn/_compat.py)
+        return self.call_plain(weight)
+
+    def call_plain(self, weight):
+        """The call of a weight that is no functorch wrapper: ``__call__`` after it
+        unwraps, or a call ``checks.recalled`` found."""
         if not self.untraced or _compat.functorch_transforms_active():
             return WeightStandardizeFunction.apply(weight, self)
-        weight = _compat.unwrap_if_dead(weight)  # what the apply does first (wsbcn/_compat.py)
         if not torch.is_grad_enabled():  # nothing for autograd to record: the op body alone
             return self.forward(weight)[0]
         if self.c_apply is None:
@@ -205,9 +211,11 @@ def weight_standardize(weight: torch.Tensor, eps: float = 1e-5, correction: int 
     # a repeat call with the same weight object is recognised by a tensor guard (checks.recalled)
     scalars = (type(eps), type(correction), type(eps_mode), type(standardize), eps, correction, eps_mode, standardize)
     call = checks.recalled(_recent, weight, scalars, (weight,))
-    if call is None:  # a new weight or signature (or tracing): by the key, checked on a miss
-        call = checks.keyed(_calls, _recent, weight, scalars, (weight,), lambda: (
-            weight.shape, weight.stride(), weight.dtype, weight.device, eps, type(eps), correction, type(correction),
-            eps_mode, standardize, type(standardize)),
-            lambda: _validate(weight, eps, correction, eps_mode, standardize))
+    if call is not None:  # not a functorch wrapper (checks.remember): nothing to unwrap
+        return call.call_plain(weight)
+    # a new weight or signature (or tracing): by the key, checked on a miss
+    call = checks.keyed(_calls, _recent, weight, scalars, (weight,), lambda: (
+        weight.shape, weight.stride(), weight.dtype, weight.device, eps, type(eps), correction, type(correction),
+        eps_mode, standardize, type(standardize)),
+        lambda: _validate(weight, eps, correction, eps_mode, standardize))
     return call(weight)
