@@ -65,6 +65,23 @@ out["first call"] = [c1["jit"] - c0["jit"], c1["direct"] - c0["direct"]]
 first_kernels = [h for h, _, _ in seen]
 bcn(x, params, nbt); c2 = counts()
 out["repeat call"] = [c2["jit"] - c1["jit"], c2["direct"] - c1["direct"]]
+# a launch hook (a profiler) must see every launch: while one is set, calls go through
+# kernel[grid] (triton 3.9 chains hooks, 3.6 holds one callable)
+from triton import knobs
+hooked = []
+chain = knobs.runtime.launch_enter_hook
+if hasattr(chain, "add"):
+    chain.add(hooked.append)
+else:
+    knobs.runtime.launch_enter_hook = hooked.append
+bcn(x, params, nbt); c_hook = counts()
+if hasattr(chain, "remove"):
+    chain.remove(hooked.append)
+else:
+    knobs.runtime.launch_enter_hook = None
+out["call under a launch hook"] = [c_hook["jit"] - c2["jit"], c_hook["direct"] - c2["direct"], len(hooked)]
+bcn(x, params, nbt); c2 = counts()
+out["repeat call after the hook"] = [c2["jit"] - c_hook["jit"], c2["direct"] - c_hook["direct"]]
 seen.clear()
 bcn(x_off, params, nbt); c3 = counts()
 misaligned_kernels = [h for h, _, _ in seen]
@@ -203,6 +220,8 @@ def test_direct_launches_are_the_jit_launches_and_fall_back_when_specialisation_
     out = json.loads(proc.stdout.split("RESULT", 1)[1])
     assert out["first call"] == [3, 0]  # compiles through kernel[grid]
     assert out["repeat call"] == [0, 3]  # the cached kernels, launched directly
+    assert out["call under a launch hook"] == [3, 0, 3]  # the hook sees each launch
+    assert out["repeat call after the hook"] == [0, 3]
     assert out["misaligned call"] == [3, 0]  # x 2 bytes off: triton's specialisation differs
     assert out["other shape"] == [3, 0]  # a new plan
     assert out["bf16 parameters"] == [3, 0]  # the parameters' dtypes are part of the plan

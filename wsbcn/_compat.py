@@ -105,16 +105,19 @@ try:  # launch hooks (profilers): triton >= 3.4 keeps them in knobs
     from triton import knobs as _knobs
 except ImportError:
     _knobs = None
+_HOOK_CHAIN = getattr(_knobs, "HookChain", None)  # triton 3.9's hook type
 
 
 def launch_hooks_set() -> bool:
     """A launch enter/exit hook is installed (a callable in triton 3.6, a non-empty
     HookChain in 3.9): direct launches would bypass it. Checked on every direct launch,
-    so written out in one function."""
+    so written out in one function, triton 3.9's two HookChains first."""
     if _knobs is None:
         return False
     runtime = _knobs.runtime
     enter, leave = runtime.launch_enter_hook, runtime.launch_exit_hook
+    if enter.__class__ is _HOOK_CHAIN and leave.__class__ is _HOOK_CHAIN:
+        return bool(enter.calls or leave.calls)
     return ((enter is not None and bool(getattr(enter, "calls", True)))
             or (leave is not None and bool(getattr(leave, "calls", True))))
 
