@@ -125,11 +125,16 @@ def recalled(sites: dict, site, scalars: tuple, tensors: tuple):
     dispatch keys (so device type), dtype, device index, requires_grad, sizes and strides,
     which is more than the key reads, so a match is a call with the same key (and with
     no functorch wrapper: ``remember``). None when nothing matches, under torch.compile,
-    or where torch has no tensor guards.
+    or where torch has no tensor guards. Sites are kept by ``id``: a new object may get a
+    dead site's id and find its entries, which match only as any entry does, by scalars
+    and guard.
 
-    ``scalars`` holds each scalar's type before the values, so that a value of another
-    type (a tensor given for eps) ends the comparison before its ``==`` runs; a
-    comparison that raises all the same is no match (the checks then name the argument)."""
+    ``scalars`` holds the types the key reads (eps is keyed with its type: 1 and 1.0
+    are checked apart) before the values, so that a value of another type (a tensor
+    given for eps) ends the comparison before its ``==`` runs; a comparison that raises
+    all the same is no match (the checks then name the argument). A scalar the key reads
+    as a value only (``bool(training)``, an activation's name) needs no type: equal values
+    give the key's validated call."""
     if torch.compiler.is_compiling():
         return None
     entries = sites.get(id(site))

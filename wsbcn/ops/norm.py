@@ -219,8 +219,9 @@ class _Call:
         if self.group is not None:  # across processes (norm_distributed.py)
             return norm_distributed.forward(self, x, gamma, beta, omega, eta, running_mean, running_var, nbt)
         if self.eager and backends.backend_for(x) == "triton":
-            y, side = self.plan(x, gamma, omega, nbt).forward(x, gamma, beta, omega, eta, running_mean, running_var,
-                                                              nbt)
+            plan = (self.plans.get((tuning.config_for, tuning._generation[0], backends._emulated_gpu))
+                    or self.plan(x, gamma, omega, nbt))  # plan()'s lookup written out: the hot path
+            y, side = plan.forward(x, gamma, beta, omega, eta, running_mean, running_var, nbt)
             return y, (side,)
         if nsc_strides(x) is None:
             x = x.contiguous()  # spatial dims that one stride cannot walk
@@ -353,8 +354,8 @@ def _batch_channel_norm(x, num_groups, running_mean, running_var, weight, bias, 
     # a repeat call at the same site (module, else weight) is recognised by a tensor guard
     tensors = (x, running_mean, running_var, weight, bias, group_weight, group_bias, num_batches_tracked)
     scalars = (None if owner is None else owner.__class__, None if owner is None else owner.num_channels,
-               type(num_groups), type(training), type(estimate), type(momentum), type(eps), type(activation),
-               num_groups, training, estimate, momentum, eps, activation, group)  # types first: see checks.recalled
+               type(num_groups), type(momentum), type(eps),  # the types the key reads, first: see checks.recalled
+               num_groups, training, estimate, momentum, eps, activation, group)
     site = weight if owner is None else owner
     call = checks.recalled(_recent, site, scalars, tensors)
     if call is not None:  # no functorch wrapper among the tensors (checks.remember): nothing to unwrap
@@ -438,7 +439,7 @@ def _group_norm(x, num_groups, weight, bias, eps, activation, owner=None):
     (``_check_input``) join the ones cached per signature."""
     tensors = (x, weight, bias)  # a repeat call at the same site (module, else weight): see _batch_channel_norm
     scalars = (None if owner is None else owner.__class__, None if owner is None else owner.num_channels,
-               type(num_groups), type(eps), type(activation), num_groups, eps, activation)
+               type(num_groups), type(eps), num_groups, eps, activation)  # types first: see checks.recalled
     site = weight if owner is None else owner
     call = checks.recalled(_recent, site, scalars, tensors)
     if call is not None:  # no functorch wrapper among the tensors (checks.remember): nothing to unwrap

@@ -209,7 +209,8 @@ def weight_standardize(weight: torch.Tensor, eps: float = 1e-5, correction: int 
     The checks run once per weight signature; repeat calls reuse what they derived.
     """
     # a repeat call with the same weight object is recognised by a tensor guard (checks.recalled)
-    scalars = (type(eps), type(correction), type(eps_mode), type(standardize), eps, correction, eps_mode, standardize)
+    # the types the key reads first (checks.recalled)
+    scalars = (type(eps), type(correction), type(standardize), eps, correction, eps_mode, standardize)
     call = checks.recalled(_recent, weight, scalars, (weight,))
     if call is not None:  # not a functorch wrapper (checks.remember): nothing to unwrap
         return call.call_plain(weight)
