@@ -250,8 +250,8 @@ def test_standardizer_hand_over_rules(monkeypatch):
     model = _Net().to(DEVICE)
     standardizer = ModelWeightStandardizer(model)
     calls = []
-    real = ws_model.ModelCall.__call__
-    monkeypatch.setattr(ws_model.ModelCall, "__call__", lambda self, w: calls.append(len(w)) or real(self, w))
+    real = ws_model.ModelCall.call_plain  # where every call goes (__call__ after unwrapping)
+    monkeypatch.setattr(ws_model.ModelCall, "call_plain", lambda self, w: calls.append(len(w)) or real(self, w))
     x = torch.randn(1, 3, 4, 4, device=DEVICE)
     model(x)
     assert calls == [4] and standardizer._hats is None
@@ -282,6 +282,60 @@ def test_standardizer_hand_over_rules(monkeypatch):
     n = len(calls)
     model(x)
     assert len(calls) == n and all(m.__dict__.get("_ws_model") is None for m in model.modules())
+
+
+def _dead_functorch_wrapper(t):
+    """A functorch wrapper of a copy of ``t`` that outlived its transform."""
+    leaked = []
+
+    def f(u):
+        leaked.append(u * 1)
+        return u.sum()
+
+    torch.func.grad(f)(t.detach().clone())
+    return leaked[0]
+
+
+def test_standardizer_unwraps_nothing_it_validated_and_leaves_functorch_wrappers_per_layer(backend, monkeypatch):
+    """The standardizer's validated weights are plain tensors, so its calls skip the
+    unwrap (53 of them cost ~14 us a step). A weight that is a functorch wrapper (one
+    that outlived its transform, put in _parameters) sends every layer per layer for
+    that forward, which unwraps it (it used to fail reading its address), and the next forward
+    of the validated weights is model-wide again. Bitwise per layer's throughout."""
+    torch.manual_seed(7)
+    per_layer = _Net().to(DEVICE)
+    model = copy.deepcopy(per_layer)
+    ModelWeightStandardizer(model)
+    unwraps = []
+    real_unwrap = ws_model._compat.unwrap_if_dead
+    monkeypatch.setattr(ws_model._compat, "unwrap_if_dead", lambda t: unwraps.append(1) or real_unwrap(t))
+    calls = []
+    real = ws_model.ModelCall.call_plain
+    monkeypatch.setattr(ws_model.ModelCall, "call_plain", lambda self, w: calls.append(len(w)) or real(self, w))
+    x = torch.randn(1, 3, 4, 4, device=DEVICE)
+
+    def run(m):
+        out = m(x)
+        return [out, *torch.autograd.grad(out.square().sum(), [m.c2.weight, m.c3.weight])]
+
+    for _ in range(2):
+        ref = run(per_layer)
+        before = len(unwraps)
+        for a, b in zip(run(model), ref):
+            assert_bitwise(a, b)
+    assert calls == [4, 4]
+    assert len(unwraps) == before  # the second forward: model-wide and recalled calls unwrap nothing
+    plain, plain_ref = model.c1._parameters["weight"], per_layer.c1._parameters["weight"]
+    model.c1._parameters["weight"] = _dead_functorch_wrapper(plain)
+    per_layer.c1._parameters["weight"] = _dead_functorch_wrapper(plain_ref)
+    before = len(unwraps)
+    for a, b in zip(run(model), run(per_layer)):
+        assert_bitwise(a, b)
+    assert calls == [4, 4] and len(unwraps) > before  # per layer, unwrapped
+    model.c1._parameters["weight"], per_layer.c1._parameters["weight"] = plain, plain_ref
+    for a, b in zip(run(model), run(per_layer)):
+        assert_bitwise(a, b)
+    assert calls == [4, 4, 4]
 
 
 class _Double(nn.Module):
