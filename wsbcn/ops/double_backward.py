@@ -9,6 +9,10 @@ Functions then call these instead: the forward written out again with differenti
 torch ops, from the saved input and parameters, and differentiated with
 ``torch.autograd.grad(..., create_graph=True)``. The result is a graph of plain torch
 ops, differentiable to any order. The first-order path (grad mode off) is untouched.
+Under a functorch transform (torch.func.grad, vjp, jacrev) the two Functions' functorch
+variants always take this path, differentiated with ``torch.func.vjp`` instead: there
+the saved tensors carry no autograd history (functorch tracks its own), and the outer
+transforms see every op, so grad of grad is right too.
 
 What is recomputed and what is a constant, as in the forward:
 - BCN, training with batch statistics: mean and variance of x per channel, with
@@ -64,9 +68,10 @@ def norm_forward_differentiable(x, gamma, beta, omega, eta, num_groups, eps, mod
     return _activate(y, activation).to(x.dtype)
 
 
-def norm_double_backward(ctx, dy, x, gamma, beta, omega, eta, saved):
-    """NormFunction's backward under create_graph=True: (dx, d_gamma, d_beta,
-    d_omega, d_eta), each None where not needed."""
+def norm_double_backward(ctx, dy, x, gamma, beta, omega, eta, saved, functorch=False):
+    """NormFunction's backward under create_graph=True (``functorch``: its functorch
+    variant's backward): (dx, d_gamma, d_beta, d_omega, d_eta), each None where not
+    needed."""
     call = ctx.call
     if call.group is not None:
         raise RuntimeError(
@@ -78,13 +83,35 @@ def norm_double_backward(ctx, dy, x, gamma, beta, omega, eta, saved):
         bn_mean, bn_rstd = _bn_constants(call, x, gamma, omega, saved)
     tensors = (x, gamma, beta, omega, eta)
     wanted = [i for i, t in enumerate(tensors) if t is not None and ctx.needs_input_grad[i]]
-    y = norm_forward_differentiable(x, gamma, beta, omega, eta, call.num_groups, call.eps, call.mode,
-                                    call.activation, call.group_affine, bn_mean, bn_rstd)
-    grads = torch.autograd.grad(y, [tensors[i] for i in wanted], dy, create_graph=True, allow_unused=True)
+
+    def forward(*ts):
+        return norm_forward_differentiable(*ts, call.num_groups, call.eps, call.mode, call.activation,
+                                           call.group_affine, bn_mean, bn_rstd)
+
+    grads = _pull_back(forward, tensors, wanted, dy, functorch)
     out = [None] * 5
     for i, g in zip(wanted, grads):
         out[i] = g
     return tuple(out)
+
+
+def _pull_back(forward, tensors, wanted, grad, functorch):
+    """The gradients of ``forward(*tensors)`` with respect to ``tensors[i]`` for i in
+    ``wanted``, given the output's gradient, as a differentiable graph: through
+    ``torch.autograd.grad(create_graph=True)``, or under a functorch transform through
+    ``torch.func.vjp`` (autograd.grad cannot see what functorch tracks)."""
+    if not functorch:
+        return torch.autograd.grad(forward(*tensors), [tensors[i] for i in wanted], grad, create_graph=True,
+                                   allow_unused=True)
+
+    def of_wanted(*picked):
+        ts = list(tensors)
+        for i, t in zip(wanted, picked):
+            ts[i] = t
+        return forward(*ts)
+
+    _, pull = torch.func.vjp(of_wanted, *[tensors[i] for i in wanted])
+    return pull(grad)
 
 
 def ws_forward_differentiable(weight, eps, correction, std_mode, center_only=False):
@@ -108,10 +135,14 @@ def ws_forward_differentiable(weight, eps, correction, std_mode, center_only=Fal
     return w_hat.reshape(weight.shape).to(weight.dtype)
 
 
-def ws_double_backward(call, weight, grad):
-    """WeightStandardizeFunction's backward under create_graph=True: dW."""
+def ws_double_backward(call, weight, grad, functorch=False):
+    """WeightStandardizeFunction's backward under create_graph=True (``functorch``: its
+    functorch variant's backward): dW."""
     if weight.numel() == 0:
         return torch.zeros_like(weight)
-    w_hat = ws_forward_differentiable(weight, call.eps, call.correction, call.std_mode, call.center_only)
-    (dw,) = torch.autograd.grad(w_hat, weight, grad, create_graph=True)
+
+    def forward(w):
+        return ws_forward_differentiable(w, call.eps, call.correction, call.std_mode, call.center_only)
+
+    (dw,) = _pull_back(forward, (weight,), [0], grad, functorch)
     return dw

@@ -271,8 +271,10 @@ class _Call:
         """The call of tensors that are no functorch wrappers: ``__call__`` after it
         unwraps, or a call ``checks.recalled`` found."""
         buffers = (running_mean, running_var, nbt)
-        if not self.untraced or _compat.functorch_transforms_active():
+        if not self.untraced:  # dynamo knows NormFunction.apply
             return NormFunction.apply(x, gamma, beta, omega, eta, self, buffers)
+        if _compat.functorch_transforms_active():  # torch.func.grad, vjp, ...
+            return FunctorchNormFunction.apply(x, gamma, beta, omega, eta, self, buffers)[0]
         if not torch.is_grad_enabled():  # nothing for autograd to record: the op body alone
             return self.forward(x, gamma, beta, omega, eta, *buffers)[0]
         if self.c_apply is None:
@@ -300,6 +302,37 @@ class NormFunction(torch.autograd.Function):
             from . import double_backward
             return (*double_backward.norm_double_backward(ctx, dy, x, gamma, beta, omega, eta, saved), None, None)
         return (*ctx.call.backward(dy, x, saved, gamma, beta, omega, eta), None, None)
+
+
+class FunctorchNormFunction(torch.autograd.Function):
+    """NormFunction under a functorch transform (torch.func.grad, vjp, jacrev, ...), which
+    requires ``setup_context``; NormFunction has none, so that eager calls can take the C
+    apply (wsbcn/_compat.py). The saved statistics are extra outputs, not differentiable;
+    the backward differentiates the forward written in torch ops (ops/double_backward.py),
+    so the transforms compose (grad of grad). Not vmap-able: the kernels take no batch of
+    layers."""
+
+    @staticmethod
+    def forward(x, gamma, beta, omega, eta, call, buffers):
+        y, saved = call.forward(x, gamma, beta, omega, eta, *buffers)
+        return (y, *saved)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, gamma, beta, omega, eta, call, _ = inputs
+        saved = output[1:]
+        ctx.mark_non_differentiable(*saved)
+        ctx.save_for_backward(x, gamma, beta, omega, eta, *saved)
+        ctx.call = call
+
+    @staticmethod
+    def backward(ctx, dy, *saved_grads):  # differentiable torch ops (ops/double_backward.py)
+        x, gamma, beta, omega, eta, *saved = ctx.saved_tensors
+        if not x.numel():
+            return NormFunction.backward(ctx, dy)
+        from . import double_backward
+        return (*double_backward.norm_double_backward(ctx, dy, x, gamma, beta, omega, eta, saved, functorch=True),
+                None, None)
 
 
 def _as_param(grad, param):

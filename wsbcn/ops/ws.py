@@ -144,8 +144,10 @@ class _Call:
     def call_plain(self, weight):
         """The call of a weight that is no functorch wrapper: ``__call__`` after it
         unwraps, or a call ``checks.recalled`` found."""
-        if not self.untraced or _compat.functorch_transforms_active():
+        if not self.untraced:  # dynamo knows WeightStandardizeFunction.apply
             return WeightStandardizeFunction.apply(weight, self)
+        if _compat.functorch_transforms_active():  # torch.func.grad, vjp, ...
+            return FunctorchWeightStandardizeFunction.apply(weight, self)[0]
         if not torch.is_grad_enabled():  # nothing for autograd to record: the op body alone
             return self.forward(weight)[0]
         if self.c_apply is None:
@@ -178,6 +180,31 @@ class WeightStandardizeFunction(torch.autograd.Function):
             # when only the input is): AccumulateGrad keeps it or copies it to the weight's
             dw = torch.empty_like(grad).copy_(dw)
         return dw, None
+
+
+class FunctorchWeightStandardizeFunction(torch.autograd.Function):
+    """WeightStandardizeFunction under a functorch transform (torch.func.grad, vjp, ...),
+    which requires ``setup_context`` (see ops/norm.py FunctorchNormFunction). The
+    statistics are an extra output, not differentiable; the backward differentiates W_hat
+    written in torch ops (ops/double_backward.py)."""
+
+    @staticmethod
+    def forward(weight, call):
+        w_hat, (_, stats) = call.forward(weight)
+        return w_hat, stats
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        weight, call = inputs
+        ctx.mark_non_differentiable(output[1])
+        ctx.save_for_backward(weight, output[1])
+        ctx.call = call
+
+    @staticmethod
+    def backward(ctx, grad, stats_grad):  # differentiable torch ops (ops/double_backward.py)
+        weight, _ = ctx.saved_tensors
+        from . import double_backward
+        return double_backward.ws_double_backward(ctx.call, weight, grad, functorch=True), None
 
 
 _calls: dict = {}  # validated weight signature -> _Call

@@ -46,7 +46,7 @@ from .. import _compat, backends, checks, tuning
 from ..backends.torch_closed_form import ws_backward_torch, ws_forward_torch
 from ..kernels.ws_multi_plan import PackLayout, WSMultiPlan
 from . import library
-from .ws import _Call, row_dense
+from .ws import _Call, row_dense, weight_standardize
 
 _data_ptr = torch.Tensor.data_ptr
 _is_contiguous = torch.Tensor.is_contiguous
@@ -357,8 +357,10 @@ class ModelCall:
     def call_plain(self, weights):
         """The call of weights that are no functorch wrappers (``__call__`` after it
         unwraps; ModelWeightStandardizer's validated weights): 53 unwraps cost ~14 µs."""
-        if self.compiling or _compat.functorch_transforms_active():
+        if self.compiling:  # dynamo knows ModelWeightStandardizeFunction.apply
             return ModelWeightStandardizeFunction.apply(self, *weights)
+        if _compat.functorch_transforms_active():  # torch.func.grad, vjp, ...: per weight (ops/ws.py)
+            return tuple(_Call(w, *a)(w) for w, a in zip(weights, self.args))
         if not torch.is_grad_enabled():  # nothing for autograd to record: the op body alone
             return tuple(self.forward(weights)[0])
         if self.c_apply is None:
@@ -451,15 +453,20 @@ def weight_standardize_all(weights, eps=1e-5, correction=0, eps_mode="var") -> t
     n = len(weights)
     args = list(zip(_per_weight(eps, n, "eps"), _per_weight(correction, n, "correction"),
                     _per_weight(eps_mode, n, "eps_mode")))
+    if _compat.functorch_transforms_active():  # torch.func.grad, vjp, ...: wrappers have no address
+        return tuple(weight_standardize(w, *a) for w, a in zip(weights, args))
+    compiling = torch.compiler.is_compiling()
+    if not compiling:  # a dead functorch wrapper becomes its tensor first (wsbcn/_compat.py), as the apply does
+        weights = [_compat.unwrap_if_dead(w) if isinstance(w, torch.Tensor) else w for w in weights]
     key = None  # not cached under torch.compile (dynamo traces the checks), nor for non-tensors
-    if not torch.compiler.is_compiling() and all(isinstance(w, torch.Tensor) for w in weights):
+    if not compiling and all(isinstance(w, torch.Tensor) for w in weights):
         key = tuple((w.shape, w.stride(), w.dtype, w.device, _aligned(w), a, type(a[0]), type(a[1]))
                     for w, a in zip(weights, args))
     call = checks.validated(_calls, key, lambda: _validate(weights, args))
     if not call.current():
         _calls.pop(key, None)
         call = checks.validated(_calls, key, lambda: _validate(weights, args))
-    return call(weights)
+    return call.call_plain(weights)
 
 
 # --- the module side ---------------------------------------------------------------

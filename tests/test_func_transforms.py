@@ -1,0 +1,154 @@
+"""torch.func transforms over wsbcn layers (grad, jacrev, functional_call), as over
+torch's own: under a transform the layers take Functions with ``setup_context``
+(ops/norm.py ``FunctorchNormFunction``, ops/ws.py ``FunctorchWeightStandardizeFunction``),
+which torch.func requires. Every result against the float64 reference; vmap is refused
+before any buffer changes."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import wsbcn
+from conftest import DEVICE, rel_err
+from reference import bcn_reference, gn_reference, ws_reference
+from wsbcn.functional import batch_channel_norm, group_norm, weight_standardize
+from wsbcn.ops.ws_model import ModelWeightStandardizer, weight_standardize_all
+
+C, G = 8, 4
+
+
+class _Net(nn.Module):
+    def __init__(self, estimate):
+        super().__init__()
+        self.c1 = wsbcn.WSConv2d(3, C, 3, padding=1)
+        self.n1 = wsbcn.BatchChannelNorm2d(C, G, estimate=estimate)
+        self.c2 = wsbcn.WSConv2d(C, C, 3, padding=1, eps_mode="std", correction=1)
+        self.n2 = wsbcn.GroupNorm(G, C)
+
+    def forward(self, x):
+        return self.n2(self.c2(torch.relu(self.n1(self.c1(x)))))
+
+
+def _reference(p, buffers, x, estimate):
+    """_Net in float64 from its parameters ``p`` (running buffers updated in place)."""
+    w1 = ws_reference(p["c1.weight"])
+    y = F.conv2d(x, w1, p["c1.bias"], padding=1)
+    y = bcn_reference(y, G, p["n1.weight"], p["n1.bias"], p["n1.group_weight"], p["n1.group_bias"],
+                      buffers["n1.running_mean"], buffers["n1.running_var"], training=True, estimate=estimate,
+                      num_batches_tracked=buffers["n1.num_batches_tracked"])
+    w2 = ws_reference(p["c2.weight"], correction=1, eps_mode="std")
+    y = F.conv2d(torch.relu(y), w2, p["c2.bias"], padding=1)
+    return gn_reference(y, G, p["n2.weight"], p["n2.bias"])
+
+
+@pytest.mark.parametrize("estimate", [False, True])
+@pytest.mark.parametrize("model_wide", [False, True])
+def test_grad_of_functional_call_matches_the_reference(backend, estimate, model_wide):
+    """torch.func.grad of a loss through functional_call: every parameter's gradient and
+    the running buffers as the float64 reference gives them (model-wide WS included:
+    its weights are then functorch wrappers, standardized per layer)."""
+    torch.manual_seed(0)
+    model = _Net(estimate).to(DEVICE).train()
+    with torch.no_grad():
+        model.n1.running_mean.normal_(0, 0.3)
+        model.n1.running_var.uniform_(0.5, 1.5)
+    if model_wide:
+        ModelWeightStandardizer(model)
+    x = torch.randn(2, 3, 5, 5, device=DEVICE)
+    dy = torch.randn(2, C, 5, 5, device=DEVICE)
+    params = {k: v.detach().clone() for k, v in model.named_parameters()}
+    ref_params = {k: v.double().requires_grad_(True) for k, v in params.items()}
+    ref_buffers = {k: v.clone() if not v.is_floating_point() else v.double() for k, v in model.named_buffers()}
+
+    def loss(p):
+        return (torch.func.functional_call(model, p, (x,)) * dy).sum()
+
+    grads = torch.func.grad(loss)(params)
+    ref_loss = (_reference(ref_params, ref_buffers, x.double(), estimate) * dy.double()).sum()
+    ref_grads = torch.autograd.grad(ref_loss, list(ref_params.values()))
+    scale = max(r.norm().item() for r in ref_grads)
+    for (name, g), r in zip(grads.items(), ref_grads):
+        assert g.shape == params[name].shape, name
+        if r.norm().item() > 1e-9 * scale:
+            assert rel_err(g, r) <= 1e-4, name
+        else:  # zero in exact arithmetic (c1's bias before batch statistics): rounding only
+            assert g.norm().item() <= 1e-6 * scale, name
+    for name, b in model.named_buffers():
+        assert rel_err(b, ref_buffers[name]) <= 1e-6, name
+
+
+def test_jacrev_of_each_layer_matches_the_reference(backend):
+    """torch.func.jacrev of WS (weight), GroupNorm and BCN in estimate mode (input)."""
+    torch.manual_seed(1)
+    w = torch.randn(3, 2, 2, 2, device=DEVICE)
+    jac = torch.func.jacrev(lambda t: weight_standardize(t, 1e-5, 1, "std"))(w)
+    ref = torch.autograd.functional.jacobian(lambda t: ws_reference(t, 1e-5, 1, "std"), w.double())
+    assert rel_err(jac, ref) <= 1e-5
+    x = torch.randn(2, C, 2, 2, device=DEVICE)
+    gamma, beta = torch.rand(C, device=DEVICE) + 0.5, torch.randn(C, device=DEVICE)
+    jac = torch.func.jacrev(lambda t: group_norm(t, G, gamma, beta))(x)
+    ref = torch.autograd.functional.jacobian(lambda t: gn_reference(t, G, gamma.double(), beta.double()), x.double())
+    assert rel_err(jac, ref) <= 1e-5
+    rm, rv = torch.randn(C, device=DEVICE) * 0.3, torch.rand(C, device=DEVICE) + 0.5
+    rm_ref, rv_ref = rm.double(), rv.double()
+    jac = torch.func.jacrev(lambda t: batch_channel_norm(t, G, rm, rv, gamma, beta, training=True, estimate=True))(x)
+    ref = torch.autograd.functional.jacobian(
+        lambda t: bcn_reference(t, G, gamma.double(), beta.double(), running_mean=rm_ref.clone(),
+                                running_var=rv_ref.clone(), training=True, estimate=True), x.double())
+    assert rel_err(jac, ref) <= 1e-5
+    bcn_reference(x.double(), G, running_mean=rm_ref, running_var=rv_ref, training=True, estimate=True)
+    assert rel_err(rm, rm_ref) <= 1e-6 and rel_err(rv, rv_ref) <= 1e-6  # updated once, as the call ran once
+
+
+def test_grad_of_weight_standardize_all_matches_the_reference(backend):
+    torch.manual_seed(2)
+    ws = [torch.randn(4, 3, 3, 3, device=DEVICE), torch.randn(6, 4, 1, 1, device=DEVICE)]
+    scale = [torch.randn(4, 3, 3, 3, device=DEVICE), torch.randn(6, 4, 1, 1, device=DEVICE)]
+    grads = torch.func.grad(lambda w: sum((h * s).sum() for h, s in zip(weight_standardize_all(w), scale)))(ws)
+    ws64 = [w.double().requires_grad_(True) for w in ws]
+    ref = torch.autograd.grad(sum((ws_reference(w) * s.double()).sum() for w, s in zip(ws64, scale)), ws64)
+    for g, r in zip(grads, ref):
+        assert rel_err(g, r) <= 1e-5
+
+
+def test_vmap_is_refused_before_any_buffer_changes(backend):
+    """The kernels take no batch of layers: vmap raises torch's error naming the
+    Function, and the running buffers are as they were."""
+    torch.manual_seed(3)
+    m = wsbcn.BatchChannelNorm2d(C, G).to(DEVICE).train()
+    before = copy.deepcopy(m.state_dict())
+    xs = torch.randn(3, 2, C, 2, 2, device=DEVICE)
+    with pytest.raises(RuntimeError, match="vmap"):
+        torch.func.vmap(m)(xs)
+    for k, v in m.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_grad_of_grad_matches_the_reference(backend):
+    """Transforms compose: the backward under a transform is itself differentiated by the
+    outer one (GroupNorm and BCN in the input, WS in the weight)."""
+    torch.manual_seed(4)
+    x = torch.randn(2, C, 2, 2, device=DEVICE)
+    dy = torch.randn(2, C, 2, 2, device=DEVICE)
+    gamma, beta = torch.rand(C, device=DEVICE) + 0.5, torch.randn(C, device=DEVICE)
+    layers = {
+        "group norm": (lambda t: group_norm(t, G, gamma, beta),
+                       lambda t: gn_reference(t, G, gamma.double(), beta.double())),
+        "bcn": (lambda t: batch_channel_norm(t, G, weight=gamma, bias=beta, training=True),
+                lambda t: bcn_reference(t, G, gamma.double(), beta.double(), training=True)),
+    }
+    for name, (ours, ref) in layers.items():
+        second = torch.func.grad(lambda t: torch.func.grad(lambda u: (ours(u) * dy).sum())(t).square().sum())(x)
+        x64 = x.double().requires_grad_(True)
+        (first,) = torch.autograd.grad((ref(x64) * dy.double()).sum(), x64, create_graph=True)
+        (expected,) = torch.autograd.grad(first.square().sum(), x64)
+        assert rel_err(second, expected) <= 1e-4, name
+    w = torch.randn(3, 2, 2, 2, device=DEVICE)
+    dw = torch.randn(3, 2, 2, 2, device=DEVICE)
+    second = torch.func.grad(lambda t: torch.func.grad(lambda u: (weight_standardize(u) * dw).sum())(t).square().sum())(w)
+    w64 = w.double().requires_grad_(True)
+    (first,) = torch.autograd.grad((ws_reference(w64) * dw.double()).sum(), w64, create_graph=True)
+    (expected,) = torch.autograd.grad(first.square().sum(), w64)
+    assert rel_err(second, expected) <= 1e-4
