@@ -77,6 +77,15 @@ def test_grad_of_functional_call_matches_the_reference(backend, estimate, model_
             assert g.norm().item() <= 1e-6 * scale, name
     for name, b in model.named_buffers():
         assert rel_err(b, ref_buffers[name]) <= 1e-6, name
+    # the input's gradient, the weights captured as they are (model-wide WS: plain
+    # weights under a transform, standardized per weight)
+    dx = torch.func.grad(lambda t: (model(t) * dy).sum())(x)
+    x64 = x.double().requires_grad_(True)
+    ref_p = {k: v.detach() for k, v in ref_params.items()}
+    (ref_dx,) = torch.autograd.grad((_reference(ref_p, ref_buffers, x64, estimate) * dy.double()).sum(), x64)
+    assert rel_err(dx, ref_dx) <= 1e-4
+    for name, b in model.named_buffers():  # two fp32 updates now
+        assert rel_err(b, ref_buffers[name]) <= 1e-5, name
 
 
 def test_jacrev_of_each_layer_matches_the_reference(backend):
