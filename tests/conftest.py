@@ -52,6 +52,20 @@ def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return (a - e).norm().item() / (denom if denom > 0 else 1.0)
 
 
+def dead_functorch_wrapper(t: torch.Tensor) -> torch.Tensor:
+    """A functorch wrapper of a copy of ``t`` that outlived its transform (leaked from the
+    function torch.func.grad ran): ``Function.apply`` unwraps such a tensor first."""
+    leaked = []
+
+    def keep(u):
+        leaked.append(u)
+        return u.sum()
+
+    torch.func.grad(keep)(t.detach().clone())
+    assert torch._C._functorch.is_functorch_wrapped_tensor(leaked[0])
+    return leaked[0]
+
+
 def assert_graph_replays_train_like_eager(eager, graphed, input_shape, steps=3):
     """CUDA: SGD training steps of ``graphed`` replayed from one captured CUDA graph give
     the losses and parameters of the same steps run eagerly on ``eager`` (a copy)."""

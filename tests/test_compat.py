@@ -20,6 +20,7 @@ import torch
 
 import wsbcn
 from wsbcn import _compat
+from conftest import dead_functorch_wrapper
 
 LAUNCH_PATHS = r"""
 import json
@@ -175,16 +176,8 @@ def test_function_apply_s_c_half_gives_function_apply_s_results(backend, monkeyp
 
 def test_a_functorch_wrapper_that_outlived_its_transform_gives_the_plain_tensor_s_results(monkeypatch):
     monkeypatch.setenv("WSBCN_BACKEND", "torch")  # the apply is the same on both backends
-    leaked = []
-
-    def keep(t):
-        leaked.append(t)
-        return t.sum()
-
     x = torch.randn(2, 4, 5, 5)
-    torch.func.grad(keep)(x)  # leaked[0]: x wrapped by a transform that has ended
-    dead = leaked[0]
-    assert torch._C._functorch.is_functorch_wrapped_tensor(dead)
+    dead = dead_functorch_wrapper(x)  # x wrapped by a transform that has ended
     expected = _small_model_step(False, monkeypatch, x.clone())
     for c_half in (True, False):
         for ours, theirs in zip(_small_model_step(c_half, monkeypatch, dead), expected):

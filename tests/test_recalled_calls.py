@@ -9,7 +9,7 @@ import wsbcn
 from wsbcn import _compat, checks
 from wsbcn.functional import batch_channel_norm, group_norm, weight_standardize
 from wsbcn.ops import norm, ws
-from conftest import DEVICE, TOL, rel_err
+from conftest import DEVICE, TOL, dead_functorch_wrapper, rel_err
 from reference import bcn_reference, gn_reference, ws_reference
 
 C, G = 8, 4
@@ -159,20 +159,6 @@ def test_the_same_tensor_given_twice_is_never_remembered(backend, monkeypatch):
     assert id(w) not in norm._recent
 
 
-def _dead_functorch_wrapper(t):
-    """A functorch wrapper of a copy of ``t`` that outlived its transform (leaked from
-    the function torch.func.grad ran): ``Function.apply`` unwraps such a tensor first."""
-    leaked = []
-
-    def f(u):
-        leaked.append(u * 1)
-        return u.sum()
-
-    torch.func.grad(f)(t.detach().clone())
-    assert _compat.is_functorch_wrapped(leaked[0])
-    return leaked[0]
-
-
 @pytest.mark.parametrize("layer", ["bcn", "group norm", "ws"])
 def test_a_dead_functorch_wrapper_is_unwrapped_at_a_site_with_remembered_calls(backend, layer, monkeypatch):
     """A recalled call skips the unwrap, which is sound only because a functorch wrapper
@@ -184,7 +170,7 @@ def test_a_dead_functorch_wrapper_is_unwrapped_at_a_site_with_remembered_calls(b
     torch.manual_seed(6)
     if layer == "ws":
         w = torch.randn(6, 4, 3, 3, device=DEVICE, requires_grad=True)
-        dead = _dead_functorch_wrapper(w)
+        dead = dead_functorch_wrapper(w)
         for t in (w, w, dead, dead):
             assert rel_err(weight_standardize(t), ws_reference(w.detach().double())) <= TOL[torch.float32]
         assert id(w) in ws._recent and id(dead) not in ws._recent
@@ -209,7 +195,7 @@ def test_a_dead_functorch_wrapper_is_unwrapped_at_a_site_with_remembered_calls(b
             return gn_reference(x.double(), G, params["weight"].double(), params["bias"].double())
     x = _x(requires_grad=False)
     dy = torch.randn_like(x)  # (sum(y^2) cancels: each group of y is normalized)
-    dead = _dead_functorch_wrapper(x)
+    dead = dead_functorch_wrapper(x)
     for t in (x, x, dead, dead):
         y = m(t)
         assert not _compat.is_functorch_wrapped(y)

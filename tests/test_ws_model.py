@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 import wsbcn
-from conftest import DEVICE, TOL, assert_graph_replays_train_like_eager, rel_err
+from conftest import DEVICE, TOL, assert_graph_replays_train_like_eager, dead_functorch_wrapper, rel_err
 from reference import ws_reference
 from wsbcn import tuning
 from wsbcn.functional import weight_standardize
@@ -284,18 +284,6 @@ def test_standardizer_hand_over_rules(monkeypatch):
     assert len(calls) == n and all(m.__dict__.get("_ws_model") is None for m in model.modules())
 
 
-def _dead_functorch_wrapper(t):
-    """A functorch wrapper of a copy of ``t`` that outlived its transform."""
-    leaked = []
-
-    def f(u):
-        leaked.append(u * 1)
-        return u.sum()
-
-    torch.func.grad(f)(t.detach().clone())
-    return leaked[0]
-
-
 def test_standardizer_unwraps_nothing_it_validated_and_leaves_functorch_wrappers_per_layer(backend, monkeypatch):
     """The standardizer's validated weights are plain tensors, so its calls skip the
     unwrap (53 of them cost ~14 us a step). A weight that is a functorch wrapper (one
@@ -326,8 +314,8 @@ def test_standardizer_unwraps_nothing_it_validated_and_leaves_functorch_wrappers
     assert calls == [4, 4]
     assert len(unwraps) == before  # the second forward: model-wide and recalled calls unwrap nothing
     plain, plain_ref = model.c1._parameters["weight"], per_layer.c1._parameters["weight"]
-    model.c1._parameters["weight"] = _dead_functorch_wrapper(plain)
-    per_layer.c1._parameters["weight"] = _dead_functorch_wrapper(plain_ref)
+    model.c1._parameters["weight"] = dead_functorch_wrapper(plain)
+    per_layer.c1._parameters["weight"] = dead_functorch_wrapper(plain_ref)
     before = len(unwraps)
     for a, b in zip(run(model), run(per_layer)):
         assert_bitwise(a, b)
