@@ -23,12 +23,11 @@ _emulated_gpu = None  # (device name, SM count) while CPU tensors take the GPU p
 # its own dict of encoded names and values (POSIX and Windows alike) costs ~0.05 us.
 _ENVIRON_DATA = getattr(os.environ, "_data", None)
 _BACKEND_KEY = os.environ.encodekey("WSBCN_BACKEND") if hasattr(os.environ, "encodekey") else None
-_FAST_ENVIRON = _ENVIRON_DATA is not None and _BACKEND_KEY is not None
 _parsed_requests: dict = {}  # the variable's raw value (None: unset) -> a valid choice
 
 
 def requested_backend() -> str:
-    if _FAST_ENVIRON:
+    if _ENVIRON_DATA is not None and _BACKEND_KEY is not None:
         raw = _ENVIRON_DATA.get(_BACKEND_KEY)
     else:
         raw = os.environ.get("WSBCN_BACKEND")
@@ -77,11 +76,7 @@ def backend_for(t: torch.Tensor) -> str:
     """'triton' or 'torch' for a call whose main tensor is ``t``."""
     if t.dtype == torch.float64:
         return "torch"
-    # read first also when emulating, so the host benchmark pays it as a GPU does;
-    # requested_backend's common case written out: every eager call reads it
-    choice = _parsed_requests.get(_ENVIRON_DATA.get(_BACKEND_KEY)) if _FAST_ENVIRON else None
-    if choice is None:
-        choice = requested_backend()
+    choice = requested_backend()  # read first also when emulating, so the host benchmark pays it as a GPU does
     if _emulated_gpu is not None:
         return "triton"
     if choice == "auto":

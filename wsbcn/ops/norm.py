@@ -219,9 +219,8 @@ class _Call:
         if self.group is not None:  # across processes (norm_distributed.py)
             return norm_distributed.forward(self, x, gamma, beta, omega, eta, running_mean, running_var, nbt)
         if self.eager and backends.backend_for(x) == "triton":
-            plan = (self.plans.get((tuning.config_for, tuning._generation[0], backends._emulated_gpu))
-                    or self.plan(x, gamma, omega, nbt))  # plan()'s lookup written out: the hot path
-            y, side = plan.forward(x, gamma, beta, omega, eta, running_mean, running_var, nbt)
+            y, side = self.plan(x, gamma, omega, nbt).forward(x, gamma, beta, omega, eta, running_mean, running_var,
+                                                              nbt)
             return y, (side,)
         if nsc_strides(x) is None:
             x = x.contiguous()  # spatial dims that one stride cannot walk
