@@ -94,7 +94,9 @@ def validated(cache: dict, key, validate):
     repeat call with the same signature (shapes, strides, dtypes, devices and
     scalar arguments, their types included) skips the checks. ``key`` None or
     unhashable, or a call under torch.compile (dynamo traces the checks), validates
-    every time."""
+    every time. Under torch.jit.trace: ``refuse_jit_trace`` (a recalled call never gets
+    here, nor does it run under a trace: see ``recalled``)."""
+    refuse_jit_trace()
     if key is None or torch.compiler.is_compiling():
         return validate()
     try:
@@ -102,6 +104,20 @@ def validated(cache: dict, key, validate):
     except TypeError:  # an unhashable argument: the checks will name it
         return validate()
     return found if found is not None else cached(cache, key, validate)
+
+
+# what to use instead of TorchScript (jit.trace here, jit.script: modules/tracing.py)
+ALTERNATIVES = ("torch.export.export (each wsbcn layer one torch.ops.wsbcn op in the graph) "
+                "or torch.compile")
+
+
+def refuse_jit_trace() -> None:
+    """TypeError under torch.jit.trace, before anything runs: a trace records aten ops,
+    not the Triton launches a wsbcn call makes from Python, so it would keep their
+    outputs as constants (modules/tracing.py)."""
+    if torch.jit.is_tracing():
+        raise TypeError(f"torch.jit.trace cannot record wsbcn's layers and functions: they launch Triton "
+                        f"kernels from Python, outside what TorchScript records. Use {ALTERNATIVES}.")
 
 
 MAX_RECALLED_PER_SITE = 8  # signatures a call site keeps (a shared FPN head: one per level)
@@ -124,8 +140,10 @@ def recalled(sites: dict, site, scalars: tuple, tensors: tuple):
     equal and its tensor guard (wsbcn/_compat.py) passes: each tensor of the same type,
     dispatch keys (so device type), dtype, device index, requires_grad, sizes and strides,
     which is more than the key reads, so a match is a call with the same key (and with
-    no functorch wrapper: ``remember``). None when nothing matches, under torch.compile,
-    or where torch has no tensor guards. Sites are kept by ``id``: a new object may get a
+    no functorch wrapper: ``remember``). The dispatch keys are read with the thread's
+    included and excluded keys: under torch.jit.trace, which includes its own, no entry
+    made outside a trace matches. None when nothing matches, under torch.compile, or
+    where torch has no tensor guards. Sites are kept by ``id``: a new object may get a
     dead site's id and find its entries, which match only as any entry does, by scalars
     and guard.
 

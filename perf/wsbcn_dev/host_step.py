@@ -23,10 +23,20 @@ Activations are then uninitialized memory in every model alike (flush-denormal o
 ReLU, max-pool and residual adds do not slow on denormals; one torch thread, so all
 work stays on the timed thread). Gradients are set to None outside the timed span.
 
+and three with WS alone (norm layers nn.Identity), for issue 22's item 3 (model-wide
+WS of the 53 weights at <= 3 per-layer WS floors):
+
+  ws_floor              stub convs whose weight first goes through host_bench.Floor (WS);
+  wsbcn_ws              wsbcn.WSConv2d, per-layer WS;
+  wsbcn_ws_modelws      the same under wsbcn.ModelWeightStandardizer.
+
 Subtracting base leaves the norm + WS host work: per layer (T - T_base) / 53 for
 wsbcn and for the floor, and their ratio (T - T_base) / (T_floor - T_base); the
 whole-step ratio T / T_floor also carries the shared rest (stub convs, ReLU, adds,
-pooling, fc, cross-entropy, autograd's engine). The clock is the calling thread's CPU
+pooling, fc, cross-entropy, autograd's engine). WS alone: (T - T_base) of the 53
+weights in per-layer WS floors, (T_ws_floor - T_base) / 53 each; the weights'
+AccumulateGrad nodes and the driver of the backward are in base too, so this is what
+WS adds to a step. The clock is the calling thread's CPU
 time (time.thread_time_ns: autograd runs backward on the caller over the stub, and
 other processes do not move it); medians over rounds of the four models interleaved
 (host_bench.time_host). Launches per step are counted by the stub. Run from the
@@ -57,7 +67,7 @@ from wsbcn.tools.host_bench import Floor, floor_launcher, time_host  # noqa: E40
 from wsbcn.tools.models import ResNet  # noqa: E402
 from wsbcn_dev import GPU_NAME, SM_COUNT, stub_driver  # noqa: E402
 
-MODELS = ("base", "floor", "wsbcn_ws_bcn", "wsbcn_ws_bcn_modelws")
+MODELS = ("base", "floor", "wsbcn_ws_bcn", "wsbcn_ws_bcn_modelws", "ws_floor", "wsbcn_ws", "wsbcn_ws_modelws")
 CONV_LAUNCHES, WS_LAUNCHES, BCN_LAUNCHES = (1, 2), (1, 1), (3, 3)  # (forward, backward)
 NUM_GROUPS = 32
 
@@ -121,14 +131,17 @@ class FloorNorm(nn.Module):
 
 def build_model(name, launch, layers):
     ws_conv = partial(StubWSConv2d, eps=1e-5, correction=1, eps_mode="std")  # as models.resnet50
-    conv, norm = {"base": (StubConv2d, lambda c: nn.Identity()), "floor": (FloorWSConv2d, FloorNorm),
+    identity = lambda c: nn.Identity()  # noqa: E731
+    conv, norm = {"base": (StubConv2d, identity), "floor": (FloorWSConv2d, FloorNorm),
                   "wsbcn_ws_bcn": (ws_conv, partial(wsbcn.BatchChannelNorm2d, num_groups=NUM_GROUPS)),
-                  "wsbcn_ws_bcn_modelws": (ws_conv, partial(wsbcn.BatchChannelNorm2d, num_groups=NUM_GROUPS))}[name]
+                  "wsbcn_ws_bcn_modelws": (ws_conv, partial(wsbcn.BatchChannelNorm2d, num_groups=NUM_GROUPS)),
+                  "ws_floor": (FloorWSConv2d, identity), "wsbcn_ws": (ws_conv, identity),
+                  "wsbcn_ws_modelws": (ws_conv, identity)}[name]
     net = ResNet(layers=layers, conv=conv, norm=norm).train()
     for m in net.modules():
         if isinstance(m, (_Stub, FloorNorm)):
             m.launch = launch
-    if name == "wsbcn_ws_bcn_modelws":
+    if name.endswith("_modelws"):
         wsbcn.ModelWeightStandardizer(net)
     return net
 
@@ -136,8 +149,9 @@ def build_model(name, launch, layers):
 def expected_launches(name, convs):
     """Launches of one step with ``convs`` conv + norm pairs: the stub convs', plus WS's
     and BCN's (or their floors'); model-wide WS makes one launch each way."""
-    ws = {"base": 0, "wsbcn_ws_bcn_modelws": 2}.get(name, convs * sum(WS_LAUNCHES))
-    return convs * sum(CONV_LAUNCHES) + ws + (0 if name == "base" else convs * sum(BCN_LAUNCHES))
+    ws = 0 if name == "base" else 2 if name.endswith("_modelws") else convs * sum(WS_LAUNCHES)
+    bcn = 0 if name in ("base", "ws_floor", "wsbcn_ws", "wsbcn_ws_modelws") else convs * sum(BCN_LAUNCHES)
+    return convs * sum(CONV_LAUNCHES) + ws + bcn
 
 
 def run(rounds=21, calls=5, batch_size=2, image_size=32, layers=(3, 4, 6, 3), warmup=3, log=print):
@@ -182,6 +196,10 @@ def run(rounds=21, calls=5, batch_size=2, image_size=32, layers=(3, 4, 6, 3), wa
                                       floor_per_layer_us=floor_us,
                                       ratio_to_floor=(t[name] - t["base"]) / (t["floor"] - t["base"]),
                                       step_ratio_to_floor=t[name] / t["floor"])
+    ws_floor_us = (t["ws_floor"] - t["base"]) / layer_count * 1e3  # one per-layer WS floor
+    for name in ("wsbcn_ws", "wsbcn_ws_modelws"):
+        result["models"][name].update(ws_us=(t[name] - t["base"]) * 1e3, ws_floor_us=ws_floor_us,
+                                      ws_floors=(t[name] - t["base"]) * 1e3 / ws_floor_us)
     log(f"ResNet layers {tuple(layers)}: {layer_count} convs + {layer_count} norms, N={batch_size}, "
         f"{image_size}x{image_size}, fp32; {rounds} rounds x {calls} calls, thread CPU time; "
         f"torch {torch.__version__}, triton {triton.__version__}, stub driver emulating {GPU_NAME}")
@@ -193,6 +211,10 @@ def run(rounds=21, calls=5, batch_size=2, image_size=32, layers=(3, 4, 6, 3), wa
                  f"{row['step_ratio_to_floor']:10.2f}") if "per_layer_us" in row else ""
         log(f"{name:<22} {row['step_ms']:8.2f} {row['step_ms_p20']:7.2f} {row['step_ms_p80']:7.2f} "
             f"{row['launches']:9d}{extra}{mark}")
+    for name in ("wsbcn_ws", "wsbcn_ws_modelws"):
+        row = result["models"][name]
+        log(f"WS alone, {name}: {row['ws_us']:.0f} us per step = {row['ws_floors']:.1f} per-layer WS floors "
+            f"({row['ws_floor_us']:.1f} us each) for {layer_count} weights")
     return result
 
 

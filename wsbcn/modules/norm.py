@@ -7,6 +7,7 @@ from torch import nn
 
 from .. import checks
 from ..ops.norm import _batch_channel_norm, _group_norm
+from .tracing import Proxy, fx_leaf, refuse_script
 
 
 class _BatchChannelNorm(nn.Module):
@@ -88,6 +89,8 @@ class _BatchChannelNorm(nn.Module):
         # to, without nn.Module.__getattr__: eager micro-batch layers are host-bound).
         # A parametrization or pruning takes a parameter out of _parameters: then the
         # attributes are what the parameters are (see WSConv's standardized_weight).
+        if isinstance(x, Proxy):  # torch.fx.symbolic_trace: a leaf (modules/tracing.py)
+            return fx_leaf(self, x)
         p, b = self._parameters, self._buffers
         try:
             weight, bias, group_weight, group_bias = p["weight"], p["bias"], p["group_weight"], p["group_bias"]
@@ -98,6 +101,8 @@ class _BatchChannelNorm(nn.Module):
             x, self.num_groups, b["running_mean"], b["running_var"], weight, bias, group_weight, group_bias,
             self.training, self.estimate, self.momentum, self.eps, self.activation, b["num_batches_tracked"],
             owner=self, group=group)
+
+    __prepare_scriptable__ = refuse_script
 
     def extra_repr(self) -> str:
         text = (f"{self.num_channels}, num_groups={self.num_groups}, eps={self.eps}, "
@@ -163,6 +168,8 @@ class GroupNorm(nn.GroupNorm):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # the functional checks, with _check_input, run once per call signature
+        if isinstance(x, Proxy):  # torch.fx.symbolic_trace: a leaf (modules/tracing.py)
+            return fx_leaf(self, x)
         p = self._parameters  # what self.weight resolves to, without nn.Module.__getattr__
         try:
             weight, bias = p["weight"], p["bias"]
@@ -172,6 +179,8 @@ class GroupNorm(nn.GroupNorm):
             if (weight is not None and weight.shape != (c,)) or (bias is not None and bias.shape != (c,)):
                 F.group_norm(x, self.num_groups, weight, bias, self.eps)  # raises nn.GroupNorm's error
         return _group_norm(x, self.num_groups, weight, bias, self.eps, self.activation, owner=self)
+
+    __prepare_scriptable__ = refuse_script
 
     def extra_repr(self) -> str:
         text = super().extra_repr()

@@ -10,6 +10,7 @@ from torch import nn
 
 from .. import checks
 from ..ops.ws import check_standardize, weight_standardize
+from .tracing import Proxy, fx_leaf, refuse_script
 
 
 class _WSConvMixin:
@@ -47,7 +48,11 @@ class _WSConvMixin:
         return weight_standardize(weight, self.eps, self.correction, self.eps_mode)
 
     def forward(self, input):
+        if isinstance(input, Proxy):  # torch.fx.symbolic_trace: a leaf (modules/tracing.py)
+            return fx_leaf(self, input)
         return self._conv_forward(input, self.standardized_weight(), self.bias)
+
+    __prepare_scriptable__ = refuse_script
 
     def extra_repr(self):
         return super().extra_repr() + f", eps={self.eps}, correction={self.correction}, eps_mode={self.eps_mode!r}" + (

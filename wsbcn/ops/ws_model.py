@@ -600,6 +600,7 @@ class ModelWeightStandardizer:
             self._refresh()
         if not self._convs:
             return
+        checks.refuse_jit_trace()  # a recorded forward would keep every W_hat as a constant
         weights = self._weights_now()
         call = self._call_for(weights)
         if call is None:  # a functorch wrapper among the weights: every layer per layer
