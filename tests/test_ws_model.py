@@ -465,6 +465,24 @@ def test_standardizer_survives_deepcopy_and_pickle(tmp_path):
         assert_bitwise(m(x), y)
 
 
+def test_a_layer_copied_alone_leaves_its_standardizer_behind():
+    """copy.deepcopy of covered layers without their model: the copies standardize per
+    layer (no copy of the whole model rides along) and can join another standardizer."""
+    model = _Net()
+    standardizer = ModelWeightStandardizer(model)
+    x = torch.randn(1, 3, 4, 4)
+    head = copy.deepcopy(nn.Sequential(model.c1, nn.ReLU(), model.c2))
+    assert head[0]._ws_model is None and head[2]._ws_model is None
+    assert model.c1._ws_model is standardizer and standardizer.layers[0] is model.c1
+    ref = torch.relu(nn.functional.conv2d(
+        x.double(), ws_reference(head[0].weight), head[0].bias.double(), padding=1))
+    ref = nn.functional.conv2d(ref, ws_reference(head[2].weight, 1e-5, 1, "std"), head[2].bias.double(), padding=1)
+    assert rel_err(head(x), ref) <= TOL[torch.float32]
+    joined = ModelWeightStandardizer(head)
+    assert joined.layers == [head[0], head[2]]
+    assert_bitwise(head(x), nn.Sequential(model.c1, nn.ReLU(), model.c2)(x))
+
+
 def test_convert_ws_model(monkeypatch):
     """convert(ws="model") converts as ws=True and attaches one standardizer (once)."""
     monkeypatch.setenv("WSBCN_BACKEND", "torch")  # convert's logic; the kernels are tested above

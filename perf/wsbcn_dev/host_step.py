@@ -28,7 +28,11 @@ WS of the 53 weights at <= 3 per-layer WS floors):
 
   ws_floor              stub convs whose weight first goes through host_bench.Floor (WS);
   wsbcn_ws              wsbcn.WSConv2d, per-layer WS;
-  wsbcn_ws_modelws      the same under wsbcn.ModelWeightStandardizer.
+  wsbcn_ws_modelws      the same under wsbcn.ModelWeightStandardizer;
+  ws_node_floor         stub convs whose weights all go through ONE autograd node first
+                        (NodeFloor: 53 inputs and outputs, W_hat and dW as views of one
+                        buffer each way, 1 + 1 launches, no checks), handed over as
+                        ModelWeightStandardizer does: the least any one-node design pays.
 
 Subtracting base leaves the norm + WS host work: per layer (T - T_base) / 53 for
 wsbcn and for the floor, and their ratio (T - T_base) / (T_floor - T_base); the
@@ -64,10 +68,12 @@ from torch import nn  # noqa: E402
 import wsbcn  # noqa: E402
 from wsbcn import backends  # noqa: E402
 from wsbcn.tools.host_bench import Floor, floor_launcher, time_host  # noqa: E402
+from wsbcn.kernels.ws_multi_plan import PackLayout  # noqa: E402
 from wsbcn.tools.models import ResNet  # noqa: E402
 from wsbcn_dev import GPU_NAME, SM_COUNT, stub_driver  # noqa: E402
 
-MODELS = ("base", "floor", "wsbcn_ws_bcn", "wsbcn_ws_bcn_modelws", "ws_floor", "wsbcn_ws", "wsbcn_ws_modelws")
+MODELS = ("base", "floor", "wsbcn_ws_bcn", "wsbcn_ws_bcn_modelws", "ws_floor", "wsbcn_ws", "wsbcn_ws_modelws",
+          "ws_node_floor")
 CONV_LAUNCHES, WS_LAUNCHES, BCN_LAUNCHES = (1, 2), (1, 1), (3, 3)  # (forward, backward)
 NUM_GROUPS = 32
 
@@ -113,6 +119,44 @@ class FloorWSConv2d(StubConv2d):
         return self._conv_forward(input, Floor.apply(self.launch, WS_LAUNCHES, self._parameters["weight"]), None)
 
 
+class NodeFloor(torch.autograd.Function):
+    """One node for all weights: views of one fresh buffer each way, one launch each way."""
+
+    @staticmethod
+    def forward(ctx, launch, layout, *weights):
+        ctx.launch, ctx.layout = launch, layout
+        ctx.save_for_backward(*weights)
+        flat = weights[0].new_empty(layout.numel)
+        launch(1, flat)
+        return layout.views(flat)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        flat = grads[0].new_empty(ctx.layout.numel)
+        ctx.launch(1, flat)
+        return (None, None, *ctx.layout.views(flat))
+
+
+class NodeFloorConv2d(StubConv2d):
+    hat = None  # set by node_floor_hook for one forward
+
+    def forward(self, input):
+        hat, self.hat = self.hat, None
+        return self._conv_forward(input, hat, None)
+
+
+def node_floor_hook(convs, launch):
+    """A forward pre-hook that runs NodeFloor over ``convs``' weights and hands out W_hat."""
+    weights = [m._parameters["weight"] for m in convs]
+    layout = PackLayout([tuple(w.shape) for w in weights], [tuple(w.stride()) for w in weights])
+
+    def hook(module, args):
+        for m, hat in zip(convs, NodeFloor.apply(launch, layout, *[m._parameters["weight"] for m in convs])):
+            m.hat = hat
+
+    return hook
+
+
 class FloorNorm(nn.Module):
     """BCN's floor: saves x and BCN's 4 affine parameters, 3 + 3 launches."""
 
@@ -136,21 +180,24 @@ def build_model(name, launch, layers):
                   "wsbcn_ws_bcn": (ws_conv, partial(wsbcn.BatchChannelNorm2d, num_groups=NUM_GROUPS)),
                   "wsbcn_ws_bcn_modelws": (ws_conv, partial(wsbcn.BatchChannelNorm2d, num_groups=NUM_GROUPS)),
                   "ws_floor": (FloorWSConv2d, identity), "wsbcn_ws": (ws_conv, identity),
-                  "wsbcn_ws_modelws": (ws_conv, identity)}[name]
+                  "wsbcn_ws_modelws": (ws_conv, identity), "ws_node_floor": (NodeFloorConv2d, identity)}[name]
     net = ResNet(layers=layers, conv=conv, norm=norm).train()
     for m in net.modules():
         if isinstance(m, (_Stub, FloorNorm)):
             m.launch = launch
     if name.endswith("_modelws"):
         wsbcn.ModelWeightStandardizer(net)
+    if name == "ws_node_floor":
+        net.register_forward_pre_hook(node_floor_hook([m for m in net.modules() if isinstance(m, _Stub)], launch))
     return net
 
 
 def expected_launches(name, convs):
     """Launches of one step with ``convs`` conv + norm pairs: the stub convs', plus WS's
     and BCN's (or their floors'); model-wide WS makes one launch each way."""
-    ws = 0 if name == "base" else 2 if name.endswith("_modelws") else convs * sum(WS_LAUNCHES)
-    bcn = 0 if name in ("base", "ws_floor", "wsbcn_ws", "wsbcn_ws_modelws") else convs * sum(BCN_LAUNCHES)
+    ws = 0 if name == "base" else 2 if name.endswith(("_modelws", "_node_floor")) else convs * sum(WS_LAUNCHES)
+    bcn = 0 if name in ("base", "ws_floor", "wsbcn_ws", "wsbcn_ws_modelws", "ws_node_floor") else convs * sum(
+        BCN_LAUNCHES)
     return convs * sum(CONV_LAUNCHES) + ws + bcn
 
 
@@ -197,7 +244,7 @@ def run(rounds=21, calls=5, batch_size=2, image_size=32, layers=(3, 4, 6, 3), wa
                                       ratio_to_floor=(t[name] - t["base"]) / (t["floor"] - t["base"]),
                                       step_ratio_to_floor=t[name] / t["floor"])
     ws_floor_us = (t["ws_floor"] - t["base"]) / layer_count * 1e3  # one per-layer WS floor
-    for name in ("wsbcn_ws", "wsbcn_ws_modelws"):
+    for name in ("wsbcn_ws", "wsbcn_ws_modelws", "ws_node_floor"):
         result["models"][name].update(ws_us=(t[name] - t["base"]) * 1e3, ws_floor_us=ws_floor_us,
                                       ws_floors=(t[name] - t["base"]) * 1e3 / ws_floor_us)
     log(f"ResNet layers {tuple(layers)}: {layer_count} convs + {layer_count} norms, N={batch_size}, "
@@ -211,7 +258,7 @@ def run(rounds=21, calls=5, batch_size=2, image_size=32, layers=(3, 4, 6, 3), wa
                  f"{row['step_ratio_to_floor']:10.2f}") if "per_layer_us" in row else ""
         log(f"{name:<22} {row['step_ms']:8.2f} {row['step_ms_p20']:7.2f} {row['step_ms_p80']:7.2f} "
             f"{row['launches']:9d}{extra}{mark}")
-    for name in ("wsbcn_ws", "wsbcn_ws_modelws"):
+    for name in ("wsbcn_ws", "wsbcn_ws_modelws", "ws_node_floor"):
         row = result["models"][name]
         log(f"WS alone, {name}: {row['ws_us']:.0f} us per step = {row['ws_floors']:.1f} per-layer WS floors "
             f"({row['ws_floor_us']:.1f} us each) for {layer_count} weights")

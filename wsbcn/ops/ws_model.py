@@ -37,6 +37,7 @@ gradient; and DDP with find_unused_parameters=True counts every covered weight a
 used, so a layer skipped in a forward leaves DDP waiting for its gradient (pass
 ``modules=`` the layers every forward calls, or use per-layer WS for such models).
 """
+import copy
 import itertools
 import operator
 
@@ -544,6 +545,17 @@ class ModelWeightStandardizer:
         state = dict(self.__dict__)
         state.update(_call=None, _weights=None, _addresses=None, _plain=False, _hats=None, _taken_from=None)
         return state
+
+    def __deepcopy__(self, memo):
+        """A copy of the model copies its standardizer; a copy of some of its layers
+        alone (``copy.deepcopy(model.head)``) does not: they take None, so the copies
+        standardize per layer and may join another standardizer (else each would hold
+        a copy of the whole model, whose hooks never run)."""
+        if id(self.model) not in memo:  # deepcopy memoizes an object before copying its state
+            return None
+        new = memo[id(self)] = type(self).__new__(type(self))
+        new.__dict__.update(copy.deepcopy(self.__getstate__(), memo))
+        return new
 
     @property
     def layers(self) -> list:
