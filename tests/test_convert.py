@@ -591,6 +591,21 @@ def test_layers_without_a_rule_stay_modules_and_are_named(caplog):
             "may differ; register it if it computes the same)") in summary
 
 
+def test_lazy_layers_are_left_alone_until_their_first_forward(monkeypatch):
+    """An uninitialized LazyConv2d / LazyBatchNorm2d has no shapes to convert: the summary
+    says to run a forward first; after one they are Conv2d / BatchNorm2d and convert."""
+    monkeypatch.setenv("WSBCN_BACKEND", "torch")
+    model = nn.Sequential(nn.LazyConv2d(8, 3), nn.LazyBatchNorm2d(), nn.ReLU())
+    _, summary = wsbcn.convert(model, num_groups=4, return_summary=True)
+    assert ("0: LazyConv2d left alone: LazyConv2d is not initialized yet: run one forward first (it then becomes "
+            "Conv2d), then convert") in summary
+    assert "1: LazyBatchNorm2d left alone: LazyBatchNorm2d is not initialized yet" in " ".join(summary)
+    assert not [line for line in summary if "register_convert_rule" in line]  # no rule is missing
+    model(torch.randn(2, 3, 6, 6))
+    out = wsbcn.convert(model, num_groups=4)
+    assert [type(m) for m in out.modules()][1:3] == [wsbcn.WSConv2d, wsbcn.BatchChannelNorm2d]
+
+
 def test_a_model_with_nothing_convertible_says_so_at_warning(caplog):
     with caplog.at_level(logging.INFO, logger="wsbcn"):
         _, summary = wsbcn.convert(nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4)), return_summary=True)

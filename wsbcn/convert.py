@@ -52,7 +52,8 @@ from torch import nn
 from . import convert_builtin  # noqa: F401  (registers the built-in rules)
 from .convert_builtin import bn_like_norm  # noqa: F401  (public: a helper for user rules)
 from .convert_layers import NormAct, ScaledWSConv2d  # noqa: F401
-from .convert_plan import Flow, Tracer, by_module_order, census, decide, flow_from_graph, role_of
+from .convert_plan import (Flow, Tracer, by_module_order, census, decide, flow_from_graph, role_of,
+                           uninitialized_lazy)
 from .convert_registry import (ConvertRule, NormSpec, convert_rule_for, convert_rules,  # noqa: F401
                                convert_rules_table, register_convert_rule, unregister_convert_rule)
 from .modules import WSConv1d, WSConv2d, WSConv3d
@@ -243,7 +244,7 @@ def _left_alone_lines(model, layers, plan, flow, warned):
     for path, layer, role in layers:
         if path in plan.reasons:
             lines.append(f"{path}: {type(layer).__name__} left alone: {plan.reasons[path]}")
-            if role.rule is None:
+            if role.rule is None and not uninitialized_lazy(layer):  # a lazy one says what to do instead
                 unknown[type(layer).__name__] += 1
     for name, n in unknown.items():
         lines.append(f"{n} {name} layer{'s' if n > 1 else ''} left alone: no convert rule for {name} "

@@ -193,7 +193,17 @@ class Plan:
     reasons: Dict[str, str] = field(default_factory=dict)   # left-alone path -> why
 
 
+def uninitialized_lazy(layer) -> bool:
+    """A lazy module (nn.LazyConv2d, ...) before its first forward, which gives it its
+    shapes and its class (``cls_to_become``)."""
+    return (isinstance(layer, nn.modules.lazy.LazyModuleMixin) and layer.has_uninitialized_params()
+            and getattr(layer, "cls_to_become", None) is not None)
+
+
 def _why_unknown(layer) -> str:
+    if uninitialized_lazy(layer):
+        return (f"{type(layer).__name__} is not initialized yet: run one forward first (it then becomes "
+                f"{layer.cls_to_become.__name__}), then convert")
     known = next((base.__name__ for base in type(layer).__mro__[1:] if convert_rule_for(base) is not None), None)
     hint = (f" (a subclass of {known}: its forward may differ; register it if it computes the same)"
             if known else "")
