@@ -1,10 +1,11 @@
-"""torch.fx and TorchScript over wsbcn's layers (wsbcn/modules/tracing.py).
+"""torch.fx and TorchScript over wsbcn's layers and functions (wsbcn/modules/tracing.py).
 
 torch.fx.symbolic_trace keeps torch's own layers as leaf modules; wsbcn's layers are
 leaves too, so a traced model (torchvision's create_feature_extractor traces the same
 way) calls them at run time: outputs, gradients, running buffers and train/eval as the
 float64 reference gives them, and a later weight update is seen (a WSConv traced
-through would have kept its W_hat as a constant). TorchScript cannot compile or record
+through would have kept its W_hat as a constant); a wsbcn.functional call is one
+call_function node, as torch.nn.functional's are. TorchScript cannot compile or record
 a Triton launch made from Python: script and trace raise TypeError, before any buffer
 or parameter changes, also at a call site that remembered plain calls."""
 import copy
@@ -18,7 +19,7 @@ from torch import nn
 import wsbcn
 from conftest import DEVICE, rel_err
 from reference import bcn_reference, gn_reference, ws_reference
-from wsbcn.functional import group_norm, weight_standardize
+from wsbcn.functional import batch_channel_norm, group_norm, weight_standardize
 from wsbcn.ops.ws_model import weight_standardize_all
 
 C, G = 8, 4
@@ -89,6 +90,47 @@ def test_symbolic_trace_calls_each_layer_as_torch_calls_its_own(backend, estimat
     assert not net[1].training
     ref, _ = _reference(net, x, buffers, training=False)
     assert rel_err(gm(x), ref) <= 1e-5
+
+
+class _Functional(nn.Module):
+    """wsbcn.functional calls in a forward, parameters and buffers read as attributes."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(C, 3, 3, 3))
+        self.gamma, self.beta = nn.Parameter(torch.rand(C) + 0.5), nn.Parameter(torch.randn(C))
+        self.register_buffer("running_mean", torch.randn(C) * 0.3)
+        self.register_buffer("running_var", torch.rand(C) + 0.5)
+
+    def forward(self, x):
+        y = F.conv2d(x, weight_standardize(self.w, 1e-5, 1, "std"), padding=1)
+        y = batch_channel_norm(y, G, self.running_mean, self.running_var, self.gamma, self.beta,
+                               training=self.training, activation="relu")
+        return group_norm(y, G, self.gamma, self.beta)
+
+
+def test_symbolic_trace_records_functional_calls_as_torch_records_its_own(backend):
+    """One call_function node per wsbcn.functional call (as F.group_norm gets), the
+    parameters and buffers as the graph's attributes: run on the current values."""
+    torch.manual_seed(2)
+    model = _Functional().to(DEVICE).train()
+    gm = torch.fx.symbolic_trace(model)
+    targets = [n.target for n in gm.graph.nodes if n.op == "call_function"]
+    assert targets == [weight_standardize, torch.conv2d, batch_channel_norm, group_norm]
+    with torch.no_grad():
+        gm.w.mul_(2).add_(0.1)  # the graph reads the weight when it runs
+    x = torch.randn(2, 3, 5, 5, device=DEVICE)
+    rm, rv = gm.running_mean.double(), gm.running_var.double()
+    p = {k: v.detach().double().requires_grad_(True) for k, v in gm.named_parameters()}
+    y = F.conv2d(x.double(), ws_reference(p["w"], 1e-5, 1, "std"), padding=1)
+    y = bcn_reference(y, G, p["gamma"], p["beta"], running_mean=rm, running_var=rv, training=True, activation="relu")
+    ref = gn_reference(y, G, p["gamma"], p["beta"])
+    out = gm(x)
+    assert rel_err(out, ref) <= 1e-5
+    grads = torch.autograd.grad(out.square().sum(), list(gm.parameters()))
+    for g, r in zip(grads, torch.autograd.grad(ref.square().sum(), list(p.values()))):
+        assert rel_err(g, r) <= 1e-4
+    assert rel_err(gm.running_mean, rm) <= 1e-6 and rel_err(gm.running_var, rv) <= 1e-6
 
 
 def test_a_layer_traced_alone_is_refused():

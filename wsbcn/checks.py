@@ -7,6 +7,7 @@ import math
 import numbers
 
 import torch
+from torch.fx import Proxy
 
 from . import _compat
 
@@ -104,6 +105,17 @@ def validated(cache: dict, key, validate):
     except TypeError:  # an unhashable argument: the checks will name it
         return validate()
     return found if found is not None else cached(cache, key, validate)
+
+
+def fx_proxy(tensors: tuple):
+    """The torch.fx ``Proxy`` among a call's tensor arguments, or None: under
+    torch.fx.symbolic_trace a functional call becomes one ``call_function`` node (as
+    torch.nn.functional's do), run at call time on real tensors. Asked on the checks'
+    path only (a proxy is no tensor: no remembered call matches it)."""
+    for t in tensors:
+        if isinstance(t, Proxy):
+            return t
+    return None
 
 
 # what to use instead of TorchScript (jit.trace here, jit.script: modules/tracing.py)

@@ -393,6 +393,11 @@ def _batch_channel_norm(x, num_groups, running_mean, running_var, weight, bias, 
     if call is not None:  # no functorch wrapper among the tensors (checks.remember): nothing to unwrap
         run = call.call_plain if call.dense else call.call_dense
     else:  # a new site or signature (or tracing): by the key, checked on a miss
+        proxy = checks.fx_proxy(tensors) if owner is None else None
+        if proxy is not None:  # torch.fx.symbolic_trace: one node calling the public function
+            return proxy.tracer.create_proxy("call_function", batch_channel_norm, (
+                x, num_groups, running_mean, running_var, weight, bias, group_weight, group_bias, training, estimate,
+                momentum, eps, activation, num_batches_tracked), {})
         call = checks.keyed(_calls, _recent, site, scalars, tensors, lambda: (
             "bcn", _owner_key(owner), x.shape, x.stride(), x.dtype, x.device, num_groups, type(num_groups),
             _meta(running_mean), _meta(running_var), _meta(weight), _meta(bias), _meta(group_weight),
@@ -477,6 +482,10 @@ def _group_norm(x, num_groups, weight, bias, eps, activation, owner=None):
     if call is not None:  # no functorch wrapper among the tensors (checks.remember): nothing to unwrap
         run = call.call_plain if call.dense else call.call_dense
     else:  # a new site or signature (or tracing): by the key, checked on a miss
+        proxy = checks.fx_proxy(tensors) if owner is None else None
+        if proxy is not None:  # torch.fx.symbolic_trace: one node calling the public function
+            return proxy.tracer.create_proxy("call_function", group_norm, (x, num_groups, weight, bias, eps, activation),
+                                             {})
         call = checks.keyed(_calls, _recent, site, scalars, tensors, lambda: (
             "gn", _owner_key(owner), x.shape, x.stride(), x.dtype, x.device, num_groups, type(num_groups),
             _meta(weight), _meta(bias), eps, type(eps), activation),

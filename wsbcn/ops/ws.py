@@ -242,6 +242,9 @@ def weight_standardize(weight: torch.Tensor, eps: float = 1e-5, correction: int 
     if call is not None:  # not a functorch wrapper (checks.remember): nothing to unwrap
         return call.call_plain(weight)
     # a new weight or signature (or tracing): by the key, checked on a miss
+    if checks.fx_proxy((weight,)) is not None:  # torch.fx.symbolic_trace: one node calling this function
+        return weight.tracer.create_proxy("call_function", weight_standardize,
+                                          (weight, eps, correction, eps_mode, standardize), {})
     call = checks.keyed(_calls, _recent, weight, scalars, (weight,), lambda: (
         weight.shape, weight.stride(), weight.dtype, weight.device, eps, type(eps), correction, type(correction),
         eps_mode, standardize, type(standardize)),
