@@ -1,16 +1,23 @@
-"""freeze(model): replace every WSConv by a plain nn.ConvNd that holds W_hat.
+"""freeze(model): every wsbcn layer in its inference form, in torch ops only.
 
-The frozen model computes the same outputs with stock layers only, which is what
-ONNX/TensorRT export and serving want.
+A WSConv becomes a plain nn.ConvNd holding W_hat; a BatchChannelNorm its evaluation
+form (FrozenBatchChannelNormNd: F.batch_norm with the running estimates, then
+F.group_norm); a wsbcn.GroupNorm nn.GroupNorm (GroupNormAct with a fused activation).
+The frozen model computes what the model computes in eval mode, with no wsbcn kernel:
+what ONNX/TensorRT export, TorchScript and serving want (modules/frozen.py).
 """
 import copy
 
 import torch
 from torch import nn
 
+from .modules.frozen import FrozenBatchChannelNorm1d, FrozenBatchChannelNorm2d, FrozenBatchChannelNorm3d, GroupNormAct
+from .modules.norm import BatchChannelNorm1d, BatchChannelNorm2d, BatchChannelNorm3d, GroupNorm
 from .modules.ws_conv import WSConv1d, WSConv2d, WSConv3d
 
 _PLAIN = {WSConv1d: nn.Conv1d, WSConv2d: nn.Conv2d, WSConv3d: nn.Conv3d}
+_FROZEN_NORM = {BatchChannelNorm1d: FrozenBatchChannelNorm1d, BatchChannelNorm2d: FrozenBatchChannelNorm2d,
+                BatchChannelNorm3d: FrozenBatchChannelNorm3d}
 
 
 def _plain_type(m):
@@ -33,22 +40,42 @@ def _frozen_conv(m, plain_type) -> nn.Module:
     return plain
 
 
+def _frozen_group_norm(m: GroupNorm) -> nn.Module:
+    factory = dict(device=m.weight.device, dtype=m.weight.dtype) if m.weight is not None else {}
+    if m.weight is not None and m.bias is None:  # nn.GroupNorm(bias=False) (torch >= 2.13)
+        factory["bias"] = False
+    frozen = (nn.GroupNorm(m.num_groups, m.num_channels, m.eps, m.affine, **factory) if m.activation is None else
+              GroupNormAct(m.num_groups, m.num_channels, m.eps, m.affine, m.activation, **factory))
+    frozen.load_state_dict(m.state_dict())
+    for name, p in frozen.named_parameters():
+        p.requires_grad_(getattr(m, name).requires_grad)
+    return frozen.train(m.training)
+
+
 def _freeze_in_place(model: nn.Module) -> nn.Module:
     plain_type = _plain_type(model)
     if plain_type is not None:
         return _frozen_conv(model, plain_type)
+    if type(model) in _FROZEN_NORM:  # the exact classes: a subclass may compute something else
+        return _FROZEN_NORM[type(model)].of(model)
+    if type(model) is GroupNorm:
+        return _frozen_group_norm(model)
     for name, child in list(model.named_children()):
         setattr(model, name, _freeze_in_place(child))
     return model
 
 
 def freeze(model: nn.Module, inplace: bool = False) -> nn.Module:
-    """Return ``model`` with every WSConv swapped for an nn.ConvNd holding W_hat.
+    """Return ``model`` with every wsbcn layer in its inference form, in torch ops only:
+    WSConv -> nn.ConvNd holding W_hat, BatchChannelNormNd -> FrozenBatchChannelNormNd
+    (its eval-mode computation; the running estimates stay fixed), wsbcn.GroupNorm ->
+    nn.GroupNorm (GroupNormAct with a fused activation). Parameters and buffers are
+    copies, under the same state dict keys.
 
     Like torch's ``inplace`` convention: by default the model is deep-copied and the
-    copy converted, so ``model`` keeps its WSConv layers and weights (training can go
-    on). ``inplace=True`` swaps the layers of ``model`` itself and returns it (a new
-    module when ``model`` is itself a WSConv) and saves the copy's memory.
+    copy converted, so ``model`` keeps its wsbcn layers, weights and buffers (training
+    can go on). ``inplace=True`` swaps the layers of ``model`` itself and returns it (a
+    new module when ``model`` is itself a wsbcn layer) and saves the copy's memory.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")

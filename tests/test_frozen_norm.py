@@ -1,0 +1,114 @@
+"""wsbcn.freeze gives the norm layers their inference form in torch ops only
+(wsbcn/modules/frozen.py): BatchChannelNorm -> FrozenBatchChannelNormNd (evaluation:
+running estimates, fixed), wsbcn.GroupNorm -> nn.GroupNorm / GroupNormAct. Outputs
+against the float64 reference of the layer in eval mode; the same state dict; a frozen
+model exports (torch.export) with aten ops only and scripts (TorchScript), which is
+what ONNX and TensorRT need."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import wsbcn
+from conftest import DEVICE, TOL, rel_err
+from reference import bcn_reference, gn_reference
+from wsbcn.modules.frozen import (FrozenBatchChannelNorm1d, FrozenBatchChannelNorm2d, FrozenBatchChannelNorm3d,
+                                  GroupNormAct)
+
+pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.:DeprecationWarning")  # torch's own, on every call
+
+BCN = {1: (wsbcn.BatchChannelNorm1d, FrozenBatchChannelNorm1d, (2, 8, 5)),
+       2: (wsbcn.BatchChannelNorm2d, FrozenBatchChannelNorm2d, (2, 8, 3, 4)),
+       3: (wsbcn.BatchChannelNorm3d, FrozenBatchChannelNorm3d, (2, 8, 2, 3, 2))}
+
+
+def _trained(layer, shape, steps=3):
+    """``layer`` after a few training steps (running estimates away from 0 and 1) and
+    with random affine parameters, in eval mode."""
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    for _ in range(steps):
+        layer(torch.randn(shape, device=DEVICE) * 2 + 0.5)
+    return layer.eval()
+
+
+@pytest.mark.parametrize("dims", [1, 2, 3])
+@pytest.mark.parametrize("estimate,affine,group_affine,activation", [
+    (False, True, True, None), (True, True, False, "relu"), (False, False, True, "silu"), (True, True, True, "silu")])
+def test_frozen_bcn_computes_the_layer_in_eval_mode(backend, dims, estimate, affine, group_affine, activation):
+    torch.manual_seed(dims)
+    layer_type, frozen_type, shape = BCN[dims]
+    layer = _trained(layer_type(8, num_groups=4, estimate=estimate, affine=affine, group_affine=group_affine,
+                                activation=activation, momentum=None if estimate else 0.1).to(DEVICE), shape)
+    frozen = wsbcn.freeze(layer)
+    assert type(frozen) is frozen_type and type(layer) is layer_type
+    state = layer.state_dict()
+    assert list(frozen.state_dict()) == list(state)
+    for k, v in frozen.state_dict().items():
+        assert torch.equal(v, state[k]) and v.data_ptr() != state[k].data_ptr(), k  # copies
+    x = torch.randn(shape, device=DEVICE)
+    p = {k: (v.double() if v is not None else None) for k, v in
+         (("w", layer.weight), ("b", layer.bias), ("gw", layer.group_weight), ("gb", layer.group_bias))}
+    ref = bcn_reference(x, 4, p["w"], p["b"], p["gw"], p["gb"], layer.running_mean.double(),
+                        layer.running_var.double(), training=False, activation=activation)
+    with torch.no_grad():
+        assert rel_err(frozen(x), ref) <= TOL[torch.float32]
+        assert rel_err(layer(x), ref) <= TOL[torch.float32]
+        before = copy.deepcopy(frozen.state_dict())
+        assert rel_err(frozen.train()(x), ref) <= TOL[torch.float32]  # frozen: the estimates, in training too
+    for k, v in frozen.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+@pytest.mark.parametrize("activation,affine", [(None, True), ("relu", True), ("silu", False)])
+def test_frozen_group_norm_is_torch_group_norm(backend, activation, affine):
+    torch.manual_seed(7)
+    layer = wsbcn.GroupNorm(2, 6, eps=1e-4, affine=affine, activation=activation).to(DEVICE)
+    if affine:
+        with torch.no_grad():
+            layer.weight.normal_()
+            layer.bias.normal_()
+    frozen = wsbcn.freeze(layer)
+    assert type(frozen) is (nn.GroupNorm if activation is None else GroupNormAct)
+    assert list(frozen.state_dict()) == list(layer.state_dict())
+    x = torch.randn(3, 6, 4, device=DEVICE)
+    w, b = (layer.weight.double(), layer.bias.double()) if affine else (None, None)
+    ref = gn_reference(x, 2, w, b, eps=1e-4, activation=activation)
+    with torch.no_grad():
+        assert rel_err(frozen(x), ref) <= TOL[torch.float32]
+
+
+def test_a_frozen_model_holds_torch_ops_only():
+    """A converted model, frozen: its torch.export graph has aten ops only (no
+    torch.ops.wsbcn op: ONNX and TensorRT can take it), TorchScript compiles it, and
+    both compute what the model computes in eval mode."""
+    torch.manual_seed(3)
+    plain = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                          nn.Conv2d(8, 8, 3, padding=1), nn.GroupNorm(4, 8), nn.SiLU())
+    model = wsbcn.convert(plain, num_groups=4).to(DEVICE)
+    x = torch.randn(2, 3, 6, 6, device=DEVICE)
+    for _ in range(2):
+        model(x)
+    model.eval()
+    with torch.no_grad():
+        expected = model(x)
+    frozen = wsbcn.freeze(model)
+    assert not [m for m in frozen.modules() if isinstance(m, (wsbcn.WSConv2d, wsbcn.BatchChannelNorm2d, wsbcn.GroupNorm))]
+    program = torch.export.export(frozen, (x,))
+    ops = {str(n.target) for n in program.graph.nodes if n.op == "call_function"}
+    assert ops and all(op.startswith("aten.") for op in ops), ops
+    scripted = torch.jit.script(frozen)
+    with torch.no_grad():
+        for out in (frozen(x), program.module()(x), scripted(x)):
+            assert rel_err(out, expected) <= TOL[torch.float32]
+
+
+def test_freeze_in_place_swaps_the_norms_of_the_model():
+    model = nn.Sequential(wsbcn.WSConv2d(3, 4, 1), wsbcn.BatchChannelNorm2d(4, num_groups=2), wsbcn.GroupNorm(2, 4))
+    frozen = wsbcn.freeze(model, inplace=True)
+    assert frozen is model
+    assert [type(m) for m in model] == [nn.Conv2d, FrozenBatchChannelNorm2d, nn.GroupNorm]
+    with pytest.raises(ValueError, match="expected 4D input"):
+        model[1](torch.randn(2, 4, 3))
