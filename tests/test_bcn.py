@@ -241,6 +241,36 @@ def test_bcn_module_state_dict_and_repr():
     assert sorted(missing) == ["group_bias", "group_weight"]
 
 
+@pytest.mark.parametrize("activation", [None, "silu"])
+def test_without_running_stats_batch_statistics_in_eval_too(backend, activation):
+    """track_running_stats=False, as nn.BatchNorm2d: no running buffers, and the BN stage
+    normalizes with the batch's statistics in training and in eval; forward and the
+    gradients of x and every parameter against the float64 reference."""
+    torch.manual_seed(11)
+    m = wsbcn.BatchChannelNorm2d(8, num_groups=4, activation=activation, track_running_stats=False).to(DEVICE)
+    assert set(m.state_dict()) == {"weight", "bias", "group_weight", "group_bias"}
+    assert m.running_mean is None and repr(m).endswith("track_running_stats=False)")
+    m.reset_running_stats()  # nothing to reset, as nn.BatchNorm2d
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    for training in (True, False):
+        m.train(training)
+        x = (torch.randn(2, 8, 3, 5, device=DEVICE) * 2 + 1).requires_grad_(True)
+        x64 = x.detach().double().requires_grad_(True)
+        p64 = [t.detach().double().requires_grad_(True) for t in m.parameters()]
+        ref = bcn_reference(x64, 4, *p64, training=True, activation=activation)
+        y = m(x)
+        assert rel_err(y, ref) <= TOL[torch.float32], training
+        dy = torch.randn_like(y)
+        got = torch.autograd.grad(y, [x, *m.parameters()], dy)
+        want = torch.autograd.grad(ref, [x64, *p64], dy.double())
+        for g, w in zip(got, want):
+            assert rel_err(g, w) <= 1e-4, training
+    with pytest.raises(ValueError, match="estimate=True .* needs track_running_stats=True"):
+        wsbcn.BatchChannelNorm2d(8, num_groups=4, estimate=True, track_running_stats=False)
+
+
 def _bad(fn, exc, words, module=None):
     state = {k: v.clone() for k, v in module.state_dict().items()} if module is not None else None
     with pytest.raises(exc, match=words):

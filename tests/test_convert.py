@@ -19,7 +19,7 @@ import wsbcn
 from wsbcn.convert import (ConvertRule, NormAct, ScaledWSConv2d, bn_like_norm, convert_rule_for,
                            convert_rules_table, register_convert_rule, unregister_convert_rule)
 from wsbcn.tools.models import resnet50
-from conftest import DEVICE, rel_err
+from conftest import DEVICE, TOL, rel_err
 from reference import bcn_reference, conv_nd, gn_reference, ws_reference
 
 convert_module = importlib.import_module("wsbcn.convert")  # the attribute wsbcn.convert is the function
@@ -589,6 +589,29 @@ def test_layers_without_a_rule_stay_modules_and_are_named(caplog):
     _, summary = wsbcn.convert(nn.Sequential(nn.Conv2d(3, 4, 1), sub(4)), return_summary=True)
     assert ("1: SubBatchNorm left alone: no convert rule for SubBatchNorm (a subclass of BatchNorm2d: its forward "
             "may differ; register it if it computes the same)") in summary
+
+
+def test_batch_norm_without_running_stats_keeps_batch_statistics_in_eval(monkeypatch):
+    """BatchNorm2d(track_running_stats=False) normalizes with batch statistics in eval:
+    its BCN does too (it would otherwise start using running estimates it never had);
+    estimate=True, which needs them, is refused naming the layer, the model unchanged."""
+    monkeypatch.setenv("WSBCN_BACKEND", "torch")
+    torch.manual_seed(5)
+    plain = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8, track_running_stats=False), nn.ReLU())
+    with pytest.raises(ValueError, match="needs track_running_stats=True") as info:
+        wsbcn.convert(plain, num_groups=4, estimate=True)
+    assert "layer '1'" in " ".join(getattr(info.value, "__notes__", []))
+    assert type(plain[1]) is nn.BatchNorm2d
+    model = wsbcn.convert(plain, num_groups=4).eval()
+    bcn = next(m for m in model.modules() if isinstance(m, wsbcn.BatchChannelNorm2d))
+    assert not bcn.track_running_stats and bcn.running_mean is None
+    x = torch.randn(2, 3, 6, 6)
+    conv = next(m for m in model.modules() if isinstance(m, wsbcn.WSConv2d))
+    h = conv_nd(x.double(), ws_reference(conv.weight.double()), conv.bias.double(), conv)
+    ref = bcn_reference(h, 4, bcn.weight.double(), bcn.bias.double(), bcn.group_weight.double(),
+                        bcn.group_bias.double(), training=True, activation="relu")
+    with torch.no_grad():
+        assert rel_err(model(x), ref) <= TOL[torch.float32]
 
 
 def test_lazy_layers_are_left_alone_until_their_first_forward(monkeypatch):

@@ -34,7 +34,7 @@ def _trained(layer, shape, steps=3):
     return layer.eval()
 
 
-@pytest.mark.parametrize("dims", [1, 2, 3])
+@pytest.mark.parametrize("dims", [1, 2, pytest.param(3, marks=pytest.mark.slow)])
 @pytest.mark.parametrize("estimate,affine,group_affine,activation", [
     (False, True, True, None), (True, True, False, "relu"), (False, False, True, "silu"), (True, True, True, "silu")])
 def test_frozen_bcn_computes_the_layer_in_eval_mode(backend, dims, estimate, affine, group_affine, activation):
@@ -62,6 +62,20 @@ def test_frozen_bcn_computes_the_layer_in_eval_mode(backend, dims, estimate, aff
         assert torch.equal(v, before[k]), k
 
 
+def test_frozen_bcn_without_running_stats_keeps_batch_statistics(backend):
+    """A BCN with track_running_stats=False normalizes with batch statistics in eval: its
+    frozen form too (F.batch_norm in training mode, no buffers to update)."""
+    torch.manual_seed(4)
+    layer = _trained(wsbcn.BatchChannelNorm2d(8, num_groups=4, track_running_stats=False).to(DEVICE), (2, 8, 3, 4))
+    frozen = wsbcn.freeze(layer)
+    assert type(frozen) is FrozenBatchChannelNorm2d and list(frozen.state_dict()) == list(layer.state_dict())
+    x = torch.randn(2, 8, 3, 4, device=DEVICE) * 3 - 1
+    ref = bcn_reference(x, 4, *[p.double() for p in layer.parameters()], training=True)
+    with torch.no_grad():
+        assert rel_err(frozen(x), ref) <= TOL[torch.float32]
+        assert rel_err(torch.jit.script(frozen)(x), ref) <= TOL[torch.float32]
+
+
 @pytest.mark.parametrize("activation,affine", [(None, True), ("relu", True), ("silu", False)])
 def test_frozen_group_norm_is_torch_group_norm(backend, activation, affine):
     torch.manual_seed(7)
@@ -87,7 +101,8 @@ def test_a_frozen_model_holds_torch_ops_only():
     torch.manual_seed(3)
     plain = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
                           nn.Conv2d(8, 8, 3, padding=1), nn.GroupNorm(4, 8), nn.SiLU())
-    model = wsbcn.convert(plain, num_groups=4).to(DEVICE)
+    model = nn.Sequential(wsbcn.convert(plain, num_groups=4), wsbcn.GroupNorm(2, 8, activation="relu"),
+                          wsbcn.BatchChannelNorm2d(8, num_groups=8, affine=False)).to(DEVICE)
     x = torch.randn(2, 3, 6, 6, device=DEVICE)
     for _ in range(2):
         model(x)
@@ -95,6 +110,7 @@ def test_a_frozen_model_holds_torch_ops_only():
     with torch.no_grad():
         expected = model(x)
     frozen = wsbcn.freeze(model)
+    assert {GroupNormAct, FrozenBatchChannelNorm2d} <= {type(m) for m in frozen.modules()}
     assert not [m for m in frozen.modules() if isinstance(m, (wsbcn.WSConv2d, wsbcn.BatchChannelNorm2d, wsbcn.GroupNorm))]
     program = torch.export.export(frozen, (x,))
     ops = {str(n.target) for n in program.graph.nodes if n.op == "call_function"}

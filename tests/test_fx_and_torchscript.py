@@ -59,7 +59,7 @@ def _bcn_buffers(net):
                 num_batches_tracked=bcn.num_batches_tracked.clone())
 
 
-@pytest.mark.parametrize("estimate", [False, True])
+@pytest.mark.parametrize("estimate", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_symbolic_trace_calls_each_layer_as_torch_calls_its_own(backend, estimate):
     net = _net(estimate)
     gm = torch.fx.symbolic_trace(net)

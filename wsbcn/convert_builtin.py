@@ -50,12 +50,15 @@ def _as_parameter(t):
 
 
 def bn_like_norm(spec: NormSpec, channels: int, *, weight=None, bias=None, running_mean=None, running_var=None,
-                 num_batches_tracked=None, eps: float = 1e-5, momentum=0.1, factory=None) -> nn.Module:
+                 num_batches_tracked=None, eps: float = 1e-5, momentum=0.1, factory=None,
+                 track_running_stats: bool = True) -> nn.Module:
     """The wsbcn norm for a BatchNorm-like layer (per-channel statistics and affine):
     BatchChannelNorm with its BN stage starting from ``weight``, ``bias`` and the running
     statistics (``spec.norm == "bcn"``), or GroupNorm with the affine (``"gn"``; a
     GroupNorm has no running statistics). A public helper for user rules; ``factory``
-    (device, dtype) defaults to that of the tensors given."""
+    (device, dtype) defaults to that of the tensors given. ``track_running_stats=False``
+    (a BatchNorm without running statistics, which normalizes with batch statistics in
+    eval too): a BatchChannelNorm that does the same."""
     if factory is None:  # the device and dtype of the statistics and affine given
         given = next((t for t in (weight, running_mean, bias, running_var) if t is not None), None)
         factory = dict(device=given.device, dtype=given.dtype) if given is not None else {}
@@ -66,7 +69,8 @@ def bn_like_norm(spec: NormSpec, channels: int, *, weight=None, bias=None, runni
     else:
         new = _BCN_BY_DIMS[spec.dims](channels, num_groups=groups, eps=eps, momentum=momentum,
                                       estimate=spec.estimate, affine=affine, activation=spec.activation,
-                                      process_group=spec.process_group, **factory)
+                                      process_group=spec.process_group, track_running_stats=track_running_stats,
+                                      **factory)
         with torch.no_grad():
             if running_mean is not None:
                 new.running_mean.copy_(running_mean)
@@ -82,7 +86,7 @@ def _batch_norm(layer, spec):
     return bn_like_norm(spec, layer.num_features, weight=layer.weight, bias=layer.bias,
                         running_mean=layer.running_mean, running_var=layer.running_var,
                         num_batches_tracked=layer.num_batches_tracked, eps=layer.eps, momentum=layer.momentum,
-                        factory=_factory(layer))
+                        factory=_factory(layer), track_running_stats=layer.track_running_stats)
 
 
 def _sync_batch_norm(layer, spec):

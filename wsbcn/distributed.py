@@ -13,10 +13,11 @@ from .modules.norm import _BatchChannelNorm
 @torch.no_grad()
 def sync_running_stats(model, process_group=None):
     """Average the running estimates of every BatchChannelNorm in ``model`` across
-    the ranks of ``process_group`` (one all_reduce per layer)."""
+    the ranks of ``process_group`` (one all_reduce per layer; layers without running
+    estimates, track_running_stats=False, have none to average)."""
     world = dist.get_world_size(process_group)
     for m in model.modules():
-        if isinstance(m, _BatchChannelNorm):
+        if isinstance(m, _BatchChannelNorm) and m.running_mean is not None:
             both = torch.stack([m.running_mean, m.running_var])
             dist.all_reduce(both, group=process_group)
             both /= world

@@ -5,7 +5,8 @@ see torch ops only (F.batch_norm, F.group_norm, F.relu / F.silu).
 
 - ``FrozenBatchChannelNorm1d/2d/3d``: BatchChannelNorm in its evaluation form. The BN
   stage normalizes with the running estimates, which stay fixed, in training mode too
-  (as torchvision's FrozenBatchNorm2d); the channel stage is F.group_norm with the group
+  (as torchvision's FrozenBatchNorm2d; a layer with track_running_stats=False: with
+  batch statistics, as it does in eval); the channel stage is F.group_norm with the group
   affine given per channel (a per-group value repeated over the group's channels), as
   the channel stage computes it; then the activation. The same parameters, buffers and
   state dict keys as the layer.
@@ -31,7 +32,7 @@ class _FrozenBatchChannelNorm(nn.Module):
     _valid_dims: tuple = ()
 
     def __init__(self, num_channels: int, num_groups: int, eps: float, affine: bool, group_affine: bool,
-                 activation: str = "", device=None, dtype=None):
+                 activation: str = "", track_running_stats: bool = True, device=None, dtype=None):
         super().__init__()
         self.num_channels, self.num_groups, self.eps = num_channels, num_groups, eps
         self.affine, self.group_affine = affine, group_affine
@@ -48,16 +49,23 @@ class _FrozenBatchChannelNorm(nn.Module):
         else:
             for name in ("weight", "bias", "group_weight", "group_bias"):
                 self.register_parameter(name, None)
-        self.register_buffer("running_mean", torch.zeros(num_channels, **factory))
-        self.register_buffer("running_var", torch.ones(num_channels, **factory))
-        self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long, device=device))
+        self.track_running_stats = track_running_stats
+        if track_running_stats:
+            self.register_buffer("running_mean", torch.zeros(num_channels, **factory))
+            self.register_buffer("running_var", torch.ones(num_channels, **factory))
+            self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long, device=device))
+        else:  # the layer normalizes with batch statistics in eval too: so does its frozen form
+            for name in ("running_mean", "running_var", "num_batches_tracked"):
+                self.register_buffer(name, None)
 
     @classmethod
     def of(cls, layer) -> "_FrozenBatchChannelNorm":
         """The evaluation form of ``layer`` (a BatchChannelNorm of the same dims), holding
         copies of its parameters and buffers."""
+        like = next(iter(layer.state_dict().values()), None)  # a parameter or buffer: device and dtype
+        factory = {} if like is None else dict(device=like.device, dtype=like.dtype)
         frozen = cls(layer.num_channels, layer.num_groups, layer.eps, layer.affine, layer.group_affine,
-                     layer.activation or "", device=layer.running_mean.device, dtype=layer.running_mean.dtype)
+                     layer.activation or "", layer.track_running_stats, **factory)
         frozen.load_state_dict(layer.state_dict())
         for name, p in frozen.named_parameters():
             p.requires_grad_(getattr(layer, name).requires_grad)
@@ -66,7 +74,8 @@ class _FrozenBatchChannelNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() not in self.valid_dims:  # as nn.BatchNormNd's _check_input_dim
             raise ValueError(f"expected {self.dims_text} input (got {x.dim()}D input)")
-        y = F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
+        batch = self.running_mean is None  # track_running_stats=False: batch statistics, as the layer
+        y = F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, batch, 0.0, self.eps)
         omega, eta = self.group_weight, self.group_bias
         if omega is not None and eta is not None:
             c, g = self.num_channels, omega.numel()

@@ -21,6 +21,9 @@ class _BatchChannelNorm(nn.Module):
     ``estimate=True`` is the micro-batch mode: in training the running estimates
     are updated from the batch (no gradient through them) and used to normalize.
     ``num_batches_tracked`` counts training steps in both modes.
+    ``track_running_stats=False``, as in nn.BatchNorm: no running buffers, and the BN
+    stage normalizes with batch statistics in eval mode too (not with estimate=True,
+    which normalizes with running estimates).
 
     State dicts of the authors' released layers load directly: BCNorm/EstBN (BN
     stage ``bn.*``) and the ImageNet ``GN`` / DeepLab ``PBCNorm`` layers (BN stage
@@ -31,11 +34,12 @@ class _BatchChannelNorm(nn.Module):
     """
 
     _valid_dims: tuple = ()
+    track_running_stats = True  # (layers pickled before the option existed)
 
     def __init__(self, num_channels: int, num_groups: int = 32, eps: float = 1e-5,
                  momentum: Optional[float] = 0.1, estimate: bool = False, affine: bool = True,
                  group_affine: bool = True, activation: Optional[str] = None, process_group=None,
-                 device=None, dtype=None):
+                 track_running_stats: bool = True, device=None, dtype=None):
         super().__init__()
         checks.check_num_groups(num_channels, num_groups)
         self.num_channels = num_channels
@@ -43,6 +47,9 @@ class _BatchChannelNorm(nn.Module):
         self.eps = checks.check_eps(eps)
         self.momentum = checks.check_momentum(momentum)
         self.estimate = bool(estimate)
+        self.track_running_stats = bool(track_running_stats)
+        if self.estimate and not self.track_running_stats:
+            raise ValueError("estimate=True normalizes with running estimates: it needs track_running_stats=True")
         self.affine = bool(affine)
         self.group_affine = bool(group_affine)
         self.activation = checks.check_activation(activation)
@@ -57,11 +64,17 @@ class _BatchChannelNorm(nn.Module):
         else:
             for name in ("weight", "bias", "group_weight", "group_bias"):
                 self.register_parameter(name, None)
-        self.register_buffer("running_mean", torch.zeros(num_channels, **factory))
-        self.register_buffer("running_var", torch.ones(num_channels, **factory))
-        self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long, device=device))
+        if self.track_running_stats:
+            self.register_buffer("running_mean", torch.zeros(num_channels, **factory))
+            self.register_buffer("running_var", torch.ones(num_channels, **factory))
+            self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long, device=device))
+        else:
+            for name in ("running_mean", "running_var", "num_batches_tracked"):
+                self.register_buffer(name, None)
 
     def reset_running_stats(self) -> None:
+        if not self.track_running_stats:
+            return
         self.running_mean.zero_()
         self.running_var.fill_(1)
         self.num_batches_tracked.zero_()
@@ -97,10 +110,11 @@ class _BatchChannelNorm(nn.Module):
         except KeyError:
             weight, bias, group_weight, group_bias = self.weight, self.bias, self.group_weight, self.group_bias
         group = self.process_group if self.training else None
+        running_mean = b["running_mean"]  # None without track_running_stats: batch statistics in eval too
         return _batch_channel_norm(
-            x, self.num_groups, b["running_mean"], b["running_var"], weight, bias, group_weight, group_bias,
-            self.training, self.estimate, self.momentum, self.eps, self.activation, b["num_batches_tracked"],
-            owner=self, group=group)
+            x, self.num_groups, running_mean, b["running_var"], weight, bias, group_weight, group_bias,
+            self.training or running_mean is None, self.estimate, self.momentum, self.eps, self.activation,
+            b["num_batches_tracked"], owner=self, group=group)
 
     __prepare_scriptable__ = refuse_script
 
@@ -111,7 +125,7 @@ class _BatchChannelNorm(nn.Module):
             text += f", group_affine={self.group_affine}"
         if self.activation is not None:
             text += f", activation={self.activation!r}"
-        return text
+        return text + ("" if self.track_running_stats else ", track_running_stats=False")
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
