@@ -269,6 +269,8 @@ def test_without_running_stats_batch_statistics_in_eval_too(backend, activation)
             assert rel_err(g, w) <= 1e-4, training
     with pytest.raises(ValueError, match="estimate=True .* needs track_running_stats=True"):
         wsbcn.BatchChannelNorm2d(8, num_groups=4, estimate=True, track_running_stats=False)
+    with pytest.raises(ValueError, match="process_group .* needs track_running_stats=True"):
+        wsbcn.BatchChannelNorm2d(8, num_groups=4, process_group=object(), track_running_stats=False)
 
 
 def _bad(fn, exc, words, module=None):

@@ -23,7 +23,7 @@ class _BatchChannelNorm(nn.Module):
     ``num_batches_tracked`` counts training steps in both modes.
     ``track_running_stats=False``, as in nn.BatchNorm: no running buffers, and the BN
     stage normalizes with batch statistics in eval mode too (not with estimate=True,
-    which normalizes with running estimates).
+    which normalizes with running estimates, nor across processes).
 
     State dicts of the authors' released layers load directly: BCNorm/EstBN (BN
     stage ``bn.*``) and the ImageNet ``GN`` / DeepLab ``PBCNorm`` layers (BN stage
@@ -50,6 +50,8 @@ class _BatchChannelNorm(nn.Module):
         self.track_running_stats = bool(track_running_stats)
         if self.estimate and not self.track_running_stats:
             raise ValueError("estimate=True normalizes with running estimates: it needs track_running_stats=True")
+        if process_group is not None and not self.track_running_stats:  # the merged statistics update them
+            raise ValueError("process_group (statistics combined across processes) needs track_running_stats=True")
         self.affine = bool(affine)
         self.group_affine = bool(group_affine)
         self.activation = checks.check_activation(activation)
