@@ -34,6 +34,8 @@ def _trained(layer, shape, steps=3):
     return layer.eval()
 
 
+# the frozen forms are torch ops: the Triton interpreter only runs the layer they come from
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.slow)], indirect=True)
 @pytest.mark.parametrize("dims", [1, 2, pytest.param(3, marks=pytest.mark.slow)])
 @pytest.mark.parametrize("estimate,affine,group_affine,activation", [
     (False, True, True, None), (True, True, False, "relu"), (False, False, True, "silu"), (True, True, True, "silu")])

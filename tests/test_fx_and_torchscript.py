@@ -149,6 +149,8 @@ def _state(module):
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
 
+# refused before any kernel: the Triton interpreter only runs the remembered calls before
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.slow)], indirect=True)
 @pytest.mark.parametrize("remembered", [False, True])
 @pytest.mark.parametrize("model_wide", [False, True])
 def test_trace_is_refused_before_anything_changes(backend, remembered, model_wide):

@@ -5,8 +5,9 @@ The tool must run where TRITON_INTERPRET is unset, which this test process is no
 convs and 17 norms), 3 rounds of 2 steps. Checked: the result's structure, the
 launches per step the stub counted against the layers' (the tool also exits 1 on a
 mismatch), and that the derived figures are finite and positive (medians of 3 rounds:
-the floor's and wsbcn's layers add ~2 and ~5 ms to a ~7 ms step). No timing is
-asserted. Slow: with a cold triton cache it compiles some 60 kernels for sm_90
+the floor's and wsbcn's layers add ~2 and ~5 ms to a ~7 ms step; WS alone only
+finite: a model-wide WS step's difference to base can fall within the noise of 3
+rounds). No timing is asserted. Slow: with a cold triton cache it compiles some 60 kernels for sm_90
 (~40 s of CPU); warm, it takes a few seconds.
 """
 import json
@@ -19,7 +20,8 @@ from pathlib import Path
 import pytest
 
 TOOL = Path(__file__).resolve().parents[2] / "perf" / "wsbcn_dev" / "host_step.py"
-MODELS = ("base", "floor", "wsbcn_ws_bcn", "wsbcn_ws_bcn_modelws")
+MODELS = ("base", "floor", "wsbcn_ws_bcn", "wsbcn_ws_bcn_modelws", "ws_floor", "wsbcn_ws", "wsbcn_ws_modelws",
+          "ws_node_floor")
 
 
 @pytest.mark.slow
@@ -36,16 +38,25 @@ def test_host_step_over_the_stub_driver(tmp_path):
     assert tuple(result["models"]) == MODELS
     conv = n * (1 + 2)  # the stub convs: 1 launch forward, 2 backward
     expected = {"base": conv, "floor": conv + n * (1 + 1) + n * (3 + 3),
-                "wsbcn_ws_bcn": conv + n * (1 + 1) + n * (3 + 3), "wsbcn_ws_bcn_modelws": conv + 2 + n * (3 + 3)}
+                "wsbcn_ws_bcn": conv + n * (1 + 1) + n * (3 + 3), "wsbcn_ws_bcn_modelws": conv + 2 + n * (3 + 3),
+                "ws_floor": conv + n * (1 + 1), "wsbcn_ws": conv + n * (1 + 1), "wsbcn_ws_modelws": conv + 2,
+                "ws_node_floor": conv + 2}
     for name, row in result["models"].items():
         assert row["launches"] == row["expected_launches"] == expected[name], name
         assert math.isfinite(row["step_ms"]) and row["step_ms"] > 0
     floor_per_layer = None
-    for name in MODELS[2:]:
+    for name in MODELS[2:4]:
         row = result["models"][name]
         for key in ("per_layer_us", "floor_per_layer_us", "ratio_to_floor", "step_ratio_to_floor"):
             assert math.isfinite(row[key]) and row[key] > 0, (name, key, row[key])
         assert floor_per_layer in (None, row["floor_per_layer_us"])
         floor_per_layer = row["floor_per_layer_us"]
+    ws_floor = None  # WS alone, in per-layer WS floors (one value for the three)
+    for name in MODELS[5:]:
+        row = result["models"][name]
+        for key in ("ws_us", "ws_floor_us", "ws_floors"):
+            assert math.isfinite(row[key]), (name, key, row[key])
+        assert row["ws_floor_us"] > 0 and ws_floor in (None, row["ws_floor_us"])
+        ws_floor = row["ws_floor_us"]
     for name in MODELS:
         assert any(line.startswith(name + " ") for line in done.stdout.splitlines()), done.stdout
