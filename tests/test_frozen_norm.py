@@ -76,6 +76,15 @@ def test_frozen_bcn_without_running_stats_keeps_batch_statistics(backend):
     with torch.no_grad():
         assert rel_err(frozen(x), ref) <= TOL[torch.float32]
         assert rel_err(torch.jit.script(frozen)(x), ref) <= TOL[torch.float32]
+    # running buffers set to None on a tracking layer: batch statistics too, as nn.BatchNorm2d
+    tracking = wsbcn.BatchChannelNorm2d(8, num_groups=4).to(DEVICE).eval()
+    tracking.load_state_dict(layer.state_dict(), strict=False)
+    tracking.running_mean = tracking.running_var = None
+    frozen = wsbcn.freeze(tracking)
+    assert list(frozen.state_dict()) == list(tracking.state_dict())  # num_batches_tracked kept
+    with torch.no_grad():
+        assert rel_err(tracking(x), ref) <= TOL[torch.float32]
+        assert rel_err(frozen(x), ref) <= TOL[torch.float32]
 
 
 @pytest.mark.parametrize("activation,affine", [(None, True), ("relu", True), ("silu", False)])

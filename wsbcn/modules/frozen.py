@@ -62,13 +62,18 @@ class _FrozenBatchChannelNorm(nn.Module):
     def of(cls, layer) -> "_FrozenBatchChannelNorm":
         """The evaluation form of ``layer`` (a BatchChannelNorm of the same dims), holding
         copies of its parameters and buffers."""
-        like = next(iter(layer.state_dict().values()), None)  # a parameter or buffer: device and dtype
-        factory = {} if like is None else dict(device=like.device, dtype=like.dtype)
         frozen = cls(layer.num_channels, layer.num_groups, layer.eps, layer.affine, layer.group_affine,
-                     layer.activation or "", layer.track_running_stats, **factory)
-        frozen.load_state_dict(layer.state_dict())
-        for name, p in frozen.named_parameters():
-            p.requires_grad_(getattr(layer, name).requires_grad)
+                     layer.activation or "", track_running_stats=False)
+        with torch.no_grad():
+            for name in ("weight", "bias", "group_weight", "group_bias"):
+                p = getattr(layer, name)
+                if p is not None:
+                    setattr(frozen, name, nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad))
+            # the buffers the layer has now (a running buffer set to None: batch statistics, as the layer)
+            for name in ("running_mean", "running_var", "num_batches_tracked"):
+                t = getattr(layer, name)
+                frozen.register_buffer(name, None if t is None else t.detach().clone())
+        frozen.track_running_stats = frozen.running_mean is not None
         return frozen.train(layer.training)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
