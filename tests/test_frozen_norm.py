@@ -9,6 +9,7 @@ import copy
 import pytest
 import torch
 from torch import nn
+from torch.nn.utils import prune
 
 import wsbcn
 from conftest import DEVICE, TOL, rel_err
@@ -139,3 +140,28 @@ def test_freeze_in_place_swaps_the_norms_of_the_model():
     assert [type(m) for m in model] == [nn.Conv2d, FrozenBatchChannelNorm2d, nn.GroupNorm]
     with pytest.raises(ValueError, match="expected 4D input"):
         model[1](torch.randn(2, 4, 3))
+
+
+def test_parametrized_and_pruned_norms_freeze_to_their_values_now():
+    """A weight-normed BCN weight and a pruned GroupNorm weight freeze to the values they
+    compute to, as a parametrized WSConv does; the frozen layers hold plain parameters."""
+    torch.manual_seed(9)
+    bcn = _trained(wsbcn.BatchChannelNorm2d(8, num_groups=4).to(DEVICE), (2, 8, 3, 3))
+    nn.utils.parametrizations.weight_norm(bcn, "group_weight", dim=1)
+    gn = wsbcn.GroupNorm(4, 8, activation="relu").to(DEVICE)
+    prune.random_unstructured(gn, "weight", amount=0.5)
+    model = nn.Sequential(bcn, gn).eval()
+    x = torch.randn(2, 8, 3, 3, device=DEVICE)
+    y = bcn_reference(x, 4, bcn.weight.double(), bcn.bias.double(), bcn.group_weight.double(),
+                      bcn.group_bias.double(), bcn.running_mean.double(), bcn.running_var.double(), training=False)
+    ref = gn_reference(y, 4, gn.weight.double(), gn.bias.double(), activation="relu")
+    with torch.no_grad():
+        expected = model(x)
+    frozen = wsbcn.freeze(model, inplace=True)  # a pruned layer cannot be deep-copied (torch's own limit)
+    assert [type(m) for m in frozen] == [FrozenBatchChannelNorm2d, GroupNormAct]
+    assert sorted(frozen.state_dict()) == sorted(
+        ["0." + k for k in ("weight", "bias", "group_weight", "group_bias", "running_mean", "running_var",
+                            "num_batches_tracked")] + ["1.weight", "1.bias"])
+    with torch.no_grad():
+        assert rel_err(frozen(x), ref) <= TOL[torch.float32]
+    assert rel_err(expected, ref) <= TOL[torch.float32]

@@ -10,6 +10,7 @@ import copy
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from .modules.frozen import FrozenBatchChannelNorm1d, FrozenBatchChannelNorm2d, FrozenBatchChannelNorm3d, GroupNormAct
 from .modules.norm import BatchChannelNorm1d, BatchChannelNorm2d, BatchChannelNorm3d, GroupNorm
@@ -41,24 +42,34 @@ def _frozen_conv(m, plain_type) -> nn.Module:
 
 
 def _frozen_group_norm(m: GroupNorm) -> nn.Module:
-    factory = dict(device=m.weight.device, dtype=m.weight.dtype) if m.weight is not None else {}
-    if m.weight is not None and m.bias is None:  # nn.GroupNorm(bias=False) (torch >= 2.13)
+    weight, bias = m.weight, m.bias  # their values now (parametrized or pruned: what they compute to)
+    factory = dict(device=weight.device, dtype=weight.dtype) if weight is not None else {}
+    if weight is not None and bias is None:  # nn.GroupNorm(bias=False) (torch >= 2.13)
         factory["bias"] = False
     frozen = (nn.GroupNorm(m.num_groups, m.num_channels, m.eps, m.affine, **factory) if m.activation is None else
               GroupNormAct(m.num_groups, m.num_channels, m.eps, m.affine, m.activation, **factory))
-    frozen.load_state_dict(m.state_dict())
-    for name, p in frozen.named_parameters():
-        p.requires_grad_(getattr(m, name).requires_grad)
+    with torch.no_grad():
+        for name, t in (("weight", weight), ("bias", bias)):
+            if t is not None:
+                setattr(frozen, name, nn.Parameter(t.detach().clone(), requires_grad=t.requires_grad))
     return frozen.train(m.training)
+
+
+def _layer_class(m):
+    """The class of ``m``, or for a parametrized layer (torch.nn.utils.parametrize makes a
+    subclass per layer) the class it was made from."""
+    cls = type(m)
+    return cls.__mro__[1] if parametrize.is_parametrized(m) else cls
 
 
 def _freeze_in_place(model: nn.Module) -> nn.Module:
     plain_type = _plain_type(model)
     if plain_type is not None:
         return _frozen_conv(model, plain_type)
-    if type(model) in _FROZEN_NORM:  # the exact classes: a subclass may compute something else
-        return _FROZEN_NORM[type(model)].of(model)
-    if type(model) is GroupNorm:
+    layer_class = _layer_class(model)  # the exact classes: a subclass may compute something else
+    if layer_class in _FROZEN_NORM:
+        return _FROZEN_NORM[layer_class].of(model)
+    if layer_class is GroupNorm:
         return _frozen_group_norm(model)
     for name, child in list(model.named_children()):
         setattr(model, name, _freeze_in_place(child))
@@ -70,7 +81,8 @@ def freeze(model: nn.Module, inplace: bool = False) -> nn.Module:
     WSConv -> nn.ConvNd holding W_hat, BatchChannelNormNd -> FrozenBatchChannelNormNd
     (its eval-mode computation; the running estimates stay fixed), wsbcn.GroupNorm ->
     nn.GroupNorm (GroupNormAct with a fused activation). Parameters and buffers are
-    copies, under the same state dict keys.
+    copies of their values now (a parametrized or pruned parameter: what it computes
+    to), under the layer's own state dict keys.
 
     Like torch's ``inplace`` convention: by default the model is deep-copied and the
     copy converted, so ``model`` keeps its wsbcn layers, weights and buffers (training
