@@ -246,7 +246,9 @@ def run(rounds=21, calls=5, batch_size=2, image_size=32, layers=(3, 4, 6, 3), wa
     ws_floor_us = (t["ws_floor"] - t["base"]) / layer_count * 1e3  # one per-layer WS floor
     for name in ("wsbcn_ws", "wsbcn_ws_modelws", "ws_node_floor"):
         result["models"][name].update(ws_us=(t[name] - t["base"]) * 1e3, ws_floor_us=ws_floor_us,
-                                      ws_floors=(t[name] - t["base"]) * 1e3 / ws_floor_us)
+                                      # no ratio to a floor lost in the noise (a small model, few rounds)
+                                      ws_floors=(t[name] - t["base"]) * 1e3 / ws_floor_us if ws_floor_us > 0
+                                      else float("nan"))
     log(f"ResNet layers {tuple(layers)}: {layer_count} convs + {layer_count} norms, N={batch_size}, "
         f"{image_size}x{image_size}, fp32; {rounds} rounds x {calls} calls, thread CPU time; "
         f"torch {torch.__version__}, triton {triton.__version__}, stub driver emulating {GPU_NAME}")

@@ -6,7 +6,7 @@ convs and 17 norms), 3 rounds of 2 steps. Checked: the result's structure, the
 launches per step the stub counted against the layers' (the tool also exits 1 on a
 mismatch), and that the derived figures are finite and positive (medians of 3 rounds:
 the floor's and wsbcn's layers add ~2 and ~5 ms to a ~7 ms step; WS alone only
-finite: a model-wide WS step's difference to base can fall within the noise of 3
+finite: its differences to base, even the floor's, can fall within the noise of 3
 rounds). No timing is asserted. Slow: with a cold triton cache it compiles some 60 kernels for sm_90
 (~40 s of CPU); warm, it takes a few seconds.
 """
@@ -51,12 +51,15 @@ def test_host_step_over_the_stub_driver(tmp_path):
             assert math.isfinite(row[key]) and row[key] > 0, (name, key, row[key])
         assert floor_per_layer in (None, row["floor_per_layer_us"])
         floor_per_layer = row["floor_per_layer_us"]
-    ws_floor = None  # WS alone, in per-layer WS floors (one value for the three)
+    ws_floor = None  # WS alone: differences to base, which 3 rounds of a small model may not resolve
     for name in MODELS[5:]:
         row = result["models"][name]
-        for key in ("ws_us", "ws_floor_us", "ws_floors"):
-            assert math.isfinite(row[key]), (name, key, row[key])
-        assert row["ws_floor_us"] > 0 and ws_floor in (None, row["ws_floor_us"])
+        assert math.isfinite(row["ws_us"]) and math.isfinite(row["ws_floor_us"]), name
+        assert ws_floor in (None, row["ws_floor_us"])  # one floor for the three
         ws_floor = row["ws_floor_us"]
+        if ws_floor > 0:
+            assert math.isclose(row["ws_floors"], row["ws_us"] / ws_floor), name
+        else:
+            assert math.isnan(row["ws_floors"]), name
     for name in MODELS:
         assert any(line.startswith(name + " ") for line in done.stdout.splitlines()), done.stdout
