@@ -123,7 +123,8 @@ def test_a_frozen_model_holds_torch_ops_only():
         expected = model(x)
     frozen = wsbcn.freeze(model)
     assert {GroupNormAct, FrozenBatchChannelNorm2d} <= {type(m) for m in frozen.modules()}
-    assert not [m for m in frozen.modules() if isinstance(m, (wsbcn.WSConv2d, wsbcn.BatchChannelNorm2d, wsbcn.GroupNorm))]
+    kernel_layers = (wsbcn.WSConv2d, wsbcn.BatchChannelNorm2d, wsbcn.GroupNorm)
+    assert not [m for m in frozen.modules() if isinstance(m, kernel_layers)]
     program = torch.export.export(frozen, (x,))
     ops = {str(n.target) for n in program.graph.nodes if n.op == "call_function"}
     assert ops and all(op.startswith("aten.") for op in ops), ops
