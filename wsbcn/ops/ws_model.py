@@ -521,7 +521,6 @@ class ModelWeightStandardizer:
         self._checked = [(a[0], a[1], a[2] == "std") for a in self._args]
         self._weights = None
         self._addresses = None
-        self._plain = False  # the validated weights hold no functorch wrapper (_call_for)
         self._stale = False
 
     @classmethod
@@ -543,7 +542,7 @@ class ModelWeightStandardizer:
 
     def __getstate__(self):  # deepcopy and pickle: the validated call and plans are rebuilt on use
         state = dict(self.__dict__)
-        state.update(_call=None, _weights=None, _addresses=None, _plain=False, _hats=None, _taken_from=None)
+        state.update(_call=None, _weights=None, _addresses=None, _hats=None, _taken_from=None)
         return state
 
     def __deepcopy__(self, memo):
@@ -601,9 +600,6 @@ class ModelWeightStandardizer:
             checks.check_ws_args(w, m.eps, m.correction, m.eps_mode)
         self._call = call = ModelCall(weights, self._checked)
         self._weights, self._addresses = weights, addresses
-        # none of these objects is a functorch wrapper, and a tensor object never becomes
-        # one: their calls need no unwrap (wsbcn/_compat.py)
-        self._plain = wrapped is not None
         call.addresses = addresses
         return call
 
@@ -617,7 +613,9 @@ class ModelWeightStandardizer:
         call = self._call_for(weights)
         if call is None:  # a functorch wrapper among the weights: every layer per layer
             return
-        self._hats = list((call.call_plain if self._plain else call)(weights))
+        # where torch can tell a functorch wrapper, _call_for returned none for weights with
+        # one, and a tensor object never becomes one: no unwrap (wsbcn/_compat.py)
+        self._hats = list((call.call_plain if _compat.is_functorch_wrapped is not None else call)(weights))
         self._taken_from = weights
 
     def _after(self, module, args, output):
