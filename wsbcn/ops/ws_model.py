@@ -395,30 +395,20 @@ class ModelWeightStandardizeFunction(torch.autograd.Function):
         return (None, *call.backward(grads, weights, rest))
 
 
-def _standardize_differentiable(w, eps, correction, std_mode):
-    """W_hat with differentiable torch ops (fp32, float64 for float64): the graph a
-    ``create_graph=True`` backward differentiates. Same values as the kernels up to
-    rounding; only its derivatives are used."""
-    acc = torch.float64 if w.dtype == torch.float64 else torch.float32
-    rows = w.reshape(w.shape[0], -1).to(acc)
-    denom = rows.shape[1] - correction
-    centred = rows - rows.mean(dim=1, keepdim=True)
-    var = centred.square().sum(dim=1, keepdim=True) / denom
-    d = var.sqrt() + eps if std_mode else (var + eps).sqrt()
-    return (centred / d).reshape(w.shape)
-
-
 def _double_backward(call, weights, grads):
+    """dW of every weight as a differentiable graph: per weight, the per-layer double
+    backward (ops/double_backward.py), whose W_hat in torch ops is the one per-layer WS
+    differentiates. A weight that needs no gradient (a frozen one in the pack, whose
+    W_hat got one through the shared node) is differentiated as a leaf of its own."""
+    from . import double_backward
+
     out = []
-    for w, g, (eps, correction, std_mode) in zip(weights, grads, call.args):
+    for w, g, a in zip(weights, grads, call.args):
         if g is None:
             out.append(None)
             continue
-        with torch.enable_grad():
-            leaf = w.detach().requires_grad_(True) if not w.requires_grad else w
-            w_hat = _standardize_differentiable(leaf, eps, correction, std_mode)
-            (dw,) = torch.autograd.grad(w_hat, leaf, g.to(w_hat.dtype), create_graph=True)
-        out.append(dw.to(w.dtype))
+        leaf = w if w.requires_grad else w.detach().requires_grad_(True)
+        out.append(double_backward.ws_double_backward(_Call(w, *a), leaf, g.to(w.dtype)))
     return out
 
 
