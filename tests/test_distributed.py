@@ -11,6 +11,7 @@ form (float64 inputs always take it). Parameter gradients are compared summed ov
 ranks (what DDP's all_reduce adds up; DDP itself, which averages, in
 test_ddp_averages_gradients). CUDA: the gpu-marked tests at the end (NCCL).
 """
+import copy
 import datetime
 import os
 import queue
@@ -407,6 +408,32 @@ def case_disagreeing_ranks_raise(rank, world):
         m(torch.randn(2, 8, 3, 3))
 
 
+def case_forward_ad_refused(rank, world):
+    """Forward-mode AD (a dual level's tangents, torch.func.jvp) is refused with a clear
+    error before anything runs: the statistics are combined across the ranks, which the
+    jvp would not see. Without a tangent in a dual level the call runs."""
+    import torch.autograd.forward_ad as fwAD
+
+    import wsbcn
+
+    for backend in ("triton", "torch"):
+        os.environ["WSBCN_BACKEND"] = backend
+        m = wsbcn.BatchChannelNorm2d(8, num_groups=4, process_group=dist.group.WORLD)
+        x = torch.randn(2, 8, 3, 3)
+        before = copy.deepcopy(m.state_dict())
+        with fwAD.dual_level():
+            with pytest.raises(RuntimeError, match="process_group does not support forward-mode AD"):
+                m(fwAD.make_dual(x, torch.randn_like(x)))
+        with pytest.raises(RuntimeError, match="process_group does not support forward-mode AD"):
+            torch.func.jvp(m, (x,), (torch.randn_like(x),))
+        for k, v in m.state_dict().items():
+            assert torch.equal(v, before[k]), k
+        with fwAD.dual_level():
+            m(x)
+        assert int(m.num_batches_tracked) == 1
+        dist.barrier()
+
+
 def case_empty_rank(rank, world, backend, c=8, g=4):
     """A rank without images takes part in both collectives; the others get the
     statistics of their own images, and every rank the same running buffers."""
@@ -539,6 +566,10 @@ def test_mixed_dtypes_and_backends_combine(ranks):
 
 def test_disagreeing_ranks_raise_clear_errors(ranks):
     ranks(2).run("case_disagreeing_ranks_raise")
+
+
+def test_forward_ad_is_refused_before_anything_runs(ranks):
+    ranks(2).run("case_forward_ad_refused")
 
 
 def test_rank_without_images(ranks):

@@ -210,13 +210,13 @@ def test_wsconv_gradient_penalty_trains_like_the_reference(backend):
 def test_double_backward_across_processes_raises_a_clear_error():
     from types import SimpleNamespace
 
-    from wsbcn.ops import double_backward
+    from wsbcn.ops import differentiable
     from wsbcn.kernels.norm import MODE_BATCH
 
     ctx = SimpleNamespace(call=SimpleNamespace(group=object(), mode=MODE_BATCH), needs_input_grad=(True,) * 7)
     x = torch.randn(2, 4, 3)
     with pytest.raises(RuntimeError, match="BatchChannelNorm with a process_group does not support double backward"):
-        double_backward.norm_double_backward(ctx, torch.ones_like(x), x, None, None, None, None, ())
+        differentiable.norm_double_backward(ctx, torch.ones_like(x), x, None, None, None, None, ())
 
 
 @pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.slow)])

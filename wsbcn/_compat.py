@@ -168,6 +168,43 @@ def function_c_apply(cls):
     return super(torch.autograd.Function, cls).apply
 
 
+# --- torch: forward-mode AD -------------------------------------------------------
+# torch.autograd.forward_ad keeps the dual level it is inside in ``_current_level``
+# (-1 outside ``dual_level()``); tangents exist only inside one. There the layers take
+# Functions that define ``jvp`` (ops/differentiable.py), under no_grad too (the no-grad
+# shortcut would skip the jvp); dynamo cannot trace such a Function, so the others have
+# none. Where this torch keeps no such variable, every call counts as inside a dual level.
+from torch.autograd import forward_ad as _forward_ad
+
+if isinstance(getattr(_forward_ad, "_current_level", None), int):
+    def forward_ad_active() -> bool:
+        return _forward_ad._current_level >= 0
+else:
+    def forward_ad_active() -> bool:
+        return True
+
+
+# A Function's jvp runs with forward grad off; pushing tangents through dual tensors of
+# the caller's level (ops/differentiable.py) turns it on for the call. None where this
+# torch has no such switch: then only torch.func.jvp pushes tangents through wsbcn.
+forward_grad_on = getattr(_forward_ad, "_set_fwd_grad_enabled", None)
+
+
+def has_forward_tangents(tensors) -> bool:
+    """Whether a forward-mode tangent reaches any of ``tensors`` (None ones skipped): one
+    attached inside a dual level, or a torch.func.jvp transform active (whose tangents
+    live in its wrappers). For calls that must refuse forward AD before they run."""
+    if forward_ad_active() and any(t is not None and _forward_ad.unpack_dual(t).tangent is not None
+                                   for t in tensors):
+        return True
+    try:
+        from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+        from torch._C._functorch import TransformType
+    except ImportError:  # no functorch: no torch.func.jvp
+        return False
+    return any(i.key() == TransformType.Jvp for i in retrieve_all_functorch_interpreters())
+
+
 # --- torch: dynamo's tensor guards ----------------------------------------------------
 # ``torch._C._dynamo.guards.TensorGuards(*tensors, dynamic_dims_sizes=None,
 # dynamic_dims_strides=None)`` records, per tensor, its Python type, dispatch key set

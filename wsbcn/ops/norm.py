@@ -270,10 +270,16 @@ class _Call:
         """The call of tensors that are no functorch wrappers: ``__call__`` after it
         unwraps, or a call ``checks.recalled`` found."""
         buffers = (running_mean, running_var, nbt)
+        if self.group is not None and _compat.has_forward_tangents((x, gamma, beta, omega, eta)):
+            from .differentiable import DISTRIBUTED_FORWARD_AD  # before anything runs
+
+            raise RuntimeError(DISTRIBUTED_FORWARD_AD)
         if not self.untraced:  # dynamo knows NormFunction.apply
             return NormFunction.apply(x, gamma, beta, omega, eta, self, buffers)
-        if _compat.functorch_transforms_active():  # torch.func.grad, vjp, ...
+        if _compat.functorch_transforms_active():  # torch.func.grad, vjp, jvp, ...
             return FunctorchNormFunction.apply(x, gamma, beta, omega, eta, self, buffers)[0]
+        if _compat.forward_ad_active():  # inside a dual level (torch.autograd.forward_ad), under no_grad too
+            return DualNormFunction.apply(x, gamma, beta, omega, eta, self, buffers)
         if not torch.is_grad_enabled():  # nothing for autograd to record: the op body alone
             return self.forward(x, gamma, beta, omega, eta, *buffers)[0]
         if self.c_apply is None:
@@ -298,16 +304,35 @@ class NormFunction(torch.autograd.Function):
     def backward(ctx, dy):
         x, gamma, beta, omega, eta, *saved = ctx.saved_tensors
         if torch.is_grad_enabled() and x.numel():  # create_graph=True: differentiable torch ops
-            from . import double_backward
-            return (*double_backward.norm_double_backward(ctx, dy, x, gamma, beta, omega, eta, saved), None, None)
+            from . import differentiable
+            return (*differentiable.norm_double_backward(ctx, dy, x, gamma, beta, omega, eta, saved), None, None)
         return (*ctx.call.backward(dy, x, saved, gamma, beta, omega, eta), None, None)
+
+
+class DualNormFunction(NormFunction):
+    """NormFunction inside a forward-mode AD dual level (torch.autograd.forward_ad): also
+    pushes tangents (``jvp``, differentiable torch ops: ops/differentiable.py). Apart,
+    because dynamo cannot trace a Function that defines ``jvp``."""
+
+    @staticmethod
+    def forward(ctx, x, gamma, beta, omega, eta, call, buffers):
+        y, saved = call.forward(x, gamma, beta, omega, eta, *buffers)
+        ctx.save_for_backward(x, gamma, beta, omega, eta, *saved)
+        ctx.save_for_forward(x, gamma, beta, omega, eta, *saved)  # what jvp reads as ctx.saved_tensors
+        ctx.call = call
+        return y
+
+    @staticmethod
+    def jvp(ctx, x_t, gamma_t, beta_t, omega_t, eta_t, *_):
+        from . import differentiable
+        return differentiable.norm_jvp(ctx, (x_t, gamma_t, beta_t, omega_t, eta_t))
 
 
 class FunctorchNormFunction(torch.autograd.Function):
     """NormFunction under a functorch transform (torch.func.grad, vjp, jacrev, ...), which
     requires ``setup_context``; NormFunction has none, so that eager calls can take the C
     apply (wsbcn/_compat.py). The saved statistics are extra outputs, not differentiable;
-    the backward differentiates the forward written in torch ops (ops/double_backward.py),
+    the backward differentiates the forward written in torch ops (ops/differentiable.py),
     so the transforms compose (grad of grad). Not vmap-able: the kernels take no batch of
     layers."""
 
@@ -322,15 +347,22 @@ class FunctorchNormFunction(torch.autograd.Function):
         saved = output[1:]
         ctx.mark_non_differentiable(*saved)
         ctx.save_for_backward(x, gamma, beta, omega, eta, *saved)
+        ctx.save_for_forward(x, gamma, beta, omega, eta, *saved)  # for jvp (torch.func.jvp)
         ctx.call = call
 
     @staticmethod
-    def backward(ctx, dy, *saved_grads):  # differentiable torch ops (ops/double_backward.py)
+    def jvp(ctx, x_t, gamma_t, beta_t, omega_t, eta_t, *_):  # differentiable torch ops (ops/differentiable.py)
+        from . import differentiable
+        return (differentiable.norm_jvp(ctx, (x_t, gamma_t, beta_t, omega_t, eta_t), functorch=True),
+                *(None for _ in ctx.saved_tensors[5:]))
+
+    @staticmethod
+    def backward(ctx, dy, *saved_grads):  # differentiable torch ops (ops/differentiable.py)
         x, gamma, beta, omega, eta, *saved = ctx.saved_tensors
         if not x.numel():
             return NormFunction.backward(ctx, dy)
-        from . import double_backward
-        return (*double_backward.norm_double_backward(ctx, dy, x, gamma, beta, omega, eta, saved, functorch=True),
+        from . import differentiable
+        return (*differentiable.norm_double_backward(ctx, dy, x, gamma, beta, omega, eta, saved, functorch=True),
                 None, None)
 
 

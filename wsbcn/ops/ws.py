@@ -146,8 +146,10 @@ class _Call:
         unwraps, or a call ``checks.recalled`` found."""
         if not self.untraced:  # dynamo knows WeightStandardizeFunction.apply
             return WeightStandardizeFunction.apply(weight, self)
-        if _compat.functorch_transforms_active():  # torch.func.grad, vjp, ...
+        if _compat.functorch_transforms_active():  # torch.func.grad, vjp, jvp, ...
             return FunctorchWeightStandardizeFunction.apply(weight, self)[0]
+        if _compat.forward_ad_active():  # inside a dual level (torch.autograd.forward_ad), under no_grad too
+            return DualWeightStandardizeFunction.apply(weight, self)
         if not torch.is_grad_enabled():  # nothing for autograd to record: the op body alone
             return self.forward(weight)[0]
         if self.c_apply is None:
@@ -172,8 +174,8 @@ class WeightStandardizeFunction(torch.autograd.Function):
     def backward(ctx, grad):
         weight, stats = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph=True: differentiable torch ops
-            from . import double_backward
-            return double_backward.ws_double_backward(ctx.call, getattr(ctx, "copied_from", weight), grad), None
+            from . import differentiable
+            return differentiable.ws_double_backward(ctx.call, getattr(ctx, "copied_from", weight), grad), None
         dw = ctx.call.backward(grad, weight, stats)
         if dw.stride() != grad.stride() and row_dense(grad) is grad:
             # laid out like dW_hat, as nn.ConvNd lays out its weight gradient (channels_last
@@ -182,11 +184,29 @@ class WeightStandardizeFunction(torch.autograd.Function):
         return dw, None
 
 
+class DualWeightStandardizeFunction(WeightStandardizeFunction):
+    """WeightStandardizeFunction inside a forward-mode AD dual level
+    (torch.autograd.forward_ad): also pushes tangents (``jvp``, differentiable torch
+    ops: ops/differentiable.py). Apart, because dynamo cannot trace a Function that
+    defines ``jvp``."""
+
+    @staticmethod
+    def forward(ctx, weight, call):
+        w_hat = WeightStandardizeFunction.forward(ctx, weight, call)
+        ctx.save_for_forward(weight)  # what jvp reads as ctx.saved_tensors
+        return w_hat
+
+    @staticmethod
+    def jvp(ctx, weight_t, _):
+        from . import differentiable
+        return differentiable.ws_jvp(ctx.call, ctx.saved_tensors[0], weight_t)
+
+
 class FunctorchWeightStandardizeFunction(torch.autograd.Function):
     """WeightStandardizeFunction under a functorch transform (torch.func.grad, vjp, ...),
     which requires ``setup_context`` (see ops/norm.py FunctorchNormFunction). The
     statistics are an extra output, not differentiable; the backward differentiates W_hat
-    written in torch ops (ops/double_backward.py)."""
+    written in torch ops (ops/differentiable.py)."""
 
     @staticmethod
     def forward(weight, call):
@@ -198,13 +218,19 @@ class FunctorchWeightStandardizeFunction(torch.autograd.Function):
         weight, call = inputs
         ctx.mark_non_differentiable(output[1])
         ctx.save_for_backward(weight, output[1])
+        ctx.save_for_forward(weight)  # for jvp (torch.func.jvp)
         ctx.call = call
 
     @staticmethod
-    def backward(ctx, grad, stats_grad):  # differentiable torch ops (ops/double_backward.py)
+    def jvp(ctx, weight_t, _):  # differentiable torch ops (ops/differentiable.py)
+        from . import differentiable
+        return differentiable.ws_jvp(ctx.call, ctx.saved_tensors[0], weight_t, functorch=True), None
+
+    @staticmethod
+    def backward(ctx, grad, stats_grad):  # differentiable torch ops (ops/differentiable.py)
         weight, _ = ctx.saved_tensors
-        from . import double_backward
-        return double_backward.ws_double_backward(ctx.call, weight, grad, functorch=True), None
+        from . import differentiable
+        return differentiable.ws_double_backward(ctx.call, weight, grad, functorch=True), None
 
 
 _calls: dict = {}  # validated weight signature -> _Call

@@ -360,7 +360,9 @@ class ModelCall:
         unwraps; ModelWeightStandardizer's validated weights): 53 unwraps cost ~14 µs."""
         if self.compiling:  # dynamo knows ModelWeightStandardizeFunction.apply
             return ModelWeightStandardizeFunction.apply(self, *weights)
-        if _compat.functorch_transforms_active():  # torch.func.grad, vjp, ...: per weight (ops/ws.py)
+        if _compat.functorch_transforms_active() or _compat.forward_ad_active():
+            # torch.func.grad, vjp, jvp, ..., or a dual level: per weight (ops/ws.py), whose
+            # Functions push tangents (this one's node holds every weight: it has no jvp)
             return tuple(_Call(w, *a)(w) for w, a in zip(weights, self.args))
         if not torch.is_grad_enabled():  # nothing for autograd to record: the op body alone
             return tuple(self.forward(weights)[0])
@@ -397,10 +399,10 @@ class ModelWeightStandardizeFunction(torch.autograd.Function):
 
 def _double_backward(call, weights, grads):
     """dW of every weight as a differentiable graph: per weight, the per-layer double
-    backward (ops/double_backward.py), whose W_hat in torch ops is the one per-layer WS
+    backward (ops/differentiable.py), whose W_hat in torch ops is the one per-layer WS
     differentiates. A weight that needs no gradient (a frozen one in the pack, whose
     W_hat got one through the shared node) is differentiated as a leaf of its own."""
-    from . import double_backward
+    from . import differentiable
 
     out = []
     for w, g, a in zip(weights, grads, call.args):
@@ -408,7 +410,7 @@ def _double_backward(call, weights, grads):
             out.append(None)
             continue
         leaf = w if w.requires_grad else w.detach().requires_grad_(True)
-        out.append(double_backward.ws_double_backward(_Call(w, *a), leaf, g.to(w.dtype)))
+        out.append(differentiable.ws_double_backward(_Call(w, *a), leaf, g.to(w.dtype)))
     return out
 
 

@@ -1,4 +1,4 @@
-"""Double backward of NormFunction and WeightStandardizeFunction.
+"""Double backward and forward-mode AD of NormFunction and WeightStandardizeFunction.
 
 The first-order backwards (Triton kernels, or the torch closed form) compute the
 gradients from statistics the forward saved as constants, so the graph they would
@@ -14,6 +14,13 @@ variants always take this path, differentiated with ``torch.func.vjp`` instead: 
 the saved tensors carry no autograd history (functorch tracks its own), and the outer
 transforms see every op, so grad of grad is right too.
 
+Forward-mode AD (``torch.autograd.forward_ad``, ``torch.func.jvp``, and with them
+forward-over-reverse Hessian-vector products) has no kernel: the ``jvp`` of the
+Functions the layers take there (``DualNormFunction``, ``DualWeightStandardizeFunction``
+inside a dual level, the functorch variants under torch.func.jvp) pushes the input
+tangents through the same torch-op forward, with the same constants, from what the
+forward saved for it (``ctx.save_for_forward``). The output itself is the kernels'.
+
 What is recomputed and what is a constant, as in the forward:
 - BCN, training with batch statistics: mean and variance of x per channel, with
   gradients through them;
@@ -23,7 +30,9 @@ What is recomputed and what is a constant, as in the forward:
 - the channel stage (and GroupNorm): group statistics of u, with gradients.
 """
 import torch
+from torch.autograd import forward_ad
 
+from .. import _compat
 from ..backends.torch_closed_form import _activate, acc_dtype
 from ..kernels.norm import MODE_BATCH, MODE_GN
 
@@ -95,6 +104,62 @@ def norm_double_backward(ctx, dy, x, gamma, beta, omega, eta, saved, functorch=F
     return tuple(out)
 
 
+def norm_jvp(ctx, tangents, functorch=False):
+    """NormFunction's forward-mode derivative: the tangent of y given the tangents of
+    (x, gamma, beta, omega, eta) (None for one without), through the same torch-op
+    forward and the same constants as its double backward."""
+    call = ctx.call
+    if call.group is not None:  # refused before the forward ran (ops/norm.py _Call.call_plain); kept as a net
+        raise RuntimeError(DISTRIBUTED_FORWARD_AD)
+    x, gamma, beta, omega, eta, *saved = ctx.saved_tensors
+    if x.numel() == 0:
+        return torch.zeros_like(x)
+    bn_mean = bn_rstd = None
+    if call.mode not in (MODE_GN, MODE_BATCH):
+        bn_mean, bn_rstd = _bn_constants(call, x, gamma, omega, saved)
+
+    def forward(*ts):
+        return norm_forward_differentiable(*ts, call.num_groups, call.eps, call.mode, call.activation,
+                                           call.group_affine, bn_mean, bn_rstd)
+
+    return _push_forward(forward, (x, gamma, beta, omega, eta), tangents, functorch)
+
+
+# what a BatchChannelNorm with a process group says to forward-mode AD
+DISTRIBUTED_FORWARD_AD = (
+    "wsbcn BatchChannelNorm with a process_group does not support forward-mode AD "
+    "(torch.autograd.forward_ad, torch.func.jvp): its statistics are combined across processes. "
+    "Use it without process_group for the jvp.")
+
+
+def _push_forward(forward, tensors, tangents, functorch):
+    """The tangent of ``forward(*tensors)`` given ``tangents`` (one per tensor, None for
+    one without: it stays a constant), each in its tensor's dtype as torch keeps them.
+    ``functorch``: under torch.func.jvp, which nests (it pushes through its own
+    wrappers); else inside a ``torch.autograd.forward_ad`` dual level, which does not
+    nest, and which runs a Function's jvp with forward grad off: the tangents are pushed
+    through dual tensors of that level, forward grad on for the call."""
+    wanted = [i for i, (t, d) in enumerate(zip(tensors, tangents)) if t is not None and d is not None]
+    primals = [tensors[i] for i in wanted]
+    pushed = [tangents[i].to(p.dtype) for i, p in zip(wanted, primals)]
+
+    def of_wanted(*picked):
+        ts = list(tensors)
+        for i, t in zip(wanted, picked):
+            ts[i] = t
+        return forward(*ts)
+
+    if functorch:
+        return torch.func.jvp(of_wanted, tuple(primals), tuple(pushed))[1]
+    if _compat.forward_grad_on is None:
+        raise RuntimeError(f"torch {torch.__version__} cannot push tangents through wsbcn's layers inside a "
+                           "torch.autograd.forward_ad dual level; use torch.func.jvp")
+    with _compat.forward_grad_on(True):
+        out = of_wanted(*[forward_ad.make_dual(p.detach(), d) for p, d in zip(primals, pushed)])
+        tangent = forward_ad.unpack_dual(out).tangent
+    return torch.zeros_like(out) if tangent is None else tangent
+
+
 def _pull_back(forward, tensors, wanted, grad, functorch):
     """The gradients of ``forward(*tensors)`` with respect to ``tensors[i]`` for i in
     ``wanted``, given the output's gradient, as a differentiable graph: through
@@ -146,3 +211,14 @@ def ws_double_backward(call, weight, grad, functorch=False):
 
     (dw,) = _pull_back(forward, (weight,), [0], grad, functorch)
     return dw
+
+
+def ws_jvp(call, weight, tangent, functorch=False):
+    """WeightStandardizeFunction's forward-mode derivative: the tangent of W_hat."""
+    if weight.numel() == 0:
+        return torch.zeros_like(weight)
+
+    def forward(w):
+        return ws_forward_differentiable(w, call.eps, call.correction, call.std_mode, call.center_only)
+
+    return _push_forward(forward, (weight,), (tangent,), functorch)

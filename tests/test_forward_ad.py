@@ -1,0 +1,206 @@
+"""Forward-mode AD through wsbcn layers, as through torch's own: tangents pushed by
+``torch.autograd.forward_ad`` (dual tensors) and by ``torch.func.jvp``, under no_grad
+too, and forward-over-reverse Hessian-vector products. Every tangent against the
+float64 reference's (tests/reference.py) pushed by torch's forward AD; the primal
+outputs and the running buffers as one call of the reference leaves them."""
+import copy
+
+import pytest
+import torch
+import torch.autograd.forward_ad as fwAD
+import torch.nn.functional as F
+from torch import nn
+
+import wsbcn
+from conftest import DEVICE, rel_err
+from reference import bcn_reference, gn_reference, ws_reference
+from wsbcn.functional import batch_channel_norm, group_norm, weight_standardize
+
+C, G = 8, 4
+# (training, estimate, activation, group_affine) of the BCN cases
+BCN_CASES = {"batch statistics": (True, False, "silu", True), "estimate": (True, True, "relu", False),
+             "eval": (False, False, None, True)}
+
+
+def _bcn_inputs(seed, group_affine):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, C, 3, 3, generator=g).to(DEVICE)
+    aff = G if group_affine else C
+    params = [torch.rand(C, generator=g) + 0.5, torch.randn(C, generator=g), torch.rand(aff, generator=g) + 0.5,
+              torch.randn(aff, generator=g)]
+    buffers = [torch.randn(C, generator=g) * 0.3, torch.rand(C, generator=g) + 0.5, torch.tensor(3)]
+    tangents = [torch.randn(x.shape, generator=g)] + [torch.randn(p.shape, generator=g) for p in params]
+    return x, [p.to(DEVICE) for p in params], [b.to(DEVICE) for b in buffers], [t.to(DEVICE) for t in tangents]
+
+
+def _reference_tangent(fn, primals, tangents):
+    """(output, tangent) of ``fn`` in float64 under torch's forward AD."""
+    with fwAD.dual_level():
+        out = fn(*[fwAD.make_dual(p.double(), t.double()) for p, t in zip(primals, tangents)])
+        primal, tangent = fwAD.unpack_dual(out)
+    return primal, tangent
+
+
+def _dual_call(fn, primals, tangents):
+    with fwAD.dual_level():
+        out = fn(*[fwAD.make_dual(p, t) for p, t in zip(primals, tangents)])
+        return fwAD.unpack_dual(out)
+
+
+@pytest.mark.parametrize("how", ["dual tensors", "dual tensors under no_grad", "torch.func.jvp"])
+@pytest.mark.parametrize("case", list(BCN_CASES))
+def test_bcn_tangent_matches_the_reference(backend, case, how):
+    """The tangent of y in x and all four parameters at once."""
+    training, estimate, activation, group_affine = BCN_CASES[case]
+    x, params, buffers, tangents = _bcn_inputs(0, group_affine)
+    ref_buffers = [b.double() if b.is_floating_point() else b.clone() for b in buffers]
+
+    def ours(x, gamma, beta, omega, eta):
+        return batch_channel_norm(x, G, buffers[0], buffers[1], gamma, beta, omega, eta, training=training,
+                                  estimate=estimate, activation=activation, num_batches_tracked=buffers[2])
+
+    def reference(x, gamma, beta, omega, eta):
+        return bcn_reference(x, G, gamma, beta, omega, eta, ref_buffers[0], ref_buffers[1], training, estimate,
+                             activation=activation, num_batches_tracked=ref_buffers[2])
+
+    primals = [x] + params
+    if how == "torch.func.jvp":
+        y, y_t = torch.func.jvp(ours, tuple(primals), tuple(tangents))
+    elif how == "dual tensors under no_grad":
+        with torch.no_grad():
+            y, y_t = _dual_call(ours, primals, tangents)
+    else:
+        y, y_t = _dual_call(ours, primals, tangents)
+    ref, ref_t = _reference_tangent(reference, primals, tangents)
+    assert y_t is not None and y_t.dtype == y.dtype and y_t.shape == y.shape
+    assert rel_err(y, ref) <= 1e-5
+    assert rel_err(y_t, ref_t) <= 1e-5
+    for b, r in zip(buffers, ref_buffers):  # updated once, as the call ran once
+        assert rel_err(b, r) <= 1e-6
+
+
+@pytest.mark.parametrize("how", ["dual tensors", "torch.func.jvp"])
+def test_group_norm_and_ws_tangents_match_the_reference(backend, how):
+    x, (gamma, beta, _, _), _, (x_t, gamma_t, beta_t, _, _) = _bcn_inputs(1, True)
+    g = torch.Generator().manual_seed(2)
+    w, w_t = torch.randn(4, 3, 2, 2, generator=g).to(DEVICE), torch.randn(4, 3, 2, 2, generator=g).to(DEVICE)
+    layers = {
+        "group norm": (lambda t, a, b: group_norm(t, G, a, b, activation="relu"),
+                       lambda t, a, b: gn_reference(t, G, a, b, activation="relu"),
+                       (x, gamma, beta), (x_t, gamma_t, beta_t)),
+        "ws": (lambda v: weight_standardize(v, 1e-5, 1, "std"), lambda v: ws_reference(v, 1e-5, 1, "std"),
+               (w,), (w_t,)),
+        "ws centered": (lambda v: weight_standardize(v, standardize="center"),
+                        lambda v: v - v.mean(dim=(1, 2, 3), keepdim=True), (w,), (w_t,)),
+    }
+    for name, (ours, reference, primals, tangents) in layers.items():
+        if how == "torch.func.jvp":
+            out, out_t = torch.func.jvp(ours, primals, tangents)
+        else:
+            out, out_t = _dual_call(ours, primals, tangents)
+        ref, ref_t = _reference_tangent(reference, primals, tangents)
+        assert rel_err(out, ref) <= 1e-5, name
+        assert rel_err(out_t, ref_t) <= 1e-5, name
+
+
+class _Net(nn.Module):
+    def __init__(self, estimate):
+        super().__init__()
+        self.estimate = estimate
+        self.c1 = wsbcn.WSConv2d(3, C, 3, padding=1)
+        self.n1 = wsbcn.BatchChannelNorm2d(C, G, estimate=estimate)
+        self.c2 = wsbcn.WSConv2d(C, C, 3, padding=1, eps_mode="std", correction=1)
+        self.n2 = wsbcn.GroupNorm(G, C)
+
+    def forward(self, x):
+        return self.n2(self.c2(torch.relu(self.n1(self.c1(x)))))
+
+
+def _net_reference(p, buffers, x, estimate):
+    y = F.conv2d(x, ws_reference(p["c1.weight"]), p["c1.bias"], padding=1)
+    y = bcn_reference(y, G, p["n1.weight"], p["n1.bias"], p["n1.group_weight"], p["n1.group_bias"],
+                      buffers["n1.running_mean"], buffers["n1.running_var"], training=True, estimate=estimate,
+                      num_batches_tracked=buffers["n1.num_batches_tracked"])
+    y = F.conv2d(torch.relu(y), ws_reference(p["c2.weight"], correction=1, eps_mode="std"), p["c2.bias"], padding=1)
+    return gn_reference(y, G, p["n2.weight"], p["n2.bias"])
+
+
+def _net(model_wide, estimate):
+    torch.manual_seed(5)
+    model = _Net(estimate).to(DEVICE).train()
+    with torch.no_grad():
+        model.n1.running_mean.normal_(0, 0.3)
+        model.n1.running_var.uniform_(0.5, 1.5)
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.2)
+    if model_wide:
+        wsbcn.ModelWeightStandardizer(model)
+    return model
+
+
+@pytest.mark.parametrize("model_wide", [False, True])
+def test_jvp_of_a_model_in_its_input_and_parameters(backend, model_wide):
+    """torch.func.jvp through functional_call, and dual parameters and input in a dual
+    level (model-wide WS standardizes per layer there: its one node has no jvp)."""
+    model = _net(model_wide, estimate=True)
+    x = torch.randn(2, 3, 4, 4, device=DEVICE)
+    params = {k: v.detach().clone() for k, v in model.named_parameters()}
+    p_t = {k: torch.randn_like(v) for k, v in params.items()}
+    x_t = torch.randn_like(x)
+    start = copy.deepcopy({k: v for k, v in model.named_buffers()})
+    ref_buffers = {k: v.double() if v.is_floating_point() else v.clone() for k, v in start.items()}
+    names = list(params)
+
+    def reference(x, *ps):
+        return _net_reference(dict(zip(names, ps)), ref_buffers, x, estimate=True)
+
+    ref, ref_t = _reference_tangent(reference, [x] + list(params.values()), [x_t] + list(p_t.values()))
+    y, y_t = torch.func.jvp(lambda t, p: torch.func.functional_call(model, p, (t,)), (x, params), (x_t, p_t))
+    assert rel_err(y, ref) <= 1e-4 and rel_err(y_t, ref_t) <= 1e-4
+    for name, b in model.named_buffers():
+        assert rel_err(b, ref_buffers[name]) <= 1e-6, name
+    model.load_state_dict(start, strict=False)  # the buffers as the reference had them
+    with fwAD.dual_level():
+        duals = {k: fwAD.make_dual(v, p_t[k]) for k, v in params.items()}
+        y2, y2_t = fwAD.unpack_dual(torch.func.functional_call(model, duals, (fwAD.make_dual(x, x_t),)))
+    assert rel_err(y2, ref) <= 1e-4 and rel_err(y2_t, ref_t) <= 1e-4
+
+
+def test_forward_over_reverse_hessian_vector_product(backend):
+    """jvp of grad: the Hessian of a loss through WSConv, BCN (batch statistics, so
+    second derivatives through them) and GroupNorm times a vector in the parameters,
+    against the float64 reference's (double backward)."""
+    model = _net(False, estimate=False)
+    x = torch.randn(2, 3, 4, 4, device=DEVICE)
+    dy = torch.randn(2, C, 4, 4, device=DEVICE)
+    params = {k: v.detach().clone() for k, v in model.named_parameters()}
+    v = {k: torch.randn_like(p) for k, p in params.items()}
+
+    def loss(p):
+        return (torch.func.functional_call(model, p, (x,)) ** 2 * dy).sum()
+
+    _, hvp = torch.func.jvp(torch.func.grad(loss), (params,), (v,))
+    names = list(params)
+    p64 = [params[k].double().requires_grad_(True) for k in names]
+    ref_buffers = {k: b.double() if b.is_floating_point() else b.clone() for k, b in model.named_buffers()}
+    ref_loss = (_net_reference(dict(zip(names, p64)), ref_buffers, x.double(), estimate=False) ** 2
+                * dy.double()).sum()
+    grads = torch.autograd.grad(ref_loss, p64, create_graph=True)
+    ref_hvp = torch.autograd.grad(sum((g * v[k].double()).sum() for g, k in zip(grads, names)), p64)
+    scale = max(r.norm().item() for r in ref_hvp)
+    for k, r in zip(names, ref_hvp):
+        if r.norm().item() > 1e-9 * scale:
+            assert rel_err(hvp[k], r) <= 1e-4, k
+        else:  # zero in exact arithmetic (c1's bias, before batch statistics): rounding only
+            assert hvp[k].norm().item() <= 1e-6 * scale, k
+
+
+def test_jacfwd_is_refused_before_any_buffer_changes(backend):
+    """jacfwd is vmap over jvp; the kernels take no batch of layers: torch's vmap error,
+    the running buffers as they were."""
+    m = wsbcn.BatchChannelNorm2d(C, G).to(DEVICE).train()
+    before = copy.deepcopy(m.state_dict())
+    with pytest.raises(RuntimeError, match="vmap"):
+        torch.func.jacfwd(m)(torch.randn(2, C, 2, 2, device=DEVICE))
+    for k, v in m.state_dict().items():
+        assert torch.equal(v, before[k]), k
