@@ -359,6 +359,52 @@ def case_ddp_averages_gradients(rank, world, backend, sizes, c=8, g=4):
         assert rel_err(getattr(layer, k).grad, ref[k].grad / world) <= 2e-5, k
 
 
+def case_fully_shard(rank, world, backend, model_wide, c=8, g=4):
+    """Under FSDP2's fully_shard (each layer and the model; its gradients averaged and
+    sharded), WSConv (per layer, or under a ModelWeightStandardizer, which leaves the
+    sharded weights to the layers) and a BCN over the process group give the
+    single-process gradients of the whole batch over R, and the same running buffers."""
+    import torch.nn.functional as F
+    from conftest import rel_err
+    from reference import bcn_reference, ws_reference
+    from torch.distributed.fsdp import fully_shard
+
+    import wsbcn
+
+    os.environ["WSBCN_BACKEND"] = backend
+    torch.manual_seed(7)  # the same parameters on every rank
+    net = torch.nn.Sequential(wsbcn.WSConv2d(3, c, 3, padding=1),
+                              wsbcn.BatchChannelNorm2d(c, g, process_group=dist.group.WORLD), torch.nn.ReLU(),
+                              wsbcn.WSConv2d(c, c, 3, eps_mode="std", correction=1))
+    ref = {k: v.detach().double().requires_grad_(True) for k, v in net.named_parameters()}
+    ref_buffers = {k: v.double() if v.is_floating_point() else v.clone() for k, v in net.named_buffers()}
+    if model_wide:
+        wsbcn.ModelWeightStandardizer(net)
+    for layer in (net[0], net[1], net[3]):
+        fully_shard(layer)
+    fully_shard(net)
+    gen = torch.Generator().manual_seed(8)
+    x = torch.randn(2 * world, 3, 5, 5, generator=gen)
+    dy = torch.randn(2 * world, c, 3, 3, generator=gen)
+    mine = slice(2 * rank, 2 * rank + 2)
+    (net(x[mine]) * dy[mine]).sum().backward()
+    y = F.conv2d(x.double(), ws_reference(ref["0.weight"]), ref["0.bias"], padding=1)
+    y = bcn_reference(y, g, ref["1.weight"], ref["1.bias"], ref["1.group_weight"], ref["1.group_bias"],
+                      ref_buffers["1.running_mean"], ref_buffers["1.running_var"], training=True,
+                      num_batches_tracked=ref_buffers["1.num_batches_tracked"])
+    y = F.conv2d(torch.relu(y), ws_reference(ref["3.weight"], correction=1, eps_mode="std"), ref["3.bias"])
+    (y * dy.double()).sum().backward()
+    scale = max(r.grad.norm().item() for r in ref.values()) / world
+    for k, p in net.named_parameters():
+        expected = ref[k].grad / world
+        if expected.norm().item() > 1e-9 * scale:
+            assert rel_err(p.grad.full_tensor(), expected) <= 1e-5, k
+        else:  # zero in exact arithmetic (the first conv's bias, before batch statistics): rounding only
+            assert p.grad.full_tensor().norm().item() <= 1e-6 * scale, k
+    for k, b in net.named_buffers():
+        assert rel_err(b, ref_buffers[k]) <= 1e-6, k
+
+
 def case_mixed_dtypes_and_backends(rank, world, c=8, g=4):
     """Ranks with different input dtypes and backends combine their statistics (the
     rows travel as float64 whatever the input): rank 0 float64 through the torch
@@ -558,6 +604,11 @@ def test_ragged_ranks_single_1x1_image(ranks):
 
 def test_ddp_averages_gradients(ranks):
     ranks(2).run("case_ddp_averages_gradients", backend="triton", sizes=[3, 1])
+
+
+@pytest.mark.parametrize("model_wide", [False, True])
+def test_fully_shard_matches_one_batch(ranks, model_wide):
+    ranks(2).run("case_fully_shard", backend="triton", model_wide=model_wide)
 
 
 def test_mixed_dtypes_and_backends_combine(ranks):

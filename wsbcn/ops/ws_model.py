@@ -574,7 +574,10 @@ class ModelWeightStandardizer:
         addresses and what the plans derive from stay the same (a change of shape,
         dtype or device moves a weight). None when a weight is a functorch wrapper (one
         that outlived its transform, left in ``_parameters``): the layers then
-        standardize per layer for this forward, which unwraps it."""
+        standardize per layer for this forward, which unwraps it. None too for a tensor
+        subclass: FSDP2's ``fully_shard`` keeps each weight as a sharded DTensor
+        between forwards and hands the layer a whole one only in its own forward, so a
+        pack made here would standardize shards that no layer takes."""
         if torch.compiler.is_compiling():
             return ModelCall(weights, self._checked)
         call, known = self._call, self._weights
@@ -584,6 +587,8 @@ class ModelWeightStandardizer:
             if addresses == self._addresses and call.current():
                 call.addresses = addresses
                 return call
+        if not all(type(w) is torch.nn.Parameter or type(w) is torch.Tensor for w in weights):
+            return None
         wrapped = _compat.is_functorch_wrapped
         if wrapped is not None and any(map(wrapped, weights)):
             return None
@@ -603,7 +608,7 @@ class ModelWeightStandardizer:
         checks.refuse_jit_trace()  # a recorded forward would keep every W_hat as a constant
         weights = self._weights_now()
         call = self._call_for(weights)
-        if call is None:  # a functorch wrapper among the weights: every layer per layer
+        if call is None:  # a functorch wrapper or a DTensor among the weights: every layer per layer
             return
         # where torch can tell a functorch wrapper, _call_for returned none for weights with
         # one, and a tensor object never becomes one: no unwrap (wsbcn/_compat.py)
