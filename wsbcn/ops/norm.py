@@ -270,8 +270,8 @@ class _Call:
         """The call of tensors that are no functorch wrappers: ``__call__`` after it
         unwraps, or a call ``checks.recalled`` found."""
         buffers = (running_mean, running_var, nbt)
-        if self.group is not None and _compat.has_forward_tangents((x, gamma, beta, omega, eta)):
-            from .differentiable import DISTRIBUTED_FORWARD_AD  # before anything runs
+        if self.group is not None and self.untraced and _compat.has_forward_tangents((x, gamma, beta, omega, eta)):
+            from .differentiable import DISTRIBUTED_FORWARD_AD  # before anything runs (not traced by dynamo)
 
             raise RuntimeError(DISTRIBUTED_FORWARD_AD)
         if not self.untraced:  # dynamo knows NormFunction.apply
