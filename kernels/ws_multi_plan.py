@@ -79,6 +79,7 @@ class PackLayout:
             runs.setdefault(key, []).append(i)
         self.out_offset = [0] * n
         self.runs = []  # (shape, strides, start, sizes along dim 0): one as_strided view per run
+        self.run_numels = []  # elements of each run
         self.flat_order = []  # the weights in their order in the flat buffer
         start = 0
         for members in runs.values():
@@ -96,13 +97,24 @@ class PackLayout:
             for position, d in enumerate((0,) + order):
                 shape[d], stride[d] = memory_shape[position], memory_stride[position]
             self.runs.append((tuple(shape), tuple(stride), start, [outs[i] for i in members]))
+            self.run_numels.append(stop - start)
             self.flat_order += members
             start = stop
         self.gather = [self.flat_order.index(i) for i in range(n)]
         self._pick = operator.itemgetter(*self.gather) if n > 1 else None
 
     def views(self, flat):
-        """Each weight's part of ``flat``, shaped and strided as the weight, in pack order."""
+        """Each weight's part of ``flat``, shaped and strided as the weight, in pack order.
+        Traced, ``flat`` (all of it: an op's output) is split first and each run viewed
+        in its own part: torch 2.11's compiled autograd.Function gives zero gradients
+        to outputs that are ``as_strided`` views (or slices) of one tensor, but not to
+        ``split``'s (fixed by 2.13; model-wide WS returns these views as its W_hat)."""
+        if torch.compiler.is_compiling():
+            parts = []
+            for (shape, stride, _, sizes), part in zip(self.runs, flat.split_with_sizes(self.run_numels)):
+                v = part.as_strided(shape, stride)
+                parts += v.split_with_sizes(sizes) if len(sizes) > 1 else [v]
+            return tuple(parts[k] for k in self.gather)
         parts = []
         for shape, stride, start, sizes in self.runs:
             v = flat.as_strided(shape, stride, start)
@@ -110,8 +122,6 @@ class PackLayout:
                 parts += v.split_with_sizes(sizes)
             else:
                 parts.append(v)
-        if torch.compiler.is_compiling():
-            return tuple(parts[k] for k in self.gather)
         return self._pick(parts) if self._pick is not None else tuple(parts)
 
     def pack(self, tensors):

@@ -9,6 +9,14 @@ import wsbcn
 from conftest import DEVICE, assert_graph_replays_train_like_eager
 
 
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    """Each test compiles from scratch: the layers' code objects compiled by earlier tests
+    would count toward dynamo's recompile limit (8), which torch 2.11 reaches in this file."""
+    torch._dynamo.reset()
+
+
 def layer_kinds_model():
     """WSConv2d, BCN, GN and micro-batch BCN (tests/test_triton_ops.py uses it too)."""
     torch.manual_seed(0)
