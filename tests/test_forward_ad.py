@@ -8,12 +8,12 @@ import copy
 import pytest
 import torch
 import torch.autograd.forward_ad as fwAD
-import torch.nn.functional as F
-from torch import nn
 
 import wsbcn
 from conftest import DEVICE, rel_err
 from reference import bcn_reference, gn_reference, ws_reference
+from test_func_transforms import _Net
+from test_func_transforms import _reference as _net_reference
 from wsbcn.functional import batch_channel_norm, group_norm, weight_standardize
 
 C, G = 8, 4
@@ -101,28 +101,6 @@ def test_group_norm_and_ws_tangents_match_the_reference(backend, how):
         ref, ref_t = _reference_tangent(reference, primals, tangents)
         assert rel_err(out, ref) <= 1e-5, name
         assert rel_err(out_t, ref_t) <= 1e-5, name
-
-
-class _Net(nn.Module):
-    def __init__(self, estimate):
-        super().__init__()
-        self.estimate = estimate
-        self.c1 = wsbcn.WSConv2d(3, C, 3, padding=1)
-        self.n1 = wsbcn.BatchChannelNorm2d(C, G, estimate=estimate)
-        self.c2 = wsbcn.WSConv2d(C, C, 3, padding=1, eps_mode="std", correction=1)
-        self.n2 = wsbcn.GroupNorm(G, C)
-
-    def forward(self, x):
-        return self.n2(self.c2(torch.relu(self.n1(self.c1(x)))))
-
-
-def _net_reference(p, buffers, x, estimate):
-    y = F.conv2d(x, ws_reference(p["c1.weight"]), p["c1.bias"], padding=1)
-    y = bcn_reference(y, G, p["n1.weight"], p["n1.bias"], p["n1.group_weight"], p["n1.group_bias"],
-                      buffers["n1.running_mean"], buffers["n1.running_var"], training=True, estimate=estimate,
-                      num_batches_tracked=buffers["n1.num_batches_tracked"])
-    y = F.conv2d(torch.relu(y), ws_reference(p["c2.weight"], correction=1, eps_mode="std"), p["c2.bias"], padding=1)
-    return gn_reference(y, G, p["n2.weight"], p["n2.bias"])
 
 
 def _net(model_wide, estimate):
