@@ -245,6 +245,7 @@ class ModelCall:
         self.c_apply = None if self.compiling else _compat.function_c_apply(ModelWeightStandardizeFunction)
         self.packs = []  # eager: (indices, itemgetter, plan); compiling: [(indices, None, None)]
         self.singles = []  # (index, per-layer _Call)
+        self.traced_layouts = []  # compiling: each op output's PackLayout, set by the forward
         multi = []
         for i, (w, a) in enumerate(zip(weights, self.args)):
             if backends.backend_for(w) == "triton" and w.shape[0] > 0 and (
@@ -304,14 +305,18 @@ class ModelCall:
     def _forward_op(self, weights):
         outs = [None] * self.n
         saved = []
+        # each op output's layout, kept for the backward: torch 2.14's dynamo refuses to
+        # read strides while it traces an autograd.Function's backward
+        self.traced_layouts = layouts = []
         for indices, pick, _ in self.packs:
             ws = [weights[i] for i in indices]
             eps, correction, std = (list(x) for x in zip(*[self.args[i] for i in indices]))
             found = ws_model_forward_op(ws, eps, correction, std)
             packs = _pack_indices(ws)
             for j, pack in enumerate(packs):
-                hats = _layout([ws[k] for k in pack]).views(found[j])
-                for k, h in zip(pack, hats):
+                layout = _layout([ws[k] for k in pack])
+                layouts.append(layout)
+                for k, h in zip(pack, layout.views(found[j])):
                     outs[indices[k]] = h
             saved += found[len(packs):]
         for i, call in self.singles:
@@ -323,11 +328,13 @@ class ModelCall:
         """dW of every weight (None where its W_hat got no gradient)."""
         dws = [None] * self.n
         k = 0
+        layouts = iter(self.traced_layouts)  # compiling: the forward's, in the same order
         for indices, pick, plan in self.packs:
             ws = pick(weights) if len(indices) > 1 else (weights[indices[0]],)
             n_stats = len(_pack_indices(ws)) if self.compiling else 1  # the op makes one per (device, dtype)
             stats = saved[k:k + n_stats]
             k += n_stats
+            pack_layouts = [next(layouts) for _ in range(n_stats)] if self.compiling else None
             gs = pick(grads) if len(indices) > 1 else (grads[indices[0]],)
             if all(g is None for g in gs):
                 continue
@@ -335,8 +342,8 @@ class ModelCall:
             if self.compiling:
                 found = [None] * len(ws)
                 flats = ws_model_backward_op(list(gs), list(ws), list(stats))
-                for pack, flat in zip(_pack_indices(ws), flats):
-                    for j, d in zip(pack, _layout([ws[j] for j in pack]).views(flat)):
+                for pack, flat, layout in zip(_pack_indices(ws), flats, pack_layouts):
+                    for j, d in zip(pack, layout.views(flat)):
                         found[j] = d
             else:
                 found = plan.backward(_laid_out(gs, plan, ws), ws, tuple(map(_data_ptr, ws)), stats[0])
