@@ -631,7 +631,7 @@ def test_double_backward_matches_the_float64_reference(use_backend, backend, sam
     for a, b in zip(first, first_ref):
         assert rel_err(a, b) <= 1e-5
     for i, (a, b) in enumerate(zip(second, second_ref)):
-        if b is None:
+        if b is None or not b.any():  # not connected, or zero (GroupNorm's bias): torch 2.14 gives zeros
             assert a is None or not a.any(), i
         else:
             assert a is not None and rel_err(a, b) <= 1e-4, (i, rel_err(a, b))
