@@ -197,6 +197,8 @@ def has_forward_tangents(tensors) -> bool:
     if forward_ad_active() and any(t is not None and _forward_ad.unpack_dual(t).tangent is not None
                                    for t in tensors):
         return True
+    if not functorch_transforms_active():
+        return False
     try:
         from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
         from torch._C._functorch import TransformType
