@@ -155,7 +155,13 @@ def _push_forward(forward, tensors, tangents, functorch):
         raise RuntimeError(f"torch {torch.__version__} cannot push tangents through wsbcn's layers inside a "
                            "torch.autograd.forward_ad dual level; use torch.func.jvp")
     with _compat.forward_grad_on(True):
-        out = of_wanted(*[forward_ad.make_dual(p.detach(), d) for p, d in zip(primals, pushed)])
+        # A saved input that had a tangent still carries it (seen with forward grad on); the
+        # others (torch hands zeros for them) become duals of that level. None is detached:
+        # the tangent stays differentiable in the primals (reverse over forward), as torch's
+        # own layers' tangents are.
+        duals = [p if forward_ad.unpack_dual(p).tangent is not None else forward_ad.make_dual(p, d)
+                 for p, d in zip(primals, pushed)]
+        out = of_wanted(*duals)
         tangent = forward_ad.unpack_dual(out).tangent
     return torch.zeros_like(out) if tangent is None else tangent
 
