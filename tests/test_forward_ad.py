@@ -1,6 +1,7 @@
 """Forward-mode AD through wsbcn layers, as through torch's own: tangents pushed by
 ``torch.autograd.forward_ad`` (dual tensors) and by ``torch.func.jvp``, under no_grad
-too, and forward-over-reverse Hessian-vector products. Every tangent against the
+too, forward-over-reverse Hessian-vector products and reverse over forward (tangents
+differentiable in the inputs). Every tangent against the
 float64 reference's (tests/reference.py) pushed by torch's forward AD; the primal
 outputs and the running buffers as one call of the reference leaves them."""
 import copy
