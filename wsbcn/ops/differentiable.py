@@ -108,9 +108,7 @@ def norm_jvp(ctx, tangents, functorch=False):
     """NormFunction's forward-mode derivative: the tangent of y given the tangents of
     (x, gamma, beta, omega, eta) (None for one without), through the same torch-op
     forward and the same constants as its double backward."""
-    call = ctx.call
-    if call.group is not None:  # refused before the forward ran (ops/norm.py _Call.call_plain); kept as a net
-        raise RuntimeError(DISTRIBUTED_FORWARD_AD)
+    call = ctx.call  # never across processes: refused before the forward (ops/norm.py _Call.call_plain)
     x, gamma, beta, omega, eta, *saved = ctx.saved_tensors
     if x.numel() == 0:
         return torch.zeros_like(x)
@@ -125,11 +123,16 @@ def norm_jvp(ctx, tangents, functorch=False):
     return _push_forward(forward, (x, gamma, beta, omega, eta), tangents, functorch)
 
 
-# what a BatchChannelNorm with a process group says to forward-mode AD
-DISTRIBUTED_FORWARD_AD = (
-    "wsbcn BatchChannelNorm with a process_group does not support forward-mode AD "
-    "(torch.autograd.forward_ad, torch.func.jvp): its statistics are combined across processes. "
-    "Use it without process_group for the jvp.")
+def _of_wanted(forward, tensors, wanted):
+    """``forward`` as a function of ``tensors[i]`` for i in ``wanted`` alone, the others
+    held as they are (what torch.func's transforms differentiate)."""
+    def of_wanted(*picked):
+        ts = list(tensors)
+        for i, t in zip(wanted, picked):
+            ts[i] = t
+        return forward(*ts)
+
+    return of_wanted
 
 
 def _push_forward(forward, tensors, tangents, functorch):
@@ -143,12 +146,7 @@ def _push_forward(forward, tensors, tangents, functorch):
     primals = [tensors[i] for i in wanted]
     pushed = [tangents[i].to(p.dtype) for i, p in zip(wanted, primals)]
 
-    def of_wanted(*picked):
-        ts = list(tensors)
-        for i, t in zip(wanted, picked):
-            ts[i] = t
-        return forward(*ts)
-
+    of_wanted = _of_wanted(forward, tensors, wanted)
     if functorch:
         return torch.func.jvp(of_wanted, tuple(primals), tuple(pushed))[1]
     if _compat.forward_grad_on is None:
@@ -175,13 +173,7 @@ def _pull_back(forward, tensors, wanted, grad, functorch):
         return torch.autograd.grad(forward(*tensors), [tensors[i] for i in wanted], grad, create_graph=True,
                                    allow_unused=True)
 
-    def of_wanted(*picked):
-        ts = list(tensors)
-        for i, t in zip(wanted, picked):
-            ts[i] = t
-        return forward(*ts)
-
-    _, pull = torch.func.vjp(of_wanted, *[tensors[i] for i in wanted])
+    _, pull = torch.func.vjp(_of_wanted(forward, tensors, wanted), *[tensors[i] for i in wanted])
     return pull(grad)
 
 

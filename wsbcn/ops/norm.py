@@ -271,9 +271,10 @@ class _Call:
         unwraps, or a call ``checks.recalled`` found."""
         buffers = (running_mean, running_var, nbt)
         if self.group is not None and self.untraced and _compat.has_forward_tangents((x, gamma, beta, omega, eta)):
-            from .differentiable import DISTRIBUTED_FORWARD_AD  # before anything runs (not traced by dynamo)
-
-            raise RuntimeError(DISTRIBUTED_FORWARD_AD)
+            raise RuntimeError(  # before anything runs (not traced by dynamo)
+                "wsbcn BatchChannelNorm with a process_group does not support forward-mode AD "
+                "(torch.autograd.forward_ad, torch.func.jvp): its statistics are combined across processes. "
+                "Use it without process_group for the jvp.")
         if not self.untraced:  # dynamo knows NormFunction.apply
             return NormFunction.apply(x, gamma, beta, omega, eta, self, buffers)
         if _compat.functorch_transforms_active():  # torch.func.grad, vjp, jvp, ...
