@@ -12,7 +12,8 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .modules.frozen import FrozenBatchChannelNorm1d, FrozenBatchChannelNorm2d, FrozenBatchChannelNorm3d, GroupNormAct
+from .modules.frozen import (FrozenBatchChannelNorm1d, FrozenBatchChannelNorm2d, FrozenBatchChannelNorm3d,
+                             GroupNormAct, copy_parameters)
 from .modules.norm import BatchChannelNorm1d, BatchChannelNorm2d, BatchChannelNorm3d, GroupNorm
 from .modules.ws_conv import WSConv1d, WSConv2d, WSConv3d
 
@@ -48,10 +49,7 @@ def _frozen_group_norm(m: GroupNorm) -> nn.Module:
         factory["bias"] = False
     frozen = (nn.GroupNorm(m.num_groups, m.num_channels, m.eps, m.affine, **factory) if m.activation is None else
               GroupNormAct(m.num_groups, m.num_channels, m.eps, m.affine, m.activation, **factory))
-    with torch.no_grad():
-        for name, t in (("weight", weight), ("bias", bias)):
-            if t is not None:
-                setattr(frozen, name, nn.Parameter(t.detach().clone(), requires_grad=t.requires_grad))
+    copy_parameters(m, frozen, ("weight", "bias"))
     return frozen.train(m.training)
 
 

@@ -26,6 +26,16 @@ def _activate(y: torch.Tensor, activation: str) -> torch.Tensor:
     return y
 
 
+def copy_parameters(layer: nn.Module, frozen: nn.Module, names) -> None:
+    """Give ``frozen`` a copy of each named parameter of ``layer`` that is not None: its
+    value now (a parametrized or pruned one: what it computes to), and whether it
+    requires grad."""
+    for name in names:
+        p = getattr(layer, name)
+        if p is not None:
+            setattr(frozen, name, nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad))
+
+
 class _FrozenBatchChannelNorm(nn.Module):
     """BatchChannelNorm in its evaluation form, in torch ops (see the module docstring)."""
 
@@ -64,11 +74,8 @@ class _FrozenBatchChannelNorm(nn.Module):
         copies of its parameters and buffers."""
         frozen = cls(layer.num_channels, layer.num_groups, layer.eps, layer.affine, layer.group_affine,
                      layer.activation or "", track_running_stats=False)
+        copy_parameters(layer, frozen, ("weight", "bias", "group_weight", "group_bias"))
         with torch.no_grad():
-            for name in ("weight", "bias", "group_weight", "group_bias"):
-                p = getattr(layer, name)
-                if p is not None:
-                    setattr(frozen, name, nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad))
             # the buffers the layer has now (a running buffer set to None: batch statistics, as the layer)
             for name in ("running_mean", "running_var", "num_batches_tracked"):
                 t = getattr(layer, name)
