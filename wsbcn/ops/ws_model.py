@@ -328,7 +328,7 @@ class ModelCall:
         """dW of every weight (None where its W_hat got no gradient)."""
         dws = [None] * self.n
         k = 0
-        layouts = iter(self.traced_layouts)  # compiling: the forward's, in the same order
+        layouts = iter(self.traced_layouts) if self.compiling else None  # the traced forward's, in order
         for indices, pick, plan in self.packs:
             ws = pick(weights) if len(indices) > 1 else (weights[indices[0]],)
             n_stats = len(_pack_indices(ws)) if self.compiling else 1  # the op makes one per (device, dtype)
