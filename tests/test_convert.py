@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 import wsbcn
 from wsbcn.convert import (ConvertRule, NormAct, ScaledWSConv2d, bn_like_norm, convert_rule_for,
@@ -70,9 +71,17 @@ def test_resnet50_conversion_swaps_fuses_and_carries_weights():
         assert type(model.fc) is nn.Linear  # no norm after it: left alone
     assert fused.conv1.weight is stem_weight  # the same Parameter: optimizers keep working
     assert torch.equal(fused.bn1.running_mean, stem_rm)
+    assert type(fused) is type(plain)  # the model itself, its class and forward kept
     fused_acts = [m.activation for m in fused.modules() if isinstance(m, wsbcn.BatchChannelNorm2d)]
-    assert fused_acts.count("relu") == 1 + 16 * 2  # the stem and bn1, bn2 of every bottleneck
-    assert sum("fused" in line for line in summary) == 33
+    # the stem's ReLU module, called once, fuses (and becomes an Identity); every bottleneck
+    # calls one ReLU module after bn1, bn2 and the residual addition, so it stays
+    assert fused_acts.count("relu") == 1 and type(fused.relu) is nn.Identity
+    assert [line for line in summary if "fused" in line and "not fused" not in line] == [
+        "bn1: fused the following relu"]
+    not_fused = [line for line in summary if "not fused" in line]
+    assert len(not_fused) == 16 * 2 and type(fused.layer1[0].relu) is nn.ReLU
+    assert ("layer1.0.bn1: the following relu not fused: layer1.0.relu is also called on other inputs, which "
+            "must keep their ReLU") in not_fused
     assert not any("left alone" in line for line in summary)
     x = torch.randn(2, 3, 32, 32, device=DEVICE)
     fused.eval()
@@ -128,6 +137,152 @@ def test_module_order_fallback_warns_and_converts():
     assert out(torch.randn(2, 3, 6, 6)).shape == (2, 8, 4, 4)
 
 
+# ---------------------------------------------------------------------------------------
+# Activation fusion: the model keeps its class and its forward
+
+
+class _Classifier(nn.Module):
+    """A forward that decides when it runs: dropout in training only, an optional
+    checkpoint set after convert, a method of its own."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn, self.act = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU()
+        self.conv2, self.bn2, self.act2 = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.SiLU()
+        self.checkpointing = False
+
+    def block(self, x):
+        return self.act2(self.bn2(self.conv2(x)))
+
+    def features(self, x):
+        x = self.act(self.bn(self.conv(x)))
+        return checkpoint(self.block, x, use_reentrant=False) if self.checkpointing else self.block(x)
+
+    def forward(self, x):
+        return F.dropout(self.features(x), p=0.5, training=self.training)
+
+
+def test_fusing_keeps_the_model_its_class_and_its_forward():
+    """Before, a fusion returned an fx.GraphModule traced in the model's mode: the
+    dropout stayed on in eval, a flag set later was ignored, methods were gone."""
+    torch.manual_seed(40)
+    model = _randomize(_Classifier()).double()
+    original = copy.deepcopy(model)
+    out, summary = wsbcn.convert(model, num_groups=4, return_summary=True)  # in training mode
+    assert out is model and type(out) is _Classifier and callable(out.features)
+    assert type(out.act) is nn.Identity and type(out.act2) is nn.Identity
+    assert (out.bn.activation, out.bn2.activation) == ("relu", "silu")
+    assert summary[-2:] == ["bn: fused the following relu", "bn2: fused the following silu"]
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    assert _matches_reference(original, out, x)  # eval: no dropout, as the forward says
+    with torch.no_grad():
+        assert torch.equal(out(x), out(x))
+    # training, with the checkpoint switched on after convert: the block runs again in
+    # backward, and the gradients are those without it (batch statistics)
+    runs, grads = [], []
+    for checkpointing in (False, True):
+        twin = copy.deepcopy(out).train()
+        twin.checkpointing = checkpointing
+        calls = []
+        twin.conv2.register_forward_hook(lambda *_: calls.append(1))
+        torch.manual_seed(41)  # the same dropout mask
+        twin(x).square().sum().backward()
+        runs.append(len(calls))
+        grads.append([p.grad for p in twin.parameters()])
+    assert runs == [1, 2]
+    assert all(rel_err(a, b) <= 1e-12 for a, b in zip(*grads))
+
+
+class _SharedAct(nn.Module):
+    """One ReLU after a norm and after the residual addition (torchvision's blocks)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn, self.relu = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU()
+
+    def forward(self, x):
+        return self.relu(self.relu(self.bn(self.conv(x))) + x)
+
+
+class _FunctionalAct(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)
+
+    def forward(self, x):
+        return F.relu(self.bn(self.conv(x)))
+
+
+class _ModeDependentAct(nn.Module):
+    """The activation takes the norm's output in training and something else in eval."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn, self.act = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.SiLU()
+
+    def forward(self, x):
+        x = self.bn(self.conv(x))
+        return self.act(x) if self.training else self.act(x - 1)
+
+
+class _Scale(nn.Module):
+    """A stateful module (an fx leaf: its forward is not traced) that calls an activation."""
+
+    def __init__(self, act):
+        super().__init__()
+        self.s, self.act = nn.Parameter(torch.full((1,), 0.5)), act
+
+    def forward(self, x):
+        return self.act(x * self.s)
+
+
+class _ActInsideALeaf(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn, self.act = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.SiLU()
+        self.scale = _Scale(self.act)
+
+    def forward(self, x):
+        return self.scale(self.act(self.bn(self.conv(x))) - 1)
+
+
+class _TwoNormsOneAct(nn.Module):
+    """One ReLU module after two norms and nothing else: it fuses into both."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn, self.relu = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU()
+        self.conv2, self.bn2 = nn.Conv2d(8, 8, 1), nn.BatchNorm2d(8)
+
+    def forward(self, x):
+        return self.relu(self.bn2(self.conv2(self.relu(self.bn(self.conv(x))))))
+
+
+@pytest.mark.parametrize("cls, fused, line", [
+    (_SharedAct, {}, "bn: the following relu not fused: relu is also called on other inputs, which must keep their "
+                     "ReLU"),
+    (_FunctionalAct, {}, "bn: the following relu not fused: it is a function call (relu) in a forward, which "
+                         "convert does not rewrite (an nn.ReLU module there would fuse)"),
+    (_ModeDependentAct, {}, "bn: the following silu not fused: the forward in eval mode does not feed bn's output "
+                            "to act alone"),
+    (_ActInsideALeaf, {}, "bn: the following silu not fused: scale, whose forward is not traced, holds it as "
+                          "scale.act"),
+    (_TwoNormsOneAct, {"bn": "relu", "bn2": "relu"}, None),
+])
+def test_activations_fuse_only_where_replacing_their_module_changes_nothing_else(cls, fused, line):
+    torch.manual_seed(42)
+    model = _randomize(cls()).double()
+    original = copy.deepcopy(model)
+    out, summary = wsbcn.convert(model, num_groups=4, return_summary=True)
+    assert out is model and all(m.training for m in out.modules())  # traced in eval too, and put back
+    norms = {path: m.activation for path, m in out.named_modules() if isinstance(m, wsbcn.BatchChannelNorm2d)}
+    assert norms == {path: fused.get(path) for path in norms}
+    assert [type(m) is nn.Identity for m in out.modules()].count(True) == (1 if fused else 0)
+    assert (line in summary) if line else not any("not fused" in s for s in summary)
+    x = torch.randn(2, 8, 5, 5, dtype=torch.float64)
+    assert _matches_reference(original, out, x)  # eval mode
+
+
 def test_convert_rejects_bad_arguments():
     with pytest.raises(ValueError, match="norm"):
         wsbcn.convert(nn.Sequential(), norm="ln")
@@ -181,7 +336,7 @@ def test_converting_a_converted_resnet50_again_is_a_noop_that_says_so(caplog):
     """The README's two convert lines, one after the other."""
     torch.manual_seed(10)
     model = wsbcn.convert(resnet50("plain_bn", num_classes=10).to(DEVICE))
-    assert isinstance(model, torch.fx.GraphModule)  # activations were fused
+    assert type(model.relu) is nn.Identity  # the stem's activation was fused
     _converting_again_changes_nothing(model, caplog, (53, 53))
 
 
@@ -468,8 +623,8 @@ def test_keep_frozen_leaves_frozen_layers_and_their_convs_and_says_why(layers, c
     frozen, conv = model[1], model[0]
     with caplog.at_level(logging.INFO, logger="wsbcn"):
         out, summary = wsbcn.convert(model, num_groups=4, keep_frozen=True, return_summary=True)
-    assert isinstance(out, torch.fx.GraphModule)  # the second ReLU was fused
-    # the frozen layer is still a module of its own type (fx did not trace through it)
+    assert out is model and type(out.get_submodule("5")) is nn.Identity  # the second ReLU was fused
+    # the frozen layer is still a module of its own type
     assert out.get_submodule("1") is frozen and out.get_submodule("0") is conv
     assert type(out.get_submodule("3")) is wsbcn.WSConv2d
     assert "1: FrozenBatchNorm2d left alone: kept frozen (keep_frozen=True)" in summary
@@ -578,7 +733,7 @@ def test_layers_without_a_rule_stay_modules_and_are_named(caplog):
     mine = model[1]
     with caplog.at_level(logging.INFO, logger="wsbcn"):
         out, summary = wsbcn.convert(model, num_groups=4, return_summary=True)
-    assert isinstance(out, torch.fx.GraphModule) and out.get_submodule("1") is mine  # not inlined
+    assert out is model and out.get_submodule("1") is mine
     assert "1: MyNorm left alone: no convert rule for MyNorm" in summary
     assert "2: InstanceNorm2d left alone: no convert rule for InstanceNorm2d" in summary
     assert "3: ConvTranspose2d left alone: no convert rule for ConvTranspose2d" in summary
@@ -791,15 +946,35 @@ def test_a_rule_returning_the_wrong_width_fails_naming_the_layer_and_changes_not
 
 
 def test_a_failure_while_swapping_puts_the_old_layers_back(monkeypatch):
-    def broken_graph_module(*args, **kwargs):
-        raise RuntimeError("boom")
+    real_identity = nn.Identity
+    made = []
 
-    monkeypatch.setattr(convert_module, "fx", types.SimpleNamespace(GraphModule=broken_graph_module))
-    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 1), nn.BatchNorm2d(8))
+    def identity_that_breaks_the_second_time():
+        made.append(1)
+        if len(made) == 2:
+            raise RuntimeError("boom")
+        return real_identity()
+
+    fusion_module = importlib.import_module("wsbcn.convert_fusion")
+    monkeypatch.setattr(fusion_module, "nn", types.SimpleNamespace(Identity=identity_that_breaks_the_second_time))
+    model = _TwoFusions()
     snapshot = _snapshot(model)
     with pytest.raises(RuntimeError, match="boom"):
-        wsbcn.convert(model, num_groups=4)  # the ReLU fuses: GraphModule comes last
-    assert _unchanged(model, snapshot)
+        wsbcn.convert(model, num_groups=4)  # the activations are swapped last; the second fails
+    assert _unchanged(model, snapshot) and model.alias is model.body[2] and type(model.body[2]) is nn.ReLU
+
+
+class _TwoFusions(nn.Module):
+    """Two activations that fuse, the first also registered at a second path."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 1),
+                                  nn.BatchNorm2d(8), nn.SiLU())
+        self.alias = self.body[2]  # never called from here: convert replaces it at both paths
+
+    def forward(self, x):
+        return self.body(x)
 
 
 # ---------------------------------------------------------------------------------------
@@ -822,7 +997,10 @@ def test_detection_backbone_with_frozen_batch_norm():
     assert after["FrozenBatchNorm2d"] == 0 and after["BatchChannelNorm2d"] == 53
     assert after["WSConv2d"] == 53 and after["Conv2d"] == 8  # the FPN's convs feed no norm
     assert sum("left alone: its output feeds no norm" in line for line in summary) == 8
-    assert sum("fused the following relu" in line for line in summary) == 33
+    # the stem's ReLU fuses; each bottleneck's one ReLU also follows its residual addition
+    assert type(converted) is type(backbone) and type(converted.body.relu) is nn.Identity
+    assert sum(line.endswith("fused the following relu") for line in summary) == 1
+    assert sum("relu not fused: " in line for line in summary) == 32
     assert _matches_reference(original, converted, torch.randn(1, 3, 64, 64, dtype=torch.float64))
     kept, summary = wsbcn.convert(copy.deepcopy(backbone), keep_frozen=True, return_summary=True)
     assert _census(kept)["FrozenBatchNorm2d"] == 53 and _census(kept)["WSConv2d"] == 0

@@ -490,7 +490,7 @@ def test_convert_ws_model(monkeypatch):
     plain = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
                           nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)).to(DEVICE)
     per_layer = wsbcn.convert(copy.deepcopy(plain), num_groups=2)
-    model = wsbcn.convert(plain, num_groups=2, ws="model")  # an fx.GraphModule: the ReLU is fused
+    model = wsbcn.convert(plain, num_groups=2, ws="model")  # the model itself: the ReLU is fused
     convs = [m for m in model.modules() if isinstance(m, wsbcn.WSConv2d)]
     standardizer = convs[0]._ws_model
     assert isinstance(standardizer, wsbcn.ModelWeightStandardizer) and standardizer.model is model

@@ -14,14 +14,15 @@ never imports torchvision or timm). ``register_convert_rule`` adds a type.
   weights and buffers carried over; a FrozenBatchNorm2d too, its BN stage starting
   from the frozen statistics and affine, unless ``keep_frozen=True`` (then it stays,
   and so does the convolution feeding it);
-- a ReLU/SiLU that consumes only a norm's output is fused as ``activation=``.
+- a ReLU/SiLU module that takes only a norm's output is fused as ``activation=`` and
+  replaced by ``nn.Identity`` (``convert_fusion``: only where that changes nothing else).
 
 The data flow is read with torch.fx; layers stay modules (fx leaves, see
 ``convert_plan``). When tracing fails, a module-order fallback (a conv directly
 followed, in registration order, by a norm of matching width) is used, with a
 warning, and nothing is fused. Layers are swapped in place on the model, reusing the
-Parameter objects (optimizers keep working); when an activation is fused the model
-returned is an ``fx.GraphModule`` with the activation call removed from the graph.
+Parameter objects (optimizers keep working), and the model returned is ``model``
+itself: its class, methods and forward code are kept (convert never rewrites a forward).
 Every replacement is built and checked before the first swap, and a failure while
 swapping puts the old layers back: a convert that raises leaves the model as it was.
 
@@ -46,11 +47,11 @@ import logging
 import warnings
 from collections import Counter
 
-import torch.fx as fx
 from torch import nn
 
 from . import convert_builtin  # noqa: F401  (registers the built-in rules)
 from .convert_builtin import bn_like_norm  # noqa: F401  (public: a helper for user rules)
+from .convert_fusion import checked_fusions, replace_activations, traces_in_modes
 from .convert_layers import NormAct, ScaledWSConv2d  # noqa: F401
 from .convert_plan import (Flow, Tracer, by_module_order, census, decide, flow_from_graph, role_of,
                            uninitialized_lazy)
@@ -76,10 +77,11 @@ def _check_arguments(model, norm, num_groups, keep_frozen):
 
 
 def _flow(model, layers):
-    """The data flow, from torch.fx (graph returned for fusion) or module order; and a
-    note when tracing needed the retry that traces through stateful modules."""
+    """The data flow, from torch.fx or module order; the graph (None without one) and
+    the tracing that made it, which checks fusions in other modes (convert_fusion.py);
+    and a note when tracing needed the retry that traces through stateful modules."""
     if not any(role.rule is not None for _, _, role in layers):
-        return Flow(called=None), None, None  # nothing can change: no tracing, so no fallback warning either
+        return Flow(called=None), None, None, None  # nothing can change: no tracing, so no fallback warning
     note = None
     for keep_stateful in (True, False):
         tracer = Tracer(keep_stateful)
@@ -93,10 +95,24 @@ def _flow(model, layers):
     else:
         warnings.warn(f"wsbcn.convert: torch.fx could not trace the model ({error}); "
                       "falling back to module order, without activation fusion", stacklevel=3)
-        return by_module_order(layers), None, None
+        return by_module_order(layers), None, None, None
     kept = {path: m for path, m in tracer.kept_whole.items()
             if any(p.startswith(path + ".") and role.rule is not None for p, _, role in layers)}
-    return flow_from_graph(graph, model, layers, kept), graph, note
+    return flow_from_graph(graph, model, layers, kept), graph, (lambda: Tracer(keep_stateful).trace(model)), note
+
+
+def _safe_fusions(model, layers, plan, graph, trace):
+    """plan.fusions that replacing the activation module leaves right in every mode, each
+    with that module, and a line for each other one (convert_fusion.py)."""
+    if not plan.fusions:
+        return [], []
+    fused_norms = {node.target for node, _, _ in plan.fusions}
+
+    def pairs_of(g):
+        return {(node.target, act_node.target) for node, act_node, _ in flow_from_graph(g, model, layers, {}).candidates
+                if node.target in fused_norms}
+
+    return checked_fusions(model, plan.fusions, graph, traces_in_modes(model, trace), pairs_of)
 
 
 def _add_note(exc, note):
@@ -149,28 +165,18 @@ def _set_module(root, path, module):
     setattr(root.get_submodule(parent) if parent else root, leaf, module)
 
 
-def _swap(model, replacements, fusions, graph):
-    """Put the new layers in, fuse, and return the model (a GraphModule when fusing);
-    on any failure put the old layers back and re-raise."""
-    done = []
+def _swap(model, replacements, fusions):
+    """Put the new layers in and replace the fused activations' modules
+    (convert_fusion.py); on any failure put the old modules back and re-raise."""
+    done, swapped = [], []
     try:
         for path, old, new in replacements:
             _set_module(model, path, new)
             done.append((path, old))
-        if not fusions:
-            return model
-        for norm_node, act_node, _ in fusions:
-            act_node.replace_all_uses_with(norm_node)
-            graph.erase_node(act_node)
-        graph.lint()
-        result = fx.GraphModule(model, graph, class_name=type(model).__name__)
-        # the model's plain attributes too: callers read some (torchvision's detection
-        # models read backbone.out_channels)
-        for name, value in vars(model).items():
-            if not name.startswith("_") and name != "training" and not hasattr(result, name):
-                setattr(result, name, value)
-        return result
+        replace_activations(model, fusions, swapped)
     except BaseException:
+        for parent, name, old in reversed(swapped):
+            setattr(parent, name, old)
         for path, old in reversed(done):
             _set_module(model, path, old)
         raise
@@ -192,10 +198,11 @@ def convert(model: nn.Module, norm: str = "bcn", num_groups: int = 32, estimate:
     if ws not in (True, False, "model"):
         raise ValueError(f"ws must be True, False or 'model', got {ws!r}")
     layers = census(model)
-    flow, graph, trace_note = _flow(model, layers)
+    flow, graph, trace, trace_note = _flow(model, layers)
     plan = decide(layers, flow, bool(ws), keep_frozen, fuse_activation)
+    fusions, not_fused = _safe_fusions(model, layers, plan, graph, trace)
     by_path = {path: layer for path, layer, _ in layers}
-    fused_act = {node.target: act for node, _, act in plan.fusions}
+    fused_act = {node.target: act for node, _, act, _ in fusions}
 
     replacements, changed, warned = [], [], set()
     for path in plan.convs:
@@ -215,20 +222,21 @@ def convert(model: nn.Module, norm: str = "bcn", num_groups: int = 32, estimate:
             changed.append(f"{path}: num_groups={num_groups} does not divide its {channels} channels; "
                            f"it has {spec.groups_for(channels)} groups (the greatest common divisor)")
             warned.add(changed[-1])
-    result = _swap(model, replacements, plan.fusions, graph)
+    _swap(model, replacements, fusions)
     if ws == "model":  # every WSConv weight standardized at once (ops/ws_model.py)
         from .ops.ws_model import ModelWeightStandardizer
-        ModelWeightStandardizer.attach(result)
-    changed += [f"{node.target}: fused the following {act}" for node, _, act in plan.fusions]
+        ModelWeightStandardizer.attach(model)
+    changed += [f"{node.target}: fused the following {act}" for node, _, act, _ in fusions]
 
-    summary = changed + ([trace_note] if trace_note else []) + _left_alone_lines(model, layers, plan, flow, warned)
+    summary = (changed + not_fused + ([trace_note] if trace_note else [])
+               + _left_alone_lines(model, layers, plan, flow, warned))
     if not changed:
         summary.insert(0, _nothing_line(layers, ws))
         if not any(role.converted or role.rule is not None for _, _, role in layers):
             warned.add(summary[0])  # nothing convertible (not merely kept by option): the user should know
     for line in summary:
         log.log(logging.WARNING if line in warned else logging.INFO, "wsbcn.convert: %s", line)
-    return (result, summary) if return_summary else result
+    return (model, summary) if return_summary else model
 
 
 def _left_alone_lines(model, layers, plan, flow, warned):

@@ -8,15 +8,14 @@
 3. ``decide``: the convs and norms to convert, the fusions, and a reason for every
    layer left alone.
 
-The tracer keeps layers as modules (fx leaves): registered types, wsbcn layers,
-conv/norm-like layers without a rule, and any module holding parameters or buffers of
-its own (a hand-written layer: tracing through it would inline its ops and drop the
-module from the returned ``GraphModule``); one that also has children is "kept
-whole": its children are planned by module order instead, without fusion. Stateless
-modules (Sequential, a ResNet block, a functional helper) are traced through; those
-with children keep their paths, with their forward inlined. When a stateful module
-cannot be a leaf (it returns a tuple its caller iterates over), convert traces again with
-only the conv/norm layers as leaves.
+The graph is only read: the model keeps its own forward. The tracer keeps layers as
+modules (fx leaves): registered types, wsbcn layers, conv/norm-like layers without a
+rule, and any module holding parameters or buffers of its own (a hand-written layer,
+whose forward need not be traceable); one that also has children is "kept whole": its
+children are planned by module order instead, without fusion. Stateless modules
+(Sequential, a ResNet block, a functional helper) are traced through. When a stateful
+module cannot be a leaf (it returns a tuple its caller iterates over), convert traces
+again with only the conv/norm layers as leaves.
 """
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
