@@ -184,6 +184,21 @@ else:
         return True
 
 
+# --- torch: a forward run during a backward ----------------------------------------
+# The autograd engine sets the thread's current graph task while it runs a backward (-1
+# otherwise). A BatchChannelNorm forward then is torch.utils.checkpoint recomputing the
+# forward (reentrant or not): it must give what the first forward gave and update no
+# running buffer again (ops/norm.py ``_Call.recomputed``). Where this torch does not tell,
+# no forward counts as recomputed (the buffers are updated twice, as nn.BatchNorm's).
+_graph_task_id = getattr(torch._C, "_current_graph_task_id", None)
+if _graph_task_id is not None:
+    def in_backward() -> bool:
+        return _graph_task_id() != -1
+else:
+    def in_backward() -> bool:
+        return False
+
+
 # A Function's jvp runs with forward grad off; pushing tangents through dual tensors of
 # the caller's level (ops/differentiable.py) turns it on for the call. None where this
 # torch has no such switch: then only torch.func.jvp pushes tangents through wsbcn.

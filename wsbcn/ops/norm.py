@@ -184,7 +184,7 @@ class _Call:
     backward."""
 
     __slots__ = ("num_groups", "eps", "momentum", "cumulative", "mode", "update_running", "activation",
-                 "group_affine", "dtypes", "dense", "eager", "group", "plans", "untraced", "c_apply")
+                 "group_affine", "dtypes", "dense", "eager", "group", "plans", "untraced", "c_apply", "recompute")
 
     def __init__(self, x, num_groups, eps, momentum, cumulative, mode, update_running, activation, group_affine,
                  dtypes, group=None, dense=True):
@@ -202,6 +202,23 @@ class _Call:
         # NormFunction.apply's C half or None (wsbcn/_compat.py)
         self.untraced = not torch.compiler.is_compiling()
         self.c_apply = _compat.function_c_apply(NormFunction) if self.untraced else None
+        self.recompute = None  # recomputed(): built on the first recompute
+
+    def recomputed(self, x):
+        """The call that replaces this one when torch.utils.checkpoint recomputes it (a
+        forward during a backward, ``_compat.in_backward``): the same output, no running
+        buffer updated again. Batch mode: the same batch statistics; estimate mode: the
+        estimates the first forward updated and normalized with, now in the buffers
+        (running mode), which holds while no other forward of the layer updated them before
+        this backward. None across processes in batch mode: that recompute combines the
+        ranks' statistics again and updates the buffers again, as nn.SyncBatchNorm does."""
+        if self.recompute is None:
+            if self.group is not None and self.mode == MODE_BATCH:
+                return None
+            self.recompute = _Call(x, self.num_groups, self.eps, self.momentum, self.cumulative,
+                                   MODE_RUNNING if self.mode == MODE_ESTIMATE else self.mode, False, self.activation,
+                                   self.group_affine, self.dtypes[:6] + (None,), None, self.dense)
+        return self.recompute
 
     def plan(self, x, gamma, omega, nbt):
         key = (tuning.config_for, tuning._generation[0], backends._emulated_gpu)  # what a plan derives from
@@ -269,6 +286,10 @@ class _Call:
     def call_plain(self, x, gamma, beta, omega, eta, running_mean, running_var, nbt):
         """The call of tensors that are no functorch wrappers: ``__call__`` after it
         unwraps, or a call ``checks.recalled`` found."""
+        if self.update_running and self.untraced and _compat.in_backward():  # recomputed by torch.utils.checkpoint
+            recompute = self.recomputed(x)
+            if recompute is not None:
+                return recompute.call_plain(x, gamma, beta, omega, eta, running_mean, running_var, None)
         buffers = (running_mean, running_var, nbt)
         if self.group is not None and self.untraced and _compat.has_forward_tangents((x, gamma, beta, omega, eta)):
             raise RuntimeError(  # before anything runs (not traced by dynamo)
