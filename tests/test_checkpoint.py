@@ -41,12 +41,21 @@ def _step(model, x, weights):
 
 @pytest.mark.parametrize("reentrant", [False, True], ids=["non-reentrant", "reentrant"])
 @pytest.mark.parametrize("estimate", [False, True], ids=["batch", "estimate"])
-def test_checkpointed_step_matches_the_plain_step(backend, estimate, reentrant):
+@pytest.mark.parametrize("backend, ws", [
+    ("torch", "per-layer"), ("torch", "model-wide"), ("triton", "per-layer"),
+    pytest.param("triton", "model-wide", marks=pytest.mark.slow),  # the interpreter's multi-weight kernels
+])
+def test_checkpointed_step_matches_the_plain_step(monkeypatch, backend, ws, estimate, reentrant):
     """Before, the recompute updated the running buffers a second time (as nn.BatchNorm
     does), and in estimate mode normalized with those twice-updated estimates: its output,
-    and so the gradients, differed from the first forward's."""
+    and so the gradients, differed from the first forward's. With model-wide WS, the
+    non-reentrant recompute standardized per layer and saved other tensors than the
+    forward had (torch's CheckpointError)."""
+    monkeypatch.setenv("WSBCN_BACKEND", backend)
     torch.manual_seed(0)
     plain = _Net(estimate, None).to(DEVICE)
+    if ws == "model-wide":
+        wsbcn.ModelWeightStandardizer(plain)  # copied with the model below
     with torch.no_grad():  # running estimates away from their initial values
         for m in plain.modules():
             if isinstance(m, wsbcn.BatchChannelNorm2d):
@@ -56,14 +65,14 @@ def test_checkpointed_step_matches_the_plain_step(backend, estimate, reentrant):
     checkpointed.checkpointing = reentrant
     x = torch.randn(2, 3, 6, 6, device=DEVICE)
     weights = torch.randn(2, 8, 6, 6, device=DEVICE)
-    for _ in range(2):  # two training steps (no optimizer: the buffers carry over)
-        want, got = _step(plain, x, weights), _step(checkpointed, x, weights)
-        assert torch.equal(got[0], want[0])
-        assert rel_err(got[1], want[1]) <= 1e-6
-        for name, grad in want[2].items():
-            assert rel_err(got[2][name], grad) <= 1e-6, name
-        for name, buffer in want[3].items():  # updated once per step
-            assert torch.equal(got[3][name], buffer), name
-        plain.zero_grad()
-        checkpointed.zero_grad()
-    assert int(checkpointed.body[1].num_batches_tracked) == 2
+    want, got = _step(plain, x, weights), _step(checkpointed, x, weights)
+    assert torch.equal(got[0], want[0])
+    assert rel_err(got[1], want[1]) <= 1e-6
+    for name, grad in want[2].items():
+        assert rel_err(got[2][name], grad) <= 1e-6, name
+    for name, buffer in want[3].items():  # updated once
+        assert torch.equal(got[3][name], buffer), name
+    assert int(checkpointed.body[1].num_batches_tracked) == 1
+    if ws == "model-wide":  # the W_hat kept for the recompute is let go once the backward is through
+        standardizer = checkpointed.body[0]._ws_model
+        assert standardizer.model is checkpointed and standardizer._kept is None

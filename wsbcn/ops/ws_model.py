@@ -266,6 +266,7 @@ class ModelCall:
         self.key = (tuning.config_for, tuning._generation[0], backends._emulated_gpu)  # what the plans derive from
         self.addresses = None  # the weights' data_ptr()s, when the caller has just read them (``whole`` only)
         self.last_addresses = None  # those the last forward used (``whole`` only)
+        self.on_backward = None  # called when the eager backward starts (the standardizer's _release)
 
     def current(self) -> bool:
         """False when a plan would now be built differently (a new tuned table, another
@@ -394,6 +395,8 @@ class ModelWeightStandardizeFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grads):
         call = ctx.call
+        if call.on_backward is not None:
+            call.on_backward()
         saved = ctx.saved_tensors
         weights, rest = saved[:call.n], saved[call.n:]
         if torch.is_grad_enabled():  # create_graph=True: differentiable torch ops
@@ -499,6 +502,9 @@ class ModelWeightStandardizer:
         self._all = list(modules)
         self._hats = None  # W_hat per layer while a forward of ``model`` runs
         self._taken_from = None  # the weights they were computed from
+        # the W_hat each layer took with gradients on, and the weights: kept from the forward
+        # until the model's backward reaches the standardizer, for checkpoint's recompute (take)
+        self._kept = self._kept_from = None
         self._call = None
         self._convs = []
         self._refresh()
@@ -541,7 +547,8 @@ class ModelWeightStandardizer:
 
     def __getstate__(self):  # deepcopy and pickle: the validated call and plans are rebuilt on use
         state = dict(self.__dict__)
-        state.update(_call=None, _weights=None, _addresses=None, _hats=None, _taken_from=None)
+        state.update(_call=None, _weights=None, _addresses=None, _hats=None, _taken_from=None, _kept=None,
+                     _kept_from=None)
         return state
 
     def __deepcopy__(self, memo):
@@ -567,7 +574,7 @@ class ModelWeightStandardizer:
         for m in self._convs:
             m.__dict__.pop("_ws_model", None)
             m.__dict__.pop("_ws_model_index", None)
-        self._convs, self._hats = [], None
+        self._convs, self._hats, self._kept, self._kept_from = [], None, None, None
 
     def _weights_now(self):
         try:
@@ -603,6 +610,7 @@ class ModelWeightStandardizer:
         for m, w in zip(self._convs, weights):
             checks.check_ws_args(w, m.eps, m.correction, m.eps_mode)
         self._call = call = ModelCall(weights, self._checked)
+        call.on_backward = self._release
         self._weights, self._addresses = weights, addresses
         call.addresses = addresses
         return call
@@ -620,7 +628,8 @@ class ModelWeightStandardizer:
         # where torch can tell a functorch wrapper, _call_for returned none for weights with
         # one, and a tensor object never becomes one: no unwrap (wsbcn/_compat.py)
         self._hats = list((call.call_plain if _compat.is_functorch_wrapped is not None else call)(weights))
-        self._taken_from = weights
+        self._taken_from = self._kept_from = weights
+        self._kept = [None] * len(weights)
 
     def _after(self, module, args, output):
         self._hats = self._taken_from = None
@@ -628,10 +637,11 @@ class ModelWeightStandardizer:
     def take(self, conv, weight):
         """The W_hat computed for ``conv`` in this forward (once), or None: outside a
         forward of the model, on a second call, or when the layer's weight or arguments
-        changed since (then it standardizes per layer)."""
+        changed since (then it standardizes per layer). During a backward, the W_hat the
+        layer took with gradients on in the forward (``retake``)."""
         hats = self._hats
         if hats is None:
-            return None
+            return self.retake(conv, weight) if self._kept is not None else None
         i = conv._ws_model_index
         w_hat = hats[i]
         if w_hat is None:
@@ -642,4 +652,28 @@ class ModelWeightStandardizer:
         if (conv.eps, conv.correction, conv.eps_mode) != self._args[i]:
             self._stale = True
             return None
+        if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            self._kept[i] = w_hat
         return w_hat
+
+    def retake(self, conv, weight):
+        """For torch.utils.checkpoint's recompute (a forward during a backward,
+        ``_compat.in_backward``): the very W_hat ``conv`` took in the forward, once, so
+        that the recompute saves for the backward what the forward saved. The
+        non-reentrant checkpoint checks that; without it the layer would standardize per
+        layer and save its weight first. A layer that took its W_hat with gradients off (a
+        reentrant checkpoint's forward, whose recompute autograd differentiates) takes none:
+        it standardizes per layer, and its gradient reaches its weight that way."""
+        if not _compat.in_backward():
+            return None
+        i = conv._ws_model_index
+        w_hat = self._kept[i]
+        if w_hat is None or self._kept_from[i] is not weight or (conv.eps, conv.correction, conv.eps_mode) != \
+                self._args[i]:
+            return None
+        self._kept[i] = None
+        return w_hat
+
+    def _release(self):
+        """The model's backward reached the standardizer: every recompute is done."""
+        self._kept = self._kept_from = None
