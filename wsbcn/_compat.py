@@ -190,13 +190,12 @@ else:
 # forward (reentrant or not): it must give what the first forward gave and update no
 # running buffer again (ops/norm.py ``_Call.recomputed``). Where this torch does not tell,
 # no forward counts as recomputed (the buffers are updated twice, as nn.BatchNorm's).
-_graph_task_id = getattr(torch._C, "_current_graph_task_id", None)
-if _graph_task_id is not None:
-    def in_backward() -> bool:
-        return _graph_task_id() != -1
-else:
-    def in_backward() -> bool:
-        return False
+# ``graph_task_id() != -1`` is ``in_backward()`` without its Python frame (the BCN hot path).
+graph_task_id = getattr(torch._C, "_current_graph_task_id", None) or (lambda: -1)
+
+
+def in_backward() -> bool:
+    return graph_task_id() != -1
 
 
 # A Function's jvp runs with forward grad off; pushing tangents through dual tensors of

@@ -286,7 +286,7 @@ class _Call:
     def call_plain(self, x, gamma, beta, omega, eta, running_mean, running_var, nbt):
         """The call of tensors that are no functorch wrappers: ``__call__`` after it
         unwraps, or a call ``checks.recalled`` found."""
-        if self.update_running and self.untraced and _compat.in_backward():  # recomputed by torch.utils.checkpoint
+        if self.update_running and self.untraced and _graph_task_id() != -1:  # in a backward: checkpoint's recompute
             recompute = self.recomputed(x)
             if recompute is not None:
                 return recompute.call_plain(x, gamma, beta, omega, eta, running_mean, running_var, None)
@@ -397,6 +397,7 @@ def _as_param(grad, param):
     return grad if grad.dim() == param.dim() else grad.view(param.shape)
 
 
+_graph_task_id = _compat.graph_task_id  # != -1: a backward runs (_compat.in_backward)
 _calls: dict = {}  # validated call signature -> _Call
 _recent: dict = {}  # id of a call site -> its newest signatures and their _Call (checks.recalled)
 _meta = checks.tensor_meta
