@@ -444,11 +444,17 @@ def _norm_combine_kernel(
                         tl.store(Running_mean + c, new_rm, mask=kmask)
                         tl.store(Running_var + c, new_rv, mask=kmask)
                 else:
-                    # EstBN: update first, then normalize with the updated estimates.
+                    # EstBN: update first, then normalize with the updated estimates as the
+                    # buffers hold them (a half-precision buffer rounds them: what a recompute
+                    # under activation checkpointing reads back, and what eval mode uses).
                     pivot_c, rm_old, rv_old, to_old = _old_running(Pivot, Running_mean, Running_var, c, kmask,
                                                                    UPDATE_RUNNING, BLOCK_K)
                     var = (1.0 - factor) * rv_old + factor * (dev_acc / ns)
                     shift_c = factor * mean_acc - (1.0 - factor) * to_old  # new running mean - pivot
+                    if Running_mean.dtype.element_ty != tl.float32:
+                        shift_c = (pivot_c + shift_c).to(Running_mean.dtype.element_ty).to(tl.float32) - pivot_c
+                    if Running_var.dtype.element_ty != tl.float32:
+                        var = var.to(Running_var.dtype.element_ty).to(tl.float32)
                     tl.store(Running_mean + c, pivot_c + shift_c, mask=kmask)
                     tl.store(Running_var + c, var, mask=kmask)
                 r = tl.rsqrt(var + eps)
@@ -568,9 +574,14 @@ def _norm_rank_merge_kernel(
             tl.store(Running_mean + c, new_rm, mask=cmask)
             tl.store(Running_var + c, new_rv, mask=cmask)
     else:
-        # EstBN: update first, then normalize with the updated estimates
+        # EstBN: update first, then normalize with the updated estimates as the buffers
+        # hold them (rounded in a half-precision buffer, as in _norm_combine_kernel)
         var = (1.0 - factor) * rv_old + factor * (second / total)
         q = factor * mean - (1.0 - factor) * to_old  # new running mean - p0
+        if Running_mean.dtype.element_ty != tl.float32:
+            q = (p0 + q).to(Running_mean.dtype.element_ty).to(p0.dtype) - p0
+        if Running_var.dtype.element_ty != tl.float32:
+            var = var.to(Running_var.dtype.element_ty).to(second.dtype)
         tl.store(Running_mean + c, p0 + q, mask=cmask)
         tl.store(Running_var + c, var, mask=cmask)
         shift = to_pivot + q

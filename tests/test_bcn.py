@@ -621,3 +621,30 @@ def test_partial_sums_in_the_output_or_in_a_buffer_of_their_own_give_the_same_bi
     assert not any(b.part_in_dx for b in own_plan._bwd.values()) and all(b.part_in_dx for b in in_plan._bwd.values())
     for a, b in zip(own, inside):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("buffer_dtype", [torch.bfloat16, torch.float16])
+def test_estimate_mode_normalizes_with_the_estimates_as_narrower_buffers_hold_them(backend, buffer_dtype):
+    """Estimate mode updates the running estimates, then normalizes with them as the
+    buffers hold them: rounded to a half-precision buffer's dtype (what eval mode, and a
+    recompute under activation checkpointing, read back). Before, it normalized with the
+    unrounded fp32 values. The channel means sit far from zero against their spread, so
+    the rounding of the mean (about 2e-3 of it) shows in y."""
+    torch.manual_seed(5)
+    n, c, g = 2, 8, 4
+    x = (torch.randn(n, c, 5, 5) * 0.5 + torch.linspace(4, 12, c).view(1, c, 1, 1)).to(DEVICE)
+    rm = (torch.linspace(4, 12, c) + 0.3 * torch.randn(c)).to(DEVICE, buffer_dtype)
+    rv = torch.rand(c, device=DEVICE).add(0.5).to(buffer_dtype)
+    weight, bias = torch.rand(c, device=DEVICE) + 0.5, torch.randn(c, device=DEVICE) * 0.1
+    gw, gb = torch.rand(1, g, 1, device=DEVICE) + 0.5, torch.randn(1, g, 1, device=DEVICE) * 0.1
+    rm64, rv64 = rm.double(), rv.double()
+    bcn_reference(x, g, running_mean=rm64, running_var=rv64, training=True, estimate=True)  # the update
+    y = batch_channel_norm(x, g, rm, rv, weight, bias, gw, gb, training=True, estimate=True)
+    # y: eval mode's composition in float64 with the values the buffers now hold
+    want = bcn_reference(x, g, weight, bias, gw, gb, rm.double(), rv.double(), training=False)
+    assert rel_err(y, want) <= 1e-5
+    # the buffers: the float64 update, to one unit of their last place (the Triton
+    # interpreter converts to bfloat16 by truncation, a GPU to the nearest)
+    for got, value in ((rm, rm64), (rv, rv64)):
+        ulp = torch.finfo(buffer_dtype).eps * value.abs()
+        assert ((got.double() - value).abs() <= ulp).all()

@@ -116,6 +116,12 @@ def norm_forward_torch(x, gamma, beta, omega, eta, running_mean, running_var, nu
             dev = dev_sum / ns
             var = (1 - factor) * rv_old + factor * dev
             shift_c = factor * mean_c - (1 - factor) * to_old
+            # normalize with the estimates as the buffers hold them (rounded in a narrower
+            # buffer: what a recompute under activation checkpointing reads back)
+            if running_mean.dtype != acc:
+                shift_c = (pivot[0] + shift_c).to(running_mean.dtype).to(acc) - pivot[0]
+            if running_var.dtype != acc:
+                var = var.to(running_var.dtype).to(acc)
             updates += [(running_mean, pivot[0] + shift_c), (running_var, var)]
         r = torch.rsqrt(var + eps)
     elif mode == MODE_RUNNING:
