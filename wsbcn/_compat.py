@@ -176,7 +176,8 @@ def function_c_apply(cls):
 # none. Where this torch keeps no such variable, every call counts as inside a dual level.
 from torch.autograd import forward_ad as _forward_ad
 
-if isinstance(getattr(_forward_ad, "_current_level", None), int):
+dual_level_readable = isinstance(getattr(_forward_ad, "_current_level", None), int)
+if dual_level_readable:
     def forward_ad_active() -> bool:
         return _forward_ad._current_level >= 0
 else:

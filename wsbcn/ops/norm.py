@@ -10,6 +10,7 @@ torch.compile traces, and BCN across processes (``process_group``).
 from typing import Optional
 
 import torch
+from torch.autograd import forward_ad as _forward_ad  # _current_level: the dual level (wsbcn/_compat.py)
 
 from .. import _compat, backends, checks, tuning
 from ..backends.torch_closed_form import acc_dtype, norm_backward_torch, norm_forward_torch
@@ -184,7 +185,8 @@ class _Call:
     backward."""
 
     __slots__ = ("num_groups", "eps", "momentum", "cumulative", "mode", "update_running", "activation",
-                 "group_affine", "dtypes", "dense", "eager", "group", "plans", "untraced", "c_apply", "recompute")
+                 "group_affine", "dtypes", "dense", "eager", "group", "plans", "untraced", "c_apply", "recompute",
+                 "fast")
 
     def __init__(self, x, num_groups, eps, momentum, cumulative, mode, update_running, activation, group_affine,
                  dtypes, group=None, dense=True):
@@ -203,6 +205,8 @@ class _Call:
         self.untraced = not torch.compiler.is_compiling()
         self.c_apply = _compat.function_c_apply(NormFunction) if self.untraced else None
         self.recompute = None  # recomputed(): built on the first recompute
+        # call_plain's hot path applies: eager, one process, the C apply, a readable dual level
+        self.fast = self.c_apply is not None and group is None and _compat.dual_level_readable
 
     def recomputed(self, x):
         """The call that replaces this one when torch.utils.checkpoint recomputes it (a
@@ -286,6 +290,13 @@ class _Call:
     def call_plain(self, x, gamma, beta, omega, eta, running_mean, running_var, nbt):
         """The call of tensors that are no functorch wrappers: ``__call__`` after it
         unwraps, or a call ``checks.recalled`` found."""
+        if self.fast and not _transforms_active() and _forward_ad._current_level < 0 and (
+                not self.update_running or _graph_task_id() == -1):
+            # the hot path: no functorch transform, no dual level, not checkpoint's recompute.
+            # The same as the general path below, which tests these one by one.
+            if _grad_enabled():
+                return self.c_apply(x, gamma, beta, omega, eta, self, (running_mean, running_var, nbt))
+            return self.forward(x, gamma, beta, omega, eta, running_mean, running_var, nbt)[0]  # nothing to record
         if self.update_running and self.untraced and _graph_task_id() != -1:  # in a backward: checkpoint's recompute
             recompute = self.recomputed(x)
             if recompute is not None:
@@ -398,6 +409,7 @@ def _as_param(grad, param):
 
 
 _graph_task_id = _compat.graph_task_id  # != -1: a backward runs (_compat.in_backward)
+_transforms_active, _grad_enabled = _compat.functorch_transforms_active, torch.is_grad_enabled
 _calls: dict = {}  # validated call signature -> _Call
 _recent: dict = {}  # id of a call site -> its newest signatures and their _Call (checks.recalled)
 _meta = checks.tensor_meta
