@@ -502,9 +502,9 @@ class ModelWeightStandardizer:
         self._all = list(modules)
         self._hats = None  # W_hat per layer while a forward of ``model`` runs
         self._taken_from = None  # the weights they were computed from
-        # the W_hat each layer took with gradients on, and the weights: kept from the forward
-        # until the model's backward reaches the standardizer, for checkpoint's recompute (take)
-        self._kept = self._kept_from = None
+        # the W_hat each layer took with gradients on: kept from the forward until the model's
+        # backward reaches the standardizer, for checkpoint's recompute (retake)
+        self._kept = None
         self._call = None
         self._convs = []
         self._refresh()
@@ -547,8 +547,7 @@ class ModelWeightStandardizer:
 
     def __getstate__(self):  # deepcopy and pickle: the validated call and plans are rebuilt on use
         state = dict(self.__dict__)
-        state.update(_call=None, _weights=None, _addresses=None, _hats=None, _taken_from=None, _kept=None,
-                     _kept_from=None)
+        state.update(_call=None, _weights=None, _addresses=None, _hats=None, _taken_from=None, _kept=None)
         return state
 
     def __deepcopy__(self, memo):
@@ -574,7 +573,7 @@ class ModelWeightStandardizer:
         for m in self._convs:
             m.__dict__.pop("_ws_model", None)
             m.__dict__.pop("_ws_model_index", None)
-        self._convs, self._hats, self._kept, self._kept_from = [], None, None, None
+        self._convs, self._hats, self._kept = [], None, None
 
     def _weights_now(self):
         try:
@@ -616,6 +615,7 @@ class ModelWeightStandardizer:
         return call
 
     def _before(self, module, args):
+        self._kept = None  # a new forward: what the last one kept is no longer recomputed
         if self._stale:
             self._refresh()
         if not self._convs:
@@ -628,7 +628,7 @@ class ModelWeightStandardizer:
         # where torch can tell a functorch wrapper, _call_for returned none for weights with
         # one, and a tensor object never becomes one: no unwrap (wsbcn/_compat.py)
         self._hats = list((call.call_plain if _compat.is_functorch_wrapped is not None else call)(weights))
-        self._taken_from = self._kept_from = weights
+        self._taken_from = weights
         self._kept = [None] * len(weights)
 
     def _after(self, module, args, output):
@@ -668,7 +668,7 @@ class ModelWeightStandardizer:
             return None
         i = conv._ws_model_index
         w_hat = self._kept[i]
-        if w_hat is None or self._kept_from[i] is not weight or (conv.eps, conv.correction, conv.eps_mode) != \
+        if w_hat is None or self._weights[i] is not weight or (conv.eps, conv.correction, conv.eps_mode) != \
                 self._args[i]:
             return None
         self._kept[i] = None
@@ -676,4 +676,4 @@ class ModelWeightStandardizer:
 
     def _release(self):
         """The model's backward reached the standardizer: every recompute is done."""
-        self._kept = self._kept_from = None
+        self._kept = None
