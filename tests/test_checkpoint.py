@@ -101,3 +101,37 @@ def test_checkpointed_half_precision_model_matches_the_plain_step(backend, dtype
         assert rel_err(got[2][name].float(), grad.float()) <= 1e-6, name
     for name, buffer in want[3].items():
         assert torch.equal(got[3][name], buffer), name
+
+
+class _Twice(nn.Module):
+    """One WSConv called twice inside the checkpointed segment."""
+
+    def __init__(self, checkpointing):
+        super().__init__()
+        self.stem = wsbcn.WSConv2d(3, 8, 3, padding=1)
+        self.conv, self.norm = wsbcn.WSConv2d(8, 8, 3, padding=1), wsbcn.GroupNorm(4, 8)
+        self.checkpointing = checkpointing
+
+    def body(self, x):
+        return self.norm(self.conv(self.conv(x)))
+
+    def forward(self, x):
+        x = self.stem(x)
+        return checkpoint(self.body, x, use_reentrant=False) if self.checkpointing else self.body(x)
+
+
+def test_model_wide_layer_called_twice_in_a_checkpointed_segment(monkeypatch):
+    """The forward hands the layer its W_hat once and standardizes the second call per
+    layer; the non-reentrant recompute must do the same, or it saves other tensors."""
+    monkeypatch.setenv("WSBCN_BACKEND", "torch")
+    torch.manual_seed(2)
+    plain = _Twice(False).to(DEVICE)
+    checkpointed = copy.deepcopy(plain)
+    checkpointed.checkpointing = True
+    for model in (plain, checkpointed):
+        wsbcn.ModelWeightStandardizer(model)
+    x = torch.randn(2, 3, 6, 6, device=DEVICE)
+    weights = torch.randn(2, 8, 6, 6, device=DEVICE)
+    want, got = _step(plain, x, weights), _step(checkpointed, x, weights)
+    for name, grad in want[2].items():
+        assert rel_err(got[2][name], grad) <= 1e-6, name
