@@ -32,6 +32,14 @@ class _Net(nn.Module):
         return checkpoint(self.body, x, use_reentrant=self.checkpointing)
 
 
+def _estimates_away_from_init(model):
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, wsbcn.BatchChannelNorm2d):
+                m.running_mean.normal_(0, 0.3)
+                m.running_var.uniform_(0.5, 2.0)
+
+
 def _step(model, x, weights):
     x = x.clone().requires_grad_(True)
     out = model(x)
@@ -56,11 +64,7 @@ def test_checkpointed_step_matches_the_plain_step(monkeypatch, backend, ws, esti
     plain = _Net(estimate, None).to(DEVICE)
     if ws == "model-wide":
         wsbcn.ModelWeightStandardizer(plain)  # copied with the model below
-    with torch.no_grad():  # running estimates away from their initial values
-        for m in plain.modules():
-            if isinstance(m, wsbcn.BatchChannelNorm2d):
-                m.running_mean.normal_(0, 0.3)
-                m.running_var.uniform_(0.5, 2.0)
+    _estimates_away_from_init(plain)
     checkpointed = copy.deepcopy(plain)
     checkpointed.checkpointing = reentrant
     x = torch.randn(2, 3, 6, 6, device=DEVICE)
@@ -86,11 +90,7 @@ def test_checkpointed_half_precision_model_matches_the_plain_step(backend, dtype
     and the gradients differed by up to a few percent)."""
     torch.manual_seed(1)
     plain = _Net(True, None).to(DEVICE, dtype)
-    with torch.no_grad():
-        for m in plain.modules():
-            if isinstance(m, wsbcn.BatchChannelNorm2d):
-                m.running_mean.normal_(0, 0.3)
-                m.running_var.uniform_(0.5, 2.0)
+    _estimates_away_from_init(plain)
     checkpointed = copy.deepcopy(plain)
     checkpointed.checkpointing = False
     x = torch.randn(2, 3, 6, 6, device=DEVICE, dtype=dtype)
