@@ -135,3 +135,25 @@ def test_model_wide_layer_called_twice_in_a_checkpointed_segment(monkeypatch):
     want, got = _step(plain, x, weights), _step(checkpointed, x, weights)
     for name, grad in want[2].items():
         assert rel_err(got[2][name], grad) <= 1e-6, name
+
+
+def test_model_wide_forward_without_backward_keeps_nothing(monkeypatch):
+    """Outside a checkpoint nothing is kept for a recompute: a forward with gradients on
+    and no backward (a validation step without no_grad) leaves no graph alive, so
+    module.to() by torch.utils.swap_tensors still works. Before, the kept W_hat held the
+    forward's graph and its saved weights, and swap_tensors refused them."""
+    monkeypatch.setenv("WSBCN_BACKEND", "torch")
+    model = _Net(False, None).to(DEVICE)
+    wsbcn.ModelWeightStandardizer(model)
+    model(torch.randn(2, 3, 6, 6, device=DEVICE))
+    weight = model.stem[0].weight
+    previous = torch.__future__.get_swap_module_params_on_conversion()
+    torch.__future__.set_swap_module_params_on_conversion(True)
+    try:
+        model.double()
+    finally:
+        torch.__future__.set_swap_module_params_on_conversion(previous)
+    assert model.stem[0].weight is weight and weight.dtype == torch.float64
+    out = model(torch.randn(2, 3, 6, 6, device=DEVICE, dtype=torch.float64))
+    out.sum().backward()
+    assert out.dtype == torch.float64 and weight.grad.dtype == torch.float64

@@ -199,6 +199,18 @@ def in_backward() -> bool:
     return graph_task_id() != -1
 
 
+# --- torch: saved-tensor hooks ------------------------------------------------------
+# torch.utils.checkpoint(use_reentrant=False) runs its forward under saved-tensor hooks
+# (so does activation offloading, save_on_cpu). The model-wide standardizer keeps a W_hat
+# for the recompute only then (ops/ws_model.py ``take``): kept otherwise, after a forward
+# with no backward it would hold that forward's graph, and with it the weights, which
+# torch.utils.swap_tensors (module.to() under set_swap_module_params_on_conversion) then
+# refuses. ``top_saved_tensors_hooks(False)`` is None when none are active; where this
+# torch does not tell, it answers as if some were.
+top_saved_tensors_hooks = (getattr(getattr(torch._C, "_autograd", None), "_top_saved_tensors_default_hooks", None)
+                           or (lambda ignore_is_tracing: True))
+
+
 # A Function's jvp runs with forward grad off; pushing tangents through dual tensors of
 # the caller's level (ops/differentiable.py) turns it on for the call. None where this
 # torch has no such switch: then only torch.func.jvp pushes tangents through wsbcn.

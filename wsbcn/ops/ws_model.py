@@ -50,6 +50,7 @@ from . import library
 from .ws import _Call, row_dense, weight_standardize
 
 _data_ptr = torch.Tensor.data_ptr
+_saved_hooks = _compat.top_saved_tensors_hooks  # None: no saved-tensor hooks active (wsbcn/_compat.py)
 _is_contiguous = torch.Tensor.is_contiguous
 
 
@@ -502,8 +503,9 @@ class ModelWeightStandardizer:
         self._all = list(modules)
         self._hats = None  # W_hat per layer while a forward of ``model`` runs
         self._taken_from = None  # the weights they were computed from
-        # the W_hat each layer took with gradients on: kept from the forward until the model's
-        # backward reaches the standardizer, for checkpoint's recompute (retake)
+        # the W_hat each layer took with gradients on under saved-tensor hooks: kept from the
+        # forward until the model's backward reaches the standardizer, for checkpoint's
+        # recompute (retake)
         self._kept = None
         self._call = None
         self._convs = []
@@ -652,14 +654,15 @@ class ModelWeightStandardizer:
         if (conv.eps, conv.correction, conv.eps_mode) != self._args[i]:
             self._stale = True
             return None
-        if torch.is_grad_enabled() and not torch.compiler.is_compiling():
-            self._kept[i] = w_hat
+        if not torch.compiler.is_compiling() and _saved_hooks(False) is not None and torch.is_grad_enabled():
+            self._kept[i] = w_hat  # under saved-tensor hooks (a non-reentrant checkpoint): for its recompute
         return w_hat
 
     def retake(self, conv, weight):
         """For torch.utils.checkpoint's recompute (a forward during a backward,
-        ``_compat.in_backward``): the very W_hat ``conv`` took in the forward, once, so
-        that the recompute saves for the backward what the forward saved. The
+        ``_compat.in_backward``): the very W_hat ``conv`` took in the forward (under the
+        checkpoint's saved-tensor hooks), once, so that the recompute saves for the
+        backward what the forward saved. The
         non-reentrant checkpoint checks that; without it the layer would standardize per
         layer and save its weight first. A layer that took its W_hat with gradients off (a
         reentrant checkpoint's forward, whose recompute autograd differentiates) takes none:
