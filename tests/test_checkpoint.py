@@ -49,9 +49,10 @@ def _step(model, x, weights):
 
 @pytest.mark.parametrize("reentrant", [False, True], ids=["non-reentrant", "reentrant"])
 @pytest.mark.parametrize("estimate", [False, True], ids=["batch", "estimate"])
-@pytest.mark.parametrize("backend, ws", [
-    ("torch", "per-layer"), ("torch", "model-wide"), ("triton", "per-layer"),
-    pytest.param("triton", "model-wide", marks=pytest.mark.slow),  # the interpreter's multi-weight kernels
+@pytest.mark.parametrize("backend, ws", [  # the Triton interpreter's cases in the slow pass (~5 s each)
+    ("torch", "per-layer"), ("torch", "model-wide"),
+    pytest.param("triton", "per-layer", marks=pytest.mark.slow),
+    pytest.param("triton", "model-wide", marks=pytest.mark.slow),
 ])
 def test_checkpointed_step_matches_the_plain_step(monkeypatch, backend, ws, estimate, reentrant):
     """Before, the recompute updated the running buffers a second time (as nn.BatchNorm
