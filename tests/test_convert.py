@@ -308,6 +308,37 @@ def test_timm_resnet():
     assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
 
 
+@pytest.mark.parametrize("ws", [True, "model"])
+def test_timm_resnet_keeps_its_methods_dropout_and_checkpointing(ws):
+    """timm's own switches still work after convert: the dropout of drop_rate is off in
+    eval, and set_grad_checkpointing recomputes the blocks with micro-batch BCN, giving
+    the gradients and buffers of the step without it (tests/test_checkpoint.py)."""
+    _, timm = _import_or_skip("torchvision", "timm")
+    torch.manual_seed(43)
+    model = wsbcn.convert(timm.create_model("resnet18", num_classes=10, drop_rate=0.5), num_groups=8,
+                          estimate=True, ws=ws)
+    assert isinstance(model, timm.models.resnet.ResNet)
+    x = torch.randn(2, 3, 32, 32)
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(model(x), model(x))
+        assert torch.equal(model.forward_head(model.forward_features(x)), model(x))
+    model.train()
+    checkpointed = copy.deepcopy(model)
+    checkpointed.set_grad_checkpointing(True)
+    calls, results = [], []
+    checkpointed.layer1[0].conv1.register_forward_hook(lambda *_: calls.append(1))
+    for m in (model, checkpointed):
+        torch.manual_seed(44)  # the same dropout mask
+        (m(x) * torch.arange(10.0)).sum().backward()
+        results.append(({n: p.grad for n, p in m.named_parameters()}, dict(m.named_buffers())))
+    assert len(calls) == 2  # the block ran again in the backward
+    for name, grad in results[0][0].items():
+        assert rel_err(results[1][0][name], grad) <= 1e-5, name
+    for name, buffer in results[0][1].items():
+        assert torch.equal(results[1][1][name], buffer), name
+
+
 def _converting_again_changes_nothing(model, caplog, expected_counts):
     """Convert ``model`` a second time: the same object comes back with the same
     modules and tensors and the same output, the summary and the log say there was
