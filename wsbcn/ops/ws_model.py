@@ -640,7 +640,7 @@ class ModelWeightStandardizer:
         """The W_hat computed for ``conv`` in this forward (once), or None: outside a
         forward of the model, on a second call, or when the layer's weight or arguments
         changed since (then it standardizes per layer). During a backward, the W_hat the
-        layer took with gradients on in the forward (``retake``)."""
+        layer took in a non-reentrant checkpoint's forward (``retake``)."""
         hats = self._hats
         if hats is None:
             return self.retake(conv, weight) if self._kept is not None else None
@@ -660,13 +660,13 @@ class ModelWeightStandardizer:
 
     def retake(self, conv, weight):
         """For torch.utils.checkpoint's recompute (a forward during a backward,
-        ``_compat.in_backward``): the very W_hat ``conv`` took in the forward (under the
-        checkpoint's saved-tensor hooks), once, so that the recompute saves for the
-        backward what the forward saved. The
-        non-reentrant checkpoint checks that; without it the layer would standardize per
-        layer and save its weight first. A layer that took its W_hat with gradients off (a
-        reentrant checkpoint's forward, whose recompute autograd differentiates) takes none:
-        it standardizes per layer, and its gradient reaches its weight that way."""
+        ``_compat.in_backward``): the very W_hat ``conv`` took in the forward, with
+        gradients on under the checkpoint's saved-tensor hooks, once, so that the
+        recompute saves for the backward what the forward saved (the non-reentrant
+        checkpoint checks that; per layer, the layer would save its weight first). A layer
+        that took its W_hat with gradients off (a reentrant checkpoint's forward, whose
+        recompute autograd differentiates) takes none: it standardizes per layer, and its
+        gradient reaches its weight that way."""
         if not _compat.in_backward():
             return None
         i = conv._ws_model_index
