@@ -108,9 +108,9 @@ def _safe_fusions(model, layers, plan, graph, trace):
         return [], []
     fused_norms = {node.target for node, _, _ in plan.fusions}
 
-    def pairs_of(g):
-        return {(node.target, act_node.target) for node, act_node, _ in flow_from_graph(g, model, layers, {}).candidates
-                if node.target in fused_norms}
+    def pairs_of(g):  # the traced graph's are plan.fusions themselves (each norm is called once)
+        candidates = plan.fusions if g is graph else flow_from_graph(g, model, layers, {}).candidates
+        return {(node.target, act_node.target) for node, act_node, _ in candidates if node.target in fused_norms}
 
     return checked_fusions(model, plan.fusions, graph, traces_in_modes(model, trace), pairs_of)
 

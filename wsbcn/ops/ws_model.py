@@ -631,7 +631,6 @@ class ModelWeightStandardizer:
         # one, and a tensor object never becomes one: no unwrap (wsbcn/_compat.py)
         self._hats = list((call.call_plain if _compat.is_functorch_wrapped is not None else call)(weights))
         self._taken_from = weights
-        self._kept = [None] * len(weights)
 
     def _after(self, module, args, output):
         self._hats = self._taken_from = None
@@ -655,7 +654,11 @@ class ModelWeightStandardizer:
             self._stale = True
             return None
         if not torch.compiler.is_compiling() and _saved_hooks(False) is not None and torch.is_grad_enabled():
-            self._kept[i] = w_hat  # under saved-tensor hooks (a non-reentrant checkpoint): for its recompute
+            # under saved-tensor hooks (a non-reentrant checkpoint): for its recompute
+            kept = self._kept
+            if kept is None:
+                kept = self._kept = [None] * len(hats)
+            kept[i] = w_hat
         return w_hat
 
     def retake(self, conv, weight):
