@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import wsbcn
-from wsbcn import tuning
+from wsbcn import checks, tuning
 from wsbcn.functional import batch_channel_norm
 from conftest import DEVICE, TOL, rel_err
 from reference import ReleasedBCNorm, bcn_reference
@@ -443,8 +443,7 @@ def test_parameter_gradients_are_autograds_cast_of_the_fp32_ones(monkeypatch, dt
         return (dx, *(g if g is None else g.view(p.shape) for g, p in zip(grads, (gamma, beta, omega, eta))))
 
     def gradients(in_fp32):
-        norm._calls.clear()
-        norm._recent.clear()  # and the calls recalled per site (checks.recalled)
+        norm._cache.clear()  # the validated calls and the ones recalled per site (checks.recalled)
         torch.manual_seed(0)
         if layer == "group norm":
             m = wsbcn.GroupNorm(4, 16)
@@ -598,8 +597,7 @@ def test_partial_sums_in_the_output_or_in_a_buffer_of_their_own_give_the_same_bi
     dy = torch.randn_like(x)
 
     def run(fits):
-        monkeypatch.setattr(norm, "_calls", {})
-        monkeypatch.setattr(norm, "_recent", {})
+        monkeypatch.setattr(norm, "_cache", checks.CallCache())
         monkeypatch.setattr(norm, "_plans", {})
         monkeypatch.setattr(norm_plan, "_fits", fits)
         torch.manual_seed(1)
@@ -609,7 +607,7 @@ def test_partial_sums_in_the_output_or_in_a_buffer_of_their_own_give_the_same_bi
             for p in m.parameters():
                 p.copy_(torch.rand_like(p) + 0.5)
         y = m(x)
-        (call,) = norm._calls.values()
+        (call,) = norm._cache.calls.values()
         plan = next(iter(call.plans.values()))
         grads = torch.autograd.grad(y, [x, *m.parameters()], dy)
         return plan, [y, *grads, *m.buffers()]

@@ -121,7 +121,7 @@ def _small_model_step(c_apply_enabled, monkeypatch, x=None, model_wide=(False, T
     from wsbcn.ops import norm, ws, ws_model
 
     monkeypatch.setattr(_compat, "c_apply_enabled", c_apply_enabled)
-    for cache in (norm._calls, norm._recent, ws._calls, ws._recent, ws_model._calls):
+    for cache in (norm._cache, ws._cache, ws_model._cache):
         cache.clear()  # new calls: each reads c_apply_enabled when it is made
     torch.manual_seed(0)
     model = torch.nn.Sequential(wsbcn.WSConv2d(4, 8, 3, padding=1), wsbcn.BatchChannelNorm2d(8, 4),

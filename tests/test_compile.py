@@ -5,6 +5,8 @@ import copy
 import pytest
 import torch
 
+from torch._dynamo.testing import CompileCounterWithBackend
+
 import wsbcn
 from conftest import DEVICE, assert_graph_replays_train_like_eager
 
@@ -109,3 +111,59 @@ def test_fullgraph_compile_of_1d_and_3d_layers_matches_eager(backend, dims):
     shape = (2, 3) + (5,) * dims
     xs = [torch.randn(shape, device=DEVICE) * (1 + i) for i in range(2)]
     _check_compiled_trains_like_eager(eager, compiled_model, compiled, xs)
+
+
+@pytest.mark.parametrize("backend", ["triton", pytest.param("torch", marks=pytest.mark.slow)])  # torch: ~17 s
+def test_compile_with_dynamic_true_trains_like_eager(monkeypatch, backend):
+    """``torch.compile(dynamic=True)``, as detection and multi-scale training use it: sizes
+    are symbolic from the first call, and so are float attributes (eps, momentum) and a
+    norm layer's channels when it takes the input itself. One compile serves new batch
+    and spatial sizes; eps changed between calls is used (dynamo guards on it)."""
+    monkeypatch.setenv("WSBCN_BACKEND", backend)
+    torch.manual_seed(0)
+    eager = torch.nn.Sequential(  # the first norm takes the input: its channels are symbolic too
+        wsbcn.BatchChannelNorm2d(4, num_groups=2, momentum=None), wsbcn.GroupNorm(2, 4, activation="relu"),
+        wsbcn.WSConv2d(4, 4, 3, padding=1), wsbcn.BatchChannelNorm2d(4, num_groups=2, estimate=True)).to(DEVICE)
+    compiled_model = copy.deepcopy(eager)
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(compiled_model, fullgraph=True, dynamic=True, backend=counter)
+    for i, shape in enumerate([(2, 4, 8, 6), (3, 4, 6, 10), (1, 4, 9, 7)]):
+        if i == 1:
+            compiles = counter.frame_count
+        if i == 2:
+            assert counter.frame_count == compiles  # the second size ran the first compile
+            for m in (eager, compiled_model):
+                m[0].eps = m[1].eps = m[2].eps = 1e-2
+        x = torch.randn(shape, device=DEVICE) * (1 + i)
+        y_e, y_c = eager(x), compiled(x)
+        torch.testing.assert_close(y_c, y_e, rtol=1e-5, atol=1e-5)
+        y_e.square().mean().backward()
+        y_c.square().mean().backward()
+    for (name, p_e), p_c in zip(eager.named_parameters(), compiled_model.parameters()):
+        torch.testing.assert_close(p_c.grad, p_e.grad, rtol=1e-5, atol=1e-5, msg=name)
+    for (name, b_e), b_c in zip(eager.named_buffers(), compiled_model.buffers()):
+        torch.testing.assert_close(b_c, b_e, rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("model_wide", [False, True], ids=["per layer", "model-wide"])
+def test_eager_calls_between_compiled_calls_recompile_nothing(monkeypatch, model_wide):
+    """Eager calls of new signatures (another model, other input sizes: an eval loop run
+    eagerly) between calls of a compiled model leave its graphs' guards passing. torch
+    2.11 guarded the length of the module-level dicts of validated calls that the traced
+    checks were handed, so each such call recompiled (checks.CallCache)."""
+    monkeypatch.setenv("WSBCN_BACKEND", "triton")
+    model = torch.nn.Sequential(wsbcn.WSConv2d(3, 4, 3), wsbcn.BatchChannelNorm2d(4, 2), wsbcn.GroupNorm(2, 4)).to(DEVICE)
+    eager = copy.deepcopy(model)
+    if model_wide:
+        wsbcn.ModelWeightStandardizer(model)
+        wsbcn.ModelWeightStandardizer(eager)
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(model, fullgraph=True, backend=counter)
+    x = torch.randn(2, 3, 8, 8, device=DEVICE)
+    eager(x).sum().backward()  # validated calls there when compile traces
+    compiled(x).sum().backward()
+    compiles = counter.frame_count
+    for size in (5, 6):  # new signatures of every layer kind, eagerly
+        eager(torch.randn(1, 3, size, size + 1, device=DEVICE)).sum().backward()
+        compiled(x).sum().backward()
+    assert counter.frame_count == compiles

@@ -50,7 +50,7 @@ for name in ("first", "repeat"):
     out[name + " fwd"] = [c1["jit"] - c0["jit"], c1["direct"] - c0["direct"]]
     out[name + " bwd"] = [c2["jit"] - c1["jit"], c2["direct"] - c1["direct"]]
 
-call = next(c for c in norm._calls.values() if c.group is not None)
+call = next(c for c in norm._cache.calls.values() if c.group is not None)
 dplan = next(p for k, p in call.plans.items() if k[0] == "dist")
 plan = dplan.plan
 params = [layer.weight, layer.bias, layer.group_weight, layer.group_bias]

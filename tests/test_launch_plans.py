@@ -21,7 +21,7 @@ import sys
 import torch
 
 import wsbcn
-from wsbcn import tuning
+from wsbcn import checks, tuning
 from wsbcn.ops import norm
 from wsbcn.functional import batch_channel_norm
 from conftest import DEVICE, rel_err
@@ -114,7 +114,7 @@ out["group norm fp32, fp32, bf16 affine"] = gn_counts
 
 # The plan's kernels are the ones kernel[grid] returns for the same (aligned) arguments,
 # and the misaligned call compiled other ones (triton's specialisation differs).
-call = next(c for k, c in norm._calls.items() if k[2] == x.shape)
+call = next(c for k, c in norm._cache.calls.items() if k[2] == x.shape)
 plan = next(iter(call.plans.values()))
 side = torch.empty(plan.fwd_size)
 views = [side[o:o + 1] for o in plan.fwd_offsets]
@@ -244,13 +244,12 @@ def test_plans_follow_the_config_function_and_the_tuned_tables(monkeypatch):
     """A plan is rebuilt when the config it was built from could differ: another
     config function (tests lay plans over it) or reloaded tuned tables."""
     monkeypatch.setenv("WSBCN_BACKEND", "triton")
-    monkeypatch.setattr(norm, "_calls", {})  # the one GroupNorm call below, not an earlier test's
-    monkeypatch.setattr(norm, "_recent", {})
+    monkeypatch.setattr(norm, "_cache", checks.CallCache())  # the one GroupNorm call below, not an earlier test's
     torch.manual_seed(1)
     x = torch.randn(2, 16, 5, 5, device=DEVICE)
     m = wsbcn.GroupNorm(4, 16).to(DEVICE)
     y0 = m(x)
-    call = next(c for k, c in norm._calls.items() if k[0] == "gn" and k[2] == x.shape)
+    call = next(c for k, c in norm._cache.calls.items() if k[0] == "gn" and k[2] == x.shape)
     plans_before = set(map(id, call.plans.values()))
     tuning.forget_loaded_tables()
     y1 = m(x)

@@ -85,13 +85,13 @@ def _run_bcn(params, variant):
 def test_bcn_calls_at_one_site_alternating_with_the_base_call_match_the_reference(backend, variant, monkeypatch):
     """The base call and a variant, alternately, twice: the second round's calls find
     remembered entries, and each must be its own call's, not the other's."""
-    monkeypatch.setattr(norm, "_recent", {})  # the site's entries only (ids of dead objects are reused)
+    monkeypatch.setattr(norm._cache, "sites", {})  # the site's entries only (ids of dead objects are reused)
     params = _bcn_params()
     for _ in range(2):
         _run_bcn(params, "base")
         _run_bcn(params, variant)
     if _compat._TENSOR_GUARDS is not None:
-        entries = norm._recent[id(params["weight"])]
+        entries = norm._cache.sites[id(params["weight"])]
         if variant == "training given as 1":  # the base call's signature: recalled, not remembered again
             assert len(entries) == 1
         else:
@@ -149,14 +149,14 @@ def test_a_tensor_given_for_a_scalar_gets_the_checks_error_at_a_site_with_rememb
 def test_the_same_tensor_given_twice_is_never_remembered(backend, monkeypatch):
     """A guard cannot pass when one tensor is given for two arguments: such a call is
     not remembered, and checked by its key each time."""
-    monkeypatch.setattr(norm, "_recent", {})
+    monkeypatch.setattr(norm._cache, "sites", {})
     torch.manual_seed(1)
     x = _x()
     w = torch.rand(C, device=DEVICE) + 0.5
     for _ in range(2):
         y = group_norm(x, G, w, w)
         assert rel_err(y, gn_reference(x.detach().double(), G, w.double(), w.double())) <= TOL[torch.float32]
-    assert id(w) not in norm._recent
+    assert id(w) not in norm._cache.sites
 
 
 @pytest.mark.parametrize("layer", ["bcn", "group norm", "ws"])
@@ -165,15 +165,15 @@ def test_a_dead_functorch_wrapper_is_unwrapped_at_a_site_with_remembered_calls(b
     is never remembered (checks.remember): a dead wrapper given at a site that remembered
     plain calls, twice, is unwrapped each time (the Triton path cannot read a wrapper's
     address) and matches the reference."""
-    monkeypatch.setattr(norm, "_recent", {})  # no entries of dead objects whose ids live on
-    monkeypatch.setattr(ws, "_recent", {})
+    monkeypatch.setattr(norm._cache, "sites", {})  # no entries of dead objects whose ids live on
+    monkeypatch.setattr(ws._cache, "sites", {})
     torch.manual_seed(6)
     if layer == "ws":
         w = torch.randn(6, 4, 3, 3, device=DEVICE, requires_grad=True)
         dead = dead_functorch_wrapper(w)
         for t in (w, w, dead, dead):
             assert rel_err(weight_standardize(t), ws_reference(w.detach().double())) <= TOL[torch.float32]
-        assert id(w) in ws._recent and id(dead) not in ws._recent
+        assert id(w) in ws._cache.sites and id(dead) not in ws._cache.sites
         return
     params = _bcn_params()
     if layer == "bcn":  # evaluation: the running buffers stay as they are
@@ -206,7 +206,7 @@ def test_a_dead_functorch_wrapper_is_unwrapped_at_a_site_with_remembered_calls(b
                  else gn_reference(x.double(), G, w64, params["bias"].double()))
         d_ref, = torch.autograd.grad(ref_y, [w64], dy.double())
         assert rel_err(d_weight, d_ref) <= 1e-5
-    assert len(norm._recent[id(m)]) == 1  # the plain call's signature only
+    assert len(norm._cache.sites[id(m)]) == 1  # the plain call's signature only
 
 
 def test_nothing_is_remembered_where_torch_cannot_tell_a_functorch_wrapper(backend, monkeypatch):
@@ -214,8 +214,8 @@ def test_nothing_is_remembered_where_torch_cannot_tell_a_functorch_wrapper(backe
     recalled call would not unwrap: then nothing is remembered, and the results are the
     reference's."""
     monkeypatch.setattr(_compat, "is_functorch_wrapped", None)
-    monkeypatch.setattr(norm, "_recent", {})
-    monkeypatch.setattr(ws, "_recent", {})
+    monkeypatch.setattr(norm._cache, "sites", {})
+    monkeypatch.setattr(ws._cache, "sites", {})
     torch.manual_seed(7)
     m = wsbcn.GroupNorm(G, C).to(DEVICE)
     w = torch.randn(6, 4, 3, 3, device=DEVICE)
@@ -223,7 +223,7 @@ def test_nothing_is_remembered_where_torch_cannot_tell_a_functorch_wrapper(backe
     for _ in range(2):
         assert rel_err(m(x), gn_reference(x.detach().double(), G)) <= TOL[torch.float32]
         assert rel_err(weight_standardize(w), ws_reference(w.double())) <= TOL[torch.float32]
-    assert not norm._recent and not ws._recent
+    assert not norm._cache.sites and not ws._cache.sites
 
 
 @pytest.mark.parametrize("layer", ["bcn", "group norm"])
@@ -314,10 +314,10 @@ def test_results_are_the_same_without_tensor_guards(backend, monkeypatch):
 
     with_guards = step()
     monkeypatch.setattr(_compat, "_TENSOR_GUARDS", None)
-    monkeypatch.setattr(norm, "_recent", {})
-    monkeypatch.setattr(ws, "_recent", {})
+    monkeypatch.setattr(norm._cache, "sites", {})
+    monkeypatch.setattr(ws._cache, "sites", {})
     without = step()
-    assert not norm._recent and not ws._recent
+    assert not norm._cache.sites and not ws._cache.sites
     for a, b in zip(with_guards, without):
         assert torch.equal(a, b)
 
@@ -350,29 +350,29 @@ def test_a_repeat_call_is_recalled_without_building_its_key(backend, monkeypatch
 def test_remember_keeps_a_bounded_number_of_entries_per_site():
     """A site keeps its MAX_RECALLED_PER_SITE newest signatures (a shared head sees one
     per input size); an older one is looked up by its key again."""
-    sites, site = {}, object()
+    cache, site = checks.CallCache(), object()
     for n in range(checks.MAX_RECALLED_PER_SITE + 2):
         t = torch.empty(n + 1)
-        checks.remember(sites, site, (), (t,), n)
+        checks.remember(cache, site, (), (t,), n)
     if _compat._TENSOR_GUARDS is None:
-        assert not sites
+        assert not cache.sites
         return
-    assert len(sites[id(site)]) == checks.MAX_RECALLED_PER_SITE
-    assert checks.recalled(sites, site, (), (torch.empty(1),)) is None  # the oldest, dropped
-    assert checks.recalled(sites, site, (), (torch.empty(checks.MAX_RECALLED_PER_SITE + 2),)) == \
+    assert len(cache.sites[id(site)]) == checks.MAX_RECALLED_PER_SITE
+    assert checks.recalled(cache, site, (), (torch.empty(1),)) is None  # the oldest, dropped
+    assert checks.recalled(cache, site, (), (torch.empty(checks.MAX_RECALLED_PER_SITE + 2),)) == \
         checks.MAX_RECALLED_PER_SITE + 1
-    assert checks.recalled(sites, site, ("other",), (torch.empty(3),)) is None  # other scalars
+    assert checks.recalled(cache, site, ("other",), (torch.empty(3),)) is None  # other scalars
     # a tensor made anew per call (it has a grad_fn) is no site to remember
     made = torch.ones(2, requires_grad=True) * 2
-    checks.remember(sites, made, (), (made,), "x")
-    assert id(made) not in sites
+    checks.remember(cache, made, (), (made,), "x")
+    assert id(made) not in cache.sites
     # nor is a call with a tensor subclass (a fake tensor's sizes may be symbolic)
     class Sub(torch.Tensor):
         pass
 
     other_site = object()
-    checks.remember(sites, other_site, (), (torch.empty(2).as_subclass(Sub),), "x")
-    assert id(other_site) not in sites
+    checks.remember(cache, other_site, (), (torch.empty(2).as_subclass(Sub),), "x")
+    assert id(other_site) not in cache.sites
 
 
 @pytest.mark.skipif(_compat._TENSOR_GUARDS is None, reason="this torch has no dynamo tensor guards")
@@ -380,12 +380,12 @@ def test_a_site_whose_inputs_keep_changing_shape_stops_remembering(backend, monk
     """A module fed more input shapes in turn than it keeps (multi-scale training) drops
     entries; past MAX_DROPPED_PER_SITE it stops remembering and every call builds its
     key, as before recall existed. Each call matches the float64 reference throughout."""
-    monkeypatch.setattr(norm, "_recent", {})
+    monkeypatch.setattr(norm._cache, "sites", {})
     torch.manual_seed(6)
     m = wsbcn.GroupNorm(G, C).to(DEVICE)
     sizes = range(2, checks.MAX_RECALLED_PER_SITE + 4)  # one more shape than a site keeps, and some
     def dropped():
-        entries = norm._recent.get(id(m))
+        entries = norm._cache.sites.get(id(m))
         return 0 if entries is None else entries.dropped
 
     calls = 0
@@ -397,23 +397,23 @@ def test_a_site_whose_inputs_keep_changing_shape_stops_remembering(backend, monk
             assert rel_err(y, y_ref) <= TOL[torch.float32]
             calls += 1
         assert calls < 10 * checks.MAX_DROPPED_PER_SITE
-    assert not norm._recent[id(m)]
+    assert not norm._cache.sites[id(m)]
     x = torch.randn(1, C, 2, device=DEVICE)
     m(x)
-    assert not norm._recent[id(m)]  # it stays a site that builds its keys
+    assert not norm._cache.sites[id(m)]  # it stays a site that builds its keys
 
 
 def test_nothing_is_remembered_under_torch_compile(monkeypatch):
     """dynamo traces the key path (checks.recalled and remember step aside while it
     traces), and the compiled graph calls the wsbcn ops: no site is remembered, and the
     compiled module gives the eager one's outputs."""
-    monkeypatch.setattr(norm, "_recent", {})
-    monkeypatch.setattr(ws, "_recent", {})
+    monkeypatch.setattr(norm._cache, "sites", {})
+    monkeypatch.setattr(ws._cache, "sites", {})
     torch.manual_seed(7)
     model = torch.nn.Sequential(wsbcn.WSConv2d(4, C, 3, padding=1), wsbcn.BatchChannelNorm2d(C, G),
                                 wsbcn.GroupNorm(G, C)).to(DEVICE)
     x = torch.randn(2, 4, 5, 5, device=DEVICE)
     compiled = torch.compile(model, fullgraph=True, backend="eager")
     y = compiled(x)
-    assert not norm._recent and not ws._recent
+    assert not norm._cache.sites and not ws._cache.sites
     torch.testing.assert_close(y, model(x), rtol=1e-5, atol=1e-5)  # batch statistics: the same output

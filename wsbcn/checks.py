@@ -33,7 +33,7 @@ def check_eps(eps) -> float:
     if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
         raise TypeError(f"eps must be a positive float, got {type(eps).__name__}")
     eps = float(eps)
-    if not (eps > 0.0 and math.isfinite(eps)):
+    if not 0.0 < eps < math.inf:  # NaN fails too; comparisons only, so a symbolic float (compile, dynamic=True) passes
         raise ValueError(f"eps must be a positive finite float, got {eps}")
     return eps
 
@@ -90,7 +90,26 @@ def check_num_groups(num_channels, num_groups) -> None:
         )
 
 
-def validated(cache: dict, key, validate):
+class CallCache:
+    """The validated calls of one op: ``calls`` (signature key -> validated call,
+    ``validated``) and ``sites`` (id of a call site -> its newest signatures,
+    ``recalled``/``remember``). One object, and the functions below read its dicts only
+    outside torch.compile: dynamo guards what a traced call reads, and a module-level
+    dict handed to them was guarded on its length by torch 2.11, so every eager call of
+    a new signature (another model, an input size) recompiled every compiled graph. The
+    object is guarded by its identity only."""
+
+    __slots__ = ("calls", "sites")
+
+    def __init__(self):
+        self.calls, self.sites = {}, {}
+
+    def clear(self) -> None:
+        self.calls.clear()
+        self.sites.clear()
+
+
+def validated(cache: CallCache, key, validate):
     """What ``validate()`` derives for a call signature ``key``, computed once: a
     repeat call with the same signature (shapes, strides, dtypes, devices and
     scalar arguments, their types included) skips the checks. ``key`` None or
@@ -100,11 +119,12 @@ def validated(cache: dict, key, validate):
     refuse_jit_trace()
     if key is None or torch.compiler.is_compiling():
         return validate()
+    calls = cache.calls
     try:
-        found = cache.get(key)
+        found = calls.get(key)
     except TypeError:  # an unhashable argument: the checks will name it
         return validate()
-    return found if found is not None else cached(cache, key, validate)
+    return found if found is not None else cached(calls, key, validate)
 
 
 def fx_proxy(tensors: tuple):
@@ -144,7 +164,7 @@ class _SiteEntries(list):
     dropped = 0
 
 
-def recalled(sites: dict, site, scalars: tuple, tensors: tuple):
+def recalled(cache: CallCache, site, scalars: tuple, tensors: tuple):
     """What a repeat call at ``site`` got from ``validated``, recognised without building
     its key: ``site`` is an object that lives across calls (the calling module, else a
     parameter), ``scalars`` every non-tensor part of the key, ``tensors`` every tensor
@@ -167,7 +187,7 @@ def recalled(sites: dict, site, scalars: tuple, tensors: tuple):
     give the key's validated call."""
     if torch.compiler.is_compiling():
         return None
-    entries = sites.get(id(site))
+    entries = cache.sites.get(id(site))
     if entries is None:
         return None
     for known, guard, absent, present, found in entries:
@@ -186,7 +206,7 @@ def recalled(sites: dict, site, scalars: tuple, tensors: tuple):
     return None
 
 
-def remember(sites: dict, site, scalars: tuple, tensors: tuple, found) -> None:
+def remember(cache: CallCache, site, scalars: tuple, tensors: tuple, found) -> None:
     """Let ``recalled`` find ``found`` for calls like this one at ``site`` (a site keeps
     its MAX_RECALLED_PER_SITE newest, and stops remembering once it has dropped
     MAX_DROPPED_PER_SITE for newer ones; ``sites`` is emptied at MAX_CACHED_SIGNATURES
@@ -197,6 +217,7 @@ def remember(sites: dict, site, scalars: tuple, tensors: tuple, found) -> None:
     nothing to unwrap (wsbcn/_compat.py)."""
     if torch.compiler.is_compiling() or site is None or getattr(site, "grad_fn", None) is not None:
         return  # tracing, no site, or a tensor made anew for each call (a parametrized weight)
+    sites = cache.sites
     entries = sites.get(id(site))
     if entries is not None and entries.dropped < 0:  # its signatures kept changing: it builds its keys
         return
@@ -225,7 +246,7 @@ def remember(sites: dict, site, scalars: tuple, tensors: tuple, found) -> None:
     entries.append((scalars, guard, absent, tuple(i for i, t in enumerate(tensors) if t is not None), found))
 
 
-def keyed(cache: dict, sites: dict, site, scalars: tuple, tensors: tuple, key, validate):
+def keyed(cache: CallCache, site, scalars: tuple, tensors: tuple, key, validate):
     """The validated call of a call ``recalled`` did not find: looked up by its signature
     key (``key()``; no key when an argument is not a tensor, the checks will name it),
     ``validate()`` on a miss (``validated``), then remembered at ``site`` (``remember``).
@@ -235,7 +256,7 @@ def keyed(cache: dict, sites: dict, site, scalars: tuple, tensors: tuple, key, v
     except AttributeError:  # not a tensor somewhere
         k = None
     found = validated(cache, k, validate)
-    remember(sites, site, scalars, tensors, found)
+    remember(cache, site, scalars, tensors, found)
     return found
 
 

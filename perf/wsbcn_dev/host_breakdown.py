@@ -91,7 +91,8 @@ def cases():
         from wsbcn.ops import norm
     except ImportError:
         return out
-    call = next(c for c in norm._calls.values() if c.plans)
+    calls = norm._cache.calls if hasattr(norm, "_cache") else norm._calls  # (before 2026-12-06: a dict of its own)
+    call = next(c for c in calls.values() if c.plans)
     plan = next(iter(call.plans.values()))
     p, b = m._parameters, m._buffers
     args = (x, p["weight"], p["bias"], p["group_weight"], p["group_bias"], b["running_mean"], b["running_var"],

@@ -165,7 +165,7 @@ def _check_param(name, t, numels, x):
     if t is None:
         return
     checks.check_float_tensor(name, t, min_dim=0)
-    if t.numel() not in numels:
+    if not any(t.numel() == n for n in numels):  # ==, not `in`: a symbolic channel count (dynamic=True) compares
         raise ValueError(f"{name} must have {' or '.join(map(str, sorted(set(numels))))} elements, got shape {tuple(t.shape)}")
     if t.device != x.device:
         raise ValueError(f"{name} is on {t.device} but the input is on {x.device}")
@@ -410,8 +410,7 @@ def _as_param(grad, param):
 
 _graph_task_id = _compat.graph_task_id  # != -1: a backward runs (_compat.in_backward)
 _transforms_active, _grad_enabled = _compat.functorch_transforms_active, torch.is_grad_enabled
-_calls: dict = {}  # validated call signature -> _Call
-_recent: dict = {}  # id of a call site -> its newest signatures and their _Call (checks.recalled)
+_cache = checks.CallCache()  # validated call signatures -> _Call; call sites -> their newest (checks.recalled)
 _meta = checks.tensor_meta
 
 
@@ -456,7 +455,7 @@ def _batch_channel_norm(x, num_groups, running_mean, running_var, weight, bias, 
                type(num_groups), type(momentum), type(eps),  # the types the key reads, first: see checks.recalled
                num_groups, training, estimate, momentum, eps, activation, group)
     site = weight if owner is None else owner
-    call = checks.recalled(_recent, site, scalars, tensors)
+    call = checks.recalled(_cache, site, scalars, tensors)
     if call is not None:  # no functorch wrapper among the tensors (checks.remember): nothing to unwrap
         run = call.call_plain if call.dense else call.call_dense
     else:  # a new site or signature (or tracing): by the key, checked on a miss
@@ -465,7 +464,7 @@ def _batch_channel_norm(x, num_groups, running_mean, running_var, weight, bias, 
             return proxy.tracer.create_proxy("call_function", batch_channel_norm, (
                 x, num_groups, running_mean, running_var, weight, bias, group_weight, group_bias, training, estimate,
                 momentum, eps, activation, num_batches_tracked), {})
-        call = checks.keyed(_calls, _recent, site, scalars, tensors, lambda: (
+        call = checks.keyed(_cache, site, scalars, tensors, lambda: (
             "bcn", _owner_key(owner), x.shape, x.stride(), x.dtype, x.device, num_groups, type(num_groups),
             _meta(running_mean), _meta(running_var), _meta(weight), _meta(bias), _meta(group_weight),
             _meta(group_bias), _meta(num_batches_tracked), bool(training), bool(estimate), momentum, type(momentum),
@@ -545,7 +544,7 @@ def _group_norm(x, num_groups, weight, bias, eps, activation, owner=None):
     scalars = (None if owner is None else owner.__class__, None if owner is None else owner.num_channels,
                type(num_groups), type(eps), num_groups, eps, activation)  # types first: see checks.recalled
     site = weight if owner is None else owner
-    call = checks.recalled(_recent, site, scalars, tensors)
+    call = checks.recalled(_cache, site, scalars, tensors)
     if call is not None:  # no functorch wrapper among the tensors (checks.remember): nothing to unwrap
         run = call.call_plain if call.dense else call.call_dense
     else:  # a new site or signature (or tracing): by the key, checked on a miss
@@ -553,7 +552,7 @@ def _group_norm(x, num_groups, weight, bias, eps, activation, owner=None):
         if proxy is not None:  # torch.fx.symbolic_trace: one node calling the public function
             return proxy.tracer.create_proxy("call_function", group_norm, (x, num_groups, weight, bias, eps, activation),
                                              {})
-        call = checks.keyed(_calls, _recent, site, scalars, tensors, lambda: (
+        call = checks.keyed(_cache, site, scalars, tensors, lambda: (
             "gn", _owner_key(owner), x.shape, x.stride(), x.dtype, x.device, num_groups, type(num_groups),
             _meta(weight), _meta(bias), eps, type(eps), activation),
             lambda: _validate_gn(owner, x, num_groups, weight, bias, eps, activation))

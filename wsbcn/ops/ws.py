@@ -233,8 +233,7 @@ class FunctorchWeightStandardizeFunction(torch.autograd.Function):
         return differentiable.ws_double_backward(ctx.call, weight, grad, functorch=True), None
 
 
-_calls: dict = {}  # validated weight signature -> _Call
-_recent: dict = {}  # id of a weight -> its newest signatures and their _Call (checks.recalled)
+_cache = checks.CallCache()  # validated weight signatures -> _Call; weights -> their newest (checks.recalled)
 
 
 STANDARDIZE = ("full", "center")
@@ -264,14 +263,14 @@ def weight_standardize(weight: torch.Tensor, eps: float = 1e-5, correction: int 
     # a repeat call with the same weight object is recognised by a tensor guard (checks.recalled)
     # the types the key reads first (checks.recalled)
     scalars = (type(eps), type(correction), type(standardize), eps, correction, eps_mode, standardize)
-    call = checks.recalled(_recent, weight, scalars, (weight,))
+    call = checks.recalled(_cache, weight, scalars, (weight,))
     if call is not None:  # not a functorch wrapper (checks.remember): nothing to unwrap
         return call.call_plain(weight)
     # a new weight or signature (or tracing): by the key, checked on a miss
     if checks.fx_proxy((weight,)) is not None:  # torch.fx.symbolic_trace: one node calling this function
         return weight.tracer.create_proxy("call_function", weight_standardize,
                                           (weight, eps, correction, eps_mode, standardize), {})
-    call = checks.keyed(_calls, _recent, weight, scalars, (weight,), lambda: (
+    call = checks.keyed(_cache, weight, scalars, (weight,), lambda: (
         weight.shape, weight.stride(), weight.dtype, weight.device, eps, type(eps), correction, type(correction),
         eps_mode, standardize, type(standardize)),
         lambda: _validate(weight, eps, correction, eps_mode, standardize))

@@ -427,7 +427,7 @@ def _double_backward(call, weights, grads):
 
 # --- the functional API -----------------------------------------------------------
 
-_calls: dict = {}
+_cache = checks.CallCache()  # validated weight lists -> ModelCall (sites unused)
 
 
 def _validate(weights, args) -> ModelCall:
@@ -466,10 +466,10 @@ def weight_standardize_all(weights, eps=1e-5, correction=0, eps_mode="var") -> t
     if not compiling and all(isinstance(w, torch.Tensor) for w in weights):
         key = tuple((w.shape, w.stride(), w.dtype, w.device, _aligned(w), a, type(a[0]), type(a[1]))
                     for w, a in zip(weights, args))
-    call = checks.validated(_calls, key, lambda: _validate(weights, args))
+    call = checks.validated(_cache, key, lambda: _validate(weights, args))
     if not call.current():
-        _calls.pop(key, None)
-        call = checks.validated(_calls, key, lambda: _validate(weights, args))
+        _cache.calls.pop(key, None)
+        call = checks.validated(_cache, key, lambda: _validate(weights, args))
     return call.call_plain(weights)
 
 
