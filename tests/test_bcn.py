@@ -71,6 +71,18 @@ def test_bcn_modes_match_reference(backend, mode, activation, group_affine):
 
 
 @pytest.mark.parametrize("mode", list(MODES))
+def test_fp32_statistics_under_autocast(backend, mode):
+    """Under autocast a float32 input is normalized with float32 statistics and gets
+    float32 gradients, as nn.BatchNorm2d does (batch_norm is on no autocast list). The
+    torch closed form's sums of squares went through linalg.vecdot, which autocast runs
+    in bfloat16: its statistics were ~1e-3 off, forward and backward."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 8, 5, 5, device=DEVICE) * 2 + 0.5
+    with torch.autocast(torch.device(DEVICE).type, dtype=torch.bfloat16):  # the backward too
+        check_bcn(x, 4, mode, activation="silu")
+
+
+@pytest.mark.parametrize("mode", list(MODES))
 def test_bcn_without_affine(backend, mode):
     torch.manual_seed(1)
     check_bcn(torch.randn(2, 6, 3, 3, device=DEVICE), 3, mode, affine=False)

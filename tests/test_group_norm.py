@@ -67,6 +67,14 @@ def test_group_norm_low_precision(backend, dtype):
     check_gn(x, 4, "relu")
 
 
+def test_fp32_statistics_under_autocast(backend):
+    """Under autocast a float32 input gets float32 statistics (see test_bcn's test of the
+    same name: the closed form's linalg.vecdot ran in bfloat16)."""
+    torch.manual_seed(4)
+    with torch.autocast(torch.device(DEVICE).type, dtype=torch.bfloat16):
+        check_gn(torch.randn(2, 8, 5, 5, device=DEVICE) * 2 + 1, 4, "relu")
+
+
 def test_group_norm_large_offset(backend):
     torch.manual_seed(3)
     check_gn(1e4 + torch.randn(2, 8, 6, 6, device=DEVICE), 4, tol=1e-5)

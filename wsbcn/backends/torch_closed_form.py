@@ -21,6 +21,13 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _vecdot_runs_in_fp32(t: torch.Tensor) -> bool:
+    """``torch.linalg.vecdot`` of fp32 rows gives fp32 here: not under autocast, which
+    runs it in bfloat16/float16 (it is on autocast's lower-precision list; a product and
+    a sum are not)."""
+    return t.device.type not in ("cpu", "cuda") or not torch.is_autocast_enabled(t.device.type)
+
+
 def _per_nc(t: torch.Tensor, ndim: int) -> torch.Tensor:
     """[N, C] -> [N, C, 1, ...] to broadcast against x."""
     return t.reshape(t.shape + (1,) * (ndim - 2))
@@ -75,7 +82,10 @@ def norm_forward_torch(x, gamma, beta, omega, eta, running_mean, running_var, nu
         # faster on CPU than torch.var_mean's Welford kernel. e is reused below.
         m_keep = xp.mean(dim=dims, keepdim=True)
         e = xp.sub_(m_keep)
-        m2 = torch.linalg.vecdot(e.flatten(2), e.flatten(2)) if e.is_contiguous() else e.square().sum(dim=dims)
+        if e.is_contiguous() and _vecdot_runs_in_fp32(e):
+            m2 = torch.linalg.vecdot(e.flatten(2), e.flatten(2))
+        else:
+            m2 = e.square().sum(dim=dims)
         m = m_keep.reshape(n, c)
     else:
         m, m2 = xp, torch.zeros_like(xp)
@@ -180,7 +190,7 @@ def norm_backward_torch(dy, x, stats, rstd_c, rho, gamma, omega, eta, num_groups
     dyf = dy.to(acc)
     dz = _activation_grad(dyf, _per_nc(coef_a, x.dim()) * e + _per_nc(coef_b, x.dim()), activation) if activation else dyf
     d1 = dz.sum(dim=dims) if dims else dz
-    if dims and dz.is_contiguous() and e.is_contiguous():
+    if dims and dz.is_contiguous() and e.is_contiguous() and _vecdot_runs_in_fp32(e):
         de = torch.linalg.vecdot(dz.flatten(2), e.flatten(2))
     else:
         de = (dz * e).sum(dim=dims) if dims else dz * e
