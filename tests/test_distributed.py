@@ -359,6 +359,49 @@ def case_ddp_averages_gradients(rank, world, backend, sizes, c=8, g=4):
         assert rel_err(getattr(layer, k).grad, ref[k].grad / world) <= 2e-5, k
 
 
+def case_compiled_matches_one_batch(rank, world, backend, sizes, c=8, g=4):
+    """torch.compile of a model with a BCN over the process group: the BCN runs eagerly
+    (a graph break), and each mode's output, dx, summed parameter gradients and running
+    buffers are the single-process ones of the whole batch, two steps. The ranks' headers
+    are compared on the first call only, as for CUDA tensors, whose calls dynamo traced
+    (torch 2.11 then gave a wrong dx; CPU tensors' host read of the headers broke the
+    graph)."""
+    from conftest import rel_err
+    from reference import bcn_reference
+    from wsbcn.ops import norm_distributed
+
+    os.environ["WSBCN_BACKEND"] = backend
+    torch._dynamo.reset()
+    checked = []
+    each_call = norm_distributed._check_each_call
+    norm_distributed._check_each_call = lambda x: not checked and not checked.append(x)
+    lo, hi = sum(sizes[:rank]), sum(sizes[:rank + 1])
+    for mode in MODES:
+        training, estimate = MODES[mode]
+        params = _params(c, g, seed=8)
+        m = _module(c, g, mode, dist.group.WORLD, params)
+        compiled = torch.compile(torch.nn.Sequential(torch.nn.Identity(), m, torch.nn.Identity()), backend="aot_eager")
+        ref = _reference_state(params)
+        gen = torch.Generator().manual_seed(9)
+        for step in range(2):
+            x = torch.randn(sum(sizes), c, 4, 3, generator=gen) * 2 + 1
+            dy = torch.randn(x.shape, generator=gen)
+            x_local = x[lo:hi].clone().requires_grad_(True)
+            y = compiled(x_local)
+            y.backward(dy[lo:hi])
+            x64 = x.double().requires_grad_(True)
+            yr = bcn_reference(x64, g, training=training, estimate=estimate, activation="relu", momentum=0.3, **ref)
+            yr.backward(dy.double())
+            assert rel_err(y, yr[lo:hi]) <= 2e-5, (mode, step, "y")
+            assert rel_err(x_local.grad, x64.grad[lo:hi]) <= 2e-5, (mode, step, "dx")
+            for k, grad in _summed_grads(m).items():
+                assert rel_err(grad, ref[k].grad) <= 2e-5, (mode, step, k)
+                ref[k].grad = None
+            for k in ("running_mean", "running_var"):
+                assert rel_err(getattr(m, k), ref[k]) <= 1e-6, (mode, step, k)
+    norm_distributed._check_each_call = each_call
+
+
 def case_fully_shard(rank, world, backend, model_wide, c=8, g=4):
     """Under FSDP2's fully_shard (each layer and the model; its gradients averaged and
     sharded), WSConv (per layer, or under a ModelWeightStandardizer, which leaves the
@@ -604,6 +647,11 @@ def test_ragged_ranks_single_1x1_image(ranks):
 
 def test_ddp_averages_gradients(ranks):
     ranks(2).run("case_ddp_averages_gradients", backend="triton", sizes=[3, 1])
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_compiled_model_matches_one_batch(ranks, backend):
+    ranks(2).run("case_compiled_matches_one_batch", backend=backend, sizes=[1, 3])
 
 
 @pytest.mark.parametrize("model_wide", [False, True])

@@ -37,7 +37,9 @@ def requested_backend() -> str:
         choice = text.strip().lower() or "auto"
         if choice not in BACKENDS:
             raise ValueError(f"WSBCN_BACKEND must be one of {BACKENDS}, got {choice!r}")
-        if len(_parsed_requests) < 64:
+        # not while dynamo traces: a traced write to module state is replayed after the
+        # graph, and inside a traced autograd.Function it failed the trace (seen across processes)
+        if len(_parsed_requests) < 64 and not torch.compiler.is_compiling():
             _parsed_requests[raw] = choice
     return choice
 

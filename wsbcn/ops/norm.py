@@ -449,6 +449,10 @@ def _batch_channel_norm(x, num_groups, running_mean, running_var, weight, bias, 
     """batch_channel_norm; ``owner``: the calling module, whose own input checks
     (``_check_input``) join the ones cached per signature; ``group``: a process group
     whose ranks' batch statistics are combined (training only)."""
+    if group is not None and torch.compiler.is_compiling():  # across processes compile runs it eagerly
+        return _batch_channel_norm_eagerly(x, num_groups, running_mean, running_var, weight, bias, group_weight,
+                                           group_bias, training, estimate, momentum, eps, activation,
+                                           num_batches_tracked, owner, group)
     # a repeat call at the same site (module, else weight) is recognised by a tensor guard
     tensors = (x, running_mean, running_var, weight, bias, group_weight, group_bias, num_batches_tracked)
     scalars = (None if owner is None else owner.__class__, None if owner is None else owner.num_channels,
@@ -474,6 +478,13 @@ def _batch_channel_norm(x, num_groups, running_mean, running_var, weight, bias, 
         run = call if call.dense else call.call_dense
     return run(x, weight, bias, group_weight, group_bias, running_mean, running_var,
                num_batches_tracked if call.update_running else None)
+
+
+# A BCN across processes under torch.compile: a graph break, then the eager call (its
+# plan's direct launches and collectives). Traced by torch 2.11's dynamo, the closed form
+# with its collectives gave a wrong dx (tests/test_distributed.py); it did on CPU only
+# because a host read of the ranks' headers broke the graph there.
+_batch_channel_norm_eagerly = torch.compiler.disable(_batch_channel_norm)
 
 
 def _validate_bcn(owner, x, num_groups, running_mean, running_var, weight, bias, group_weight, group_bias, training,
