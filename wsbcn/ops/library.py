@@ -10,41 +10,56 @@ compiles the kernels into its package. Eager calls never come here: they launch
 through the plans directly (kernels/launch.py), which costs a fraction of an op
 dispatch.
 
-Two cases stay one opaque node in compiled graphs (as a ``torch.library.custom_op``
-would), whose body then runs eagerly through the plans: the Triton interpreter
+Some calls stay one opaque node in compiled graphs (as a ``torch.library.custom_op``
+would), whose body then runs eagerly through the plans: under the Triton interpreter
 (TRITON_INTERPRET=1, for testing on CPU), whose kernels run on host memory and
-cannot be traced, and inputs with symbolic sizes (``dynamic=True``, or dynamo's
-automatic dynamic shapes after a second input size), because a launch plan is per
-shape and tracing in would compile the graph anew for every size.
+cannot be traced; with symbolic input sizes (``dynamic=True``, or dynamo's automatic
+dynamic shapes after a second input size), because a launch plan is per shape and
+tracing in would compile the graph anew for every size; and, on the torch backend,
+the calls an op's ``opaque_on_torch`` names: estimate mode's forward, whose closed
+form reads the running buffers it then updates. Traced in, its cheap elementwise
+reads of them were recomputed in the backward by the min-cut partitioner (inductor's,
+aot_eager's), after the update: wrong gradients (tests/test_compile.py). Opaque, its
+saved outputs are saved. The Triton path's kernels read them in launches the
+partitioner keeps in the forward (checked over the stub driver).
 """
+import functools
+
 import torch
 
 from .. import _compat, backends
 
 
-def triton_op(name: str, mutates_args, kernels):
+def triton_op(name: str, mutates_args, kernels, opaque_on_torch=None):
     """``torch.library.triton_op(name, mutates_args=...)`` for a body that launches the
-    Triton ``kernels`` (a callable returning them, imported on first use)."""
+    Triton ``kernels`` (a callable returning them, imported on first use);
+    ``opaque_on_torch(args, kwargs)``: True for a call that stays opaque on the torch
+    backend too (see the module docstring)."""
 
     def register(fn):
         op = torch.library.triton_op(name, mutates_args=mutates_args)(fn)
         _compat.register_op_kernels(name, kernels())
-        _compat.functionalize_rule(op, _functionalize)
+        _compat.functionalize_rule(op, functools.partial(_functionalize, opaque_on_torch))
         return op
 
     return register
 
 
-def _functionalize(decompose, mode, op, types, args, kwargs):
+def _functionalize(opaque_on_torch, decompose, mode, op, types, args, kwargs):
     """How compile's functionalization sees an op call whose first argument is the
-    input (x, dy, the weight or its gradient): traced into on the torch backend and
-    for Triton at static shapes; one opaque node, run eagerly, for Triton under the
-    interpreter (not traceable) or at symbolic shapes (a launch plan is per shape:
-    tracing in would recompile the graph for every input size)."""
+    input (x, dy, the weight or its gradient): traced into on the torch backend (but
+    for ``opaque_on_torch``'s calls) and for Triton at static shapes; one opaque node,
+    run eagerly, for Triton under the interpreter (not traceable) or at symbolic shapes
+    (a launch plan is per shape: tracing in would recompile the graph for every input
+    size)."""
     t = args[0]
-    if backends.backend_for(t) == "torch" or not (backends.interpreter_enabled() or symbolic(t)):
-        return decompose(mode, op, types, args, kwargs)
-    return mode.__torch_dispatch__(op, types, args, kwargs)
+    if backends.backend_for(t) == "torch":
+        opaque = opaque_on_torch is not None and opaque_on_torch(args, kwargs)
+    else:
+        opaque = backends.interpreter_enabled() or symbolic(t)
+    if opaque:
+        return mode.__torch_dispatch__(op, types, args, kwargs)
+    return decompose(mode, op, types, args, kwargs)
 
 
 def symbolic(t: torch.Tensor) -> bool:

@@ -137,7 +137,15 @@ def _backward_kernels():
     return kernels._norm_bwd_reduce_kernel, kernels._norm_bwd_combine_kernel, kernels._norm_bwd_apply_kernel
 
 
-@library.triton_op("wsbcn::norm_forward", ("running_mean", "running_var", "num_batches_tracked"), _forward_kernels)
+def _estimate_mode(args, kwargs):
+    """A norm_forward call in estimate mode (its ``norm_mode``): opaque on the torch
+    backend under compile (ops/library.py)."""
+    mode = args[12] if len(args) > 12 else kwargs.get("norm_mode")
+    return mode == MODE_ESTIMATE
+
+
+@library.triton_op("wsbcn::norm_forward", ("running_mean", "running_var", "num_batches_tracked"), _forward_kernels,
+                   opaque_on_torch=_estimate_mode)
 def norm_forward_op(
     x: torch.Tensor, gamma: Optional[torch.Tensor], beta: Optional[torch.Tensor],
     omega: Optional[torch.Tensor], eta: Optional[torch.Tensor],
