@@ -7,7 +7,8 @@ group (DESIGN.md section 8; the collectives and their checks: collectives.py).
   per channel, ONE all_gather, the merge of all ranks (and the running buffers), group
   statistics and coefficients, apply; backward (batch statistics) reduce pass, ONE
   all_reduce of the per-channel gradient sums, coefficients, apply. No host sync.
-- the torch closed form (CPU tensors by default, float64, under torch.compile):
+- the torch closed form (CPU tensors by default, float64; torch.compile runs the layer
+  eagerly, ops/norm.py ``_batch_channel_norm_eagerly``):
   ``norm_forward_torch``/``norm_backward_torch`` with the same collectives as hooks.
 Inputs whose spatial dims one stride cannot walk are made contiguous first, as in one
 process.
