@@ -19,9 +19,10 @@ tracing in would compile the graph anew for every size; and, on the torch backen
 the calls an op's ``opaque_on_torch`` names: estimate mode's forward, whose closed
 form reads the running buffers it then updates. Traced in, its cheap elementwise
 reads of them were recomputed in the backward by the min-cut partitioner (inductor's,
-aot_eager's), after the update: wrong gradients (tests/test_compile.py). Opaque, its
-saved outputs are saved. The Triton path's kernels read them in launches the
-partitioner keeps in the forward (checked over the stub driver).
+aot_eager's), after the update: wrong gradients (tests/test_compile.py). Opaque, the
+op's outputs are what the backward gets. The Triton path reads them in kernel launches
+the partitioner keeps in the forward (its backward graph over the stub driver holds
+backward kernels only).
 """
 import functools
 

@@ -490,8 +490,8 @@ def _batch_channel_norm(x, num_groups, running_mean, running_var, weight, bias, 
 
 # A BCN across processes under torch.compile: a graph break, then the eager call (its
 # plan's direct launches and collectives). Traced by torch 2.11's dynamo, the closed form
-# with its collectives gave a wrong dx (tests/test_distributed.py); it did on CPU only
-# because a host read of the ranks' headers broke the graph there.
+# with its collectives gave a wrong dx (tests/test_distributed.py). Before, only CUDA
+# calls were traced: for CPU tensors a host read of the ranks' headers broke the graph.
 _batch_channel_norm_eagerly = torch.compiler.disable(_batch_channel_norm)
 
 
