@@ -649,7 +649,7 @@ def test_ddp_averages_gradients(ranks):
     ranks(2).run("case_ddp_averages_gradients", backend="triton", sizes=[3, 1])
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", [pytest.param("torch", marks=pytest.mark.slow), "triton"])
 def test_compiled_model_matches_one_batch(ranks, backend):
     ranks(2).run("case_compiled_matches_one_batch", backend=backend, sizes=[1, 3])
 

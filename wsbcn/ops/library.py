@@ -24,8 +24,6 @@ op's outputs are what the backward gets. The Triton path reads them in kernel la
 the partitioner keeps in the forward (its backward graph over the stub driver holds
 backward kernels only).
 """
-import functools
-
 import torch
 
 from .. import _compat, backends
@@ -37,10 +35,13 @@ def triton_op(name: str, mutates_args, kernels, opaque_on_torch=None):
     ``opaque_on_torch(args, kwargs)``: True for a call that stays opaque on the torch
     backend too (see the module docstring)."""
 
+    def rule(decompose, mode, op, types, args, kwargs):  # a function: _compat binds decompose first
+        return _functionalize(opaque_on_torch, decompose, mode, op, types, args, kwargs)
+
     def register(fn):
         op = torch.library.triton_op(name, mutates_args=mutates_args)(fn)
         _compat.register_op_kernels(name, kernels())
-        _compat.functionalize_rule(op, functools.partial(_functionalize, opaque_on_torch))
+        _compat.functionalize_rule(op, rule)
         return op
 
     return register
