@@ -113,10 +113,11 @@ def test_fullgraph_compile_of_1d_and_3d_layers_matches_eager(backend, dims):
     _check_compiled_trains_like_eager(eager, compiled_model, compiled, xs)
 
 
-def test_compile_with_dynamic_true_runs_every_layer_kind(monkeypatch):
+@pytest.mark.parametrize("backend", ["triton", pytest.param("torch", marks=pytest.mark.slow)])
+def test_compile_with_dynamic_true_runs_every_layer_kind(monkeypatch, backend):
     """The quick check of the slow test below: one forward and backward of each layer kind
     at symbolic sizes, eps and channels (every layer raised dynamo's Unsupported)."""
-    monkeypatch.setenv("WSBCN_BACKEND", "triton")
+    monkeypatch.setenv("WSBCN_BACKEND", backend)
     torch.manual_seed(0)
     eager = torch.nn.Sequential(wsbcn.BatchChannelNorm2d(4, num_groups=2), wsbcn.GroupNorm(2, 4),
                                 wsbcn.WSConv2d(4, 4, 1)).to(DEVICE)
@@ -131,8 +132,8 @@ def test_compile_with_dynamic_true_runs_every_layer_kind(monkeypatch):
         torch.testing.assert_close(p_c.grad, p_e.grad, rtol=1e-5, atol=1e-5, msg=name)
 
 
-@pytest.mark.slow  # 10-20 s each on the 2-core machine: test_compile_with_dynamic_true_runs_every_layer_kind is quick
-@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.slow  # 10-20 s on the 2-core machine: test_compile_with_dynamic_true_runs_every_layer_kind is quick
+@pytest.mark.parametrize("backend", ["triton"])
 def test_compile_with_dynamic_true_trains_like_eager(monkeypatch, backend):
     """``torch.compile(dynamic=True)``, as detection and multi-scale training use it: sizes
     are symbolic from the first call, and so are float attributes (eps, momentum) and a
@@ -188,8 +189,8 @@ def test_eager_calls_between_compiled_calls_recompile_nothing(monkeypatch, model
     assert counter.frame_count == compiles
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
-@pytest.mark.parametrize("spatial", [(1, 1), (2, 2), (1, 4)])
+@pytest.mark.parametrize("backend, spatial", [("torch", (1, 1)), ("torch", (2, 2)), ("triton", (2, 2)),
+                                              pytest.param("torch", (1, 4), marks=pytest.mark.slow)])
 def test_compiled_estimate_mode_gradients_at_small_feature_maps(monkeypatch, backend, spatial):
     """Micro-batch BCN (estimate=True) compiled with the min-cut partitioner (aot_eager's
     and inductor's) on small feature maps (a ResNet's last stage at a small image size):
