@@ -165,14 +165,16 @@ def test_compile_with_dynamic_true_trains_like_eager(monkeypatch, backend):
         torch.testing.assert_close(b_c, b_e, rtol=1e-5, atol=1e-6, msg=name)
 
 
-@pytest.mark.parametrize("model_wide", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["per layer", "model-wide"])
+@pytest.mark.parametrize("model_wide", [False, pytest.param(True, marks=pytest.mark.slow)],
+                         ids=["per layer", "model-wide"])
 def test_eager_calls_between_compiled_calls_recompile_nothing(monkeypatch, model_wide):
     """Eager calls of new signatures (another model, other input sizes: an eval loop run
     eagerly) between calls of a compiled model leave its graphs' guards passing. torch
     2.11 guarded the length of the module-level dicts of validated calls that the traced
     checks were handed, so each such call recompiled (checks.CallCache)."""
     monkeypatch.setenv("WSBCN_BACKEND", "triton")
-    model = torch.nn.Sequential(wsbcn.WSConv2d(3, 4, 3), wsbcn.BatchChannelNorm2d(4, 2), wsbcn.GroupNorm(2, 4)).to(DEVICE)
+    model = torch.nn.Sequential(wsbcn.WSConv2d(3, 4, 3), wsbcn.BatchChannelNorm2d(4, 2),
+                                wsbcn.GroupNorm(2, 4)).to(DEVICE)
     eager = copy.deepcopy(model)
     if model_wide:
         wsbcn.ModelWeightStandardizer(model)
