@@ -366,15 +366,28 @@ def case_compiled_matches_one_batch(rank, world, backend, sizes, c=8, g=4):
     are compared on the first call only, as for CUDA tensors, whose calls dynamo traced
     (torch 2.11 then gave a wrong dx; CPU tensors' host read of the headers broke the
     graph)."""
-    from conftest import rel_err
-    from reference import bcn_reference
     from wsbcn.ops import norm_distributed
 
     os.environ["WSBCN_BACKEND"] = backend
     torch._dynamo.reset()
-    checked = []
+    calls = []
+
+    def first_call_only(x):  # as for CUDA tensors: the headers compared on the first call
+        calls.append(x)
+        return len(calls) == 1
+
     each_call = norm_distributed._check_each_call
-    norm_distributed._check_each_call = lambda x: not checked and not checked.append(x)
+    norm_distributed._check_each_call = first_call_only
+    try:
+        _compiled_steps(rank, sizes, c, g)
+    finally:
+        norm_distributed._check_each_call = each_call
+
+
+def _compiled_steps(rank, sizes, c, g):
+    from conftest import rel_err
+    from reference import bcn_reference
+
     lo, hi = sum(sizes[:rank]), sum(sizes[:rank + 1])
     for mode in MODES:
         training, estimate = MODES[mode]
@@ -399,7 +412,6 @@ def case_compiled_matches_one_batch(rank, world, backend, sizes, c=8, g=4):
                 ref[k].grad = None
             for k in ("running_mean", "running_var"):
                 assert rel_err(getattr(m, k), ref[k]) <= 1e-6, (mode, step, k)
-    norm_distributed._check_each_call = each_call
 
 
 def case_fully_shard(rank, world, backend, model_wide, c=8, g=4):
