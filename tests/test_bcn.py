@@ -103,6 +103,37 @@ def test_bcn_cumulative_momentum_none(backend):
     check_bcn(torch.randn(2, 4, 3, 3, device=DEVICE), 2, "batch", steps=3, momentum=None)
 
 
+@pytest.mark.parametrize("mode", ["batch", "estimate"])
+def test_an_empty_batch_counts_a_step_and_leaves_the_estimates_as_batchnorm_does(backend, mode):
+    """nn.BatchNorm2d in training, given an empty batch, counts it in num_batches_tracked
+    and leaves its running estimates; with momentum=None the count weighs the next
+    batch's update. Checked against nn.BatchNorm2d in float64 (batch mode: the BN stage
+    updates its estimates as BatchNorm does)."""
+    torch.manual_seed(4)
+    layer = wsbcn.BatchChannelNorm2d(8, 4, momentum=None, estimate=mode == "estimate").to(DEVICE)
+    bn = torch.nn.BatchNorm2d(8, momentum=None).double()
+    with torch.no_grad():
+        for t, r in ((layer.running_mean, bn.running_mean), (layer.running_var, bn.running_var)):
+            t.copy_(torch.rand(8) + 0.5)
+            r.copy_(t)
+    before = [layer.running_mean.clone(), layer.running_var.clone()]
+    empty = torch.randn(0, 8, 3, 3, device=DEVICE, requires_grad=True)
+    y = layer(empty)
+    bn(empty.detach().double())
+    y.sum().backward()
+    assert y.shape == empty.shape and empty.grad.shape == empty.shape
+    assert int(layer.num_batches_tracked) == int(bn.num_batches_tracked) == 1
+    assert torch.equal(layer.running_mean, before[0]) and torch.equal(layer.running_var, before[1])
+    assert torch.equal(bn.running_mean, before[0].double()) and torch.equal(bn.running_var, before[1].double())
+    if mode == "batch":  # the next batch is the second one of the cumulative average
+        x = torch.randn(2, 8, 3, 3, device=DEVICE)
+        layer(x)
+        bn(x.double())
+        assert int(layer.num_batches_tracked) == 2
+        assert rel_err(layer.running_mean, bn.running_mean) <= 1e-6
+        assert rel_err(layer.running_var, bn.running_var) <= 1e-6
+
+
 LAYOUTS = {
     "1d_ncl": lambda: torch.randn(3, 8, 7),
     "1d_nc": lambda: torch.randn(5, 8),

@@ -88,7 +88,9 @@ def _norm_forward_impl(x, gamma, beta, omega, eta, running_mean, running_var, nu
                        op=False):
     """The forward on either backend: the eager body and, with ``op``, the body of the
     ``wsbcn::norm_forward`` op, traced by torch.compile and export (library.py)."""
-    if x.numel() == 0:
+    if x.numel() == 0:  # as nn.BatchNorm: the running estimates stay, the step is counted
+        if update_running and num_batches_tracked is not None:
+            num_batches_tracked.add_(1)
         acc = dict(device=x.device, dtype=acc_dtype(x.dtype))
         s6, sc, sr = _stat_shapes(x, num_groups)
         return torch.empty_like(x), torch.zeros(s6, **acc), torch.zeros(sc, **acc), torch.zeros(sr, **acc)
