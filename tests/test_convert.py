@@ -523,8 +523,66 @@ class _ScaledStdConv2d(nn.Conv2d):
         return F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
 
 
+@_named_as("torchvision.models.video.resnet.Conv3DSimple")
+class _Conv3DSimple(nn.Conv3d):
+    def __init__(self, in_planes, out_planes, midplanes=None, stride=1, padding=1):
+        super().__init__(in_planes, out_planes, kernel_size=(3, 3, 3), stride=stride, padding=padding, bias=False)
+
+
+@_named_as("torchvision.models.video.resnet.Conv3DNoTemporal")
+class _Conv3DNoTemporal(nn.Conv3d):
+    def __init__(self, in_planes, out_planes, midplanes=None, stride=1, padding=1):
+        super().__init__(in_planes, out_planes, kernel_size=(1, 3, 3), stride=(1, stride, stride),
+                         padding=(0, padding, padding), bias=False)
+
+
+@_named_as("timm.layers.norm.GroupNorm")
+class _TimmGroupNorm(nn.GroupNorm):
+    def __init__(self, num_channels, num_groups=32, eps=1e-5, affine=True):
+        super().__init__(num_groups, num_channels, eps=eps, affine=affine)
+
+    def forward(self, x):
+        return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
+
+
+@_named_as("timm.layers.norm.GroupNorm1")
+class _GroupNorm1(nn.GroupNorm):
+    def __init__(self, num_channels, **kwargs):
+        super().__init__(1, num_channels, **kwargs)
+
+    def forward(self, x):
+        return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
+
+
+@_named_as("timm.layers.norm_act.GroupNorm1Act")
+class _GroupNorm1Act(nn.GroupNorm):
+    def __init__(self, num_channels, eps=1e-5, affine=True, apply_act=True, act_layer=nn.ReLU, drop_layer=None):
+        super().__init__(1, num_channels, eps=eps, affine=affine)
+        _drop_act(self, act_layer, drop_layer, apply_act)
+
+    def forward(self, x):
+        x = F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
+        return self.act(self.drop(x))
+
+
+@_named_as("timm.layers.norm_act.SyncBatchNormAct")
+class _SyncBatchNormAct(nn.SyncBatchNorm):
+    """Made by timm's convert_sync_batchnorm, which then sets drop and act."""
+
+    def forward(self, x):
+        x = super().forward(x)
+        if hasattr(self, "drop"):
+            x = self.drop(x)
+        if hasattr(self, "act"):
+            x = self.act(x)
+        return x
+
+
 STAND_INS = types.SimpleNamespace(FrozenBatchNorm2d=_FrozenBatchNorm2d, BatchNormAct2d=_BatchNormAct2d,
-                                  GroupNormAct=_GroupNormAct, StdConv2d=_StdConv2d, ScaledStdConv2d=_ScaledStdConv2d)
+                                  GroupNormAct=_GroupNormAct, StdConv2d=_StdConv2d, ScaledStdConv2d=_ScaledStdConv2d,
+                                  Conv3DSimple=_Conv3DSimple, Conv3DNoTemporal=_Conv3DNoTemporal,
+                                  GroupNorm=_TimmGroupNorm, GroupNorm1=_GroupNorm1, GroupNorm1Act=_GroupNorm1Act,
+                                  SyncBatchNormAct=_SyncBatchNormAct)
 
 
 @pytest.fixture(params=["stand-in", "real"])
@@ -532,10 +590,14 @@ def layers(request):
     """The layer classes: stand-ins always; torchvision's and timm's own when importable."""
     if request.param == "stand-in":
         return STAND_INS
-    _, misc, timm_layers = _import_or_skip("torchvision", "torchvision.ops.misc", "timm.layers")
+    _, misc, video, timm_layers, timm_norm_act = _import_or_skip(
+        "torchvision", "torchvision.ops.misc", "torchvision.models.video.resnet", "timm.layers", "timm.layers.norm_act")
     return types.SimpleNamespace(FrozenBatchNorm2d=misc.FrozenBatchNorm2d, BatchNormAct2d=timm_layers.BatchNormAct2d,
                                  GroupNormAct=timm_layers.GroupNormAct, StdConv2d=timm_layers.StdConv2d,
-                                 ScaledStdConv2d=timm_layers.ScaledStdConv2d)
+                                 ScaledStdConv2d=timm_layers.ScaledStdConv2d, Conv3DSimple=video.Conv3DSimple,
+                                 Conv3DNoTemporal=video.Conv3DNoTemporal, GroupNorm=timm_layers.GroupNorm,
+                                 GroupNorm1=timm_layers.GroupNorm1, GroupNorm1Act=timm_layers.GroupNorm1Act,
+                                 SyncBatchNormAct=timm_norm_act.SyncBatchNormAct)
 
 
 def _randomize(model):
@@ -564,7 +626,7 @@ class _Reference(nn.Module):
     def forward(self, x):
         m = self.converted[0]
         m = m.norm if isinstance(m, NormAct) else m
-        if isinstance(m, wsbcn.WSConv2d):
+        if isinstance(m, (wsbcn.WSConv2d, wsbcn.WSConv3d)):
             w = ws_reference(m.weight, m.eps, m.correction, m.eps_mode)
             if isinstance(m, ScaledWSConv2d):
                 w = w * (m.gain.double() * m.scale)
@@ -585,7 +647,8 @@ def _reference_model(original, converted):
     twin = copy.deepcopy(original)
     done = []
     for path, m in converted.named_modules():
-        if isinstance(m, (wsbcn.WSConv2d, wsbcn.BatchChannelNorm2d, wsbcn.GroupNorm, NormAct)) and not any(
+        if isinstance(m, (wsbcn.WSConv2d, wsbcn.WSConv3d, wsbcn.BatchChannelNorm2d, wsbcn.BatchChannelNorm3d,
+                          wsbcn.GroupNorm, NormAct)) and not any(
                 path.startswith(p + ".") for p in done):
             parent, _, leaf = path.rpartition(".")
             holder = twin.get_submodule(parent) if parent else twin
@@ -742,6 +805,90 @@ def test_group_norm_act_as_gn_computes_what_timm_does(layers):
         assert rel_err(out(x), before) <= 1e-13
 
 
+def test_timm_group_norms_keep_their_groups_and_compute_what_timm_does(layers):
+    """timm's GroupNorm (channels first), GroupNorm1 and GroupNorm1Act (one group): as
+    wsbcn GroupNorms, timm's output; as BCN, the float64 reference."""
+    torch.manual_seed(25)
+    model = _randomize(nn.Sequential(
+        nn.Conv2d(3, 8, 3), layers.GroupNorm(8, num_groups=4), nn.ReLU(),
+        nn.Conv2d(8, 8, 1), layers.GroupNorm1(8),
+        nn.Conv2d(8, 8, 1), layers.GroupNorm1Act(8, act_layer=nn.SiLU))).double()
+    x = torch.randn(2, 3, 9, 9, dtype=torch.float64)
+    with torch.no_grad():
+        before = model(x)
+    original = copy.deepcopy(model)
+    gn, summary = wsbcn.convert(copy.deepcopy(model), norm="gn", ws=False, return_summary=True)
+    norms = [m for m in gn.modules() if isinstance(m, wsbcn.GroupNorm)]
+    assert [(m.num_groups, m.activation) for m in norms] == [(4, "relu"), (1, None), (1, "silu")]
+    assert not [line for line in summary if "GroupNorm" in line and "left alone" in line]
+    with torch.no_grad():
+        assert rel_err(gn(x), before) <= 1e-13
+    bcn = wsbcn.convert(model, num_groups=4)
+    assert [(m.num_groups, m.group_affine) for m in bcn.modules() if isinstance(m, wsbcn.BatchChannelNorm2d)] == [
+        (4, False), (1, False), (1, False)]
+    assert _matches_reference(original, bcn, x)
+    _train_step(bcn, x)
+
+
+def test_timm_sync_batch_norm_act_keeps_synchronizing_and_fuses_its_act(layers):
+    """timm's convert_sync_batchnorm of a BatchNormAct2d: a SyncBatchNormAct with drop and
+    act set after it is made. It becomes a BCN over the default group, as nn.SyncBatchNorm
+    does (tests/test_distributed.py runs one across processes), its ReLU fused; without
+    drop and act (made directly) it is the norm alone."""
+    from wsbcn.ops.collectives import WORLD
+
+    torch.manual_seed(26)
+    synced = layers.SyncBatchNormAct(8, 1e-4, 0.2, True, True)
+    synced.act, synced.drop = nn.ReLU(inplace=True), nn.Identity()
+    bare = layers.SyncBatchNormAct(8)
+    model = _randomize(nn.Sequential(nn.Conv2d(3, 8, 3), synced, nn.Conv2d(8, 8, 1), bare, nn.SiLU())).double()
+    x = torch.randn(2, 3, 7, 7, dtype=torch.float64)
+    out, summary = wsbcn.convert(model, num_groups=4, return_summary=True)
+    first, second = out[1], out[3]
+    assert type(first) is wsbcn.BatchChannelNorm2d and type(second) is wsbcn.BatchChannelNorm2d
+    assert first.process_group is WORLD and second.process_group is WORLD
+    assert (first.activation, first.eps, first.momentum) == ("relu", 1e-4, 0.2)
+    assert second.activation == "silu" and "3: fused the following silu" in summary  # nothing of its own after it
+    reference = copy.deepcopy(out)  # eval: each BCN against the float64 reference
+    reference.eval()
+    with torch.no_grad():
+        h = reference[0](x)
+        want = bcn_reference(h, 4, first.weight, first.bias, first.group_weight, first.group_bias,
+                             first.running_mean.double().clone(), first.running_var.double().clone(), training=False,
+                             eps=first.eps).relu()
+        assert rel_err(reference[1](h), want) <= 1e-10
+    _train_step(out, x)  # torch.distributed is not initialized: the default group combines nothing
+
+
+def test_video_resnet_convs_become_ws_convs(layers):
+    """torchvision's video ResNets build their convs as Conv3DSimple / Conv3DNoTemporal,
+    nn.Conv3d with a fixed geometry: WSConv3d with that geometry and the same Parameters."""
+    torch.manual_seed(27)
+    model = _randomize(nn.Sequential(layers.Conv3DSimple(3, 8, stride=2), nn.BatchNorm3d(8), nn.ReLU(),
+                                     layers.Conv3DNoTemporal(8, 8), nn.BatchNorm3d(8))).double()
+    weights = [model[0].weight, model[3].weight]
+    geometry = [(m.kernel_size, m.stride, m.padding) for m in (model[0], model[3])]
+    original = copy.deepcopy(model)
+    x = torch.randn(2, 3, 4, 9, 9, dtype=torch.float64)
+    out, summary = wsbcn.convert(model, num_groups=4, return_summary=True)
+    assert [type(out[i]) for i in (0, 1, 3, 4)] == [wsbcn.WSConv3d, wsbcn.BatchChannelNorm3d] * 2
+    assert [out[0].weight, out[3].weight] == weights and out[0].weight is weights[0]
+    assert [(m.kernel_size, m.stride, m.padding) for m in (out[0], out[3])] == geometry
+    assert "0: Conv3DSimple -> WSConv3d" in summary and "3: Conv3DNoTemporal -> WSConv3d" in summary
+    assert _matches_reference(original, out, x)
+    _train_step(out, x)
+
+
+def test_torchvision_video_resnets():
+    (video,) = _import_or_skip("torchvision.models.video")
+    for build in (video.r3d_18, video.mc3_18, video.r2plus1d_18):
+        model = wsbcn.convert(build(num_classes=10), num_groups=8)
+        convs = [m for m in model.modules() if isinstance(m, nn.Conv3d)]
+        assert convs and all(type(m) is wsbcn.WSConv3d for m in convs), build.__name__
+        assert _count(model, nn.BatchNorm3d) == 0
+        assert model(torch.randn(1, 3, 4, 32, 32)).shape == (1, 10)
+
+
 # ---------------------------------------------------------------------------------------
 # What the summary says about what convert left alone
 
@@ -885,7 +1032,10 @@ def test_a_stateful_module_that_cannot_be_a_leaf_is_traced_through():
 def test_builtin_rules_and_the_docs_table():
     for name in ("torchvision.ops.misc.FrozenBatchNorm2d", "timm.layers.norm_act.BatchNormAct2d",
                  "timm.layers.norm_act.GroupNormAct", "timm.layers.std_conv.StdConv2d",
-                 "timm.layers.std_conv.ScaledStdConv2d"):
+                 "timm.layers.std_conv.ScaledStdConv2d", "torchvision.models.video.resnet.Conv3DSimple",
+                 "torchvision.models.video.resnet.Conv3DNoTemporal", "timm.layers.norm.GroupNorm",
+                 "timm.layers.norm.GroupNorm1", "timm.layers.norm_act.GroupNorm1Act",
+                 "timm.layers.norm_act.SyncBatchNormAct", "timm.models.layers.norm.GroupNorm"):
         assert convert_rule_for(name) is not None, name
     for cls in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.GroupNorm, nn.Conv1d,
                 nn.Conv2d, nn.Conv3d):

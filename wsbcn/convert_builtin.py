@@ -167,13 +167,23 @@ def _act_name(act):
     return _ACTIVATIONS.get(type(act), False)
 
 
+def _drop_act(layer):
+    """A timm norm+act layer's drop and act modules. timm's SyncBatchNormAct has them only
+    when timm's convert_sync_batchnorm set them (its forward skips a missing one): an
+    nn.Identity stands in for a missing one."""
+    drop, act = getattr(layer, "drop", None), getattr(layer, "act", None)
+    return (nn.Identity() if drop is None else drop), (nn.Identity() if act is None else act)
+
+
 def _fuses_own_act(layer) -> bool:
-    return type(layer.drop) is nn.Identity and _act_name(layer.act) is not False
+    drop, act = _drop_act(layer)
+    return type(drop) is nn.Identity and _act_name(act) is not False
 
 
 def _takes_following_act(layer) -> bool:
     """Nothing of the layer's own after the norm: a following ReLU/SiLU may fuse."""
-    return type(layer.drop) is nn.Identity and type(layer.act) is nn.Identity
+    drop, act = _drop_act(layer)
+    return type(drop) is nn.Identity and type(act) is nn.Identity
 
 
 def _with_drop_act(build_norm):
@@ -181,10 +191,10 @@ def _with_drop_act(build_norm):
     layer sits between; otherwise the norm, then the layer's drop and act (``NormAct``)."""
 
     def build(layer, spec):
-        act = _act_name(layer.act)
+        drop, act = _drop_act(layer)
         if _fuses_own_act(layer):
-            return build_norm(layer, dataclasses.replace(spec, activation=act or spec.activation))
-        return NormAct(build_norm(layer, dataclasses.replace(spec, activation=None)), layer.drop, layer.act)
+            return build_norm(layer, dataclasses.replace(spec, activation=_act_name(act) or spec.activation))
+        return NormAct(build_norm(layer, dataclasses.replace(spec, activation=None)), drop, act)
 
     return build
 
@@ -208,16 +218,26 @@ BUILTIN_RULES = {
     # keeps its process group (convert's process_group= for one on the default group)
     nn.SyncBatchNorm: ConvertRule("norm", _sync_batch_norm, **_BN, default_dims=2),
     nn.GroupNorm: ConvertRule("norm", _group_norm, **_GN, keeps_groups=True),
+    # torchvision's video ResNets' convs (r3d_18, mc3_18): nn.Conv3d with a fixed geometry and its forward
     **{conv: ConvertRule("conv", _ws_conv, becomes="WSConvNd, when its output feeds a norm",
                          carries="geometry, weight, bias (the same Parameters)")
-       for conv in (nn.Conv1d, nn.Conv2d, nn.Conv3d)},
+       for conv in (nn.Conv1d, nn.Conv2d, nn.Conv3d, "torchvision.models.video.resnet.Conv3DSimple",
+                    "torchvision.models.video.resnet.Conv3DNoTemporal")},
     "torchvision.ops.misc.FrozenBatchNorm2d": ConvertRule("norm", _frozen_batch_norm, **_FROZEN, fuses=_FOLLOWING),
-    "timm.layers.norm_act.BatchNormAct2d": ConvertRule(
-        "norm", _with_drop_act(_batch_norm), becomes=_BN["becomes"] + _THEN, carries=_BN["carries"] + _AND,
-        fuses=_OWN, takes_activation=_takes_following_act),
-    "timm.layers.norm_act.GroupNormAct": ConvertRule(
+    # timm's nn.GroupNorm subclasses with nn.GroupNorm's forward (F.group_norm; in low
+    # precision under autocast with timm's fast_norm, where wsbcn keeps fp32 statistics)
+    **{gn: ConvertRule("norm", _group_norm, **_GN, keeps_groups=True)
+       for gn in ("timm.layers.norm.GroupNorm", "timm.layers.norm.GroupNorm1")},
+    **{bn_act: ConvertRule(
+        "norm", _with_drop_act(build), becomes=_BN["becomes"] + _THEN, carries=_BN["carries"] + _AND,
+        fuses=_OWN, takes_activation=_takes_following_act)
+       for bn_act, build in (("timm.layers.norm_act.BatchNormAct2d", _batch_norm),
+                             # timm's convert_sync_batchnorm of a BatchNormAct2d: keeps synchronizing
+                             ("timm.layers.norm_act.SyncBatchNormAct", _sync_batch_norm))},
+    **{gn_act: ConvertRule(
         "norm", _with_drop_act(_group_norm), becomes=_GN["becomes"] + _THEN, carries=_GN["carries"] + _AND,
-        fuses=_OWN, takes_activation=_takes_following_act, keeps_groups=True),
+        fuses=_OWN, takes_activation=_takes_following_act, keeps_groups=True)
+       for gn_act in ("timm.layers.norm_act.GroupNormAct", "timm.layers.norm_act.GroupNorm1Act")},
     "timm.layers.norm_act.FrozenBatchNormAct2d": ConvertRule(
         "norm", _with_drop_act(_frozen_batch_norm), **dict(_FROZEN, becomes=_NORM_TARGET + _THEN + _KEPT,
                                                            carries=_FROZEN["carries"] + _AND),
