@@ -196,9 +196,37 @@ def test_reverse_over_forward_matches_the_reference(backend):
         assert rel_err(a, b) <= 1e-4, i
 
 
-def test_jacfwd_is_refused_before_any_buffer_changes(backend):
-    """jacfwd is vmap over jvp; the kernels take no batch of layers: torch's vmap error,
-    the running buffers as they were."""
+def test_jacfwd_and_hessian_match_the_reference(backend):
+    """jacfwd is vmap over jvp, hessian jacfwd of jacrev: under vmap the layers compute
+    with torch ops, which both see through (GroupNorm and BCN in eval in the input, WS in
+    the weight), against the float64 reference."""
+    torch.manual_seed(7)
+    x = torch.randn(2, C, 2, 2, device=DEVICE)
+    gamma, beta = torch.rand(C, device=DEVICE) + 0.5, torch.randn(C, device=DEVICE)
+    rm, rv = torch.randn(C, device=DEVICE) * 0.3, torch.rand(C, device=DEVICE) + 0.5
+    dy = torch.randn(2, C, 2, 2, device=DEVICE)
+    cases = {
+        "group norm": (lambda t: group_norm(t, G, gamma, beta, activation="silu"),
+                       lambda t: gn_reference(t, G, gamma.double(), beta.double(), activation="silu")),
+        "bcn eval": (lambda t: batch_channel_norm(t, G, rm, rv, gamma, beta, training=False, activation="silu"),
+                     lambda t: bcn_reference(t, G, gamma.double(), beta.double(), running_mean=rm.double(),
+                                             running_var=rv.double(), training=False, activation="silu")),
+    }
+    for name, (ours, ref) in cases.items():
+        jac = torch.func.jacfwd(ours)(x)
+        assert rel_err(jac, torch.autograd.functional.jacobian(ref, x.double())) <= 1e-5, name
+        hess = torch.func.hessian(lambda t: (ours(t) * dy).sum())(x)
+        want = torch.autograd.functional.hessian(lambda t: (ref(t) * dy.double()).sum(), x.double())
+        assert rel_err(hess, want) <= 1e-4, name
+    w = torch.randn(3, 2, 2, 2, device=DEVICE)
+    jac = torch.func.jacfwd(lambda t: weight_standardize(t, 1e-5, 1, "std"))(w)
+    assert rel_err(jac, torch.autograd.functional.jacobian(lambda t: ws_reference(t, 1e-5, 1, "std"),
+                                                           w.double())) <= 1e-5
+
+
+def test_jacfwd_of_a_running_buffer_update_is_refused_before_any_buffer_changes(backend):
+    """jacfwd is vmap over jvp: a BatchChannelNorm in training with running statistics
+    raises vmap's refusal, the running buffers as they were."""
     m = wsbcn.BatchChannelNorm2d(C, G).to(DEVICE).train()
     before = copy.deepcopy(m.state_dict())
     with pytest.raises(RuntimeError, match="vmap"):

@@ -1,8 +1,9 @@
 """torch.func transforms over wsbcn layers (grad, jacrev, functional_call), as over
 torch's own: under a transform the layers take Functions with ``setup_context``
 (ops/norm.py ``FunctorchNormFunction``, ops/ws.py ``FunctorchWeightStandardizeFunction``),
-which torch.func requires. Every result against the float64 reference; vmap is refused
-before any buffer changes."""
+which torch.func requires; under vmap (jacfwd, hessian, per-sample gradients) they
+compute with torch ops. Every result against the float64 reference; a vmap that would
+update running buffers is refused before any buffer changes."""
 import copy
 
 import pytest
@@ -122,17 +123,100 @@ def test_grad_of_weight_standardize_all_matches_the_reference(backend):
         assert rel_err(g, r) <= 1e-5
 
 
-def test_vmap_is_refused_before_any_buffer_changes(backend):
-    """The kernels take no batch of layers: vmap raises torch's error naming the
-    Function, and the running buffers are as they were."""
+@pytest.mark.parametrize("estimate", [False, True])
+def test_vmap_of_a_running_buffer_update_is_refused_before_any_buffer_changes(backend, estimate):
+    """As nn.BatchNorm under vmap: a BatchChannelNorm that would update its running
+    buffers in training (one update standing for every instance) raises, naming vmap,
+    and the buffers are as they were."""
     torch.manual_seed(3)
-    m = wsbcn.BatchChannelNorm2d(C, G).to(DEVICE).train()
+    m = wsbcn.BatchChannelNorm2d(C, G, estimate=estimate).to(DEVICE).train()
     before = copy.deepcopy(m.state_dict())
     xs = torch.randn(3, 2, C, 2, 2, device=DEVICE)
-    with pytest.raises(RuntimeError, match="vmap"):
+    with pytest.raises(RuntimeError, match="torch.func.vmap"):
         torch.func.vmap(m)(xs)
     for k, v in m.state_dict().items():
         assert torch.equal(v, before[k]), k
+
+
+def test_vmap_of_each_layer_is_the_loop_of_float64_references(backend):
+    """Under vmap the layers compute with torch ops: a batch of inputs (GroupNorm, BCN in
+    eval, BCN on batch statistics without running buffers) and a batch of weights (WS)
+    give, instance by instance, the float64 reference."""
+    torch.manual_seed(5)
+    xs = torch.randn(3, 2, C, 3, 3, device=DEVICE)
+    gamma, beta = torch.rand(C, device=DEVICE) + 0.5, torch.randn(C, device=DEVICE)
+    omega, eta = torch.rand(1, G, 1, device=DEVICE) + 0.5, torch.randn(1, G, 1, device=DEVICE)
+    rm, rv = torch.randn(C, device=DEVICE) * 0.3, torch.rand(C, device=DEVICE) + 0.5
+    buffers = (rm.clone(), rv.clone())
+    cases = {
+        "group norm": (lambda t: group_norm(t, G, gamma, beta, activation="silu"),
+                       lambda t: gn_reference(t, G, gamma.double(), beta.double(), activation="silu")),
+        "bcn eval": (lambda t: batch_channel_norm(t, G, rm, rv, gamma, beta, omega, eta, training=False),
+                     lambda t: bcn_reference(t, G, gamma.double(), beta.double(), omega.double(), eta.double(),
+                                             rm.double(), rv.double(), training=False)),
+        "bcn batch statistics": (
+            lambda t: batch_channel_norm(t, G, None, None, gamma, beta, omega, eta, training=True, activation="relu"),
+            lambda t: bcn_reference(t, G, gamma.double(), beta.double(), omega.double(), eta.double(),
+                                    training=True, activation="relu")),
+    }
+    for name, (ours, ref) in cases.items():
+        got = torch.func.vmap(ours)(xs)
+        want = torch.stack([ref(x.double()) for x in xs])
+        assert got.shape == xs.shape and rel_err(got, want) <= 1e-5, name
+    ws = torch.randn(3, 4, 2, 3, 3, device=DEVICE)
+    got = torch.func.vmap(lambda w: weight_standardize(w, 1e-5, 1, "std"))(ws)
+    assert rel_err(got, torch.stack([ws_reference(w, 1e-5, 1, "std") for w in ws])) <= 1e-5
+    assert torch.equal(rm, buffers[0]) and torch.equal(rv, buffers[1])  # eval reads them only
+
+
+class _WSGroupNormNet(nn.Module):
+    """WS convs with GroupNorm and an eval-mode BCN: the layers of a private (DP-SGD)
+    training step, whose per-sample gradients are vmap of grad."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = wsbcn.WSConv2d(3, C, 3, padding=1)
+        self.n1 = wsbcn.GroupNorm(G, C, activation="relu")
+        self.c2 = wsbcn.WSConv2d(C, C, 3, eps_mode="std", correction=1)
+        self.n2 = wsbcn.BatchChannelNorm2d(C, G)
+        self.head = nn.Linear(C, 3)
+
+    def forward(self, x):
+        return self.head(self.n2(self.c2(self.n1(self.c1(x)))).mean((2, 3)))
+
+
+@pytest.mark.parametrize("model_wide", [False, True])
+def test_per_sample_gradients_are_vmap_of_grad(backend, model_wide):
+    """vmap(grad(loss)) over the samples of a batch: each sample's gradient of every
+    parameter as the float64 reference gives it for that sample alone."""
+    torch.manual_seed(6)
+    model = _WSGroupNormNet().to(DEVICE)
+    with torch.no_grad():
+        model.n2.running_mean.normal_(0, 0.3)
+        model.n2.running_var.uniform_(0.5, 1.5)
+    model.n2.eval()
+    if model_wide:
+        ModelWeightStandardizer(model)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    x, target = torch.randn(4, 3, 5, 5, device=DEVICE), torch.randint(0, 3, (4,), device=DEVICE)
+
+    def loss(p, xi, ti):
+        return F.cross_entropy(torch.func.functional_call(model, p, (xi[None],)), ti[None])
+
+    grads = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0, 0))(params, x, target)
+    n2 = model.n2
+    for i in range(4):
+        p64 = {k: v.double().requires_grad_(True) for k, v in params.items()}
+        h = F.conv2d(x[i:i + 1].double(), ws_reference(p64["c1.weight"]), p64["c1.bias"], padding=1)
+        h = gn_reference(h, G, p64["n1.weight"], p64["n1.bias"], activation="relu")
+        h = F.conv2d(h, ws_reference(p64["c2.weight"], correction=1, eps_mode="std"), p64["c2.bias"])
+        h = bcn_reference(h, G, p64["n2.weight"], p64["n2.bias"], p64["n2.group_weight"], p64["n2.group_bias"],
+                          n2.running_mean.double(), n2.running_var.double(), training=False)
+        out = F.linear(h.mean((2, 3)), p64["head.weight"], p64["head.bias"])
+        ref = torch.autograd.grad(F.cross_entropy(out, target[i:i + 1]), list(p64.values()))
+        for (name, g), r in zip(grads.items(), ref):
+            assert g.shape == (4, *params[name].shape), name
+            assert rel_err(g[i], r) <= 1e-4, (name, i)
 
 
 def test_grad_of_grad_matches_the_reference(backend):

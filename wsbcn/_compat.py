@@ -217,6 +217,19 @@ top_saved_tensors_hooks = (getattr(getattr(torch._C, "_autograd", None), "_top_s
 forward_grad_on = getattr(_forward_ad, "_set_fwd_grad_enabled", None)
 
 
+def _functorch_transform_active(kind: str) -> bool:
+    """Whether a functorch transform of ``kind`` ("Jvp", "Vmap", ...: the names of
+    ``torch._C._functorch.TransformType``) is active, at any level."""
+    if not functorch_transforms_active():
+        return False
+    try:
+        from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+        from torch._C._functorch import TransformType
+    except ImportError:  # no functorch: no such transform
+        return False
+    return any(i.key() == getattr(TransformType, kind) for i in retrieve_all_functorch_interpreters())
+
+
 def has_forward_tangents(tensors) -> bool:
     """Whether a forward-mode tangent reaches any of ``tensors`` (None ones skipped): one
     attached inside a dual level, or a torch.func.jvp transform active (whose tangents
@@ -224,14 +237,14 @@ def has_forward_tangents(tensors) -> bool:
     if forward_ad_active() and any(t is not None and _forward_ad.unpack_dual(t).tangent is not None
                                    for t in tensors):
         return True
-    if not functorch_transforms_active():
-        return False
-    try:
-        from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
-        from torch._C._functorch import TransformType
-    except ImportError:  # no functorch: no torch.func.jvp
-        return False
-    return any(i.key() == TransformType.Jvp for i in retrieve_all_functorch_interpreters())
+    return _functorch_transform_active("Jvp")
+
+
+def vmap_active() -> bool:
+    """Whether torch.func.vmap is active (so also jacfwd and hessian, and per-sample
+    gradients, vmap of grad): the layers then compute with torch ops, which vmap batches
+    (the kernels take no batch of layers; ops/differentiable.py)."""
+    return _functorch_transform_active("Vmap")
 
 
 # --- torch: dynamo's tensor guards ----------------------------------------------------

@@ -278,6 +278,28 @@ class _Call:
                              self.group_affine)
         return (dx, *param_grads(*grads, gamma, omega))
 
+    def vmapped(self, x, gamma, beta, omega, eta, running_mean, running_var):
+        """The call under torch.func.vmap: the forward in differentiable torch ops
+        (ops/differentiable.py), which vmap batches and the other transforms see through.
+        As nn.BatchNorm under vmap, a call that would update running buffers (training
+        with running statistics, batch or estimate mode) cannot: it raises before anything
+        runs; eval mode and batch statistics without running buffers work."""
+        if self.update_running or self.group is not None:
+            raise RuntimeError(
+                "wsbcn BatchChannelNorm in training with running statistics cannot run under torch.func.vmap "
+                "(vmap, jacfwd, hessian, per-sample gradients): one update of its running buffers would stand for "
+                "every vmapped instance. Use eval mode, or track_running_stats=False (batch statistics of each "
+                "instance), as for nn.BatchNorm under vmap.")
+        from . import differentiable
+        if x.numel() == 0:
+            return torch.empty_like(x)
+        bn_mean = bn_rstd = None
+        if self.mode == MODE_RUNNING:  # eval: the running estimates, as the kernels read them
+            bn_mean, bn_rstd = running_mean, torch.rsqrt(running_var.to(acc_dtype(x.dtype)) + self.eps)
+        return differentiable.norm_forward_differentiable(x, gamma, beta, omega, eta, self.num_groups, self.eps,
+                                                          self.mode, self.activation, self.group_affine, bn_mean,
+                                                          bn_rstd)
+
     def call_dense(self, x, gamma, beta, omega, eta, running_mean, running_var, nbt):
         """The call with contiguous copies of parameters and running buffers that are not
         (views with gaps or repeats: the kernels and the closed form index them densely);
@@ -320,6 +342,8 @@ class _Call:
         if not self.untraced:  # dynamo knows NormFunction.apply
             return NormFunction.apply(x, gamma, beta, omega, eta, self, buffers)
         if _compat.functorch_transforms_active():  # torch.func.grad, vjp, jvp, ...
+            if _compat.vmap_active():  # torch.func.vmap, jacfwd, hessian, per-sample gradients: torch ops
+                return self.vmapped(x, gamma, beta, omega, eta, running_mean, running_var)
             return FunctorchNormFunction.apply(x, gamma, beta, omega, eta, self, buffers)[0]
         if _compat.forward_ad_active():  # inside a dual level (torch.autograd.forward_ad), under no_grad too
             return DualNormFunction.apply(x, gamma, beta, omega, eta, self, buffers)
@@ -376,8 +400,8 @@ class FunctorchNormFunction(torch.autograd.Function):
     requires ``setup_context``; NormFunction has none, so that eager calls can take the C
     apply (wsbcn/_compat.py). The saved statistics are extra outputs, not differentiable;
     the backward differentiates the forward written in torch ops (ops/differentiable.py),
-    so the transforms compose (grad of grad). Not vmap-able: the kernels take no batch of
-    layers."""
+    so the transforms compose (grad of grad). Not vmap-able (the kernels take no batch of
+    layers): under vmap the layers compute with torch ops instead (``_Call.vmapped``)."""
 
     @staticmethod
     def forward(x, gamma, beta, omega, eta, call, buffers):

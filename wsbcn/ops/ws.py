@@ -147,6 +147,10 @@ class _Call:
         if not self.untraced:  # dynamo knows WeightStandardizeFunction.apply
             return WeightStandardizeFunction.apply(weight, self)
         if _compat.functorch_transforms_active():  # torch.func.grad, vjp, jvp, ...
+            if _compat.vmap_active():  # torch.func.vmap, jacfwd, hessian, per-sample gradients: torch ops
+                from . import differentiable
+                return differentiable.ws_forward_differentiable(weight, self.eps, self.correction, self.std_mode,
+                                                                self.center_only)
             return FunctorchWeightStandardizeFunction.apply(weight, self)[0]
         if _compat.forward_ad_active():  # inside a dual level (torch.autograd.forward_ad), under no_grad too
             return DualWeightStandardizeFunction.apply(weight, self)
