@@ -245,3 +245,26 @@ def test_grad_of_grad_matches_the_reference(backend):
     (first,) = torch.autograd.grad((ws_reference(w64) * dw.double()).sum(), w64, create_graph=True)
     (expected,) = torch.autograd.grad(first.square().sum(), w64)
     assert rel_err(second, expected) <= 1e-4
+
+
+def test_vmap_over_stacked_models_is_each_model(backend):
+    """Model ensembling (torch.func.stack_module_state, vmap of functional_call): batched
+    parameters and running buffers, one input; each slice of the output is its model's
+    eval output, against the float64 reference."""
+    torch.manual_seed(8)
+    models = [nn.Sequential(wsbcn.WSConv2d(3, C, 3), wsbcn.BatchChannelNorm2d(C, G, activation="relu"),
+                            wsbcn.GroupNorm(G, C)).to(DEVICE).eval() for _ in range(3)]
+    for m in models:
+        with torch.no_grad():
+            m[1].running_mean.normal_(0, 0.3)
+            m[1].running_var.uniform_(0.5, 1.5)
+    params, buffers = torch.func.stack_module_state(models)
+    base = copy.deepcopy(models[0])
+    x = torch.randn(2, 3, 6, 6, device=DEVICE)
+    out = torch.func.vmap(lambda p, b: torch.func.functional_call(base, (p, b), (x,)))(params, buffers)
+    for i, m in enumerate(models):
+        h = F.conv2d(x.double(), ws_reference(m[0].weight), m[0].bias.double())
+        h = bcn_reference(h, G, m[1].weight.double(), m[1].bias.double(), m[1].group_weight.double(),
+                          m[1].group_bias.double(), m[1].running_mean.double(), m[1].running_var.double(),
+                          training=False, activation="relu")
+        assert rel_err(out[i], gn_reference(h, G, m[2].weight.double(), m[2].bias.double())) <= 1e-5, i
