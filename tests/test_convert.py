@@ -555,14 +555,9 @@ class _GroupNorm1(nn.GroupNorm):
 
 
 @_named_as("timm.layers.norm_act.GroupNorm1Act")
-class _GroupNorm1Act(nn.GroupNorm):
+class _GroupNorm1Act(_GroupNormAct):  # timm's is an nn.GroupNorm of its own, with GroupNormAct's forward
     def __init__(self, num_channels, eps=1e-5, affine=True, apply_act=True, act_layer=nn.ReLU, drop_layer=None):
-        super().__init__(1, num_channels, eps=eps, affine=affine)
-        _drop_act(self, act_layer, drop_layer, apply_act)
-
-    def forward(self, x):
-        x = F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
-        return self.act(self.drop(x))
+        super().__init__(num_channels, 1, eps, affine, apply_act, act_layer, drop_layer)
 
 
 @_named_as("timm.layers.norm_act.SyncBatchNormAct")
