@@ -316,6 +316,44 @@ def test_without_running_stats_batch_statistics_in_eval_too(backend, activation)
         wsbcn.BatchChannelNorm2d(8, num_groups=4, process_group=object(), track_running_stats=False)
 
 
+def test_track_running_stats_switched_off_later_is_read_on_every_call_as_batchnorm_reads_it(backend):
+    """Set to False after construction (a common way to keep some batches out of the
+    statistics): nn.BatchNorm2d then trains on batch statistics and leaves its buffers and
+    num_batches_tracked, and in eval still normalizes with them. So does the BCN: outputs
+    against the float64 reference, buffers against nn.BatchNorm2d's. With estimate=True
+    or a process group it raises, as the constructor does, before anything changes."""
+    torch.manual_seed(12)
+    m = wsbcn.BatchChannelNorm2d(8, num_groups=4).to(DEVICE)
+    bn = torch.nn.BatchNorm2d(8).double()
+    with torch.no_grad():
+        for t, r in ((m.running_mean, bn.running_mean), (m.running_var, bn.running_var)):
+            t.copy_(torch.rand(8) + 0.5)
+            r.copy_(t)
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    x = torch.randn(2, 8, 3, 5, device=DEVICE) * 2 + 1
+    p64 = [t.detach().double() for t in m.parameters()]
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    m.track_running_stats = bn.track_running_stats = False
+    bn(x.double())
+    assert rel_err(m(x), bcn_reference(x.double(), 4, *p64, training=True)) <= TOL[torch.float32]
+    for k, v in m.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert torch.equal(bn.running_mean, before["running_mean"].double()) and int(bn.num_batches_tracked) == 0
+    m.eval()
+    ref = bcn_reference(x.double(), 4, *p64, running_mean=before["running_mean"].double(),
+                        running_var=before["running_var"].double(), training=False)
+    assert rel_err(m(x), ref) <= TOL[torch.float32]
+    m.train()
+    m.track_running_stats = True  # on again: the next training step updates them
+    m(x)
+    assert int(m.num_batches_tracked) == 1 and not torch.equal(m.running_mean, before["running_mean"])
+    for kwargs in (dict(estimate=True), dict(process_group=object())):
+        layer = wsbcn.BatchChannelNorm2d(8, num_groups=4, **kwargs).to(DEVICE)
+        layer.track_running_stats = False
+        _bad(lambda: layer(x), ValueError, "needs track_running_stats=True", layer)
+
+
 def _bad(fn, exc, words, module=None):
     state = {k: v.clone() for k, v in module.state_dict().items()} if module is not None else None
     with pytest.raises(exc, match=words):

@@ -111,12 +111,29 @@ class _BatchChannelNorm(nn.Module):
             weight, bias, group_weight, group_bias = p["weight"], p["bias"], p["group_weight"], p["group_bias"]
         except KeyError:
             weight, bias, group_weight, group_bias = self.weight, self.bias, self.group_weight, self.group_bias
-        group = self.process_group if self.training else None
+        training = self.training
+        group = self.process_group if training else None
         running_mean = b["running_mean"]  # None without track_running_stats: batch statistics in eval too
+        running_var, num_batches_tracked = b["running_var"], b["num_batches_tracked"]
+        if training and running_mean is not None and not self.track_running_stats:
+            # switched off after construction: nn.BatchNorm reads it on every call and then
+            # trains on batch statistics, its buffers left as they are (eval still uses them)
+            self._check_untracked()
+            running_mean = running_var = num_batches_tracked = None
         return _batch_channel_norm(
-            x, self.num_groups, running_mean, b["running_var"], weight, bias, group_weight, group_bias,
-            self.training or running_mean is None, self.estimate, self.momentum, self.eps, self.activation,
-            b["num_batches_tracked"], owner=self, group=group)
+            x, self.num_groups, running_mean, running_var, weight, bias, group_weight, group_bias,
+            training or running_mean is None, self.estimate, self.momentum, self.eps, self.activation,
+            num_batches_tracked, owner=self, group=group)
+
+    def _check_untracked(self):
+        """What the constructor refuses with track_running_stats=False, refused when it is
+        set to False later (before anything runs)."""
+        if self.estimate:
+            raise ValueError("estimate=True normalizes with running estimates: it needs track_running_stats=True "
+                             "(set to False after construction); call eval() on the layer to leave them as they are")
+        if self.process_group is not None:
+            raise ValueError("process_group (statistics combined across processes) needs track_running_stats=True "
+                             "(set to False after construction)")
 
     __prepare_scriptable__ = refuse_script
 
