@@ -268,3 +268,32 @@ def test_vmap_over_stacked_models_is_each_model(backend):
                           m[1].group_bias.double(), m[1].running_mean.double(), m[1].running_var.double(),
                           training=False, activation="relu")
         assert rel_err(out[i], gn_reference(h, G, m[2].weight.double(), m[2].bias.double())) <= 1e-5, i
+
+
+def test_compiled_transforms_trace_the_torch_op_forward():
+    """torch.compile of torch.func.grad and of vmap of grad (per-sample gradients), whole
+    graphs: the traced layers compute in torch ops (the wsbcn ops have no functorch
+    rules), with the gradients of the float64 reference."""
+    torch.manual_seed(9)
+    x = torch.randn(2, C, 3, 3, device=DEVICE)
+    gamma, beta = torch.rand(C, device=DEVICE) + 0.5, torch.randn(C, device=DEVICE)
+    rm, rv = torch.randn(C, device=DEVICE) * 0.3, torch.rand(C, device=DEVICE) + 0.5
+
+    def ours(t):
+        h = batch_channel_norm(t, G, rm, rv, gamma, beta, training=False, activation="silu")
+        return (group_norm(h, G, gamma, beta) * t).sum()
+
+    def ref(t):
+        h = bcn_reference(t, G, gamma.double(), beta.double(), running_mean=rm.double(), running_var=rv.double(),
+                          training=False, activation="silu")
+        return (gn_reference(h, G, gamma.double(), beta.double()) * t).sum()
+
+    got = torch.compile(torch.func.grad(ours), backend="aot_eager", fullgraph=True)(x)
+    x64 = x.double().requires_grad_(True)
+    assert rel_err(got, torch.autograd.grad(ref(x64), x64)[0]) <= 1e-4
+    ws = torch.randn(3, 4, 2, 3, 3, device=DEVICE)
+    got = torch.compile(torch.func.vmap(torch.func.grad(lambda w: (weight_standardize(w) * w).sum())),
+                        backend="aot_eager", fullgraph=True)(ws)
+    for w, g in zip(ws, got):
+        w64 = w.double().requires_grad_(True)
+        assert rel_err(g, torch.autograd.grad((ws_reference(w64) * w64).sum(), w64)[0]) <= 1e-4

@@ -278,8 +278,9 @@ class _Call:
                              self.group_affine)
         return (dx, *param_grads(*grads, gamma, omega))
 
-    def vmapped(self, x, gamma, beta, omega, eta, running_mean, running_var):
-        """The call under torch.func.vmap: the forward in differentiable torch ops
+    def in_torch_ops(self, x, gamma, beta, omega, eta, running_mean, running_var):
+        """The call under torch.func.vmap (and under any torch.func transform that
+        torch.compile traces): the forward in differentiable torch ops
         (ops/differentiable.py), which vmap batches and the other transforms see through.
         As nn.BatchNorm under vmap, a call that would update running buffers (training
         with running statistics, batch or estimate mode) cannot: it raises before anything
@@ -340,10 +341,13 @@ class _Call:
                 "(torch.autograd.forward_ad, torch.func.jvp): its statistics are combined across processes. "
                 "Use it without process_group for the jvp.")
         if not self.untraced:  # dynamo knows NormFunction.apply
+            if _compat.functorch_transforms_active() and not self.update_running:
+                # torch.func under torch.compile: the ops have no functorch rules, torch ops trace
+                return self.in_torch_ops(x, gamma, beta, omega, eta, running_mean, running_var)
             return NormFunction.apply(x, gamma, beta, omega, eta, self, buffers)
         if _compat.functorch_transforms_active():  # torch.func.grad, vjp, jvp, ...
             if _compat.vmap_active():  # torch.func.vmap, jacfwd, hessian, per-sample gradients: torch ops
-                return self.vmapped(x, gamma, beta, omega, eta, running_mean, running_var)
+                return self.in_torch_ops(x, gamma, beta, omega, eta, running_mean, running_var)
             return FunctorchNormFunction.apply(x, gamma, beta, omega, eta, self, buffers)[0]
         if _compat.forward_ad_active():  # inside a dual level (torch.autograd.forward_ad), under no_grad too
             return DualNormFunction.apply(x, gamma, beta, omega, eta, self, buffers)
@@ -401,7 +405,7 @@ class FunctorchNormFunction(torch.autograd.Function):
     apply (wsbcn/_compat.py). The saved statistics are extra outputs, not differentiable;
     the backward differentiates the forward written in torch ops (ops/differentiable.py),
     so the transforms compose (grad of grad). Not vmap-able (the kernels take no batch of
-    layers): under vmap the layers compute with torch ops instead (``_Call.vmapped``)."""
+    layers): under vmap the layers compute with torch ops instead (``_Call.in_torch_ops``)."""
 
     @staticmethod
     def forward(x, gamma, beta, omega, eta, call, buffers):

@@ -136,6 +136,13 @@ class _Call:
         bwd = ws_backward_op if torch.compiler.is_compiling() else _ws_backward_impl
         return bwd(grad, weight, stats, self.center_only)
 
+    def in_torch_ops(self, weight):
+        """W_hat in differentiable torch ops (ops/differentiable.py): the call under
+        torch.func.vmap, and under any torch.func transform that torch.compile traces."""
+        from . import differentiable
+        return differentiable.ws_forward_differentiable(weight, self.eps, self.correction, self.std_mode,
+                                                        self.center_only)
+
     def __call__(self, weight):
         if self.untraced and not _compat.functorch_transforms_active():
             weight = _compat.unwrap_if_dead(weight)  # what the apply does first (wsbcn/_compat.py)
@@ -145,12 +152,12 @@ class _Call:
         """The call of a weight that is no functorch wrapper: ``__call__`` after it
         unwraps, or a call ``checks.recalled`` found."""
         if not self.untraced:  # dynamo knows WeightStandardizeFunction.apply
+            if _compat.functorch_transforms_active():  # torch.func under torch.compile: torch ops trace
+                return self.in_torch_ops(weight)
             return WeightStandardizeFunction.apply(weight, self)
         if _compat.functorch_transforms_active():  # torch.func.grad, vjp, jvp, ...
             if _compat.vmap_active():  # torch.func.vmap, jacfwd, hessian, per-sample gradients: torch ops
-                from . import differentiable
-                return differentiable.ws_forward_differentiable(weight, self.eps, self.correction, self.std_mode,
-                                                                self.center_only)
+                return self.in_torch_ops(weight)
             return FunctorchWeightStandardizeFunction.apply(weight, self)[0]
         if _compat.forward_ad_active():  # inside a dual level (torch.autograd.forward_ad), under no_grad too
             return DualWeightStandardizeFunction.apply(weight, self)
