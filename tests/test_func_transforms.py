@@ -189,6 +189,14 @@ class _WSGroupNormNet(nn.Module):
 def test_per_sample_gradients_are_vmap_of_grad(backend, model_wide):
     """vmap(grad(loss)) over the samples of a batch: each sample's gradient of every
     parameter as the float64 reference gives it for that sample alone."""
+    model, params, x, target, loss = _per_sample_setup(model_wide)
+    grads = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0, 0))(params, x, target)
+    _check_per_sample_gradients(model, params, x, target, grads)
+
+
+def _per_sample_setup(model_wide):
+    """_WSGroupNormNet (its BCN in eval with non-trivial estimates), its parameters, a
+    batch and targets, and the per-sample loss of functional_call."""
     torch.manual_seed(6)
     model = _WSGroupNormNet().to(DEVICE)
     with torch.no_grad():
@@ -203,9 +211,13 @@ def test_per_sample_gradients_are_vmap_of_grad(backend, model_wide):
     def loss(p, xi, ti):
         return F.cross_entropy(torch.func.functional_call(model, p, (xi[None],)), ti[None])
 
-    grads = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0, 0))(params, x, target)
+    return model, params, x, target, loss
+
+
+def _check_per_sample_gradients(model, params, x, target, grads):
+    """Each sample's gradients against the float64 reference of that sample alone."""
     n2 = model.n2
-    for i in range(4):
+    for i in range(len(x)):
         p64 = {k: v.double().requires_grad_(True) for k, v in params.items()}
         h = F.conv2d(x[i:i + 1].double(), ws_reference(p64["c1.weight"]), p64["c1.bias"], padding=1)
         h = gn_reference(h, G, p64["n1.weight"], p64["n1.bias"], activation="relu")
@@ -215,7 +227,7 @@ def test_per_sample_gradients_are_vmap_of_grad(backend, model_wide):
         out = F.linear(h.mean((2, 3)), p64["head.weight"], p64["head.bias"])
         ref = torch.autograd.grad(F.cross_entropy(out, target[i:i + 1]), list(p64.values()))
         for (name, g), r in zip(grads.items(), ref):
-            assert g.shape == (4, *params[name].shape), name
+            assert g.shape == (len(x), *params[name].shape), name
             assert rel_err(g[i], r) <= 1e-4, (name, i)
 
 
@@ -297,3 +309,8 @@ def test_compiled_transforms_trace_the_torch_op_forward():
     for w, g in zip(ws, got):
         w64 = w.double().requires_grad_(True)
         assert rel_err(g, torch.autograd.grad((ws_reference(w64) * w64).sum(), w64)[0]) <= 1e-4
+    # per-sample gradients of a model with model-wide WS (per weight under a transform)
+    model, params, x, target, loss = _per_sample_setup(model_wide=True)
+    per_sample = torch.compile(torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0, 0)), backend="aot_eager",
+                               fullgraph=True)
+    _check_per_sample_gradients(model, params, x, target, per_sample(params, x, target))
