@@ -48,14 +48,12 @@ class _BatchChannelNorm(nn.Module):
         self.momentum = checks.check_momentum(momentum)
         self.estimate = bool(estimate)
         self.track_running_stats = bool(track_running_stats)
-        if self.estimate and not self.track_running_stats:
-            raise ValueError("estimate=True normalizes with running estimates: it needs track_running_stats=True")
-        if process_group is not None and not self.track_running_stats:  # the merged statistics update them
-            raise ValueError("process_group (statistics combined across processes) needs track_running_stats=True")
+        self.process_group = process_group
+        if not self.track_running_stats:
+            self._check_untracked()
         self.affine = bool(affine)
         self.group_affine = bool(group_affine)
         self.activation = checks.check_activation(activation)
-        self.process_group = process_group
         factory = dict(device=device, dtype=dtype)
         if affine:
             self.weight = nn.Parameter(torch.ones(num_channels, **factory))
@@ -118,22 +116,22 @@ class _BatchChannelNorm(nn.Module):
         if training and running_mean is not None and not self.track_running_stats:
             # switched off after construction: nn.BatchNorm reads it on every call and then
             # trains on batch statistics, its buffers left as they are (eval still uses them)
-            self._check_untracked()
+            self._check_untracked(" (set to False after construction)")
             running_mean = running_var = num_batches_tracked = None
         return _batch_channel_norm(
             x, self.num_groups, running_mean, running_var, weight, bias, group_weight, group_bias,
             training or running_mean is None, self.estimate, self.momentum, self.eps, self.activation,
             num_batches_tracked, owner=self, group=group)
 
-    def _check_untracked(self):
-        """What the constructor refuses with track_running_stats=False, refused when it is
-        set to False later (before anything runs)."""
+    def _check_untracked(self, when: str = ""):
+        """What needs running statistics, refused without them: at construction, and before
+        a training call when track_running_stats was set to False later (``when`` says so)."""
         if self.estimate:
-            raise ValueError("estimate=True normalizes with running estimates: it needs track_running_stats=True "
-                             "(set to False after construction); call eval() on the layer to leave them as they are")
-        if self.process_group is not None:
-            raise ValueError("process_group (statistics combined across processes) needs track_running_stats=True "
-                             "(set to False after construction)")
+            raise ValueError("estimate=True normalizes with running estimates: it needs "
+                             f"track_running_stats=True{when}")
+        if self.process_group is not None:  # the merged statistics update them
+            raise ValueError("process_group (statistics combined across processes) needs "
+                             f"track_running_stats=True{when}")
 
     __prepare_scriptable__ = refuse_script
 

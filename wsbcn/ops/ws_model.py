@@ -367,13 +367,13 @@ class ModelCall:
     def call_plain(self, weights):
         """The call of weights that are no functorch wrappers (``__call__`` after it
         unwraps; ModelWeightStandardizer's validated weights): 53 unwraps cost ~14 µs."""
-        if self.compiling:  # dynamo knows ModelWeightStandardizeFunction.apply
-            if _compat.functorch_transforms_active():  # torch.func under torch.compile: per weight, torch ops
-                return tuple(_Call(w, *a)(w) for w, a in zip(weights, self.args))
+        transformed = _compat.functorch_transforms_active()
+        if self.compiling and not transformed:  # dynamo knows ModelWeightStandardizeFunction.apply
             return ModelWeightStandardizeFunction.apply(self, *weights)
-        if _compat.functorch_transforms_active() or _compat.forward_ad_active():
-            # torch.func.grad, vjp, jvp, ..., or a dual level: per weight (ops/ws.py), whose
-            # Functions push tangents (this one's node holds every weight: it has no jvp)
+        if transformed or _compat.forward_ad_active():
+            # torch.func.grad, vjp, jvp, ... (under torch.compile too: there in torch ops), or a
+            # dual level: per weight (ops/ws.py), whose Functions push tangents (this one's
+            # node holds every weight: it has no jvp)
             return tuple(_Call(w, *a)(w) for w, a in zip(weights, self.args))
         if not torch.is_grad_enabled():  # nothing for autograd to record: the op body alone
             return tuple(self.forward(weights)[0])
