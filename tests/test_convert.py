@@ -8,7 +8,6 @@ import logging
 import pathlib
 import types
 import warnings
-from collections import Counter
 
 import pytest
 import torch
@@ -21,6 +20,8 @@ from wsbcn.convert import (ConvertRule, NormAct, ScaledWSConv2d, bn_like_norm, c
                            convert_rules_table, register_convert_rule, unregister_convert_rule)
 from wsbcn.tools.models import resnet50
 from conftest import DEVICE, TOL, rel_err
+from convert_helpers import (Reference, census, import_or_skip, matches_reference, named_as, randomize,
+                             reference_model, train_step)
 from reference import bcn_reference, conv_nd, gn_reference, ws_reference
 
 convert_module = importlib.import_module("wsbcn.convert")  # the attribute wsbcn.convert is the function
@@ -28,22 +29,6 @@ convert_module = importlib.import_module("wsbcn.convert")  # the attribute wsbcn
 
 def _count(model, cls):
     return sum(isinstance(m, cls) for m in model.modules())
-
-
-def _census(model):
-    return Counter(type(m).__name__ for m in model.modules())
-
-
-def _import_or_skip(*names):
-    """The modules, or a skip naming the one that does not import (torchvision fails with
-    RuntimeError, not ImportError, when it does not match the installed torch)."""
-    modules = []
-    for name in names:
-        try:
-            modules.append(importlib.import_module(name))
-        except Exception as exc:  # noqa: BLE001
-            pytest.skip(f"{name} is not importable ({type(exc).__name__}: {exc})")
-    return modules
 
 
 # ---------------------------------------------------------------------------------------
@@ -166,7 +151,7 @@ def test_fusing_keeps_the_model_its_class_and_its_forward():
     """Before, a fusion returned an fx.GraphModule traced in the model's mode: the
     dropout stayed on in eval, a flag set later was ignored, methods were gone."""
     torch.manual_seed(40)
-    model = _randomize(_Classifier()).double()
+    model = randomize(_Classifier()).double()
     original = copy.deepcopy(model)
     out, summary = wsbcn.convert(model, num_groups=4, return_summary=True)  # in training mode
     assert out is model and type(out) is _Classifier and callable(out.features)
@@ -174,7 +159,7 @@ def test_fusing_keeps_the_model_its_class_and_its_forward():
     assert (out.bn.activation, out.bn2.activation) == ("relu", "silu")
     assert summary[-2:] == ["bn: fused the following relu", "bn2: fused the following silu"]
     x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
-    assert _matches_reference(original, out, x)  # eval: no dropout, as the forward says
+    assert matches_reference(original, out, x)  # eval: no dropout, as the forward says
     with torch.no_grad():
         assert torch.equal(out(x), out(x))
     # training, with the checkpoint switched on after convert: the block runs again in
@@ -271,7 +256,7 @@ class _TwoNormsOneAct(nn.Module):
 ])
 def test_activations_fuse_only_where_replacing_their_module_changes_nothing_else(cls, fused, line):
     torch.manual_seed(42)
-    model = _randomize(cls()).double()
+    model = randomize(cls()).double()
     original = copy.deepcopy(model)
     out, summary = wsbcn.convert(model, num_groups=4, return_summary=True)
     assert out is model and all(m.training for m in out.modules())  # traced in eval too, and put back
@@ -280,7 +265,7 @@ def test_activations_fuse_only_where_replacing_their_module_changes_nothing_else
     assert [type(m) is nn.Identity for m in out.modules()].count(True) == (1 if fused else 0)
     assert (line in summary) if line else not any("not fused" in s for s in summary)
     x = torch.randn(2, 8, 5, 5, dtype=torch.float64)
-    assert _matches_reference(original, out, x)  # eval mode
+    assert matches_reference(original, out, x)  # eval mode
 
 
 def test_convert_rejects_bad_arguments():
@@ -295,14 +280,14 @@ def test_convert_rejects_bad_arguments():
 
 
 def test_torchvision_resnet18():
-    (torchvision,) = _import_or_skip("torchvision")
+    (torchvision,) = import_or_skip("torchvision")
     model = wsbcn.convert(torchvision.models.resnet18(num_classes=10))
     assert _count(model, nn.BatchNorm2d) == 0 and _count(model, wsbcn.WSConv2d) == 20
     assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
 
 
 def test_timm_resnet():
-    _, timm = _import_or_skip("torchvision", "timm")  # timm's norm layers import torchvision
+    _, timm = import_or_skip("torchvision", "timm")  # timm's norm layers import torchvision
     model = wsbcn.convert(timm.create_model("resnet18", num_classes=10))
     assert _count(model, nn.BatchNorm2d) == 0
     assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
@@ -313,7 +298,7 @@ def test_timm_resnet_keeps_its_methods_dropout_and_checkpointing(ws):
     """timm's own switches still work after convert: the dropout of drop_rate is off in
     eval, and set_grad_checkpointing recomputes the blocks with micro-batch BCN, giving
     the gradients and buffers of the step without it (tests/test_checkpoint.py)."""
-    _, timm = _import_or_skip("torchvision", "timm")
+    _, timm = import_or_skip("torchvision", "timm")
     torch.manual_seed(43)
     model = wsbcn.convert(timm.create_model("resnet18", num_classes=10, drop_rate=0.5), num_groups=8,
                           estimate=True, ws=ws)
@@ -431,15 +416,7 @@ def test_num_groups_that_do_not_divide_the_channels_are_reported(caplog, norm):
 # module and class names, which is how convert recognizes them.
 
 
-def _named_as(full_name):
-    def rename(cls):
-        cls.__module__, _, cls.__qualname__ = full_name.rpartition(".")
-        cls.__name__ = cls.__qualname__
-        return cls
-    return rename
-
-
-@_named_as("torchvision.ops.misc.FrozenBatchNorm2d")
+@named_as("torchvision.ops.misc.FrozenBatchNorm2d")
 class _FrozenBatchNorm2d(nn.Module):
     def __init__(self, num_features, eps=1e-5):
         super().__init__()
@@ -466,7 +443,7 @@ def _drop_act(module, act_layer, drop_layer, apply_act):
             module.act = act_layer()
 
 
-@_named_as("timm.layers.norm_act.BatchNormAct2d")
+@named_as("timm.layers.norm_act.BatchNormAct2d")
 class _BatchNormAct2d(nn.BatchNorm2d):
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True,
                  apply_act=True, act_layer=nn.ReLU, drop_layer=None):
@@ -478,7 +455,7 @@ class _BatchNormAct2d(nn.BatchNorm2d):
         return self.act(self.drop(super().forward(x)))
 
 
-@_named_as("timm.layers.norm_act.GroupNormAct")
+@named_as("timm.layers.norm_act.GroupNormAct")
 class _GroupNormAct(nn.GroupNorm):
     def __init__(self, num_channels, num_groups=32, eps=1e-5, affine=True, apply_act=True, act_layer=nn.ReLU,
                  drop_layer=None):
@@ -490,7 +467,7 @@ class _GroupNormAct(nn.GroupNorm):
         return self.act(self.drop(x))
 
 
-@_named_as("timm.layers.std_conv.StdConv2d")
+@named_as("timm.layers.std_conv.StdConv2d")
 class _StdConv2d(nn.Conv2d):
     def __init__(self, in_channel, out_channels, kernel_size, stride=1, padding=None, dilation=1, groups=1,
                  bias=False, eps=1e-6):
@@ -505,7 +482,7 @@ class _StdConv2d(nn.Conv2d):
         return F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
 
 
-@_named_as("timm.layers.std_conv.ScaledStdConv2d")
+@named_as("timm.layers.std_conv.ScaledStdConv2d")
 class _ScaledStdConv2d(nn.Conv2d):
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=None, dilation=1, groups=1,
                  bias=True, gamma=1.0, eps=1e-6, gain_init=1.0):
@@ -523,20 +500,20 @@ class _ScaledStdConv2d(nn.Conv2d):
         return F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
 
 
-@_named_as("torchvision.models.video.resnet.Conv3DSimple")
+@named_as("torchvision.models.video.resnet.Conv3DSimple")
 class _Conv3DSimple(nn.Conv3d):
     def __init__(self, in_planes, out_planes, midplanes=None, stride=1, padding=1):
         super().__init__(in_planes, out_planes, kernel_size=(3, 3, 3), stride=stride, padding=padding, bias=False)
 
 
-@_named_as("torchvision.models.video.resnet.Conv3DNoTemporal")
+@named_as("torchvision.models.video.resnet.Conv3DNoTemporal")
 class _Conv3DNoTemporal(nn.Conv3d):
     def __init__(self, in_planes, out_planes, midplanes=None, stride=1, padding=1):
         super().__init__(in_planes, out_planes, kernel_size=(1, 3, 3), stride=(1, stride, stride),
                          padding=(0, padding, padding), bias=False)
 
 
-@_named_as("timm.layers.norm.GroupNorm")
+@named_as("timm.layers.norm.GroupNorm")
 class _TimmGroupNorm(nn.GroupNorm):
     def __init__(self, num_channels, num_groups=32, eps=1e-5, affine=True):
         super().__init__(num_groups, num_channels, eps=eps, affine=affine)
@@ -545,7 +522,7 @@ class _TimmGroupNorm(nn.GroupNorm):
         return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
 
 
-@_named_as("timm.layers.norm.GroupNorm1")
+@named_as("timm.layers.norm.GroupNorm1")
 class _GroupNorm1(nn.GroupNorm):
     def __init__(self, num_channels, **kwargs):
         super().__init__(1, num_channels, **kwargs)
@@ -554,13 +531,13 @@ class _GroupNorm1(nn.GroupNorm):
         return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
 
 
-@_named_as("timm.layers.norm_act.GroupNorm1Act")
+@named_as("timm.layers.norm_act.GroupNorm1Act")
 class _GroupNorm1Act(_GroupNormAct):  # timm's is an nn.GroupNorm of its own, with GroupNormAct's forward
     def __init__(self, num_channels, eps=1e-5, affine=True, apply_act=True, act_layer=nn.ReLU, drop_layer=None):
         super().__init__(num_channels, 1, eps, affine, apply_act, act_layer, drop_layer)
 
 
-@_named_as("timm.layers.norm_act.SyncBatchNormAct")
+@named_as("timm.layers.norm_act.SyncBatchNormAct")
 class _SyncBatchNormAct(nn.SyncBatchNorm):
     """Made by timm's convert_sync_batchnorm, which then sets drop and act."""
 
@@ -585,7 +562,7 @@ def layers(request):
     """The layer classes: stand-ins always; torchvision's and timm's own when importable."""
     if request.param == "stand-in":
         return STAND_INS
-    _, misc, video, timm_layers, timm_norm_act = _import_or_skip(
+    _, misc, video, timm_layers, timm_norm_act = import_or_skip(
         "torchvision", "torchvision.ops.misc", "torchvision.models.video.resnet", "timm.layers", "timm.layers.norm_act")
     return types.SimpleNamespace(FrozenBatchNorm2d=misc.FrozenBatchNorm2d, BatchNormAct2d=timm_layers.BatchNormAct2d,
                                  GroupNormAct=timm_layers.GroupNormAct, StdConv2d=timm_layers.StdConv2d,
@@ -595,86 +572,6 @@ def layers(request):
                                  SyncBatchNormAct=timm_norm_act.SyncBatchNormAct)
 
 
-def _randomize(model):
-    """Non-trivial statistics and affine in every norm-like layer, and gains."""
-    with torch.no_grad():
-        for m in model.modules():
-            for name, t in list(m.named_parameters(recurse=False)) + list(m.named_buffers(recurse=False)):
-                if name in ("weight", "running_var", "gain") and t.dim() == 1 or name == "gain":
-                    t.uniform_(0.5, 1.5)
-                elif name in ("bias", "running_mean") and t.dim() == 1:
-                    t.normal_(0, 0.2)
-    return model
-
-
-class _Reference(nn.Module):
-    """A converted layer computed from the paper's formulas (tests/reference.py, float64)
-    with the converted layer's current parameters, then the source layer's own drop and
-    act (timm's norm+act layers); a fused activation from after the layer stays in the
-    model's forward."""
-
-    def __init__(self, converted, source):
-        super().__init__()
-        self.converted = [converted]  # not a submodule: the reference must not own it
-        self.tail = nn.Sequential(source.drop, source.act) if hasattr(source, "act") else nn.Identity()
-
-    def forward(self, x):
-        m = self.converted[0]
-        m = m.norm if isinstance(m, NormAct) else m
-        if isinstance(m, (wsbcn.WSConv2d, wsbcn.WSConv3d)):
-            w = ws_reference(m.weight, m.eps, m.correction, m.eps_mode)
-            if isinstance(m, ScaledWSConv2d):
-                w = w * (m.gain.double() * m.scale)
-            return conv_nd(x, w, None if m.bias is None else m.bias.double(), m)
-        if isinstance(m, wsbcn.GroupNorm):
-            y = gn_reference(x, m.num_groups, m.weight, m.bias, m.eps)
-        else:
-            assert not m.training
-            y = bcn_reference(x, m.num_groups, m.weight, m.bias, m.group_weight, m.group_bias,
-                              m.running_mean.double().clone(), m.running_var.double().clone(), training=False,
-                              eps=m.eps)
-        return self.tail(y)
-
-
-def _reference_model(original, converted):
-    """``original`` (a copy taken before convert) with every layer convert replaced
-    computed by ``_Reference``: an independent twin of the converted model."""
-    twin = copy.deepcopy(original)
-    done = []
-    for path, m in converted.named_modules():
-        if isinstance(m, (wsbcn.WSConv2d, wsbcn.WSConv3d, wsbcn.BatchChannelNorm2d, wsbcn.BatchChannelNorm3d,
-                          wsbcn.GroupNorm, NormAct)) and not any(
-                path.startswith(p + ".") for p in done):
-            parent, _, leaf = path.rpartition(".")
-            holder = twin.get_submodule(parent) if parent else twin
-            setattr(holder, leaf, _Reference(m, getattr(holder, leaf)))
-            done.append(path)
-    assert done, "nothing was converted"
-    return twin.eval()
-
-
-def _matches_reference(original, converted, x, tol=1e-10):
-    twin = _reference_model(original, converted)
-    converted.eval()
-    with torch.no_grad():
-        got, want = converted(x), twin(x)
-    if isinstance(got, dict):
-        assert got.keys() == want.keys()
-        return max(rel_err(got[k], want[k]) for k in got) <= tol
-    return rel_err(got, want) <= tol
-
-
-def _train_step(model, x):
-    model.train()
-    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-    out = model(x)
-    loss = sum(o.float().square().mean() for o in out.values()) if isinstance(out, dict) else out.square().mean()
-    loss.backward()
-    grads = [p.grad for p in model.parameters() if p.requires_grad]
-    assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
-    opt.step()
-
-
 # ---------------------------------------------------------------------------------------
 # FrozenBatchNorm2d
 
@@ -682,7 +579,7 @@ def _train_step(model, x):
 @pytest.mark.parametrize("norm", ["bcn", "gn"])
 def test_frozen_batch_norm_becomes_a_norm_whose_bn_stage_is_the_frozen_layer(layers, norm):
     torch.manual_seed(20)
-    frozen = _randomize(layers.FrozenBatchNorm2d(8, eps=1e-4)).double()
+    frozen = randomize(layers.FrozenBatchNorm2d(8, eps=1e-4)).double()
     model = nn.Sequential(nn.Conv2d(3, 8, 3), frozen, nn.ReLU()).double()
     original = copy.deepcopy(model)
     x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
@@ -700,8 +597,8 @@ def test_frozen_batch_norm_becomes_a_norm_whose_bn_stage_is_the_frozen_layer(lay
         bn_stage = (h - new.running_mean.view(1, -1, 1, 1)) / torch.sqrt(new.running_var.view(1, -1, 1, 1) + new.eps)
         bn_stage = bn_stage * new.weight.view(1, -1, 1, 1) + new.bias.view(1, -1, 1, 1)
         assert rel_err(bn_stage, frozen(h)) <= 1e-14
-    assert _matches_reference(original, out, x)
-    _train_step(out, x)
+    assert matches_reference(original, out, x)
+    train_step(out, x)
     assert new.weight.grad is not None  # the frozen affine now trains
 
 
@@ -724,7 +621,7 @@ def test_keep_frozen_leaves_frozen_layers_and_their_convs_and_says_why(layers, c
 
 
 def test_frozen_layer_in_an_untraceable_model_is_converted_by_module_order():
-    model = Untraceable(_randomize(_FrozenBatchNorm2d(8)))
+    model = Untraceable(randomize(_FrozenBatchNorm2d(8)))
     with pytest.warns(UserWarning, match="module order"):
         out = wsbcn.convert(model, num_groups=4)
     assert type(out.conv) is wsbcn.WSConv2d and type(out.bn) is wsbcn.BatchChannelNorm2d
@@ -737,7 +634,7 @@ def test_frozen_layer_in_an_untraceable_model_is_converted_by_module_order():
 def test_std_convs_become_ws_convs_with_the_same_output(layers):
     torch.manual_seed(22)
     std = layers.StdConv2d(4, 6, 3, eps=1e-8)
-    scaled = _randomize(layers.ScaledStdConv2d(6, 8, 3, stride=2, gamma=1.7, eps=1e-5))
+    scaled = randomize(layers.ScaledStdConv2d(6, 8, 3, stride=2, gamma=1.7, eps=1e-5))
     model = nn.Sequential(std, nn.ReLU(), scaled).double()  # no norm after them: converted all the same
     original, keys = copy.deepcopy(model), model.state_dict().keys()
     x = torch.randn(2, 4, 9, 9, dtype=torch.float64)
@@ -751,7 +648,7 @@ def test_std_convs_become_ws_convs_with_the_same_output(layers):
     with torch.no_grad():
         assert rel_err(out(x), before) <= 1e-13
     assert summary == ["0: StdConv2d -> WSConv2d", "2: ScaledStdConv2d -> ScaledWSConv2d"]
-    assert _matches_reference(original, out, x)
+    assert matches_reference(original, out, x)
     _, ws_off = wsbcn.convert(nn.Sequential(layers.StdConv2d(4, 6, 3)), ws=False, return_summary=True)
     assert "0: StdConv2d left alone: ws=False" in ws_off
 
@@ -765,7 +662,7 @@ def test_norm_act_layers_fuse_their_activation_and_keep_the_rest(layers):
                                                   drop_layer=functools.partial(nn.Dropout, 0.5)),
         nn.Conv2d(8, 8, 1), layers.BatchNormAct2d(8, apply_act=False), nn.SiLU(),      # the next SiLU fuses
     ).double()
-    _randomize(model)
+    randomize(model)
     original = copy.deepcopy(model)
     drop = model[5].drop
     out, summary = wsbcn.convert(model, num_groups=4, return_summary=True)
@@ -778,8 +675,8 @@ def test_norm_act_layers_fuse_their_activation_and_keep_the_rest(layers):
     assert type(dropped) is NormAct and dropped.drop is drop and type(dropped.act) is nn.SiLU
     assert out.get_submodule("7").activation == "silu" and "7: fused the following silu" in summary
     x = torch.randn(2, 3, 7, 7, dtype=torch.float64)
-    assert _matches_reference(original, out, x)
-    _train_step(out, x)
+    assert matches_reference(original, out, x)
+    train_step(out, x)
     # the second convert finds everything converted (NormAct counts as a wsbcn norm)
     again, summary = wsbcn.convert(out, return_summary=True)
     assert summary == ["nothing to convert: no norm layer with a convert rule, and no convolution feeding a norm "
@@ -788,7 +685,7 @@ def test_norm_act_layers_fuse_their_activation_and_keep_the_rest(layers):
 
 def test_group_norm_act_as_gn_computes_what_timm_does(layers):
     torch.manual_seed(24)
-    model = _randomize(nn.Sequential(layers.StdConv2d(3, 8, 3), layers.GroupNormAct(8, num_groups=4),
+    model = randomize(nn.Sequential(layers.StdConv2d(3, 8, 3), layers.GroupNormAct(8, num_groups=4),
                                      layers.StdConv2d(8, 8, 3), layers.GroupNormAct(8, num_groups=2,
                                                                                      act_layer=nn.SiLU))).double()
     x = torch.randn(2, 3, 9, 9, dtype=torch.float64)
@@ -804,7 +701,7 @@ def test_timm_group_norms_keep_their_groups_and_compute_what_timm_does(layers):
     """timm's GroupNorm (channels first), GroupNorm1 and GroupNorm1Act (one group): as
     wsbcn GroupNorms, timm's output; as BCN, the float64 reference."""
     torch.manual_seed(25)
-    model = _randomize(nn.Sequential(
+    model = randomize(nn.Sequential(
         nn.Conv2d(3, 8, 3), layers.GroupNorm(8, num_groups=4), nn.ReLU(),
         nn.Conv2d(8, 8, 1), layers.GroupNorm1(8),
         nn.Conv2d(8, 8, 1), layers.GroupNorm1Act(8, act_layer=nn.SiLU))).double()
@@ -821,8 +718,8 @@ def test_timm_group_norms_keep_their_groups_and_compute_what_timm_does(layers):
     bcn = wsbcn.convert(model, num_groups=4)
     assert [(m.num_groups, m.group_affine) for m in bcn.modules() if isinstance(m, wsbcn.BatchChannelNorm2d)] == [
         (4, False), (1, False), (1, False)]
-    assert _matches_reference(original, bcn, x)
-    _train_step(bcn, x)
+    assert matches_reference(original, bcn, x)
+    train_step(bcn, x)
 
 
 def test_timm_sync_batch_norm_act_keeps_synchronizing_and_fuses_its_act(layers):
@@ -836,7 +733,7 @@ def test_timm_sync_batch_norm_act_keeps_synchronizing_and_fuses_its_act(layers):
     synced = layers.SyncBatchNormAct(8, 1e-4, 0.2, True, True)
     synced.act, synced.drop = nn.ReLU(inplace=True), nn.Identity()
     bare = layers.SyncBatchNormAct(8)
-    model = _randomize(nn.Sequential(nn.Conv2d(3, 8, 3), synced, nn.Conv2d(8, 8, 1), bare, nn.SiLU())).double()
+    model = randomize(nn.Sequential(nn.Conv2d(3, 8, 3), synced, nn.Conv2d(8, 8, 1), bare, nn.SiLU())).double()
     x = torch.randn(2, 3, 7, 7, dtype=torch.float64)
     out, summary = wsbcn.convert(model, num_groups=4, return_summary=True)
     first, second = out[1], out[3]
@@ -852,14 +749,14 @@ def test_timm_sync_batch_norm_act_keeps_synchronizing_and_fuses_its_act(layers):
                              first.running_mean.double().clone(), first.running_var.double().clone(), training=False,
                              eps=first.eps).relu()
         assert rel_err(reference[1](h), want) <= 1e-10
-    _train_step(out, x)  # torch.distributed is not initialized: the default group combines nothing
+    train_step(out, x)  # torch.distributed is not initialized: the default group combines nothing
 
 
 def test_video_resnet_convs_become_ws_convs(layers):
     """torchvision's video ResNets build their convs as Conv3DSimple / Conv3DNoTemporal,
     nn.Conv3d with a fixed geometry: WSConv3d with that geometry and the same Parameters."""
     torch.manual_seed(27)
-    model = _randomize(nn.Sequential(layers.Conv3DSimple(3, 8, stride=2), nn.BatchNorm3d(8), nn.ReLU(),
+    model = randomize(nn.Sequential(layers.Conv3DSimple(3, 8, stride=2), nn.BatchNorm3d(8), nn.ReLU(),
                                      layers.Conv3DNoTemporal(8, 8), nn.BatchNorm3d(8))).double()
     weights = [model[0].weight, model[3].weight]
     geometry = [(m.kernel_size, m.stride, m.padding) for m in (model[0], model[3])]
@@ -870,12 +767,12 @@ def test_video_resnet_convs_become_ws_convs(layers):
     assert [out[0].weight, out[3].weight] == weights and out[0].weight is weights[0]
     assert [(m.kernel_size, m.stride, m.padding) for m in (out[0], out[3])] == geometry
     assert "0: Conv3DSimple -> WSConv3d" in summary and "3: Conv3DNoTemporal -> WSConv3d" in summary
-    assert _matches_reference(original, out, x)
-    _train_step(out, x)
+    assert matches_reference(original, out, x)
+    train_step(out, x)
 
 
 def test_torchvision_video_resnets():
-    (video,) = _import_or_skip("torchvision.models.video")
+    (video,) = import_or_skip("torchvision.models.video")
     for build in (video.r3d_18, video.mc3_18, video.r2plus1d_18):
         model = wsbcn.convert(build(num_classes=10), num_groups=8)
         convs = [m for m in model.modules() if isinstance(m, nn.Conv3d)]
@@ -888,7 +785,7 @@ def test_torchvision_video_resnets():
 # What the summary says about what convert left alone
 
 
-@_named_as("tests.custom.MyNorm")
+@named_as("tests.custom.MyNorm")
 class _MyNorm(nn.Module):
     """A hand-written norm convert has no rule for."""
 
@@ -1095,6 +992,9 @@ def test_registering_checks_its_arguments(registered):
         register_convert_rule("MyNorm", _my_norm_rule())
     with pytest.raises(ValueError, match="kind"):
         ConvertRule("act", lambda m: m)
+    for kind, inside in (("norm", ("norm", "activation")), ("conv", "norm"), ("conv", ("norm", None))):
+        with pytest.raises(ValueError, match="norm_inside must be None or, for a conv rule, a"):
+            ConvertRule(kind, lambda m: m, norm_inside=inside)
     with pytest.raises(KeyError, match="no convert rule"):
         unregister_convert_rule(_MyNorm)
 
@@ -1140,6 +1040,41 @@ def test_a_failure_while_swapping_puts_the_old_layers_back(monkeypatch):
     assert _unchanged(model, snapshot) and model.alias is model.body[2] and type(model.body[2]) is nn.ReLU
 
 
+class _CallsFromPlainContainers(nn.Module):
+    """Registered layers that its forward calls from a plain list, tuple and dict (as
+    detectron2's FPN calls its convs from ``self.lateral_convs``), or as attributes."""
+
+    def __init__(self, via_containers):
+        super().__init__()
+        self.via_containers = via_containers
+        self.conv_a, self.bn_a, self.conv_b, self.bn_b = nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.Conv2d(8, 8, 3), \
+            nn.BatchNorm2d(8)
+        self.act = nn.SiLU()
+        self.convs, self.norms, self.acts = [self.conv_a, self.conv_b], (self.bn_a, self.bn_b), {"out": self.act}
+
+    def forward(self, x):
+        if self.via_containers:
+            return self.acts["out"](self.norms[1](self.convs[1](self.norms[0](self.convs[0](x)))))
+        return self.act(self.bn_b(self.conv_b(self.bn_a(self.conv_a(x)))))
+
+
+def test_layers_a_forward_calls_from_plain_containers_are_swapped_there_too():
+    torch.manual_seed(6)
+    model = randomize(_CallsFromPlainContainers(via_containers=True))
+    by_attributes = copy.deepcopy(model)
+    by_attributes.via_containers = False
+    out, summary = wsbcn.convert(model, num_groups=4, return_summary=True)
+    wsbcn.convert(by_attributes, num_groups=4)
+    assert out.convs == [out.conv_a, out.conv_b] and type(out.conv_a) is wsbcn.WSConv2d
+    assert out.norms == (out.bn_a, out.bn_b) and type(out.bn_b) is wsbcn.BatchChannelNorm2d
+    assert out.bn_b.activation == "silu" and out.acts["out"] is out.act and type(out.act) is nn.Identity
+    assert {"convs: the 2 swapped layers this plain list holds replaced in it too",
+            "norms: the 2 swapped layers this plain tuple holds replaced in it too",
+            "acts: the 1 swapped layer this plain dict holds replaced in it too"} <= set(summary)
+    x = torch.randn(2, 3, 8, 8)
+    assert torch.equal(out(x), by_attributes(x))  # the SiLU once, the new layers
+
+
 class _TwoFusions(nn.Module):
     """Two activations that fuse, the first also registered at a second path."""
 
@@ -1158,18 +1093,18 @@ class _TwoFusions(nn.Module):
 
 
 def test_detection_backbone_with_frozen_batch_norm():
-    _, misc, backbone_utils, detection = _import_or_skip(
+    _, misc, backbone_utils, detection = import_or_skip(
         "torchvision", "torchvision.ops.misc", "torchvision.models.detection.backbone_utils",
         "torchvision.models.detection")
     torch.manual_seed(30)
     backbone = backbone_utils.resnet_fpn_backbone(backbone_name="resnet50", weights=None,
                                                   norm_layer=misc.FrozenBatchNorm2d)
-    _randomize(backbone)
-    before = _census(backbone)
+    randomize(backbone)
+    before = census(backbone)
     assert before["FrozenBatchNorm2d"] == 53 and before["Conv2d"] == 61
     original = copy.deepcopy(backbone).double()
     converted, summary = wsbcn.convert(copy.deepcopy(backbone).double(), return_summary=True)
-    after = _census(converted)
+    after = census(converted)
     assert after["FrozenBatchNorm2d"] == 0 and after["BatchChannelNorm2d"] == 53
     assert after["WSConv2d"] == 53 and after["Conv2d"] == 8  # the FPN's convs feed no norm
     assert sum("left alone: its output feeds no norm" in line for line in summary) == 8
@@ -1177,9 +1112,9 @@ def test_detection_backbone_with_frozen_batch_norm():
     assert type(converted) is type(backbone) and type(converted.body.relu) is nn.Identity
     assert sum(line.endswith("fused the following relu") for line in summary) == 1
     assert sum("relu not fused: " in line for line in summary) == 32
-    assert _matches_reference(original, converted, torch.randn(1, 3, 64, 64, dtype=torch.float64))
+    assert matches_reference(original, converted, torch.randn(1, 3, 64, 64, dtype=torch.float64))
     kept, summary = wsbcn.convert(copy.deepcopy(backbone), keep_frozen=True, return_summary=True)
-    assert _census(kept)["FrozenBatchNorm2d"] == 53 and _census(kept)["WSConv2d"] == 0
+    assert census(kept)["FrozenBatchNorm2d"] == 53 and census(kept)["WSConv2d"] == 0
     assert summary[0] == "nothing to convert: 114 conv/norm layers left alone, listed below"
     assert sum("kept frozen (keep_frozen=True)" in line for line in summary) == 53 * 2
     # a detection train step with the converted backbone
@@ -1196,27 +1131,27 @@ def test_detection_backbone_with_frozen_batch_norm():
 
 @pytest.mark.parametrize("norm", ["bcn", "gn"])
 def test_timm_bit_resnetv2(norm):
-    _, timm = _import_or_skip("torchvision", "timm")
+    _, timm = import_or_skip("torchvision", "timm")
     torch.manual_seed(31)
-    model = _randomize(timm.create_model("resnetv2_50x1_bit", pretrained=False, num_classes=10)).double()
-    before = _census(model)
+    model = randomize(timm.create_model("resnetv2_50x1_bit", pretrained=False, num_classes=10)).double()
+    before = census(model)
     assert before["StdConv2d"] == 53 and before["GroupNormAct"] == 49
     original = copy.deepcopy(model)
     x = torch.randn(1, 3, 32, 32, dtype=torch.float64)
     with torch.no_grad():
         timm_out = model.eval()(x)
     converted, summary = wsbcn.convert(model, norm=norm, return_summary=True)
-    after = _census(converted)
+    after = census(converted)
     target = "BatchChannelNorm2d" if norm == "bcn" else "GroupNorm"
     assert after["StdConv2d"] == 0 and after["GroupNormAct"] == 0
     assert after["WSConv2d"] == 53 and after[target] == 49
     assert all(m.activation == "relu" for m in converted.modules() if type(m).__name__ == target)
     assert "head.fc: Conv2d left alone: its output feeds no norm (WS without a norm after it hurts training)" in summary
-    assert _matches_reference(original, converted, x)
+    assert matches_reference(original, converted, x)
     if norm == "gn":  # GroupNorm for GroupNorm, WS for WS: timm's numbers
         with torch.no_grad():
             assert rel_err(converted.eval()(x), timm_out) <= 1e-12
-    _train_step(converted, x.repeat(2, 1, 1, 1))
+    train_step(converted, x.repeat(2, 1, 1, 1))
 
 
 def test_freeze_bakes_the_gain_of_a_scaled_wsconv():

@@ -3,9 +3,11 @@
 What convert knows is one table, ``convert_registry``: source layer type -> rule
 (what it becomes, what carries over, which activation fuses). Built in
 (``convert_builtin``): torch.nn BatchNorm1d/2d/3d, SyncBatchNorm, GroupNorm,
-Conv1d/2d/3d; torchvision FrozenBatchNorm2d; timm BatchNormAct2d, GroupNormAct,
-FrozenBatchNormAct2d, StdConv2d, ScaledStdConv2d (recognized by class name: convert
-never imports torchvision or timm). ``register_convert_rule`` adds a type.
+Conv1d/2d/3d; torchvision FrozenBatchNorm2d and the video ResNets' convs; timm's
+norm+act layers, group norms and standardized convs; detectron2 Conv2d (a conv that
+applies its own norm and activation), FrozenBatchNorm2d, NaiveSyncBatchNorm; mmcv
+ConvWS2d (recognized by class name: convert never imports those packages).
+``register_convert_rule`` adds a type.
 
 - a convolution whose output feeds a norm becomes a WSConv (WS without a following
   norm hurts, so other convolutions are left alone); timm's StdConv2d/ScaledStdConv2d,
@@ -25,6 +27,8 @@ Parameter objects (optimizers keep working), and the model returned is ``model``
 itself: its class, methods and forward code are kept (convert never rewrites a forward).
 Every replacement is built and checked before the first swap, and a failure while
 swapping puts the old layers back: a convert that raises leaves the model as it was.
+A layer the forward calls from a plain list, tuple or dict attribute (detectron2's FPN)
+is replaced there too (``_rebind``).
 
 The summary lists what changed and every conv/norm-like layer left alone, with its
 path and why (no rule for its type, its output feeds no norm, kept frozen, ...); it
@@ -43,6 +47,7 @@ weight at once on each forward (``wsbcn.ModelWeightStandardizer``: one launch fo
 and one backward, bitwise the per-layer results; every WS weight's gradient is then
 ready only at the end of the backward, which delays DDP's all-reduce of those weights).
 """
+import functools
 import logging
 import warnings
 from collections import Counter
@@ -52,9 +57,9 @@ from torch import nn
 from . import convert_builtin  # noqa: F401  (registers the built-in rules)
 from .convert_builtin import bn_like_norm  # noqa: F401  (public: a helper for user rules)
 from .convert_fusion import checked_fusions, replace_activations, traces_in_modes
-from .convert_layers import NormAct, ScaledWSConv2d  # noqa: F401
+from .convert_layers import ConvNormAct2d, NormAct, ScaledWSConv2d, WSConvNormAct2d  # noqa: F401
 from .convert_plan import (Flow, Tracer, by_module_order, census, decide, flow_from_graph, role_of,
-                           uninitialized_lazy)
+                           uninitialized_lazy, with_norms_inside)
 from .convert_registry import (ConvertRule, NormSpec, convert_rule_for, convert_rules,  # noqa: F401
                                convert_rules_table, register_convert_rule, unregister_convert_rule)
 from .modules import WSConv1d, WSConv2d, WSConv3d
@@ -62,7 +67,8 @@ from .modules import WSConv1d, WSConv2d, WSConv3d
 log = logging.getLogger("wsbcn")
 
 __all__ = ["convert", "register_convert_rule", "unregister_convert_rule", "convert_rule_for", "convert_rules",
-           "convert_rules_table", "ConvertRule", "NormSpec", "bn_like_norm", "NormAct", "ScaledWSConv2d"]
+           "convert_rules_table", "ConvertRule", "NormSpec", "bn_like_norm", "NormAct", "ScaledWSConv2d",
+           "WSConvNormAct2d", "ConvNormAct2d"]
 
 
 def _check_arguments(model, norm, num_groups, keep_frozen):
@@ -77,6 +83,13 @@ def _check_arguments(model, norm, num_groups, keep_frozen):
 
 
 def _flow(model, layers):
+    """The data flow (with the norms convs apply themselves, ``with_norms_inside``) and
+    the rest of ``_traced_flow``."""
+    flow, *rest = _traced_flow(model, layers)
+    return (with_norms_inside(flow, layers), *rest)
+
+
+def _traced_flow(model, layers):
     """The data flow, from torch.fx or module order; the graph (None without one) and
     the tracing that made it, which checks fusions in other modes (convert_fusion.py);
     and a note when tracing needed the retry that traces through stateful modules."""
@@ -94,7 +107,7 @@ def _flow(model, layers):
                     f"({error}); traced through them instead")
     else:
         warnings.warn(f"wsbcn.convert: torch.fx could not trace the model ({error}); "
-                      "falling back to module order, without activation fusion", stacklevel=3)
+                      "falling back to module order, without activation fusion", stacklevel=4)
         return by_module_order(layers), None, None, None
     kept = {path: m for path, m in tracer.kept_whole.items()
             if any(p.startswith(path + ".") and role.rule is not None for p, _, role in layers)}
@@ -150,7 +163,12 @@ def _build(path, old, rule, *args):
     if rule.kind == "conv" and None not in (want_in, got_in) and got_in != want_in:
         raise ValueError(f"wsbcn.convert: {what} returned a {type(new).__name__} with {got_in} input "
                          f"channels, but {path!r} has {want_in}; the model is unchanged")
-    new.train(old.training)
+    # the new layer's own modules take the old layer's mode; modules it took over keep theirs
+    # (a conv that applies its own norm holds the old norm until that is swapped in turn)
+    taken = {id(m) for m in old.modules()}
+    for m in new.modules():
+        if id(m) not in taken:
+            m.training = old.training
     return new
 
 
@@ -165,16 +183,51 @@ def _set_module(root, path, module):
     setattr(root.get_submodule(parent) if parent else root, leaf, module)
 
 
+_MODULE_STATE = frozenset(vars(nn.Module()))  # nn.Module's own bookkeeping attributes
+
+
+def _rebind(model, new_of, undo):
+    """Point the plain lists, tuples and dicts that modules keep as attributes at the new
+    layers too (detectron2's FPN calls its convs from ``self.lateral_convs``, a list beside
+    the registered modules): ``new_of`` maps id(old) to (old, new); ``undo`` gets the calls
+    that put the old ones back. Returns a summary line per container."""
+    lines = []
+    for path, m in model.named_modules():
+        for name, value in list(vars(m).items()):
+            if name in _MODULE_STATE or type(value) not in (list, tuple, dict):
+                continue
+            keys = list(value) if type(value) is dict else range(len(value))
+            hits = [k for k in keys if new_of.get(id(value[k]), (None,))[0] is value[k]]
+            if not hits:
+                continue
+            if type(value) is tuple:
+                m.__dict__[name] = tuple(new_of[id(v)][1] if i in hits else v for i, v in enumerate(value))
+                undo.append(functools.partial(m.__dict__.__setitem__, name, value))
+            else:
+                for k in hits:
+                    undo.append(functools.partial(value.__setitem__, k, value[k]))
+                    value[k] = new_of[id(value[k])][1]
+            lines.append(f"{path + '.' if path else ''}{name}: the {len(hits)} swapped layer"
+                         f"{'s' if len(hits) > 1 else ''} this plain {type(value).__name__} holds replaced in it too")
+    return lines
+
+
 def _swap(model, replacements, fusions):
     """Put the new layers in and replace the fused activations' modules
-    (convert_fusion.py); on any failure put the old modules back and re-raise."""
-    done, swapped = [], []
+    (convert_fusion.py), also in plain containers (``_rebind``); on any failure put the
+    old modules back and re-raise. Returns ``_rebind``'s lines."""
+    done, swapped, undo = [], [], []
     try:
         for path, old, new in replacements:
             _set_module(model, path, new)
             done.append((path, old))
         replace_activations(model, fusions, swapped)
+        new_of = {id(old): (old, new) for _, old, new in replacements}
+        new_of.update({id(old): (old, getattr(parent, name)) for parent, name, old in swapped})
+        return _rebind(model, new_of, undo)
     except BaseException:
+        for put_back in reversed(undo):
+            put_back()
         for parent, name, old in reversed(swapped):
             setattr(parent, name, old)
         for path, old in reversed(done):
@@ -205,15 +258,20 @@ def convert(model: nn.Module, norm: str = "bcn", num_groups: int = 32, estimate:
     fused_act = {node.target: act for node, _, act, _ in fusions}
 
     replacements, changed, warned = [], [], set()
+    act_fused_by = {conv: act for conv, act in plan.inner_fusions.values()}
     for path in plan.convs:
         old = by_path[path]
-        new = _build(path, old, convert_rule_for(old))
+        rule = convert_rule_for(old)
+        new = _build(path, old, rule)
+        if path in act_fused_by:  # its activation goes into its own norm
+            setattr(new, rule.norm_inside[1], None)
         replacements.append((path, old, new))
         changed.append(f"{path}: {type(old).__name__} -> {_describe(new)}")
     for path, dims in plan.norms.items():
         old = by_path[path]
         rule = convert_rule_for(old)
-        spec = NormSpec(norm, num_groups, estimate, fused_act.get(path), dims, process_group)
+        act = plan.inner_fusions[path][1] if path in plan.inner_fusions else fused_act.get(path)
+        spec = NormSpec(norm, num_groups, estimate, act, dims, process_group)
         new = _build(path, old, rule, spec)
         replacements.append((path, old, new))
         changed.append(f"{path}: {type(old).__name__} -> {_describe(new)}")
@@ -222,11 +280,13 @@ def convert(model: nn.Module, norm: str = "bcn", num_groups: int = 32, estimate:
             changed.append(f"{path}: num_groups={num_groups} does not divide its {channels} channels; "
                            f"it has {spec.groups_for(channels)} groups (the greatest common divisor)")
             warned.add(changed[-1])
-    _swap(model, replacements, fusions)
+    rebound = _swap(model, replacements, fusions)
     if ws == "model":  # every WSConv weight standardized at once (ops/ws_model.py)
         from .ops.ws_model import ModelWeightStandardizer
         ModelWeightStandardizer.attach(model)
     changed += [f"{node.target}: fused the following {act}" for node, _, act, _ in fusions]
+    changed += [f"{path}: fused the {act} its convolution {conv} applied" for path, (conv, act)
+                in plan.inner_fusions.items()] + rebound
 
     summary = (changed + not_fused + ([trace_note] if trace_note else [])
                + _left_alone_lines(model, layers, plan, flow, warned))

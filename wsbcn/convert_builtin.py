@@ -14,13 +14,21 @@ formulas each rule reproduces:
   multiplies by gain * scale per output channel (``ScaledWSConv2d``).
 - timm ``BatchNormAct2d`` / ``GroupNormAct`` / ``FrozenBatchNormAct2d``
   (timm/layers/norm_act.py): the norm, then ``self.drop``, then ``self.act``.
+- detectron2 ``Conv2d`` (detectron2/layers/wrappers.py): ``F.conv2d`` with the layer's
+  geometry (its padding_mode unused), then ``self.norm``, then ``self.activation``
+  (either may be None). ``FrozenBatchNorm2d`` (detectron2/layers/batch_norm.py):
+  torchvision's formula. ``NaiveSyncBatchNorm``: nn.BatchNorm2d on one process and in
+  eval; in training across processes, the mean of each process's mean and mean square.
+- mmcv ``ConvWS2d`` (mmcv/cnn/bricks/conv_ws.py): W_hat = (W - mean) / (std + eps), std
+  unbiased, i.e. WSConv's eps_mode="std", correction=1, with the layer's eps; its
+  forward is ``F.conv2d`` (padding_mode unused).
 """
 import dataclasses
 
 import torch
 from torch import nn
 
-from .convert_layers import NormAct, ScaledWSConv2d
+from .convert_layers import NormAct, ScaledWSConv2d, WSConvNormAct2d
 from .convert_registry import ConvertRule, NormSpec, register_convert_rule
 from .modules import (BatchChannelNorm1d, BatchChannelNorm2d, BatchChannelNorm3d, GroupNorm, WSConv1d, WSConv2d,
                       WSConv3d)
@@ -138,6 +146,27 @@ def _ws_conv(layer, **ws):
     return new
 
 
+def _conv_norm_act(layer):
+    """detectron2's Conv2d: a WSConvNormAct2d holding the layer's norm (convert swaps it in
+    turn when it converts it) and activation."""
+    new = WSConvNormAct2d(layer.in_channels, layer.out_channels, layer.kernel_size, stride=layer.stride,
+                          padding=layer.padding, dilation=layer.dilation, groups=layer.groups,
+                          bias=layer.bias is not None, device=layer.weight.device, dtype=layer.weight.dtype,
+                          norm=layer.norm, activation=layer.activation)
+    new.weight = layer.weight
+    if layer.bias is not None:
+        new.bias = layer.bias
+    return new
+
+
+def _naive_sync_batch_norm(layer, spec):
+    """detectron2's NaiveSyncBatchNorm: a BatchChannelNorm combining over convert's
+    ``process_group=``, else over the default group of the moment it runs (exact
+    statistics of all processes' samples, as nn.SyncBatchNorm)."""
+    group = spec.process_group if spec.process_group is not None else WORLD
+    return _batch_norm(layer, dataclasses.replace(spec, process_group=group))
+
+
 def _std_conv(layer):
     return _ws_conv(layer, eps=layer.eps, correction=0, eps_mode="var")
 
@@ -153,11 +182,16 @@ def _scaled_std_conv(layer):
     return new
 
 
-def _std_conv_skip(layer):
-    # timm's forward ignores padding_mode; WSConv would honour it
-    if getattr(layer, "padding_mode", "zeros") != "zeros":
-        return f"padding_mode={layer.padding_mode!r}, which timm's forward ignores and WSConv2d would apply"
-    return None
+def _ignores_padding_mode(library):
+    """A skip for layers whose forward calls F.conv2d itself: WSConv would apply a padding_mode."""
+    def skip(layer):
+        if getattr(layer, "padding_mode", "zeros") != "zeros":
+            return f"padding_mode={layer.padding_mode!r}, which {library}'s forward ignores and WSConv2d would apply"
+        return None
+    return skip
+
+
+_std_conv_skip = _ignores_padding_mode("timm")
 
 
 def _act_name(act):
@@ -248,6 +282,19 @@ BUILTIN_RULES = {
     "timm.layers.std_conv.ScaledStdConv2d": ConvertRule(
         "conv", _scaled_std_conv, becomes="ScaledWSConv2d (that WSConv2d, times gain * scale), always",
         carries="geometry, eps, scale, weight, gain, bias", needs_norm=False, skip=_std_conv_skip),
+    "detectron2.layers.wrappers.Conv2d": ConvertRule(
+        "conv", _conv_norm_act, becomes="WSConvNormAct2d, its norm converted in turn; when that norm converts "
+        "(without one: when its output feeds a norm)", carries="geometry, weight, bias (the same Parameters), its "
+        "norm and activation", fuses="its own ReLU/SiLU, into its norm", norm_inside=("norm", "activation"),
+        skip=_ignores_padding_mode("detectron2")),
+    "detectron2.layers.batch_norm.FrozenBatchNorm2d": ConvertRule("norm", _frozen_batch_norm, **_FROZEN,
+                                                                  fuses=_FOLLOWING),
+    "detectron2.layers.batch_norm.NaiveSyncBatchNorm": ConvertRule("norm", _naive_sync_batch_norm, **_BN,
+                                                                   default_dims=2),
+    "mmcv.cnn.bricks.conv_ws.ConvWS2d": ConvertRule(
+        "conv", lambda layer: _ws_conv(layer, eps=layer.eps, correction=1, eps_mode="std"),
+        becomes="WSConv2d (eps_mode=\"std\", correction=1), always", carries="geometry, eps, weight, bias",
+        needs_norm=False, skip=_ignores_padding_mode("mmcv")),
 }
 
 # timm before 0.9 defined the same classes under timm.models.layers

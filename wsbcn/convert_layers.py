@@ -1,9 +1,12 @@
-"""Two small layers ``wsbcn.convert`` builds when a wsbcn layer alone cannot reproduce
-the source layer: a norm followed by layers it cannot fuse, and a WSConv with a gain."""
+"""Small layers ``wsbcn.convert`` builds when a wsbcn layer alone cannot reproduce the
+source layer: a norm followed by layers it cannot fuse, a WSConv with a gain, and a
+WSConv that applies its own norm and activation (detectron2's Conv2d), with the plain
+form ``wsbcn.freeze`` makes of it."""
 import torch
 from torch import nn
 
 from .modules import WSConv2d
+from .modules.tracing import Proxy, fx_leaf
 
 
 class NormAct(nn.Module):
@@ -46,3 +49,41 @@ class ScaledWSConv2d(WSConv2d):
 
     def extra_repr(self):
         return super().extra_repr() + f", scale={self.scale}"
+
+
+class WSConvNormAct2d(WSConv2d):
+    """WSConv2d that applies its own ``norm``, then its own ``activation`` (a module or a
+    function; either may be None), to the convolution's output: detectron2's ``Conv2d``
+    (detectron2/layers/wrappers.py), weight-standardized, with the same attributes and
+    state dict keys (weight, bias, norm.*)."""
+
+    norm_inside = ("norm", "activation")  # read by convert's census: the norm is planned with the conv
+
+    def __init__(self, *args, norm=None, activation=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.norm = norm
+        self.activation = activation
+
+    def forward(self, input):
+        if isinstance(input, Proxy):  # torch.fx: the whole layer is one leaf
+            return fx_leaf(self, input)
+        x = super().forward(input)
+        if self.norm is not None:
+            x = self.norm(x)
+        return x if self.activation is None else self.activation(x)
+
+
+class ConvNormAct2d(nn.Conv2d):
+    """What ``wsbcn.freeze`` makes of a ``WSConvNormAct2d``: nn.Conv2d holding W_hat, then
+    the frozen norm and the activation."""
+
+    def __init__(self, *args, norm=None, activation=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.norm = norm
+        self.activation = activation
+
+    def forward(self, input):
+        x = super().forward(input)
+        if self.norm is not None:
+            x = self.norm(x)
+        return x if self.activation is None else self.activation(x)

@@ -68,9 +68,28 @@ def role_of(m) -> Optional[Role]:
     return None
 
 
+def norm_inside(layer, role) -> Optional[Tuple[str, str]]:
+    """(norm attribute, activation attribute) of a conv that applies its own norm and
+    activation (its rule's ``norm_inside``; a converted ``WSConvNormAct2d``'s), else None."""
+    if role.kind != "conv":
+        return None
+    return role.rule.norm_inside if role.rule is not None else getattr(layer, "norm_inside", None)
+
+
+def activation_name(act) -> Optional[str]:
+    """"relu"/"silu" for an activation module or function wsbcn's kernels apply, else None."""
+    if isinstance(act, nn.Module):
+        return _ACT_MODULES.get(type(act))
+    try:
+        return _ACT_FUNCTIONS.get(act)
+    except TypeError:  # an unhashable callable
+        return None
+
+
 def census(model) -> List[Tuple[str, nn.Module, Role]]:
     """(path, layer, role) of every conv/norm-like layer, in registration order; the
-    walk stops at layers (their children are theirs)."""
+    walk stops at layers (their children are theirs), except for the norm a conv applies
+    itself (``norm_inside``), which follows that conv."""
     found, seen = [], set()
 
     def walk(module, prefix):
@@ -80,10 +99,16 @@ def census(model) -> List[Tuple[str, nn.Module, Role]]:
             seen.add(id(child))
             path = f"{prefix}{name}"
             role = role_of(child)
-            if role is not None:
-                found.append((path, child, role))
-            else:
+            if role is None:
                 walk(child, path + ".")
+                continue
+            found.append((path, child, role))
+            attrs = norm_inside(child, role)
+            inner = getattr(child, attrs[0], None) if attrs is not None else None
+            inner_role = role_of(inner) if isinstance(inner, nn.Module) and id(inner) not in seen else None
+            if inner_role is not None and inner_role.kind == "norm":  # the conv's own norm, planned with it
+                seen.add(id(inner))
+                found.append((f"{path}.{attrs[0]}", inner, inner_role))
 
     walk(model, "")
     return found
@@ -166,6 +191,24 @@ def flow_from_graph(graph, model, layers, kept_whole) -> Flow:
     return flow
 
 
+def with_norms_inside(flow: Flow, layers) -> Flow:
+    """A conv that applies its own norm feeds that norm, and runs it when it runs; one
+    whose own norm is no norm convert knows of feeds none (its output is that layer's)."""
+    paths = {path for path, _, _ in layers}
+    for path, layer, role in layers:
+        attrs = norm_inside(layer, role)
+        if attrs is None or getattr(layer, attrs[0], None) is None:
+            continue
+        inner = f"{path}.{attrs[0]}"
+        if inner not in paths:
+            flow.feeds.pop(path, None)
+            continue
+        flow.feeds[path] = inner
+        if flow.called is not None and path in flow.called:
+            flow.called.add(inner)
+    return flow
+
+
 def channels_of(layer, role) -> Optional[int]:
     try:
         if role.rule is not None:
@@ -189,6 +232,7 @@ class Plan:
     convs: List[str] = field(default_factory=list)         # conv paths to convert
     norms: Dict[str, int] = field(default_factory=dict)     # norm path -> spatial dims for its NormSpec
     fusions: list = field(default_factory=list)             # (norm node, act node, act)
+    inner_fusions: Dict[str, Tuple[str, str]] = field(default_factory=dict)  # norm path -> (its conv, act)
     reasons: Dict[str, str] = field(default_factory=dict)   # left-alone path -> why
 
 
@@ -251,6 +295,13 @@ def decide(layers, flow: Flow, ws: bool, keep_frozen: bool, fuse_activation: boo
                                   "would change what that layer's fixed statistics see" if "frozen" in why
                                   else f"feeds {norm} ({type(norm_layer).__name__}), which is left alone")
     if fuse_activation:
+        for path, layer, role in layers:  # a conv's own activation, into its own norm (both converted)
+            attrs, norm = norm_inside(layer, role), flow.feeds.get(path)
+            if attrs is None or path not in plan.convs or norm not in plan.norms:
+                continue
+            act = activation_name(getattr(layer, attrs[1], None))
+            if act is not None and roles[norm][1].rule.takes_activation(roles[norm][0]):
+                plan.inner_fusions[norm] = (path, act)
         plan.fusions = [(node, act_node, act) for node, act_node, act in flow.candidates
                         if node.target in plan.norms and roles[node.target][1].rule.takes_activation(
                             roles[node.target][0])]

@@ -71,6 +71,12 @@ class ConvertRule:
     keeps_groups: norm only: the layer keeps its own group count (a GroupNorm source),
         so convert's num_groups does not apply and no adjustment is reported.
     default_dims: norm only: spatial dims when no convolution feeds it.
+    norm_inside: conv only: ``(norm attribute, activation attribute)`` of a layer that
+        applies its own norm, then its own activation (a module, a function or None), to
+        the convolution's output (detectron2's ``Conv2d``). Convert plans that norm as the
+        one the conv feeds, under the conv's path (``conv.norm``); the built conv keeps
+        both attributes (the norm is then swapped inside it), and a ReLU/SiLU activation
+        is fused into a converted norm when the conv is converted too.
     skip: ``skip(layer) -> reason or None``: leave this instance alone, for that reason.
     """
 
@@ -85,6 +91,7 @@ class ConvertRule:
     takes_activation: Callable[[nn.Module], bool] = field(default=lambda layer: True)
     keeps_groups: bool = False
     default_dims: int = 2
+    norm_inside: Optional[Tuple[str, str]] = None
     skip: Optional[Callable[[nn.Module], Optional[str]]] = None
 
     def __post_init__(self):
@@ -97,6 +104,11 @@ class ConvertRule:
             raise TypeError(f"ConvertRule skip must be callable or None, got {type(self.skip).__name__}")
         if self.default_dims not in (1, 2, 3):
             raise ValueError(f"ConvertRule default_dims must be 1, 2 or 3, got {self.default_dims!r}")
+        inside = self.norm_inside
+        if inside is not None and (self.kind != "conv" or not isinstance(inside, tuple) or len(inside) != 2
+                                   or not all(isinstance(name, str) for name in inside)):
+            raise ValueError("ConvertRule norm_inside must be None or, for a conv rule, a (norm attribute, "
+                             f"activation attribute) pair of strings, got {inside!r}")
 
 
 LayerType = Union[type, str]

@@ -12,33 +12,38 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from .convert_layers import ConvNormAct2d, WSConvNormAct2d
 from .modules.frozen import (FrozenBatchChannelNorm1d, FrozenBatchChannelNorm2d, FrozenBatchChannelNorm3d,
                              GroupNormAct, copy_parameters)
 from .modules.norm import BatchChannelNorm1d, BatchChannelNorm2d, BatchChannelNorm3d, GroupNorm
 from .modules.ws_conv import WSConv1d, WSConv2d, WSConv3d
 
-_PLAIN = {WSConv1d: nn.Conv1d, WSConv2d: nn.Conv2d, WSConv3d: nn.Conv3d}
+_PLAIN = {WSConvNormAct2d: ConvNormAct2d, WSConv1d: nn.Conv1d, WSConv2d: nn.Conv2d, WSConv3d: nn.Conv3d}
 _FROZEN_NORM = {BatchChannelNorm1d: FrozenBatchChannelNorm1d, BatchChannelNorm2d: FrozenBatchChannelNorm2d,
                 BatchChannelNorm3d: FrozenBatchChannelNorm3d}
 
 
 def _plain_type(m):
-    """nn.ConvNd for a WSConvNd or a subclass of one (e.g. ScaledWSConv2d), else None."""
+    """nn.ConvNd for a WSConvNd or a subclass of one (e.g. ScaledWSConv2d; ConvNormAct2d for a
+    WSConvNormAct2d), else None."""
     return next((plain for ws, plain in _PLAIN.items() if isinstance(m, ws)), None)
 
 
 def _frozen_conv(m, plain_type) -> nn.Module:
+    inside = {}
+    if plain_type is ConvNormAct2d:  # a conv applying its own norm and activation keeps them, the norm frozen
+        inside = dict(norm=None if m.norm is None else _freeze_in_place(m.norm), activation=m.activation)
     plain = plain_type(
         m.in_channels, m.out_channels, m.kernel_size, stride=m.stride, padding=m.padding,
         dilation=m.dilation, groups=m.groups, bias=m.bias is not None,
-        padding_mode=m.padding_mode, device=m.weight.device, dtype=m.weight.dtype,
+        padding_mode=m.padding_mode, device=m.weight.device, dtype=m.weight.dtype, **inside,
     )
     with torch.no_grad():
         plain.weight.copy_(m.standardized_weight())  # W_hat of the weight as it is now (gain included)
         if m.bias is not None:
             plain.bias.copy_(m.bias)
     plain.weight.requires_grad_(m.weight.requires_grad)
-    plain.train(m.training)
+    plain.training = m.training  # the conv's own mode (a norm inside keeps its own)
     return plain
 
 
