@@ -231,6 +231,26 @@ class _ActInsideALeaf(nn.Module):
         return self.scale(self.act(self.bn(self.conv(x))) - 1)
 
 
+class _OutputAlsoElsewhere(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn, self.relu = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU()
+
+    def forward(self, x):
+        y = self.bn(self.conv(x))
+        return self.relu(y) + y
+
+
+class _NormCalledTwice(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.conv2, self.bn, self.relu = nn.Conv2d(8, 8, 1), nn.Conv2d(8, 8, 1), nn.BatchNorm2d(8), \
+            nn.ReLU()
+
+    def forward(self, x):
+        return self.bn(self.conv2(self.relu(self.bn(self.conv(x)))))
+
+
 class _TwoNormsOneAct(nn.Module):
     """One ReLU module after two norms and nothing else: it fuses into both."""
 
@@ -252,6 +272,10 @@ class _TwoNormsOneAct(nn.Module):
                             "to act alone"),
     (_ActInsideALeaf, {}, "bn: the following silu not fused: scale, whose forward is not traced, holds it as "
                           "scale.act"),
+    (_OutputAlsoElsewhere, {}, "bn: the following relu not fused: the norm's output also goes elsewhere, without "
+                               "the activation"),
+    (_NormCalledTwice, {}, "bn: the following relu not fused: bn is called 2 times, and a fused activation would "
+                           "apply to each"),
     (_TwoNormsOneAct, {"bn": "relu", "bn2": "relu"}, None),
 ])
 def test_activations_fuse_only_where_replacing_their_module_changes_nothing_else(cls, fused, line):
@@ -839,6 +863,62 @@ def test_batch_norm_without_running_stats_keeps_batch_statistics_in_eval(monkeyp
         assert rel_err(model(x), ref) <= TOL[torch.float32]
 
 
+def test_a_batch_norm_switched_off_after_construction_converts_as_it_runs():
+    """track_running_stats set to False after construction: BatchNorm keeps its buffers,
+    uses batch statistics in training without updating them, and the buffers in eval. The
+    BCN keeps the buffers and the flag, which it reads on every call; estimate=True, which
+    needs them updated, is refused naming the layer, the model unchanged."""
+    torch.manual_seed(7)
+    plain = randomize(nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8)))
+    plain[1].track_running_stats = False
+    with pytest.raises(ValueError, match=r"needs track_running_stats=True \(set to False after construction\)") as info:
+        wsbcn.convert(plain, num_groups=4, estimate=True)
+    assert "layer '1'" in " ".join(getattr(info.value, "__notes__", [])) and type(plain[1]) is nn.BatchNorm2d
+    rm, rv = plain[1].running_mean.clone(), plain[1].running_var.clone()
+    model = wsbcn.convert(plain, num_groups=4)
+    bcn, conv = model[1], model[0]
+    assert not bcn.track_running_stats and torch.equal(bcn.running_mean, rm) and torch.equal(bcn.running_var, rv)
+    x = torch.randn(2, 3, 6, 6)
+    h = conv_nd(x.double(), ws_reference(conv.weight.double()), conv.bias.double(), conv)
+    affine = (bcn.weight.double(), bcn.bias.double(), bcn.group_weight.double(), bcn.group_bias.double())
+    with torch.no_grad():
+        assert rel_err(model.train()(x), bcn_reference(h, 4, *affine, training=True)) <= TOL[torch.float32]
+        assert torch.equal(bcn.running_mean, rm) and int(bcn.num_batches_tracked) == 0  # as BatchNorm: untouched
+        want = bcn_reference(h, 4, *affine, rm.double(), rv.double(), training=False)
+        assert rel_err(model.eval()(x), want) <= TOL[torch.float32]
+
+
+def test_a_layer_registered_at_two_paths_is_replaced_at_both():
+    """A norm shared by two branches, and a conv tied at two attributes: one new layer,
+    still shared, at every path."""
+    class SharedNorm(nn.Module):
+        def __init__(self):
+            super().__init__()
+            bn = nn.BatchNorm2d(8)
+            self.a, self.b = nn.Sequential(nn.Conv2d(8, 8, 1), bn), nn.Sequential(nn.Conv2d(8, 8, 1), bn)
+
+        def forward(self, x):
+            return self.a(x) + self.b(x)
+
+    class TiedConv(nn.Module):
+        def __init__(self):
+            super().__init__()
+            conv = nn.Conv2d(8, 8, 1)
+            self.c1, self.b1, self.c2, self.b2 = conv, nn.BatchNorm2d(8), conv, nn.BatchNorm2d(8)
+
+        def forward(self, x):
+            return self.b1(self.c1(x)) + self.b2(self.c2(x))
+
+    shared, summary = wsbcn.convert(SharedNorm(), num_groups=4, return_summary=True)
+    assert shared.a[1] is shared.b[1] and type(shared.a[1]) is wsbcn.BatchChannelNorm2d
+    assert "b.1: the same BatchNorm2d as a.1, replaced there too" in summary
+    shared.train()(torch.randn(2, 8, 4, 4))
+    assert int(shared.b[1].num_batches_tracked) == 2  # one layer, called twice, as the BatchNorm was
+    tied, summary = wsbcn.convert(TiedConv(), num_groups=4, return_summary=True)
+    assert tied.c1 is tied.c2 and type(tied.c1) is wsbcn.WSConv2d
+    assert "c2: the same Conv2d as c1, replaced there too" in summary
+
+
 def test_lazy_layers_are_left_alone_until_their_first_forward(monkeypatch):
     """An uninitialized LazyConv2d / LazyBatchNorm2d has no shapes to convert: the summary
     says to run a forward first; after one they are Conv2d / BatchNorm2d and convert."""
@@ -1050,7 +1130,8 @@ class _CallsFromPlainContainers(nn.Module):
         self.conv_a, self.bn_a, self.conv_b, self.bn_b = nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.Conv2d(8, 8, 3), \
             nn.BatchNorm2d(8)
         self.act = nn.SiLU()
-        self.convs, self.norms, self.acts = [self.conv_a, self.conv_b], (self.bn_a, self.bn_b), {"out": self.act}
+        self.convs, self.norms = [self.conv_a, self.conv_b, None], (self.bn_a, self.bn_b)
+        self.acts = {"out": self.act, "none": None}
 
     def forward(self, x):
         if self.via_containers:
@@ -1065,7 +1146,7 @@ def test_layers_a_forward_calls_from_plain_containers_are_swapped_there_too():
     by_attributes.via_containers = False
     out, summary = wsbcn.convert(model, num_groups=4, return_summary=True)
     wsbcn.convert(by_attributes, num_groups=4)
-    assert out.convs == [out.conv_a, out.conv_b] and type(out.conv_a) is wsbcn.WSConv2d
+    assert out.convs == [out.conv_a, out.conv_b, None] and type(out.conv_a) is wsbcn.WSConv2d
     assert out.norms == (out.bn_a, out.bn_b) and type(out.bn_b) is wsbcn.BatchChannelNorm2d
     assert out.bn_b.activation == "silu" and out.acts["out"] is out.act and type(out.act) is nn.Identity
     assert {"convs: the 2 swapped layers this plain list holds replaced in it too",

@@ -56,7 +56,7 @@ from torch import nn
 
 from . import convert_builtin  # noqa: F401  (registers the built-in rules)
 from .convert_builtin import bn_like_norm  # noqa: F401  (public: a helper for user rules)
-from .convert_fusion import checked_fusions, replace_activations, traces_in_modes
+from .convert_fusion import checked_fusions, module_paths, replace_activations, traces_in_modes
 from .convert_layers import ConvNormAct2d, NormAct, ScaledWSConv2d, WSConvNormAct2d  # noqa: F401
 from .convert_plan import (Flow, Tracer, by_module_order, census, decide, flow_from_graph, role_of,
                            uninitialized_lazy, with_norms_inside)
@@ -197,7 +197,7 @@ def _rebind(model, new_of, undo):
             if name in _MODULE_STATE or type(value) not in (list, tuple, dict):
                 continue
             keys = list(value) if type(value) is dict else range(len(value))
-            hits = [k for k in keys if new_of.get(id(value[k]), (None,))[0] is value[k]]
+            hits = [k for k in keys if id(value[k]) in new_of and new_of[id(value[k])][0] is value[k]]
             if not hits:
                 continue
             if type(value) is tuple:
@@ -213,18 +213,23 @@ def _rebind(model, new_of, undo):
 
 
 def _swap(model, replacements, fusions):
-    """Put the new layers in and replace the fused activations' modules
-    (convert_fusion.py), also in plain containers (``_rebind``); on any failure put the
-    old modules back and re-raise. Returns ``_rebind``'s lines."""
-    done, swapped, undo = [], [], []
+    """Put the new layers in, at every path a shared layer is registered at, and replace
+    the fused activations' modules (convert_fusion.py), also in plain containers
+    (``_rebind``); on any failure put the old modules back and re-raise. Returns a line
+    per other path and per container."""
+    done, swapped, undo, lines = [], [], [], []
+    paths = module_paths(model)
     try:
         for path, old, new in replacements:
-            _set_module(model, path, new)
-            done.append((path, old))
+            for at in [path] + [p for p in paths.get(id(old), ()) if p != path]:  # a shared layer: everywhere
+                _set_module(model, at, new)
+                done.append((at, old))
+                if at != path:
+                    lines.append(f"{at}: the same {type(old).__name__} as {path}, replaced there too")
         replace_activations(model, fusions, swapped)
         new_of = {id(old): (old, new) for _, old, new in replacements}
         new_of.update({id(old): (old, getattr(parent, name)) for parent, name, old in swapped})
-        return _rebind(model, new_of, undo)
+        return lines + _rebind(model, new_of, undo)
     except BaseException:
         for put_back in reversed(undo):
             put_back()
@@ -288,7 +293,7 @@ def convert(model: nn.Module, norm: str = "bcn", num_groups: int = 32, estimate:
     changed += [f"{path}: fused the {act} its convolution {conv} applied" for path, (conv, act)
                 in plan.inner_fusions.items()] + rebound
 
-    summary = (changed + not_fused + ([trace_note] if trace_note else [])
+    summary = (changed + plan.unfused + not_fused + ([trace_note] if trace_note else [])
                + _left_alone_lines(model, layers, plan, flow, warned))
     if not changed:
         summary.insert(0, _nothing_line(layers, ws))

@@ -66,25 +66,33 @@ def bn_like_norm(spec: NormSpec, channels: int, *, weight=None, bias=None, runni
     GroupNorm has no running statistics). A public helper for user rules; ``factory``
     (device, dtype) defaults to that of the tensors given. ``track_running_stats=False``
     (a BatchNorm without running statistics, which normalizes with batch statistics in
-    eval too): a BatchChannelNorm that does the same."""
+    eval too): a BatchChannelNorm that does the same; with running statistics given (a
+    BatchNorm whose flag was switched off after construction), one that keeps them for
+    eval and reads the flag on every call, as BatchNorm does."""
     if factory is None:  # the device and dtype of the statistics and affine given
         given = next((t for t in (weight, running_mean, bias, running_var) if t is not None), None)
         factory = dict(device=given.device, dtype=given.dtype) if given is not None else {}
     groups = spec.groups_for(channels)
     affine = weight is not None
+    # a BatchNorm's track_running_stats set to False after construction: it keeps its buffers
+    # (eval uses them) and reads the flag on every call, as BatchChannelNorm does
+    switched_off = not track_running_stats and running_mean is not None
     if spec.norm == "gn":
         new = GroupNorm(groups, channels, eps=eps, affine=affine, activation=spec.activation, **factory)
     else:
         new = _BCN_BY_DIMS[spec.dims](channels, num_groups=groups, eps=eps, momentum=momentum,
                                       estimate=spec.estimate, affine=affine, activation=spec.activation,
-                                      process_group=spec.process_group, track_running_stats=track_running_stats,
-                                      **factory)
+                                      process_group=spec.process_group,
+                                      track_running_stats=track_running_stats or switched_off, **factory)
         with torch.no_grad():
             if running_mean is not None:
                 new.running_mean.copy_(running_mean)
                 new.running_var.copy_(running_var)
             if num_batches_tracked is not None:
                 new.num_batches_tracked.copy_(num_batches_tracked)
+        if switched_off:
+            new.track_running_stats = False
+            new._check_untracked(" (set to False after construction)")
     if affine:
         new.weight, new.bias = _as_parameter(weight), _as_parameter(bias)
     return new

@@ -143,6 +143,7 @@ class Flow:
     feeds: Dict[str, str] = field(default_factory=dict)   # conv path -> norm path its output goes to
     called: Optional[set] = None                          # layer paths the forward runs (None: all)
     candidates: list = field(default_factory=list)        # (norm node, act node, "relu"/"silu")
+    unfusable: list = field(default_factory=list)         # (norm path, act, why): an activation after it stays
     kept_whole: Dict[str, nn.Module] = field(default_factory=dict)
 
 
@@ -175,14 +176,25 @@ def flow_from_graph(graph, model, layers, kept_whole) -> Flow:
             flow.feeds.setdefault(src.target, node.target)
     for node in graph.nodes:
         role = roles.get(node.target) if node.op == "call_module" else None
-        if role is None or role.rule is None or role.kind != "norm" or calls[node.target] != 1:
+        if role is None or role.rule is None or role.kind != "norm":
             continue
         users = list(node.users)
-        if len(users) == 1:
-            act = _act_of(users[0], modules)
-            # the activation must consume the norm's output and nothing else
-            if act is not None and tuple(users[0].args) == (node,):
-                flow.candidates.append((node, users[0], act))
+        acts = [(user, _act_of(user, modules)) for user in users if _act_of(user, modules) is not None]
+        if not acts:
+            continue
+        # the activation must consume the norm's output and nothing else, and the norm run once
+        if calls[node.target] != 1:
+            why = f"{node.target} is called {calls[node.target]} times, and a fused activation would apply to each"
+        elif len(users) != 1:
+            why = "the norm's output also goes elsewhere, without the activation"
+        elif tuple(users[0].args) != (node,):
+            why = "the activation takes other inputs too"
+        else:
+            flow.candidates.append((node, users[0], acts[0][1]))
+            continue
+        for _, act in acts:
+            if (node.target, act, why) not in flow.unfusable:
+                flow.unfusable.append((node.target, act, why))
     # inside a module kept whole, only module order tells
     for scope in kept_whole:
         inner = [item for item in layers if item[0].startswith(scope + ".")]
@@ -233,6 +245,7 @@ class Plan:
     norms: Dict[str, int] = field(default_factory=dict)     # norm path -> spatial dims for its NormSpec
     fusions: list = field(default_factory=list)             # (norm node, act node, act)
     inner_fusions: Dict[str, Tuple[str, str]] = field(default_factory=dict)  # norm path -> (its conv, act)
+    unfused: List[str] = field(default_factory=list)        # a line per activation after a norm that stays
     reasons: Dict[str, str] = field(default_factory=dict)   # left-alone path -> why
 
 
@@ -302,6 +315,8 @@ def decide(layers, flow: Flow, ws: bool, keep_frozen: bool, fuse_activation: boo
             act = activation_name(getattr(layer, attrs[1], None))
             if act is not None and roles[norm][1].rule.takes_activation(roles[norm][0]):
                 plan.inner_fusions[norm] = (path, act)
+        plan.unfused = [f"{path}: the following {act} not fused: {why}" for path, act, why in flow.unfusable
+                        if path in plan.norms]
         plan.fusions = [(node, act_node, act) for node, act_node, act in flow.candidates
                         if node.target in plan.norms and roles[node.target][1].rule.takes_activation(
                             roles[node.target][0])]
