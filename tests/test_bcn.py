@@ -1,4 +1,6 @@
 """Batch-Channel Normalization against the naive float64 composition, both backends."""
+from collections import OrderedDict
+
 import pytest
 import torch
 
@@ -282,6 +284,34 @@ def test_bcn_module_state_dict_and_repr():
     bn = torch.nn.BatchNorm2d(64)
     missing = m.load_state_dict(bn.state_dict(), strict=False).missing_keys
     assert sorted(missing) == ["group_bias", "group_weight"]
+
+
+def test_state_dicts_without_num_batches_tracked_load_as_batchnorm_loads_them():
+    """Version < 2 (torch < 0.4.1, before num_batches_tracked) or no version metadata: the
+    layer keeps its own count, as nn.BatchNorm2d does, directly and as a released layer's
+    BN stage ("pbn."); a current state dict without the key is still an error, as there."""
+    bn = torch.nn.BatchNorm2d(8)
+    with torch.no_grad():
+        bn.running_mean.uniform_(-1, 1)
+    old = bn.state_dict()
+    del old["num_batches_tracked"]
+    old._metadata = OrderedDict({"": {"version": 1}})
+    released = OrderedDict([("weight", torch.full((1, 2, 1), 2.0)), ("bias", torch.zeros(1, 2, 1))] +
+                           [("pbn." + k, v) for k, v in old.items()])
+    released._metadata = OrderedDict({"": {"version": 1}, "pbn": {"version": 1}})
+    unversioned = OrderedDict(old)  # a dict made by hand: no _metadata
+    for state in (old, released, unversioned):
+        torch_bn, m = torch.nn.BatchNorm2d(8), wsbcn.BatchChannelNorm2d(8, num_groups=2)
+        torch_bn.num_batches_tracked.fill_(3)
+        m.num_batches_tracked.fill_(3)
+        torch_bn.load_state_dict(old if state is released else state, strict=True)
+        missing = m.load_state_dict(state, strict=state is released).missing_keys
+        assert int(m.num_batches_tracked) == int(torch_bn.num_batches_tracked) == 3
+        assert torch.equal(m.running_mean, bn.running_mean) and set(missing) <= {"group_weight", "group_bias"}
+    current = bn.state_dict()
+    del current["num_batches_tracked"]
+    for layer in (torch.nn.BatchNorm2d(8), wsbcn.BatchChannelNorm2d(8, num_groups=2)):
+        assert "num_batches_tracked" in layer.load_state_dict(current, strict=False).missing_keys
 
 
 @pytest.mark.parametrize("activation", [None, "silu"])

@@ -144,6 +144,8 @@ class _BatchChannelNorm(nn.Module):
             text += f", activation={self.activation!r}"
         return text + ("" if self.track_running_stats else ", track_running_stats=False")
 
+    _version = 2  # as nn.BatchNorm's: a state dict of an earlier version has no num_batches_tracked
+
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
         # The released layers keep their BN stage as a child module: "bn." in BCNorm /
@@ -161,6 +163,16 @@ class _BatchChannelNorm(nn.Module):
             for old, new in renames:
                 if prefix + old in state_dict:
                     state_dict[prefix + new] = state_dict.pop(prefix + old)
+        # a BatchNorm (or BN stage) saved before num_batches_tracked existed (version < 2, torch
+        # < 0.4.1) or a state dict without version metadata: the layer keeps its own count, as
+        # nn.BatchNorm does (the BN stage's metadata, when it was a child module, says which)
+        version = local_metadata.get("version") if stage is None else \
+            getattr(state_dict, "_metadata", {}).get(prefix + stage[:-1], {}).get("version")
+        count = prefix + "num_batches_tracked"
+        if (version is None or version < 2) and self.track_running_stats and count not in state_dict:
+            own = self.num_batches_tracked
+            state_dict[count] = own if own is not None and own.device.type != "meta" else \
+                torch.tensor(0, dtype=torch.long)
         n_errors = len(error_msgs)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
