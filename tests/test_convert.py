@@ -116,10 +116,84 @@ class Untraceable(nn.Module):
 
 def test_module_order_fallback_warns_and_converts():
     with pytest.warns(UserWarning, match="module order"):
-        out = wsbcn.convert(Untraceable(), num_groups=4)
+        out, summary = wsbcn.convert(Untraceable(), num_groups=4, return_summary=True)
     assert isinstance(out.conv, wsbcn.WSConv2d) and isinstance(out.bn, wsbcn.BatchChannelNorm2d)
     assert out.bn.activation is None and isinstance(out.act, nn.ReLU)  # nothing fused
     assert out(torch.randn(2, 3, 6, 6)).shape == (2, 8, 4, 4)
+    assert any(line.startswith("torch.fx could not trace the model (TraceError: ") and line.endswith(
+        "each conv was paired with the norm right after it in registration order, if of its width, and no "
+        "activation was fused") for line in summary)  # the summary says so too
+
+
+class _WithFlags(nn.Module):
+    """mmcv's ConvModule.forward(x, activate=True, norm=True): branches on its flags."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn, self.act = nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU()
+
+    def forward(self, x, activate=True, norm=True):
+        x = self.conv(x)
+        if norm:
+            x = self.bn(x)
+        return self.act(x) if activate else x
+
+
+def test_a_forward_with_bool_flags_traces_at_their_defaults():
+    torch.manual_seed(8)
+    model = randomize(_WithFlags()).double()
+    original = copy.deepcopy(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback
+        out, summary = wsbcn.convert(model, num_groups=4, return_summary=True)
+    assert type(out.conv) is wsbcn.WSConv2d and out.bn.activation == "relu" and type(out.act) is nn.Identity
+    assert "traced with the forward's flags at their defaults (activate=True, norm=True)" in summary
+    assert matches_reference(original, out, torch.randn(2, 3, 6, 6, dtype=torch.float64))
+
+
+def test_a_conv_whose_weight_a_hook_or_parametrization_computes_is_left_alone_and_said_why(caplog):
+    hooked = nn.Sequential(nn.utils.spectral_norm(nn.Conv2d(3, 8, 3)), nn.BatchNorm2d(8))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # the hook form is deprecated
+        weight_normed = nn.Sequential(nn.utils.weight_norm(nn.Conv2d(3, 8, 3)), nn.BatchNorm2d(8))
+    for model in (hooked, weight_normed):
+        conv = model[0]
+        out, summary = wsbcn.convert(model, num_groups=4, return_summary=True)
+        assert out[0] is conv and type(out[1]) is wsbcn.BatchChannelNorm2d
+        assert ("0: Conv2d left alone: its weight is computed by a forward pre-hook (torch.nn.utils.spectral_norm "
+                "or weight_norm): convert cannot move that to a new layer; convert the layer without it, then "
+                "apply it to the wsbcn layer") in summary
+        assert out(torch.randn(2, 3, 6, 6)).shape == (2, 8, 4, 4)
+    parametrized = nn.Sequential(nn.utils.parametrizations.spectral_norm(nn.Conv2d(3, 8, 3)), nn.BatchNorm2d(8))
+    with caplog.at_level(logging.INFO, logger="wsbcn"):
+        out, summary = wsbcn.convert(parametrized, num_groups=4, return_summary=True)
+    line = ("0: ParametrizedConv2d left alone: its weight is parametrized (torch.nn.utils.parametrize: "
+            "parametrizations.spectral_norm, weight_norm, ...): convert cannot move that to a new layer; convert "
+            "the layer without it, then apply it to the wsbcn layer")
+    assert line in summary and not any("no convert rule" in s for s in summary)
+    assert [r.levelno for r in caplog.records if line in r.getMessage()] == [logging.WARNING]
+
+
+@pytest.mark.parametrize("norm", ["bcn", "gn"])
+def test_a_frozen_affine_stays_frozen_and_a_missing_bias_stays_missing(norm):
+    """requires_grad=False on a norm's affine (mmdetection's norm_cfg requires_grad=False):
+    the new layer trains none of its affine; a GroupNorm(bias=False) as BCN keeps a zero
+    channel-stage bias, untrained."""
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.Conv2d(8, 8, 1), nn.GroupNorm(2, 8))
+    for p in list(model[1].parameters()) + list(model[3].parameters()):
+        p.requires_grad_(False)
+    out = wsbcn.convert(model, norm=norm, num_groups=4)
+    assert all(not p.requires_grad for layer in (out[1], out[3]) for p in layer.parameters())
+    no_bias = wsbcn.convert(nn.Sequential(nn.Conv2d(3, 8, 3), nn.GroupNorm(2, 8, bias=False)), norm=norm)
+    trains = {name: p.requires_grad for name, p in no_bias[1].named_parameters()}
+    if norm == "gn":
+        assert no_bias[1].bias is None and trains == {"weight": True}
+    else:
+        assert torch.equal(no_bias[1].group_bias, torch.zeros(1, 8, 1))
+        assert trains == {"weight": True, "bias": True, "group_weight": True, "group_bias": False}
+    train_step(no_bias, torch.randn(2, 3, 6, 6))
+    if norm == "bcn":
+        assert torch.equal(no_bias[1].group_bias, torch.zeros(1, 8, 1))
 
 
 # ---------------------------------------------------------------------------------------

@@ -84,8 +84,42 @@ class _ConvWS2d(nn.Conv2d):
         return F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
 
 
+def _fold_bn_into_conv(bn, conv, x):
+    """mmcv's efficient_conv_bn_eval_forward: the eval-mode BatchNorm folded into the conv's weight."""
+    scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
+    weight = conv.weight * scale.reshape(-1, 1, 1, 1)
+    bias = bn.bias + ((conv.bias if conv.bias is not None else 0) - bn.running_mean) * scale
+    return conv._conv_forward(x, weight, bias)
+
+
+@named_as("mmcv.cnn.bricks.conv_module.ConvModule")
+class _ConvModule(nn.Module):
+    """conv, norm, act, with mmcv's eval-mode shortcut (efficient_conv_bn_eval=True)."""
+
+    def __init__(self, in_channels, out_channels, kernel_size, padding=0, norm_cfg=None, efficient_conv_bn_eval=False):
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, padding=padding, bias=False)
+        self.bn = nn.BatchNorm2d(out_channels)
+        self.activate = nn.ReLU()
+        self.efficient_conv_bn_eval_forward = _fold_bn_into_conv if efficient_conv_bn_eval else None
+
+    def forward(self, x, activate=True, norm=True):
+        if norm and not self.bn.training and self.efficient_conv_bn_eval_forward is not None:
+            x = self.efficient_conv_bn_eval_forward(self.bn, self.conv, x)
+        else:
+            x = self.conv(x)
+            x = self.bn(x) if norm else x
+        return self.activate(x) if activate else x
+
+
+@named_as("mmengine.utils.dl_utils.parrots_wrapper.SyncBatchNorm")
+class _MMEngineSyncBatchNorm(nn.SyncBatchNorm):
+    pass
+
+
 STAND_INS = types.SimpleNamespace(Conv2d=_Conv2d, FrozenBatchNorm2d=_FrozenBatchNorm2d,
-                                  NaiveSyncBatchNorm=_NaiveSyncBatchNorm, ConvWS2d=_ConvWS2d)
+                                  NaiveSyncBatchNorm=_NaiveSyncBatchNorm, ConvWS2d=_ConvWS2d, ConvModule=_ConvModule,
+                                  SyncBatchNorm=_MMEngineSyncBatchNorm)
 
 
 @pytest.fixture(params=["stand-in", "real"])
@@ -93,9 +127,11 @@ def layers(request):
     """The layer classes: stand-ins always; detectron2's and mmcv's own when importable."""
     if request.param == "stand-in":
         return STAND_INS
-    d2, mmcv_cnn = import_or_skip("detectron2.layers", "mmcv.cnn")
+    d2, mmcv_cnn, mmengine_wrapper = import_or_skip("detectron2.layers", "mmcv.cnn",
+                                                    "mmengine.utils.dl_utils.parrots_wrapper")
     return types.SimpleNamespace(Conv2d=d2.Conv2d, FrozenBatchNorm2d=d2.FrozenBatchNorm2d,
-                                 NaiveSyncBatchNorm=d2.NaiveSyncBatchNorm, ConvWS2d=mmcv_cnn.ConvWS2d)
+                                 NaiveSyncBatchNorm=d2.NaiveSyncBatchNorm, ConvWS2d=mmcv_cnn.ConvWS2d,
+                                 ConvModule=mmcv_cnn.ConvModule, SyncBatchNorm=mmengine_wrapper.SyncBatchNorm)
 
 
 _NORMS = {"BN": lambda layers: nn.BatchNorm2d(8), "GN": lambda layers: nn.GroupNorm(4, 8),
@@ -252,6 +288,34 @@ def test_mmcv_conv_ws_becomes_a_ws_conv_with_the_same_output(layers):
         assert rel_err(out[0](x), mmcv_out) <= 1e-13
     assert summary[0] == "0: ConvWS2d -> WSConv2d"  # always: its forward standardizes
     assert matches_reference(original, out, x)
+
+
+def test_mmcv_conv_module_folding_is_turned_off(layers):
+    """ConvModule(efficient_conv_bn_eval=True) folds its BatchNorm into its conv's weight
+    in eval mode; with a WSConv and a BCN that computes something else, so convert turns
+    it off: eval output against the float64 reference, and after freeze."""
+    torch.manual_seed(47)
+    block = layers.ConvModule(4, 8, 3, padding=1, norm_cfg=dict(type="BN"), efficient_conv_bn_eval=True)
+    model = randomize(nn.Sequential(block)).double()
+    original = copy.deepcopy(model)
+    original[0].efficient_conv_bn_eval_forward = None  # the twin: conv, norm, act
+    out, summary = wsbcn.convert(model, num_groups=4, return_summary=True)
+    assert out[0] is block and block.efficient_conv_bn_eval_forward is None
+    assert type(block.conv) is wsbcn.WSConv2d and type(block.bn) is wsbcn.BatchChannelNorm2d
+    assert ("0: efficient_conv_bn_eval turned off: it folds a plain BatchNorm into a plain conv's weight in eval "
+            "mode, which a WSConv and a wsbcn norm are not") in summary
+    x = torch.randn(2, 4, 6, 6, dtype=torch.float64)
+    assert matches_reference(original, out, x)
+    with torch.no_grad():
+        assert rel_err(wsbcn.freeze(out).eval()(x), out.eval()(x)) <= 1e-12
+
+
+def test_mmengine_sync_batch_norm_converts_as_sync_batch_norm(layers):
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), layers.SyncBatchNorm(8), nn.ReLU())
+    out, summary = wsbcn.convert(model, num_groups=4, return_summary=True)
+    assert type(out[0]) is wsbcn.WSConv2d and type(out[1]) is wsbcn.BatchChannelNorm2d
+    assert out[1].process_group is WORLD and out[1].activation == "relu"
+    train_step(out, torch.randn(2, 3, 6, 6))
 
 
 def _detectron2_cfg(norm, fpn_norm=""):

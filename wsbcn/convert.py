@@ -48,11 +48,13 @@ and one backward, bitwise the per-layer results; every WS weight's gradient is t
 ready only at the end of the backward, which delays DDP's all-reduce of those weights).
 """
 import functools
+import inspect
 import logging
 import warnings
 from collections import Counter
 
 from torch import nn
+from torch.nn.utils import parametrize
 
 from . import convert_builtin  # noqa: F401  (registers the built-in rules)
 from .convert_builtin import bn_like_norm  # noqa: F401  (public: a helper for user rules)
@@ -95,23 +97,42 @@ def _traced_flow(model, layers):
     and a note when tracing needed the retry that traces through stateful modules."""
     if not any(role.rule is not None for _, _, role in layers):
         return Flow(called=None), None, None, None  # nothing can change: no tracing, so no fallback warning
-    note = None
-    for keep_stateful in (True, False):
+    note, error = None, None
+    # last, with the forward's bool flags at their defaults (mmcv's ConvModule.forward(x,
+    # activate=True, norm=True): as proxies, its branches on them cannot trace)
+    flags = _bool_defaults(model)
+    for keep_stateful, concrete in [(True, None), (False, None)] + ([(True, flags), (False, flags)] if flags else []):
         tracer = Tracer(keep_stateful)
         try:
-            graph = tracer.trace(model)
+            graph = tracer.trace(model, concrete_args=concrete)
             break
         except Exception as exc:  # tracing fails on data-dependent control flow
-            error = f"{type(exc).__name__}: {exc}"
-            note = ("torch.fx could not trace the model with its stateful modules as leaves "
-                    f"({error}); traced through them instead")
+            error = error or f"{type(exc).__name__}: {exc}"
     else:
         warnings.warn(f"wsbcn.convert: torch.fx could not trace the model ({error}); "
                       "falling back to module order, without activation fusion", stacklevel=4)
-        return by_module_order(layers), None, None, None
+        return by_module_order(layers), None, None, (
+            f"torch.fx could not trace the model ({error}): each conv was paired with the norm right after it in "
+            "registration order, if of its width, and no activation was fused")
+    if not keep_stateful:
+        note = (f"torch.fx could not trace the model with its stateful modules as leaves ({error}); traced through "
+                "them instead")
+    if concrete:
+        note = (note + "; " if note else "") + "traced with the forward's flags at their defaults (" + ", ".join(
+            f"{name}={value}" for name, value in concrete.items()) + ")"
     kept = {path: m for path, m in tracer.kept_whole.items()
             if any(p.startswith(path + ".") and role.rule is not None for p, _, role in layers)}
-    return flow_from_graph(graph, model, layers, kept), graph, (lambda: Tracer(keep_stateful).trace(model)), note
+    return flow_from_graph(graph, model, layers, kept), graph, (
+        lambda: Tracer(keep_stateful).trace(model, concrete_args=concrete)), note
+
+
+def _bool_defaults(model):
+    """The forward's parameters with a bool default, at that default."""
+    try:
+        parameters = inspect.signature(model.forward).parameters.values()
+    except (TypeError, ValueError):
+        return {}
+    return {p.name: p.default for p in parameters if isinstance(p.default, bool)}
 
 
 def _safe_fusions(model, layers, plan, graph, trace):
@@ -212,11 +233,30 @@ def _rebind(model, new_of, undo):
     return lines
 
 
+# mmcv's ConvModule(efficient_conv_bn_eval=True) folds its norm into its conv's weight in
+# eval mode, taking both for plain layers (torch's conv, a _BatchNorm)
+_FOLDING = "efficient_conv_bn_eval_forward"
+
+
+def _turn_off_folding(model, new_ids, undo):
+    """Turn the folding off in every module holding a swapped layer (mmcv's own
+    turn_on_efficient_conv_bn_eval leaves it off for a norm that is no _BatchNorm)."""
+    lines = []
+    for path, m in model.named_modules():
+        if getattr(m, _FOLDING, None) is not None and any(id(child) in new_ids for child in m.children()):
+            undo.append(functools.partial(setattr, m, _FOLDING, getattr(m, _FOLDING)))
+            setattr(m, _FOLDING, None)
+            lines.append(f"{path or '(the model itself)'}: efficient_conv_bn_eval turned off: it folds a plain "
+                         "BatchNorm into a plain conv's weight in eval mode, which a WSConv and a wsbcn norm are not")
+    return lines
+
+
 def _swap(model, replacements, fusions):
     """Put the new layers in, at every path a shared layer is registered at, and replace
     the fused activations' modules (convert_fusion.py), also in plain containers
-    (``_rebind``); on any failure put the old modules back and re-raise. Returns a line
-    per other path and per container."""
+    (``_rebind``), and turn off conv-norm folding that would read them as plain layers
+    (``_turn_off_folding``); on any failure put everything back and re-raise. Returns a
+    line per other path, per folding turned off and per container."""
     done, swapped, undo, lines = [], [], [], []
     paths = module_paths(model)
     try:
@@ -229,6 +269,7 @@ def _swap(model, replacements, fusions):
         replace_activations(model, fusions, swapped)
         new_of = {id(old): (old, new) for _, old, new in replacements}
         new_of.update({id(old): (old, getattr(parent, name)) for parent, name, old in swapped})
+        lines += _turn_off_folding(model, {id(new) for _, _, new in replacements}, undo)
         return lines + _rebind(model, new_of, undo)
     except BaseException:
         for put_back in reversed(undo):
@@ -317,7 +358,9 @@ def _left_alone_lines(model, layers, plan, flow, warned):
     for path, layer, role in layers:
         if path in plan.reasons:
             lines.append(f"{path}: {type(layer).__name__} left alone: {plan.reasons[path]}")
-            if role.rule is None and not uninitialized_lazy(layer):  # a lazy one says what to do instead
+            if parametrize.is_parametrized(layer):  # its line says what to do, at WARNING
+                warned.add(lines[-1])
+            elif role.rule is None and not uninitialized_lazy(layer):  # a lazy one says what to do instead
                 unknown[type(layer).__name__] += 1
     for name, n in unknown.items():
         lines.append(f"{n} {name} layer{'s' if n > 1 else ''} left alone: no convert rule for {name} "

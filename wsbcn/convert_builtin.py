@@ -95,6 +95,9 @@ def bn_like_norm(spec: NormSpec, channels: int, *, weight=None, bias=None, runni
             new._check_untracked(" (set to False after construction)")
     if affine:
         new.weight, new.bias = _as_parameter(weight), _as_parameter(bias)
+        if spec.norm == "bcn" and isinstance(weight, nn.Parameter) and not weight.requires_grad:
+            new.group_weight.requires_grad_(False)  # a frozen affine stays frozen, the new one with it
+            new.group_bias.requires_grad_(False)
     return new
 
 
@@ -125,7 +128,9 @@ def _frozen_batch_norm(layer, spec):
 
 def _group_norm(layer, spec):
     """A GroupNorm keeps its group count. As BCN, its per-channel affine is the channel
-    stage's (group_affine=False) and the BN stage starts as the identity's statistics."""
+    stage's (group_affine=False) and the BN stage starts as the identity's statistics;
+    a frozen affine stays frozen (the BN stage's too), and without a bias the channel
+    stage's stays 0."""
     c, factory = layer.num_channels, _factory(layer)
     affine = layer.weight is not None
     if spec.norm == "gn":
@@ -139,7 +144,14 @@ def _group_norm(layer, spec):
     if affine:
         with torch.no_grad():
             new.group_weight.copy_(layer.weight.reshape(1, c, 1))
-            new.group_bias.copy_(layer.bias.reshape(1, c, 1))
+            if layer.bias is not None:
+                new.group_bias.copy_(layer.bias.reshape(1, c, 1))
+        # what the GroupNorm did not train, the BCN does not either: a frozen affine (and the
+        # BN stage's with it), a missing bias (nn.GroupNorm(bias=False): it stays 0)
+        trains = layer.weight.requires_grad
+        for p in (new.weight, new.bias, new.group_weight):
+            p.requires_grad_(trains)
+        new.group_bias.requires_grad_(trains and layer.bias is not None and layer.bias.requires_grad)
     return new
 
 
@@ -257,8 +269,10 @@ BUILTIN_RULES = {
     nn.BatchNorm1d: ConvertRule("norm", _batch_norm, **_BN, default_dims=1),
     nn.BatchNorm2d: ConvertRule("norm", _batch_norm, **_BN, default_dims=2),
     nn.BatchNorm3d: ConvertRule("norm", _batch_norm, **_BN, default_dims=3),
-    # keeps its process group (convert's process_group= for one on the default group)
-    nn.SyncBatchNorm: ConvertRule("norm", _sync_batch_norm, **_BN, default_dims=2),
+    # keeps its process group (convert's process_group= for one on the default group); mmengine's
+    # subclass (mmcv's norm_cfg type "SyncBN") only changes the input check
+    **{sync: ConvertRule("norm", _sync_batch_norm, **_BN, default_dims=2)
+       for sync in (nn.SyncBatchNorm, "mmengine.utils.dl_utils.parrots_wrapper.SyncBatchNorm")},
     nn.GroupNorm: ConvertRule("norm", _group_norm, **_GN, keeps_groups=True),
     # torchvision's video ResNets' convs (r3d_18, mc3_18): nn.Conv3d with a fixed geometry and its forward
     **{conv: ConvertRule("conv", _ws_conv, becomes="WSConvNd, when its output feeds a norm",

@@ -24,9 +24,10 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import parametrize
 
 from .convert_layers import NormAct
-from .convert_registry import ConvertRule, convert_rule_for
+from .convert_registry import ConvertRule, convert_rule_for, type_name
 from .modules import (BatchChannelNorm1d, BatchChannelNorm2d, BatchChannelNorm3d, GroupNorm, WSConv1d, WSConv2d,
                       WSConv3d)
 
@@ -256,14 +257,36 @@ def uninitialized_lazy(layer) -> bool:
             and getattr(layer, "cls_to_become", None) is not None)
 
 
+_COMPUTED_WEIGHT = ("convert cannot move that to a new layer; convert the layer without it, then apply it to the "
+                    "wsbcn layer")
+
+
 def _why_unknown(layer) -> str:
     if uninitialized_lazy(layer):
         return (f"{type(layer).__name__} is not initialized yet: run one forward first (it then becomes "
                 f"{layer.cls_to_become.__name__}), then convert")
-    known = next((base.__name__ for base in type(layer).__mro__[1:] if convert_rule_for(base) is not None), None)
-    hint = (f" (a subclass of {known}: its forward may differ; register it if it computes the same)"
+    if parametrize.is_parametrized(layer):
+        names = list(layer.parametrizations)
+        return (f"its {', '.join(names)} {'is' if len(names) == 1 else 'are'} parametrized "
+                f"(torch.nn.utils.parametrize: parametrizations.spectral_norm, weight_norm, ...): {_COMPUTED_WEIGHT}")
+    known = next((base for base in type(layer).__mro__[1:] if convert_rule_for(base) is not None), None)
+    name, known_name = type(layer).__name__, getattr(known, "__name__", None)
+    if known_name == name:  # the same short name (mmengine's SyncBatchNorm of nn.SyncBatchNorm): say which
+        name, known_name = type_name(type(layer)), type_name(known)
+    hint = (f" (a subclass of {known_name}: its forward may differ; register it if it computes the same)"
             if known else "")
-    return f"no convert rule for {type(layer).__name__}{hint}"
+    return f"no convert rule for {name}{hint}"
+
+
+def _computed_weight(layer) -> Optional[str]:
+    """Why a layer whose weight a forward pre-hook computes (the hook form of
+    torch.nn.utils.spectral_norm / weight_norm: weight_orig, weight_g and weight_v are the
+    Parameters) is left alone, else None."""
+    own = {**getattr(layer, "_parameters", {}), **getattr(layer, "_buffers", {})}  # FrozenBatchNorm2d: buffers
+    if "weight" not in own and isinstance(getattr(layer, "weight", None), torch.Tensor):
+        return ("its weight is computed by a forward pre-hook (torch.nn.utils.spectral_norm or weight_norm): "
+                + _COMPUTED_WEIGHT)
+    return None
 
 
 def decide(layers, flow: Flow, ws: bool, keep_frozen: bool, fuse_activation: bool) -> Plan:
@@ -281,6 +304,8 @@ def decide(layers, flow: Flow, ws: bool, keep_frozen: bool, fuse_activation: boo
             plan.reasons[path] = "kept frozen (keep_frozen=True)"
         elif role.rule.skip is not None and role.rule.skip(layer):
             plan.reasons[path] = role.rule.skip(layer)
+        elif _computed_weight(layer):
+            plan.reasons[path] = _computed_weight(layer)
         else:
             conv = roles.get(fed_by.get(path), (None, None))[0]
             dims = conv.weight.dim() - 2 if conv is not None and conv.weight.dim() in (3, 4, 5) else None
@@ -297,6 +322,8 @@ def decide(layers, flow: Flow, ws: bool, keep_frozen: bool, fuse_activation: boo
             plan.reasons[path] = "ws=False"
         elif role.rule.skip is not None and role.rule.skip(layer):
             plan.reasons[path] = role.rule.skip(layer)
+        elif _computed_weight(layer):
+            plan.reasons[path] = _computed_weight(layer)
         elif not role.rule.needs_norm or norm in plan.norms or (norm is not None and roles[norm][1].converted):
             plan.convs.append(path)
         elif norm is None:
