@@ -165,7 +165,7 @@ def test_detectron2_conv_becomes_a_ws_conv_holding_its_converted_norm(layers, so
         assert f"0.norm: fused the {act} its convolution 0 applied" in summary
     assert summary[:2] == ["0: Conv2d -> WSConvNormAct2d", f"0.norm: {type(inner).__name__} -> {new.norm!r}"]
     assert "1: Conv2d left alone: its output feeds no norm (WS without a norm after it hurts training)" in summary
-    if source in ("naiveSyncBN",):
+    if source == "naiveSyncBN":
         assert new.norm.process_group is WORLD  # synchronizes as NaiveSyncBatchNorm did
     x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
     assert matches_reference(original, out, x)
