@@ -129,3 +129,8 @@ def test_bad_group_norm_inputs(backend, monkeypatch):
         wsbcn.GroupNorm(4, 8).to(DEVICE)(torch.randn(2, 4, 3, 3, device=DEVICE))
     with pytest.raises(ValueError, match="divisible"):
         wsbcn.GroupNorm(3, 8)
+    # one value in all (N * C/G * spatial == 1): refused as nn.GroupNorm refuses it, in eval too
+    for shape in ((1, 8, 1, 1), (1, 8, 1)):
+        for layer in (torch.nn.GroupNorm(8, 8), wsbcn.GroupNorm(8, 8)):
+            with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
+                layer.to(DEVICE).eval()(torch.randn(shape, device=DEVICE))

@@ -618,6 +618,9 @@ def _validate_gn(owner, x, num_groups, weight, bias, eps, activation) -> _Call:
         owner._check_input(x)
     eps, activation = _validate_common(x, num_groups, eps, activation)
     c = x.shape[1]
+    # nn.GroupNorm's check (F.group_norm): N * C/G * prod(spatial) == 1 is refused, in eval too
+    if x.numel() // num_groups == 1:
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size {list(x.shape)}")
     _check_param("weight", weight, (c,), x)
     _check_param("bias", bias, (c,), x)
     # a missing one of weight and bias is made like the other (_group_norm)
