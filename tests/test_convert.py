@@ -910,6 +910,13 @@ def test_layers_without_a_rule_stay_modules_and_are_named(caplog):
     assert "0: Conv2d left alone: feeds 1 (MyNorm), which is left alone" in summary
     warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warned) == 3 and all("left alone: no convert rule for" in w for w in warned)
+    # a conv without a rule that feeds no norm would stay with a rule too: said so, no warning
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="wsbcn"):
+        _, summary = wsbcn.convert(nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ConvTranspose2d(8, 4, 2)),
+                                   num_groups=4, return_summary=True)
+    assert "2: ConvTranspose2d left alone: its output feeds no norm (WS without a norm after it hurts training)" in \
+        summary and not [r for r in caplog.records if r.levelno >= logging.WARNING]
     sub = type("SubBatchNorm", (nn.BatchNorm2d,), {})
     _, summary = wsbcn.convert(nn.Sequential(nn.Conv2d(3, 4, 1), sub(4)), return_summary=True)
     assert ("1: SubBatchNorm left alone: no convert rule for SubBatchNorm (a subclass of BatchNorm2d: its forward "

@@ -54,7 +54,6 @@ import warnings
 from collections import Counter
 
 from torch import nn
-from torch.nn.utils import parametrize
 
 from . import convert_builtin  # noqa: F401  (registers the built-in rules)
 from .convert_builtin import bn_like_norm  # noqa: F401  (public: a helper for user rules)
@@ -358,9 +357,9 @@ def _left_alone_lines(model, layers, plan, flow, warned):
     for path, layer, role in layers:
         if path in plan.reasons:
             lines.append(f"{path}: {type(layer).__name__} left alone: {plan.reasons[path]}")
-            if parametrize.is_parametrized(layer):  # its line says what to do, at WARNING
+            if "parametrized (torch.nn.utils.parametrize" in plan.reasons[path]:  # it says what to do, at WARNING
                 warned.add(lines[-1])
-            elif role.rule is None and not uninitialized_lazy(layer):  # a lazy one says what to do instead
+            elif plan.reasons[path].startswith("no convert rule"):  # a lazy one says what to do instead
                 unknown[type(layer).__name__] += 1
     for name, n in unknown.items():
         lines.append(f"{n} {name} layer{'s' if n > 1 else ''} left alone: no convert rule for {name} "

@@ -289,6 +289,9 @@ def _computed_weight(layer) -> Optional[str]:
     return None
 
 
+_FEEDS_NO_NORM = "its output feeds no norm (WS without a norm after it hurts training)"
+
+
 def decide(layers, flow: Flow, ws: bool, keep_frozen: bool, fuse_activation: bool) -> Plan:
     plan = Plan()
     roles = {path: (layer, role) for path, layer, role in layers}
@@ -314,8 +317,9 @@ def decide(layers, flow: Flow, ws: bool, keep_frozen: bool, fuse_activation: boo
         if role.kind != "conv" or role.converted:
             continue
         norm = flow.feeds.get(path)
-        if role.rule is None:
-            plan.reasons[path] = _why_unknown(layer)
+        if role.rule is None:  # feeding no norm, no rule would convert it: that is the reason, not the rule
+            plan.reasons[path] = _FEEDS_NO_NORM if norm is None and not uninitialized_lazy(layer) else \
+                _why_unknown(layer)
         elif flow.called is not None and path not in flow.called:
             plan.reasons[path] = "not called by the traced forward"
         elif not ws:
@@ -327,7 +331,7 @@ def decide(layers, flow: Flow, ws: bool, keep_frozen: bool, fuse_activation: boo
         elif not role.rule.needs_norm or norm in plan.norms or (norm is not None and roles[norm][1].converted):
             plan.convs.append(path)
         elif norm is None:
-            plan.reasons[path] = "its output feeds no norm (WS without a norm after it hurts training)"
+            plan.reasons[path] = _FEEDS_NO_NORM
         else:
             norm_layer = roles[norm][0]
             why = plan.reasons.get(norm, "left alone")
