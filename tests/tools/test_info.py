@@ -18,3 +18,22 @@ def test_dirty_counts_only_the_paths_asked_about(monkeypatch):
     clean = info.git_commit(paths=("no/such/path/in/the/repository",))
     assert not clean.endswith("+dirty")  # a checkout, nothing changed there
     assert info.git_commit().removesuffix("+dirty") == clean
+
+
+def test_result_rows_are_dirty_for_code_changes_only(monkeypatch):
+    """A benchmark rewrites perf/results (tracked): that must not mark its own rows
+    '+dirty'; a change to the package, the kernels or pyproject.toml does."""
+    import subprocess
+
+    monkeypatch.delenv("WSBCN_COMMIT", raising=False)
+    asked = []
+
+    def fake_run(args, **kwargs):
+        asked.append(args)
+        changed = " M perf/results/cpu/bench.csv" if "status" in args and "perf" in args else ""
+        return subprocess.CompletedProcess(args, 0, stdout="abc123def456" if "rev-parse" in args else changed)
+
+    monkeypatch.setattr(subprocess, "run", fake_run)
+    assert info.run_metadata()["commit"] == "abc123def456"
+    status = next(a for a in asked if "status" in a)
+    assert status[status.index("--") + 1:] == ["wsbcn", "kernels", "pyproject.toml"]

@@ -37,6 +37,21 @@ def test_plot_of_a_csv_with_duplicated_cases_uses_the_newest_rows(tmp_path):
     # newest rows: torch_bn 1.0 ms against wsbcn 0.5 and 1.0 ms -> ratios 2 and 1
     expected = math.exp(np.mean(np.log([1.0 / 0.5, 1.0 / 1.0])))
     assert f"| bcn | fwd | eager | torch_bn | {expected:.2f}x | 2 |" in summary
+    assert ("Names: `bcn` = BCN (batch statistics); `eager` = eager calls (host + device time); `torch_bn` = torch "
+            "BatchNorm on CPU (F.batch_norm).") in summary
+
+
+def test_every_provider_and_timing_the_benchmarks_write_has_a_name_a_person_reads():
+    """The e2e networks, the distributed benchmark's single-process provider and its
+    host_dist<W> timing: named in the plots and the summary, each network its own colour."""
+    from wsbcn.tools import dist_bench, models
+
+    for network in models.VARIANTS:
+        assert network in plot.PROVIDER_NAMES and network in plot.PROVIDER_COLORS, network
+    colors = [plot.PROVIDER_COLORS[n] for n in models.VARIANTS]
+    assert len(set(colors)) == len(colors)
+    assert plot.PROVIDER_NAMES["wsbcn_single"] == "wsbcn without a process group (1 process)"
+    assert plot._timing_name(dist_bench.variant_name(4)) == "host time of eager calls, 4 processes in one process group"
 
 
 

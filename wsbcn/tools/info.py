@@ -43,11 +43,14 @@ def collect() -> dict:
     }
 
 
-def git_commit(paths=()) -> str:
+CODE_PATHS = ("wsbcn", "kernels", "pyproject.toml")  # what a result depends on; not perf/'s results and plots
+
+
+def git_commit(paths=CODE_PATHS) -> str:
     """Short commit of the working tree wsbcn runs from, '+dirty' when it has
-    uncommitted changes (to ``paths`` only, when given); 'unknown' outside a git
-    checkout. A copy of the tree without .git (a lent GPU machine) names its commit
-    in WSBCN_COMMIT."""
+    uncommitted changes to ``paths`` (the code, by default: a benchmark's own output
+    does not make it dirty); 'unknown' outside a git checkout. A copy of the tree
+    without .git (a lent GPU machine) names its commit in WSBCN_COMMIT."""
     import os
     import subprocess
     from pathlib import Path

@@ -33,7 +33,8 @@ PROVIDER_NAMES = {
     "reference_bcn": "reference BCN (eager BN then GN)", "compiled_bcn": "torch.compile of reference BCN",
     "reference_ws": "reference WS (eager)", "compiled_ws": "torch.compile of reference WS",
     "plain_bn": "plain BN", "reference_ws_bcn": "WS+BCN, reference layers", "wsbcn_ws_bcn": "WS+BCN, wsbcn",
-    "wsbcn_ws_gn": "WS+GN, wsbcn",
+    "wsbcn_ws_gn": "WS+GN, wsbcn", "wsbcn_ws_bcn_modelws": "WS+BCN, wsbcn, model-wide WS",
+    "wsbcn_single": "wsbcn without a process group (1 process)",
 }
 E2E_NAMES = {"resnet50_step": "ResNet-50 training step (classification)",
              "resnet50_trunk_step": "ResNet-50 trunk training step (detection)"}
@@ -52,7 +53,8 @@ STYLE = {"font.size": 10, "axes.titlesize": 11, "axes.labelsize": 10, "xtick.lab
 PROVIDER_COLORS = {"wsbcn": "tab:blue", "cudnn_bn": "tab:orange", "torch_bn": "tab:orange", "aten_gn": "tab:green",
                    "torch_gn": "tab:green", "reference_bcn": "tab:red", "compiled_bcn": "tab:purple",
                    "reference_ws": "tab:red", "compiled_ws": "tab:purple", "plain_bn": "tab:gray",
-                   "reference_ws_bcn": "tab:red", "wsbcn_ws_bcn": "tab:blue", "wsbcn_ws_gn": "tab:cyan"}
+                   "reference_ws_bcn": "tab:red", "wsbcn_ws_bcn": "tab:blue", "wsbcn_ws_gn": "tab:cyan",
+                   "wsbcn_ws_bcn_modelws": "tab:olive"}
 SERIES_COLORS = {("fwd", "eager"): "tab:blue", ("fwd", "graph"): "tab:cyan", ("bwd", "eager"): "tab:red",
                  ("bwd", "graph"): "tab:pink", ("fwdbwd", "eager"): "tab:green", ("fwdbwd", "graph"): "tab:olive"}
 TIMING_MARKERS = {"eager": "o", "graph": "s"}
@@ -60,6 +62,13 @@ TIMING_MARKERS = {"eager": "o", "graph": "s"}
 
 def _name(table, key) -> str:
     return table.get(key, str(key))
+
+
+def _timing_name(timing) -> str:
+    """TIMING_NAMES, and the distributed host rows' "host_dist<W>" (dist_bench.py)."""
+    if str(timing).startswith("host_dist") and str(timing)[9:].isdigit():
+        return f"host time of eager calls, {str(timing)[9:]} processes in one process group"
+    return _name(TIMING_NAMES, timing)
 
 
 def case_label(row) -> str:
@@ -161,7 +170,7 @@ def plot_gbps(bench, out_dir, source):
             ax.set_xticklabels(labels, rotation=60, ha="right")
             _log_axis(ax.yaxis)
             ax.set_ylabel("effective bandwidth (GB/s)")
-            ax.set_title(f"{_name(OP_NAMES, op)}, {_name(MODE_NAMES, mode)}: {_name(TIMING_NAMES, timing)}")
+            ax.set_title(f"{_name(OP_NAMES, op)}, {_name(MODE_NAMES, mode)}: {_timing_name(timing)}")
             ax.grid(True, which="both", axis="y", alpha=0.3)
             ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), title="provider (higher is faster)")
         axes[-1, 0].set_xlabel(WS_AXIS if op == "ws" else CASE_AXIS)
@@ -206,7 +215,7 @@ def plot_speedups(bench, out_dir, source):
         ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}x"))
         ax.set_xlim(*limits)
         ax.grid(True, axis="x", alpha=0.3)
-        ax.set_title(f"{_name(OP_NAMES, op)}, {timing} timing", loc="left")
+        ax.set_title(f"{_name(OP_NAMES, op)}: {_timing_name(timing)}", loc="left")
         ax.set_ylabel("baseline, mode")
         if row == len(ops) - 1:
             ax.set_xlabel("wsbcn speedup = baseline time / wsbcn time\n(geometric mean over the cases, log scale)")
@@ -214,9 +223,9 @@ def plot_speedups(bench, out_dir, source):
             ax.text(0.5, 0.5, "not measured", transform=ax.transAxes, ha="center", va="center")
     fig.legend(handles=[Patch(color="tab:green", label="wsbcn faster (> 1x)"),
                         Patch(color="tab:red", label="wsbcn slower (< 1x)")], loc="upper right", ncols=2)
-    explained = "; ".join(f"{t} timing = {_name(TIMING_NAMES, t)}" for t in timings)
-    fig.suptitle(f"wsbcn speedup over each baseline on {_device_title(micro_rows(bench))}\n({explained})",
-                 x=0.02, ha="left")
+    micro = micro_rows(bench)
+    on = "; ".join(f"{_timing_name(t)} on {_device_title(micro[micro['timing'] == t])}" for t in timings)
+    fig.suptitle(f"wsbcn speedup over each baseline\n({on})", x=0.02, ha="left")
     fig.tight_layout(rect=(0, 0.02, 1, 0.96))
     _footer(fig, micro_rows(bench), source)
     return [_save(fig, out_dir / "speedup.png")]
@@ -362,11 +371,16 @@ def summary_markdown(bench: pd.DataFrame) -> str:
     """The speedup table (op, mode, timing, baseline) and the end-to-end table, in Markdown."""
     commits = ", ".join(sorted(bench["commit"].dropna().astype(str).unique()))
     lines = [f"Device: {_device_title(bench)}; commits: {commits}",
-             "", "Timing: eager = eager calls (host and device); graph = CUDA-graph replays (device only). "
-             "Speedup = baseline time / wsbcn time, geometric mean over the cases both measured.", "",
+             "", "Speedup = baseline time / wsbcn time, geometric mean over the cases both measured.", "",
              "| op | mode | timing | baseline | wsbcn speedup (geomean) | cases |", "|---|---|---|---|---|---|"]
-    for r in speedups(bench).itertuples():
+    table = speedups(bench)
+    for r in table.itertuples():
         lines.append(f"| {r.op} | {r.mode} | {r.timing} | {r.baseline} | {r.speedup:.2f}x | {r.cases} |")
+    if len(table):  # what the short names in the table mean
+        lines += ["", "Names: " + "; ".join(
+            [f"`{op}` = {_name(OP_NAMES, op)}" for op in dict.fromkeys(table["op"])]
+            + [f"`{t}` = {_timing_name(t)}" for t in dict.fromkeys(table["timing"])]
+            + [f"`{b}` = {_name(PROVIDER_NAMES, b)}" for b in dict.fromkeys(table["baseline"])]) + "."]
     e2e = e2e_rows(bench)
     if len(e2e):
         lines += ["", "| end-to-end step | input | N | network | execution | images/s | peak MB |",
