@@ -51,7 +51,7 @@ def test_every_provider_and_timing_the_benchmarks_write_has_a_name_a_person_read
     colors = [plot.PROVIDER_COLORS[n] for n in models.VARIANTS]
     assert len(set(colors)) == len(colors)
     assert plot.PROVIDER_NAMES["wsbcn_single"] == "wsbcn without a process group (1 process)"
-    assert plot._timing_name(dist_bench.variant_name(4)) == "host time of eager calls, 4 processes in one process group"
+    assert plot._timing_name(dist_bench.variant_name(4)) == "host time across 4 processes"
 
 
 

@@ -67,7 +67,7 @@ def _name(table, key) -> str:
 def _timing_name(timing) -> str:
     """TIMING_NAMES, and the distributed host rows' "host_dist<W>" (dist_bench.py)."""
     if str(timing).startswith("host_dist") and str(timing)[9:].isdigit():
-        return f"host time of eager calls, {str(timing)[9:]} processes in one process group"
+        return f"host time across {str(timing)[9:]} processes"
     return _name(TIMING_NAMES, timing)
 
 
