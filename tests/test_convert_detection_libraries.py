@@ -250,11 +250,12 @@ def test_freeze_keeps_the_norm_and_activation_of_a_converted_detectron2_conv(nor
                    for m in frozen.modules())
     if norm == "bcn":
         assert type(frozen[0].norm) is FrozenBatchChannelNorm2d and frozen[0].norm.activation == "relu"
-    assert frozen[1].activation is torch.sigmoid
+    assert type(frozen[1].activation) is nn.Sigmoid  # a function as its module: the frozen model scripts
+    scripted = torch.jit.script(frozen)
     assert frozen.state_dict().keys() == converted.state_dict().keys()
     x = torch.randn(2, 3, 8, 8)
     with torch.no_grad():
-        assert rel_err(frozen(x), converted(x)) <= 1e-5
+        assert rel_err(frozen(x), converted(x)) <= 1e-5 and rel_err(scripted(x), converted(x)) <= 1e-5
 
 
 def test_model_wide_ws_covers_detectron2_convs():
@@ -345,7 +346,7 @@ def test_detectron2_resnet_fpn_backbones(norm, fpn_norm):
     if fpn_norm:  # its forward calls them from plain lists
         assert converted.lateral_convs[0] is converted.fpn_lateral5 and converted.output_convs[-1] is \
             converted.fpn_output2 and type(converted.fpn_output2) is WSConvNormAct2d
-        assert {f"{name}: the 4 swapped layers this plain list holds replaced in it too"
+        assert {f"{name}: 4 entries of this plain list replaced by the new layers too"
                 for name in ("lateral_convs", "output_convs")} <= set(summary)
     assert matches_reference(original, converted, torch.randn(1, 3, 64, 64, dtype=torch.float64))
     train_step(converted, torch.randn(2, 3, 64, 64, dtype=torch.float64))
@@ -383,3 +384,96 @@ def test_detectron2_mask_rcnn_with_group_norm_heads_trains():
     sum(losses.values()).backward()
     assert all(torch.isfinite(v) for v in losses.values())
     assert all(m.norm.weight.grad is not None for m in heads)
+
+
+class _AliasFirst(nn.Module):
+    """The conv's own norm also registered before it, at another path, and never called there."""
+
+    def __init__(self):
+        super().__init__()
+        norm = nn.BatchNorm2d(8)
+        self.alias = norm
+        self.conv = _Conv2d(3, 8, 3, norm=norm, activation=nn.ReLU())
+
+    def forward(self, x):
+        return self.conv(x)
+
+
+class _CalledDirectly(nn.Module):
+    """The conv's own norm, also called by the forward itself."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = _Conv2d(3, 8, 3, padding=1, norm=nn.BatchNorm2d(8), activation=nn.ReLU())
+        self.bn = self.conv.norm
+        self.head = nn.Conv2d(3, 8, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(x) + self.bn(self.head(x))
+
+
+class _SharedByTwoConvs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        norm = nn.BatchNorm2d(8)
+        self.c1 = _Conv2d(3, 8, 3, padding=1, norm=norm, activation=nn.ReLU())
+        self.c2 = _Conv2d(3, 8, 3, padding=1, norm=norm)
+
+    def forward(self, x):
+        return self.c1(x) + self.c2(x)
+
+
+@pytest.mark.parametrize("case", ["no norm of its own", "alias first", "called directly", "shared by two convs"])
+def test_a_convs_own_activation_fuses_only_into_the_norm_only_it_applies(case):
+    """Against the same model converted without fusion (train mode, the same parameters):
+    an activation moves into a norm only where nothing else can call that norm."""
+    torch.manual_seed(48)
+    model = randomize({
+        "no norm of its own": lambda: nn.Sequential(_Conv2d(3, 8, 3, activation=nn.ReLU()), nn.BatchNorm2d(8)),
+        "alias first": _AliasFirst, "called directly": _CalledDirectly, "shared by two convs": _SharedByTwoConvs}[case]())
+    unfused = wsbcn.convert(copy.deepcopy(model), num_groups=4, fuse_activation=False)
+    out, summary = wsbcn.convert(model, num_groups=4, return_summary=True)
+    x = torch.randn(2, 3, 6, 6)
+    assert rel_err(out.train()(x), unfused.train()(x)) <= 1e-6
+    assert not any(m.activation for m in out.modules() if isinstance(m, wsbcn.BatchChannelNorm2d))
+    convs = [m for m in out.modules() if isinstance(m, (wsbcn.WSConv2d, _Conv2d))]
+    assert all(type(m) is not _Conv2d for m in convs)  # every detectron2 conv converted
+    if case == "alias first":  # the one norm, converted at both paths (registered twice: the ReLU stays the conv's)
+        assert out.alias is out.conv.norm and type(out.alias) is wsbcn.BatchChannelNorm2d
+        assert isinstance(out.conv.activation, nn.ReLU) and not any("left alone" in line for line in summary)
+    if case == "shared by two convs":
+        assert out.c1.norm is out.c2.norm and type(out.c1.norm) is wsbcn.BatchChannelNorm2d
+        assert isinstance(out.c1.activation, nn.ReLU) and not any("left alone" in line for line in summary)
+
+
+def test_a_norm_inside_rule_whose_layer_does_not_hold_the_norm_is_refused():
+    @named_as("userlib.layers.ConvBN")
+    class ConvBN(_Conv2d):
+        pass
+
+    def build(layer):  # keeps the norm as .norm, not as the rule's .bn
+        return WSConvNormAct2d(layer.in_channels, layer.out_channels, layer.kernel_size, norm=layer.bn, activation=None)
+
+    from wsbcn.convert import ConvertRule, register_convert_rule, unregister_convert_rule
+    register_convert_rule(ConvBN, ConvertRule("conv", build, norm_inside=("bn", "act")))
+    try:
+        layer = ConvBN(3, 8, 3)
+        layer.bn, layer.act = nn.BatchNorm2d(8), None
+        model = nn.Sequential(layer)
+        with pytest.raises(TypeError, match=r"does not hold the layer's norm as \.bn and its activation as \.act"):
+            wsbcn.convert(model, num_groups=4)
+        assert model[0] is layer and type(layer.bn) is nn.BatchNorm2d
+    finally:
+        unregister_convert_rule(ConvBN)
+
+
+def test_mmcv_conv_module_with_folding_converts_in_eval_mode_too(layers):
+    torch.manual_seed(49)
+    block = layers.ConvModule(4, 8, 3, padding=1, norm_cfg=dict(type="BN"), efficient_conv_bn_eval=True)
+    model = randomize(nn.Sequential(block)).double().eval()
+    original = copy.deepcopy(model)
+    original[0].efficient_conv_bn_eval_forward = None
+    out, summary = wsbcn.convert(model, num_groups=4, return_summary=True)
+    assert type(block.conv) is wsbcn.WSConv2d and type(block.bn) is wsbcn.BatchChannelNorm2d
+    assert block.efficient_conv_bn_eval_forward is None and not any("left alone" in line for line in summary)
+    assert matches_reference(original, out, torch.randn(2, 4, 6, 6, dtype=torch.float64))

@@ -47,6 +47,7 @@ weight at once on each forward (``wsbcn.ModelWeightStandardizer``: one launch fo
 and one backward, bitwise the per-layer results; every WS weight's gradient is then
 ready only at the end of the backward, which delays DDP's all-reduce of those weights).
 """
+import contextlib
 import functools
 import inspect
 import logging
@@ -87,7 +88,7 @@ def _flow(model, layers):
     """The data flow (with the norms convs apply themselves, ``with_norms_inside``) and
     the rest of ``_traced_flow``."""
     flow, *rest = _traced_flow(model, layers)
-    return (with_norms_inside(flow, layers), *rest)
+    return (with_norms_inside(flow, layers, module_paths(model)), *rest)
 
 
 def _traced_flow(model, layers):
@@ -116,13 +117,16 @@ def _traced_flow(model, layers):
     if not keep_stateful:
         note = (f"torch.fx could not trace the model with its stateful modules as leaves ({error}); traced through "
                 "them instead")
-    if concrete:
-        note = (note + "; " if note else "") + "traced with the forward's flags at their defaults (" + ", ".join(
-            f"{name}={value}" for name, value in concrete.items()) + ")"
     kept = {path: m for path, m in tracer.kept_whole.items()
             if any(p.startswith(path + ".") and role.rule is not None for p, _, role in layers)}
-    return flow_from_graph(graph, model, layers, kept), graph, (
-        lambda: Tracer(keep_stateful).trace(model, concrete_args=concrete)), note
+    flow = flow_from_graph(graph, model, layers, kept)
+    if concrete:  # a call with other flags may run other layers, or skip an activation: pairs only
+        note = (note + "; " if note else "") + "traced with the forward's flags at their defaults (" + ", ".join(
+            f"{name}={value}" for name, value in concrete.items()) + "), which other calls may change: convs " \
+            "paired with their norms from that trace, and no activation fused"
+        flow.called, flow.candidates, flow.unfusable = None, [], []
+        return flow, None, None, note
+    return flow, graph, (lambda: Tracer(keep_stateful).trace(model)), note
 
 
 def _bool_defaults(model):
@@ -183,6 +187,12 @@ def _build(path, old, rule, *args):
     if rule.kind == "conv" and None not in (want_in, got_in) and got_in != want_in:
         raise ValueError(f"wsbcn.convert: {what} returned a {type(new).__name__} with {got_in} input "
                          f"channels, but {path!r} has {want_in}; the model is unchanged")
+    inside = rule.norm_inside if rule.kind == "conv" else None
+    if inside is not None and (getattr(new, inside[0], None) is not getattr(old, inside[0], None)
+                               or getattr(new, inside[1], None) is not getattr(old, inside[1], None)):
+        raise TypeError(f"wsbcn.convert: {what} returned a {type(new).__name__} that does not hold the layer's "
+                        f"norm as .{inside[0]} and its activation as .{inside[1]} (the rule's norm_inside); the model "
+                        "is unchanged")
     # the new layer's own modules take the old layer's mode; modules it took over keep theirs
     # (a conv that applies its own norm holds the old norm until that is swapped in turn)
     taken = {id(m) for m in old.modules()}
@@ -206,35 +216,74 @@ def _set_module(root, path, module):
 _MODULE_STATE = frozenset(vars(nn.Module()))  # nn.Module's own bookkeeping attributes
 
 
+def _plain_containers(model):
+    """(path of the holder.attribute, container) for each plain list, tuple and dict a module
+    of the model keeps as an attribute (not a registered child)."""
+    for path, m in model.named_modules():
+        for name, value in list(vars(m).items()):
+            if name not in _MODULE_STATE and type(value) in (list, tuple, dict):
+                yield f"{path + '.' if path else ''}{name}", m, name, value
+
+
+def _unheld_fusions(model, fusions):
+    """The fusions whose activation module no plain container holds (what calls it from
+    there is not in the traced graph), and a line for each other one."""
+    held = {}
+    for where, _, _, value in _plain_containers(model):
+        for item in (value.values() if type(value) is dict else value):
+            held.setdefault(id(item), where)
+    kept, lines = [], []
+    for fusion in fusions:
+        node, _, act, act_module = fusion
+        if id(act_module) in held:
+            lines.append(f"{node.target}: the following {act} not fused: {held[id(act_module)]} also holds it, "
+                         "in a plain container whose calls convert cannot see")
+        else:
+            kept.append(fusion)
+    return kept, lines
+
+
 def _rebind(model, new_of, undo):
     """Point the plain lists, tuples and dicts that modules keep as attributes at the new
     layers too (detectron2's FPN calls its convs from ``self.lateral_convs``, a list beside
     the registered modules): ``new_of`` maps id(old) to (old, new); ``undo`` gets the calls
-    that put the old ones back. Returns a summary line per container."""
+    that put the old ones back. Returns a summary line per container. (A fused activation
+    held in one is not fused: ``_unheld_fusions``.)"""
     lines = []
-    for path, m in model.named_modules():
-        for name, value in list(vars(m).items()):
-            if name in _MODULE_STATE or type(value) not in (list, tuple, dict):
-                continue
-            keys = list(value) if type(value) is dict else range(len(value))
-            hits = [k for k in keys if id(value[k]) in new_of and new_of[id(value[k])][0] is value[k]]
-            if not hits:
-                continue
-            if type(value) is tuple:
-                m.__dict__[name] = tuple(new_of[id(v)][1] if i in hits else v for i, v in enumerate(value))
-                undo.append(functools.partial(m.__dict__.__setitem__, name, value))
-            else:
-                for k in hits:
-                    undo.append(functools.partial(value.__setitem__, k, value[k]))
-                    value[k] = new_of[id(value[k])][1]
-            lines.append(f"{path + '.' if path else ''}{name}: the {len(hits)} swapped layer"
-                         f"{'s' if len(hits) > 1 else ''} this plain {type(value).__name__} holds replaced in it too")
+    for where, m, name, value in list(_plain_containers(model)):
+        keys = list(value) if type(value) is dict else range(len(value))
+        hits = [k for k in keys if id(value[k]) in new_of and new_of[id(value[k])][0] is value[k]]
+        if not hits:
+            continue
+        if type(value) is tuple:
+            m.__dict__[name] = tuple(new_of[id(v)][1] if i in hits else v for i, v in enumerate(value))
+            undo.append(functools.partial(m.__dict__.__setitem__, name, value))
+        else:
+            for k in hits:
+                undo.append(functools.partial(value.__setitem__, k, value[k]))
+                value[k] = new_of[id(value[k])][1]
+        lines.append(f"{where}: {len(hits)} entr{'ies' if len(hits) > 1 else 'y'} of this plain "
+                     f"{type(value).__name__} replaced by the new layers too")
     return lines
 
 
 # mmcv's ConvModule(efficient_conv_bn_eval=True) folds its norm into its conv's weight in
 # eval mode, taking both for plain layers (torch's conv, a _BatchNorm)
 _FOLDING = "efficient_conv_bn_eval_forward"
+
+
+@contextlib.contextmanager
+def _folding_suspended(model):
+    """Plan on the forward convert leaves behind: the folding (turned off where a layer is
+    swapped) calls neither the conv nor the norm, so a trace would miss both."""
+    folding = [(m, getattr(m, _FOLDING)) for m in model.modules() if getattr(m, _FOLDING, None) is not None]
+    for m, _ in folding:
+        setattr(m, _FOLDING, None)
+    try:
+        yield
+    finally:
+        for m, forward in folding:
+            setattr(m, _FOLDING, forward)
 
 
 def _turn_off_folding(model, new_ids, undo):
@@ -267,7 +316,6 @@ def _swap(model, replacements, fusions):
                     lines.append(f"{at}: the same {type(old).__name__} as {path}, replaced there too")
         replace_activations(model, fusions, swapped)
         new_of = {id(old): (old, new) for _, old, new in replacements}
-        new_of.update({id(old): (old, getattr(parent, name)) for parent, name, old in swapped})
         lines += _turn_off_folding(model, {id(new) for _, _, new in replacements}, undo)
         return lines + _rebind(model, new_of, undo)
     except BaseException:
@@ -295,10 +343,13 @@ def convert(model: nn.Module, norm: str = "bcn", num_groups: int = 32, estimate:
     _check_arguments(model, norm, num_groups, keep_frozen)
     if ws not in (True, False, "model"):
         raise ValueError(f"ws must be True, False or 'model', got {ws!r}")
-    layers = census(model)
-    flow, graph, trace, trace_note = _flow(model, layers)
-    plan = decide(layers, flow, bool(ws), keep_frozen, fuse_activation)
-    fusions, not_fused = _safe_fusions(model, layers, plan, graph, trace)
+    with _folding_suspended(model):
+        layers = census(model)
+        flow, graph, trace, trace_note = _flow(model, layers)
+        plan = decide(layers, flow, bool(ws), keep_frozen, fuse_activation)
+        fusions, not_fused = _safe_fusions(model, layers, plan, graph, trace)
+    fusions, held = _unheld_fusions(model, fusions)
+    not_fused += held
     by_path = {path: layer for path, layer, _ in layers}
     fused_act = {node.target: act for node, _, act, _ in fusions}
 

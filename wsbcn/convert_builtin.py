@@ -95,9 +95,10 @@ def bn_like_norm(spec: NormSpec, channels: int, *, weight=None, bias=None, runni
             new._check_untracked(" (set to False after construction)")
     if affine:
         new.weight, new.bias = _as_parameter(weight), _as_parameter(bias)
-        if spec.norm == "bcn" and isinstance(weight, nn.Parameter) and not weight.requires_grad:
-            new.group_weight.requires_grad_(False)  # a frozen affine stays frozen, the new one with it
-            new.group_bias.requires_grad_(False)
+        if spec.norm == "bcn":  # a frozen scale (shift) stays frozen, the channel stage's new one with it
+            for source, made in ((weight, new.group_weight), (bias, new.group_bias)):
+                if isinstance(source, nn.Parameter) and not source.requires_grad:
+                    made.requires_grad_(False)
     return new
 
 
@@ -146,12 +147,14 @@ def _group_norm(layer, spec):
             new.group_weight.copy_(layer.weight.reshape(1, c, 1))
             if layer.bias is not None:
                 new.group_bias.copy_(layer.bias.reshape(1, c, 1))
-        # what the GroupNorm did not train, the BCN does not either: a frozen affine (and the
-        # BN stage's with it), a missing bias (nn.GroupNorm(bias=False): it stays 0)
-        trains = layer.weight.requires_grad
-        for p in (new.weight, new.bias, new.group_weight):
-            p.requires_grad_(trains)
-        new.group_bias.requires_grad_(trains and layer.bias is not None and layer.bias.requires_grad)
+        # what the GroupNorm did not train, the BCN does not either: a frozen scale or shift, a
+        # missing bias (nn.GroupNorm(bias=False): it stays 0); the new BN stage's affine is
+        # frozen with the whole affine
+        scale, shift = layer.weight.requires_grad, layer.bias is not None and layer.bias.requires_grad
+        new.group_weight.requires_grad_(scale)
+        new.group_bias.requires_grad_(shift)
+        for p in (new.weight, new.bias):
+            p.requires_grad_(scale or shift)
     return new
 
 

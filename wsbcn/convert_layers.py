@@ -82,8 +82,10 @@ class ConvNormAct2d(nn.Conv2d):
         self.norm = norm
         self.activation = activation
 
-    def forward(self, input):
-        x = super().forward(input)
+    def forward(self, input):  # written for TorchScript too (a frozen model scripts)
+        x = self._conv_forward(input, self.weight, self.bias)
         if self.norm is not None:
             x = self.norm(x)
-        return x if self.activation is None else self.activation(x)
+        if self.activation is not None:
+            x = self.activation(x)
+        return x

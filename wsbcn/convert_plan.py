@@ -145,6 +145,7 @@ class Flow:
     called: Optional[set] = None                          # layer paths the forward runs (None: all)
     candidates: list = field(default_factory=list)        # (norm node, act node, "relu"/"silu")
     unfusable: list = field(default_factory=list)         # (norm path, act, why): an activation after it stays
+    own_norm: Dict[str, str] = field(default_factory=dict)  # conv path -> the norm only it applies (norm_inside)
     kept_whole: Dict[str, nn.Module] = field(default_factory=dict)
 
 
@@ -204,21 +205,28 @@ def flow_from_graph(graph, model, layers, kept_whole) -> Flow:
     return flow
 
 
-def with_norms_inside(flow: Flow, layers) -> Flow:
-    """A conv that applies its own norm feeds that norm, and runs it when it runs; one
-    whose own norm is no norm convert knows of feeds none (its output is that layer's)."""
-    paths = {path for path, _, _ in layers}
+def with_norms_inside(flow: Flow, layers, registered_paths) -> Flow:
+    """A conv that applies its own norm feeds that norm (found by identity: the census may
+    list it under another path it is registered at), and runs it when it runs; one whose
+    own norm is no norm convert knows of feeds none (its output is that layer's). Its own
+    activation may fuse into that norm only when nothing else can call the norm: registered
+    at that one path, and not called by the traced forward itself (``flow.own_norm``)."""
+    path_of = {id(layer): path for path, layer, _ in layers}
     for path, layer, role in layers:
         attrs = norm_inside(layer, role)
-        if attrs is None or getattr(layer, attrs[0], None) is None:
+        inner = getattr(layer, attrs[0], None) if attrs is not None else None
+        if inner is None:
             continue
-        inner = f"{path}.{attrs[0]}"
-        if inner not in paths:
+        norm = path_of.get(id(inner))
+        if norm is None:
             flow.feeds.pop(path, None)
             continue
-        flow.feeds[path] = inner
+        flow.feeds[path] = norm
+        direct = flow.called is not None and norm in flow.called
+        if len(registered_paths.get(id(inner), ())) == 1 and not direct:
+            flow.own_norm[path] = norm
         if flow.called is not None and path in flow.called:
-            flow.called.add(inner)
+            flow.called.add(norm)
     return flow
 
 
@@ -339,8 +347,8 @@ def decide(layers, flow: Flow, ws: bool, keep_frozen: bool, fuse_activation: boo
                                   "would change what that layer's fixed statistics see" if "frozen" in why
                                   else f"feeds {norm} ({type(norm_layer).__name__}), which is left alone")
     if fuse_activation:
-        for path, layer, role in layers:  # a conv's own activation, into its own norm (both converted)
-            attrs, norm = norm_inside(layer, role), flow.feeds.get(path)
+        for path, layer, role in layers:  # a conv's own activation, into the norm only it applies (both converted)
+            attrs, norm = norm_inside(layer, role), flow.own_norm.get(path)
             if attrs is None or path not in plan.convs or norm not in plan.norms:
                 continue
             act = activation_name(getattr(layer, attrs[1], None))

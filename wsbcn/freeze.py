@@ -9,6 +9,7 @@ what ONNX/TensorRT export, TorchScript and serving want (modules/frozen.py).
 import copy
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
@@ -29,10 +30,25 @@ def _plain_type(m):
     return next((plain for ws, plain in _PLAIN.items() if isinstance(m, ws)), None)
 
 
+# a conv's own activation given as a function (detectron2's activation=F.relu): as a module,
+# which TorchScript can call (it cannot call a function held as an attribute)
+_ACTIVATION_MODULES = {F.relu: nn.ReLU, torch.relu: nn.ReLU, F.silu: nn.SiLU, torch.sigmoid: nn.Sigmoid,
+                       F.sigmoid: nn.Sigmoid, torch.tanh: nn.Tanh, F.gelu: nn.GELU}
+
+
+def _activation_module(activation):
+    try:
+        made = _ACTIVATION_MODULES.get(activation)
+    except TypeError:  # an unhashable callable
+        made = None
+    return made() if made is not None else activation
+
+
 def _frozen_conv(m, plain_type) -> nn.Module:
     inside = {}
     if plain_type is ConvNormAct2d:  # a conv applying its own norm and activation keeps them, the norm frozen
-        inside = dict(norm=None if m.norm is None else _freeze_in_place(m.norm), activation=m.activation)
+        inside = dict(norm=None if m.norm is None else _freeze_in_place(m.norm),
+                      activation=_activation_module(m.activation))
     plain = plain_type(
         m.in_channels, m.out_channels, m.kernel_size, stride=m.stride, padding=m.padding,
         dilation=m.dilation, groups=m.groups, bias=m.bias is not None,
