@@ -428,9 +428,9 @@ def test_a_convs_own_activation_fuses_only_into_the_norm_only_it_applies(case):
     """Against the same model converted without fusion (train mode, the same parameters):
     an activation moves into a norm only where nothing else can call that norm."""
     torch.manual_seed(48)
-    model = randomize({
-        "no norm of its own": lambda: nn.Sequential(_Conv2d(3, 8, 3, activation=nn.ReLU()), nn.BatchNorm2d(8)),
-        "alias first": _AliasFirst, "called directly": _CalledDirectly, "shared by two convs": _SharedByTwoConvs}[case]())
+    make = {"no norm of its own": lambda: nn.Sequential(_Conv2d(3, 8, 3, activation=nn.ReLU()), nn.BatchNorm2d(8)),
+            "alias first": _AliasFirst, "called directly": _CalledDirectly, "shared by two convs": _SharedByTwoConvs}
+    model = randomize(make[case]())
     unfused = wsbcn.convert(copy.deepcopy(model), num_groups=4, fuse_activation=False)
     out, summary = wsbcn.convert(model, num_groups=4, return_summary=True)
     x = torch.randn(2, 3, 6, 6)
