@@ -477,3 +477,38 @@ def test_mmcv_conv_module_with_folding_converts_in_eval_mode_too(layers):
     assert type(block.conv) is wsbcn.WSConv2d and type(block.bn) is wsbcn.BatchChannelNorm2d
     assert block.efficient_conv_bn_eval_forward is None and not any("left alone" in line for line in summary)
     assert matches_reference(original, out, torch.randn(2, 4, 6, 6, dtype=torch.float64))
+
+
+class _FPNLike(nn.Module):
+    """detectron2's FPN: registered convs its forward calls from plain lists, and one norm
+    shared by two of them."""
+
+    def __init__(self):
+        super().__init__()
+        shared = nn.GroupNorm(2, 8)
+        self.lateral = _Conv2d(3, 8, 1, norm=nn.GroupNorm(2, 8))
+        self.output = _Conv2d(8, 8, 3, padding=1, norm=shared)
+        self.extra = _Conv2d(8, 8, 3, padding=1, norm=shared)
+        self.lateral_convs, self.output_convs = [self.lateral], [self.output, self.extra]
+
+    def forward(self, x):
+        y = self.lateral_convs[0](x)
+        return self.output_convs[0](y) + self.output_convs[1](y)
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_freeze_replaces_layers_in_plain_lists_too(inplace):
+    """A frozen FPN-like model runs only torch layers (torch.jit.trace refuses a layer with
+    trainable Parameters left in the forward), shared norms stay shared."""
+    torch.manual_seed(50)
+    converted = wsbcn.convert(randomize(_FPNLike()), num_groups=2).eval()
+    x = torch.randn(2, 3, 6, 6)
+    with torch.no_grad():
+        want = converted(x)
+    frozen = wsbcn.freeze(converted, inplace=inplace)
+    assert frozen.lateral_convs == [frozen.lateral] and frozen.output_convs == [frozen.output, frozen.extra]
+    assert type(frozen.output) is ConvNormAct2d and frozen.output.norm is frozen.extra.norm
+    assert not any(isinstance(m, (wsbcn.WSConv2d, wsbcn.BatchChannelNorm2d)) for m in vars(frozen)["output_convs"])
+    traced = torch.jit.trace(frozen, x)
+    with torch.no_grad():
+        assert rel_err(frozen(x), want) <= 1e-5 and rel_err(traced(x), want) <= 1e-5

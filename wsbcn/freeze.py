@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
+from .convert import _rebind
 from .convert_layers import ConvNormAct2d, WSConvNormAct2d
 from .modules.frozen import (FrozenBatchChannelNorm1d, FrozenBatchChannelNorm2d, FrozenBatchChannelNorm3d,
                              GroupNormAct, copy_parameters)
@@ -44,10 +45,10 @@ def _activation_module(activation):
     return made() if made is not None else activation
 
 
-def _frozen_conv(m, plain_type) -> nn.Module:
+def _frozen_conv(m, plain_type, new_of) -> nn.Module:
     inside = {}
     if plain_type is ConvNormAct2d:  # a conv applying its own norm and activation keeps them, the norm frozen
-        inside = dict(norm=None if m.norm is None else _freeze_in_place(m.norm),
+        inside = dict(norm=None if m.norm is None else _freeze_in_place(m.norm, new_of),
                       activation=_activation_module(m.activation))
     plain = plain_type(
         m.in_channels, m.out_channels, m.kernel_size, stride=m.stride, padding=m.padding,
@@ -81,17 +82,31 @@ def _layer_class(m):
     return cls.__mro__[1] if parametrize.is_parametrized(m) else cls
 
 
-def _freeze_in_place(model: nn.Module) -> nn.Module:
-    plain_type = _plain_type(model)
+def _frozen_layer(m, new_of) -> nn.Module:
+    """The inference form of one wsbcn layer, or ``m`` itself for anything else."""
+    plain_type = _plain_type(m)
     if plain_type is not None:
-        return _frozen_conv(model, plain_type)
-    layer_class = _layer_class(model)  # the exact classes: a subclass may compute something else
+        return _frozen_conv(m, plain_type, new_of)
+    layer_class = _layer_class(m)  # the exact classes: a subclass may compute something else
     if layer_class in _FROZEN_NORM:
-        return _FROZEN_NORM[layer_class].of(model)
+        return _FROZEN_NORM[layer_class].of(m)
     if layer_class is GroupNorm:
-        return _frozen_group_norm(model)
+        return _frozen_group_norm(m)
+    return m
+
+
+def _freeze_in_place(model: nn.Module, new_of=None) -> nn.Module:
+    """``model`` with every wsbcn layer frozen; ``new_of`` maps id(old) to (old, new): a
+    layer registered at several paths becomes one frozen layer, still shared."""
+    new_of = {} if new_of is None else new_of
+    if id(model) in new_of:
+        return new_of[id(model)][1]
+    new = _frozen_layer(model, new_of)
+    if new is not model:
+        new_of[id(model)] = (model, new)
+        return new
     for name, child in list(model.named_children()):
-        setattr(model, name, _freeze_in_place(child))
+        setattr(model, name, _freeze_in_place(child, new_of))
     return model
 
 
@@ -101,7 +116,9 @@ def freeze(model: nn.Module, inplace: bool = False) -> nn.Module:
     (its eval-mode computation; the running estimates stay fixed), wsbcn.GroupNorm ->
     nn.GroupNorm (GroupNormAct with a fused activation). Parameters and buffers are
     copies of their values now (a parametrized or pruned parameter: what it computes
-    to), under the layer's own state dict keys.
+    to), under the layer's own state dict keys. A layer shared by several paths is
+    frozen once, and the frozen layers replace the wsbcn ones in plain lists, tuples and
+    dicts the model's modules hold too (detectron2's FPN), as ``wsbcn.convert`` does.
 
     Like torch's ``inplace`` convention: by default the model is deep-copied and the
     copy converted, so ``model`` keeps its wsbcn layers, weights and buffers (training
@@ -117,4 +134,7 @@ def freeze(model: nn.Module, inplace: bool = False) -> nn.Module:
     # freeze takes out of the model: detach it first
     for standardizer in {id(s): s for s in (m.__dict__.get("_ws_model") for m in model.modules()) if s}.values():
         standardizer.remove()
-    return _freeze_in_place(model)
+    new_of = {}
+    frozen = _freeze_in_place(model, new_of)
+    _rebind(frozen, new_of, [])  # layers a forward calls from plain lists too (detectron2's FPN), as convert does
+    return frozen
