@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from .convert_layers import NormAct, ScaledWSConv2d, WSConvNormAct2d
+from .convert_plan import _ACT_MODULES  # the activation modules wsbcn's kernels apply
 from .convert_registry import ConvertRule, NormSpec, register_convert_rule
 from .modules import (BatchChannelNorm1d, BatchChannelNorm2d, BatchChannelNorm3d, GroupNorm, WSConv1d, WSConv2d,
                       WSConv3d)
@@ -36,7 +37,6 @@ from .ops.collectives import WORLD
 
 _BCN_BY_DIMS = {1: BatchChannelNorm1d, 2: BatchChannelNorm2d, 3: BatchChannelNorm3d}
 _WS_BY_DIMS = {1: WSConv1d, 2: WSConv2d, 3: WSConv3d}
-_ACTIVATIONS = {nn.ReLU: "relu", nn.SiLU: "silu"}  # the activations wsbcn's kernels apply
 _NORM_TARGET = "BatchChannelNormNd / GroupNorm"
 
 
@@ -221,7 +221,7 @@ def _act_name(act):
     """"relu"/"silu" for an activation wsbcn fuses, None for nn.Identity, False otherwise."""
     if type(act) is nn.Identity:
         return None
-    return _ACTIVATIONS.get(type(act), False)
+    return _ACT_MODULES.get(type(act), False)
 
 
 def _drop_act(layer):

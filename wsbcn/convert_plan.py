@@ -315,8 +315,8 @@ def decide(layers, flow: Flow, ws: bool, keep_frozen: bool, fuse_activation: boo
             plan.reasons[path] = "kept frozen (keep_frozen=True)"
         elif role.rule.skip is not None and role.rule.skip(layer):
             plan.reasons[path] = role.rule.skip(layer)
-        elif _computed_weight(layer):
-            plan.reasons[path] = _computed_weight(layer)
+        elif computed := _computed_weight(layer):
+            plan.reasons[path] = computed
         else:
             conv = roles.get(fed_by.get(path), (None, None))[0]
             dims = conv.weight.dim() - 2 if conv is not None and conv.weight.dim() in (3, 4, 5) else None
@@ -334,8 +334,8 @@ def decide(layers, flow: Flow, ws: bool, keep_frozen: bool, fuse_activation: boo
             plan.reasons[path] = "ws=False"
         elif role.rule.skip is not None and role.rule.skip(layer):
             plan.reasons[path] = role.rule.skip(layer)
-        elif _computed_weight(layer):
-            plan.reasons[path] = _computed_weight(layer)
+        elif computed := _computed_weight(layer):
+            plan.reasons[path] = computed
         elif not role.rule.needs_norm or norm in plan.norms or (norm is not None and roles[norm][1].converted):
             plan.convs.append(path)
         elif norm is None:
