@@ -794,6 +794,45 @@ def test_norm_act_layers_fuse_their_activation_and_keep_the_rest(layers):
                        "(already converted: 4 WSConv and 4 wsbcn norm layers)"]
 
 
+@pytest.mark.parametrize("norm", ["bcn", "gn"])
+def test_a_checkpoint_of_the_source_model_loads_after_convert_as_before_it(layers, norm):
+    """Convert, then load the unconverted model's state dict (strict): the same model as
+    load, then convert. A GroupNorm's affine lands in the BCN's channel stage (it landed
+    in the BN stage, which the channel stage normalizes away), a timm norm+act layer kept
+    with its activation (NormAct) takes its source's keys."""
+    def source():
+        # (a BatchNorm's running statistics have no place in a GroupNorm: norm="gn" gets a
+        # timm GroupNormAct there)
+        batch_norms = [nn.Conv2d(8, 8, 1), nn.BatchNorm2d(8), nn.Conv2d(8, 8, 1), layers.FrozenBatchNorm2d(8),
+                       nn.Conv2d(8, 8, 1), layers.BatchNormAct2d(8, act_layer=nn.SiLU,
+                                                                 drop_layer=functools.partial(nn.Dropout, 0.0))]
+        return nn.Sequential(
+            nn.Conv2d(3, 8, 3), nn.GroupNorm(4, 8), nn.ReLU(),
+            nn.Conv2d(8, 8, 1), nn.GroupNorm(2, 8, bias=False),
+            nn.Conv2d(8, 8, 1), layers.GroupNormAct(8, num_groups=4, act_layer=nn.GELU),
+            *(batch_norms if norm == "bcn" else [])).double()
+
+    torch.manual_seed(25)
+    checkpoint = randomize(source()).state_dict()
+    loaded_first = source()
+    loaded_first.load_state_dict(checkpoint)
+    loaded_first = wsbcn.convert(loaded_first, norm=norm, num_groups=2)
+    loaded_after = wsbcn.convert(source(), norm=norm, num_groups=2)
+    assert isinstance(loaded_after[6], NormAct) and (norm == "gn" or isinstance(loaded_after[12], NormAct))
+    assert not loaded_after.load_state_dict(checkpoint).missing_keys
+    expected = loaded_first.state_dict()
+    assert list(loaded_after.state_dict()) == list(expected)
+    for key, value in loaded_after.state_dict().items():
+        assert torch.equal(value, expected[key]), key
+    x = torch.randn(2, 3, 7, 7, dtype=torch.float64)
+    for mode in (True, False):
+        assert torch.equal(loaded_after.train(mode)(x), loaded_first.train(mode)(x))
+    # the converted model's own checkpoint loads as ever
+    again = wsbcn.convert(source(), norm=norm, num_groups=2)
+    again.load_state_dict(loaded_after.state_dict())
+    assert torch.equal(again.eval()(x), loaded_after.eval()(x))
+
+
 def test_group_norm_act_as_gn_computes_what_timm_does(layers):
     torch.manual_seed(24)
     model = randomize(nn.Sequential(layers.StdConv2d(3, 8, 3), layers.GroupNormAct(8, num_groups=4),

@@ -27,6 +27,16 @@ class NormAct(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.act(self.drop(self.norm(x)))
 
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        # the source layer's state dict (timm's BatchNormAct2d: weight, bias, running_*) loads
+        # into the norm, as it did into the source layer
+        if not any(k.startswith(prefix + "norm.") for k in state_dict):
+            for key in [k for k in state_dict if k.startswith(prefix) and "." not in k[len(prefix):]]:
+                state_dict[prefix + "norm." + key[len(prefix):]] = state_dict.pop(key)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+
 
 class ScaledWSConv2d(WSConv2d):
     """WSConv2d whose standardized weight is scaled per output channel:
