@@ -259,9 +259,8 @@ def case_matches_single_process(rank, world, backend, sizes, dtypes, layouts, mo
                         ref[k].grad = None
                     for k in ("running_mean", "running_var"):
                         assert rel_err(getattr(m, k), ref[k]) <= max(tol, 1e-6), (what, step, k)
-                        if backend == "triton" and dtype != torch.float64:
-                            # the merge writes them from rank-independent values only
-                            assert _same_on_every_rank(getattr(m, k)), (what, step, k, "differs across ranks")
+                        # the merge writes them from rank-independent values only
+                        assert _same_on_every_rank(getattr(m, k)), (what, step, k, "differs across ranks")
                     assert int(m.num_batches_tracked) == step + 1
                 # eval: the running estimates, no process group involved
                 m.eval()
@@ -542,16 +541,18 @@ def case_empty_rank(rank, world, backend, c=8, g=4):
     from reference import bcn_reference
 
     os.environ["WSBCN_BACKEND"] = backend
-    for mode in MODES:
+    for mode, momentum in [(mode, 0.3) for mode in MODES] + [("batch", None)]:  # None: a cumulative average
         params = _params(c, g, seed=10)
-        m = _module(c, g, mode, dist.group.WORLD, params)
+        m = _module(c, g, mode, dist.group.WORLD, params, momentum=momentum)
+        m.num_batches_tracked.fill_(2)
         ref = _reference_state(params)
         x = torch.randn(3, c, 3, 4, generator=torch.Generator().manual_seed(11)) + 1
         x_local = (x if rank == 1 else x[:0]).clone().requires_grad_(True)
         y = m(x_local)
         y.backward(torch.ones_like(y))
         x64 = x.double().requires_grad_(True)
-        yr = bcn_reference(x64, g, training=True, estimate=mode == "estimate", activation="relu", momentum=0.3, **ref)
+        yr = bcn_reference(x64, g, training=True, estimate=mode == "estimate", activation="relu", momentum=momentum,
+                           num_batches_tracked=torch.tensor(2), **ref)
         yr.backward(torch.ones_like(yr))
         if rank == 1:
             assert rel_err(y, yr) <= 2e-5 and rel_err(x_local.grad, x64.grad) <= 2e-5, mode
@@ -559,7 +560,8 @@ def case_empty_rank(rank, world, backend, c=8, g=4):
             assert y.shape == (0, c, 3, 4) and x_local.grad.shape == y.shape
         for k in ("running_mean", "running_var"):
             assert rel_err(getattr(m, k), ref[k]) <= 2e-6, (mode, k)
-        assert int(m.num_batches_tracked) == 1
+            assert _same_on_every_rank(getattr(m, k)), (mode, k, "differs across ranks")
+        assert int(m.num_batches_tracked) == 3
 
 
 def case_converted_sync_batch_norm(rank, world):
@@ -683,8 +685,9 @@ def test_forward_ad_is_refused_before_anything_runs(ranks):
     ranks(2).run("case_forward_ad_refused")
 
 
-def test_rank_without_images(ranks):
-    ranks(2).run("case_empty_rank", backend="triton")
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_rank_without_images(ranks, backend):
+    ranks(2).run("case_empty_rank", backend=backend)
 
 
 def test_convert_keeps_sync_batch_norm_process_group(ranks):

@@ -111,28 +111,34 @@ def norm_forward_torch(x, gamma, beta, omega, eta, running_mean, running_var, nu
         if mode == MODE_BATCH:
             m2_c = m2.sum(dim=0) + s * (m - mean_c).square().sum(dim=0)
             if reduce_channel_stats is not None:
-                mean_abs, m2_c, ns = reduce_channel_stats("chan", pivot[0] + mean_c, m2_c, ns)
+                mean_abs, m2_c, ns, p0, mean_p0 = reduce_channel_stats("chan", pivot[0] + mean_c, m2_c, ns)
                 mean_c = mean_abs - pivot[0]
             shift_c = mean_c
             var = m2_c / ns
-            if update_running:
+            if update_running and reduce_channel_stats is not None:  # the same bits on every rank
+                updates += zip((running_mean, running_var),
+                               merged_running_update(True, rm_old, rv_old, p0, mean_p0, m2_c, ns, factor))
+            elif update_running:
                 updates.append((running_mean, rm_old + factor * (to_old + mean_c)))
                 updates.append((running_var, (1 - factor) * rv_old + factor * m2_c / (ns - 1)))
         else:
             dev_sum = m2.sum(dim=0) + s * (m + to_old).square().sum(dim=0)
-            if reduce_channel_stats is not None:
-                mean_abs, dev_sum, ns = reduce_channel_stats("sum", pivot[0] + mean_c, dev_sum, ns)
-                mean_c = mean_abs - pivot[0]
-            dev = dev_sum / ns
-            var = (1 - factor) * rv_old + factor * dev
-            shift_c = factor * mean_c - (1 - factor) * to_old
             # normalize with the estimates as the buffers hold them (rounded in a narrower
             # buffer: what a recompute under activation checkpointing reads back)
-            if running_mean.dtype != acc:
-                shift_c = (pivot[0] + shift_c).to(running_mean.dtype).to(acc) - pivot[0]
+            if reduce_channel_stats is not None:  # the same running buffers on every rank
+                _, dev_sum, ns, p0, mean_p0 = reduce_channel_stats("sum", pivot[0] + mean_c, dev_sum, ns)
+                new_mean, var = merged_running_update(False, rm_old, rv_old, p0, mean_p0, dev_sum, ns, factor)
+                new_mean = new_mean.to(running_mean.dtype).to(acc)
+                shift_c = new_mean - pivot[0]
+            else:
+                var = (1 - factor) * rv_old + factor * (dev_sum / ns)
+                shift_c = factor * mean_c - (1 - factor) * to_old
+                if running_mean.dtype != acc:
+                    shift_c = (pivot[0] + shift_c).to(running_mean.dtype).to(acc) - pivot[0]
+                new_mean = pivot[0] + shift_c
             if running_var.dtype != acc:
                 var = var.to(running_var.dtype).to(acc)
-            updates += [(running_mean, pivot[0] + shift_c), (running_var, var)]
+            updates += [(running_mean, new_mean), (running_var, var)]
         r = torch.rsqrt(var + eps)
     elif mode == MODE_RUNNING:
         r = torch.rsqrt(running_var.to(acc) + eps)
@@ -161,6 +167,19 @@ def norm_forward_torch(x, gamma, beta, omega, eta, running_mean, running_var, nu
     if update_running and num_batches is not None:
         num_batches.add_(1)
     return y, stats, r.to(acc), rho.to(acc)
+
+
+def merged_running_update(batch, rm_old, rv_old, p0, mean, second, count, factor):
+    """(running_mean, running_var) updated from the statistics merged across processes
+    (``collectives.merge_rows``: ``p0`` the merged pivot, ``mean`` the mean about it,
+    ``second`` M2 (``batch``) or the sum of squares about the old running mean, ``count``
+    the values per channel): values and arithmetic the same on every rank, a rank without
+    images included, so every rank writes the same bits. The formulas of
+    ``_norm_rank_merge_kernel``."""
+    to_old = p0 - rm_old
+    if batch:
+        return rm_old + factor * (to_old + mean), (1 - factor) * rv_old + factor * (second / (count - 1))
+    return p0 + (factor * mean - (1 - factor) * to_old), (1 - factor) * rv_old + factor * (second / count)
 
 
 def _apply_coefs(stats, omega, eta, num_groups, group_affine):

@@ -184,18 +184,19 @@ def local_row(pivot, mean, second, count, header) -> torch.Tensor:
 
 def channel_stats_reducer(ranks: Ranks, header, check: bool):
     """The torch closed form's ``reduce_channel_stats(kind, mean, second, count) ->
-    (mean, second, count)`` over ``ranks``: one all_gather of this rank's row. ``mean``
-    is the absolute per-channel mean of the local batch (sent as the pivot, with mean
-    0), ``kind`` "chan": ``second`` is M2 about it (merged with Chan's formula); "sum":
-    a plain sum over ranks. Returns the whole batch's absolute mean, second moment and
-    count per channel, in ``mean``'s dtype."""
+    (mean, second, count, p0, mean about p0)`` over ``ranks``: one all_gather of this
+    rank's row. ``mean`` is the absolute per-channel mean of the local batch (sent as the
+    pivot, with mean 0), ``kind`` "chan": ``second`` is M2 about it (merged with Chan's
+    formula); "sum": a plain sum over ranks. Returns the whole batch's absolute mean,
+    second moment and count per channel, and the merge's pivot and mean about it (the
+    same on every rank: the running buffers are updated from these), in ``mean``'s dtype."""
 
     def reduce(kind, mean_abs, second, count):
         row = local_row(mean_abs, 0.0, second, count, header)
         rows = gather_rows(row, ranks, check)
         p0, mean, second_all, total = merge_rows(rows, mean_abs.numel(), kind == "chan")
         dtype = mean_abs.dtype
-        return (p0 + mean).to(dtype), second_all.to(dtype), total.to(dtype)
+        return (p0 + mean).to(dtype), second_all.to(dtype), total.to(dtype), p0.to(dtype), mean.to(dtype)
 
     return reduce
 

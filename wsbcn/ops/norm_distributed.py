@@ -21,7 +21,7 @@ Parameter gradients are this rank's (DDP averages them); dx is that of the whole
 import torch
 
 from .. import backends
-from ..backends.torch_closed_form import acc_dtype, norm_backward_torch, norm_forward_torch
+from ..backends.torch_closed_form import acc_dtype, merged_running_update, norm_backward_torch, norm_forward_torch
 from ..kernels.layout import nsc_strides
 from ..kernels.norm import MODE_BATCH
 from ..kernels.norm_plan import DistNormPlan
@@ -84,9 +84,9 @@ def forward(call, x, gamma, beta, omega, eta, running_mean, running_var, nbt):
     gather = collectives.channel_stats_reducer(ranks, _header(call, x), check=_check_each_call(x))
 
     def reduce(kind, mean_abs, second, count):
-        mean, second, total = gather(kind, mean_abs, second, count)
-        counts.append(total)
-        return mean, second, total
+        merged = gather(kind, mean_abs, second, count)
+        counts.append(merged[2])
+        return merged
 
     y, stats, rstd_c, rho = norm_forward_torch(
         x, gamma, beta, omega, eta, running_mean, running_var, nbt, call.num_groups, call.eps,
@@ -119,25 +119,22 @@ def backward(call, dy, x, saved, gamma, beta, omega, eta):
 
 def _forward_empty(call, x, running_mean, running_var, nbt):
     """Take part in the all_gather with a count of 0 and apply the running-buffer update
-    every rank applies (the formulas of _norm_rank_merge_kernel, float64)."""
+    every rank applies, with the arithmetic of the ranks with images (the Triton path's
+    or the torch closed form's), so that every rank writes the same bits."""
     ranks, c = call.group, x.shape[1]
     f64 = dict(device=x.device, dtype=torch.float64)
     zeros = torch.zeros((c,), **f64)
     row = collectives.local_row(zeros, zeros, zeros, 0.0, _header(call, x))
     rows = collectives.gather_rows(row, ranks, check=_check_each_call(x))
-    p0, mean, second, total = collectives.merge_rows(rows, c, call.mode == MODE_BATCH)
-    if call.cumulative:  # the kernels' fp32 factor, so that every rank writes the same values
-        factor = (1.0 / (nbt.to(torch.float32) + 1.0)).to(torch.float64)
-    else:
-        factor = float(torch.tensor(call.momentum, dtype=torch.float32))
-    rm_old, rv_old = running_mean.to(torch.float32).to(torch.float64), running_var.to(torch.float32).to(torch.float64)
-    to_old = p0 - rm_old
-    if call.mode == MODE_BATCH:
-        new_rm = rm_old + factor * (to_old + mean)
-        new_rv = (1.0 - factor) * rv_old + factor * (second / (total - 1.0))
-    else:
-        new_rv = (1.0 - factor) * rv_old + factor * (second / total)
-        new_rm = p0 + (factor * mean - (1.0 - factor) * to_old)
+    merged = collectives.merge_rows(rows, c, call.mode == MODE_BATCH)
+    if backends.backend_for(x) == "triton":
+        new_rm, new_rv = _merge_kernel_update(call, running_mean, running_var, nbt, *merged)
+    else:  # norm_forward_torch's values and formulas
+        work = acc_dtype(x.dtype)
+        factor = 1.0 / (nbt.to(work) + 1.0) if call.cumulative else call.momentum
+        new_rm, new_rv = merged_running_update(call.mode == MODE_BATCH, running_mean.to(work),
+                                               running_var.to(work), *(t.to(work) for t in merged), factor)
+    total = merged[3]
     running_mean.copy_(new_rm)
     running_var.copy_(new_rv)
     if nbt is not None:
@@ -147,6 +144,24 @@ def _forward_empty(call, x, running_mean, running_var, nbt):
     stats = torch.zeros((6, n, c), device=x.device, dtype=acc)
     return torch.empty_like(x), (stats, torch.zeros((c,), device=x.device, dtype=acc),
                                  torch.zeros((n, g), device=x.device, dtype=acc), total.to(acc))
+
+
+def _merge_kernel_update(call, running_mean, running_var, nbt, p0, mean, second, total):
+    """The running buffers as ``_norm_rank_merge_kernel`` writes them, its precisions
+    included: an fp32 factor and old buffers, ``(1 - factor) * running_var`` rounded to
+    fp32, the rest in float64 (p0, mean, second, total: the merge's, float64)."""
+    f32 = torch.float32
+    factor = 1.0 / (nbt.to(f32) + 1.0) if call.cumulative else torch.tensor(call.momentum, dtype=f32)
+    keep = 1.0 - factor
+    rm_old, rv_old = running_mean.to(f32), running_var.to(f32)
+    factor, old_var = factor.to(torch.float64), (keep * rv_old).to(torch.float64)
+    to_old = p0 - rm_old.to(torch.float64)
+    if call.mode == MODE_BATCH:
+        return rm_old.to(torch.float64) + factor * (to_old + mean), old_var + factor * (second / (total - 1.0))
+    q = factor * mean - keep.to(torch.float64) * to_old  # new running mean - p0
+    if running_mean.dtype != f32:
+        q = (p0 + q).to(running_mean.dtype).to(torch.float64) - p0
+    return p0 + q, old_var + factor * (second / total)
 
 
 def _backward_empty(call, x, saved, gamma, omega):
