@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import wsbcn
-from wsbcn.convert import NormAct, ScaledWSConv2d
+from wsbcn.convert import AffineWSConv2d, NormAct, ScaledWSConv2d
 from wsbcn.convert_layers import WSConvNormAct2d
 from conftest import rel_err
 from reference import bcn_reference, conv_nd, gn_reference, ws_reference
@@ -75,6 +75,8 @@ class Reference(nn.Module):
             w = ws_reference(m.weight, m.eps, m.correction, m.eps_mode)
             if isinstance(m, ScaledWSConv2d):
                 w = w * (m.gain.double() * m.scale)
+            if isinstance(m, AffineWSConv2d):
+                w = w * m.weight_gamma.double() + m.weight_beta.double()
             y = conv_nd(x, w, None if m.bias is None else m.bias.double(), m)
             if isinstance(m, WSConvNormAct2d):
                 source = self.source[0]

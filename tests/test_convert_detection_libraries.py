@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import wsbcn
-from wsbcn.convert import ConvNormAct2d, WSConvNormAct2d
+from wsbcn.convert import AffineWSConv2d, ConvNormAct2d, WSConvNormAct2d
 from wsbcn.modules import FrozenBatchChannelNorm2d
 from wsbcn.ops.collectives import WORLD
 from conftest import rel_err
@@ -84,6 +84,40 @@ class _ConvWS2d(nn.Conv2d):
         return F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
 
 
+@named_as("mmcv.cnn.bricks.conv_ws.ConvAWS2d")
+class _ConvAWS2d(nn.Conv2d):
+    """mmcv's forward and checkpoint recovery (without gamma and beta: the weight's std and mean)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.register_buffer("weight_gamma", torch.ones(self.out_channels, 1, 1, 1))
+        self.register_buffer("weight_beta", torch.zeros(self.out_channels, 1, 1, 1))
+
+    def _get_weight(self, weight):
+        flat = weight.view(weight.size(0), -1)
+        mean = flat.mean(dim=1).view(-1, 1, 1, 1)
+        std = torch.sqrt(flat.var(dim=1) + 1e-5).view(-1, 1, 1, 1)
+        return self.weight_gamma * ((weight - mean) / std) + self.weight_beta
+
+    def forward(self, x):
+        return F.conv2d(x, self._get_weight(self.weight), self.bias, self.stride, self.padding, self.dilation,
+                        self.groups)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        self.weight_gamma.data.fill_(-1)
+        local_missing = []
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, local_missing, unexpected_keys,
+                                      error_msgs)
+        if self.weight_gamma.data.mean() > 0:
+            missing_keys.extend(local_missing)
+            return
+        flat = self.weight.data.view(self.weight.size(0), -1)
+        self.weight_beta.data.copy_(flat.mean(dim=1).view(-1, 1, 1, 1))
+        self.weight_gamma.data.copy_(torch.sqrt(flat.var(dim=1) + 1e-5).view(-1, 1, 1, 1))
+        missing_keys.extend(k for k in local_missing if not k.endswith(("weight_gamma", "weight_beta")))
+
+
 def _fold_bn_into_conv(bn, conv, x):
     """mmcv's efficient_conv_bn_eval_forward: the eval-mode BatchNorm folded into the conv's weight."""
     scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
@@ -119,7 +153,7 @@ class _MMEngineSyncBatchNorm(nn.SyncBatchNorm):
 
 STAND_INS = types.SimpleNamespace(Conv2d=_Conv2d, FrozenBatchNorm2d=_FrozenBatchNorm2d,
                                   NaiveSyncBatchNorm=_NaiveSyncBatchNorm, ConvWS2d=_ConvWS2d, ConvModule=_ConvModule,
-                                  SyncBatchNorm=_MMEngineSyncBatchNorm)
+                                  SyncBatchNorm=_MMEngineSyncBatchNorm, ConvAWS2d=_ConvAWS2d)
 
 
 @pytest.fixture(params=["stand-in", "real"])
@@ -131,7 +165,8 @@ def layers(request):
                                                     "mmengine.utils.dl_utils.parrots_wrapper")
     return types.SimpleNamespace(Conv2d=d2.Conv2d, FrozenBatchNorm2d=d2.FrozenBatchNorm2d,
                                  NaiveSyncBatchNorm=d2.NaiveSyncBatchNorm, ConvWS2d=mmcv_cnn.ConvWS2d,
-                                 ConvModule=mmcv_cnn.ConvModule, SyncBatchNorm=mmengine_wrapper.SyncBatchNorm)
+                                 ConvModule=mmcv_cnn.ConvModule, SyncBatchNorm=mmengine_wrapper.SyncBatchNorm,
+                                 ConvAWS2d=mmcv_cnn.ConvAWS2d)
 
 
 _NORMS = {"BN": lambda layers: nn.BatchNorm2d(8), "GN": lambda layers: nn.GroupNorm(4, 8),
@@ -289,6 +324,51 @@ def test_mmcv_conv_ws_becomes_a_ws_conv_with_the_same_output(layers):
         assert rel_err(out[0](x), mmcv_out) <= 1e-13
     assert summary[0] == "0: ConvWS2d -> WSConv2d"  # always: its forward standardizes
     assert matches_reference(original, out, x)
+
+
+def test_mmcv_conv_aws_becomes_an_affine_ws_conv_with_the_same_output_and_checkpoints(layers):
+    torch.manual_seed(45)
+    conv = layers.ConvAWS2d(4, 6, 3, padding=1, groups=2)
+    with torch.no_grad():
+        conv.weight_gamma.uniform_(0.5, 1.5)
+        conv.weight_beta.normal_(0, 0.1)
+    model = nn.Sequential(conv, nn.GroupNorm(2, 6), nn.ReLU()).double()
+    original, checkpoint = copy.deepcopy(model), copy.deepcopy(model.state_dict())
+    x = torch.randn(2, 4, 7, 7, dtype=torch.float64)
+    with torch.no_grad():
+        mmcv_out = model[0](x)
+    out, summary = wsbcn.convert(model, return_summary=True)
+    assert type(out[0]) is AffineWSConv2d and out[0].weight is conv.weight and out[0].bias is conv.bias
+    assert (out[0].eps, out[0].correction, out[0].eps_mode) == (1e-5, 1, "var")
+    assert list(out[0].state_dict()) == ["weight", "bias", "weight_gamma", "weight_beta"]
+    with torch.no_grad():
+        assert rel_err(out[0](x), mmcv_out) <= 1e-13
+    assert summary[0] == "0: ConvAWS2d -> AffineWSConv2d"
+    assert matches_reference(original, out, x)
+    model_wide = wsbcn.convert(copy.deepcopy(original), ws="model")
+    y, y_model_wide = out.train()(x), model_wide.train()(x)
+    y.square().sum().backward()
+    y_model_wide.square().sum().backward()
+    assert torch.equal(y, y_model_wide) and torch.equal(out[0].weight.grad, model_wide[0].weight.grad)
+    frozen = wsbcn.freeze(out.eval())
+    with torch.no_grad():
+        assert type(frozen[0]) is nn.Conv2d and rel_err(frozen(x), out(x)) <= 1e-13
+    train_step(out, x)
+    assert not out[0].weight_gamma.requires_grad  # buffers, as mmcv's
+    # its own checkpoint, and one without gamma and beta (a plain conv's pretrained weight:
+    # mmcv recovers them from the weight) load as into mmcv's layer
+    plain = {k: v for k, v in checkpoint.items() if not k.endswith(("weight_gamma", "weight_beta"))}
+    for state in (checkpoint, plain):
+        ours = wsbcn.convert(layers.ConvAWS2d(4, 6, 3, padding=1, groups=2).double())
+        theirs = layers.ConvAWS2d(4, 6, 3, padding=1, groups=2).double()
+        conv_state = {k[2:]: v for k, v in state.items() if k.startswith("0.")}
+        result = ours.load_state_dict(conv_state, strict=False)
+        assert result == theirs.load_state_dict(conv_state, strict=False)
+        with torch.no_grad():
+            assert rel_err(ours(x), theirs(x)) <= 1e-13
+    with torch.no_grad():
+        plain_conv = F.conv2d(x, checkpoint["0.weight"], checkpoint["0.bias"], padding=1, groups=2)
+        assert rel_err(ours(x), plain_conv) <= 1e-10  # W is the loaded weight again
 
 
 def test_mmcv_conv_module_folding_is_turned_off(layers):

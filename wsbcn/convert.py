@@ -59,7 +59,7 @@ from torch import nn
 from . import convert_builtin  # noqa: F401  (registers the built-in rules)
 from .convert_builtin import bn_like_norm  # noqa: F401  (public: a helper for user rules)
 from .convert_fusion import checked_fusions, module_paths, replace_activations, traces_in_modes
-from .convert_layers import ConvNormAct2d, NormAct, ScaledWSConv2d, WSConvNormAct2d  # noqa: F401
+from .convert_layers import AffineWSConv2d, ConvNormAct2d, NormAct, ScaledWSConv2d, WSConvNormAct2d  # noqa: F401
 from .convert_plan import (Flow, Tracer, by_module_order, census, decide, flow_from_graph, role_of,
                            uninitialized_lazy, with_norms_inside)
 from .convert_registry import (ConvertRule, NormSpec, convert_rule_for, convert_rules,  # noqa: F401
@@ -70,7 +70,7 @@ log = logging.getLogger("wsbcn")
 
 __all__ = ["convert", "register_convert_rule", "unregister_convert_rule", "convert_rule_for", "convert_rules",
            "convert_rules_table", "ConvertRule", "NormSpec", "bn_like_norm", "NormAct", "ScaledWSConv2d",
-           "WSConvNormAct2d", "ConvNormAct2d"]
+           "AffineWSConv2d", "WSConvNormAct2d", "ConvNormAct2d"]
 
 
 def _check_arguments(model, norm, num_groups, keep_frozen):

@@ -21,14 +21,16 @@ formulas each rule reproduces:
   eval; in training across processes, the mean of each process's mean and mean square.
 - mmcv ``ConvWS2d`` (mmcv/cnn/bricks/conv_ws.py): W_hat = (W - mean) / (std + eps), std
   unbiased, i.e. WSConv's eps_mode="std", correction=1, with the layer's eps; its
-  forward is ``F.conv2d`` (padding_mode unused).
+  forward is ``F.conv2d`` (padding_mode unused). ``ConvAWS2d`` (same file): W =
+  weight_gamma * (W - mean) / sqrt(unbiased var + 1e-5) + weight_beta, two buffers per
+  output channel (``AffineWSConv2d``).
 """
 import dataclasses
 
 import torch
 from torch import nn
 
-from .convert_layers import NormAct, ScaledWSConv2d, WSConvNormAct2d
+from .convert_layers import AffineWSConv2d, NormAct, ScaledWSConv2d, WSConvNormAct2d
 from .convert_plan import _ACT_MODULES  # the activation modules wsbcn's kernels apply
 from .convert_registry import ConvertRule, NormSpec, register_convert_rule
 from .modules import (BatchChannelNorm1d, BatchChannelNorm2d, BatchChannelNorm3d, GroupNorm, WSConv1d, WSConv2d,
@@ -211,6 +213,22 @@ def _scaled_std_conv(layer):
     return new
 
 
+def _aws_conv(layer):
+    """mmcv's ConvAWS2d: (W - mean) / sqrt(unbiased var + 1e-5), then its per-channel
+    weight_gamma and weight_beta."""
+    new = AffineWSConv2d(layer.in_channels, layer.out_channels, layer.kernel_size, stride=layer.stride,
+                         padding=layer.padding, dilation=layer.dilation, groups=layer.groups,
+                         bias=layer.bias is not None, device=layer.weight.device, dtype=layer.weight.dtype,
+                         eps=1e-5, correction=1, eps_mode="var")
+    new.weight = layer.weight  # the same Parameters: optimizers keep working
+    if layer.bias is not None:
+        new.bias = layer.bias
+    with torch.no_grad():
+        new.weight_gamma.copy_(layer.weight_gamma)
+        new.weight_beta.copy_(layer.weight_beta)
+    return new
+
+
 def _ignores_padding_mode(library):
     """A skip for layers whose forward calls F.conv2d itself: WSConv would apply a padding_mode."""
     def skip(layer):
@@ -326,6 +344,10 @@ BUILTIN_RULES = {
         "conv", lambda layer: _ws_conv(layer, eps=layer.eps, correction=1, eps_mode="std"),
         becomes="WSConv2d (eps_mode=\"std\", correction=1), always", carries="geometry, eps, weight, bias",
         needs_norm=False, skip=_ignores_padding_mode("mmcv")),
+    "mmcv.cnn.bricks.conv_ws.ConvAWS2d": ConvertRule(
+        "conv", _aws_conv, becomes="AffineWSConv2d (WSConv2d eps_mode=\"var\", correction=1, then weight_gamma * "
+        "W_hat + weight_beta), always", carries="geometry, weight, bias (the same Parameters), weight_gamma, "
+        "weight_beta", needs_norm=False, skip=_ignores_padding_mode("mmcv")),
 }
 
 # timm before 0.9 defined the same classes under timm.models.layers

@@ -61,6 +61,46 @@ class ScaledWSConv2d(WSConv2d):
         return super().extra_repr() + f", scale={self.scale}"
 
 
+class AffineWSConv2d(WSConv2d):
+    """WSConv2d whose standardized weight takes an affine per output channel:
+    W = weight_gamma * W_hat + weight_beta (mmcv's ``ConvAWS2d``, the weight
+    standardization of DetectoRS; W_hat with the unbiased variance and eps 1e-5 under the
+    root). ``weight_gamma`` and ``weight_beta`` are buffers of shape (out_channels, 1, 1, 1)
+    as mmcv's (not trained), with the same state dict keys; a checkpoint without them sets
+    them, as mmcv's layer does, to the loaded weight's std and mean, so that W is the
+    loaded weight (a plain conv's pretrained weights)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        factory = dict(device=self.weight.device, dtype=self.weight.dtype)
+        self.register_buffer("weight_gamma", torch.ones(self.out_channels, 1, 1, 1, **factory))
+        self.register_buffer("weight_beta", torch.zeros(self.out_channels, 1, 1, 1, **factory))
+
+    def standardized_weight(self) -> torch.Tensor:
+        return super().standardized_weight() * self.weight_gamma + self.weight_beta
+
+    def forward(self, input):
+        # spelled out rather than inherited, so the affine holds whatever WSConv2d's forward becomes
+        return self._conv_forward(input, self.standardized_weight(), self.bias)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        own_missing = []
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, own_missing,
+                                      unexpected_keys, error_msgs)
+        affine = (prefix + "weight_gamma", prefix + "weight_beta")
+        if prefix + "weight" in state_dict and not any(k in state_dict for k in affine):
+            with torch.no_grad():  # mmcv's recovery: W = std * (W - mean) / std + mean
+                flat = self.weight.reshape(self.out_channels, -1)
+                self.weight_beta.copy_(flat.mean(dim=1).reshape(-1, 1, 1, 1))
+                self.weight_gamma.copy_(torch.sqrt(flat.var(dim=1) + 1e-5).reshape(-1, 1, 1, 1))
+            own_missing = [k for k in own_missing if k not in affine]
+        missing_keys.extend(own_missing)
+
+    def extra_repr(self):
+        return super().extra_repr() + ", affine=(weight_gamma, weight_beta)"
+
+
 class WSConvNormAct2d(WSConv2d):
     """WSConv2d that applies its own ``norm``, then its own ``activation`` (a module or a
     function; either may be None), to the convolution's output: detectron2's ``Conv2d``
