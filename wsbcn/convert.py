@@ -49,6 +49,7 @@ ready only at the end of the backward, which delays DDP's all-reduce of those we
 """
 import contextlib
 import functools
+import itertools
 import inspect
 import logging
 import warnings
@@ -120,6 +121,13 @@ def _traced_flow(model, layers):
     kept = {path: m for path, m in tracer.kept_whole.items()
             if any(p.startswith(path + ".") and role.rule is not None for p, _, role in layers)}
     flow = flow_from_graph(graph, model, layers, kept)
+    if not concrete:  # a layer the forward runs in the other mode only (googlenet's aux heads in training)
+        for _, other in traces_in_modes(model, lambda: Tracer(keep_stateful).trace(model)):
+            if not isinstance(other, BaseException):
+                other_flow = flow_from_graph(other, model, layers, kept)
+                flow.called |= other_flow.called
+                for conv, norm in other_flow.feeds.items():
+                    flow.feeds.setdefault(conv, norm)
     if concrete:  # a call with other flags may run other layers, or skip an activation: pairs only
         note = (note + "; " if note else "") + "traced with the forward's flags at their defaults (" + ", ".join(
             f"{name}={value}" for name, value in concrete.items()) + "), which other calls may change: convs " \
@@ -199,6 +207,21 @@ def _build(path, old, rule, *args):
     for m in new.modules():
         if id(m) not in taken:
             m.training = old.training
+    return new
+
+
+def _floating_tensors(*modules):
+    return (t for m in modules for t in itertools.chain(m.parameters(), m.buffers()) if t.is_floating_point())
+
+
+def _placed(new, old, feeding, model):
+    """A norm without tensors of its own (nn.GroupNorm(affine=False)) tells its rule no
+    dtype or device: its new layer's buffers take those of the conv feeding it, else of
+    the model's first tensor (not torch's defaults)."""
+    if next(_floating_tensors(old), None) is None:
+        like = next(_floating_tensors(*feeding, model), None)
+        if like is not None:
+            new.to(device=like.device, dtype=like.dtype)
     return new
 
 
@@ -299,6 +322,45 @@ def _turn_off_folding(model, new_ids, undo):
     return lines
 
 
+# nn.Module's hook dicts: forward, pre-forward, backward, state dict (and their kwargs variants)
+_HOOK_DICTS = tuple(k for k, v in vars(nn.Module()).items() if "hook" in k and isinstance(v, dict))
+
+
+def has_hooks(m: nn.Module) -> bool:
+    return any(m.__dict__.get(name) for name in _HOOK_DICTS)
+
+
+def _computes_the_weight(hook) -> bool:
+    """A hook of torch's pruning or of the hook form of weight_norm/spectral_norm (its
+    state-dict hooks included): it makes a weight from tensors only the old layer has."""
+    from torch.nn.utils.prune import BasePruningMethod
+    from torch.nn.utils.spectral_norm import SpectralNorm, SpectralNormLoadStateDictPreHook, SpectralNormStateDictHook
+    from torch.nn.utils.weight_norm import WeightNorm
+    kinds = (BasePruningMethod, WeightNorm, SpectralNorm, SpectralNormStateDictHook, SpectralNormLoadStateDictPreHook)
+    return any(isinstance(h, kinds) for h in (hook, getattr(hook, "hook", None), getattr(hook, "__self__", None)))
+
+
+def carry_hooks(old: nn.Module, new: nn.Module) -> bool:
+    """The hooks registered on ``old`` run on ``new`` (the same dicts where nothing is left
+    out: their handles still remove them), except those computing its weight (pruning,
+    the hook form of weight_norm/spectral_norm: ``new`` holds the weight they computed).
+    Returns whether any were carried."""
+    carried = False
+    for name in _HOOK_DICTS:
+        hooks = old.__dict__.get(name)
+        kept = {k: h for k, h in hooks.items() if not _computes_the_weight(h)} if hooks else {}
+        if not kept:
+            continue
+        carried = True
+        if new.__dict__.get(name) or len(kept) < len(hooks):  # hooks of its own, or some left out: a copy
+            new.__dict__[name] = type(hooks)({**new.__dict__.get(name, {}), **kept})
+        else:
+            new.__dict__[name] = hooks
+    if carried and old.__dict__.get("_is_full_backward_hook") is not None:
+        new._is_full_backward_hook = old._is_full_backward_hook
+    return carried
+
+
 def _swap(model, replacements, fusions):
     """Put the new layers in, at every path a shared layer is registered at, and replace
     the fused activations' modules (convert_fusion.py), also in plain containers
@@ -316,6 +378,8 @@ def _swap(model, replacements, fusions):
                     lines.append(f"{at}: the same {type(old).__name__} as {path}, replaced there too")
         replace_activations(model, fusions, swapped)
         new_of = {id(old): (old, new) for _, old, new in replacements}
+        lines += [f"{path}: its hooks run on the new layer" for path, old, new in replacements
+                  if carry_hooks(old, new)]
         lines += _turn_off_folding(model, {id(new) for _, _, new in replacements}, undo)
         return lines + _rebind(model, new_of, undo)
     except BaseException:
@@ -349,7 +413,9 @@ def convert(model: nn.Module, norm: str = "bcn", num_groups: int = 32, estimate:
         plan = decide(layers, flow, bool(ws), keep_frozen, fuse_activation)
         fusions, not_fused = _safe_fusions(model, layers, plan, graph, trace)
     fusions, held = _unheld_fusions(model, fusions)
-    not_fused += held
+    not_fused += held + [f"{node.target}: the following {act} not fused: it has hooks, which would not run"
+                         for node, _, act, act_module in fusions if has_hooks(act_module)]
+    fusions = [fusion for fusion in fusions if not has_hooks(fusion[3])]
     by_path = {path: layer for path, layer, _ in layers}
     fused_act = {node.target: act for node, _, act, _ in fusions}
 
@@ -368,7 +434,8 @@ def convert(model: nn.Module, norm: str = "bcn", num_groups: int = 32, estimate:
         rule = convert_rule_for(old)
         act = plan.inner_fusions[path][1] if path in plan.inner_fusions else fused_act.get(path)
         spec = NormSpec(norm, num_groups, estimate, act, dims, process_group)
-        new = _build(path, old, rule, spec)
+        new = _placed(_build(path, old, rule, spec), old, [by_path[c] for c, n in flow.feeds.items() if n == path and c in by_path],
+                      model)
         replacements.append((path, old, new))
         changed.append(f"{path}: {type(old).__name__} -> {_describe(new)}")
         channels = rule.channels(old)

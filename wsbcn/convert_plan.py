@@ -64,9 +64,15 @@ def role_of(m) -> Optional[Role]:
     if isinstance(m, nn.modules.conv._ConvNd) or ("conv" in name and weight is not None and weight.dim() >= 3):
         return Role("conv")
     if isinstance(m, _TORCH_NORMS) or ("running_mean" in m._buffers and "running_var" in m._buffers) or (
-            "norm" in name and _has_own_state(m)):
+            "norm" in name and _has_own_state(m) and not _holds_layers(m)):
         return Role("norm")
     return None
+
+
+def _holds_layers(m) -> bool:
+    """Whether a module holds convs or norms: then it is a block (timm's NormFreeBlock, a
+    "PreNorm" block with a layer scale), whatever its name, and convert looks inside."""
+    return any(role_of(child) is not None for child in m.modules() if child is not m)
 
 
 def norm_inside(layer, role) -> Optional[Tuple[str, str]]:
@@ -146,6 +152,7 @@ class Flow:
     candidates: list = field(default_factory=list)        # (norm node, act node, "relu"/"silu")
     unfusable: list = field(default_factory=list)         # (norm path, act, why): an activation after it stays
     own_norm: Dict[str, str] = field(default_factory=dict)  # conv path -> the norm only it applies (norm_inside)
+    after_linear: Dict[str, str] = field(default_factory=dict)  # norm path -> the nn.Linear whose output it takes
     kept_whole: Dict[str, nn.Module] = field(default_factory=dict)
 
 
@@ -155,6 +162,10 @@ def _act_of(node, modules):
     if node.op == "call_function":
         return _ACT_FUNCTIONS.get(node.target)
     return None
+
+
+def _is_call_of(node, modules, types) -> bool:
+    return isinstance(node, fx.Node) and node.op == "call_module" and isinstance(modules.get(node.target), types)
 
 
 def flow_from_graph(graph, model, layers, kept_whole) -> Flow:
@@ -173,9 +184,13 @@ def flow_from_graph(graph, model, layers, kept_whole) -> Flow:
         if role.kind != "norm":
             continue
         src = node.args[0] if node.args else None
+        while _is_call_of(src, modules, (nn.Identity,)) and src.args:  # (an Identity between them changes nothing)
+            src = src.args[0]
         src_role = roles.get(src.target) if isinstance(src, fx.Node) and src.op == "call_module" else None
         if src_role is not None and src_role.kind == "conv":
             flow.feeds.setdefault(src.target, node.target)
+        elif _is_call_of(src, modules, (nn.Linear,)):
+            flow.after_linear[node.target] = src.target
     for node in graph.nodes:
         role = roles.get(node.target) if node.op == "call_module" else None
         if role is None or role.rule is None or role.kind != "norm":
@@ -317,6 +332,10 @@ def decide(layers, flow: Flow, ws: bool, keep_frozen: bool, fuse_activation: boo
             plan.reasons[path] = role.rule.skip(layer)
         elif computed := _computed_weight(layer):
             plan.reasons[path] = computed
+        elif path in flow.after_linear and path not in fed_by:
+            plan.reasons[path] = (f"it normalizes the features of {flow.after_linear[path]} (nn.Linear), which have "
+                                  "no spatial or length dimension: a channel stage (BCN's, GroupNorm's) would "
+                                  "normalize each sample's C / num_groups values on their own")
         else:
             conv = roles.get(fed_by.get(path), (None, None))[0]
             dims = conv.weight.dim() - 2 if conv is not None and conv.weight.dim() in (3, 4, 5) else None

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .convert import _rebind
+from .convert import _rebind, carry_hooks
 from .convert_layers import ConvNormAct2d, WSConvNormAct2d
 from .modules.frozen import (FrozenBatchChannelNorm1d, FrozenBatchChannelNorm2d, FrozenBatchChannelNorm3d,
                              GroupNormAct, copy_parameters)
@@ -103,10 +103,12 @@ def _freeze_in_place(model: nn.Module, new_of=None) -> nn.Module:
         return new_of[id(model)][1]
     new = _frozen_layer(model, new_of)
     if new is not model:
+        carry_hooks(model, new)  # a hook on the layer runs on its frozen form
         new_of[id(model)] = (model, new)
         return new
-    for name, child in list(model.named_children()):
-        setattr(model, name, _freeze_in_place(child, new_of))
+    for name, child in list(model._modules.items()):  # every name (named_children skips a second one)
+        if child is not None:
+            setattr(model, name, _freeze_in_place(child, new_of))
     return model
 
 

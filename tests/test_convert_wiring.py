@@ -1,0 +1,158 @@
+"""wsbcn.convert and wsbcn.freeze on models that wire their layers in less common ways:
+hooks on the swapped layers, a layer at two names of one parent, a norm without
+tensors, a block named like a norm, a BatchNorm on a Linear's features, branches that
+run in one mode only, an Identity between conv and norm."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import wsbcn
+from conftest import rel_err
+from convert_helpers import matches_reference, randomize
+
+
+def _summary(model, **kwargs):
+    return wsbcn.convert(model, num_groups=4, return_summary=True, **kwargs)
+
+
+class _Aliased(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.alias = self.conv  # the same conv at a second name of the same parent
+
+    def forward(self, x):
+        return self.bn(self.alias(x))
+
+
+def test_freeze_a_layer_registered_twice_under_one_parent():
+    torch.manual_seed(1)
+    model = wsbcn.convert(_Aliased().double(), num_groups=4).eval()
+    frozen = wsbcn.freeze(model)
+    assert type(frozen.conv) is nn.Conv2d and frozen.alias is frozen.conv
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    with torch.no_grad():
+        assert rel_err(frozen(x), model(x)) <= 1e-13
+        assert rel_err(torch.jit.trace(frozen, x)(x), model(x)) <= 1e-13  # no wsbcn layer left to refuse it
+
+
+def test_a_group_norm_without_affine_converts_in_the_models_dtype_and_device():
+    """nn.GroupNorm(affine=False) has no tensor to tell its new BCN's buffers a dtype or
+    device: they take the feeding conv's, not torch's defaults."""
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.GroupNorm(2, 8, affine=False)).double()
+    out = wsbcn.convert(model)
+    assert out[1].running_mean.dtype == out[1].running_var.dtype == torch.float64
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    out.train()(x)
+    with torch.no_grad():
+        assert rel_err(wsbcn.freeze(out.eval())(x), out(x)) <= 1e-13  # it raised: mixed dtypes
+    on_meta = wsbcn.convert(nn.Sequential(nn.Conv2d(3, 8, 3), nn.GroupNorm(2, 8, affine=False)).to("meta"))
+    assert on_meta[1].running_mean.device.type == "meta"
+
+
+class PreNormBlock(nn.Module):
+    """A residual block with a layer scale, under a name with "norm" in it."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, padding=1)
+        self.bn = nn.BatchNorm2d(c)
+        self.act = nn.ReLU()
+        self.gamma = nn.Parameter(torch.full((1, c, 1, 1), 0.5))
+
+    def forward(self, x):
+        return x + self.gamma * self.act(self.bn(self.conv(x)))
+
+
+def test_a_block_named_like_a_norm_is_looked_inside():
+    torch.manual_seed(2)
+    model = randomize(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), PreNormBlock(8))).double()
+    original = copy.deepcopy(model)
+    out, summary = _summary(model)
+    assert type(out[2].conv) is wsbcn.WSConv2d and type(out[2].bn) is wsbcn.BatchChannelNorm2d
+    assert not any("no convert rule" in line for line in summary)
+    assert matches_reference(original, out, torch.randn(2, 3, 6, 6, dtype=torch.float64))
+
+
+def test_hooks_of_swapped_layers_run_on_the_new_ones():
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU()).double()
+    seen = []
+    model[0].register_forward_pre_hook(lambda m, args: seen.append(("conv pre", type(m).__name__)))
+    bn_hook = model[1].register_forward_hook(lambda m, args, out: seen.append(("bn", type(m).__name__)))
+    model[1].register_full_backward_hook(lambda m, grad_in, grad_out: seen.append(("bn backward", type(m).__name__)))
+    model[2].register_forward_hook(lambda m, args, out: seen.append(("relu", type(m).__name__)))
+    out, summary = _summary(model)
+    x = torch.randn(2, 3, 5, 5, dtype=torch.float64)
+    out(x).sum().backward()
+    assert seen == [("conv pre", "WSConv2d"), ("bn", "BatchChannelNorm2d"), ("relu", "ReLU"),
+                    ("bn backward", "BatchChannelNorm2d")]
+    assert "0: its hooks run on the new layer" in summary and "1: its hooks run on the new layer" in summary
+    # the ReLU's hook would not run fused into the norm: it stays, and the summary says why
+    assert type(out[2]) is nn.ReLU and out[1].activation is None
+    assert "1: the following relu not fused: it has hooks, which would not run" in summary
+    bn_hook.remove()  # the handles still work
+    seen.clear()
+    with torch.no_grad():
+        out(x)
+    assert seen == [("conv pre", "WSConv2d"), ("relu", "ReLU")]
+    # and a hook of a wsbcn layer runs on its frozen form
+    seen.clear()
+    with torch.no_grad():
+        wsbcn.freeze(out.eval())(x)
+    assert seen == [("conv pre", "Conv2d"), ("relu", "ReLU")]
+
+
+def test_a_batch_norm_on_a_linears_features_is_left_alone():
+    """(N, C) features have no spatial or length dimension: a channel stage would normalize
+    each sample's C / G values alone (C = 16, G = 16: every output the bias)."""
+    model = nn.Sequential(nn.Linear(10, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 4),
+                          nn.Conv1d(4, 8, 1), nn.BatchNorm1d(8))
+    model.forward = lambda x: model[5](model[4](model[3](model[2](model[1](model[0](x))))[:, :, None]))
+    out, summary = _summary(model)
+    assert type(out[1]) is nn.BatchNorm1d and type(out[2]) is nn.ReLU
+    assert any(line.startswith("1: BatchNorm1d left alone: it normalizes the features of 0 (nn.Linear)")
+               for line in summary)
+    assert type(out[4]) is wsbcn.WSConv1d and type(out[5]) is wsbcn.BatchChannelNorm1d  # a length dimension
+
+
+class _TrainOnlyHead(nn.Module):
+    """googlenet's aux heads: a branch the forward runs in training only; and one in eval only."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8))
+        self.aux = nn.Sequential(nn.Conv2d(8, 8, 1), nn.BatchNorm2d(8))
+        self.eval_only = nn.Sequential(nn.Conv2d(8, 8, 1), nn.BatchNorm2d(8))
+
+    def forward(self, x):
+        y = self.stem(x)
+        return (y, self.aux(y)) if self.training else self.eval_only(y)
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_layers_the_forward_runs_in_one_mode_only_convert_in_either(mode):
+    torch.manual_seed(4)
+    model = _TrainOnlyHead().double().train(mode == "train")
+    out, summary = _summary(model)
+    for part in (out.stem, out.aux, out.eval_only):
+        assert [type(m) for m in part] == [wsbcn.WSConv2d, wsbcn.BatchChannelNorm2d], summary
+        assert part[1].training == (mode == "train")
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    stem, aux = out.train()(x)
+    (stem.square().sum() + aux.square().sum()).backward()
+    assert all(p.grad is not None for p in out.aux.parameters())
+    with torch.no_grad():
+        assert out.eval()(x).shape == (2, 8, 4, 4)
+
+
+def test_an_identity_between_conv_and_norm_changes_nothing():
+    torch.manual_seed(5)
+    model = randomize(nn.Sequential(nn.Conv2d(3, 8, 3), nn.Identity(), nn.BatchNorm2d(8))).double()
+    original = copy.deepcopy(model)
+    out, summary = _summary(model)
+    assert type(out[0]) is wsbcn.WSConv2d, summary
+    assert matches_reference(original, out, torch.randn(2, 3, 6, 6, dtype=torch.float64))
