@@ -428,6 +428,48 @@ def test_bad_bcn_inputs_raise_before_any_kernel(backend, monkeypatch):
             wsbcn.BatchChannelNorm2d(**args)
 
 
+def test_bad_running_buffers_raise_before_anything_changes(backend):
+    m = wsbcn.BatchChannelNorm2d(8, num_groups=4).to(DEVICE)
+    x = torch.randn(2, 8, 3, 3, device=DEVICE)
+    m.num_batches_tracked = torch.tensor(False, device=DEVICE)  # a bool counter: rejected before anything runs
+    _bad(lambda: m(x), ValueError, "num_batches_tracked must be a one-element integer tensor", m)
+    m.num_batches_tracked = torch.tensor(0, device=DEVICE)
+    m(x)  # (a signature validated with buffers that need no gradient does not let the next one through)
+    m.running_mean.requires_grad_(True)  # nn.BatchNorm2d raises as well: no derivative for it
+    _bad(lambda: m(x), ValueError, "running_mean requires grad", m)
+    m.running_mean.requires_grad_(False)
+    m.running_mean = torch.zeros(1, device=DEVICE).expand(8)  # one value under 8 names: no place for 8 statistics
+    _bad(lambda: m(x), ValueError, "running_mean has elements sharing memory", m)
+    with torch.no_grad():
+        assert rel_err(m.eval()(x), bcn_reference(x.double(), 4, m.weight.double(), m.bias.double(),
+                                                  m.group_weight.double(), m.group_bias.double(),
+                                                  m.running_mean.double(), m.running_var.double(),
+                                                  training=False)) <= TOL[torch.float32]  # read only: fine
+
+
+def test_parameters_of_any_shape_with_their_channel_count(backend):
+    """As F.batch_norm: a (2, 2) weight, bias and running buffers for 4 channels; both
+    backends, against the float64 composition; the buffers update in place."""
+    torch.manual_seed(6)
+    x = torch.randn(2, 4, 3, 3, device=DEVICE, requires_grad=True)
+    w = (torch.rand(2, 2, device=DEVICE) + 0.5).requires_grad_(True)
+    b = torch.randn(2, 2, device=DEVICE).requires_grad_(True)
+    rm, rv = torch.zeros(2, 2, device=DEVICE), torch.ones(2, 2, device=DEVICE)
+    ref = {k: t.detach().double().reshape(-1).clone().requires_grad_(k in ("weight", "bias"))
+           for k, t in (("weight", w), ("bias", b), ("running_mean", rm), ("running_var", rv))}
+    y = batch_channel_norm(x, 2, rm, rv, w, b, training=True)
+    x64 = x.detach().double().requires_grad_(True)
+    yr = bcn_reference(x64, 2, ref["weight"], ref["bias"], None, None, ref["running_mean"], ref["running_var"],
+                       training=True)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    yr.backward(dy.double())
+    assert rel_err(y, yr) <= TOL[torch.float32] and rel_err(x.grad, x64.grad) <= TOL[torch.float32]
+    assert w.grad.shape == (2, 2) and rel_err(w.grad.reshape(-1), ref["weight"].grad) <= TOL[torch.float32]
+    assert rel_err(rm.reshape(-1), ref["running_mean"]) <= TOL[torch.float32]
+    assert rel_err(rv.reshape(-1), ref["running_var"]) <= TOL[torch.float32]
+
+
 class _CountingKernel:
     """Wraps a Triton kernel and counts its launches."""
 

@@ -241,6 +241,27 @@ def test_standardizer_trains_bitwise_like_per_layer(backend):
     assert standardizer._hats is None  # the hand-over ended with the forward
 
 
+@pytest.mark.parametrize("relayout", ["transpose", "view", "as_strided"])
+def test_a_weight_given_another_layout_in_place_is_standardized_as_it_is_now(backend, relayout):
+    """``weight.data = w.transpose(2, 3)`` (or a view of another shape) keeps the Parameter
+    object and its address: the standardizer's validated call must not be reused (the
+    kernels read the old strides and shape: errors of 177, a 3x3 kernel on a 9x1 weight)."""
+    torch.manual_seed(5)
+    model = nn.Sequential(wsbcn.WSConv2d(4, 6, 3), nn.ReLU(), wsbcn.WSConv2d(6, 6, 1)).to(DEVICE)
+    per_layer = copy.deepcopy(model)
+    ModelWeightStandardizer(model)
+    x = torch.randn(2, 4, 11, 11, device=DEVICE)
+    model(x)
+    for m in (model, per_layer):
+        w = m[0].weight.data
+        m[0].weight.data = {"transpose": lambda: w.transpose(2, 3), "view": lambda: w.view(6, 4, 9, 1),
+                            "as_strided": lambda: w.as_strided((6, 4, 3, 3), (36, 1, 12, 4))}[relayout]()
+    assert_bitwise(model(x), per_layer(x), relayout)
+    w_hat = ws_reference(model[0].weight, 1e-5, 0, "var")
+    reference = torch.nn.functional.conv2d(x.double(), w_hat, model[0].bias.double())
+    assert rel_err(model[0](x), reference) <= TOL[torch.float32]
+
+
 def test_standardizer_hand_over_rules(monkeypatch):
     """A W_hat is taken once, inside the model's forward only; a layer whose weight or
     arguments changed standardizes per layer; remove() detaches. (Python logic: the

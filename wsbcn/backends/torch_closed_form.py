@@ -65,6 +65,10 @@ def norm_forward_torch(x, gamma, beta, omega, eta, running_mean, running_var, nu
     batch, ``second`` its centred M2 (kind "chan") or its sum of squares about the
     old running mean (kind "sum"), ``count`` its number of values per channel."""
     acc = acc_dtype(x.dtype)
+    # per-channel tensors of any shape with C elements (as F.batch_norm takes them); the
+    # running buffers come contiguous (ops/norm.py), so their views update them
+    gamma, beta, running_mean, running_var = (t if t is None else t.reshape(-1)
+                                              for t in (gamma, beta, running_mean, running_var))
     n, c = x.shape[:2]
     dims = tuple(range(2, x.dim()))
     s = x[0, 0].numel()
@@ -199,6 +203,7 @@ def norm_backward_torch(dy, x, stats, rstd_c, rho, gamma, omega, eta, num_groups
     processes and ``batch_count`` is the values per channel of the whole
     (distributed) batch; both only matter with batch statistics."""
     acc = stats.dtype
+    gamma = gamma if gamma is None else gamma.reshape(-1)
     n, c = x.shape[:2]
     dims = tuple(range(2, x.dim()))
     s = x[0, 0].numel()

@@ -305,12 +305,18 @@ class _Call:
         """The call with contiguous copies of parameters and running buffers that are not
         (views with gaps or repeats: the kernels and the closed form index them densely);
         the running buffers' updates are copied back."""
+        if self.update_running:
+            for name, t in (("running_mean", running_mean), ("running_var", running_var)):
+                if _overlaps(t):  # before anything runs: its update could not be copied back
+                    raise ValueError(f"{name} has elements sharing memory (an expanded tensor, stride "
+                                     f"{t.stride()}): it cannot hold per-channel running statistics")
         dense = [None if t is None else t.contiguous() for t in (gamma, beta, omega, eta, running_mean, running_var)]
         y = self(x, *dense, nbt)
-        with torch.no_grad():
-            for t, d in zip((running_mean, running_var), dense[4:]):
-                if d is not t:
-                    t.copy_(d)
+        if self.update_running:
+            with torch.no_grad():
+                for t, d in zip((running_mean, running_var), dense[4:]):
+                    if d is not t:
+                        t.copy_(d)
         return y
 
     def __call__(self, x, gamma, beta, omega, eta, running_mean, running_var, nbt):
@@ -452,6 +458,19 @@ _cache = checks.CallCache()  # validated call signatures -> _Call; call sites ->
 _meta = checks.tensor_meta
 
 
+def _overlaps(t) -> bool:
+    """Whether elements of ``t`` share memory (a stride 0 over a size > 1, or what torch's
+    overlap check finds)."""
+    if any(st == 0 and sz > 1 for st, sz in zip(t.stride(), t.shape)):
+        return True
+    check = getattr(torch, "_debug_has_internal_overlap", None)
+    return check is not None and check(t) == 1
+
+
+def _requires_grad(t) -> bool:
+    return t is not None and t.requires_grad
+
+
 def _owner_key(owner):
     """What a calling module's ``_check_input`` reads besides x: its class and channels."""
     return None if owner is None else (owner.__class__, owner.num_channels)
@@ -510,7 +529,8 @@ def _batch_channel_norm(x, num_groups, running_mean, running_var, weight, bias, 
             "bcn", _owner_key(owner), x.shape, x.stride(), x.dtype, x.device, num_groups, type(num_groups),
             _meta(running_mean), _meta(running_var), _meta(weight), _meta(bias), _meta(group_weight),
             _meta(group_bias), _meta(num_batches_tracked), bool(training), bool(estimate), momentum, type(momentum),
-            eps, type(eps), activation, group), lambda: _validate_bcn(
+            eps, type(eps), activation, group, _requires_grad(running_mean), _requires_grad(running_var)),
+            lambda: _validate_bcn(
             owner, x, num_groups, running_mean, running_var, weight, bias, group_weight, group_bias, training,
             estimate, momentum, eps, activation, num_batches_tracked, group))
         run = call if call.dense else call.call_dense
@@ -564,8 +584,14 @@ def _validate_bcn(owner, x, num_groups, running_mean, running_var, weight, bias,
     cumulative = momentum is None
     if cumulative and update_running and num_batches_tracked is None:
         raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")
-    if num_batches_tracked is not None and (num_batches_tracked.numel() != 1 or num_batches_tracked.dtype.is_floating_point):
-        raise ValueError("num_batches_tracked must be a one-element integer tensor")
+    if num_batches_tracked is not None and (num_batches_tracked.numel() != 1 or num_batches_tracked.dtype in (
+            torch.bool, torch.uint8) or num_batches_tracked.dtype.is_floating_point or num_batches_tracked.is_complex()):
+        raise ValueError("num_batches_tracked must be a one-element integer tensor, got "
+                         f"{num_batches_tracked.dtype} of shape {tuple(num_batches_tracked.shape)}")
+    for name, t in (("running_mean", running_mean), ("running_var", running_var)):
+        if t is not None and t.requires_grad:  # nn.BatchNorm's raises too (no derivative for it)
+            raise ValueError(f"{name} requires grad: the running statistics are buffers updated in place, "
+                             f"with no gradient; call {name}.requires_grad_(False)")
     if num_batches_tracked is not None and num_batches_tracked.device != x.device:
         raise ValueError(f"num_batches_tracked is on {num_batches_tracked.device} but the input is on {x.device}")
     group_affine = group_weight is not None and group_weight.numel() == num_groups

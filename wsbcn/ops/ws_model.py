@@ -50,6 +50,22 @@ from . import library
 from .ws import _Call, row_dense, weight_standardize
 
 _data_ptr = torch.Tensor.data_ptr
+
+
+def _layout_of(weights):
+    """(a TensorGuards of the weights, the index of each weight object's first place, or
+    None when none is there twice: the guard fails a tensor given twice, and tied weights
+    are), else their (sizes, strides) where torch has no TensorGuards."""
+    first = {}
+    for i, w in enumerate(weights):
+        first.setdefault(id(w), i)
+    once = None if len(first) == len(weights) else tuple(first.values())
+    guard = _compat.tensor_guards(weights if once is None else [weights[i] for i in once])
+    if guard is None:
+        return tuple((w.shape, w.stride()) for w in weights)
+    return guard, once
+
+
 _saved_hooks = _compat.top_saved_tensors_hooks  # None: no saved-tensor hooks active (wsbcn/_compat.py)
 _is_contiguous = torch.Tensor.is_contiguous
 
@@ -530,6 +546,7 @@ class ModelWeightStandardizer:
         self._checked = [(a[0], a[1], a[2] == "std") for a in self._args]
         self._weights = None
         self._addresses = None
+        self._layout = None  # what tells the validated weights' shapes and strides (_same_layout)
         self._stale = False
 
     @classmethod
@@ -551,7 +568,8 @@ class ModelWeightStandardizer:
 
     def __getstate__(self):  # deepcopy and pickle: the validated call and plans are rebuilt on use
         state = dict(self.__dict__)
-        state.update(_call=None, _weights=None, _addresses=None, _hats=None, _taken_from=None, _kept=None)
+        state.update(_call=None, _weights=None, _addresses=None, _layout=None, _hats=None, _taken_from=None,
+                     _kept=None)
         return state
 
     def __deepcopy__(self, memo):
@@ -601,7 +619,7 @@ class ModelWeightStandardizer:
         if (call is not None and known is not None and len(known) == len(weights)
                 and all(map(operator.is_, weights, known))):  # the validated objects: plain tensors
             addresses = tuple(map(_data_ptr, weights))
-            if addresses == self._addresses and call.current():
+            if addresses == self._addresses and self._same_layout(weights) and call.current():
                 call.addresses = addresses
                 return call
         if not all(type(w) is torch.nn.Parameter or type(w) is torch.Tensor for w in weights):
@@ -615,8 +633,19 @@ class ModelWeightStandardizer:
         self._call = call = ModelCall(weights, self._checked)
         call.on_backward = self._release
         self._weights, self._addresses = weights, addresses
+        self._layout = _layout_of(weights)
         call.addresses = addresses
         return call
+
+    def _same_layout(self, weights) -> bool:
+        """Whether the weights keep the sizes and strides (and dtypes, devices) of the
+        validated call: a ``weight.data = w.transpose(2, 3)`` keeps the Parameter object
+        and its address, not its layout."""
+        layout = self._layout
+        if type(layout) is tuple:  # (where torch has no TensorGuards)
+            return layout == _layout_of(weights)
+        guard, once = layout
+        return guard.check(*(weights if once is None else [weights[i] for i in once]))
 
     def _before(self, module, args):
         self._kept = None  # a new forward: what the last one kept is no longer recomputed
