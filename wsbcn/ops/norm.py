@@ -7,9 +7,11 @@ signature (``_Call``), picks its backend and wires autograd. One Function serves
 every path: the eager Triton launch plan, the torch closed form, the ops that
 torch.compile traces, and BCN across processes (``process_group``).
 """
+import collections
 from typing import Optional
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 from torch.autograd import forward_ad as _forward_ad  # _current_level: the dual level (wsbcn/_compat.py)
 
 from .. import _compat, backends, checks, tuning
@@ -196,7 +198,7 @@ class _Call:
 
     __slots__ = ("num_groups", "eps", "momentum", "cumulative", "mode", "update_running", "activation",
                  "group_affine", "dtypes", "dense", "eager", "group", "plans", "untraced", "c_apply", "recompute",
-                 "fast")
+                 "fast", "keeps_estimates")
 
     def __init__(self, x, num_groups, eps, momentum, cumulative, mode, update_running, activation, group_affine,
                  dtypes, group=None, dense=True):
@@ -217,6 +219,8 @@ class _Call:
         self.recompute = None  # recomputed(): built on the first recompute
         # call_plain's hot path applies: eager, one process, the C apply, a readable dual level
         self.fast = self.c_apply is not None and group is None and _compat.dual_level_readable
+        # micro-batch BCN normalizes with the estimates it just updated: checkpoint's recompute needs those
+        self.keeps_estimates = mode == MODE_ESTIMATE and update_running and self.untraced
 
     def recomputed(self, x):
         """The call that replaces this one when torch.utils.checkpoint recomputes it (a
@@ -334,12 +338,29 @@ class _Call:
             # the hot path: no functorch transform, no dual level, not checkpoint's recompute.
             # The same as the general path below, which tests these one by one.
             if _grad_enabled():
-                return self.c_apply(x, gamma, beta, omega, eta, self, (running_mean, running_var, nbt))
-            return self.forward(x, gamma, beta, omega, eta, running_mean, running_var, nbt)[0]  # nothing to record
+                y = self.c_apply(x, gamma, beta, omega, eta, self, (running_mean, running_var, nbt))
+                if self.keeps_estimates and _saved_hooks(False) is not None:  # maybe non-reentrant checkpoint
+                    _keep_estimates(x, running_mean, running_var)
+                return y
+            y = self.forward(x, gamma, beta, omega, eta, running_mean, running_var, nbt)[0]  # nothing to record
+            if self.keeps_estimates:  # maybe a reentrant checkpoint's forward
+                _keep_estimates(x, running_mean, running_var)
+            return y
         if self.update_running and self.untraced and _graph_task_id() != -1:  # in a backward: checkpoint's recompute
             recompute = self.recomputed(x)
             if recompute is not None:
+                if self.keeps_estimates:  # what that forward normalized with, if kept
+                    running_mean, running_var = _kept_estimates(x, running_mean, running_var)
                 return recompute.call_plain(x, gamma, beta, omega, eta, running_mean, running_var, None)
+        if self.keeps_estimates and self.fast is False and (not torch.is_grad_enabled() or
+                                                             _saved_hooks(False) is not None):
+            y = self._general(x, gamma, beta, omega, eta, running_mean, running_var, nbt)
+            _keep_estimates(x, running_mean, running_var)
+            return y
+        return self._general(x, gamma, beta, omega, eta, running_mean, running_var, nbt)
+
+    def _general(self, x, gamma, beta, omega, eta, running_mean, running_var, nbt):
+        """call_plain past its hot path and checkpoint's recompute: every other case, in turn."""
         buffers = (running_mean, running_var, nbt)
         if self.group is not None and self.untraced and _compat.has_forward_tangents((x, gamma, beta, omega, eta)):
             raise RuntimeError(  # before anything runs (not traced by dynamo)
@@ -456,6 +477,37 @@ _graph_task_id = _compat.graph_task_id  # != -1: a backward runs (_compat.in_bac
 _transforms_active, _grad_enabled = _compat.functorch_transforms_active, torch.is_grad_enabled
 _cache = checks.CallCache()  # validated call signatures -> _Call; call sites -> their newest (checks.recalled)
 _meta = checks.tensor_meta
+_saved_hooks = _compat.top_saved_tensors_hooks  # None: no saved-tensor hooks active (wsbcn/_compat.py)
+
+# Micro-batch BCN (estimate=True) normalizes with the running estimates its forward just
+# updated. Under torch.utils.checkpoint that forward runs with saved-tensor hooks
+# (non-reentrant) or without grad (reentrant), and its recompute, during the backward,
+# must normalize with the same estimates, though another forward of the layer may have
+# updated the buffers since (two micro-batches, then one backward). Such forwards keep
+# a copy of them here, per running_mean buffer, newest last, found again by the input's
+# address and layout (a reentrant recompute gets detached inputs: the same memory).
+_estimates_kept = WeakIdKeyDictionary()  # (by identity: a tensor's == compares values)
+_KEPT_PER_LAYER = 16
+
+
+def _input_key(x):
+    return x.data_ptr(), x.shape, x.stride()
+
+
+def _keep_estimates(x, running_mean, running_var):
+    kept = _estimates_kept.get(running_mean)
+    if kept is None:
+        kept = _estimates_kept[running_mean] = collections.deque(maxlen=_KEPT_PER_LAYER)
+    kept.append((_input_key(x), running_mean.detach().clone(), running_var.detach().clone()))
+
+
+def _kept_estimates(x, running_mean, running_var):
+    """The estimates the newest kept forward of this input normalized with, else the buffers."""
+    key = _input_key(x)
+    for found, mean, var in reversed(_estimates_kept.get(running_mean, ())):
+        if found == key:
+            return mean, var
+    return running_mean, running_var
 
 
 def _overlaps(t) -> bool:
