@@ -271,7 +271,10 @@ class _Call:
         like its parameter (its dtype, rounded as autograd casts); the others give fp32
         gradients, which autograd casts."""
         if len(saved) == 1 and self.group is None:  # the eager Triton path's side buffer
-            return self.plan(x, gamma, omega, None).backward(dy, x, saved[0], gamma, beta, omega, eta)
+            plan = self.plan(x, gamma, omega, None)
+            if not torch.compiler.is_compiling():
+                return plan.backward(dy, x, saved[0], gamma, beta, omega, eta)
+            saved = plan.saved_views(saved[0])  # compiled autograd traces this backward: the op, as compile's
         if self.group is not None:  # across processes (norm_distributed.py)
             dx, *grads = norm_distributed.backward(self, dy, x, saved, gamma, beta, omega, eta)
         else:

@@ -131,8 +131,8 @@ class _Call:
         return w_hat, (weight, stats)
 
     def backward(self, grad, weight, stats):
-        if self.eager and backends.backend_for(weight) == "triton":
-            return self.plan(weight).backward(grad, weight, stats)
+        if self.eager and backends.backend_for(weight) == "triton" and not torch.compiler.is_compiling():
+            return self.plan(weight).backward(grad, weight, stats)  # (compiled autograd traces the op below)
         bwd = ws_backward_op if torch.compiler.is_compiling() else _ws_backward_impl
         return bwd(grad, weight, stats, self.center_only)
 
