@@ -156,3 +156,22 @@ def test_an_identity_between_conv_and_norm_changes_nothing():
     out, summary = _summary(model)
     assert type(out[0]) is wsbcn.WSConv2d, summary
     assert matches_reference(original, out, torch.randn(2, 3, 6, 6, dtype=torch.float64))
+
+
+class _FunctionalBatchNorm(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3)
+        self.bn = nn.BatchNorm2d(8)
+
+    def forward(self, x):
+        b = self.bn
+        return torch.nn.functional.batch_norm(self.conv(x), b.running_mean, b.running_var, b.weight, b.bias,
+                                              self.training, 0.1, b.eps)
+
+
+def test_a_norm_called_as_a_function_is_named_in_the_summary():
+    out, summary = _summary(_FunctionalBatchNorm())
+    assert type(out.conv) is nn.Conv2d and type(out.bn) is nn.BatchNorm2d
+    assert ("the forward calls F.batch_norm 1 time: a function, which convert cannot swap (it swaps norm modules); "
+            "its inputs stay as they are") in summary

@@ -451,7 +451,9 @@ def convert(model: nn.Module, norm: str = "bcn", num_groups: int = 32, estimate:
     changed += [f"{path}: fused the {act} its convolution {conv} applied" for path, (conv, act)
                 in plan.inner_fusions.items()] + rebound
 
-    summary = (changed + plan.unfused + not_fused + ([trace_note] if trace_note else [])
+    functional = [f"the forward calls {name} {n} time{'s' if n > 1 else ''}: a function, which convert cannot swap "
+                  "(it swaps norm modules); its inputs stay as they are" for name, n in flow.functional_norms.items()]
+    summary = (changed + plan.unfused + not_fused + ([trace_note] if trace_note else []) + functional
                + _left_alone_lines(model, layers, plan, flow, warned))
     if not changed:
         summary.insert(0, _nothing_line(layers, ws))

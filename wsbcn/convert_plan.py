@@ -153,6 +153,7 @@ class Flow:
     unfusable: list = field(default_factory=list)         # (norm path, act, why): an activation after it stays
     own_norm: Dict[str, str] = field(default_factory=dict)  # conv path -> the norm only it applies (norm_inside)
     after_linear: Dict[str, str] = field(default_factory=dict)  # norm path -> the nn.Linear whose output it takes
+    functional_norms: Dict[str, int] = field(default_factory=dict)  # F.batch_norm / F.group_norm -> calls traced
     kept_whole: Dict[str, nn.Module] = field(default_factory=dict)
 
 
@@ -162,6 +163,11 @@ def _act_of(node, modules):
     if node.op == "call_function":
         return _ACT_FUNCTIONS.get(node.target)
     return None
+
+
+# norms a forward calls as functions: convert swaps modules, so it cannot convert these
+_NORM_FUNCTIONS = {F.batch_norm: "F.batch_norm", F.group_norm: "F.group_norm", torch.batch_norm: "torch.batch_norm",
+                   torch.group_norm: "torch.group_norm"}
 
 
 def _is_call_of(node, modules, types) -> bool:
@@ -174,6 +180,9 @@ def flow_from_graph(graph, model, layers, kept_whole) -> Flow:
     flow = Flow(called=set(), kept_whole=dict(kept_whole))
     calls: Dict[str, int] = {}
     for node in graph.nodes:
+        if node.op == "call_function" and node.target in _NORM_FUNCTIONS:
+            name = _NORM_FUNCTIONS[node.target]
+            flow.functional_norms[name] = flow.functional_norms.get(name, 0) + 1
         if node.op != "call_module":
             continue
         calls[node.target] = calls.get(node.target, 0) + 1
