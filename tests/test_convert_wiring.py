@@ -175,3 +175,15 @@ def test_a_norm_called_as_a_function_is_named_in_the_summary():
     assert type(out.conv) is nn.Conv2d and type(out.bn) is nn.BatchNorm2d
     assert ("the forward calls F.batch_norm 1 time: a function, which convert cannot swap (it swaps norm modules); "
             "its inputs stay as they are") in summary
+
+
+def test_an_activation_is_not_fused_into_a_norm_whose_output_hooks_would_see_it():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU()).double()
+    seen = []
+    model[1].register_forward_hook(lambda m, args, out: seen.append(out.min().item()))
+    out, summary = _summary(model)
+    assert type(out[2]) is nn.ReLU and out[1].activation is None
+    assert ("1: the following relu not fused: the norm has forward or backward hooks, which would see its output "
+            "activated") in summary
+    out(torch.randn(2, 3, 6, 6, dtype=torch.float64))
+    assert seen[-1] < 0  # the norm's own output, as before convert

@@ -340,6 +340,10 @@ def _computes_the_weight(hook) -> bool:
     return any(isinstance(h, kinds) for h in (hook, getattr(hook, "hook", None), getattr(hook, "__self__", None)))
 
 
+def _has_output_hooks(m: nn.Module) -> bool:
+    return any(m.__dict__.get(name) for name in ("_forward_hooks", "_backward_hooks", "_backward_pre_hooks"))
+
+
 def carry_hooks(old: nn.Module, new: nn.Module) -> bool:
     """The hooks registered on ``old`` run on ``new`` (the same dicts where nothing is left
     out: their handles still remove them), except those computing its weight (pruning,
@@ -413,10 +417,19 @@ def convert(model: nn.Module, norm: str = "bcn", num_groups: int = 32, estimate:
         plan = decide(layers, flow, bool(ws), keep_frozen, fuse_activation)
         fusions, not_fused = _safe_fusions(model, layers, plan, graph, trace)
     fusions, held = _unheld_fusions(model, fusions)
+    # an activation with hooks would not run fused; a norm's output hooks would see it applied
+    by_path = {path: layer for path, layer, _ in layers}
     not_fused += held + [f"{node.target}: the following {act} not fused: it has hooks, which would not run"
                          for node, _, act, act_module in fusions if has_hooks(act_module)]
-    fusions = [fusion for fusion in fusions if not has_hooks(fusion[3])]
-    by_path = {path: layer for path, layer, _ in layers}
+    not_fused += [f"{node.target}: the following {act} not fused: the norm has forward or backward hooks, "
+                  "which would see its output activated" for node, _, act, act_module in fusions
+                  if not has_hooks(act_module) and _has_output_hooks(by_path[node.target])]
+    not_fused += [f"{norm}: the {act} its convolution {conv} applies not fused: the norm has forward or backward "
+                  "hooks, which would see its output activated" for norm, (conv, act) in plan.inner_fusions.items()
+                  if _has_output_hooks(by_path[norm])]
+    plan.inner_fusions = {norm: v for norm, v in plan.inner_fusions.items() if not _has_output_hooks(by_path[norm])}
+    fusions = [fusion for fusion in fusions
+               if not has_hooks(fusion[3]) and not _has_output_hooks(by_path[fusion[0].target])]
     fused_act = {node.target: act for node, _, act, _ in fusions}
 
     replacements, changed, warned = [], [], set()

@@ -92,10 +92,6 @@ def bn_like_norm(spec: NormSpec, channels: int, *, weight=None, bias=None, runni
                 new.running_var.copy_(running_var)
             if num_batches_tracked is not None:
                 new.num_batches_tracked.copy_(num_batches_tracked)
-        # a BatchNorm checkpoint loaded after convert: its keys are ours (the BN stage)
-        new._source_keys = {k: k for k, t in (("weight", weight), ("bias", bias), ("running_mean", running_mean),
-                                              ("running_var", running_var), ("num_batches_tracked", num_batches_tracked))
-                            if t is not None}
         if switched_off:
             new.track_running_stats = False
             new._check_untracked(" (set to False after construction)")
@@ -148,8 +144,7 @@ def _group_norm(layer, spec):
     new = _BCN_BY_DIMS[spec.dims](c, num_groups=layer.num_groups, eps=layer.eps, estimate=spec.estimate,
                                   affine=affine, group_affine=False, activation=spec.activation,
                                   process_group=spec.process_group, **factory)
-    # a GroupNorm checkpoint loaded after convert: its affine where convert puts it
-    new._source_keys = {k: "group_" + k for k in ("weight", "bias") if getattr(layer, k) is not None}
+    new._from_group_norm = True  # a GroupNorm checkpoint loaded after convert: its affine where convert puts it
     if affine:
         with torch.no_grad():
             new.group_weight.copy_(layer.weight.reshape(1, c, 1))

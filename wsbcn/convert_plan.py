@@ -198,7 +198,8 @@ def flow_from_graph(graph, model, layers, kept_whole) -> Flow:
         src_role = roles.get(src.target) if isinstance(src, fx.Node) and src.op == "call_module" else None
         if src_role is not None and src_role.kind == "conv":
             flow.feeds.setdefault(src.target, node.target)
-        elif _is_call_of(src, modules, (nn.Linear,)):
+        elif _is_call_of(src, modules, (nn.Linear,)) and modules[src.target].out_features == channels_of(
+                modules[node.target], role):  # (N, C) features (a Linear over a length dim has another width)
             flow.after_linear[node.target] = src.target
     for node in graph.nodes:
         role = roles.get(node.target) if node.op == "call_module" else None

@@ -145,30 +145,25 @@ class _BatchChannelNorm(nn.Module):
         return text + ("" if self.track_running_stats else ", track_running_stats=False")
 
     _version = 2  # as nn.BatchNorm's: a state dict of an earlier version has no num_batches_tracked
-    # set by wsbcn.convert: {key of the source layer's state dict: our key it became}
-    _source_keys = None
+    _from_group_norm = False  # set by wsbcn.convert on a BCN made from a GroupNorm
 
-    def _source_state_to_bcn(self, state_dict, prefix):
-        """A state dict of the layer convert made this one from (a BatchNorm's, a GroupNorm's:
-        none of our keys that the source had no counterpart for) loads as convert would have
-        made the layer of it: each source key where convert carried it (a GroupNorm's affine
-        into the channel stage), the rest as a new layer's (identity affines, mean 0,
-        variance 1, count 0). So loading a checkpoint of the source model after convert gives
-        what loading it before does."""
-        ours = [k for k, t in (*self._parameters.items(), *self._buffers.items()) if t is not None]
-        if any(prefix + k in state_dict for k in ours if k not in self._source_keys and
-               k not in self._source_keys.values()):
-            return  # a state dict of a BatchChannelNorm
-        carried = {new: state_dict.pop(prefix + old) for old, new in self._source_keys.items()
-                   if prefix + old in state_dict}
-        for key, value in carried.items():  # (a GroupNorm's (C,) affine is our (1, C, 1))
+    def _group_norm_state_to_bcn(self, state_dict, prefix):
+        """A state dict of the GroupNorm this layer was converted from loads its affine where
+        convert put it, the channel stage (``group_weight``, ``group_bias``); the BN stage's
+        keys are missing from it (strict loading says so; otherwise they stay as they are).
+        Such a dict has ``weight`` or ``bias`` and none of the keys only a BCN has, and its
+        metadata, when it has some, is not of a BatchChannelNorm (a GroupNorm's version is 1)."""
+        if any(prefix + k in state_dict for k in
+               ("group_weight", "group_bias", "running_mean", "running_var", "num_batches_tracked")):
+            return
+        version = getattr(state_dict, "_metadata", {}).get(prefix[:-1], {}).get("version")
+        if version is not None and version >= self._version:
+            return  # a BatchChannelNorm's own (partial) state dict
+        for gn_key, key in (("weight", "group_weight"), ("bias", "group_bias")):
             target = getattr(self, key)
-            state_dict[prefix + key] = value.reshape(target.shape) if value.numel() == target.numel() else value
-        fresh = {"weight": 1, "bias": 0, "group_weight": 1, "group_bias": 0, "running_mean": 0, "running_var": 1,
-                 "num_batches_tracked": 0}
-        for key in ours:
-            if key not in self._source_keys.values() and prefix + key not in state_dict:
-                state_dict[prefix + key] = torch.full_like(getattr(self, key), fresh[key])
+            if prefix + gn_key in state_dict and target is not None:
+                value = state_dict.pop(prefix + gn_key)  # (C,) -> our (1, C, 1)
+                state_dict[prefix + key] = value.reshape(target.shape) if value.numel() == target.numel() else value
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
@@ -177,8 +172,8 @@ class _BatchChannelNorm(nn.Module):
         # (imagenet/models/layers.py) and DeepLab's PBCNorm (DeepLabV3/deeplab.py).
         # Their own weight/bias, shape (1, G, 1), are our group affine.
         stage = next((s for s in ("bn.", "pbn.") if prefix + s + "running_mean" in state_dict), None)
-        if stage is None and self._source_keys is not None:
-            self._source_state_to_bcn(state_dict, prefix)
+        if stage is None and self._from_group_norm:
+            self._group_norm_state_to_bcn(state_dict, prefix)
         speed = None
         if stage is not None:
             speed = state_dict.pop(prefix + stage + "estbn_moving_speed", None)

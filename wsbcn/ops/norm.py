@@ -8,6 +8,7 @@ every path: the eager Triton launch plan, the torch closed form, the ops that
 torch.compile traces, and BCN across processes (``process_group``).
 """
 import collections
+import weakref
 from typing import Optional
 
 import torch
@@ -345,18 +346,14 @@ class _Call:
                 if self.keeps_estimates and _saved_hooks(False) is not None:  # maybe non-reentrant checkpoint
                     _keep_estimates(x, running_mean, running_var)
                 return y
-            y = self.forward(x, gamma, beta, omega, eta, running_mean, running_var, nbt)[0]  # nothing to record
-            if self.keeps_estimates:  # maybe a reentrant checkpoint's forward
-                _keep_estimates(x, running_mean, running_var)
-            return y
+            return self.forward(x, gamma, beta, omega, eta, running_mean, running_var, nbt)[0]  # nothing to record
         if self.update_running and self.untraced and _graph_task_id() != -1:  # in a backward: checkpoint's recompute
             recompute = self.recomputed(x)
             if recompute is not None:
                 if self.keeps_estimates:  # what that forward normalized with, if kept
                     running_mean, running_var = _kept_estimates(x, running_mean, running_var)
                 return recompute.call_plain(x, gamma, beta, omega, eta, running_mean, running_var, None)
-        if self.keeps_estimates and self.fast is False and (not torch.is_grad_enabled() or
-                                                             _saved_hooks(False) is not None):
+        if self.keeps_estimates and self.fast is False and torch.is_grad_enabled() and _saved_hooks(False) is not None:
             y = self._general(x, gamma, beta, omega, eta, running_mean, running_var, nbt)
             _keep_estimates(x, running_mean, running_var)
             return y
@@ -483,32 +480,28 @@ _meta = checks.tensor_meta
 _saved_hooks = _compat.top_saved_tensors_hooks  # None: no saved-tensor hooks active (wsbcn/_compat.py)
 
 # Micro-batch BCN (estimate=True) normalizes with the running estimates its forward just
-# updated. Under torch.utils.checkpoint that forward runs with saved-tensor hooks
-# (non-reentrant) or without grad (reentrant), and its recompute, during the backward,
-# must normalize with the same estimates, though another forward of the layer may have
-# updated the buffers since (two micro-batches, then one backward). Such forwards keep
-# a copy of them here, per running_mean buffer, newest last, found again by the input's
-# address and layout (a reentrant recompute gets detached inputs: the same memory).
+# updated. Under a non-reentrant torch.utils.checkpoint that forward runs with saved-tensor
+# hooks, and its recompute, during the backward, must normalize with the same estimates,
+# though another forward of the layer may have updated the buffers since (two
+# micro-batches, then one backward). Such forwards keep a copy of them, per running_mean
+# buffer (the newest 16), for a recompute of the very same input tensor (a layer that
+# takes the checkpointed region's input: a recomputed input is a new tensor, and a
+# reentrant checkpoint's recompute gets detached copies; those read the buffers).
 _estimates_kept = WeakIdKeyDictionary()  # (by identity: a tensor's == compares values)
 _KEPT_PER_LAYER = 16
-
-
-def _input_key(x):
-    return x.data_ptr(), x.shape, x.stride()
 
 
 def _keep_estimates(x, running_mean, running_var):
     kept = _estimates_kept.get(running_mean)
     if kept is None:
         kept = _estimates_kept[running_mean] = collections.deque(maxlen=_KEPT_PER_LAYER)
-    kept.append((_input_key(x), running_mean.detach().clone(), running_var.detach().clone()))
+    kept.append((weakref.ref(x), running_mean.detach().clone(), running_var.detach().clone()))
 
 
 def _kept_estimates(x, running_mean, running_var):
-    """The estimates the newest kept forward of this input normalized with, else the buffers."""
-    key = _input_key(x)
-    for found, mean, var in reversed(_estimates_kept.get(running_mean, ())):
-        if found == key:
+    """The estimates the newest kept forward of ``x`` itself normalized with, else the buffers."""
+    for input_ref, mean, var in reversed(_estimates_kept.get(running_mean, ())):
+        if input_ref() is x:
             return mean, var
     return running_mean, running_var
 
