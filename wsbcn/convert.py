@@ -447,8 +447,8 @@ def convert(model: nn.Module, norm: str = "bcn", num_groups: int = 32, estimate:
         rule = convert_rule_for(old)
         act = plan.inner_fusions[path][1] if path in plan.inner_fusions else fused_act.get(path)
         spec = NormSpec(norm, num_groups, estimate, act, dims, process_group)
-        new = _placed(_build(path, old, rule, spec), old, [by_path[c] for c, n in flow.feeds.items() if n == path and c in by_path],
-                      model)
+        feeding = [by_path[c] for c, n in flow.feeds.items() if n == path and c in by_path]
+        new = _placed(_build(path, old, rule, spec), old, feeding, model)
         replacements.append((path, old, new))
         changed.append(f"{path}: {type(old).__name__} -> {_describe(new)}")
         channels = rule.channels(old)

@@ -632,8 +632,9 @@ def _validate_bcn(owner, x, num_groups, running_mean, running_var, weight, bias,
     cumulative = momentum is None
     if cumulative and update_running and num_batches_tracked is None:
         raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")
-    if num_batches_tracked is not None and (num_batches_tracked.numel() != 1 or num_batches_tracked.dtype in (
-            torch.bool, torch.uint8) or num_batches_tracked.dtype.is_floating_point or num_batches_tracked.is_complex()):
+    nbt_dtype = None if num_batches_tracked is None else num_batches_tracked.dtype
+    if num_batches_tracked is not None and (num_batches_tracked.numel() != 1 or nbt_dtype in (torch.bool, torch.uint8)
+                                            or nbt_dtype.is_floating_point or nbt_dtype.is_complex):
         raise ValueError("num_batches_tracked must be a one-element integer tensor, got "
                          f"{num_batches_tracked.dtype} of shape {tuple(num_batches_tracked.shape)}")
     for name, t in (("running_mean", running_mean), ("running_var", running_var)):
