@@ -569,21 +569,25 @@ def _norm_rank_merge_kernel(
         var = second / total
         shift = to_pivot + mean
         if UPDATE_RUNNING:
+            # float64 values are stored through fp32, rounded to nearest, as torch's copy_
+            # rounds them (a rank without images writes its buffers so); one value per
+            # channel in all has no unbiased variance: the running one stays (on CPU the
+            # error is raised first)
             new_rm = rm_old + factor * (to_old + mean)
-            new_rv = (1.0 - factor) * rv_old + factor * (second / (total - 1.0))
-            tl.store(Running_mean + c, new_rm, mask=cmask)
-            tl.store(Running_var + c, new_rv, mask=cmask)
+            new_rv = tl.where(total > 1.0, (1.0 - factor) * rv_old + factor * (second / (total - 1.0)), rv_old)
+            tl.store(Running_mean + c, _as_element_of(new_rm.to(tl.float32), Running_mean), mask=cmask)
+            tl.store(Running_var + c, _as_element_of(new_rv.to(tl.float32), Running_var), mask=cmask)
     else:
         # EstBN: update first, then normalize with the updated estimates as the buffers
         # hold them (rounded in a half-precision buffer, as in _norm_combine_kernel)
         var = (1.0 - factor) * rv_old + factor * (second / total)
         q = factor * mean - (1.0 - factor) * to_old  # new running mean - p0
         if Running_mean.dtype.element_ty != tl.float32:
-            q = (p0 + q).to(Running_mean.dtype.element_ty).to(p0.dtype) - p0
+            q = _as_element_of((p0 + q).to(tl.float32), Running_mean).to(p0.dtype) - p0
         if Running_var.dtype.element_ty != tl.float32:
-            var = var.to(Running_var.dtype.element_ty).to(second.dtype)
-        tl.store(Running_mean + c, p0 + q, mask=cmask)
-        tl.store(Running_var + c, var, mask=cmask)
+            var = _as_element_of(var.to(tl.float32), Running_var).to(second.dtype)
+        tl.store(Running_mean + c, _as_element_of((p0 + q).to(tl.float32), Running_mean), mask=cmask)
+        tl.store(Running_var + c, _as_element_of(var.to(tl.float32), Running_var), mask=cmask)
         shift = to_pivot + q
     r = tl.rsqrt(var.to(tl.float32) + eps)
     tl.store(Glob + c, shift.to(tl.float32), mask=cmask)

@@ -564,6 +564,114 @@ def case_empty_rank(rank, world, backend, c=8, g=4):
         assert int(m.num_batches_tracked) == 3
 
 
+def case_no_values_or_one_in_all(rank, world, backend, c=4, g=2):
+    """No rank has images: the running buffers stay (nn.BatchNorm on an empty batch), the
+    step is counted. One value per channel in all (one 1x1 image on rank 0): the error
+    nn.BatchNorm gives on one value, on every rank, before anything changes. (Both gave
+    NaN buffers.)"""
+    os.environ["WSBCN_BACKEND"] = backend
+    for mode in MODES:
+        params = _params(c, g, seed=12)
+        m = _module(c, g, mode, dist.group.WORLD, params)
+        y = m(torch.randn(0, c, 3, 3, requires_grad=True))
+        y.sum().backward()
+        assert torch.equal(m.running_mean, params["running_mean"]) and torch.equal(m.running_var, params["running_var"])
+        assert int(m.num_batches_tracked) == 1
+    m = _module(c, g, "batch", dist.group.WORLD, _params(c, g, seed=12))
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel when training, got 1"):
+        m(torch.randn(1 if rank == 0 else 0, c, 1, 1))
+    for k, v in m.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def case_world_group_looked_up_per_call(rank, world):
+    """A layer on the default group (converted from nn.SyncBatchNorm) looks the group up
+    on every call, as nn.SyncBatchNorm does: a call before torch.distributed ran (here:
+    while the lookup finds nothing) does not keep it local afterwards, nor its signature's
+    other layers."""
+    import wsbcn
+    from wsbcn.ops import collectives
+
+    os.environ["WSBCN_BACKEND"] = "torch"
+    first, second = (wsbcn.convert(torch.nn.Sequential(torch.nn.SyncBatchNorm(8)), num_groups=4)[0] for _ in "ab")
+    real = collectives.world_group
+    collectives.world_group = lambda: None  # as before init_process_group
+    try:
+        first(torch.randn(2, 8, 3, 3))
+    finally:
+        collectives.world_group = real
+    first.reset_running_stats()
+    x = torch.full((2, 8, 3, 3), float(rank))
+    x[:, :, 0, 0] += 0.5  # (some variance)
+    for layer in (first, second):
+        layer(x)
+        whole = torch.cat([torch.full((2, 8, 3, 3), float(r)) for r in range(world)])
+        for r in range(world):
+            whole[2 * r:2 * r + 2, :, 0, 0] += 0.5
+        assert torch.allclose(layer.running_mean, 0.1 * whole.mean(dim=(0, 2, 3)), atol=1e-6)
+
+
+def case_sync_running_stats_outside_the_group(rank, world):
+    """sync_running_stats over a group this rank is not in changes nothing here (it made
+    the buffers negative: the world size of a non-member is -1)."""
+    import wsbcn
+
+    pair = dist.new_group([0, 1])
+    m = torch.nn.Sequential(wsbcn.BatchChannelNorm2d(4, num_groups=2))
+    with torch.no_grad():
+        m[0].running_mean.fill_(float(rank + 1))
+        m[0].running_var.fill_(float(rank + 1))
+    wsbcn.distributed.sync_running_stats(m, process_group=pair)
+    want = 1.5 if rank < 2 else float(rank + 1)
+    assert torch.equal(m[0].running_mean, torch.full((4,), want)) and torch.equal(m[0].running_var, torch.full((4,), want))
+
+
+def case_large_offset_keeps_its_precision(rank, world, backend, c=4, g=2):
+    """Data far from 0 with a small spread (mean 1000, std 0.01): the torch closed form
+    sent each rank's absolute mean in fp32 (errors of 1.5e-3); the Triton path and one
+    process are near 1e-7."""
+    from conftest import rel_err
+    from reference import bcn_reference
+
+    os.environ["WSBCN_BACKEND"] = backend
+    gen = torch.Generator().manual_seed(13)
+    x = 1000 + 0.01 * torch.randn(2 * world, c, 3, 3, generator=gen)
+    m = _module(c, g, "batch", dist.group.WORLD, _params(c, g), activation=None)
+    x_local = x[2 * rank:2 * rank + 2].clone().requires_grad_(True)
+    y = m(x_local)
+    dy = torch.randn(x.shape, generator=gen)
+    y.backward(dy[2 * rank:2 * rank + 2])
+    x64 = x.double().requires_grad_(True)
+    ref = _reference_state(_params(c, g))
+    yr = bcn_reference(x64, g, momentum=0.3, **ref)
+    yr.backward(dy.double())
+    assert rel_err(y, yr[2 * rank:2 * rank + 2]) <= 1e-6 and rel_err(x_local.grad, x64.grad[2 * rank:2 * rank + 2]) <= 1e-6
+    assert rel_err(m.running_mean, ref["running_mean"]) <= 1e-6
+
+
+def case_half_precision_buffers(rank, world, backend, dtype, c=4, g=2):
+    """A layer in bf16/fp16 (its running buffers too): the merge stored float64 straight
+    into them (the interpreter's float64 -> bf16 store wrote values near 1e-40); now through
+    fp32, as a rank without images writes them, so every rank writes the same bits."""
+    from conftest import rel_err
+    from reference import bcn_reference
+
+    os.environ["WSBCN_BACKEND"] = backend
+    for mode in MODES:
+        params = _params(c, g, seed=14)
+        m = _module(c, g, mode, dist.group.WORLD, params).to(dtype)
+        ref = {k: v.to(dtype).double() for k, v in params.items()}
+        x = torch.randn(3, c, 3, 3, generator=torch.Generator().manual_seed(15)) + 1
+        local = x[:2] if rank == 0 else (x[2:] if rank == 1 else x[:0])
+        m(local.to(dtype))
+        bcn_reference(x.to(dtype).double(), g, training=True, estimate=mode == "estimate", activation="relu",
+                      momentum=0.3, **ref)
+        for k in ("running_mean", "running_var"):
+            assert rel_err(getattr(m, k), ref[k]) <= 1e-2, (mode, k)
+            assert _same_on_every_rank(getattr(m, k)), (mode, k, "differs across ranks")
+
+
 def case_converted_sync_batch_norm(rank, world):
     """wsbcn.convert of a model with nn.SyncBatchNorm: the BCN layers keep its process
     group (default group: combined over the world), and train as one batch."""
@@ -700,6 +808,29 @@ def test_one_collective_each_way(ranks):
 
 def test_sync_running_stats_averages_estimates(ranks):
     ranks(2).run("case_sync_running_stats")
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_no_values_or_one_value_in_all_ranks(ranks, backend):
+    ranks(2).run("case_no_values_or_one_in_all", backend=backend)
+
+
+def test_default_group_is_looked_up_on_every_call(ranks):
+    ranks(2).run("case_world_group_looked_up_per_call")
+
+
+def test_sync_running_stats_changes_nothing_outside_its_group(ranks):
+    ranks(3).run("case_sync_running_stats_outside_the_group")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_running_buffers(ranks, dtype):
+    ranks(3).run("case_half_precision_buffers", backend="triton", dtype=dtype)  # rank 2 without images
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_large_offsets_keep_their_precision_across_ranks(ranks, backend):
+    ranks(2).run("case_large_offset_keeps_its_precision", backend=backend)
 
 
 @pytest.mark.slow

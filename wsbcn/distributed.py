@@ -14,7 +14,11 @@ from .modules.norm import _BatchChannelNorm
 def sync_running_stats(model, process_group=None):
     """Average the running estimates of every BatchChannelNorm in ``model`` across
     the ranks of ``process_group`` (one all_reduce per layer; layers without running
-    estimates, track_running_stats=False, have none to average)."""
+    estimates, track_running_stats=False, have none to average). On a process outside
+    ``process_group`` it changes nothing."""
+    if process_group is dist.GroupMember.NON_GROUP_MEMBER or (process_group is not None
+                                                              and dist.get_rank(process_group) < 0):
+        return  # this process is outside the group (dist.new_group's placeholder): nothing of it to average
     world = dist.get_world_size(process_group)
     for m in model.modules():
         if isinstance(m, _BatchChannelNorm) and m.running_mean is not None:

@@ -59,11 +59,12 @@ def _affine_per_channel(t, num_groups, c, group_affine):
 def norm_forward_torch(x, gamma, beta, omega, eta, running_mean, running_var, num_batches,
                        num_groups, eps, momentum, cumulative, mode, update_running, activation,
                        group_affine, reduce_channel_stats=None):
-    """``reduce_channel_stats(kind, mean, second, count) -> (mean, second, count)``,
-    when given, combines the per-channel batch statistics across processes
-    (wsbcn.distributed): ``mean`` is the absolute per-channel mean of the local
-    batch, ``second`` its centred M2 (kind "chan") or its sum of squares about the
-    old running mean (kind "sum"), ``count`` its number of values per channel."""
+    """``reduce_channel_stats(kind, pivot, mean, second, count) -> (mean, second, count,
+    p0, mean about p0)`` (ops/collectives.py), when given, combines the per-channel batch
+    statistics across processes (wsbcn.distributed): ``mean`` is the per-channel mean of
+    the local batch about ``pivot``, ``second`` its centred M2 (kind "chan") or its sum
+    of squares about the old running mean (kind "sum"), ``count`` its number of values
+    per channel."""
     acc = acc_dtype(x.dtype)
     # per-channel tensors of any shape with C elements (as F.batch_norm takes them); the
     # running buffers come contiguous (ops/norm.py), so their views update them
@@ -115,8 +116,7 @@ def norm_forward_torch(x, gamma, beta, omega, eta, running_mean, running_var, nu
         if mode == MODE_BATCH:
             m2_c = m2.sum(dim=0) + s * (m - mean_c).square().sum(dim=0)
             if reduce_channel_stats is not None:
-                mean_abs, m2_c, ns, p0, mean_p0 = reduce_channel_stats("chan", pivot[0] + mean_c, m2_c, ns)
-                mean_c = mean_abs - pivot[0]
+                mean_c, m2_c, ns, p0, mean_p0 = reduce_channel_stats("chan", pivot[0], mean_c, m2_c, ns)
             shift_c = mean_c
             var = m2_c / ns
             if update_running and reduce_channel_stats is not None:  # the same bits on every rank
@@ -130,7 +130,7 @@ def norm_forward_torch(x, gamma, beta, omega, eta, running_mean, running_var, nu
             # normalize with the estimates as the buffers hold them (rounded in a narrower
             # buffer: what a recompute under activation checkpointing reads back)
             if reduce_channel_stats is not None:  # the same running buffers on every rank
-                _, dev_sum, ns, p0, mean_p0 = reduce_channel_stats("sum", pivot[0] + mean_c, dev_sum, ns)
+                _, dev_sum, ns, p0, mean_p0 = reduce_channel_stats("sum", pivot[0], mean_c, dev_sum, ns)
                 new_mean, var = merged_running_update(False, rm_old, rv_old, p0, mean_p0, dev_sum, ns, factor)
                 new_mean = new_mean.to(running_mean.dtype).to(acc)
                 shift_c = new_mean - pivot[0]

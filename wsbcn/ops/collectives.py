@@ -78,15 +78,23 @@ def check_initialized() -> None:
         raise RuntimeError("BatchChannelNorm with process_group needs torch.distributed to be initialized")
 
 
+def world_group():
+    """The default process group when torch.distributed runs with several processes, else
+    None (nothing to combine): what ``WORLD`` stands for now."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return dist.group.WORLD
+    return None
+
+
 def resolve(group, x):
     """``Ranks`` of ``group`` for a call with input ``x``, or None when nothing is to be
     combined (``WORLD`` without torch.distributed, or with one process). Raises a clear
     error for what each rank can see alone: no torch.distributed, not a process group,
     this process outside the group, a backend without the tensor's device."""
     if group is WORLD:
-        if not dist.is_available() or not dist.is_initialized() or dist.get_world_size() == 1:
+        group = world_group()
+        if group is None:
             return None
-        group = dist.group.WORLD
     check_initialized()
     if isinstance(group, int) and group == dist.GroupMember.NON_GROUP_MEMBER:
         raise ValueError("process_group: this process is not a member of the group (dist.new_group returns a "
@@ -168,6 +176,18 @@ def merge_rows(rows: torch.Tensor, channels: int, batch: bool):
     return p0, mean, second, total
 
 
+def check_counts(rows: torch.Tensor, channels: int, batch: bool) -> None:
+    """Batch statistics of one value per channel in all (one 1x1 image on one rank, none
+    elsewhere) have no variance to normalize by: the error nn.BatchNorm gives, on every
+    rank (all read the same rows), before any buffer changes. (A read of the rows: for
+    CPU tensors only; on CUDA the merge keeps the running variance instead.)"""
+    if batch:
+        total = float(rows[:, 3 * channels].sum())
+        if total == 1:
+            raise ValueError("Expected more than 1 value per channel when training, got 1 across the "
+                             f"{rows.shape[0]} processes of the group")
+
+
 def local_row(pivot, mean, second, count, header) -> torch.Tensor:
     """A rank's row (see the module docstring) from per-channel tensors (``count``: a
     number or a tensor), float64."""
@@ -183,20 +203,24 @@ def local_row(pivot, mean, second, count, header) -> torch.Tensor:
 
 
 def channel_stats_reducer(ranks: Ranks, header, check: bool):
-    """The torch closed form's ``reduce_channel_stats(kind, mean, second, count) ->
+    """The torch closed form's ``reduce_channel_stats(kind, pivot, mean, second, count) ->
     (mean, second, count, p0, mean about p0)`` over ``ranks``: one all_gather of this
-    rank's row. ``mean`` is the absolute per-channel mean of the local batch (sent as the
-    pivot, with mean 0), ``kind`` "chan": ``second`` is M2 about it (merged with Chan's
-    formula); "sum": a plain sum over ranks. Returns the whole batch's absolute mean,
-    second moment and count per channel, and the merge's pivot and mean about it (the
-    same on every rank: the running buffers are updated from these), in ``mean``'s dtype."""
+    rank's row. ``mean`` is the per-channel mean of the local batch about ``pivot``;
+    ``kind`` "chan": ``second`` is M2 about the mean (merged with Chan's formula); "sum":
+    a plain sum over ranks. Returns the whole batch's mean about ``pivot``, second moment
+    and count per channel, and the merge's pivot and mean about it (the same on every
+    rank: the running buffers are updated from these), in ``mean``'s dtype. ``check``
+    (CPU tensors): the rows' headers, and the counts (``check_counts``)."""
 
-    def reduce(kind, mean_abs, second, count):
-        row = local_row(mean_abs, 0.0, second, count, header)
+    def reduce(kind, pivot, mean, second, count):
+        row = local_row(pivot, mean, second, count, header)
         rows = gather_rows(row, ranks, check)
-        p0, mean, second_all, total = merge_rows(rows, mean_abs.numel(), kind == "chan")
-        dtype = mean_abs.dtype
-        return (p0 + mean).to(dtype), second_all.to(dtype), total.to(dtype), p0.to(dtype), mean.to(dtype)
+        if check:
+            check_counts(rows, pivot.numel(), kind == "chan")
+        p0, mean_all, second_all, total = merge_rows(rows, pivot.numel(), kind == "chan")
+        about_pivot = (p0 - pivot.to(torch.float64)) + mean_all  # in float64: no absolute mean in fp32
+        dtype = mean.dtype
+        return about_pivot.to(dtype), second_all.to(dtype), total.to(dtype), p0.to(dtype), mean_all.to(dtype)
 
     return reduce
 

@@ -554,6 +554,8 @@ def _batch_channel_norm(x, num_groups, running_mean, running_var, weight, bias, 
     """batch_channel_norm; ``owner``: the calling module, whose own input checks
     (``_check_input``) join the ones cached per signature; ``group``: a process group
     whose ranks' batch statistics are combined (training only)."""
+    if group is collectives.WORLD:  # the default group of the moment it runs, as nn.SyncBatchNorm's: per call
+        group = collectives.world_group()
     if group is not None and torch.compiler.is_compiling():  # across processes compile runs it eagerly
         return _batch_channel_norm_eagerly(x, num_groups, running_mean, running_var, weight, bias, group_weight,
                                            group_bias, training, estimate, momentum, eps, activation,

@@ -71,11 +71,14 @@ def forward(call, x, gamma, beta, omega, eta, running_mean, running_var, nbt):
     if backends.backend_for(x) == "triton":  # (never traced: compile runs the layer eagerly)
         dplan = _dist_plan(call, x, gamma, omega, nbt, ranks.size)
         check = _check_header(x, dplan)
+        counts_checked = check and not x.is_cuda  # (read on the host: CUDA's merge keeps the variance instead)
 
         def gather(row):
             rows = collectives.gather_rows(row, ranks, check)
             if check:
                 dplan.header_checked = True
+            if counts_checked:
+                collectives.check_counts(rows, x.shape[1], call.mode == MODE_BATCH)
             return rows
 
         y, side = dplan.forward(x, gamma, beta, omega, eta, running_mean, running_var, nbt, gather)
@@ -83,8 +86,8 @@ def forward(call, x, gamma, beta, omega, eta, running_mean, running_var, nbt):
     counts = []
     gather = collectives.channel_stats_reducer(ranks, _header(call, x), check=_check_each_call(x))
 
-    def reduce(kind, mean_abs, second, count):
-        merged = gather(kind, mean_abs, second, count)
+    def reduce(kind, pivot, mean, second, count):
+        merged = gather(kind, pivot, mean, second, count)
         counts.append(merged[2])
         return merged
 
@@ -126,6 +129,8 @@ def _forward_empty(call, x, running_mean, running_var, nbt):
     zeros = torch.zeros((c,), **f64)
     row = collectives.local_row(zeros, zeros, zeros, 0.0, _header(call, x))
     rows = collectives.gather_rows(row, ranks, check=_check_each_call(x))
+    if _check_each_call(x):
+        collectives.check_counts(rows, c, call.mode == MODE_BATCH)
     merged = collectives.merge_rows(rows, c, call.mode == MODE_BATCH)
     if backends.backend_for(x) == "triton":
         new_rm, new_rv = _merge_kernel_update(call, running_mean, running_var, nbt, *merged)
@@ -135,8 +140,9 @@ def _forward_empty(call, x, running_mean, running_var, nbt):
         new_rm, new_rv = merged_running_update(call.mode == MODE_BATCH, running_mean.to(work),
                                                running_var.to(work), *(t.to(work) for t in merged), factor)
     total = merged[3]
-    running_mean.copy_(new_rm)
-    running_var.copy_(new_rv)
+    some = total > 0  # no rank has images: the buffers stay, as nn.BatchNorm's on an empty batch (no host read)
+    running_mean.copy_(torch.where(some, new_rm, running_mean))
+    running_var.copy_(torch.where(some, new_rv, running_var))
     if nbt is not None:
         nbt.add_(1)
     acc = acc_dtype(x.dtype)
@@ -149,7 +155,8 @@ def _forward_empty(call, x, running_mean, running_var, nbt):
 def _merge_kernel_update(call, running_mean, running_var, nbt, p0, mean, second, total):
     """The running buffers as ``_norm_rank_merge_kernel`` writes them, its precisions
     included: an fp32 factor and old buffers, ``(1 - factor) * running_var`` rounded to
-    fp32, the rest in float64 (p0, mean, second, total: the merge's, float64)."""
+    fp32, the rest in float64 (p0, mean, second, total: the merge's, float64), stored
+    through fp32; with one value per channel in all the running variance stays."""
     f32 = torch.float32
     factor = 1.0 / (nbt.to(f32) + 1.0) if call.cumulative else torch.tensor(call.momentum, dtype=f32)
     keep = 1.0 - factor
@@ -157,11 +164,12 @@ def _merge_kernel_update(call, running_mean, running_var, nbt, p0, mean, second,
     factor, old_var = factor.to(torch.float64), (keep * rv_old).to(torch.float64)
     to_old = p0 - rm_old.to(torch.float64)
     if call.mode == MODE_BATCH:
-        return rm_old.to(torch.float64) + factor * (to_old + mean), old_var + factor * (second / (total - 1.0))
+        new_rv = torch.where(total > 1, old_var + factor * (second / (total - 1.0)), rv_old.to(torch.float64))
+        return (rm_old.to(torch.float64) + factor * (to_old + mean)).to(f32), new_rv.to(f32)
     q = factor * mean - keep.to(torch.float64) * to_old  # new running mean - p0
     if running_mean.dtype != f32:
-        q = (p0 + q).to(running_mean.dtype).to(torch.float64) - p0
-    return p0 + q, old_var + factor * (second / total)
+        q = (p0 + q).to(f32).to(running_mean.dtype).to(torch.float64) - p0
+    return (p0 + q).to(f32), (old_var + factor * (second / total)).to(f32)  # stored through fp32, as the kernel
 
 
 def _backward_empty(call, x, saved, gamma, omega):
