@@ -84,15 +84,14 @@ def test_checkpointed_step_matches_the_plain_step(monkeypatch, backend, ws, esti
         assert standardizer.model is checkpointed and standardizer._kept is None
 
 
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non-reentrant", "reentrant"])
 @pytest.mark.parametrize("twice", ["two segments", "one segment"])
-def test_two_checkpointed_micro_batches_then_one_backward(backend, twice):
+def test_two_checkpointed_micro_batches_then_one_backward(backend, reentrant, twice):
     """Micro-batch BCN run on two inputs before one backward (two micro-batches, two
-    views), each the input of a non-reentrant checkpoint: each recompute normalizes with
-    the estimates its own forward did, though the second forward has updated the buffers
-    since (it took those: dx off by 6e-2, the weight's gradient by 0.3). Against the
-    float64 composition. (A recomputed input, or a reentrant checkpoint's, reads the
-    buffers: README.)"""
-    reentrant = False
+    views), each the input of a checkpoint: each recompute normalizes with the estimates
+    its own forward did, though the second forward has updated the buffers since (it
+    took those: dx off by 6e-2, the weight's gradient by 0.3). Against the float64
+    composition. (An input the region computes reads the buffers: README.)"""
     torch.manual_seed(7)
     layer = wsbcn.BatchChannelNorm2d(8, num_groups=2, estimate=True).to(DEVICE)
     _estimates_away_from_init(layer)

@@ -579,10 +579,22 @@ def case_no_values_or_one_in_all(rank, world, backend, c=4, g=2):
         assert int(m.num_batches_tracked) == 1
     m = _module(c, g, "batch", dist.group.WORLD, _params(c, g, seed=12))
     before = {k: v.clone() for k, v in m.state_dict().items()}
+    one = torch.randn(1 if rank == 0 else 0, c, 1, 1, generator=torch.Generator().manual_seed(16))
     with pytest.raises(ValueError, match="Expected more than 1 value per channel when training, got 1"):
-        m(torch.randn(1 if rank == 0 else 0, c, 1, 1))
+        m(one)
     for k, v in m.state_dict().items():
         assert torch.equal(v, before[k]), k
+    # without that host read (CUDA tensors), the running variance stays, the mean moves
+    from wsbcn.ops import collectives
+    read = collectives.check_counts
+    collectives.check_counts = lambda *args: None
+    try:
+        m(one)
+    finally:
+        collectives.check_counts = read
+    assert torch.equal(m.running_var, before["running_var"])
+    assert torch.isfinite(m.running_mean).all() and not torch.equal(m.running_mean, before["running_mean"])
+    assert _same_on_every_rank(m.running_mean)
 
 
 def case_world_group_looked_up_per_call(rank, world):
@@ -635,19 +647,23 @@ def case_large_offset_keeps_its_precision(rank, world, backend, c=4, g=2):
     from reference import bcn_reference
 
     os.environ["WSBCN_BACKEND"] = backend
-    gen = torch.Generator().manual_seed(13)
-    x = 1000 + 0.01 * torch.randn(2 * world, c, 3, 3, generator=gen)
-    m = _module(c, g, "batch", dist.group.WORLD, _params(c, g), activation=None)
-    x_local = x[2 * rank:2 * rank + 2].clone().requires_grad_(True)
-    y = m(x_local)
-    dy = torch.randn(x.shape, generator=gen)
-    y.backward(dy[2 * rank:2 * rank + 2])
-    x64 = x.double().requires_grad_(True)
-    ref = _reference_state(_params(c, g))
-    yr = bcn_reference(x64, g, momentum=0.3, **ref)
-    yr.backward(dy.double())
-    assert rel_err(y, yr[2 * rank:2 * rank + 2]) <= 1e-6 and rel_err(x_local.grad, x64.grad[2 * rank:2 * rank + 2]) <= 1e-6
-    assert rel_err(m.running_mean, ref["running_mean"]) <= 1e-6
+    for mode in MODES:
+        gen = torch.Generator().manual_seed(13)
+        x = 1000 + 0.01 * torch.randn(2 * world, c, 3, 3, generator=gen)
+        params = _params(c, g)
+        params["running_mean"] += 1000  # (estimates near the data)
+        m = _module(c, g, mode, dist.group.WORLD, params, activation=None)
+        x_local = x[2 * rank:2 * rank + 2].clone().requires_grad_(True)
+        y = m(x_local)
+        dy = torch.randn(x.shape, generator=gen)
+        y.backward(dy[2 * rank:2 * rank + 2])
+        x64 = x.double().requires_grad_(True)
+        ref = _reference_state(params)
+        yr = bcn_reference(x64, g, momentum=0.3, estimate=mode == "estimate", **ref)
+        yr.backward(dy.double())
+        mine = slice(2 * rank, 2 * rank + 2)
+        assert rel_err(y, yr[mine]) <= 1e-6 and rel_err(x_local.grad, x64.grad[mine]) <= 1e-6, mode
+        assert rel_err(m.running_mean, ref["running_mean"]) <= 1e-6, mode
 
 
 def case_half_precision_buffers(rank, world, backend, dtype, c=4, g=2):

@@ -60,7 +60,7 @@ def norm_forward_torch(x, gamma, beta, omega, eta, running_mean, running_var, nu
                        num_groups, eps, momentum, cumulative, mode, update_running, activation,
                        group_affine, reduce_channel_stats=None):
     """``reduce_channel_stats(kind, pivot, mean, second, count) -> (mean, second, count,
-    p0, mean about p0)`` (ops/collectives.py), when given, combines the per-channel batch
+    merged)`` (ops/collectives.py), when given, combines the per-channel batch
     statistics across processes (wsbcn.distributed): ``mean`` is the per-channel mean of
     the local batch about ``pivot``, ``second`` its centred M2 (kind "chan") or its sum
     of squares about the old running mean (kind "sum"), ``count`` its number of values
@@ -116,12 +116,13 @@ def norm_forward_torch(x, gamma, beta, omega, eta, running_mean, running_var, nu
         if mode == MODE_BATCH:
             m2_c = m2.sum(dim=0) + s * (m - mean_c).square().sum(dim=0)
             if reduce_channel_stats is not None:
-                mean_c, m2_c, ns, p0, mean_p0 = reduce_channel_stats("chan", pivot[0], mean_c, m2_c, ns)
+                mean_c, m2_c, ns, merged = reduce_channel_stats("chan", pivot[0], mean_c, m2_c, ns)
             shift_c = mean_c
             var = m2_c / ns
             if update_running and reduce_channel_stats is not None:  # the same bits on every rank
-                updates += zip((running_mean, running_var),
-                               merged_running_update(True, rm_old, rv_old, p0, mean_p0, m2_c, ns, factor))
+                new_mean, new_var, _ = merged_running_update(True, running_mean, running_var, merged,
+                                                             merged_factor(cumulative, momentum, num_batches))
+                updates += [(running_mean, new_mean), (running_var, new_var)]
             elif update_running:
                 updates.append((running_mean, rm_old + factor * (to_old + mean_c)))
                 updates.append((running_var, (1 - factor) * rv_old + factor * m2_c / (ns - 1)))
@@ -130,10 +131,14 @@ def norm_forward_torch(x, gamma, beta, omega, eta, running_mean, running_var, nu
             # normalize with the estimates as the buffers hold them (rounded in a narrower
             # buffer: what a recompute under activation checkpointing reads back)
             if reduce_channel_stats is not None:  # the same running buffers on every rank
-                _, dev_sum, ns, p0, mean_p0 = reduce_channel_stats("sum", pivot[0], mean_c, dev_sum, ns)
-                new_mean, var = merged_running_update(False, rm_old, rv_old, p0, mean_p0, dev_sum, ns, factor)
-                new_mean = new_mean.to(running_mean.dtype).to(acc)
-                shift_c = new_mean - pivot[0]
+                _, _, _, merged = reduce_channel_stats("sum", pivot[0], mean_c, dev_sum, ns)
+                new_mean, var, q = merged_running_update(False, running_mean, running_var, merged,
+                                                         merged_factor(cumulative, momentum, num_batches))
+                pivot64 = pivot[0].to(torch.float64)
+                if running_mean.dtype != acc:
+                    shift_c = (new_mean.to(running_mean.dtype).to(torch.float64) - pivot64).to(acc)
+                else:  # about this rank's pivot, in float64: no absolute mean rounded to fp32
+                    shift_c = ((merged[0] - pivot64) + q).to(acc)
             else:
                 var = (1 - factor) * rv_old + factor * (dev_sum / ns)
                 shift_c = factor * mean_c - (1 - factor) * to_old
@@ -141,7 +146,8 @@ def norm_forward_torch(x, gamma, beta, omega, eta, running_mean, running_var, nu
                     shift_c = (pivot[0] + shift_c).to(running_mean.dtype).to(acc) - pivot[0]
                 new_mean = pivot[0] + shift_c
             if running_var.dtype != acc:
-                var = var.to(running_var.dtype).to(acc)
+                var = var.to(running_var.dtype)
+            var = var.to(acc)  # (the merged one is float64)
             updates += [(running_mean, new_mean), (running_var, var)]
         r = torch.rsqrt(var + eps)
     elif mode == MODE_RUNNING:
@@ -173,17 +179,26 @@ def norm_forward_torch(x, gamma, beta, omega, eta, running_mean, running_var, nu
     return y, stats, r.to(acc), rho.to(acc)
 
 
-def merged_running_update(batch, rm_old, rv_old, p0, mean, second, count, factor):
-    """(running_mean, running_var) updated from the statistics merged across processes
-    (``collectives.merge_rows``: ``p0`` the merged pivot, ``mean`` the mean about it,
-    ``second`` M2 (``batch``) or the sum of squares about the old running mean, ``count``
-    the values per channel): values and arithmetic the same on every rank, a rank without
-    images included, so every rank writes the same bits. The formulas of
-    ``_norm_rank_merge_kernel``."""
+def merged_factor(cumulative, momentum, num_batches):
+    """The running-average factor of a merged update, in float64."""
+    return 1.0 / (num_batches.to(torch.float64) + 1.0) if cumulative else momentum
+
+
+def merged_running_update(batch, running_mean, running_var, merged, factor):
+    """(running_mean, running_var, new mean - p0) updated from the statistics merged
+    across processes, in float64 (``merged``: ``collectives.merge_rows``' p0, the mean
+    about it, M2 (``batch``) or the sum of squares about the old running mean, and the
+    values per channel): values and arithmetic the same on every rank, a rank without
+    images included, so every rank writes the same bits. One value per channel in all
+    has no unbiased variance: the running one stays."""
+    p0, mean, second, count = merged
+    rm_old, rv_old = running_mean.to(torch.float64), running_var.to(torch.float64)
     to_old = p0 - rm_old
     if batch:
-        return rm_old + factor * (to_old + mean), (1 - factor) * rv_old + factor * (second / (count - 1))
-    return p0 + (factor * mean - (1 - factor) * to_old), (1 - factor) * rv_old + factor * (second / count)
+        new_var = torch.where(count > 1, (1 - factor) * rv_old + factor * (second / (count - 1)), rv_old)
+        return rm_old + factor * (to_old + mean), new_var, None
+    q = factor * mean - (1 - factor) * to_old
+    return p0 + q, (1 - factor) * rv_old + factor * (second / count), q
 
 
 def _apply_coefs(stats, omega, eta, num_groups, group_affine):

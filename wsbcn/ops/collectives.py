@@ -204,12 +204,12 @@ def local_row(pivot, mean, second, count, header) -> torch.Tensor:
 
 def channel_stats_reducer(ranks: Ranks, header, check: bool):
     """The torch closed form's ``reduce_channel_stats(kind, pivot, mean, second, count) ->
-    (mean, second, count, p0, mean about p0)`` over ``ranks``: one all_gather of this
+    (mean, second, count, merged)`` over ``ranks``: one all_gather of this
     rank's row. ``mean`` is the per-channel mean of the local batch about ``pivot``;
     ``kind`` "chan": ``second`` is M2 about the mean (merged with Chan's formula); "sum":
     a plain sum over ranks. Returns the whole batch's mean about ``pivot``, second moment
-    and count per channel, and the merge's pivot and mean about it (the same on every
-    rank: the running buffers are updated from these), in ``mean``'s dtype. ``check``
+    and count per channel, in ``mean``'s dtype, and ``merge_rows``' float64 values (the
+    same on every rank: the running buffers are updated from these). ``check``
     (CPU tensors): the rows' headers, and the counts (``check_counts``)."""
 
     def reduce(kind, pivot, mean, second, count):
@@ -217,10 +217,11 @@ def channel_stats_reducer(ranks: Ranks, header, check: bool):
         rows = gather_rows(row, ranks, check)
         if check:
             check_counts(rows, pivot.numel(), kind == "chan")
-        p0, mean_all, second_all, total = merge_rows(rows, pivot.numel(), kind == "chan")
+        merged = merge_rows(rows, pivot.numel(), kind == "chan")
+        p0, mean_all, second_all, total = merged
         about_pivot = (p0 - pivot.to(torch.float64)) + mean_all  # in float64: no absolute mean in fp32
         dtype = mean.dtype
-        return about_pivot.to(dtype), second_all.to(dtype), total.to(dtype), p0.to(dtype), mean_all.to(dtype)
+        return about_pivot.to(dtype), second_all.to(dtype), total.to(dtype), merged
 
     return reduce
 

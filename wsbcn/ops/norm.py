@@ -346,14 +346,18 @@ class _Call:
                 if self.keeps_estimates and _saved_hooks(False) is not None:  # maybe non-reentrant checkpoint
                     _keep_estimates(x, running_mean, running_var)
                 return y
-            return self.forward(x, gamma, beta, omega, eta, running_mean, running_var, nbt)[0]  # nothing to record
+            y = self.forward(x, gamma, beta, omega, eta, running_mean, running_var, nbt)[0]  # nothing to record
+            if self.keeps_estimates:  # maybe a reentrant checkpoint's forward (it runs without grad)
+                _keep_estimates(x, running_mean, running_var)
+            return y
         if self.update_running and self.untraced and _graph_task_id() != -1:  # in a backward: checkpoint's recompute
             recompute = self.recomputed(x)
             if recompute is not None:
                 if self.keeps_estimates:  # what that forward normalized with, if kept
                     running_mean, running_var = _kept_estimates(x, running_mean, running_var)
                 return recompute.call_plain(x, gamma, beta, omega, eta, running_mean, running_var, None)
-        if self.keeps_estimates and self.fast is False and torch.is_grad_enabled() and _saved_hooks(False) is not None:
+        if self.keeps_estimates and self.fast is False and (not torch.is_grad_enabled()
+                                                             or _saved_hooks(False) is not None):
             y = self._general(x, gamma, beta, omega, eta, running_mean, running_var, nbt)
             _keep_estimates(x, running_mean, running_var)
             return y
@@ -480,13 +484,15 @@ _meta = checks.tensor_meta
 _saved_hooks = _compat.top_saved_tensors_hooks  # None: no saved-tensor hooks active (wsbcn/_compat.py)
 
 # Micro-batch BCN (estimate=True) normalizes with the running estimates its forward just
-# updated. Under a non-reentrant torch.utils.checkpoint that forward runs with saved-tensor
-# hooks, and its recompute, during the backward, must normalize with the same estimates,
-# though another forward of the layer may have updated the buffers since (two
-# micro-batches, then one backward). Such forwards keep a copy of them, per running_mean
-# buffer (the newest 16), for a recompute of the very same input tensor (a layer that
-# takes the checkpointed region's input: a recomputed input is a new tensor, and a
-# reentrant checkpoint's recompute gets detached copies; those read the buffers).
+# updated. Under torch.utils.checkpoint that forward runs with saved-tensor hooks
+# (non-reentrant) or without grad (reentrant), and its recompute, during the backward,
+# must normalize with the same estimates, though another forward of the layer may have
+# updated the buffers since (two micro-batches, then one backward). Such forwards keep a
+# copy of them, per running_mean buffer (the newest 16), for a recompute of the same
+# input: the very tensor, or (a reentrant recompute's detached copy) a tensor of the same
+# memory, shape and strides while the kept one is alive (so its memory is not reused).
+# A layer whose input the region computes gets a new tensor in the recompute: it reads
+# the buffers, as does a recompute that finds nothing.
 _estimates_kept = WeakIdKeyDictionary()  # (by identity: a tensor's == compares values)
 _KEPT_PER_LAYER = 16
 
@@ -499,9 +505,11 @@ def _keep_estimates(x, running_mean, running_var):
 
 
 def _kept_estimates(x, running_mean, running_var):
-    """The estimates the newest kept forward of ``x`` itself normalized with, else the buffers."""
+    """The estimates the newest kept forward of ``x`` normalized with, else the buffers."""
     for input_ref, mean, var in reversed(_estimates_kept.get(running_mean, ())):
-        if input_ref() is x:
+        kept = input_ref()
+        if kept is x or (kept is not None and kept.data_ptr() == x.data_ptr() and kept.shape == x.shape
+                         and kept.stride() == x.stride() and kept.dtype == x.dtype):
             return mean, var
     return running_mean, running_var
 

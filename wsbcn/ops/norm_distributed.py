@@ -21,7 +21,8 @@ Parameter gradients are this rank's (DDP averages them); dx is that of the whole
 import torch
 
 from .. import backends
-from ..backends.torch_closed_form import acc_dtype, merged_running_update, norm_backward_torch, norm_forward_torch
+from ..backends.torch_closed_form import (acc_dtype, merged_factor, merged_running_update, norm_backward_torch,
+                                         norm_forward_torch)
 from ..kernels.layout import nsc_strides
 from ..kernels.norm import MODE_BATCH
 from ..kernels.norm_plan import DistNormPlan
@@ -135,10 +136,8 @@ def _forward_empty(call, x, running_mean, running_var, nbt):
     if backends.backend_for(x) == "triton":
         new_rm, new_rv = _merge_kernel_update(call, running_mean, running_var, nbt, *merged)
     else:  # norm_forward_torch's values and formulas
-        work = acc_dtype(x.dtype)
-        factor = 1.0 / (nbt.to(work) + 1.0) if call.cumulative else call.momentum
-        new_rm, new_rv = merged_running_update(call.mode == MODE_BATCH, running_mean.to(work),
-                                               running_var.to(work), *(t.to(work) for t in merged), factor)
+        new_rm, new_rv, _ = merged_running_update(call.mode == MODE_BATCH, running_mean, running_var, merged,
+                                                  merged_factor(call.cumulative, call.momentum, nbt))
     total = merged[3]
     some = total > 0  # no rank has images: the buffers stay, as nn.BatchNorm's on an empty batch (no host read)
     running_mean.copy_(torch.where(some, new_rm, running_mean))
