@@ -842,9 +842,13 @@ def test_a_checkpoint_of_the_source_model_loads_after_convert_as_before_it(layer
     for mode in (True, False):
         assert torch.equal(loaded_after.train(mode)(x), loaded_first.train(mode)(x))
     # the converted model's own state dict, whole or any part of it, loads as ever
+    with torch.no_grad():  # (a BN stage that trained: not the values a fresh layer has)
+        loaded_after[1].weight.uniform_(0.5, 1.5)
     own = loaded_after.state_dict()
+    bn_stage_affine = type(own)((k, v) for k, v in own.items() if k.endswith((".weight", ".bias")) and "group" not in k)
+    bn_stage_affine._metadata = own._metadata  # its metadata says BatchChannelNorm: not a GroupNorm's dict
     for part in (own, {k: v for k, v in own.items() if "running" in k or "num_batches" in k},
-                 dict(loaded_after.named_parameters())):
+                 dict(loaded_after.named_parameters()), bn_stage_affine):
         again = wsbcn.convert(source(), norm=norm, num_groups=2)
         again.load_state_dict(part, strict=part is own)
         for key, value in again.state_dict().items():

@@ -147,7 +147,7 @@ class _BatchChannelNorm(nn.Module):
     _version = 2  # as nn.BatchNorm's: a state dict of an earlier version has no num_batches_tracked
     _from_group_norm = False  # set by wsbcn.convert on a BCN made from a GroupNorm
 
-    def _group_norm_state_to_bcn(self, state_dict, prefix):
+    def _group_norm_state_to_bcn(self, state_dict, prefix, local_metadata):
         """A state dict of the GroupNorm this layer was converted from loads its affine where
         convert put it, the channel stage (``group_weight``, ``group_bias``); the BN stage's
         keys are missing from it (strict loading says so; otherwise they stay as they are).
@@ -156,7 +156,7 @@ class _BatchChannelNorm(nn.Module):
         if any(prefix + k in state_dict for k in
                ("group_weight", "group_bias", "running_mean", "running_var", "num_batches_tracked")):
             return
-        version = getattr(state_dict, "_metadata", {}).get(prefix[:-1], {}).get("version")
+        version = local_metadata.get("version")
         if version is not None and version >= self._version:
             return  # a BatchChannelNorm's own (partial) state dict
         for gn_key, key in (("weight", "group_weight"), ("bias", "group_bias")):
@@ -173,7 +173,7 @@ class _BatchChannelNorm(nn.Module):
         # Their own weight/bias, shape (1, G, 1), are our group affine.
         stage = next((s for s in ("bn.", "pbn.") if prefix + s + "running_mean" in state_dict), None)
         if stage is None and self._from_group_norm:
-            self._group_norm_state_to_bcn(state_dict, prefix)
+            self._group_norm_state_to_bcn(state_dict, prefix, local_metadata)
         speed = None
         if stage is not None:
             speed = state_dict.pop(prefix + stage + "estbn_moving_speed", None)
