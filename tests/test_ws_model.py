@@ -241,6 +241,30 @@ def test_standardizer_trains_bitwise_like_per_layer(backend):
     assert standardizer._hats is None  # the hand-over ended with the forward
 
 
+@pytest.mark.parametrize("guards", ["TensorGuards", "without"])
+def test_the_validated_call_is_kept_while_the_weights_keep_their_layout(monkeypatch, guards):
+    """Steps with the same weights reuse the standardizer's validated call (one before the
+    layout check returned a new one every step); a weight given another layout in place
+    gets a new one. With TensorGuards and, where torch has none, by sizes and strides; a
+    weight tied at two layers too."""
+    from wsbcn import _compat
+
+    if guards == "without":
+        monkeypatch.setattr(_compat, "_TENSOR_GUARDS", None)
+    model = nn.Sequential(wsbcn.WSConv2d(3, 8, 3), wsbcn.WSConv2d(8, 8, 1), wsbcn.WSConv2d(8, 8, 1)).to(DEVICE)
+    model[2].weight = model[1].weight
+    standardizer = ModelWeightStandardizer(model)
+    x = torch.randn(1, 3, 6, 6, device=DEVICE)
+    model(x).sum().backward()
+    call = standardizer._call
+    for _ in range(2):
+        model(x).sum().backward()
+        assert standardizer._call is call
+    model[0].weight.data = model[0].weight.data.transpose(2, 3)
+    model(x).sum().backward()
+    assert standardizer._call is not call
+
+
 @pytest.mark.parametrize("relayout", ["transpose", "view", "as_strided"])
 def test_a_weight_given_another_layout_in_place_is_standardized_as_it_is_now(backend, relayout):
     """``weight.data = w.transpose(2, 3)`` (or a view of another shape) keeps the Parameter

@@ -52,18 +52,22 @@ from .ws import _Call, row_dense, weight_standardize
 _data_ptr = torch.Tensor.data_ptr
 
 
-def _layout_of(weights):
-    """(a TensorGuards of the weights, the index of each weight object's first place, or
-    None when none is there twice: the guard fails a tensor given twice, and tied weights
-    are), else their (sizes, strides) where torch has no TensorGuards."""
+def _layout_check(weights):
+    """A test of whether weights keep the sizes and strides (and dtypes, devices) of
+    ``weights``: one TensorGuards over each weight object once (the guard fails a tensor
+    given twice, and tied weights are), else, where torch has no TensorGuards, their
+    (sizes, strides) compared."""
     first = {}
     for i, w in enumerate(weights):
         first.setdefault(id(w), i)
     once = None if len(first) == len(weights) else tuple(first.values())
     guard = _compat.tensor_guards(weights if once is None else [weights[i] for i in once])
     if guard is None:
-        return tuple((w.shape, w.stride()) for w in weights)
-    return guard, once
+        layout = [(w.shape, w.stride()) for w in weights]
+        return lambda ws: [(w.shape, w.stride()) for w in ws] == layout
+    if once is None:
+        return lambda ws: guard.check(*ws)
+    return lambda ws: guard.check(*[ws[i] for i in once])
 
 
 _saved_hooks = _compat.top_saved_tensors_hooks  # None: no saved-tensor hooks active (wsbcn/_compat.py)
@@ -546,7 +550,7 @@ class ModelWeightStandardizer:
         self._checked = [(a[0], a[1], a[2] == "std") for a in self._args]
         self._weights = None
         self._addresses = None
-        self._layout = None  # what tells the validated weights' shapes and strides (_same_layout)
+        self._same_layout = None  # _layout_check of the validated weights
         self._stale = False
 
     @classmethod
@@ -568,7 +572,7 @@ class ModelWeightStandardizer:
 
     def __getstate__(self):  # deepcopy and pickle: the validated call and plans are rebuilt on use
         state = dict(self.__dict__)
-        state.update(_call=None, _weights=None, _addresses=None, _layout=None, _hats=None, _taken_from=None,
+        state.update(_call=None, _weights=None, _addresses=None, _same_layout=None, _hats=None, _taken_from=None,
                      _kept=None)
         return state
 
@@ -633,19 +637,11 @@ class ModelWeightStandardizer:
         self._call = call = ModelCall(weights, self._checked)
         call.on_backward = self._release
         self._weights, self._addresses = weights, addresses
-        self._layout = _layout_of(weights)
+        # a ``weight.data = w.transpose(2, 3)`` keeps the Parameter object and its address,
+        # not its layout: the validated call holds while the layout does too
+        self._same_layout = _layout_check(weights)
         call.addresses = addresses
         return call
-
-    def _same_layout(self, weights) -> bool:
-        """Whether the weights keep the sizes and strides (and dtypes, devices) of the
-        validated call: a ``weight.data = w.transpose(2, 3)`` keeps the Parameter object
-        and its address, not its layout."""
-        layout = self._layout
-        if type(layout) is tuple:  # (where torch has no TensorGuards)
-            return layout == _layout_of(weights)
-        guard, once = layout
-        return guard.check(*(weights if once is None else [weights[i] for i in once]))
 
     def _before(self, module, args):
         self._kept = None  # a new forward: what the last one kept is no longer recomputed
