@@ -266,6 +266,30 @@ def _unheld_fusions(model, fusions):
     return kept, lines
 
 
+_OUTPUT_HOOKED = "the norm has forward or backward hooks, which would see its output activated"
+
+
+def _fusions_hooks_allow(fusions, inner_fusions, by_path):
+    """The fusions and the inner fusions (a conv's own activation into its norm) that no
+    hook stands against, and a line for each other one: an activation with hooks would not
+    run fused; a norm's forward or backward hooks would see its output activated."""
+    kept, inner, lines = [], {}, []
+    for fusion in fusions:
+        node, _, act, act_module = fusion
+        if has_hooks(act_module):
+            lines.append(f"{node.target}: the following {act} not fused: it has hooks, which would not run")
+        elif _has_output_hooks(by_path[node.target]):
+            lines.append(f"{node.target}: the following {act} not fused: {_OUTPUT_HOOKED}")
+        else:
+            kept.append(fusion)
+    for norm, (conv, act) in inner_fusions.items():
+        if _has_output_hooks(by_path[norm]):
+            lines.append(f"{norm}: the {act} its convolution {conv} applies not fused: {_OUTPUT_HOOKED}")
+        else:
+            inner[norm] = (conv, act)
+    return kept, inner, lines
+
+
 def _rebind(model, new_of, undo):
     """Point the plain lists, tuples and dicts that modules keep as attributes at the new
     layers too (detectron2's FPN calls its convs from ``self.lateral_convs``, a list beside
@@ -417,19 +441,9 @@ def convert(model: nn.Module, norm: str = "bcn", num_groups: int = 32, estimate:
         plan = decide(layers, flow, bool(ws), keep_frozen, fuse_activation)
         fusions, not_fused = _safe_fusions(model, layers, plan, graph, trace)
     fusions, held = _unheld_fusions(model, fusions)
-    # an activation with hooks would not run fused; a norm's output hooks would see it applied
     by_path = {path: layer for path, layer, _ in layers}
-    not_fused += held + [f"{node.target}: the following {act} not fused: it has hooks, which would not run"
-                         for node, _, act, act_module in fusions if has_hooks(act_module)]
-    not_fused += [f"{node.target}: the following {act} not fused: the norm has forward or backward hooks, "
-                  "which would see its output activated" for node, _, act, act_module in fusions
-                  if not has_hooks(act_module) and _has_output_hooks(by_path[node.target])]
-    not_fused += [f"{norm}: the {act} its convolution {conv} applies not fused: the norm has forward or backward "
-                  "hooks, which would see its output activated" for norm, (conv, act) in plan.inner_fusions.items()
-                  if _has_output_hooks(by_path[norm])]
-    plan.inner_fusions = {norm: v for norm, v in plan.inner_fusions.items() if not _has_output_hooks(by_path[norm])}
-    fusions = [fusion for fusion in fusions
-               if not has_hooks(fusion[3]) and not _has_output_hooks(by_path[fusion[0].target])]
+    fusions, plan.inner_fusions, hooked = _fusions_hooks_allow(fusions, plan.inner_fusions, by_path)
+    not_fused += held + hooked
     fused_act = {node.target: act for node, _, act, _ in fusions}
 
     replacements, changed, warned = [], [], set()
