@@ -93,8 +93,8 @@ ACTIVATIONS = {None: 0, "relu": 1, "silu": 2}
 
 @triton.jit
 def _activate(z, ACT: tl.constexpr):
-    if ACT == 1:
-        z = tl.maximum(z, 0.0)
+    if ACT == 1:  # NaN stays NaN, as torch.relu (maximum's default returns the number)
+        z = tl.maximum(z, 0.0, propagate_nan=tl.PropagateNan.ALL)
     elif ACT == 2:
         z = z / (1.0 + tl.exp(-z))
     return z
@@ -102,8 +102,8 @@ def _activate(z, ACT: tl.constexpr):
 
 @triton.jit
 def _activation_grad(dy, z, ACT: tl.constexpr):
-    if ACT == 1:
-        dy = tl.where(z > 0.0, dy, 0.0)
+    if ACT == 1:  # torch's threshold_backward: zero where z <= 0, so a NaN z passes dy
+        dy = tl.where(z <= 0.0, 0.0, dy)
     elif ACT == 2:
         sig = 1.0 / (1.0 + tl.exp(-z))
         dy = dy * sig * (1.0 + z * (1.0 - sig))

@@ -94,6 +94,53 @@ def test_nan_and_inf_propagate_like_the_reference(backend, bad):
     assert torch.equal(torch.isnan(ours), torch.isnan(ref)) and torch.equal(torch.isinf(ours), torch.isinf(ref))
 
 
+@pytest.mark.parametrize("layer", ["bcn", "gn"])
+def test_nan_propagates_through_a_fused_relu(backend, layer):
+    """torch.relu(NaN) is NaN, and its backward passes the gradient at a NaN: the fused
+    ReLU does the same (triton's maximum returned the number, 0, for a NaN)."""
+    torch.manual_seed(3)
+    x = torch.randn(2, 8, 3, 3, device=DEVICE)
+    x[1, 2, 1, 1] = float("nan")
+    xs, x64 = x.clone().requires_grad_(True), x.double().requires_grad_(True)
+    if layer == "bcn":
+        y = batch_channel_norm(xs, 4, training=True, activation="relu")
+        yr = bcn_reference(x64, 4, training=True, activation="relu")
+    else:
+        y, yr = group_norm(xs, 4, activation="relu"), gn_reference(x64, 4, activation="relu")
+    assert torch.isnan(yr).any()
+    assert torch.equal(torch.isnan(y), torch.isnan(yr))
+    g = torch.randn(x.shape, dtype=torch.float64)
+    y.backward(g.float())
+    yr.backward(g)
+    assert torch.equal(torch.isnan(xs.grad), torch.isnan(x64.grad))
+
+
+def test_large_offsets_keep_their_precision_in_the_torch_op_paths(backend):
+    """Double backward, forward-mode AD and vmap compute the norms with torch ops
+    (ops/differentiable.py): their statistics are taken about a pivot, as the kernels',
+    so a large common offset keeps fp32 precision there too (they were off by 1e-2)."""
+    from torch.autograd import forward_ad
+
+    torch.manual_seed(4)
+    x = 1e4 + 1e-3 * torch.randn(2, 8, 4, 4, device=DEVICE)
+    dy, tangent = torch.randn_like(x), torch.randn_like(x)
+    layers = {"bcn": (lambda t: batch_channel_norm(t, 4, training=True),
+                      lambda t: bcn_reference(t, 4, training=True)),
+              "gn": (lambda t: group_norm(t, 4), lambda t: gn_reference(t, 4))}
+    for name, (ours, ref) in layers.items():
+        x64 = x.double().requires_grad_(True)
+        dx_ref, = torch.autograd.grad(ref(x64), x64, dy.double())
+        _, jvp_ref = torch.func.jvp(ref, (x.double(),), (tangent.double(),))
+        xs = x.clone().requires_grad_(True)
+        dx, = torch.autograd.grad(ours(xs), xs, dy, create_graph=True)
+        with forward_ad.dual_level():
+            jvp = forward_ad.unpack_dual(ours(forward_ad.make_dual(x, tangent))).tangent
+        y_vmap = torch.func.vmap(ours)(x.unsqueeze(0))[0]
+        assert rel_err(dx, dx_ref) <= 1e-5, name
+        assert rel_err(jvp, jvp_ref) <= 1e-5, name
+        assert rel_err(y_vmap, ref(x.double())) <= 1e-5, name
+
+
 _FACTORIES = ("empty", "empty_like", "zeros", "zeros_like", "ones", "ones_like", "full", "full_like", "empty_strided")
 
 

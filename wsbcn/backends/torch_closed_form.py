@@ -43,7 +43,7 @@ def _activate(z, activation):
 
 def _activation_grad(dy, z, activation):
     if activation == "relu":
-        return torch.where(z > 0, dy, torch.zeros_like(dy))
+        return torch.where(z <= 0, torch.zeros_like(dy), dy)  # as threshold_backward: NaN z passes dy
     if activation == "silu":
         sig = torch.sigmoid(z)
         return dy * sig * (1 + z * (1 - sig))

@@ -60,6 +60,8 @@ def norm_forward_differentiable(x, gamma, beta, omega, eta, num_groups, eps, mod
     if mode != MODE_GN:
         if mode == MODE_BATCH:
             dims = [0] + list(range(2, x.dim()))
+            if u.numel():  # about a pivot, as the kernels: a large common offset keeps its precision
+                u = u - u.detach()[(0, slice(None)) + (0,) * (x.dim() - 2)].view(shape_c)
             var, mean = torch.var_mean(u, dim=dims, correction=0)
             u = (u - mean.view(shape_c)) * torch.rsqrt(var + eps).view(shape_c)
         else:
@@ -67,6 +69,8 @@ def norm_forward_differentiable(x, gamma, beta, omega, eta, num_groups, eps, mod
         if gamma is not None:
             u = u * gamma.to(acc).view(shape_c) + beta.to(acc).view(shape_c)
     grouped = u.reshape(n, num_groups, -1)
+    if grouped.numel():  # about a pivot per (n, group); the pivot is a constant: y does not depend on it
+        grouped = grouped - grouped.detach()[:, :, :1]
     tau, nu = torch.var_mean(grouped, dim=2, correction=0, keepdim=True)
     y = ((grouped - nu) * torch.rsqrt(tau + eps)).reshape(x.shape)
     if omega is not None:
