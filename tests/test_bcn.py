@@ -799,3 +799,29 @@ def test_estimate_mode_normalizes_with_the_estimates_as_narrower_buffers_hold_th
     for got, value in ((rm, rm64), (rv, rv64)):
         ulp = torch.finfo(buffer_dtype).eps * value.abs()
         assert ((got.double() - value).abs() <= ulp).all()
+
+
+def test_a_parametrized_running_buffer_is_read_as_nn_batchnorm_reads_it(backend):
+    """A parametrization on running_var takes it out of ``_buffers`` (the layer read
+    only the dict: KeyError); the layer reads the attribute then, as nn.BatchNorm2d
+    does: eval normalizes with the parametrized value, training updates that computed
+    tensor and leaves the stored one as it is, as nn.BatchNorm2d's training does."""
+    from torch.nn.utils import parametrize
+
+    class Positive(torch.nn.Module):
+        def forward(self, v):
+            return v.abs() + 1e-3
+
+    torch.manual_seed(5)
+    m = wsbcn.BatchChannelNorm2d(8, num_groups=4).to(DEVICE)
+    m.running_var.uniform_(-2.0, -0.5)
+    parametrize.register_parametrization(m, "running_var", Positive())
+    stored = m.parametrizations.running_var.original.clone()
+    x = torch.randn(2, 8, 3, 3, device=DEVICE)
+    m.train()(x)
+    assert torch.equal(m.parametrizations.running_var.original, stored)
+    assert m.num_batches_tracked.item() == 1
+    y = m.eval()(x)
+    ref = bcn_reference(x.double(), 4, m.weight, m.bias, m.group_weight, m.group_bias, m.running_mean.double(),
+                        stored.double().abs() + 1e-3, training=False)
+    assert rel_err(y, ref) <= 1e-5

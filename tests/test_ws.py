@@ -1,6 +1,7 @@
 """Weight Standardization against the naive float64 reference, on both backends."""
 import pytest
 import torch
+from torch import nn
 
 import wsbcn
 from wsbcn.functional import weight_standardize
@@ -231,3 +232,31 @@ def test_bad_standardize_is_refused():
             weight_standardize(w, standardize=bad)
         with pytest.raises(ValueError, match="standardize"):
             wsbcn.WSConv2d(3, 4, 3, standardize=bad)
+
+
+@pytest.mark.parametrize("kwargs", [dict(eps=-1.0), dict(eps_mode="bad"), dict(correction=27), dict(correction=-1),
+                                    dict(standardize="bad"), dict(dtype=torch.complex64), dict(in_channels=0)])
+def test_refused_wsconv_arguments_leave_the_random_generator_as_it_was(kwargs):
+    """WS's own arguments are checked before nn.Conv2d draws the initial weight: a
+    refused call leaves the generator as a refused nn.Conv2d call does, so seeded runs
+    that catch the error still reproduce."""
+    args = dict(in_channels=3, out_channels=4, kernel_size=3) | kwargs
+    torch.manual_seed(0)
+    expected = torch.rand(4)
+    torch.manual_seed(0)
+    with pytest.raises((ValueError, TypeError)):
+        wsbcn.WSConv2d(**args)
+    assert torch.equal(torch.rand(4), expected)
+
+
+@pytest.mark.parametrize("cls,args", [(wsbcn.WSConv1d, (3, 4, 3)), (wsbcn.WSConv2d, (3, 4, 3)),
+                                      (wsbcn.WSConv3d, (3, 4, 3)), (wsbcn.GroupNorm, (2, 4)),
+                                      (wsbcn.BatchChannelNorm2d, (4, 2))])
+def test_skip_init_builds_the_layer_uninitialized(cls, args):
+    """torch.nn.utils.skip_init reads ``device`` in the constructor's signature (a
+    ``*args`` signature hid it) and builds the layer on meta, then allocates it."""
+    m = nn.utils.skip_init(cls, *args, eps=1e-3)
+    ref = cls(*args, eps=1e-3)
+    assert type(m) is cls and m.eps == 1e-3
+    assert [(n, p.shape, p.device) for n, p in m.named_parameters()] == \
+        [(n, p.shape, p.device) for n, p in ref.named_parameters()]

@@ -40,18 +40,24 @@ def check_eps(eps) -> float:
 
 def check_ws_args(weight, eps, correction, eps_mode) -> tuple:
     check_float_tensor("weight", weight, min_dim=2)
+    return check_ws_scalars(eps, correction, eps_mode, tuple(weight.shape))
+
+
+def check_ws_scalars(eps, correction, eps_mode, shape=None) -> tuple:
+    """(eps, correction) of a WS call checked, for a weight of ``shape`` (None: not
+    known yet, so the fan-in checks wait for it)."""
     eps = check_eps(eps)
     if eps_mode not in ("var", "std"):
         raise ValueError(f"eps_mode must be 'var' or 'std', got {eps_mode!r}")
     if isinstance(correction, bool) or not isinstance(correction, numbers.Integral):
         raise TypeError(f"correction must be a non-negative int, got {type(correction).__name__}")
     correction = int(correction)
-    fan_in = math.prod(weight.shape[1:])
+    fan_in = None if shape is None else math.prod(shape[1:])
     if fan_in == 0:
-        raise ValueError(f"weight has an empty fan-in: shape {tuple(weight.shape)}")
+        raise ValueError(f"weight has an empty fan-in: shape {shape}")
     if correction < 0:
         raise ValueError(f"correction must be >= 0, got {correction}")
-    if correction >= fan_in:
+    if fan_in is not None and correction >= fan_in:
         raise ValueError(
             f"correction ({correction}) must be smaller than the fan-in of each filter "
             f"({fan_in}); the variance divides by fan_in - correction"

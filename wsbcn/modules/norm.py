@@ -111,8 +111,11 @@ class _BatchChannelNorm(nn.Module):
             weight, bias, group_weight, group_bias = self.weight, self.bias, self.group_weight, self.group_bias
         training = self.training
         group = self.process_group if training else None
-        running_mean = b["running_mean"]  # None without track_running_stats: batch statistics in eval too
-        running_var, num_batches_tracked = b["running_var"], b["num_batches_tracked"]
+        try:  # None without track_running_stats: batch statistics in eval too
+            running_mean, running_var, num_batches_tracked = b["running_mean"], b["running_var"], b["num_batches_tracked"]
+        except KeyError:  # a parametrized buffer: what the attribute gives (nn.BatchNorm reads it too)
+            running_mean, running_var = self.running_mean, self.running_var
+            num_batches_tracked = self.num_batches_tracked
         if training and running_mean is not None and not self.track_running_stats:
             # switched off after construction: nn.BatchNorm reads it on every call and then
             # trains on batch statistics, its buffers left as they are (eval still uses them)
@@ -217,11 +220,12 @@ class GroupNorm(nn.GroupNorm):
     """Drop-in for nn.GroupNorm (same arguments and state dict) running the wsbcn
     kernels, with an optional fused ``activation`` ("relu" or "silu")."""
 
-    def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-5, affine: bool = True,
-                 *args, activation: Optional[str] = None, **kwargs):
+    def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-5, affine: bool = True, device=None,
+                 dtype=None, *, activation: Optional[str] = None, **kwargs):
+        # nn.GroupNorm's arguments by name (skip_init reads device); kwargs: torch's keyword-only ones (bias)
         checks.check_num_groups(num_channels, num_groups)
         checks.check_eps(eps)
-        super().__init__(num_groups, num_channels, eps, affine, *args, **kwargs)
+        super().__init__(num_groups, num_channels, eps, affine, device, dtype, **kwargs)
         self.activation = checks.check_activation(activation)
 
     def _check_input(self, x):

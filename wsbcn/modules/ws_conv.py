@@ -13,10 +13,41 @@ from ..ops.ws import check_standardize, weight_standardize
 from .tracing import Proxy, fx_leaf, refuse_script
 
 
+def _check_before_init(dims, in_channels, out_channels, kernel_size, groups, dtype, eps, correction, eps_mode,
+                       standardize):
+    """The WS arguments checked before nn.ConvNd's __init__ draws the initial weight, so
+    a rejected call leaves the random generator as it was (nn.ConvNd's own argument
+    errors come first there too). The fan-in checks need the weight's shape: checked
+    here when the conv arguments give it, else after __init__ (``_init_ws``)."""
+    if dtype is not None and isinstance(dtype, torch.dtype) and dtype not in checks.FLOAT_DTYPES:
+        raise TypeError(f"WSConv{dims}d's weight must be floating-point (float16, bfloat16, float32 or "
+                        f"float64), got dtype={dtype}")
+    shape = None
+    try:
+        kernel = tuple(kernel_size) if isinstance(kernel_size, (tuple, list)) else (kernel_size,) * dims
+        if len(kernel) == dims and all(type(v) is int for v in (in_channels, out_channels, groups, *kernel)) \
+                and groups > 0 and in_channels % groups == 0:
+            shape = (out_channels, in_channels // groups, *kernel)
+    except TypeError:  # nn.ConvNd names what is wrong with its arguments
+        pass
+    checks.check_ws_scalars(eps, correction, eps_mode, shape)
+    check_standardize(standardize)
+
+
 class _WSConvMixin:
     _ws_model = None  # the wsbcn.ModelWeightStandardizer covering this layer, if any (ops/ws_model.py)
 
     standardize = "full"
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
+                 groups: int = 1, bias: bool = True, padding_mode: str = "zeros", device=None, dtype=None, *,
+                 eps: float = 1e-5, correction: int = 0, eps_mode: str = "var", standardize: str = "full"):
+        # nn.ConvNd's arguments by name, so that what reads the signature sees them (skip_init: device)
+        _check_before_init(self._dims, in_channels, out_channels, kernel_size, groups, dtype, eps, correction,
+                           eps_mode, standardize)
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
+                         padding_mode, device, dtype)
+        self._init_ws(eps, correction, eps_mode, standardize)
 
     def _init_ws(self, eps, correction, eps_mode, standardize="full"):
         self.eps, self.correction = checks.check_ws_args(self.weight, eps, correction, eps_mode)
@@ -60,21 +91,12 @@ class _WSConvMixin:
 
 
 class WSConv1d(_WSConvMixin, nn.Conv1d):
-    def __init__(self, *args, eps: float = 1e-5, correction: int = 0, eps_mode: str = "var",
-                 standardize: str = "full", **kwargs):
-        super().__init__(*args, **kwargs)
-        self._init_ws(eps, correction, eps_mode, standardize)
+    _dims = 1
 
 
 class WSConv2d(_WSConvMixin, nn.Conv2d):
-    def __init__(self, *args, eps: float = 1e-5, correction: int = 0, eps_mode: str = "var",
-                 standardize: str = "full", **kwargs):
-        super().__init__(*args, **kwargs)
-        self._init_ws(eps, correction, eps_mode, standardize)
+    _dims = 2
 
 
 class WSConv3d(_WSConvMixin, nn.Conv3d):
-    def __init__(self, *args, eps: float = 1e-5, correction: int = 0, eps_mode: str = "var",
-                 standardize: str = "full", **kwargs):
-        super().__init__(*args, **kwargs)
-        self._init_ws(eps, correction, eps_mode, standardize)
+    _dims = 3
