@@ -71,7 +71,7 @@ class Reference(nn.Module):
     def forward(self, x):
         m = self.converted[0]
         m = m.norm if isinstance(m, NormAct) else m
-        if isinstance(m, (wsbcn.WSConv2d, wsbcn.WSConv3d)):
+        if isinstance(m, (wsbcn.WSConv1d, wsbcn.WSConv2d, wsbcn.WSConv3d)):
             w = ws_reference(m.weight, m.eps, m.correction, m.eps_mode)
             if isinstance(m, ScaledWSConv2d):
                 w = w * (m.gain.double() * m.scale)
@@ -99,8 +99,8 @@ def reference_model(original, converted):
     twin = copy.deepcopy(original)
     done = []
     for path, m in converted.named_modules():
-        if isinstance(m, (wsbcn.WSConv2d, wsbcn.WSConv3d, wsbcn.BatchChannelNorm2d, wsbcn.BatchChannelNorm3d,
-                          wsbcn.GroupNorm, NormAct)) and not any(
+        if isinstance(m, (wsbcn.WSConv1d, wsbcn.WSConv2d, wsbcn.WSConv3d, wsbcn.BatchChannelNorm1d,
+                          wsbcn.BatchChannelNorm2d, wsbcn.BatchChannelNorm3d, wsbcn.GroupNorm, NormAct)) and not any(
                 path.startswith(p + ".") for p in done):
             parent, _, leaf = path.rpartition(".")
             holder = twin.get_submodule(parent) if parent else twin

@@ -114,8 +114,8 @@ def test_a_batch_norm_on_a_linears_features_is_left_alone():
     model.forward = lambda x: model[5](model[4](model[3](model[2](model[1](model[0](x))))[:, :, None]))
     out, summary = _summary(model)
     assert type(out[1]) is nn.BatchNorm1d and type(out[2]) is nn.ReLU
-    assert any(line.startswith("1: BatchNorm1d left alone: it normalizes the features of 0 (nn.Linear)")
-               for line in summary)
+    assert any(line.startswith("1: BatchNorm1d left alone: its input is (N, C) features (the output of 0 "
+                               "(nn.Linear))") for line in summary)
     assert type(out[4]) is wsbcn.WSConv1d and type(out[5]) is wsbcn.BatchChannelNorm1d  # a length dimension
 
 
@@ -187,3 +187,92 @@ def test_an_activation_is_not_fused_into_a_norm_whose_output_hooks_would_see_it(
             "activated") in summary
     out(torch.randn(2, 3, 6, 6, dtype=torch.float64))
     assert seen[-1] < 0  # the norm's own output, as before convert
+
+
+class _AfterResidual(nn.Module):
+    """A norm of a residual sum (pre-activation order): no conv feeds it directly."""
+
+    def __init__(self, conv, norm):
+        super().__init__()
+        self.conv, self.norm = conv, norm
+
+    def forward(self, x):
+        return self.norm(x + self.conv(x))
+
+
+class _Reshaped(nn.Module):
+    """Convs of two ranks, and a GroupNorm after a reshape, whose rank convert cannot see."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1d, self.conv2d = nn.Conv1d(4, 4, 1), nn.Conv2d(4, 4, 1)
+        self.bn1d, self.bn2d = nn.BatchNorm1d(4), nn.BatchNorm2d(4)
+        self.gn = nn.GroupNorm(2, 4)
+
+    def forward(self, x):  # x: (N, 4, H, W)
+        y = self.bn2d(self.conv2d(x))
+        z = self.bn1d(self.conv1d(y.flatten(2)))
+        return self.gn(z.reshape(x.shape))
+
+
+@pytest.mark.parametrize("case", ["gn-3d-residual", "sync-bn-3d-residual", "gn-1d-model-input", "gn-3d-dropout"])
+def test_a_norm_that_takes_any_rank_gets_the_rank_of_the_convs_around_it(backend, case):
+    """nn.GroupNorm and nn.SyncBatchNorm take inputs of any rank, a BatchChannelNormNd one
+    rank: with no conv feeding it directly, the norm became a BatchChannelNorm2d whatever
+    its input, and a 3D or 1D model's first forward raised. Its rank is now the conv's
+    that reaches it through rank-keeping ops (upstream, else downstream)."""
+    torch.manual_seed(0)
+    if case == "gn-3d-residual":
+        model, x, cls = _AfterResidual(nn.Conv3d(8, 8, 3, padding=1), nn.GroupNorm(4, 8)), (2, 8, 2, 4, 4), 3
+    elif case == "sync-bn-3d-residual":
+        model, x, cls = _AfterResidual(nn.Conv3d(8, 8, 3, padding=1), nn.SyncBatchNorm(8)), (2, 8, 2, 4, 4), 3
+    elif case == "gn-1d-model-input":
+        model, x, cls = nn.Sequential(nn.GroupNorm(2, 4), nn.Conv1d(4, 8, 3), nn.BatchNorm1d(8)), (2, 4, 8), 1
+    else:
+        model, x, cls = nn.Sequential(nn.Conv3d(3, 8, 3), nn.Dropout3d(0.1), nn.GroupNorm(4, 8)), (2, 3, 3, 4, 4), 3
+    model = randomize(model.double())
+    out, summary = _summary(copy.deepcopy(model))
+    norms = [m for m in out.modules() if isinstance(m, wsbcn.modules.norm._BatchChannelNorm)]
+    assert norms and all(type(m) is getattr(wsbcn, f"BatchChannelNorm{cls}d") for m in norms), summary
+    x = torch.randn(x, dtype=torch.float64)
+    assert matches_reference(model, out, x)
+    out.train()(x).square().sum().backward()
+
+
+def test_a_norm_whose_rank_is_unknown_is_left_alone_with_the_reason():
+    model = _Reshaped()
+    out, summary = _summary(model)
+    assert type(out.gn) is nn.GroupNorm
+    assert any(line.startswith("gn: GroupNorm left alone: the rank of its input is not known") for line in summary)
+    assert type(out.bn1d) is wsbcn.BatchChannelNorm1d and type(out.bn2d) is wsbcn.BatchChannelNorm2d
+    out(torch.randn(2, 4, 3, 3))
+
+
+class _EmbeddingHead(nn.Module):
+    """A "BNNeck": the pooled, flattened features go through a BatchNorm1d."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, c, 3), nn.BatchNorm2d(c)
+        self.neck, self.fc = nn.BatchNorm1d(c), nn.Linear(c, 5)
+
+    def forward(self, x):
+        f = torch.flatten(nn.functional.adaptive_avg_pool2d(torch.relu(self.bn(self.conv(x))), 1), 1)
+        return self.fc(self.neck(f))
+
+
+def test_a_batch_norm_on_flattened_features_is_left_alone():
+    """As after an nn.Linear: a BatchChannelNorm1d on (N, C) features gave every sample
+    the same output (C = 16 channels in 16 groups: one value per group)."""
+    out, summary = _summary(_EmbeddingHead(16))
+    assert type(out.neck) is nn.BatchNorm1d and type(out.bn) is wsbcn.BatchChannelNorm2d
+    assert any(line.startswith("neck: BatchNorm1d left alone: its input is (N, C) features (flattened by "
+                               "torch.flatten)") for line in summary), summary
+
+
+def test_a_conv_feeds_the_norm_after_a_dropout():
+    """A dropout between a conv and its norm keeps what the conv gave: the conv feeds the
+    norm (it was said to feed none, and stayed unstandardized)."""
+    model = nn.Sequential(nn.Conv3d(3, 8, 3), nn.Dropout3d(0.1), nn.BatchNorm3d(8))
+    out, summary = _summary(model)
+    assert type(out[0]) is wsbcn.WSConv3d and type(out[2]) is wsbcn.BatchChannelNorm3d, summary

@@ -438,7 +438,7 @@ def convert(model: nn.Module, norm: str = "bcn", num_groups: int = 32, estimate:
     with _folding_suspended(model):
         layers = census(model)
         flow, graph, trace, trace_note = _flow(model, layers)
-        plan = decide(layers, flow, bool(ws), keep_frozen, fuse_activation)
+        plan = decide(layers, flow, bool(ws), keep_frozen, fuse_activation, norm)
         fusions, not_fused = _safe_fusions(model, layers, plan, graph, trace)
     fusions, held = _unheld_fusions(model, fusions)
     by_path = {path: layer for path, layer, _ in layers}
@@ -468,7 +468,8 @@ def convert(model: nn.Module, norm: str = "bcn", num_groups: int = 32, estimate:
         channels = rule.channels(old)
         if not rule.keeps_groups and spec.groups_for(channels) != num_groups:
             changed.append(f"{path}: num_groups={num_groups} does not divide its {channels} channels; "
-                           f"it has {spec.groups_for(channels)} groups (the greatest common divisor)")
+                           f"it has {spec.groups_for(channels)} group{'s' if spec.groups_for(channels) != 1 else ''} "
+                           "(the greatest common divisor)")
             warned.add(changed[-1])
     rebound = _swap(model, replacements, fusions)
     if ws == "model":  # every WSConv weight standardized at once (ops/ws_model.py)

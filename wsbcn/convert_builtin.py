@@ -279,7 +279,8 @@ _FOLLOWING = "a following ReLU/SiLU"
 _OWN = "its own ReLU/SiLU if no drop precedes it; a following one if it has no act"
 _BN = dict(becomes=_NORM_TARGET, carries="weight, bias, eps; BCN also running stats, momentum", fuses=_FOLLOWING)
 _GN = dict(becomes=_NORM_TARGET + ", keeping its num_groups",
-           carries="num_groups, eps, weight, bias (BCN: as its channel-stage affine)", fuses=_FOLLOWING)
+           carries="num_groups, eps, weight, bias (BCN: as its channel-stage affine)", fuses=_FOLLOWING,
+           default_dims=None)  # any rank, as nn.GroupNorm: the dims convert finds around it
 _KEPT = "; unchanged with `keep_frozen=True`"
 _FROZEN = dict(becomes=_NORM_TARGET + _KEPT,
                carries="weight, bias (now trainable), eps; BCN also running stats", frozen=True,
@@ -293,7 +294,7 @@ BUILTIN_RULES = {
     nn.BatchNorm3d: ConvertRule("norm", _batch_norm, **_BN, default_dims=3),
     # keeps its process group (convert's process_group= for one on the default group); mmengine's
     # subclass (mmcv's norm_cfg type "SyncBN") only changes the input check
-    **{sync: ConvertRule("norm", _sync_batch_norm, **_BN, default_dims=2)
+    **{sync: ConvertRule("norm", _sync_batch_norm, **_BN, default_dims=None)  # any rank, as nn.GroupNorm
        for sync in (nn.SyncBatchNorm, "mmengine.utils.dl_utils.parrots_wrapper.SyncBatchNorm")},
     nn.GroupNorm: ConvertRule("norm", _group_norm, **_GN, keeps_groups=True),
     # torchvision's video ResNets' convs (r3d_18, mc3_18): nn.Conv3d with a fixed geometry and its forward
@@ -314,7 +315,7 @@ BUILTIN_RULES = {
                              ("timm.layers.norm_act.SyncBatchNormAct", _sync_batch_norm))},
     **{gn_act: ConvertRule(
         "norm", _with_drop_act(_group_norm), becomes=_GN["becomes"] + _THEN, carries=_GN["carries"] + _AND,
-        fuses=_OWN, takes_activation=_takes_following_act, keeps_groups=True)
+        fuses=_OWN, takes_activation=_takes_following_act, keeps_groups=True, default_dims=None)
        for gn_act in ("timm.layers.norm_act.GroupNormAct", "timm.layers.norm_act.GroupNorm1Act")},
     "timm.layers.norm_act.FrozenBatchNormAct2d": ConvertRule(
         "norm", _with_drop_act(_frozen_batch_norm), **dict(_FROZEN, becomes=_NORM_TARGET + _THEN + _KEPT,

@@ -27,11 +27,14 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .convert_layers import NormAct
+from .convert_rank import norm_input
 from .convert_registry import ConvertRule, convert_rule_for, type_name
 from .modules import (BatchChannelNorm1d, BatchChannelNorm2d, BatchChannelNorm3d, GroupNorm, WSConv1d, WSConv2d,
                       WSConv3d)
 
 _WSBCN_CONVS = (WSConv1d, WSConv2d, WSConv3d)
+# between a conv and the norm it feeds: an Identity, a dropout (the norm still normalizes the conv's output)
+_PASS_THROUGH = (nn.Identity, nn.modules.dropout._DropoutNd)
 _WSBCN_NORMS = (BatchChannelNorm1d, BatchChannelNorm2d, BatchChannelNorm3d, GroupNorm, NormAct)
 _TORCH_NORMS = tuple(c for c in (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm,
                                  getattr(nn, "RMSNorm", None)) if c is not None)
@@ -152,7 +155,8 @@ class Flow:
     candidates: list = field(default_factory=list)        # (norm node, act node, "relu"/"silu")
     unfusable: list = field(default_factory=list)         # (norm path, act, why): an activation after it stays
     own_norm: Dict[str, str] = field(default_factory=dict)  # conv path -> the norm only it applies (norm_inside)
-    after_linear: Dict[str, str] = field(default_factory=dict)  # norm path -> the nn.Linear whose output it takes
+    features: Dict[str, str] = field(default_factory=dict)  # norm path -> what made its input (N, C) features
+    input_dims: Dict[str, int] = field(default_factory=dict)  # norm path -> spatial dims of its input (convert_rank)
     functional_norms: Dict[str, int] = field(default_factory=dict)  # F.batch_norm / F.group_norm -> calls traced
     kept_whole: Dict[str, nn.Module] = field(default_factory=dict)
 
@@ -193,14 +197,16 @@ def flow_from_graph(graph, model, layers, kept_whole) -> Flow:
         if role.kind != "norm":
             continue
         src = node.args[0] if node.args else None
-        while _is_call_of(src, modules, (nn.Identity,)) and src.args:  # (an Identity between them changes nothing)
+        while _is_call_of(src, modules, _PASS_THROUGH) and src.args:  # (they keep what the conv gave)
             src = src.args[0]
         src_role = roles.get(src.target) if isinstance(src, fx.Node) and src.op == "call_module" else None
         if src_role is not None and src_role.kind == "conv":
             flow.feeds.setdefault(src.target, node.target)
-        elif _is_call_of(src, modules, (nn.Linear,)) and modules[src.target].out_features == channels_of(
-                modules[node.target], role):  # (N, C) features (a Linear over a length dim has another width)
-            flow.after_linear[node.target] = src.target
+        dims, features = norm_input(node, modules, channels_of(modules[node.target], role))
+        if features is not None:
+            flow.features.setdefault(node.target, features)
+        elif dims is not None:
+            flow.input_dims.setdefault(node.target, dims)
     for node in graph.nodes:
         role = roles.get(node.target) if node.op == "call_module" else None
         if role is None or role.rule is None or role.kind != "norm":
@@ -325,10 +331,14 @@ def _computed_weight(layer) -> Optional[str]:
 _FEEDS_NO_NORM = "its output feeds no norm (WS without a norm after it hurts training)"
 
 
-def decide(layers, flow: Flow, ws: bool, keep_frozen: bool, fuse_activation: bool) -> Plan:
+def decide(layers, flow: Flow, ws: bool, keep_frozen: bool, fuse_activation: bool, target: str = "bcn") -> Plan:
+    """``target``: convert's ``norm`` ("bcn" or "gn")."""
     plan = Plan()
     roles = {path: (layer, role) for path, layer, role in layers}
     fed_by = {norm: conv for conv, norm in flow.feeds.items()}
+    conv_dims = {layer.weight.dim() - 2 for _, layer, role in layers if role.kind == "conv"
+                 and isinstance(getattr(layer, "weight", None), torch.Tensor) and not uninitialized_lazy(layer)
+                 and layer.weight.dim() in (3, 4, 5)}
     for path, layer, role in layers:
         if role.kind != "norm" or role.converted:
             continue
@@ -342,14 +352,21 @@ def decide(layers, flow: Flow, ws: bool, keep_frozen: bool, fuse_activation: boo
             plan.reasons[path] = role.rule.skip(layer)
         elif computed := _computed_weight(layer):
             plan.reasons[path] = computed
-        elif path in flow.after_linear and path not in fed_by:
-            plan.reasons[path] = (f"it normalizes the features of {flow.after_linear[path]} (nn.Linear), which have "
-                                  "no spatial or length dimension: a channel stage (BCN's, GroupNorm's) would "
-                                  "normalize each sample's C / num_groups values on their own")
-        else:
+        elif path in flow.features and path not in fed_by:
+            plan.reasons[path] = (f"its input is (N, C) features ({flow.features[path]}), which have no spatial "
+                                  "or length dimension: a channel stage (BCN's, GroupNorm's) would normalize each "
+                                  "sample's C / num_groups values on their own")
+        else:  # the spatial dims: of the conv feeding it, else its own type's, else found around it in the graph
             conv = roles.get(fed_by.get(path), (None, None))[0]
             dims = conv.weight.dim() - 2 if conv is not None and conv.weight.dim() in (3, 4, 5) else None
-            plan.norms[path] = dims if dims is not None else role.rule.default_dims
+            dims = next((d for d in (dims, role.rule.default_dims, flow.input_dims.get(path),
+                                     next(iter(conv_dims)) if len(conv_dims) == 1 else None) if d is not None), None)
+            if dims is None and target == "bcn":
+                plan.reasons[path] = (f"the rank of its input is not known ({type(layer).__name__} takes any, a "
+                                      "BatchChannelNormNd one): no convolution reaches it through ops that keep the "
+                                      "rank, and the model's convolutions have several (or none)")
+            else:
+                plan.norms[path] = dims
     for path, layer, role in layers:
         if role.kind != "conv" or role.converted:
             continue

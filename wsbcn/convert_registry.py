@@ -70,7 +70,10 @@ class ConvertRule:
         built layer (False when the layer applies something of its own after the norm).
     keeps_groups: norm only: the layer keeps its own group count (a GroupNorm source),
         so convert's num_groups does not apply and no adjustment is reported.
-    default_dims: norm only: spatial dims when no convolution feeds it.
+    default_dims: norm only: spatial dims when no convolution feeds it; None for a layer
+        that takes inputs of any rank (nn.GroupNorm): then the dims of the convolution
+        convert finds around it in the traced graph (convert_rank.py), else of the model's
+        convolutions when they all have the same; else it is left alone, with the reason.
     norm_inside: conv only: ``(norm attribute, activation attribute)`` of a layer that
         applies its own norm, then its own activation (a module, a function or None), to
         the convolution's output (detectron2's ``Conv2d``). Convert plans that norm as the
@@ -90,7 +93,7 @@ class ConvertRule:
     needs_norm: bool = True
     takes_activation: Callable[[nn.Module], bool] = field(default=lambda layer: True)
     keeps_groups: bool = False
-    default_dims: int = 2
+    default_dims: Optional[int] = 2
     norm_inside: Optional[Tuple[str, str]] = None
     skip: Optional[Callable[[nn.Module], Optional[str]]] = None
 
@@ -102,8 +105,8 @@ class ConvertRule:
                 raise TypeError(f"ConvertRule {name} must be callable, got {type(getattr(self, name)).__name__}")
         if self.skip is not None and not callable(self.skip):
             raise TypeError(f"ConvertRule skip must be callable or None, got {type(self.skip).__name__}")
-        if self.default_dims not in (1, 2, 3):
-            raise ValueError(f"ConvertRule default_dims must be 1, 2 or 3, got {self.default_dims!r}")
+        if self.default_dims not in (None, 1, 2, 3):
+            raise ValueError(f"ConvertRule default_dims must be None, 1, 2 or 3, got {self.default_dims!r}")
         inside = self.norm_inside
         if inside is not None and (self.kind != "conv" or not isinstance(inside, tuple) or len(inside) != 2
                                    or not all(isinstance(name, str) for name in inside)):
