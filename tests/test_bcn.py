@@ -825,3 +825,22 @@ def test_a_parametrized_running_buffer_is_read_as_nn_batchnorm_reads_it(backend)
     ref = bcn_reference(x.double(), 4, m.weight, m.bias, m.group_weight, m.group_bias, m.running_mean.double(),
                         stored.double().abs() + 1e-3, training=False)
     assert rel_err(y, ref) <= 1e-5
+
+
+@pytest.mark.parametrize("shape,groups", [((4, 16), 16), ((4, 16, 1, 1), 16), ((2, 8, 1, 1, 1), 8)])
+def test_a_channel_stage_of_one_value_per_group_is_refused(shape, groups):
+    """C / num_groups channels of one element each: every group is one value, normalized
+    to 0, so the output is group_bias whatever the input (an SE block's (N, C, 1, 1), a
+    head's (N, C) features). Refused with the reason, in every mode, before any buffer
+    changes; two values per group are a channel stage again."""
+    m = getattr(wsbcn, f"BatchChannelNorm{max(len(shape) - 2, 1)}d")(shape[1], num_groups=groups)
+    x = torch.randn(shape)
+    for training in (True, False):
+        with pytest.raises(ValueError, match="one value per group"):
+            m.train(training)(x)
+    assert m.num_batches_tracked.item() == 0 and torch.equal(m.running_var, torch.ones(shape[1]))
+    m2 = getattr(wsbcn, f"BatchChannelNorm{max(len(shape) - 2, 1)}d")(shape[1], num_groups=groups // 2)
+    x64 = x.double()
+    ref = bcn_reference(x64, groups // 2, running_mean=torch.zeros(shape[1], dtype=torch.float64),
+                        running_var=torch.ones(shape[1], dtype=torch.float64), training=True)
+    assert rel_err(m2.train()(x), ref) <= 1e-5

@@ -114,8 +114,8 @@ def test_a_batch_norm_on_a_linears_features_is_left_alone():
     model.forward = lambda x: model[5](model[4](model[3](model[2](model[1](model[0](x))))[:, :, None]))
     out, summary = _summary(model)
     assert type(out[1]) is nn.BatchNorm1d and type(out[2]) is nn.ReLU
-    assert any(line.startswith("1: BatchNorm1d left alone: its input is (N, C) features (the output of 0 "
-                               "(nn.Linear))") for line in summary)
+    assert any(line.startswith("1: BatchNorm1d left alone: its input is one value per channel and sample (the "
+                               "output of 0 (nn.Linear))") for line in summary)
     assert type(out[4]) is wsbcn.WSConv1d and type(out[5]) is wsbcn.BatchChannelNorm1d  # a length dimension
 
 
@@ -266,8 +266,8 @@ def test_a_batch_norm_on_flattened_features_is_left_alone():
     the same output (C = 16 channels in 16 groups: one value per group)."""
     out, summary = _summary(_EmbeddingHead(16))
     assert type(out.neck) is nn.BatchNorm1d and type(out.bn) is wsbcn.BatchChannelNorm2d
-    assert any(line.startswith("neck: BatchNorm1d left alone: its input is (N, C) features (flattened by "
-                               "torch.flatten)") for line in summary), summary
+    assert any(line.startswith("neck: BatchNorm1d left alone: its input is one value per channel and sample "
+                               "(flattened by torch.flatten)") for line in summary), summary
 
 
 def test_a_conv_feeds_the_norm_after_a_dropout():
@@ -276,3 +276,30 @@ def test_a_conv_feeds_the_norm_after_a_dropout():
     model = nn.Sequential(nn.Conv3d(3, 8, 3), nn.Dropout3d(0.1), nn.BatchNorm3d(8))
     out, summary = _summary(model)
     assert type(out[0]) is wsbcn.WSConv3d and type(out[2]) is wsbcn.BatchChannelNorm3d, summary
+
+
+class _SqueezeExcite(nn.Module):
+    """timm's squeeze-and-excitation with a norm: mean over H, W kept, 1x1 conv, BN, act."""
+
+    def __init__(self, c, rd):
+        super().__init__()
+        self.fc1, self.bn, self.fc2 = nn.Conv2d(c, rd, 1), nn.BatchNorm2d(rd), nn.Conv2d(rd, c, 1)
+        self.conv, self.bn0 = nn.Conv2d(3, c, 3, padding=1), nn.BatchNorm2d(c)
+        self.after = nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        x = torch.relu(self.bn0(self.conv(x)))
+        s = self.fc2(torch.relu(self.bn(self.fc1(x.mean((2, 3), keepdim=True)))))
+        return self.after(x * s.sigmoid() + s)  # gated (and shifted): a map again
+
+
+def test_a_norm_in_a_squeeze_excitation_block_is_left_alone():
+    """The SE block's norm takes one element per channel (N, C, 1, 1): as BCN, with 16
+    channels in 16 groups, its output was the group bias whatever the input (the gate
+    was constant). It is left alone with the reason; the block's own map norm converts."""
+    out, summary = _summary(_SqueezeExcite(16, 16))
+    assert type(out.bn) is nn.BatchNorm2d and type(out.bn0) is wsbcn.BatchChannelNorm2d
+    assert type(out.after) is wsbcn.BatchChannelNorm2d, summary
+    assert any(line.startswith("bn: BatchNorm2d left alone: its input is one value per channel and sample (pooled "
+                               "by .mean(), then fc1)") for line in summary), summary
+    out(torch.randn(2, 3, 4, 4)).sum().backward()

@@ -138,6 +138,12 @@ def run_case(case):
             with pytest.raises(ValueError, match="more than 1 value"):
                 batch_channel_norm(xs, g, rm, rv, training=True, **learn)
             return
+        if case["k"] * x[0, 0].numel() == 1:  # a channel stage of one value per group: its output the bias alone
+            before = rm.clone(), rv.clone()
+            with pytest.raises(ValueError, match="one value per group"):
+                batch_channel_norm(xs, g, rm, rv, training=training, estimate=estimate, **learn)
+            assert torch.equal(rm, before[0]) and torch.equal(rv, before[1])
+            return
         rm32, rv32 = rm.clone(), rv.clone()
         y = batch_channel_norm(xs, g, rm, rv, training=training, estimate=estimate,
                                activation=case["activation"], **{k: learn.get(k) for k in params})
@@ -157,7 +163,7 @@ def run_case(case):
     # r relative to the data's scale), and any fp32 evaluation's absolute error
     # grows with it: the floor scales with the largest gains.
     s = x[0, 0].numel()
-    degenerate = case["k"] * s == 1 or (case["mode"] == "batch" and x.shape[0] * s == 2)
+    degenerate = case["k"] * s == 1 or (case["mode"] == "batch" and x.shape[0] * s == 2)  # (the first: GN)
     gain = max(1.0, rho.max().item()) * max(1.0, bn_gain.max().item() * max(1.0, x64.detach().std(correction=0).item()))
     floor = max(30.0 if degenerate else 1.0, gain)
     if act == "relu":

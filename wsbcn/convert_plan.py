@@ -155,7 +155,7 @@ class Flow:
     candidates: list = field(default_factory=list)        # (norm node, act node, "relu"/"silu")
     unfusable: list = field(default_factory=list)         # (norm path, act, why): an activation after it stays
     own_norm: Dict[str, str] = field(default_factory=dict)  # conv path -> the norm only it applies (norm_inside)
-    features: Dict[str, str] = field(default_factory=dict)  # norm path -> what made its input (N, C) features
+    features: Dict[str, str] = field(default_factory=dict)  # norm path -> what made its input one value per channel
     input_dims: Dict[str, int] = field(default_factory=dict)  # norm path -> spatial dims of its input (convert_rank)
     functional_norms: Dict[str, int] = field(default_factory=dict)  # F.batch_norm / F.group_norm -> calls traced
     kept_whole: Dict[str, nn.Module] = field(default_factory=dict)
@@ -352,10 +352,10 @@ def decide(layers, flow: Flow, ws: bool, keep_frozen: bool, fuse_activation: boo
             plan.reasons[path] = role.rule.skip(layer)
         elif computed := _computed_weight(layer):
             plan.reasons[path] = computed
-        elif path in flow.features and path not in fed_by:
-            plan.reasons[path] = (f"its input is (N, C) features ({flow.features[path]}), which have no spatial "
-                                  "or length dimension: a channel stage (BCN's, GroupNorm's) would normalize each "
-                                  "sample's C / num_groups values on their own")
+        elif path in flow.features:
+            plan.reasons[path] = (f"its input is one value per channel and sample ({flow.features[path]}): a "
+                                  "channel stage (BCN's, GroupNorm's) would normalize each sample's C / num_groups "
+                                  "values on their own")
         else:  # the spatial dims: of the conv feeding it, else its own type's, else found around it in the graph
             conv = roles.get(fed_by.get(path), (None, None))[0]
             dims = conv.weight.dim() - 2 if conv is not None and conv.weight.dim() in (3, 4, 5) else None

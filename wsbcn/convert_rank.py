@@ -1,15 +1,22 @@
 """What a norm's input is, read from the traced graph, where the norm's own type does not
 say: its rank (nn.GroupNorm and nn.SyncBatchNorm take any; a BatchChannelNormNd takes
-one), and whether it is (N, C) features, pooled and flattened or a Linear's, where a
-channel stage would normalize each sample's C / num_groups values on their own.
+one), and whether it holds one value per channel and sample: (N, C) features, pooled
+and flattened or a Linear's, or a map pooled to one element per channel (a squeeze-and-
+excitation block's), where a channel stage would normalize each sample's C / num_groups
+values on their own.
 
-From the norm's input the walk goes up through ops that keep a tensor's rank
+One value per channel and sample: the norm's input comes from a global pooling (an
+adaptive pool to 1, a mean over the spatial dims kept), a flatten from dim 1 or an
+nn.Linear of the norm's width (one over a length dimension has another), followed only
+by ops that keep it so: 1x1 convolutions without padding, activations, dropout, norms,
+and elementwise ops all of whose inputs are such (an SE block's gate times the block's
+map is a map).
+
+The rank: from the norm's input the walk goes up through ops that keep a tensor's rank
 (activations, dropout, pooling, padding, resampling, norms, elementwise arithmetic,
-concatenation) to the nearest convolution, whose spatial dims are the input's, or to an
-op that makes features: a flatten from dim 1, or an nn.Linear of the norm's width (one
-over a length dimension has another). When that finds nothing, the walk goes down from
-the norm's output to the convolution it reaches. Any other op ends the walk there:
-nothing is inferred through an op that may change the rank (a view, a reshape).
+concatenation) to the nearest convolution, whose spatial dims are the input's; when
+that finds none, down from the norm's output. Any other op ends the walk there: nothing
+is inferred through an op that may change the rank (a view, a reshape).
 """
 import operator
 from typing import Optional, Tuple
@@ -59,6 +66,63 @@ def _name(node: fx.Node) -> str:
     return f".{node.target}()" if node.op == "call_method" else f"torch.{getattr(node.target, '__name__', node.target)}"
 
 
+def _global_pool(node: fx.Node, modules) -> bool:
+    """A pooling to one element per channel: an adaptive pool to 1 (timm's and torchvision's
+    squeeze-and-excitation blocks), or a mean / max / sum over dims 2 and on, kept."""
+    def ones(size):
+        return size == 1 or isinstance(size, (tuple, list)) and all(v == 1 for v in size)
+    if node.op == "call_module":
+        m = modules.get(node.target)
+        return isinstance(m, (nn.modules.pooling._AdaptiveAvgPoolNd, nn.modules.pooling._AdaptiveMaxPoolNd)) \
+            and ones(m.output_size)
+    if node.op == "call_function" and getattr(node.target, "__name__", "").startswith(("adaptive_avg_pool",
+                                                                                      "adaptive_max_pool")):
+        size = node.args[1] if len(node.args) > 1 else node.kwargs.get("output_size")
+        return ones(size)
+    if node.target in ("mean", "amax", "sum", torch.mean, torch.amax, torch.sum):
+        dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+        keep = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
+        return keep is True and isinstance(dims, (tuple, list)) and bool(dims) and all(
+            isinstance(d, int) and d >= 2 for d in dims)
+    return False
+
+
+# ops that keep one element per channel where every input has one (a binary op broadcasts
+# such an input against a full map: an SE block's gate times its block's output)
+_KEEP_SIZE_MODULES = _ACTIVATIONS + (nn.Identity, nn.modules.dropout._DropoutNd, nn.modules.batchnorm._NormBase,
+                                     nn.GroupNorm, BatchChannelNorm1d, BatchChannelNorm2d, BatchChannelNorm3d,
+                                     GroupNorm)
+_RESIZING = {F.interpolate, F.pad, torch.cat}
+
+
+def _one_per_channel(node: fx.Node, modules, channels, depth: int = 0) -> Optional[str]:
+    """What made ``node`` one value per channel and sample (a global pooling, a flatten
+    from dim 1, an nn.Linear of ``channels`` outputs), followed only by ops that keep it
+    so (ops of the rank-keeping kind, none resizing, all of whose inputs are such; 1x1
+    convs without padding), or None."""
+    if depth > _WALK_LIMIT:
+        return None
+    m = modules.get(node.target) if node.op == "call_module" else None
+    if _global_pool(node, modules) or _flattens_to_features(node, modules):
+        return f"{'pooled' if _global_pool(node, modules) else 'flattened'} by {_name(node)}"
+    if isinstance(m, nn.Linear):
+        return f"the output of {node.target} (nn.Linear)" if m.out_features == channels else None
+    one_by_one = isinstance(m, nn.modules.conv._ConvNd) and all(k == 1 for k in m.kernel_size) and (
+        m.padding == "valid" or not isinstance(m.padding, str) and all(p == 0 for p in m.padding))
+    if one_by_one:
+        source = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
+        inner = None if source is None else _one_per_channel(source, modules, None, depth + 1)
+        return None if inner is None else f"{inner}, then {node.target}"
+    keeps = isinstance(m, _KEEP_SIZE_MODULES) if m is not None else (
+        _keeps_rank(node, modules) and node.target not in _RESIZING and not _global_pool(node, modules)
+        and "pool" not in getattr(node.target, "__name__", ""))
+    if not keeps:
+        return None
+    inputs = [a for a in node.args[:1] if isinstance(a, fx.Node)] if m is not None else _tensor_args(node)
+    found = [_one_per_channel(a, modules, channels, depth + 1) for a in inputs]
+    return found[0] if found and all(f is not None for f in found) else None
+
+
 def _keeps_rank(node: fx.Node, modules) -> bool:
     if node.op == "call_module":
         return isinstance(modules.get(node.target), _KEEP_RANK_MODULES)
@@ -87,35 +151,22 @@ def _conv_dims(node: fx.Node, modules) -> Optional[int]:
 
 def norm_input(node: fx.Node, modules, channels: Optional[int]) -> Tuple[Optional[int], Optional[str]]:
     """(spatial dims of the norm's input, or None if not found; a description of what
-    made it (N, C) features, or None) for the norm called at ``node``."""
-    queue, seen = [a for a in node.args[:1] if isinstance(a, fx.Node)], set()
-    while queue and len(seen) < _WALK_LIMIT:
-        src = queue.pop(0)
-        if src in seen:
-            continue
-        seen.add(src)
-        dims = _conv_dims(src, modules)
-        if dims is not None:
-            return dims, None
-        m = modules.get(src.target) if src.op == "call_module" else None
-        if isinstance(m, nn.Linear):
-            if m.out_features == channels:
-                return None, f"the output of {src.target} (nn.Linear)"
-            continue
-        if _flattens_to_features(src, modules):
-            return None, f"flattened by {_name(src)}"
-        if _keeps_rank(src, modules):
-            queue.extend(_tensor_args(src) if src.op != "call_module" else [a for a in src.args[:1]
-                                                                              if isinstance(a, fx.Node)])
-    queue, seen = list(node.users), set()
-    while queue and len(seen) < _WALK_LIMIT:
-        dst = queue.pop(0)
-        if dst in seen:
-            continue
-        seen.add(dst)
-        dims = _conv_dims(dst, modules)
-        if dims is not None:
-            return dims, None
-        if _keeps_rank(dst, modules):
-            queue.extend(dst.users)
+    made it one value per channel and sample, or None) for the norm called at ``node``."""
+    source = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
+    features = None if source is None else _one_per_channel(source, modules, channels)
+    if features is not None:
+        return None, features
+    for walk in (lambda n: [a for a in n.args[:1] if isinstance(a, fx.Node)] if n.op == "call_module"
+                 else _tensor_args(n), lambda n: list(n.users)):  # up from its input, else down from its output
+        queue, seen = walk(node), set()
+        while queue and len(seen) < _WALK_LIMIT:
+            other = queue.pop(0)
+            if other in seen:
+                continue
+            seen.add(other)
+            dims = _conv_dims(other, modules)
+            if dims is not None:
+                return dims, None
+            if _keeps_rank(other, modules):
+                queue.extend(walk(other))
     return None, None
