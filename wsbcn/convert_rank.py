@@ -14,8 +14,9 @@ map is a map).
 
 The rank: from the norm's input the walk goes up through ops that keep a tensor's rank
 (activations, dropout, pooling, padding, resampling, norms, elementwise arithmetic,
-concatenation) to the nearest convolution, whose spatial dims are the input's; when
-that finds none, down from the norm's output. Any other op ends the walk there: nothing
+concatenation) to the nearest convolution, or layer of one rank (BatchNorm2d, MaxPool3d,
+...), whose spatial dims are the input's; when that finds none, down from the norm's
+output. Any other op ends the walk there: nothing
 is inferred through an op that may change the rank (a view, a reshape).
 """
 import operator
@@ -141,12 +142,23 @@ def _tensor_args(node: fx.Node):
     return out
 
 
+# layers of one rank (a BatchNorm1d takes (N, C) and (N, C, L), as a BatchChannelNorm1d does)
+_RANKED = {t: d for d, types in ((1, (nn.BatchNorm1d, nn.InstanceNorm1d, BatchChannelNorm1d, nn.MaxPool1d,
+                                      nn.AvgPool1d, nn.AdaptiveAvgPool1d, nn.AdaptiveMaxPool1d)),
+                                 (2, (nn.BatchNorm2d, nn.InstanceNorm2d, BatchChannelNorm2d, nn.MaxPool2d,
+                                      nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)),
+                                 (3, (nn.BatchNorm3d, nn.InstanceNorm3d, BatchChannelNorm3d, nn.MaxPool3d,
+                                      nn.AvgPool3d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool3d)))
+           for t in types}
+
+
 def _conv_dims(node: fx.Node, modules) -> Optional[int]:
+    """The spatial dims of the input a convolution, or a layer that takes one rank, was given."""
     m = modules.get(node.target) if node.op == "call_module" else None
     if isinstance(m, nn.modules.conv._ConvNd) and not isinstance(m.weight, nn.parameter.UninitializedParameter) \
             and m.weight.dim() in (3, 4, 5):
         return m.weight.dim() - 2
-    return None
+    return _RANKED.get(type(m))
 
 
 def norm_input(node: fx.Node, modules, channels: Optional[int]) -> Tuple[Optional[int], Optional[str]]:
