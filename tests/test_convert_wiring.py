@@ -106,17 +106,35 @@ def test_hooks_of_swapped_layers_run_on_the_new_ones():
     assert seen == [("conv pre", "Conv2d"), ("relu", "ReLU")]
 
 
-def test_a_batch_norm_on_a_linears_features_is_left_alone():
-    """(N, C) features have no spatial or length dimension: a channel stage would normalize
-    each sample's C / G values alone (C = 16, G = 16: every output the bias)."""
-    model = nn.Sequential(nn.Linear(10, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 4),
-                          nn.Conv1d(4, 8, 1), nn.BatchNorm1d(8))
-    model.forward = lambda x: model[5](model[4](model[3](model[2](model[1](model[0](x))))[:, :, None]))
+class _LinearThenConv(nn.Sequential):
+    def __init__(self, width):
+        super().__init__(nn.Linear(10, width), nn.BatchNorm1d(width), nn.ReLU(), nn.Linear(width, 4),
+                         nn.Conv1d(4, 8, 1), nn.BatchNorm1d(8))
+
+    def forward(self, x):
+        return self[5](self[4](self[3](self[2](self[1](self[0](x))))[:, :, None]))
+
+
+@pytest.mark.parametrize("width", [4, 16])
+def test_a_batch_norm_on_a_linears_features_converts_unless_its_groups_hold_one_value(width):
+    """(N, C) features have no spatial or length dimension: the channel stage normalizes
+    each sample's C / G values alone, which with one value per group (C = G = 4) gives
+    the bias whatever the input: left alone, with the reason. With 4 values per group
+    (C = 16) it is a channel stage, and the norm converts (BatchChannelNorm1d takes
+    (N, C)), as an MLP layer takes a GroupNorm."""
+    torch.manual_seed(0)
+    model = randomize(_LinearThenConv(width).double())
+    original = copy.deepcopy(model)
     out, summary = _summary(model)
-    assert type(out[1]) is nn.BatchNorm1d and type(out[2]) is nn.ReLU
-    assert any(line.startswith("1: BatchNorm1d left alone: its input is one value per channel and sample (the "
-                               "output of 0 (nn.Linear))") for line in summary)
     assert type(out[4]) is wsbcn.WSConv1d and type(out[5]) is wsbcn.BatchChannelNorm1d  # a length dimension
+    if width == 4:
+        assert type(out[1]) is nn.BatchNorm1d and type(out[2]) is nn.ReLU
+        assert any(line.startswith("1: BatchNorm1d left alone: its input is one value per channel and sample (the "
+                                   "output of 0 (nn.Linear)), and its groups would hold one channel each")
+                   for line in summary), summary
+    else:
+        assert type(out[1]) is wsbcn.BatchChannelNorm1d and out[1].num_groups == 4
+    assert matches_reference(original, out, torch.randn(3, 10, dtype=torch.float64))
 
 
 class _TrainOnlyHead(nn.Module):
@@ -261,13 +279,22 @@ class _EmbeddingHead(nn.Module):
         return self.fc(self.neck(f))
 
 
-def test_a_batch_norm_on_flattened_features_is_left_alone():
-    """As after an nn.Linear: a BatchChannelNorm1d on (N, C) features gave every sample
-    the same output (C = 16 channels in 16 groups: one value per group)."""
-    out, summary = _summary(_EmbeddingHead(16))
+def test_a_batch_norm_on_flattened_features_with_one_value_per_group_is_left_alone():
+    """As after an nn.Linear: a BatchChannelNorm1d on (N, C) features with C = G gave every
+    sample the same output; also for features made by a view to (N, -1)."""
+    out, summary = _summary(_EmbeddingHead(4))
     assert type(out.neck) is nn.BatchNorm1d and type(out.bn) is wsbcn.BatchChannelNorm2d
     assert any(line.startswith("neck: BatchNorm1d left alone: its input is one value per channel and sample "
                                "(flattened by torch.flatten)") for line in summary), summary
+    viewed = _EmbeddingHead(4)
+    viewed.forward = lambda x: viewed.fc(viewed.neck(viewed.bn(viewed.conv(x)).mean((2, 3)).view(x.shape[0], -1)))
+    out, summary = _summary(viewed)
+    assert type(out.neck) is nn.BatchNorm1d, summary
+    with_channels = _EmbeddingHead(16)  # 4 values per group: a channel stage
+    out, summary = _summary(with_channels)
+    assert type(out.neck) is wsbcn.BatchChannelNorm1d and out.neck.num_groups == 4
+    out.neck.estimate = True  # one sample: the micro-batch mode
+    out(torch.randn(1, 3, 5, 5)).sum().backward()
 
 
 def test_a_conv_feeds_the_norm_after_a_dropout():
@@ -293,13 +320,73 @@ class _SqueezeExcite(nn.Module):
         return self.after(x * s.sigmoid() + s)  # gated (and shifted): a map again
 
 
-def test_a_norm_in_a_squeeze_excitation_block_is_left_alone():
-    """The SE block's norm takes one element per channel (N, C, 1, 1): as BCN, with 16
-    channels in 16 groups, its output was the group bias whatever the input (the gate
-    was constant). It is left alone with the reason; the block's own map norm converts."""
-    out, summary = _summary(_SqueezeExcite(16, 16))
-    assert type(out.bn) is nn.BatchNorm2d and type(out.bn0) is wsbcn.BatchChannelNorm2d
-    assert type(out.after) is wsbcn.BatchChannelNorm2d, summary
-    assert any(line.startswith("bn: BatchNorm2d left alone: its input is one value per channel and sample (pooled "
-                               "by .mean(), then fc1)") for line in summary), summary
-    out(torch.randn(2, 3, 4, 4)).sum().backward()
+@pytest.mark.parametrize("reduced", [4, 16])
+def test_a_squeeze_excitation_norm_converts_unless_its_groups_hold_one_value(backend, reduced):
+    """The SE block's norm takes one element per channel (N, C, 1, 1): as BCN with 4
+    channels in 4 groups, its output was the group bias whatever the input (the gate
+    constant): left alone with the reason. With 16 channels in 4 groups it converts (the
+    micro-batch mode trains it with one sample, which a BatchNorm cannot), and the
+    norm after the gated map converts either way (a gate times a map is a map)."""
+    torch.manual_seed(1)
+    model = randomize(_SqueezeExcite(16, reduced).double())
+    out, summary = _summary(copy.deepcopy(model))
+    assert type(out.bn0) is wsbcn.BatchChannelNorm2d and type(out.after) is wsbcn.BatchChannelNorm2d, summary
+    if reduced == 4:
+        assert type(out.bn) is nn.BatchNorm2d
+        assert any(line.startswith("bn: BatchNorm2d left alone: its input is one value per channel and sample "
+                                   "(pooled by .mean(), then fc1)") for line in summary), summary
+    else:
+        assert type(out.bn) is wsbcn.BatchChannelNorm2d and out.bn.num_groups == 4
+    assert matches_reference(model, out, torch.randn(2, 3, 4, 4, dtype=torch.float64))
+    if reduced == 16:
+        for m in out.modules():
+            if isinstance(m, wsbcn.BatchChannelNorm2d):
+                m.estimate = True
+        out.train()(torch.randn(1, 3, 4, 4, dtype=torch.float64)).sum().backward()
+
+
+class _ResidualPointMLP(nn.Module):
+    """Residual blocks of 1x1 convs (a point-cloud MLP): every block a diamond in the graph."""
+
+    def __init__(self, blocks, c=8):
+        super().__init__()
+        self.convs = nn.ModuleList(nn.Conv1d(c, c, 1) for _ in range(blocks))
+        self.norms = nn.ModuleList(nn.BatchNorm1d(c) for _ in range(blocks))
+
+    def forward(self, x):
+        for conv, norm in zip(self.convs, self.norms):
+            x = torch.relu(norm(conv(x)) + x)
+        return x
+
+
+def test_the_graph_walks_look_at_each_node_a_bounded_number_of_times(monkeypatch):
+    """Each residual block doubled the paths the one-value-per-channel walk followed (20
+    blocks: minutes); each node is now looked at once per norm."""
+    from wsbcn import convert_rank
+
+    calls = []
+    real = convert_rank._one_per_channel
+    monkeypatch.setattr(convert_rank, "_one_per_channel", lambda *a: calls.append(1) or real(*a))
+    model = _ResidualPointMLP(20)
+    nodes = len(torch.fx.symbolic_trace(model).graph.nodes)
+    out = wsbcn.convert(model, num_groups=4)
+    assert all(type(m) is wsbcn.BatchChannelNorm1d for m in out.norms)
+    assert len(calls) <= 3 * 20 * nodes  # (up to three traces, one walk per norm)
+
+
+def test_flatten_of_the_last_dims_and_lazy_convs_are_not_features():
+    """flatten(-2) keeps a length dimension ((N, C, H*W)): not (N, C) features; a lazy conv
+    feeding a norm is named as not initialized (reading its weight's rank raised)."""
+    class Flat(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(3, 4, 3), nn.BatchNorm1d(4)
+
+        def forward(self, x):
+            return self.bn(self.conv(x).flatten(-2))
+
+    out = wsbcn.convert(Flat(), num_groups=4)
+    assert type(out.bn) is wsbcn.BatchChannelNorm1d
+    out(torch.randn(2, 3, 5, 5))
+    lazy, summary = _summary(nn.Sequential(nn.LazyConv2d(16, 3), nn.BatchNorm2d(16)))
+    assert any("is not initialized yet" in line for line in summary), summary

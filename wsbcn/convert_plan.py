@@ -17,6 +17,7 @@ children are planned by module order instead, without fusion. Stateless modules
 module cannot be a leaf (it returns a tuple its caller iterates over), convert traces
 again with only the conv/norm layers as leaves.
 """
+import math
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
@@ -205,7 +206,7 @@ def flow_from_graph(graph, model, layers, kept_whole) -> Flow:
         dims, features = norm_input(node, modules, channels_of(modules[node.target], role))
         if features is not None:
             flow.features.setdefault(node.target, features)
-        elif dims is not None:
+        if dims is not None:
             flow.input_dims.setdefault(node.target, dims)
     for node in graph.nodes:
         role = roles.get(node.target) if node.op == "call_module" else None
@@ -331,14 +332,20 @@ def _computed_weight(layer) -> Optional[str]:
 _FEEDS_NO_NORM = "its output feeds no norm (WS without a norm after it hurts training)"
 
 
-def decide(layers, flow: Flow, ws: bool, keep_frozen: bool, fuse_activation: bool, target: str = "bcn") -> Plan:
-    """``target``: convert's ``norm`` ("bcn" or "gn")."""
+def _groups(layer, role, num_groups) -> Optional[int]:
+    """The group count the built norm would have (convert_registry.NormSpec.groups_for)."""
+    channels = channels_of(layer, role)
+    if role.rule.keeps_groups:
+        return getattr(layer, "num_groups", None)
+    return None if channels is None else math.gcd(channels, num_groups)
+
+
+def decide(layers, flow: Flow, ws: bool, keep_frozen: bool, fuse_activation: bool, target: str = "bcn",
+           num_groups: int = 32) -> Plan:
+    """``target``, ``num_groups``: convert's ``norm`` ("bcn" or "gn") and ``num_groups``."""
     plan = Plan()
     roles = {path: (layer, role) for path, layer, role in layers}
     fed_by = {norm: conv for conv, norm in flow.feeds.items()}
-    conv_dims = {layer.weight.dim() - 2 for _, layer, role in layers if role.kind == "conv"
-                 and isinstance(getattr(layer, "weight", None), torch.Tensor) and not uninitialized_lazy(layer)
-                 and layer.weight.dim() in (3, 4, 5)}
     for path, layer, role in layers:
         if role.kind != "norm" or role.converted:
             continue
@@ -352,19 +359,20 @@ def decide(layers, flow: Flow, ws: bool, keep_frozen: bool, fuse_activation: boo
             plan.reasons[path] = role.rule.skip(layer)
         elif computed := _computed_weight(layer):
             plan.reasons[path] = computed
-        elif path in flow.features:
-            plan.reasons[path] = (f"its input is one value per channel and sample ({flow.features[path]}): a "
-                                  "channel stage (BCN's, GroupNorm's) would normalize each sample's C / num_groups "
-                                  "values on their own")
+        elif path in flow.features and channels_of(layer, role) == _groups(layer, role, num_groups):
+            plan.reasons[path] = (f"its input is one value per channel and sample ({flow.features[path]}), and "
+                                  "its groups would hold one channel each: a channel stage (BCN's, GroupNorm's) "
+                                  "would normalize one value per group, its output the bias whatever the input "
+                                  "(as a BatchNorm, it still needs more than one sample in training)")
         else:  # the spatial dims: of the conv feeding it, else its own type's, else found around it in the graph
             conv = roles.get(fed_by.get(path), (None, None))[0]
-            dims = conv.weight.dim() - 2 if conv is not None and conv.weight.dim() in (3, 4, 5) else None
-            dims = next((d for d in (dims, role.rule.default_dims, flow.input_dims.get(path),
-                                     next(iter(conv_dims)) if len(conv_dims) == 1 else None) if d is not None), None)
+            dims = conv.weight.dim() - 2 if conv is not None and not uninitialized_lazy(conv) \
+                and conv.weight.dim() in (3, 4, 5) else None
+            dims = next((d for d in (dims, role.rule.default_dims, flow.input_dims.get(path)) if d is not None), None)
             if dims is None and target == "bcn":
                 plan.reasons[path] = (f"the rank of its input is not known ({type(layer).__name__} takes any, a "
-                                      "BatchChannelNormNd one): no convolution reaches it through ops that keep the "
-                                      "rank, and the model's convolutions have several (or none)")
+                                      "BatchChannelNormNd one): no convolution or layer of one rank reaches it "
+                                      "through ops that keep the rank")
             else:
                 plan.norms[path] = dims
     for path, layer, role in layers:

@@ -50,15 +50,21 @@ _WALK_LIMIT = 64  # nodes looked at per walk: the nearest convolution is a few o
 
 
 def _flattens_to_features(node: fx.Node, modules) -> bool:
-    """A flatten from dim 1 (or 0) to the last: (N, features)."""
+    """A flatten from dim 1 (or 0) to the last, or a view / reshape to (N, -1): (N, features)."""
     if node.op == "call_module":
         m = modules.get(node.target)
-        return isinstance(m, nn.Flatten) and m.start_dim <= 1 and m.end_dim == -1
-    if node.target not in (torch.flatten, "flatten") or node.op not in ("call_function", "call_method"):
+        return isinstance(m, nn.Flatten) and m.start_dim in (0, 1) and m.end_dim == -1
+    if node.op not in ("call_function", "call_method"):
         return False
-    start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
-    end = node.args[2] if len(node.args) > 2 else node.kwargs.get("end_dim", -1)
-    return isinstance(start, int) and start <= 1 and end == -1
+    if node.target in (torch.flatten, "flatten"):
+        start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
+        end = node.args[2] if len(node.args) > 2 else node.kwargs.get("end_dim", -1)
+        return type(start) is int and start in (0, 1) and end == -1
+    if node.target in ("view", "reshape", torch.reshape):
+        shape = node.args[1:] if node.op == "call_method" else node.args[1:2]
+        shape = shape[0] if len(shape) == 1 and isinstance(shape[0], (tuple, list)) else shape
+        return len(shape) == 2 and shape[1] == -1
+    return False
 
 
 def _name(node: fx.Node) -> str:
@@ -96,32 +102,49 @@ _KEEP_SIZE_MODULES = _ACTIVATIONS + (nn.Identity, nn.modules.dropout._DropoutNd,
 _RESIZING = {F.interpolate, F.pad, torch.cat}
 
 
-def _one_per_channel(node: fx.Node, modules, channels, depth: int = 0) -> Optional[str]:
-    """What made ``node`` one value per channel and sample (a global pooling, a flatten
-    from dim 1, an nn.Linear of ``channels`` outputs), followed only by ops that keep it
-    so (ops of the rank-keeping kind, none resizing, all of whose inputs are such; 1x1
-    convs without padding), or None."""
-    if depth > _WALK_LIMIT:
-        return None
+def _pooled_dims(node: fx.Node, modules) -> Optional[int]:
+    """The spatial dims a global pooling keeps (each of size 1), when its name or
+    arguments say."""
     m = modules.get(node.target) if node.op == "call_module" else None
-    if _global_pool(node, modules) or _flattens_to_features(node, modules):
-        return f"{'pooled' if _global_pool(node, modules) else 'flattened'} by {_name(node)}"
-    if isinstance(m, nn.Linear):
-        return f"the output of {node.target} (nn.Linear)" if m.out_features == channels else None
-    one_by_one = isinstance(m, nn.modules.conv._ConvNd) and all(k == 1 for k in m.kernel_size) and (
-        m.padding == "valid" or not isinstance(m.padding, str) and all(p == 0 for p in m.padding))
-    if one_by_one:
+    name = type(m).__name__ if m is not None else getattr(node.target, "__name__", "")
+    if name[-2:] in ("1d", "2d", "3d"):
+        return int(name[-2])
+    dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+    return len(dims) if isinstance(dims, (tuple, list)) else None
+
+
+def _one_per_channel(node: fx.Node, modules, channels, memo) -> Optional[Tuple[str, Optional[int]]]:
+    """(what made ``node`` one value per channel and sample, the spatial dims it keeps
+    (each of size 1), None for (N, C)), or None: a global pooling, a flatten from dim 1,
+    a view to (N, -1) or an nn.Linear of ``channels`` outputs, followed only by ops that
+    keep it so (rank-keeping ones that do not resize, all of whose inputs are such; 1x1
+    convs without padding). ``memo``: node -> answer, so that each node is looked at once."""
+    if node in memo:
+        return memo[node]
+    memo[node] = None  # (a cycle cannot occur in a graph; this also bounds the recursion)
+    m = modules.get(node.target) if node.op == "call_module" else None
+    found = None
+    if _global_pool(node, modules):
+        found = (f"pooled by {_name(node)}", _pooled_dims(node, modules))
+    elif _flattens_to_features(node, modules):
+        found = (f"flattened by {_name(node)}", None)
+    elif isinstance(m, nn.Linear):
+        found = (f"the output of {node.target} (nn.Linear)", None) if m.out_features == channels else None
+    elif isinstance(m, nn.modules.conv._ConvNd) and all(k == 1 for k in m.kernel_size) and (
+            m.padding == "valid" or not isinstance(m.padding, str) and all(p == 0 for p in m.padding)):
         source = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
-        inner = None if source is None else _one_per_channel(source, modules, None, depth + 1)
-        return None if inner is None else f"{inner}, then {node.target}"
-    keeps = isinstance(m, _KEEP_SIZE_MODULES) if m is not None else (
-        _keeps_rank(node, modules) and node.target not in _RESIZING and not _global_pool(node, modules)
-        and "pool" not in getattr(node.target, "__name__", ""))
-    if not keeps:
-        return None
-    inputs = [a for a in node.args[:1] if isinstance(a, fx.Node)] if m is not None else _tensor_args(node)
-    found = [_one_per_channel(a, modules, channels, depth + 1) for a in inputs]
-    return found[0] if found and all(f is not None for f in found) else None
+        inner = None if source is None else _one_per_channel(source, modules, None, memo)
+        found = None if inner is None else (f"{inner[0]}, then {node.target}", len(m.kernel_size))
+    elif isinstance(m, _KEEP_SIZE_MODULES) if m is not None else (
+            _keeps_rank(node, modules) and node.target not in _RESIZING
+            and "pool" not in getattr(node.target, "__name__", "")):
+        inputs = [a for a in node.args[:1] if isinstance(a, fx.Node)] if m is not None else _tensor_args(node)
+        for a in inputs:  # every input one value per channel (stops at the first that is not)
+            found = _one_per_channel(a, modules, channels, memo)
+            if found is None:
+                break
+    memo[node] = found
+    return found
 
 
 def _keeps_rank(node: fx.Node, modules) -> bool:
@@ -163,11 +186,12 @@ def _conv_dims(node: fx.Node, modules) -> Optional[int]:
 
 def norm_input(node: fx.Node, modules, channels: Optional[int]) -> Tuple[Optional[int], Optional[str]]:
     """(spatial dims of the norm's input, or None if not found; a description of what
-    made it one value per channel and sample, or None) for the norm called at ``node``."""
+    made it one value per channel and sample, or None) for the norm called at ``node``.
+    (N, C) features have dims 1: a BatchChannelNorm1d takes them."""
     source = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
-    features = None if source is None else _one_per_channel(source, modules, channels)
+    features = None if source is None else _one_per_channel(source, modules, channels, {})
     if features is not None:
-        return None, features
+        return (1 if features[1] is None else features[1]), features[0]
     for walk in (lambda n: [a for a in n.args[:1] if isinstance(a, fx.Node)] if n.op == "call_module"
                  else _tensor_args(n), lambda n: list(n.users)):  # up from its input, else down from its output
         queue, seen = walk(node), set()

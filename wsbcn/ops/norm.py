@@ -638,7 +638,7 @@ def _validate_bcn(owner, x, num_groups, running_mean, running_var, weight, bias,
         mode = MODE_RUNNING
         if not has_running:
             raise ValueError("evaluation (training=False) needs running_mean and running_var")
-    if x.numel() > 0 and x.numel() // x.shape[0] // num_groups == 1:  # (GroupNorm's gives 0 there, as torch's)
+    if x.numel() > 0 and x.numel() // x.shape[0] // num_groups == 1:  # (GroupNorm gives its bias there, as torch's)
         raise ValueError(
             f"the channel stage would normalize one value per group (num_groups={num_groups}, input shape "
             f"{tuple(x.shape)}: C / num_groups channels of one element each): its output would be group_bias "
