@@ -655,3 +655,123 @@ def test_gpu_path_one_launch_each_way_eager_and_compiled():
     assert [(k, c) for k, c in backward if k.startswith("_ws_multi")] == [("_ws_multi_bwd_kernel", ["Dw"])]
     assert not any(k.startswith(("_ws_fwd", "_ws_bwd")) for k, _ in forward + backward)
     assert "_ws_multi_fwd_kernel" in out["output code"] and ".run(" in out["output code"]
+
+
+def _grads(model):
+    return {n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("move", ["saved_tensor_hooks", "data_swap"])
+def test_weights_moved_before_the_backward_get_the_per_layer_gradients(backend, move):
+    """The backward read the weights at the addresses the forward had used: after a
+    saved-tensor hook that unpacks a copy (torch.autograd.graph.save_on_cpu on a GPU) or
+    a ``.data`` swap between forward and backward (a reshard), the kernel read stale
+    memory (NaN gradients). It reads where the saved weights are now."""
+    torch.manual_seed(6)
+    per_layer = nn.Sequential(wsbcn.WSConv2d(3, 4, 3, padding=1), nn.ReLU(), wsbcn.WSConv2d(4, 4, 3, eps_mode="std"),
+                              nn.ReLU(), wsbcn.WSConv2d(4, 2, 1)).to(DEVICE)  # every weight gets a gradient
+    model = copy.deepcopy(per_layer)
+    ModelWeightStandardizer(model)
+    x = torch.randn(1, 3, 5, 5, device=DEVICE)
+    for m in (per_layer, model):
+        if move == "saved_tensor_hooks":
+            with torch.autograd.graph.saved_tensors_hooks(lambda t: t.clone(), lambda t: t.clone()):
+                loss = m(x).square().sum()
+        else:
+            loss = m(x).square().sum()
+            for p in m.parameters():
+                p.data = p.data.clone()
+        loss.backward()
+    a, b = _grads(per_layer), _grads(model)
+    for name in a:
+        if a[name] is None:
+            assert b[name] is None, name
+        else:
+            assert_bitwise(b[name], a[name], name)
+
+
+class _Wrapper(nn.Module):
+    """A head registered before the model that holds it: a deep copy reaches a covered
+    layer before its model."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.head = net.c3
+        self.net = net
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def test_a_copy_that_reaches_a_layer_before_its_model_copies_both(tmp_path):
+    """deepcopy (and freeze, which copies) raised TypeError when it reached a covered
+    layer before the model: the layer's standardizer took None. A layer's state now
+    leaves the standardizer out; the model's hooks carry it, and it links the copies."""
+    net = _Net()
+    ModelWeightStandardizer(net)
+    wrapper = _Wrapper(net)
+    x = torch.randn(1, 3, 4, 4)
+    y = wrapper(x)
+    clone = copy.deepcopy(wrapper)
+    standardizer = clone.net.c1._ws_model
+    assert standardizer is not net.c1._ws_model and standardizer.model is clone.net
+    assert clone.head is clone.net.c3 and clone.head._ws_model is standardizer
+    assert_bitwise(clone(x), y)
+    wsbcn.freeze(wrapper)
+    torch.save(net.c1, tmp_path / "layer.pt")  # a layer alone: without its model
+    assert torch.load(tmp_path / "layer.pt", weights_only=False)._ws_model is None
+
+
+def test_frozen_weights_give_w_hat_without_gradient(backend):
+    """One node for every weight made every W_hat require grad once any weight did: a
+    frozen backbone's features required grad (``.numpy()`` raised) and the backward ran
+    through it. A frozen weight's W_hat needs none, as per layer; gradients as per layer."""
+    torch.manual_seed(7)
+    per_layer = _Net().to(DEVICE)
+    for m in (per_layer.c1, per_layer.c2):
+        m.requires_grad_(False)
+    model = copy.deepcopy(per_layer)
+    ModelWeightStandardizer(model)
+    x = torch.randn(1, 3, 4, 4, device=DEVICE)
+    for m in (per_layer, model):
+        assert not m.c1(x).requires_grad  # (outside the model's forward: per layer)
+        m(x).square().sum().backward()
+    features = []
+    handle = model.c2.register_forward_hook(lambda mod, args, out: features.append(out))
+    model(x)
+    handle.remove()
+    assert not features[0].requires_grad
+    a, b = _grads(per_layer), _grads(model)
+    assert a.keys() == b.keys()
+    for name in a:
+        assert (a[name] is None) == (b[name] is None), name
+        if a[name] is not None:
+            assert_bitwise(b[name], a[name], name)
+
+
+def test_a_forward_without_gradients_keeps_what_a_checkpoint_recomputes():
+    """A no_grad forward of the model (logging, a teacher) between a forward under a
+    non-reentrant checkpoint and its backward cleared the W_hat kept for the recompute:
+    torch's CheckpointError. A forward without gradients keeps it."""
+    from torch.utils.checkpoint import checkpoint
+
+    class Checkpointed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1, self.c2 = wsbcn.WSConv2d(3, 4, 3, padding=1), wsbcn.WSConv2d(4, 2, 1)
+
+        def forward(self, x):
+            return self.c2(checkpoint(lambda t: torch.relu(self.c1(t)), x, use_reentrant=False))
+
+    torch.manual_seed(8)
+    per_layer = Checkpointed()
+    model = copy.deepcopy(per_layer)
+    ModelWeightStandardizer(model)
+    x, x2 = torch.randn(1, 3, 4, 4), torch.randn(1, 3, 4, 4)
+    for m in (per_layer, model):
+        loss = m(x).square().sum()
+        with torch.no_grad():
+            m(x2)
+        loss.backward()
+    for (name, p), q in zip(model.named_parameters(), per_layer.parameters()):
+        assert_bitwise(p.grad, q.grad, name)

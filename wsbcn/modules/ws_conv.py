@@ -49,6 +49,14 @@ class _WSConvMixin:
                          padding_mode, device, dtype)
         self._init_ws(eps, correction, eps_mode, standardize)
 
+    def __getstate__(self):
+        # deepcopy and pickle leave the model-wide standardizer out: a copy of the model
+        # copies it through the model's hooks and links the copied layers (ops/ws_model.py)
+        state = super().__getstate__()
+        state.pop("_ws_model", None)
+        state.pop("_ws_model_index", None)
+        return state
+
     def _init_ws(self, eps, correction, eps_mode, standardize="full"):
         self.eps, self.correction = checks.check_ws_args(self.weight, eps, correction, eps_mode)
         self.eps_mode = eps_mode

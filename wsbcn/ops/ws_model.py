@@ -286,7 +286,6 @@ class ModelCall:
         self.whole = not self.compiling and len(self.packs) == 1 and not self.singles
         self.key = (tuning.config_for, tuning._generation[0], backends._emulated_gpu)  # what the plans derive from
         self.addresses = None  # the weights' data_ptr()s, when the caller has just read them (``whole`` only)
-        self.last_addresses = None  # those the last forward used (``whole`` only)
         self.on_backward = None  # called when the eager backward starts (the standardizer's _release)
 
     def current(self) -> bool:
@@ -308,7 +307,6 @@ class ModelCall:
             if addresses is None:
                 addresses = tuple(map(_data_ptr, weights))
             self.addresses = None
-            self.last_addresses = addresses
             found = self.packs[0][2].forward(weights, addresses)
             return found[0], (found[1],)
         outs = [None] * self.n
@@ -411,8 +409,12 @@ class ModelWeightStandardizeFunction(torch.autograd.Function):
         outs, saved = call.forward(weights)
         ctx.set_materialize_grads(False)
         ctx.call = call
-        ctx.addresses = call.last_addresses
         ctx.save_for_backward(*weights, *saved)
+        # a frozen weight's W_hat needs no gradient, as per layer (else a frozen backbone's
+        # features would require grad, and the backward would run through it)
+        frozen = [h for h, needed in zip(outs, ctx.needs_input_grad[1:]) if not needed]
+        if frozen and len(frozen) < len(outs):
+            ctx.mark_non_differentiable(*frozen)
         return outs
 
     @staticmethod
@@ -426,7 +428,11 @@ class ModelWeightStandardizeFunction(torch.autograd.Function):
             return (None, *_double_backward(call, weights, grads))
         if call.whole and not _has_none(grads):
             plan = call.packs[0][2]
-            return (None, *plan.backward(_laid_out(grads, plan, weights), weights, ctx.addresses, rest[0]))
+            # where the saved weights are now: a saved-tensor hook (save_on_cpu), a reshard or
+            # a .data swap may have moved them since the forward, whose addresses are stale
+            addresses = tuple(map(_data_ptr, weights))
+            if plan.meta_for(addresses) is not None:
+                return (None, *plan.backward(_laid_out(grads, plan, weights), weights, addresses, rest[0]))
         return (None, *call.backward(grads, weights, rest))
 
 
@@ -576,16 +582,24 @@ class ModelWeightStandardizer:
                      _kept=None)
         return state
 
+    def __setstate__(self, state):  # pickle: the layers' link back (their own state leaves it out)
+        self.__dict__.update(state)
+        self._link_layers()
+
     def __deepcopy__(self, memo):
-        """A copy of the model copies its standardizer; a copy of some of its layers
-        alone (``copy.deepcopy(model.head)``) does not: they take None, so the copies
-        standardize per layer and may join another standardizer (else each would hold
-        a copy of the whole model, whose hooks never run)."""
-        if id(self.model) not in memo:  # deepcopy memoizes an object before copying its state
-            return None
+        """A copy of the model copies its standardizer (through its hooks), which links
+        the copied layers to the copy. A layer's own state leaves its standardizer out
+        (``_WSConvMixin.__getstate__``): a copy of some layers alone
+        (``copy.deepcopy(model.head)``, whichever it reaches first) standardizes per
+        layer and may join another standardizer, with no copy of the whole model."""
         new = memo[id(self)] = type(self).__new__(type(self))
         new.__dict__.update(copy.deepcopy(self.__getstate__(), memo))
+        new._link_layers()
         return new
+
+    def _link_layers(self):
+        for i, m in enumerate(self._convs):
+            m.__dict__["_ws_model"], m.__dict__["_ws_model_index"] = self, i
 
     @property
     def layers(self) -> list:
@@ -644,7 +658,8 @@ class ModelWeightStandardizer:
         return call
 
     def _before(self, module, args):
-        self._kept = None  # a new forward: what the last one kept is no longer recomputed
+        if torch.is_grad_enabled():  # a new forward: what the last one kept is no longer recomputed
+            self._kept = None  # (a forward without gradients records nothing a checkpoint recomputes)
         if self._stale:
             self._refresh()
         if not self._convs:
