@@ -412,9 +412,9 @@ class ModelWeightStandardizeFunction(torch.autograd.Function):
         ctx.save_for_backward(*weights, *saved)
         # a frozen weight's W_hat needs no gradient, as per layer (else a frozen backbone's
         # features would require grad, and the backward would run through it)
-        frozen = [h for h, needed in zip(outs, ctx.needs_input_grad[1:]) if not needed]
-        if frozen and len(frozen) < len(outs):
-            ctx.mark_non_differentiable(*frozen)
+        needs = ctx.needs_input_grad[1:]
+        if not all(needs) and any(needs):
+            ctx.mark_non_differentiable(*[h for h, needed in zip(outs, needs) if not needed])
         return outs
 
     @staticmethod
