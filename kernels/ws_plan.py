@@ -73,6 +73,8 @@ class WSPlan:
     def backward(self, grad, w, stats):
         """dW (``grad`` is copied to ``w``'s strides first when it has others: the
         kernel walks both with ``w``'s)."""
+        if w.stride() != self.w_stride:  # given another layout since the forward (a .data swap): the plan's
+            w = torch.empty_strided(w.shape, self.w_stride, dtype=w.dtype, device=w.device).copy_(w)
         if grad.stride() != self.w_stride:
             grad = _strided_like(grad, w)
         dw = torch.empty_like(w)

@@ -390,3 +390,83 @@ def test_flatten_of_the_last_dims_and_lazy_convs_are_not_features():
     out(torch.randn(2, 3, 5, 5))
     lazy, summary = _summary(nn.Sequential(nn.LazyConv2d(16, 3), nn.BatchNorm2d(16)))
     assert any("is not initialized yet" in line for line in summary), summary
+
+
+class _Pooled(nn.Module):
+    """A map pooled some way, then a norm (one of them takes the pooled values)."""
+
+    def __init__(self, pool, norm, dims=2):
+        super().__init__()
+        conv = {2: nn.Conv2d, 3: nn.Conv3d}[dims]
+        self.conv, self.bn0, self.pool, self.norm = conv(3, 16, 3, padding=1), nn.BatchNorm2d(16), pool, norm
+        if dims == 3:
+            self.bn0 = nn.BatchNorm3d(16)
+
+    def forward(self, x):
+        return self.norm(self.pool(torch.relu(self.bn0(self.conv(x)))))
+
+
+_POOLS = {  # name -> (pool, norm of 16 channels, input, what convert should make of the norm)
+    "mean-negative-dims": (lambda x: x.mean((-2, -1), keepdim=True), nn.BatchNorm2d(16), (2, 3, 4, 4), "alone"),
+    "mean-no-keepdim": (lambda x: x.mean([2, 3]), nn.BatchNorm1d(16), (2, 3, 4, 4), "alone"),
+    "cat-of-features": (lambda x: torch.cat([x.mean([2, 3]), x.amax([2, 3])], 1), nn.BatchNorm1d(32), (2, 3, 4, 4),
+                        "alone"),
+    "mean-over-one-of-two-dims": (lambda x: x.mean((2,), keepdim=True), nn.GroupNorm(16, 16), (2, 3, 4, 4),
+                                  "BatchChannelNorm2d"),
+    "mean-over-two-of-three-dims": (lambda x: x.mean((3, 4), keepdim=True), nn.GroupNorm(16, 16), (2, 3, 2, 4, 4),
+                                    "BatchChannelNorm3d"),
+}
+
+
+@pytest.mark.parametrize("case", list(_POOLS))
+def test_pooled_inputs_are_told_from_maps(case):
+    """A pooling over every spatial dim (negative dims too; kept or dropped) gives one
+    value per channel and sample: with 16 channels in 16 groups the norm is left alone
+    (as BCN its first forward raised "one value per group"). A pooling over some of the
+    spatial dims keeps a map, of the input's rank (it was taken for one value per channel
+    and given the pooled dims' count as its rank)."""
+    pool, norm, shape, expected = _POOLS[case]
+    model = _Pooled(_Lambda(pool), norm, dims=len(shape) - 2)
+    out, summary = wsbcn.convert(model, num_groups=16, return_summary=True)
+    made = type(out.norm).__name__
+    if expected == "alone":
+        assert made == type(norm).__name__, summary
+        assert any(line.startswith("norm: ") and "one value per channel and sample" in line for line in summary)
+    else:
+        assert made == expected, summary
+    out(torch.randn(shape))
+
+
+class _Lambda(nn.Module):
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x):
+        return self.fn(x)
+
+
+def test_a_batch_norm_on_an_input_of_unknown_rank_with_one_channel_per_group_is_left_alone():
+    """A BatchNorm1d on the model's input (tabular (N, C) or a sequence (N, C, L): nothing
+    tells) whose groups would hold one channel: left alone, with the reason (as BCN, an
+    (N, C) input raised "one value per group" on the first forward)."""
+    out, summary = _summary(nn.Sequential(nn.BatchNorm1d(4), nn.Linear(4, 2)))
+    assert type(out[0]) is nn.BatchNorm1d
+    assert any(line.startswith("0: BatchNorm1d left alone: nothing shows whether its input has a length dimension")
+               for line in summary), summary
+
+
+def test_two_channels_per_group_on_one_value_per_channel_are_left_alone_too():
+    """Two values per group normalize to +-1 (the sign of their difference): as
+    degenerate as one; three or more convert."""
+    for width, expected in ((8, nn.BatchNorm1d), (12, wsbcn.BatchChannelNorm1d)):
+        out, summary = _summary(_LinearThenConv(width))  # num_groups=4: 2 and 3 channels per group
+        assert type(out[1]) is expected, summary
+
+
+def test_a_deep_chain_of_pointwise_layers_converts():
+    """The memoized walk recursed once per node: 400 pointwise blocks hit Python's
+    recursion limit. It looks a bounded depth up."""
+    model = nn.Sequential(*[m for _ in range(400) for m in (nn.Conv1d(8, 8, 1), nn.BatchNorm1d(8), nn.ReLU())])
+    out = wsbcn.convert(model, num_groups=4, ws=False)
+    assert sum(type(m) is wsbcn.BatchChannelNorm1d for m in out) == 400

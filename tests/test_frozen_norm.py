@@ -166,3 +166,33 @@ def test_parametrized_and_pruned_norms_freeze_to_their_values_now():
     with torch.no_grad():
         assert rel_err(frozen(x), ref) <= TOL[torch.float32]
     assert rel_err(expected, ref) <= TOL[torch.float32]
+
+
+class _DoubledWSConv(wsbcn.WSConv2d):
+    """A user's WSConv with a forward and a parameter of its own."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.alpha = nn.Parameter(torch.tensor(2.0))
+
+    def forward(self, x):
+        return super().forward(x) * self.alpha
+
+
+class _MyBCN(wsbcn.BatchChannelNorm2d):
+    pass
+
+
+def test_a_subclass_of_a_wsbcn_layer_is_left_as_it_is_with_a_warning():
+    """freeze made any WSConv subclass a plain conv: its own forward and parameters were
+    dropped (a frozen output off by 0.5). Subclasses stay, as norms' did, with a warning."""
+    torch.manual_seed(3)
+    model = nn.Sequential(_DoubledWSConv(3, 4, 3), _MyBCN(4, num_groups=2), wsbcn.WSConv2d(4, 4, 1)).eval()
+    x = torch.randn(2, 3, 5, 5)
+    with pytest.warns(UserWarning, match="left as it is") as caught:
+        frozen = wsbcn.freeze(model)
+    assert {str(w.message).split(",")[0] for w in caught} == {"wsbcn.freeze: _DoubledWSConv", "wsbcn.freeze: _MyBCN"}
+    assert type(frozen[0]) is _DoubledWSConv and type(frozen[1]) is _MyBCN and type(frozen[2]) is nn.Conv2d
+    assert "0.alpha" in frozen.state_dict()
+    with torch.no_grad():
+        assert rel_err(frozen(x), model(x)) <= TOL[torch.float32]

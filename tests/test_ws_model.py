@@ -661,18 +661,31 @@ def _grads(model):
     return {n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()}
 
 
-@pytest.mark.parametrize("move", ["saved_tensor_hooks", "data_swap"])
+@pytest.mark.parametrize("move", ["saved_tensor_hooks", "data_swap", "data_swap_to_contiguous"])
 def test_weights_moved_before_the_backward_get_the_per_layer_gradients(backend, move):
     """The backward read the weights at the addresses the forward had used: after a
     saved-tensor hook that unpacks a copy (torch.autograd.graph.save_on_cpu on a GPU) or
     a ``.data`` swap between forward and backward (a reshard), the kernel read stale
-    memory (NaN gradients). It reads where the saved weights are now."""
+    memory (NaN gradients). It reads where the saved weights are now, laid out as the
+    forward's plans walk them: a channels_last weight swapped to a contiguous one gave
+    gradients off by 100 % model-wide, and per layer too (the per-layer plan walked the
+    new data with the forward's strides)."""
     torch.manual_seed(6)
     per_layer = nn.Sequential(wsbcn.WSConv2d(3, 4, 3, padding=1), nn.ReLU(), wsbcn.WSConv2d(4, 4, 3, eps_mode="std"),
                               nn.ReLU(), wsbcn.WSConv2d(4, 2, 1)).to(DEVICE)  # every weight gets a gradient
+    if move == "data_swap_to_contiguous":
+        per_layer = per_layer.to(memory_format=torch.channels_last)
     model = copy.deepcopy(per_layer)
     ModelWeightStandardizer(model)
     x = torch.randn(1, 3, 5, 5, device=DEVICE)
+    convs = [m for m in per_layer if isinstance(m, wsbcn.WSConv2d)]
+    leaves = [t.detach().double().requires_grad_(True) for m in convs for t in (m.weight, m.bias)]
+    y = x.double()
+    for i, m in enumerate(convs):  # the float64 reference, before anything moves
+        w_hat = ws_reference(leaves[2 * i], m.eps, m.correction, m.eps_mode)
+        y = nn.functional.conv2d(y, w_hat, leaves[2 * i + 1], padding=m.padding)
+        y = torch.relu(y) if i < len(convs) - 1 else y
+    y.square().sum().backward()
     for m in (per_layer, model):
         if move == "saved_tensor_hooks":
             with torch.autograd.graph.saved_tensors_hooks(lambda t: t.clone(), lambda t: t.clone()):
@@ -680,14 +693,13 @@ def test_weights_moved_before_the_backward_get_the_per_layer_gradients(backend, 
         else:
             loss = m(x).square().sum()
             for p in m.parameters():
-                p.data = p.data.clone()
+                p.data = p.data.contiguous() if move == "data_swap_to_contiguous" else p.data.clone()
         loss.backward()
     a, b = _grads(per_layer), _grads(model)
     for name in a:
-        if a[name] is None:
-            assert b[name] is None, name
-        else:
-            assert_bitwise(b[name], a[name], name)
+        assert_bitwise(b[name], a[name], name)
+    for p, ref in zip(model.parameters(), leaves):
+        assert rel_err(p.grad, ref.grad) <= 1e-5
 
 
 class _Wrapper(nn.Module):
@@ -720,6 +732,15 @@ def test_a_copy_that_reaches_a_layer_before_its_model_copies_both(tmp_path):
     wsbcn.freeze(wrapper)
     torch.save(net.c1, tmp_path / "layer.pt")  # a layer alone: without its model
     assert torch.load(tmp_path / "layer.pt", weights_only=False)._ws_model is None
+
+
+def test_a_shallow_copy_of_the_standardizer_takes_no_layers():
+    """copy.copy of a standardizer linked the model's layers to the copy (which has no
+    hooks): every forward then went per layer. The layers stay with the original."""
+    net = _Net()
+    standardizer = ModelWeightStandardizer(net)
+    copy.copy(standardizer)
+    assert all(m._ws_model is standardizer for m in standardizer.layers)
 
 
 def test_frozen_weights_give_w_hat_without_gradient(backend):

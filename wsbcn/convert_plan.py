@@ -340,6 +340,28 @@ def _groups(layer, role, num_groups) -> Optional[int]:
     return None if channels is None else math.gcd(channels, num_groups)
 
 
+def _channel_stage_degenerate(path, layer, role, flow, fed_by, num_groups) -> Optional[str]:
+    """Why the built norm's channel stage would normalize next to nothing, or None. On one
+    value per channel and sample it normalizes each sample's C / G values per group: one
+    gives the bias whatever the input, two give +-1 (the sign of their difference). A
+    BatchNorm1d whose input no conv or length-keeping op shows may take (N, C) too."""
+    channels, groups = channels_of(layer, role), _groups(layer, role, num_groups)
+    if channels is None or not groups:
+        return None
+    per_group = channels // groups
+    kept = "" if role.rule.keeps_groups else " (as a BatchNorm it still needs more than one sample in training)"
+    if path in flow.features and per_group <= 2:
+        return (f"its input is one value per channel and sample ({flow.features[path]}), and its groups would hold "
+                f"{'one channel' if per_group == 1 else 'two channels'} each: a channel stage (BCN's, GroupNorm's) "
+                f"would give {'the bias whatever the input' if per_group == 1 else '+-1, the sign of two values'}"
+                + kept)
+    if (per_group == 1 and role.rule.default_dims == 1 and path not in fed_by and path not in flow.features
+            and path not in flow.input_dims):
+        return ("nothing shows whether its input has a length dimension, and its groups would hold one channel "
+                "each: on (N, C) features a channel stage would give the bias whatever the input" + kept)
+    return None
+
+
 def decide(layers, flow: Flow, ws: bool, keep_frozen: bool, fuse_activation: bool, target: str = "bcn",
            num_groups: int = 32) -> Plan:
     """``target``, ``num_groups``: convert's ``norm`` ("bcn" or "gn") and ``num_groups``."""
@@ -359,11 +381,8 @@ def decide(layers, flow: Flow, ws: bool, keep_frozen: bool, fuse_activation: boo
             plan.reasons[path] = role.rule.skip(layer)
         elif computed := _computed_weight(layer):
             plan.reasons[path] = computed
-        elif path in flow.features and channels_of(layer, role) == _groups(layer, role, num_groups):
-            plan.reasons[path] = (f"its input is one value per channel and sample ({flow.features[path]}), and "
-                                  "its groups would hold one channel each: a channel stage (BCN's, GroupNorm's) "
-                                  "would normalize one value per group, its output the bias whatever the input "
-                                  "(as a BatchNorm, it still needs more than one sample in training)")
+        elif (why := _channel_stage_degenerate(path, layer, role, flow, fed_by, num_groups)) is not None:
+            plan.reasons[path] = why
         else:  # the spatial dims: of the conv feeding it, else its own type's, else found around it in the graph
             conv = roles.get(fed_by.get(path), (None, None))[0]
             dims = conv.weight.dim() - 2 if conv is not None and not uninitialized_lazy(conv) \
@@ -372,7 +391,8 @@ def decide(layers, flow: Flow, ws: bool, keep_frozen: bool, fuse_activation: boo
             if dims is None and target == "bcn":
                 plan.reasons[path] = (f"the rank of its input is not known ({type(layer).__name__} takes any, a "
                                       "BatchChannelNormNd one): no convolution or layer of one rank reaches it "
-                                      "through ops that keep the rank")
+                                      "through ops that keep the rank (in the traced graph; a model torch.fx cannot "
+                                      "trace shows none)")
             else:
                 plan.norms[path] = dims
     for path, layer, role in layers:

@@ -73,25 +73,77 @@ def _name(node: fx.Node) -> str:
     return f".{node.target}()" if node.op == "call_method" else f"torch.{getattr(node.target, '__name__', node.target)}"
 
 
-def _global_pool(node: fx.Node, modules) -> bool:
-    """A pooling to one element per channel: an adaptive pool to 1 (timm's and torchvision's
-    squeeze-and-excitation blocks), or a mean / max / sum over dims 2 and on, kept."""
+def _reduction(node: fx.Node, modules) -> Optional[Tuple[Optional[int], str]]:
+    """(spatial dims kept, each of size 1, or None when they are dropped: (N, C); its
+    name) of a pooling of every spatial dim of its input, or None: an adaptive pool to 1
+    (squeeze-and-excitation blocks), a mean / amax / sum over all the spatial dims (the
+    input's rank from the graph: ``_rank_above``)."""
     def ones(size):
         return size == 1 or isinstance(size, (tuple, list)) and all(v == 1 for v in size)
-    if node.op == "call_module":
-        m = modules.get(node.target)
-        return isinstance(m, (nn.modules.pooling._AdaptiveAvgPoolNd, nn.modules.pooling._AdaptiveMaxPoolNd)) \
-            and ones(m.output_size)
-    if node.op == "call_function" and getattr(node.target, "__name__", "").startswith(("adaptive_avg_pool",
-                                                                                      "adaptive_max_pool")):
+    m = modules.get(node.target) if node.op == "call_module" else None
+    if m is not None:
+        if isinstance(m, (nn.modules.pooling._AdaptiveAvgPoolNd, nn.modules.pooling._AdaptiveMaxPoolNd)) \
+                and ones(m.output_size) and type(m) in _RANKED:
+            return _RANKED[type(m)], node.target
+        return None
+    name = getattr(node.target, "__name__", "")
+    if node.op == "call_function" and name.startswith(("adaptive_avg_pool", "adaptive_max_pool")):
         size = node.args[1] if len(node.args) > 1 else node.kwargs.get("output_size")
-        return ones(size)
-    if node.target in ("mean", "amax", "sum", torch.mean, torch.amax, torch.sum):
+        return (int(name[-2]), _name(node)) if ones(size) and name[-2:] in ("1d", "2d", "3d") else None
+    if node.target in _REDUCTIONS and node.op != "call_module":
         dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
         keep = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
-        return keep is True and isinstance(dims, (tuple, list)) and bool(dims) and all(
-            isinstance(d, int) and d >= 2 for d in dims)
-    return False
+        source = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
+        spatial = None if source is None else _rank_above(source, modules, include=True)
+        if spatial is None or not isinstance(dims, (tuple, list)) or not all(type(d) is int for d in dims):
+            return None
+        if sorted(d % (spatial + 2) for d in dims) != list(range(2, spatial + 2)):
+            return None  # not every spatial dim (or the batch or channel dim too)
+        return (spatial if keep is True else None), _name(node)
+    return None
+
+
+def _rank_above(node: fx.Node, modules, include: bool = False) -> Optional[int]:
+    """The spatial dims of ``node``'s output (``include``) or input, from the nearest
+    convolution or layer of one rank above it through ops that keep the rank, or None."""
+    queue, seen = [node] if include else _inputs(node), set()
+    while queue and len(seen) < _WALK_LIMIT:
+        other = queue.pop(0)
+        if other in seen:
+            continue
+        seen.add(other)
+        dims = _conv_dims(other, modules)
+        if dims is None:
+            dims = _flattened_dims(other, modules)
+        if dims is not None:
+            return dims
+        if _keeps_rank(other, modules):
+            queue.extend(_inputs(other))
+    return None
+
+
+def _flattened_dims(node: fx.Node, modules) -> Optional[int]:
+    """The spatial dims a flatten of the spatial dims leaves ((N, C, H, W).flatten(2): 1),
+    from its input's rank; None for another node or an unknown rank."""
+    m = modules.get(node.target) if node.op == "call_module" else None
+    if isinstance(m, nn.Flatten):
+        start, end = m.start_dim, m.end_dim
+    elif node.op in ("call_function", "call_method") and node.target in (torch.flatten, "flatten"):
+        start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
+        end = node.args[2] if len(node.args) > 2 else node.kwargs.get("end_dim", -1)
+    else:
+        return None
+    source = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
+    spatial = None if source is None or type(start) is not int or end != -1 else \
+        _rank_above(source, modules, include=True)
+    if spatial is None or not 2 <= start % (spatial + 2):
+        return None
+    return start % (spatial + 2) - 1
+
+
+def _inputs(node: fx.Node):
+    """The tensors a node computes from: a module's first argument, a function's all."""
+    return [a for a in node.args[:1] if isinstance(a, fx.Node)] if node.op == "call_module" else _tensor_args(node)
 
 
 # ops that keep one element per channel where every input has one (a binary op broadcasts
@@ -99,21 +151,10 @@ def _global_pool(node: fx.Node, modules) -> bool:
 _KEEP_SIZE_MODULES = _ACTIVATIONS + (nn.Identity, nn.modules.dropout._DropoutNd, nn.modules.batchnorm._NormBase,
                                      nn.GroupNorm, BatchChannelNorm1d, BatchChannelNorm2d, BatchChannelNorm3d,
                                      GroupNorm)
-_RESIZING = {F.interpolate, F.pad, torch.cat}
+_RESIZING = {F.interpolate, F.pad}
 
 
-def _pooled_dims(node: fx.Node, modules) -> Optional[int]:
-    """The spatial dims a global pooling keeps (each of size 1), when its name or
-    arguments say."""
-    m = modules.get(node.target) if node.op == "call_module" else None
-    name = type(m).__name__ if m is not None else getattr(node.target, "__name__", "")
-    if name[-2:] in ("1d", "2d", "3d"):
-        return int(name[-2])
-    dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
-    return len(dims) if isinstance(dims, (tuple, list)) else None
-
-
-def _one_per_channel(node: fx.Node, modules, channels, memo) -> Optional[Tuple[str, Optional[int]]]:
+def _one_per_channel(node: fx.Node, modules, channels, memo, depth: int = 0) -> Optional[Tuple[str, Optional[int]]]:
     """(what made ``node`` one value per channel and sample, the spatial dims it keeps
     (each of size 1), None for (N, C)), or None: a global pooling, a flatten from dim 1,
     a view to (N, -1) or an nn.Linear of ``channels`` outputs, followed only by ops that
@@ -121,11 +162,14 @@ def _one_per_channel(node: fx.Node, modules, channels, memo) -> Optional[Tuple[s
     convs without padding). ``memo``: node -> answer, so that each node is looked at once."""
     if node in memo:
         return memo[node]
-    memo[node] = None  # (a cycle cannot occur in a graph; this also bounds the recursion)
+    memo[node] = None  # (a cycle cannot occur in a graph)
+    if depth > _WALK_LIMIT:  # a deep chain of pointwise layers: not this far (no recursion limit)
+        return None
     m = modules.get(node.target) if node.op == "call_module" else None
     found = None
-    if _global_pool(node, modules):
-        found = (f"pooled by {_name(node)}", _pooled_dims(node, modules))
+    reduced = _reduction(node, modules)
+    if reduced is not None:
+        found = (f"pooled by {reduced[1]}", reduced[0])
     elif _flattens_to_features(node, modules):
         found = (f"flattened by {_name(node)}", None)
     elif isinstance(m, nn.Linear):
@@ -133,14 +177,13 @@ def _one_per_channel(node: fx.Node, modules, channels, memo) -> Optional[Tuple[s
     elif isinstance(m, nn.modules.conv._ConvNd) and all(k == 1 for k in m.kernel_size) and (
             m.padding == "valid" or not isinstance(m.padding, str) and all(p == 0 for p in m.padding)):
         source = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
-        inner = None if source is None else _one_per_channel(source, modules, None, memo)
+        inner = None if source is None else _one_per_channel(source, modules, None, memo, depth + 1)
         found = None if inner is None else (f"{inner[0]}, then {node.target}", len(m.kernel_size))
     elif isinstance(m, _KEEP_SIZE_MODULES) if m is not None else (
             _keeps_rank(node, modules) and node.target not in _RESIZING
             and "pool" not in getattr(node.target, "__name__", "")):
-        inputs = [a for a in node.args[:1] if isinstance(a, fx.Node)] if m is not None else _tensor_args(node)
-        for a in inputs:  # every input one value per channel (stops at the first that is not)
-            found = _one_per_channel(a, modules, channels, memo)
+        for a in _inputs(node):  # every input one value per channel (stops at the first that is not)
+            found = _one_per_channel(a, modules, channels, memo, depth + 1)
             if found is None:
                 break
     memo[node] = found
@@ -150,9 +193,14 @@ def _one_per_channel(node: fx.Node, modules, channels, memo) -> Optional[Tuple[s
 def _keeps_rank(node: fx.Node, modules) -> bool:
     if node.op == "call_module":
         return isinstance(modules.get(node.target), _KEEP_RANK_MODULES)
+    if node.target in _REDUCTIONS and node.op != "call_module":  # a reduction that keeps its dims
+        return (node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)) is True
     if node.op == "call_function":
         return node.target in _KEEP_RANK_FUNCTIONS
     return node.op == "call_method" and node.target in _KEEP_RANK_METHODS
+
+
+_REDUCTIONS = ("mean", "amax", "sum", torch.mean, torch.amax, torch.sum)
 
 
 def _tensor_args(node: fx.Node):
@@ -192,17 +240,18 @@ def norm_input(node: fx.Node, modules, channels: Optional[int]) -> Tuple[Optiona
     features = None if source is None else _one_per_channel(source, modules, channels, {})
     if features is not None:
         return (1 if features[1] is None else features[1]), features[0]
-    for walk in (lambda n: [a for a in n.args[:1] if isinstance(a, fx.Node)] if n.op == "call_module"
-                 else _tensor_args(n), lambda n: list(n.users)):  # up from its input, else down from its output
-        queue, seen = walk(node), set()
-        while queue and len(seen) < _WALK_LIMIT:
-            other = queue.pop(0)
-            if other in seen:
-                continue
-            seen.add(other)
-            dims = _conv_dims(other, modules)
-            if dims is not None:
-                return dims, None
-            if _keeps_rank(other, modules):
-                queue.extend(walk(other))
+    dims = _rank_above(node, modules)
+    if dims is not None:
+        return dims, None
+    queue, seen = list(node.users), set()  # down from its output
+    while queue and len(seen) < _WALK_LIMIT:
+        other = queue.pop(0)
+        if other in seen:
+            continue
+        seen.add(other)
+        dims = _conv_dims(other, modules)
+        if dims is not None:
+            return dims, None
+        if _keeps_rank(other, modules):
+            queue.extend(other.users)
     return None, None

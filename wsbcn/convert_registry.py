@@ -72,8 +72,8 @@ class ConvertRule:
         so convert's num_groups does not apply and no adjustment is reported.
     default_dims: norm only: spatial dims when no convolution feeds it; None for a layer
         that takes inputs of any rank (nn.GroupNorm): then the dims of the convolution
-        convert finds around it in the traced graph (convert_rank.py), else of the model's
-        convolutions when they all have the same; else it is left alone, with the reason.
+        convert finds around it in the traced graph (convert_rank.py); else it is left
+        alone, with the reason.
     norm_inside: conv only: ``(norm attribute, activation attribute)`` of a layer that
         applies its own norm, then its own activation (a module, a function or None), to
         the convolution's output (detectron2's ``Conv2d``). Convert plans that norm as the

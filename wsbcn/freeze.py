@@ -7,6 +7,7 @@ The frozen model computes what the model computes in eval mode, with no wsbcn ke
 what ONNX/TensorRT export, TorchScript and serving want (modules/frozen.py).
 """
 import copy
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -14,21 +15,24 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .convert import _rebind, carry_hooks
-from .convert_layers import ConvNormAct2d, WSConvNormAct2d
+from .convert_layers import AffineWSConv2d, ConvNormAct2d, ScaledWSConv2d, WSConvNormAct2d
 from .modules.frozen import (FrozenBatchChannelNorm1d, FrozenBatchChannelNorm2d, FrozenBatchChannelNorm3d,
                              GroupNormAct, copy_parameters)
 from .modules.norm import BatchChannelNorm1d, BatchChannelNorm2d, BatchChannelNorm3d, GroupNorm
 from .modules.ws_conv import WSConv1d, WSConv2d, WSConv3d
 
-_PLAIN = {WSConvNormAct2d: ConvNormAct2d, WSConv1d: nn.Conv1d, WSConv2d: nn.Conv2d, WSConv3d: nn.Conv3d}
+# the exact classes (a user's subclass may compute something else: it stays, with a warning);
+# ScaledWSConv2d and AffineWSConv2d fold their gain / affine into W_hat
+_PLAIN = {WSConvNormAct2d: ConvNormAct2d, WSConv1d: nn.Conv1d, WSConv2d: nn.Conv2d, WSConv3d: nn.Conv3d,
+          ScaledWSConv2d: nn.Conv2d, AffineWSConv2d: nn.Conv2d}
 _FROZEN_NORM = {BatchChannelNorm1d: FrozenBatchChannelNorm1d, BatchChannelNorm2d: FrozenBatchChannelNorm2d,
                 BatchChannelNorm3d: FrozenBatchChannelNorm3d}
+_WSBCN_BASES = tuple(_PLAIN) + tuple(_FROZEN_NORM) + (GroupNorm,)
 
 
 def _plain_type(m):
-    """nn.ConvNd for a WSConvNd or a subclass of one (e.g. ScaledWSConv2d; ConvNormAct2d for a
-    WSConvNormAct2d), else None."""
-    return next((plain for ws, plain in _PLAIN.items() if isinstance(m, ws)), None)
+    """nn.ConvNd for a WSConvNd (ConvNormAct2d for a WSConvNormAct2d), else None."""
+    return _PLAIN.get(_layer_class(m))
 
 
 # a conv's own activation given as a function (detectron2's activation=F.relu): as a module,
@@ -92,6 +96,10 @@ def _frozen_layer(m, new_of) -> nn.Module:
         return _FROZEN_NORM[layer_class].of(m)
     if layer_class is GroupNorm:
         return _frozen_group_norm(m)
+    if isinstance(m, _WSBCN_BASES):
+        warnings.warn(f"wsbcn.freeze: {type(m).__name__}, a subclass of {layer_class.__mro__[1].__name__}, is left as "
+                      "it is (it may compute something else than the layer freeze knows): it still runs wsbcn's "
+                      "kernels", stacklevel=4)
     return m
 
 
@@ -118,7 +126,10 @@ def freeze(model: nn.Module, inplace: bool = False) -> nn.Module:
     (its eval-mode computation; the running estimates stay fixed), wsbcn.GroupNorm ->
     nn.GroupNorm (GroupNormAct with a fused activation). Parameters and buffers are
     copies of their values now (a parametrized or pruned parameter: what it computes
-    to), under the layer's own state dict keys. A layer shared by several paths is
+    to), under the layer's own state dict keys; a frozen conv's ``weight`` is W_hat
+    (ScaledWSConv2d's gain and AffineWSConv2d's affine folded in, their keys gone), so
+    load a training checkpoint before freezing, not into the frozen model. A subclass
+    of a wsbcn layer is left as it is, with a warning. A layer shared by several paths is
     frozen once, and the frozen layers replace the wsbcn ones in plain lists, tuples and
     dicts the model's modules hold too (detectron2's FPN), as ``wsbcn.convert`` does.
 

@@ -286,6 +286,7 @@ class ModelCall:
         self.whole = not self.compiling and len(self.packs) == 1 and not self.singles
         self.key = (tuning.config_for, tuning._generation[0], backends._emulated_gpu)  # what the plans derive from
         self.addresses = None  # the weights' data_ptr()s, when the caller has just read them (``whole`` only)
+        self.last_addresses = None  # those the last forward used (``whole`` only)
         self.on_backward = None  # called when the eager backward starts (the standardizer's _release)
 
     def current(self) -> bool:
@@ -307,6 +308,7 @@ class ModelCall:
             if addresses is None:
                 addresses = tuple(map(_data_ptr, weights))
             self.addresses = None
+            self.last_addresses = addresses
             found = self.packs[0][2].forward(weights, addresses)
             return found[0], (found[1],)
         outs = [None] * self.n
@@ -343,6 +345,19 @@ class ModelCall:
             outs[i], (w, st) = call.forward(weights[i])
             saved += [w, st]
         return tuple(outs), tuple(saved)
+
+    def as_planned(self, weights):
+        """``weights`` laid out as the eager packs' plans walk them (the forward's strides):
+        a copy of one whose layout changed since the forward."""
+        if self.compiling:
+            return weights
+        weights = list(weights)
+        for indices, _, plan in self.packs:
+            for i, stride in zip(indices, plan.strides):
+                w = weights[i]
+                if w.stride() != stride:
+                    weights[i] = torch.empty_strided(w.shape, stride, dtype=w.dtype, device=w.device).copy_(w)
+        return weights
 
     def backward(self, grads, weights, saved):
         """dW of every weight (None where its W_hat got no gradient)."""
@@ -409,6 +424,7 @@ class ModelWeightStandardizeFunction(torch.autograd.Function):
         outs, saved = call.forward(weights)
         ctx.set_materialize_grads(False)
         ctx.call = call
+        ctx.addresses = call.last_addresses if call.whole else None
         ctx.save_for_backward(*weights, *saved)
         # a frozen weight's W_hat needs no gradient, as per layer (else a frozen backbone's
         # features would require grad, and the backward would run through it)
@@ -428,12 +444,12 @@ class ModelWeightStandardizeFunction(torch.autograd.Function):
             return (None, *_double_backward(call, weights, grads))
         if call.whole and not _has_none(grads):
             plan = call.packs[0][2]
-            # where the saved weights are now: a saved-tensor hook (save_on_cpu), a reshard or
-            # a .data swap may have moved them since the forward, whose addresses are stale
             addresses = tuple(map(_data_ptr, weights))
-            if plan.meta_for(addresses) is not None:
+            if addresses == ctx.addresses:  # where the forward read them
                 return (None, *plan.backward(_laid_out(grads, plan, weights), weights, addresses, rest[0]))
-        return (None, *call.backward(grads, weights, rest))
+        # the saved weights moved since the forward (a saved-tensor hook such as save_on_cpu, a
+        # reshard, a .data swap), maybe into another layout: the plans walk the forward's
+        return (None, *call.backward(grads, call.as_planned(weights), rest))
 
 
 def _double_backward(call, weights, grads):
@@ -585,6 +601,12 @@ class ModelWeightStandardizer:
     def __setstate__(self, state):  # pickle: the layers' link back (their own state leaves it out)
         self.__dict__.update(state)
         self._link_layers()
+
+    def __copy__(self):
+        """A shallow copy, linked to nothing: the layers stay with this standardizer."""
+        new = type(self).__new__(type(self))
+        new.__dict__.update(self.__getstate__())
+        return new
 
     def __deepcopy__(self, memo):
         """A copy of the model copies its standardizer (through its hooks), which links
