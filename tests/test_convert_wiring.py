@@ -411,6 +411,14 @@ _POOLS = {  # name -> (pool, norm of 16 channels, input, what convert should mak
     "mean-no-keepdim": (lambda x: x.mean([2, 3]), nn.BatchNorm1d(16), (2, 3, 4, 4), "alone"),
     "cat-of-features": (lambda x: torch.cat([x.mean([2, 3]), x.amax([2, 3])], 1), nn.BatchNorm1d(32), (2, 3, 4, 4),
                         "alone"),
+    "mean-of-a-sum-over-a-stack": (lambda x: torch.stack([x, x.flip(2)], 1).sum(1).mean((2, 3), keepdim=True),
+                                   nn.BatchNorm2d(16), (2, 3, 4, 4), "alone"),  # timm's split attention
+    "means-over-one-dim-each": (lambda x: x.mean(3).mean(2), nn.BatchNorm1d(16), (2, 3, 4, 4), "alone"),
+    "mean-with-keywords": (lambda x: torch.mean(input=x, dim=(2, 3), keepdim=True), nn.BatchNorm2d(16),
+                           (2, 3, 4, 4), "alone"),
+    "cat-of-pooled-maps-along-a-spatial-dim": (
+        lambda x: torch.cat([x.mean((2, 3), keepdim=True), x.amax((2, 3), keepdim=True)], dim=2),
+        nn.GroupNorm(8, 16), (2, 3, 4, 4), "BatchChannelNorm2d"),
     "mean-over-one-of-two-dims": (lambda x: x.mean((2,), keepdim=True), nn.GroupNorm(16, 16), (2, 3, 4, 4),
                                   "BatchChannelNorm2d"),
     "mean-over-two-of-three-dims": (lambda x: x.mean((3, 4), keepdim=True), nn.GroupNorm(16, 16), (2, 3, 2, 4, 4),

@@ -90,17 +90,46 @@ def _reduction(node: fx.Node, modules) -> Optional[Tuple[Optional[int], str]]:
     if node.op == "call_function" and name.startswith(("adaptive_avg_pool", "adaptive_max_pool")):
         size = node.args[1] if len(node.args) > 1 else node.kwargs.get("output_size")
         return (int(name[-2]), _name(node)) if ones(size) and name[-2:] in ("1d", "2d", "3d") else None
-    if node.target in _REDUCTIONS and node.op != "call_module":
-        dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
-        keep = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
-        source = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
-        spatial = None if source is None else _rank_above(source, modules, include=True)
-        if spatial is None or not isinstance(dims, (tuple, list)) or not all(type(d) is int for d in dims):
-            return None
-        if sorted(d % (spatial + 2) for d in dims) != list(range(2, spatial + 2)):
-            return None  # not every spatial dim (or the batch or channel dim too)
-        return (spatial if keep is True else None), _name(node)
-    return None
+    reduced = _reduced(node)
+    if reduced is None:
+        return None
+    source, dims, keep = reduced
+    spatial = _rank_above(source, modules, include=True)
+    if spatial is None:  # the input's rank not known: a kept mean over dims 2 and on (an SE block's)
+        return (len(dims), _name(node)) if keep and all(d >= 2 for d in dims) else None
+    if sorted(d % (spatial + 2) for d in dims) != list(range(2, spatial + 2)):
+        return None  # not every spatial dim (or the batch or channel dim too)
+    return (spatial if keep else None), _name(node)
+
+
+def _cat_dim(node: fx.Node):
+    return node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+
+
+def _reduced(node: fx.Node):
+    """(input, dims as a tuple, keepdim) of a mean / amax / sum over given dims, or None."""
+    if node.target not in _REDUCTIONS or node.op == "call_module":
+        return None
+    source = node.args[0] if node.args else node.kwargs.get("input")
+    dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+    keep = (node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)) is True
+    dims = (dims,) if type(dims) is int else dims
+    if not isinstance(source, fx.Node) or not isinstance(dims, (tuple, list)) or not dims or \
+            not all(type(d) is int for d in dims):
+        return None
+    return source, tuple(dims), keep
+
+
+def _reduced_dims(node: fx.Node, modules) -> Optional[int]:
+    """The spatial dims a reduction over some spatial dims, not kept, leaves
+    ((N, C, H, W).mean(3): 1), from its input's rank; None otherwise."""
+    reduced = _reduced(node)
+    if reduced is None or reduced[2]:
+        return None
+    spatial = _rank_above(reduced[0], modules, include=True)
+    if spatial is None or not all(2 <= d % (spatial + 2) for d in reduced[1]) or len(reduced[1]) >= spatial:
+        return None
+    return spatial - len(reduced[1])
 
 
 def _rank_above(node: fx.Node, modules, include: bool = False) -> Optional[int]:
@@ -115,6 +144,8 @@ def _rank_above(node: fx.Node, modules, include: bool = False) -> Optional[int]:
         dims = _conv_dims(other, modules)
         if dims is None:
             dims = _flattened_dims(other, modules)
+        if dims is None:
+            dims = _reduced_dims(other, modules)
         if dims is not None:
             return dims
         if _keeps_rank(other, modules):
@@ -180,8 +211,8 @@ def _one_per_channel(node: fx.Node, modules, channels, memo, depth: int = 0) -> 
         inner = None if source is None else _one_per_channel(source, modules, None, memo, depth + 1)
         found = None if inner is None else (f"{inner[0]}, then {node.target}", len(m.kernel_size))
     elif isinstance(m, _KEEP_SIZE_MODULES) if m is not None else (
-            _keeps_rank(node, modules) and node.target not in _RESIZING
-            and "pool" not in getattr(node.target, "__name__", "")):
+            _keeps_rank(node, modules) and node.target not in _RESIZING and "pool" not in getattr(
+                node.target, "__name__", "") and (node.target is not torch.cat or _cat_dim(node) in (0, 1))):
         for a in _inputs(node):  # every input one value per channel (stops at the first that is not)
             found = _one_per_channel(a, modules, channels, memo, depth + 1)
             if found is None:

@@ -96,16 +96,19 @@ def _frozen_layer(m, new_of) -> nn.Module:
         return _FROZEN_NORM[layer_class].of(m)
     if layer_class is GroupNorm:
         return _frozen_group_norm(m)
-    if isinstance(m, _WSBCN_BASES):
-        warnings.warn(f"wsbcn.freeze: {type(m).__name__}, a subclass of {layer_class.__mro__[1].__name__}, is left as "
-                      "it is (it may compute something else than the layer freeze knows): it still runs wsbcn's "
-                      "kernels", stacklevel=4)
     return m
 
 
-def _freeze_in_place(model: nn.Module, new_of=None) -> nn.Module:
+def _subclass_left(m):
+    """The wsbcn class a layer freeze leaves as it is subclasses, or None."""
+    return next((base for base in type(m).__mro__ if base in _WSBCN_BASES), None) \
+        if isinstance(m, _WSBCN_BASES) else None
+
+
+def _freeze_in_place(model: nn.Module, new_of=None, left=None) -> nn.Module:
     """``model`` with every wsbcn layer frozen; ``new_of`` maps id(old) to (old, new): a
-    layer registered at several paths becomes one frozen layer, still shared."""
+    layer registered at several paths becomes one frozen layer, still shared. ``left``
+    collects the subclasses of wsbcn layers left as they are (children included)."""
     new_of = {} if new_of is None else new_of
     if id(model) in new_of:
         return new_of[id(model)][1]
@@ -114,9 +117,14 @@ def _freeze_in_place(model: nn.Module, new_of=None) -> nn.Module:
         carry_hooks(model, new)  # a hook on the layer runs on its frozen form
         new_of[id(model)] = (model, new)
         return new
+    base = _subclass_left(model)
+    if base is not None:  # a subclass of a wsbcn layer: as it is, whole (its forward may use its children)
+        if left is not None:
+            left.append(f"{type(model).__name__} (a {base.__name__})")
+        return model
     for name, child in list(model._modules.items()):  # every name (named_children skips a second one)
         if child is not None:
-            setattr(model, name, _freeze_in_place(child, new_of))
+            setattr(model, name, _freeze_in_place(child, new_of, left))
     return model
 
 
@@ -147,7 +155,11 @@ def freeze(model: nn.Module, inplace: bool = False) -> nn.Module:
     # freeze takes out of the model: detach it first
     for standardizer in {id(s): s for s in (m.__dict__.get("_ws_model") for m in model.modules()) if s}.values():
         standardizer.remove()
-    new_of = {}
-    frozen = _freeze_in_place(model, new_of)
+    new_of, left = {}, []
+    frozen = _freeze_in_place(model, new_of, left)
+    if left:
+        warnings.warn("wsbcn.freeze left these subclasses of wsbcn layers as they are (one may compute something "
+                      "else than the layer freeze knows); they still run wsbcn's kernels: "
+                      + ", ".join(dict.fromkeys(left)), stacklevel=2)
     _rebind(frozen, new_of, [])  # layers a forward calls from plain lists too (detectron2's FPN), as convert does
     return frozen

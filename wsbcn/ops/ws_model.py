@@ -288,6 +288,7 @@ class ModelCall:
         self.addresses = None  # the weights' data_ptr()s, when the caller has just read them (``whole`` only)
         self.last_addresses = None  # those the last forward used (``whole`` only)
         self.on_backward = None  # called when the eager backward starts (the standardizer's _release)
+        self.same_layout = None  # the standardizer's layout check of these weights, when it made this call
 
     def current(self) -> bool:
         """False when a plan would now be built differently (a new tuned table, another
@@ -445,7 +446,9 @@ class ModelWeightStandardizeFunction(torch.autograd.Function):
         if call.whole and not _has_none(grads):
             plan = call.packs[0][2]
             addresses = tuple(map(_data_ptr, weights))
-            if addresses == ctx.addresses:  # where the forward read them
+            same = call.same_layout
+            if addresses == ctx.addresses and (same(weights) if same is not None else all(
+                    w.stride() == st for w, st in zip(weights, plan.strides))):  # where and as the forward read them
                 return (None, *plan.backward(_laid_out(grads, plan, weights), weights, addresses, rest[0]))
         # the saved weights moved since the forward (a saved-tensor hook such as save_on_cpu, a
         # reshard, a .data swap), maybe into another layout: the plans walk the forward's
@@ -672,10 +675,11 @@ class ModelWeightStandardizer:
             checks.check_ws_args(w, m.eps, m.correction, m.eps_mode)
         self._call = call = ModelCall(weights, self._checked)
         call.on_backward = self._release
+        call.same_layout = _layout_check(weights)
         self._weights, self._addresses = weights, addresses
         # a ``weight.data = w.transpose(2, 3)`` keeps the Parameter object and its address,
         # not its layout: the validated call holds while the layout does too
-        self._same_layout = _layout_check(weights)
+        self._same_layout = call.same_layout
         call.addresses = addresses
         return call
 
