@@ -6,18 +6,21 @@ excitation block's), where a channel stage would normalize each sample's C / num
 values on their own.
 
 One value per channel and sample: the norm's input comes from a global pooling (an
-adaptive pool to 1, a mean over the spatial dims kept), a flatten from dim 1 or an
-nn.Linear of the norm's width (one over a length dimension has another), followed only
-by ops that keep it so: 1x1 convolutions without padding, activations, dropout, norms,
-and elementwise ops all of whose inputs are such (an SE block's gate times the block's
-map is a map).
+adaptive pool to 1; a mean, amax or sum over every spatial dim, kept or dropped, the
+input's rank read from the graph, else a kept one over dims 2 and on), a flatten from
+dim 1, a view to (N, -1) or an nn.Linear of the norm's width (one over a length
+dimension has another), followed only by ops that keep it so: 1x1 convolutions without
+padding, activations, dropout, norms, concatenations along the batch or channels, and
+elementwise ops all of whose inputs are such (an SE block's gate times the block's map
+is a map).
 
 The rank: from the norm's input the walk goes up through ops that keep a tensor's rank
 (activations, dropout, pooling, padding, resampling, norms, elementwise arithmetic,
-concatenation) to the nearest convolution, or layer of one rank (BatchNorm2d, MaxPool3d,
-...), whose spatial dims are the input's; when that finds none, down from the norm's
-output. Any other op ends the walk there: nothing
-is inferred through an op that may change the rank (a view, a reshape).
+concatenation, reductions that keep their dims) to the nearest convolution or layer of
+one rank (BatchNorm2d, MaxPool3d, ...), whose spatial dims are the input's, or to a
+flatten or reduction of some spatial dims of a known rank; when that finds none, down
+from the norm's output. Any other op ends the walk there: nothing is inferred through
+an op that may change the rank (a view, a reshape).
 """
 import operator
 from typing import Optional, Tuple
