@@ -419,6 +419,15 @@ _POOLS = {  # name -> (pool, norm of 16 channels, input, what convert should mak
     "cat-of-pooled-maps-along-a-spatial-dim": (
         lambda x: torch.cat([x.mean((2, 3), keepdim=True), x.amax((2, 3), keepdim=True)], dim=2),
         nn.GroupNorm(8, 16), (2, 3, 4, 4), "BatchChannelNorm2d"),
+    "window-of-the-map": (lambda x: nn.functional.avg_pool2d(x, x.size()[2:]), nn.BatchNorm2d(16), (2, 3, 4, 4),
+                          "alone"),  # BiSeNet's attention refinement
+    "pooled-then-viewed": (lambda x: nn.functional.adaptive_avg_pool2d(x, 1).view(x.shape[0], 16, 1, 1),
+                           nn.BatchNorm2d(16), (2, 3, 4, 4), "alone"),
+    "kept-means-one-dim-at-a-time": (lambda x: x.mean(2, keepdim=True).mean(3, keepdim=True), nn.BatchNorm2d(16),
+                                     (2, 3, 4, 4), "alone"),
+    "cat-along-a-negative-channel-dim": (
+        lambda x: torch.cat([x.mean((2, 3), keepdim=True), x.amax((2, 3), keepdim=True)], dim=-3),
+        nn.BatchNorm2d(32), (2, 3, 4, 4), "alone"),  # (two channels per group)
     "mean-over-one-of-two-dims": (lambda x: x.mean((2,), keepdim=True), nn.GroupNorm(16, 16), (2, 3, 4, 4),
                                   "BatchChannelNorm2d"),
     "mean-over-two-of-three-dims": (lambda x: x.mean((3, 4), keepdim=True), nn.GroupNorm(16, 16), (2, 3, 2, 4, 4),

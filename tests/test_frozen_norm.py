@@ -197,3 +197,14 @@ def test_a_subclass_of_a_wsbcn_layer_is_left_as_it_is_with_a_warning():
     assert "0.alpha" in frozen.state_dict()
     with torch.no_grad():
         assert rel_err(frozen(x), model(x)) <= TOL[torch.float32]
+
+
+def test_a_subclass_norm_inside_a_conv_with_its_own_norm_is_named_too():
+    """A WSConvNormAct2d (convert's form of detectron2's conv) freezes with its norm; a
+    subclass of a wsbcn norm there stayed without a word."""
+    from wsbcn.convert_layers import WSConvNormAct2d
+
+    conv = WSConvNormAct2d(3, 4, 3, norm=_MyBCN(4, num_groups=2), activation=nn.ReLU())
+    with pytest.warns(UserWarning, match=r"_MyBCN \(a BatchChannelNorm2d\)"):
+        frozen = wsbcn.freeze(nn.Sequential(conv).eval())
+    assert type(frozen[0].norm) is _MyBCN

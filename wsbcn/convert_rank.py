@@ -93,6 +93,10 @@ def _reduction(node: fx.Node, modules) -> Optional[Tuple[Optional[int], str]]:
     if node.op == "call_function" and name.startswith(("adaptive_avg_pool", "adaptive_max_pool")):
         size = node.args[1] if len(node.args) > 1 else node.kwargs.get("output_size")
         return (int(name[-2]), _name(node)) if ones(size) and name[-2:] in ("1d", "2d", "3d") else None
+    if node.op == "call_function" and node.target in _WINDOW_POOLS:  # a window as large as the map
+        kernel = node.args[1] if len(node.args) > 1 else node.kwargs.get("kernel_size")
+        source = node.args[0] if node.args else node.kwargs.get("input")
+        return (_WINDOW_POOLS[node.target], _name(node)) if _spatial_size_of(kernel, source) else None
     reduced = _reduced(node)
     if reduced is None:
         return None
@@ -100,13 +104,52 @@ def _reduction(node: fx.Node, modules) -> Optional[Tuple[Optional[int], str]]:
     spatial = _rank_above(source, modules, include=True)
     if spatial is None:  # the input's rank not known: a kept mean over dims 2 and on (an SE block's)
         return (len(dims), _name(node)) if keep and all(d >= 2 for d in dims) else None
-    if sorted(d % (spatial + 2) for d in dims) != list(range(2, spatial + 2)):
+    dims = {d % (spatial + 2) for d in dims}
+    while keep:  # kept reductions one dim at a time (x.mean(2, keepdim=True).mean(3, keepdim=True))
+        inner = _reduced(source)
+        if inner is None or not inner[2]:
+            break
+        source, dims = inner[0], dims | {d % (spatial + 2) for d in inner[1]}
+    if sorted(dims) != list(range(2, spatial + 2)):
         return None  # not every spatial dim (or the batch or channel dim too)
     return (spatial if keep else None), _name(node)
 
 
-def _cat_dim(node: fx.Node):
-    return node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+_WINDOW_POOLS = {F.avg_pool1d: 1, F.avg_pool2d: 2, F.avg_pool3d: 3, F.max_pool1d: 1, F.max_pool2d: 2,
+                 F.max_pool3d: 3}
+
+
+def _spatial_size_of(kernel, source) -> bool:
+    """``kernel`` is ``source.size()[2:]`` or ``source.shape[2:]`` (BiSeNet's attention
+    refinement: F.avg_pool2d(feat, feat.size()[2:]))."""
+    if not isinstance(kernel, fx.Node) or kernel.target is not operator.getitem or len(kernel.args) != 2:
+        return False
+    sizes, index = kernel.args
+    if index != slice(2, None, None) or not isinstance(sizes, fx.Node) or not sizes.args:
+        return False
+    return sizes.args[0] is source and (sizes.target == "size" and len(sizes.args) == 1 or
+                                        sizes.op == "call_function" and sizes.target is getattr
+                                        and sizes.args[1:] == ("shape",))
+
+
+def _cat_along_channels(node: fx.Node, modules) -> bool:
+    """A torch.cat along the batch or channel dim (a negative one by its rank)."""
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+    if type(dim) is not int:
+        return False
+    if dim < 0:
+        spatial = _rank_above(node, modules, include=True)
+        return spatial is not None and dim % (spatial + 2) in (0, 1)
+    return dim in (0, 1)
+
+
+def _viewed_to_ones(node: fx.Node) -> Optional[int]:
+    """The spatial dims of a view / reshape to (N, C, 1, ...): each of size 1, or None."""
+    if node.target not in ("view", "reshape", torch.reshape) or node.op not in ("call_function", "call_method"):
+        return None
+    shape = node.args[1:] if node.op == "call_method" else node.args[1:2]
+    shape = shape[0] if len(shape) == 1 and isinstance(shape[0], (tuple, list)) else shape
+    return len(shape) - 2 if 3 <= len(shape) <= 5 and all(v == 1 and type(v) is int for v in shape[2:]) else None
 
 
 def _reduced(node: fx.Node):
@@ -204,6 +247,8 @@ def _one_per_channel(node: fx.Node, modules, channels, memo, depth: int = 0) -> 
     reduced = _reduction(node, modules)
     if reduced is not None:
         found = (f"pooled by {reduced[1]}", reduced[0])
+    elif (ones := _viewed_to_ones(node)) is not None:
+        found = (f"viewed by {_name(node)} to one element per channel", ones)
     elif _flattens_to_features(node, modules):
         found = (f"flattened by {_name(node)}", None)
     elif isinstance(m, nn.Linear):
@@ -215,7 +260,7 @@ def _one_per_channel(node: fx.Node, modules, channels, memo, depth: int = 0) -> 
         found = None if inner is None else (f"{inner[0]}, then {node.target}", len(m.kernel_size))
     elif isinstance(m, _KEEP_SIZE_MODULES) if m is not None else (
             _keeps_rank(node, modules) and node.target not in _RESIZING and "pool" not in getattr(
-                node.target, "__name__", "") and (node.target is not torch.cat or _cat_dim(node) in (0, 1))):
+                node.target, "__name__", "") and (node.target is not torch.cat or _cat_along_channels(node, modules))):
         for a in _inputs(node):  # every input one value per channel (stops at the first that is not)
             found = _one_per_channel(a, modules, channels, memo, depth + 1)
             if found is None:

@@ -49,10 +49,10 @@ def _activation_module(activation):
     return made() if made is not None else activation
 
 
-def _frozen_conv(m, plain_type, new_of) -> nn.Module:
+def _frozen_conv(m, plain_type, new_of, left=None) -> nn.Module:
     inside = {}
     if plain_type is ConvNormAct2d:  # a conv applying its own norm and activation keeps them, the norm frozen
-        inside = dict(norm=None if m.norm is None else _freeze_in_place(m.norm, new_of),
+        inside = dict(norm=None if m.norm is None else _freeze_in_place(m.norm, new_of, left),
                       activation=_activation_module(m.activation))
     plain = plain_type(
         m.in_channels, m.out_channels, m.kernel_size, stride=m.stride, padding=m.padding,
@@ -86,11 +86,11 @@ def _layer_class(m):
     return cls.__mro__[1] if parametrize.is_parametrized(m) else cls
 
 
-def _frozen_layer(m, new_of) -> nn.Module:
+def _frozen_layer(m, new_of, left=None) -> nn.Module:
     """The inference form of one wsbcn layer, or ``m`` itself for anything else."""
     plain_type = _plain_type(m)
     if plain_type is not None:
-        return _frozen_conv(m, plain_type, new_of)
+        return _frozen_conv(m, plain_type, new_of, left)
     layer_class = _layer_class(m)  # the exact classes: a subclass may compute something else
     if layer_class in _FROZEN_NORM:
         return _FROZEN_NORM[layer_class].of(m)
@@ -112,7 +112,7 @@ def _freeze_in_place(model: nn.Module, new_of=None, left=None) -> nn.Module:
     new_of = {} if new_of is None else new_of
     if id(model) in new_of:
         return new_of[id(model)][1]
-    new = _frozen_layer(model, new_of)
+    new = _frozen_layer(model, new_of, left)
     if new is not model:
         carry_hooks(model, new)  # a hook on the layer runs on its frozen form
         new_of[id(model)] = (model, new)
