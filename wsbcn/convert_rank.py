@@ -6,9 +6,10 @@ excitation block's), where a channel stage would normalize each sample's C / num
 values on their own.
 
 One value per channel and sample: the norm's input comes from a global pooling (an
-adaptive pool to 1; a mean, amax or sum over every spatial dim, kept or dropped, the
-input's rank read from the graph, else a kept one over dims 2 and on), a flatten from
-dim 1, a view to (N, -1) or an nn.Linear of the norm's width (one over a length
+adaptive pool to 1; a mean, amax or sum over every spatial dim, kept or dropped, also
+one dim at a time, the input's rank read from the graph, else a kept one over dims 2
+and on; a pooling window as large as the map), a flatten from dim 1, a view to (N, -1)
+or to (N, C, 1, ...), or an nn.Linear of the norm's width (one over a length
 dimension has another), followed only by ops that keep it so: 1x1 convolutions without
 padding, activations, dropout, norms, concatenations along the batch or channels, and
 elementwise ops all of whose inputs are such (an SE block's gate times the block's map
