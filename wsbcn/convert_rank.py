@@ -182,21 +182,27 @@ def _reduced_dims(node: fx.Node, modules) -> Optional[int]:
 def _rank_above(node: fx.Node, modules, include: bool = False) -> Optional[int]:
     """The spatial dims of ``node``'s output (``include``) or input, from the nearest
     convolution or layer of one rank above it through ops that keep the rank, or None."""
-    queue, seen = [node] if include else _inputs(node), set()
+    def rank(n):
+        dims = _conv_dims(n, modules)
+        dims = _flattened_dims(n, modules) if dims is None else dims
+        return _reduced_dims(n, modules) if dims is None else dims
+    return _nearest([node] if include else _inputs(node), _inputs, rank, modules)
+
+
+def _nearest(start, step, look, modules):
+    """The first answer ``look`` gives, breadth first from the nodes ``start`` along
+    ``step`` (a node's inputs or users) through ops that keep the rank, or None."""
+    queue, seen = list(start), set()
     while queue and len(seen) < _WALK_LIMIT:
         other = queue.pop(0)
         if other in seen:
             continue
         seen.add(other)
-        dims = _conv_dims(other, modules)
-        if dims is None:
-            dims = _flattened_dims(other, modules)
-        if dims is None:
-            dims = _reduced_dims(other, modules)
-        if dims is not None:
-            return dims
+        found = look(other)
+        if found is not None:
+            return found
         if _keeps_rank(other, modules):
-            queue.extend(_inputs(other))
+            queue.extend(step(other))
     return None
 
 
@@ -321,17 +327,6 @@ def norm_input(node: fx.Node, modules, channels: Optional[int]) -> Tuple[Optiona
     if features is not None:
         return (1 if features[1] is None else features[1]), features[0]
     dims = _rank_above(node, modules)
-    if dims is not None:
-        return dims, None
-    queue, seen = list(node.users), set()  # down from its output
-    while queue and len(seen) < _WALK_LIMIT:
-        other = queue.pop(0)
-        if other in seen:
-            continue
-        seen.add(other)
-        dims = _conv_dims(other, modules)
-        if dims is not None:
-            return dims, None
-        if _keeps_rank(other, modules):
-            queue.extend(other.users)
-    return None, None
+    if dims is None:  # down from its output
+        dims = _nearest(node.users, lambda n: list(n.users), lambda n: _conv_dims(n, modules), modules)
+    return dims, None
