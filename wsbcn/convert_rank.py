@@ -53,22 +53,31 @@ _KEEP_RANK_METHODS = {"add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_"
 _WALK_LIMIT = 64  # nodes looked at per walk: the nearest convolution is a few ops away
 
 
+def _flatten_span(node: fx.Node, modules):
+    """(start_dim, end_dim) of a flatten (nn.Flatten, torch.flatten, .flatten()), or None."""
+    m = modules.get(node.target) if node.op == "call_module" else None
+    if isinstance(m, nn.Flatten):
+        return m.start_dim, m.end_dim
+    if node.op in ("call_function", "call_method") and node.target in (torch.flatten, "flatten"):
+        return (node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0),
+                node.args[2] if len(node.args) > 2 else node.kwargs.get("end_dim", -1))
+    return None
+
+
+def _view_shape(node: fx.Node):
+    """The shape a view / reshape (method or torch.reshape) asks for, or None."""
+    if node.target not in ("view", "reshape", torch.reshape) or node.op not in ("call_function", "call_method"):
+        return None
+    shape = node.args[1:] if node.op == "call_method" else node.args[1:2]
+    return tuple(shape[0]) if len(shape) == 1 and isinstance(shape[0], (tuple, list)) else tuple(shape)
+
+
 def _flattens_to_features(node: fx.Node, modules) -> bool:
     """A flatten from dim 1 (or 0) to the last, or a view / reshape to (N, -1): (N, features)."""
-    if node.op == "call_module":
-        m = modules.get(node.target)
-        return isinstance(m, nn.Flatten) and m.start_dim in (0, 1) and m.end_dim == -1
-    if node.op not in ("call_function", "call_method"):
-        return False
-    if node.target in (torch.flatten, "flatten"):
-        start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
-        end = node.args[2] if len(node.args) > 2 else node.kwargs.get("end_dim", -1)
-        return type(start) is int and start in (0, 1) and end == -1
-    if node.target in ("view", "reshape", torch.reshape):
-        shape = node.args[1:] if node.op == "call_method" else node.args[1:2]
-        shape = shape[0] if len(shape) == 1 and isinstance(shape[0], (tuple, list)) else shape
-        return len(shape) == 2 and shape[1] == -1
-    return False
+    span, shape = _flatten_span(node, modules), _view_shape(node)
+    if span is not None:
+        return type(span[0]) is int and span[0] in (0, 1) and span[1] == -1
+    return shape is not None and len(shape) == 2 and shape[1] == -1
 
 
 def _name(node: fx.Node) -> str:
@@ -146,11 +155,9 @@ def _cat_along_channels(node: fx.Node, modules) -> bool:
 
 def _viewed_to_ones(node: fx.Node) -> Optional[int]:
     """The spatial dims of a view / reshape to (N, C, 1, ...): each of size 1, or None."""
-    if node.target not in ("view", "reshape", torch.reshape) or node.op not in ("call_function", "call_method"):
-        return None
-    shape = node.args[1:] if node.op == "call_method" else node.args[1:2]
-    shape = shape[0] if len(shape) == 1 and isinstance(shape[0], (tuple, list)) else shape
-    return len(shape) - 2 if 3 <= len(shape) <= 5 and all(v == 1 and type(v) is int for v in shape[2:]) else None
+    shape = _view_shape(node)
+    return None if shape is None or not 3 <= len(shape) <= 5 or not all(
+        v == 1 and type(v) is int for v in shape[2:]) else len(shape) - 2
 
 
 def _reduced(node: fx.Node):
@@ -209,14 +216,10 @@ def _nearest(start, step, look, modules):
 def _flattened_dims(node: fx.Node, modules) -> Optional[int]:
     """The spatial dims a flatten of the spatial dims leaves ((N, C, H, W).flatten(2): 1),
     from its input's rank; None for another node or an unknown rank."""
-    m = modules.get(node.target) if node.op == "call_module" else None
-    if isinstance(m, nn.Flatten):
-        start, end = m.start_dim, m.end_dim
-    elif node.op in ("call_function", "call_method") and node.target in (torch.flatten, "flatten"):
-        start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
-        end = node.args[2] if len(node.args) > 2 else node.kwargs.get("end_dim", -1)
-    else:
+    span = _flatten_span(node, modules)
+    if span is None:
         return None
+    start, end = span
     source = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
     spatial = None if source is None or type(start) is not int or end != -1 else \
         _rank_above(source, modules, include=True)

@@ -87,14 +87,10 @@ def world_group():
 
 
 def resolve(group, x):
-    """``Ranks`` of ``group`` for a call with input ``x``, or None when nothing is to be
-    combined (``WORLD`` without torch.distributed, or with one process). Raises a clear
-    error for what each rank can see alone: no torch.distributed, not a process group,
-    this process outside the group, a backend without the tensor's device."""
-    if group is WORLD:
-        group = world_group()
-        if group is None:
-            return None
+    """``Ranks`` of ``group`` for a call with input ``x`` (``WORLD`` is looked up by the
+    caller on every call: ``world_group``). Raises a clear error for what each rank can
+    see alone: no torch.distributed, not a process group, this process outside the
+    group, a backend without the tensor's device."""
     check_initialized()
     if isinstance(group, int) and group == dist.GroupMember.NON_GROUP_MEMBER:
         raise ValueError("process_group: this process is not a member of the group (dist.new_group returns a "

@@ -608,7 +608,7 @@ def _validate_bcn(owner, x, num_groups, running_mean, running_var, weight, bias,
     if owner is not None:
         owner._check_input(x)
     eps, activation = _validate_common(x, num_groups, eps, activation)
-    if group is not None:  # a collectives.Ranks, or None when there is nothing to combine (collectives.WORLD)
+    if group is not None:  # (collectives.WORLD became world_group() in _batch_channel_norm)
         group = collectives.resolve(group, x)
     momentum = checks.check_momentum(momentum)
     c = x.shape[1]

@@ -129,8 +129,9 @@ def _forward_empty(call, x, running_mean, running_var, nbt):
     f64 = dict(device=x.device, dtype=torch.float64)
     zeros = torch.zeros((c,), **f64)
     row = collectives.local_row(zeros, zeros, zeros, 0.0, _header(call, x))
-    rows = collectives.gather_rows(row, ranks, check=_check_each_call(x))
-    if _check_each_call(x):
+    check = _check_each_call(x)
+    rows = collectives.gather_rows(row, ranks, check=check)
+    if check:
         collectives.check_counts(rows, c, call.mode == MODE_BATCH)
     merged = collectives.merge_rows(rows, c, call.mode == MODE_BATCH)
     if backends.backend_for(x) == "triton":
