@@ -575,7 +575,6 @@ class ModelWeightStandardizer:
         self._checked = [(a[0], a[1], a[2] == "std") for a in self._args]
         self._weights = None
         self._addresses = None
-        self._same_layout = None  # _layout_check of the validated weights
         self._stale = False
 
     @classmethod
@@ -597,7 +596,7 @@ class ModelWeightStandardizer:
 
     def __getstate__(self):  # deepcopy and pickle: the validated call and plans are rebuilt on use
         state = dict(self.__dict__)
-        state.update(_call=None, _weights=None, _addresses=None, _same_layout=None, _hats=None, _taken_from=None,
+        state.update(_call=None, _weights=None, _addresses=None, _hats=None, _taken_from=None,
                      _kept=None)
         return state
 
@@ -662,7 +661,7 @@ class ModelWeightStandardizer:
         if (call is not None and known is not None and len(known) == len(weights)
                 and all(map(operator.is_, weights, known))):  # the validated objects: plain tensors
             addresses = tuple(map(_data_ptr, weights))
-            if addresses == self._addresses and self._same_layout(weights) and call.current():
+            if addresses == self._addresses and call.same_layout(weights) and call.current():
                 call.addresses = addresses
                 return call
         if not all(type(w) is torch.nn.Parameter or type(w) is torch.Tensor for w in weights):
@@ -675,11 +674,11 @@ class ModelWeightStandardizer:
             checks.check_ws_args(w, m.eps, m.correction, m.eps_mode)
         self._call = call = ModelCall(weights, self._checked)
         call.on_backward = self._release
+        # a ``weight.data = w.transpose(2, 3)`` keeps the Parameter object and its address,
+        # not its layout: the validated call holds while the layout does too (and its
+        # backward's fast path)
         call.same_layout = _layout_check(weights)
         self._weights, self._addresses = weights, addresses
-        # a ``weight.data = w.transpose(2, 3)`` keeps the Parameter object and its address,
-        # not its layout: the validated call holds while the layout does too
-        self._same_layout = call.same_layout
         call.addresses = addresses
         return call
 
