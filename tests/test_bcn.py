@@ -8,7 +8,7 @@ import wsbcn
 from wsbcn import checks, tuning
 from wsbcn.functional import batch_channel_norm
 from conftest import DEVICE, TOL, rel_err
-from reference import ReleasedBCNorm, bcn_reference
+from reference import ReleasedBCNorm, bcn_reference, gn_reference
 
 MODES = {  # name -> (training, estimate)
     "batch": (True, False),
@@ -243,6 +243,49 @@ def test_saved_for_backward_is_x_and_small_statistics(backend):
     assert all(t.dtype == torch.float32 for t in stats)
     assert sum(t.numel() for t in stats) <= stats_numel
     assert all(t.data_ptr() != y.data_ptr() for t in saved)
+
+
+@pytest.mark.parametrize("layer", ["bcn", "bcn_estimate", "gn"])
+@pytest.mark.parametrize("pack", ["contiguous", "channels_last"])
+def test_saved_tensor_hook_giving_x_back_in_another_layout(backend, layer, pack):
+    """A saved-tensor hook may give x back in another layout than the forward's
+    (torch.autograd.graph.save_on_cpu and a ``.contiguous()`` pack turn a channels_last x
+    into NCHW): the gradients are still those of the forward's x (the eager Triton
+    backward walks x with the strides its forward planned)."""
+    torch.manual_seed(3)
+    n, c, g = 2, 8, 2
+    fmt = torch.contiguous_format if pack == "channels_last" else torch.channels_last
+    x0 = (torch.randn(n, c, 3, 5, device=DEVICE) + 1).contiguous(memory_format=fmt)
+    dy = torch.randn(n, c, 3, 5, device=DEVICE)
+    p = _random_params(c, g, True)
+    if layer == "gn":
+        m = wsbcn.GroupNorm(g, c, activation="silu").to(DEVICE)
+        with torch.no_grad():
+            m.weight.copy_(p["weight"]), m.bias.copy_(p["bias"])
+    else:
+        m = wsbcn.BatchChannelNorm2d(c, num_groups=g, estimate=layer == "bcn_estimate", activation="silu").to(DEVICE)
+        with torch.no_grad():
+            for k in ("weight", "bias", "group_weight", "group_bias", "running_mean", "running_var"):
+                getattr(m, k).copy_(p[k])
+    x = x0.clone().requires_grad_()
+    relayout = torch.channels_last if pack == "channels_last" else torch.contiguous_format
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: t.contiguous(memory_format=relayout)
+                                                  if t.dim() == 4 else t, lambda t: t):
+        y = m(x)
+    y.backward(dy)
+    xr = x0.double().requires_grad_()
+    params = {k: m.get_parameter(k).detach().double().requires_grad_() for k, _ in m.named_parameters()}
+    if layer == "gn":
+        ref = gn_reference(xr, g, params["weight"], params["bias"], activation="silu")
+    else:
+        ref = bcn_reference(xr, g, params["weight"], params["bias"], params["group_weight"], params["group_bias"],
+                            p["running_mean"].double(), p["running_var"].double(), training=True,
+                            estimate=layer == "bcn_estimate", activation="silu")
+    ref.backward(dy.double())
+    assert rel_err(y, ref) <= TOL[torch.float32]
+    assert rel_err(x.grad, xr.grad) <= TOL[torch.float32]
+    for k, t in params.items():
+        assert rel_err(m.get_parameter(k).grad, t.grad) <= TOL[torch.float32], k
 
 
 @pytest.mark.parametrize("estimate", [False, True])

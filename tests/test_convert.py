@@ -1044,6 +1044,27 @@ def test_a_batch_norm_switched_off_after_construction_converts_as_it_runs():
         assert rel_err(model.eval()(x), want) <= TOL[torch.float32]
 
 
+def test_a_sync_batch_norm_without_running_stats_is_left_alone():
+    """nn.SyncBatchNorm(track_running_stats=False) synchronizes batch statistics without
+    running ones; a BatchChannelNorm combining statistics across processes updates them,
+    so the layer (and the conv feeding it) is left alone with the reason, and the rest of
+    the model converts. A plain BatchNorm without them, asked to synchronize
+    (``process_group=``), is refused naming the layer, the model unchanged, as for
+    ``estimate=True``."""
+    sync = nn.Sequential(nn.Conv2d(3, 8, 3), nn.SyncBatchNorm(8, track_running_stats=False), nn.ReLU(),
+                         nn.Conv2d(8, 8, 3), nn.BatchNorm2d(8), nn.ReLU())
+    model, summary = wsbcn.convert(sync, num_groups=4, return_summary=True)
+    assert type(model[1]) is nn.SyncBatchNorm and type(model[0]) is nn.Conv2d
+    assert isinstance(model[4], wsbcn.BatchChannelNorm2d) and isinstance(model[3], wsbcn.WSConv2d)
+    assert ("1: SyncBatchNorm left alone: it keeps no running statistics (track_running_stats=False), which a "
+            "BatchChannelNorm combining statistics across processes updates") in summary
+    assert "0: Conv2d left alone: feeds 1 (SyncBatchNorm), which is left alone" in summary
+    plain = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8, track_running_stats=False))
+    with pytest.raises(ValueError, match=r"process_group .* needs track_running_stats=True") as info:
+        wsbcn.convert(plain, num_groups=4, process_group=object())
+    assert "layer '1'" in " ".join(getattr(info.value, "__notes__", [])) and type(plain[1]) is nn.BatchNorm2d
+
+
 def test_a_layer_registered_at_two_paths_is_replaced_at_both():
     """A norm shared by two branches, and a conv tied at two attributes: one new layer,
     still shared, at every path."""

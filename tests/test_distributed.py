@@ -534,6 +534,22 @@ def case_forward_ad_refused(rank, world):
         dist.barrier()
 
 
+def case_double_backward_refused(rank, world):
+    """Double backward (create_graph=True) is refused on every rank with the clear error,
+    a rank without images too, before the backward's collective: else the rank without
+    images waited in it for ranks that had raised (and went on to other collectives)."""
+    import wsbcn
+
+    for backend in ("triton", "torch"):
+        os.environ["WSBCN_BACKEND"] = backend
+        m = wsbcn.BatchChannelNorm2d(8, num_groups=4, process_group=dist.group.WORLD)
+        x = torch.randn(2 if rank == 0 else 0, 8, 3, 3, requires_grad=True)
+        y = m(x)
+        with pytest.raises(RuntimeError, match="process_group does not support double backward"):
+            torch.autograd.grad((y * y).sum(), x, create_graph=True)
+        dist.barrier()  # every rank reaches it: none is left inside a collective
+
+
 def case_empty_rank(rank, world, backend, c=8, g=4):
     """A rank without images takes part in both collectives; the others get the
     statistics of their own images, and every rank the same running buffers."""
@@ -808,6 +824,10 @@ def test_disagreeing_ranks_raise_clear_errors(ranks):
 
 def test_forward_ad_is_refused_before_anything_runs(ranks):
     ranks(2).run("case_forward_ad_refused")
+
+
+def test_double_backward_is_refused_on_every_rank(ranks):
+    ranks(2).run("case_double_backward_refused")
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])

@@ -158,6 +158,25 @@ def refuse_jit_trace() -> None:
                         f"kernels from Python, outside what TorchScript records. Use {ALTERNATIVES}.")
 
 
+def refuse_inference_tensors(saved: tuple, updated: tuple) -> None:
+    """torch's errors for inference tensors (made under ``torch.inference_mode``) used
+    outside inference mode, raised before anything runs, as torch's layers raise them
+    (autograd saves a layer's inputs before it computes): one of ``saved`` when autograd
+    records the call (grad mode on, one of them requires grad), one of ``updated`` (the
+    running buffers the call updates in place) always. Asked per call on the checks'
+    path, which such calls take (``remember`` keeps none of them)."""
+    if torch.is_inference_mode_enabled():
+        return
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in saved) and \
+            any(t is not None and t.is_inference() for t in saved):
+        raise RuntimeError("Inference tensors cannot be saved for backward. To work around you can make a "
+                           "clone to get a normal tensor and use it in autograd.")
+    if any(t is not None and t.is_inference() for t in updated):
+        raise RuntimeError("Inplace update to inference tensor outside InferenceMode is not allowed. You can "
+                           "make a clone to get a normal tensor before doing inplace update (wsbcn: a running "
+                           "buffer made under torch.inference_mode)")
+
+
 MAX_RECALLED_PER_SITE = 8  # signatures a call site keeps (a shared FPN head: one per level)
 # signatures a site may drop before it stops remembering: a site whose inputs keep
 # changing shape (multi-scale training) would pay the scan and a new guard on every call
@@ -220,7 +239,8 @@ def remember(cache: CallCache, site, scalars: tuple, tensors: tuple, found) -> N
     subclasses (fake tensors among them) and functorch wrappers, where torch has no
     tensor guards, or when a guard could not pass (one tensor given twice). So a recalled
     call's tensors are plain tensors, none of them a functorch wrapper: the caller has
-    nothing to unwrap (wsbcn/_compat.py)."""
+    nothing to unwrap (wsbcn/_compat.py). Nor a call outside inference mode with an
+    inference tensor, whose checks depend on grad mode (``refuse_inference_tensors``)."""
     if torch.compiler.is_compiling() or site is None or getattr(site, "grad_fn", None) is not None:
         return  # tracing, no site, or a tensor made anew for each call (a parametrized weight)
     sites = cache.sites
@@ -229,8 +249,11 @@ def remember(cache: CallCache, site, scalars: tuple, tensors: tuple, found) -> N
         return
     present = [t for t in tensors if t is not None]
     wrapped = _compat.is_functorch_wrapped
+    inference_mode = torch.is_inference_mode_enabled()
     for t in present:  # plain tensors only: a subclass (a fake tensor's sizes may be symbolic) builds its key
         if type(t) is not torch.Tensor and type(t) is not torch.nn.Parameter:
+            return
+        if not inference_mode and t.is_inference():  # each call is checked (refuse_inference_tensors)
             return
         if wrapped is None or wrapped(t):  # a functorch wrapper: the caller unwraps it (_compat.py)
             return

@@ -438,7 +438,7 @@ def convert(model: nn.Module, norm: str = "bcn", num_groups: int = 32, estimate:
     with _folding_suspended(model):
         layers = census(model)
         flow, graph, trace, trace_note = _flow(model, layers)
-        plan = decide(layers, flow, bool(ws), keep_frozen, fuse_activation, norm, num_groups)
+        plan = decide(layers, flow, bool(ws), keep_frozen, fuse_activation, norm, num_groups, estimate)
         fusions, not_fused = _safe_fusions(model, layers, plan, graph, trace)
     fusions, held = _unheld_fusions(model, fusions)
     by_path = {path: layer for path, layer, _ in layers}

@@ -294,7 +294,7 @@ BUILTIN_RULES = {
     nn.BatchNorm3d: ConvertRule("norm", _batch_norm, **_BN, default_dims=3),
     # keeps its process group (convert's process_group= for one on the default group); mmengine's
     # subclass (mmcv's norm_cfg type "SyncBN") only changes the input check
-    **{sync: ConvertRule("norm", _sync_batch_norm, **_BN, default_dims=None)  # any rank, as nn.GroupNorm
+    **{sync: ConvertRule("norm", _sync_batch_norm, **_BN, default_dims=None, synchronizes=True)  # any rank
        for sync in (nn.SyncBatchNorm, "mmengine.utils.dl_utils.parrots_wrapper.SyncBatchNorm")},
     nn.GroupNorm: ConvertRule("norm", _group_norm, **_GN, keeps_groups=True),
     # torchvision's video ResNets' convs (r3d_18, mc3_18): nn.Conv3d with a fixed geometry and its forward
@@ -309,7 +309,7 @@ BUILTIN_RULES = {
        for gn in ("timm.layers.norm.GroupNorm", "timm.layers.norm.GroupNorm1")},
     **{bn_act: ConvertRule(
         "norm", _with_drop_act(build), becomes=_BN["becomes"] + _THEN, carries=_BN["carries"] + _AND,
-        fuses=_OWN, takes_activation=_takes_following_act)
+        fuses=_OWN, takes_activation=_takes_following_act, synchronizes=build is _sync_batch_norm)
        for bn_act, build in (("timm.layers.norm_act.BatchNormAct2d", _batch_norm),
                              # timm's convert_sync_batchnorm of a BatchNormAct2d: keeps synchronizing
                              ("timm.layers.norm_act.SyncBatchNormAct", _sync_batch_norm))},
@@ -335,7 +335,7 @@ BUILTIN_RULES = {
     "detectron2.layers.batch_norm.FrozenBatchNorm2d": ConvertRule("norm", _frozen_batch_norm, **_FROZEN,
                                                                   fuses=_FOLLOWING),
     "detectron2.layers.batch_norm.NaiveSyncBatchNorm": ConvertRule("norm", _naive_sync_batch_norm, **_BN,
-                                                                   default_dims=2),
+                                                                   default_dims=2, synchronizes=True),
     "mmcv.cnn.bricks.conv_ws.ConvWS2d": ConvertRule(
         "conv", lambda layer: _ws_conv(layer, eps=layer.eps, correction=1, eps_mode="std"),
         becomes="WSConv2d (eps_mode=\"std\", correction=1), always", carries="geometry, eps, weight, bias",

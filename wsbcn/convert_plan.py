@@ -362,9 +362,23 @@ def _channel_stage_degenerate(path, layer, role, flow, fed_by, num_groups) -> Op
     return None
 
 
+def _unsynchronizable(layer, role, estimate: bool) -> Optional[str]:
+    """Why a synchronizing BatchNorm without running statistics (nn.SyncBatchNorm with
+    ``track_running_stats=False``) is left alone, or None: a BatchChannelNorm combining
+    statistics across processes updates running statistics, and refuses to run without
+    them (modules/norm.py). What convert is asked for and such a layer cannot give
+    (``estimate=True``, a ``process_group`` for a plain BatchNorm without them) is refused
+    instead, naming the layer."""
+    if role.rule.synchronizes and not estimate and getattr(layer, "track_running_stats", True) is False:
+        return ("it keeps no running statistics (track_running_stats=False), which a BatchChannelNorm "
+                "combining statistics across processes updates")
+    return None
+
+
 def decide(layers, flow: Flow, ws: bool, keep_frozen: bool, fuse_activation: bool, target: str = "bcn",
-           num_groups: int = 32) -> Plan:
-    """``target``, ``num_groups``: convert's ``norm`` ("bcn" or "gn") and ``num_groups``."""
+           num_groups: int = 32, estimate: bool = False) -> Plan:
+    """``target``, ``num_groups``, ``estimate``: convert's ``norm`` ("bcn" or "gn"),
+    ``num_groups`` and ``estimate``."""
     plan = Plan()
     roles = {path: (layer, role) for path, layer, role in layers}
     fed_by = {norm: conv for conv, norm in flow.feeds.items()}
@@ -381,6 +395,8 @@ def decide(layers, flow: Flow, ws: bool, keep_frozen: bool, fuse_activation: boo
             plan.reasons[path] = role.rule.skip(layer)
         elif computed := _computed_weight(layer):
             plan.reasons[path] = computed
+        elif target == "bcn" and (why := _unsynchronizable(layer, role, estimate)) is not None:
+            plan.reasons[path] = why
         elif (why := _channel_stage_degenerate(path, layer, role, flow, fed_by, num_groups)) is not None:
             plan.reasons[path] = why
         else:  # the spatial dims: of the conv feeding it, else its own type's, else found around it in the graph

@@ -81,6 +81,9 @@ class ConvertRule:
         both attributes (the norm is then swapped inside it), and a ReLU/SiLU activation
         is fused into a converted norm when the conv is converted too.
     skip: ``skip(layer) -> reason or None``: leave this instance alone, for that reason.
+    synchronizes: norm only: the BatchChannelNorm it builds combines statistics across
+        processes whatever convert's ``process_group`` (nn.SyncBatchNorm), so, as one built
+        with ``process_group``, it needs the layer's running statistics.
     """
 
     kind: str
@@ -96,6 +99,7 @@ class ConvertRule:
     default_dims: Optional[int] = 2
     norm_inside: Optional[Tuple[str, str]] = None
     skip: Optional[Callable[[nn.Module], Optional[str]]] = None
+    synchronizes: bool = False
 
     def __post_init__(self):
         if self.kind not in KINDS:

@@ -97,7 +97,7 @@ def _norm_forward_impl(x, gamma, beta, omega, eta, running_mean, running_var, nu
         acc = dict(device=x.device, dtype=acc_dtype(x.dtype))
         s6, sc, sr = _stat_shapes(x, num_groups)
         return torch.empty_like(x), torch.zeros(s6, **acc), torch.zeros(sc, **acc), torch.zeros(sr, **acc)
-    if backends.backend_for(x) == "torch":
+    if backends.backend_for(x) == "torch" or (not op and _compat.without_memory(x)):  # (fake: see _Call)
         return norm_forward_torch(x, gamma, beta, omega, eta, running_mean, running_var, num_batches_tracked,
                                   num_groups, eps, momentum, cumulative, mode, update_running, activation, group_affine)
     if op and library.symbolic(x):  # shapes only: the op stays opaque (library.py) and runs on real tensors
@@ -119,7 +119,7 @@ def _norm_backward_impl(dy, x, stats, rstd_c, rho, gamma, omega, eta, num_groups
     if x.numel() == 0:
         lengths = _grad_lengths(x, num_groups, gamma, omega, group_affine, mode)
         return (torch.zeros_like(x),) + tuple(torch.zeros(m, device=x.device, dtype=stats.dtype) for m in lengths)
-    if backends.backend_for(x) == "torch":
+    if backends.backend_for(x) == "torch" or (not op and _compat.without_memory(x)):
         return norm_backward_torch(dy, x, stats, rstd_c, rho, gamma, omega, eta, num_groups, mode, activation, group_affine)
     # The backward reads no running buffer and no eps/momentum; the forward's flags
     # that shape its launches are the ones passed here.
@@ -211,7 +211,11 @@ class _Call:
         # The eager Triton path takes non-empty inputs whose spatial dims one stride walks.
         # A call built under torch.compile is never cached (checks.validated) and
         # takes the torch.library ops.
-        self.eager = x.numel() > 0 and nsc_strides(x) is not None and not torch.compiler.is_compiling()
+        # A fake tensor (shape propagation outside torch.compile) has no memory to launch
+        # on: it takes the torch closed form (the key holds x's type), and so does a call
+        # while a FakeTensorMode is active (whose allocations are fake: checked per call).
+        self.eager = x.numel() > 0 and nsc_strides(x) is not None and not torch.compiler.is_compiling() \
+            and not _compat.is_fake(x)
         self.plans = {}
         # outside tracing (dynamo knows NormFunction.apply): the no-grad shortcut, and
         # NormFunction.apply's C half or None (wsbcn/_compat.py)
@@ -254,7 +258,7 @@ class _Call:
         (stats, rstd_c, rho), across processes also the batch count."""
         if self.group is not None:  # across processes (norm_distributed.py)
             return norm_distributed.forward(self, x, gamma, beta, omega, eta, running_mean, running_var, nbt)
-        if self.eager and backends.backend_for(x) == "triton":
+        if self.eager and backends.backend_for(x) == "triton" and not _fake_mode_active():
             y, side = self.plan(x, gamma, omega, nbt).forward(x, gamma, beta, omega, eta, running_mean, running_var,
                                                               nbt)
             return y, (side,)
@@ -273,9 +277,11 @@ class _Call:
         gradients, which autograd casts."""
         if len(saved) == 1 and self.group is None:  # the eager Triton path's side buffer
             plan = self.plan(x, gamma, omega, None)
-            if not torch.compiler.is_compiling():
+            if not torch.compiler.is_compiling() and not _fake_mode_active():
                 return plan.backward(dy, x, saved[0], gamma, beta, omega, eta)
-            saved = plan.saved_views(saved[0])  # compiled autograd traces this backward: the op, as compile's
+            # compiled autograd traces this backward: the op, as compile's (or, under a
+            # FakeTensorMode, the closed form)
+            saved = plan.saved_views(saved[0])
         if self.group is not None:  # across processes (norm_distributed.py)
             dx, *grads = norm_distributed.backward(self, dy, x, saved, gamma, beta, omega, eta)
         else:
@@ -405,7 +411,9 @@ class NormFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x, gamma, beta, omega, eta, *saved = ctx.saved_tensors
-        if torch.is_grad_enabled() and x.numel():  # create_graph=True: differentiable torch ops
+        # create_graph=True: differentiable torch ops (across processes it raises, on a rank
+        # without images too: before the backward's collective, which the others never reach)
+        if torch.is_grad_enabled() and (x.numel() or ctx.call.group is not None):
             from . import differentiable
             return (*differentiable.norm_double_backward(ctx, dy, x, gamma, beta, omega, eta, saved), None, None)
         return (*ctx.call.backward(dy, x, saved, gamma, beta, omega, eta), None, None)
@@ -481,6 +489,7 @@ _graph_task_id = _compat.graph_task_id  # != -1: a backward runs (_compat.in_bac
 _transforms_active, _grad_enabled = _compat.functorch_transforms_active, torch.is_grad_enabled
 _cache = checks.CallCache()  # validated call signatures -> _Call; call sites -> their newest (checks.recalled)
 _meta = checks.tensor_meta
+_fake_mode_active = _compat.fake_mode_active
 _saved_hooks = _compat.top_saved_tensors_hooks  # None: no saved-tensor hooks active (wsbcn/_compat.py)
 
 # Micro-batch BCN (estimate=True) normalizes with the running estimates its forward just
@@ -587,10 +596,16 @@ def _batch_channel_norm(x, num_groups, running_mean, running_var, weight, bias, 
             "bcn", _owner_key(owner), x.shape, x.stride(), x.dtype, x.device, num_groups, type(num_groups),
             _meta(running_mean), _meta(running_var), _meta(weight), _meta(bias), _meta(group_weight),
             _meta(group_bias), _meta(num_batches_tracked), bool(training), bool(estimate), momentum, type(momentum),
-            eps, type(eps), activation, group, _requires_grad(running_mean), _requires_grad(running_var)),
+            eps, type(eps), activation, group, _requires_grad(running_mean), _requires_grad(running_var), type(x)),
             lambda: _validate_bcn(
             owner, x, num_groups, running_mean, running_var, weight, bias, group_weight, group_bias, training,
             estimate, momentum, eps, activation, num_batches_tracked, group))
+        # (never recalled outside inference mode; dynamo cannot trace is_inference, and
+        # compiled code checks what it saves itself)
+        if not torch.compiler.is_compiling() and any(t is not None and t.is_inference() for t in tensors):
+            checks.refuse_inference_tensors((x, weight, bias, group_weight, group_bias),
+                                            (running_mean, running_var, num_batches_tracked) if call.update_running
+                                            else ())
         run = call if call.dense else call.call_dense
     return run(x, weight, bias, group_weight, group_bias, running_mean, running_var,
                num_batches_tracked if call.update_running else None)
@@ -693,7 +708,7 @@ def _group_norm(x, num_groups, weight, bias, eps, activation, owner=None):
                                              {})
         call = checks.keyed(_cache, site, scalars, tensors, lambda: (
             "gn", _owner_key(owner), x.shape, x.stride(), x.dtype, x.device, num_groups, type(num_groups),
-            _meta(weight), _meta(bias), eps, type(eps), activation),
+            _meta(weight), _meta(bias), eps, type(eps), activation, type(x)),
             lambda: _validate_gn(owner, x, num_groups, weight, bias, eps, activation))
         run = call if call.dense else call.call_dense
     if weight is not None and bias is None:  # as F.group_norm allows

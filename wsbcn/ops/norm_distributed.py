@@ -20,7 +20,7 @@ Parameter gradients are this rank's (DDP averages them); dx is that of the whole
 """
 import torch
 
-from .. import backends
+from .. import _compat, backends
 from ..backends.torch_closed_form import (acc_dtype, merged_factor, merged_running_update, norm_backward_torch,
                                          norm_forward_torch)
 from ..kernels.layout import nsc_strides
@@ -69,7 +69,7 @@ def forward(call, x, gamma, beta, omega, eta, running_mean, running_var, nbt):
         return _forward_empty(call, x, running_mean, running_var, nbt)
     if nsc_strides(x) is None:
         x = x.contiguous()  # spatial dims that one stride cannot walk (the backward does the same)
-    if backends.backend_for(x) == "triton":  # (never traced: compile runs the layer eagerly)
+    if backends.backend_for(x) == "triton" and not _compat.without_memory(x):  # (compile runs it eagerly)
         dplan = _dist_plan(call, x, gamma, omega, nbt, ranks.size)
         check = _check_header(x, dplan)
         counts_checked = check and not x.is_cuda  # (read on the host: CUDA's merge keeps the variance instead)

@@ -38,7 +38,7 @@ def _ws_forward_impl(weight: torch.Tensor, eps: float, correction: int, std_mode
     export (library.py)."""
     if weight.shape[0] == 0:
         return torch.empty_like(weight), weight.new_empty((3, 0), dtype=acc_dtype(weight.dtype))
-    if backends.backend_for(weight) == "torch":
+    if backends.backend_for(weight) == "torch" or (not op and _compat.without_memory(weight)):  # (fake: see _Call)
         return ws_forward_torch(weight, eps, correction, std_mode, center_only)
     if op and library.symbolic(weight):  # shapes only: the op stays opaque (library.py)
         return torch.empty_like(weight), weight.new_empty((3, weight.shape[0]), dtype=torch.float32)
@@ -50,7 +50,7 @@ def _ws_backward_impl(grad: torch.Tensor, weight: torch.Tensor, stats: torch.Ten
                       op=False):
     if weight.shape[0] == 0:
         return torch.zeros_like(weight)
-    if backends.backend_for(weight) == "torch":
+    if backends.backend_for(weight) == "torch" or (not op and _compat.without_memory(weight)):
         return ws_backward_torch(grad, weight, stats, center_only)
     # eps and correction only enter the forward: any values give the same backward launch
     if op and library.symbolic(weight):
@@ -102,8 +102,11 @@ class _Call:
     def __init__(self, weight, eps, correction, std_mode, center_only=False):
         self.eps, self.correction, self.std_mode, self.center_only = eps, correction, std_mode, center_only
         # the eager Triton path takes non-empty weights whose rows are dense already; a
-        # call built under torch.compile is never cached and takes the torch.library ops
-        self.eager = weight.shape[0] > 0 and row_dense(weight) is weight and not torch.compiler.is_compiling()
+        # call built under torch.compile is never cached and takes the torch.library ops;
+        # a fake tensor (outside compile) takes the closed form (the key holds its type), as a
+        # call under a FakeTensorMode does (checked per call)
+        self.eager = weight.shape[0] > 0 and row_dense(weight) is weight and not torch.compiler.is_compiling() \
+            and not _compat.is_fake(weight)
         self.plans = {}
         # outside tracing (dynamo knows the Function's apply): the no-grad shortcut, and
         # WeightStandardizeFunction.apply's C half or None (wsbcn/_compat.py)
@@ -120,7 +123,7 @@ class _Call:
     def forward(self, weight):
         """(W_hat, saved): the weight as the backward reads it (row dense) and its fp32
         statistics [3, O]."""
-        if self.eager and backends.backend_for(weight) == "triton":
+        if self.eager and backends.backend_for(weight) == "triton" and not _compat.fake_mode_active():
             w_hat, stats = self.plan(weight).forward(weight)
             return w_hat, (weight, stats)
         weight = row_dense(weight)
@@ -131,7 +134,8 @@ class _Call:
         return w_hat, (weight, stats)
 
     def backward(self, grad, weight, stats):
-        if self.eager and backends.backend_for(weight) == "triton" and not torch.compiler.is_compiling():
+        if self.eager and backends.backend_for(weight) == "triton" and not torch.compiler.is_compiling() \
+                and not _compat.fake_mode_active():
             return self.plan(weight).backward(grad, weight, stats)  # (compiled autograd traces the op below)
         bwd = ws_backward_op if torch.compiler.is_compiling() else _ws_backward_impl
         return bwd(grad, weight, stats, self.center_only)
@@ -283,6 +287,6 @@ def weight_standardize(weight: torch.Tensor, eps: float = 1e-5, correction: int 
                                           (weight, eps, correction, eps_mode, standardize), {})
     call = checks.keyed(_cache, weight, scalars, (weight,), lambda: (
         weight.shape, weight.stride(), weight.dtype, weight.device, eps, type(eps), correction, type(correction),
-        eps_mode, standardize, type(standardize)),
+        eps_mode, standardize, type(standardize), type(weight)),
         lambda: _validate(weight, eps, correction, eps_mode, standardize))
     return call(weight)

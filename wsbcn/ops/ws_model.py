@@ -654,9 +654,12 @@ class ModelWeightStandardizer:
         standardize per layer for this forward, which unwraps it. None too for a tensor
         subclass: FSDP2's ``fully_shard`` keeps each weight as a sharded DTensor
         between forwards and hands the layer a whole one only in its own forward, so a
-        pack made here would standardize shards that no layer takes."""
+        pack made here would standardize shards that no layer takes. None under a
+        FakeTensorMode, whose allocations are fake."""
         if torch.compiler.is_compiling():
             return ModelCall(weights, self._checked)
+        if _compat.fake_mode_active():  # shape propagation: per layer, in the closed form (ops/ws.py)
+            return None
         call, known = self._call, self._weights
         if (call is not None and known is not None and len(known) == len(weights)
                 and all(map(operator.is_, weights, known))):  # the validated objects: plain tensors

@@ -1,0 +1,106 @@
+"""Tensors without memory to launch on, and tensors autograd may not keep: the layers under
+FakeTensorMode (shape propagation), and inference tensors (torch.inference_mode) used
+outside inference mode, against what torch's own layers do."""
+import pytest
+import torch
+from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+import wsbcn
+
+
+def _model():
+    return nn.Sequential(
+        wsbcn.WSConv2d(8, 8, 3, padding=1), wsbcn.BatchChannelNorm2d(8, num_groups=4),
+        wsbcn.WSConv2d(8, 8, 3, padding=1), wsbcn.BatchChannelNorm2d(8, num_groups=4, estimate=True),
+        wsbcn.WSConv2d(8, 8, 1), wsbcn.GroupNorm(4, 8, activation="relu"))
+
+
+@pytest.mark.parametrize("model_wide", [False, True])
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_fake_tensor_mode_propagates_shapes(backend, model_wide, layout):
+    """A model made and run under FakeTensorMode (fake initialization, FLOP and memory
+    estimators) gives fake outputs and gradients laid out as a real run's; no kernel is
+    launched on fake memory (the Triton path once did: a null address)."""
+    def run():
+        m = _model()
+        if model_wide:
+            wsbcn.ModelWeightStandardizer(m)
+        x = torch.randn(2, 8, 6, 6).contiguous(memory_format=layout).requires_grad_()
+        y = m(x)
+        y.sum().backward()
+        return m, x, y
+
+    real_m, real_x, real_y = run()
+    with FakeTensorMode():
+        m, x, y = run()
+    assert type(y).__name__ == "FakeTensor" and y.shape == real_y.shape and y.stride() == real_y.stride()
+    assert x.grad.shape == real_x.grad.shape and x.grad.stride() == real_x.grad.stride()
+    for (name, p), real_p in zip(m.named_parameters(), real_m.parameters()):
+        assert p.grad is not None and p.grad.shape == real_p.grad.shape and p.grad.dtype == real_p.grad.dtype, name
+
+
+def test_real_layers_under_fake_tensor_mode(backend):
+    """Real layers and a fake input (FakeTensorMode(allow_non_fake_inputs=True)): every
+    tensor the mode allocates is fake, so the call propagates shapes; the real running
+    buffers end as nn.BatchNorm2d's do under the same mode."""
+    torch.manual_seed(0)
+    m = nn.Sequential(wsbcn.WSConv2d(8, 8, 3, padding=1), wsbcn.BatchChannelNorm2d(8, num_groups=4))
+    bn = nn.BatchNorm2d(8)
+    before = m[1].running_mean.clone(), m[1].num_batches_tracked.clone()
+    bn_before = bn.running_mean.clone(), bn.num_batches_tracked.clone()
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        x = torch.randn(2, 8, 6, 6)
+        y = m(x)
+        w_hat = wsbcn.functional.weight_standardize(m[0].weight)
+        bn(x)
+    assert type(y).__name__ == "FakeTensor" and y.shape == (2, 8, 6, 6)
+    assert type(w_hat).__name__ == "FakeTensor" and w_hat.shape == m[0].weight.shape
+    assert torch.equal(m[1].running_mean, before[0]) == torch.equal(bn.running_mean, bn_before[0])
+    assert torch.equal(m[1].num_batches_tracked, before[1]) == torch.equal(bn.num_batches_tracked, bn_before[1])
+    y_real = m(torch.randn(2, 8, 6, 6))  # the same signature on real tensors still computes
+    assert type(y_real) is torch.Tensor and torch.isfinite(y_real).all()
+
+
+@pytest.mark.parametrize("estimate", [False, True])
+def test_inference_input_to_a_training_layer_changes_no_buffer(backend, estimate):
+    """An inference tensor given to a training BatchChannelNorm whose parameters require
+    grad raises torch's error (autograd cannot save it) before the running buffers are
+    updated, as nn.BatchNorm2d's running statistics stay (its forward saves before it
+    computes). Each such call is checked (the call is not recalled), so a first call
+    with a normal tensor, remembered, does not let it through."""
+    with torch.inference_mode():
+        x_inf = torch.randn(2, 8, 4, 4) + 3
+    m = wsbcn.BatchChannelNorm2d(8, num_groups=2, estimate=estimate)
+    m(torch.randn(2, 8, 4, 4))  # the signature with a normal tensor, remembered at this module
+    state = {k: v.clone() for k, v in m.state_dict().items()}
+    for _ in range(2):
+        with pytest.raises(RuntimeError, match="Inference tensors cannot be saved for backward"):
+            m(x_inf)
+        for k, v in m.state_dict().items():
+            assert torch.equal(v, state[k]), k
+    with torch.inference_mode():  # inside inference mode nothing is saved: it runs, as nn.BatchNorm2d
+        m(x_inf)
+    assert m.num_batches_tracked.item() == state["num_batches_tracked"].item() + 1
+    with torch.no_grad():  # nothing recorded: it runs too
+        m(x_inf)
+
+
+def test_running_buffers_made_in_inference_mode(backend):
+    """A BatchChannelNorm made under inference_mode (no affine) and trained outside it:
+    its running buffers are inference tensors, which torch refuses to update in place
+    there; the call raises that before anything is written (the Triton path wrote them
+    through their addresses, the torch backend half of them)."""
+    with torch.inference_mode():
+        m = wsbcn.BatchChannelNorm2d(8, num_groups=2, affine=False)
+    x = torch.randn(2, 8, 4, 4) + 3
+    with pytest.raises(RuntimeError, match="Inplace update to inference tensor outside InferenceMode"):
+        m(x)
+    assert torch.equal(m.running_mean, torch.zeros(8)) and torch.equal(m.running_var, torch.ones(8))
+    assert m.num_batches_tracked.item() == 0
+    m.eval()  # eval updates nothing: it runs
+    assert torch.isfinite(m(x)).all()
+    with torch.inference_mode():  # in inference mode the update is allowed, as for nn.BatchNorm2d
+        m.train()
+        m(x)
+    assert m.num_batches_tracked.item() == 1 and not torch.equal(m.running_mean, torch.zeros(8))
