@@ -57,6 +57,26 @@ def test_positive_int_names_the_bad_value():
         commands.positive_int("-3")
 
 
+@pytest.mark.parametrize("argv", [["--batch-sizes", "0"], ["--batch-sizes", "2", "-3"], ["--max-minutes", "-1"],
+                                  ["--max-minutes", "nan"]])
+def test_meaningless_bench_values_are_argparse_errors(argv, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["bench", *argv])
+    assert exit_.value.code == 2 and "expected a positive" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="graph timing runs on a GPU")
+@pytest.mark.parametrize("argv", [["--graph"], ["--timings", "graph"], ["--timings", "eager", "graph"]])
+def test_graph_timing_without_cuda_is_one_line(argv, capsys, tmp_path):
+    assert cli.main(["bench", *argv, "--out", str(tmp_path)]) == 2
+    assert "needs a CUDA device" in capsys.readouterr().err and not any(tmp_path.iterdir())
+
+
+def test_plot_without_results_is_one_line(capsys, tmp_path):
+    assert cli.main(["plot", "--results", str(tmp_path / "none"), "--plots", str(tmp_path / "plots")]) == 2
+    assert "run `wsbcn bench` first" in capsys.readouterr().err
+
+
 def planned_e2e_runs(options):
     """{(case, variant, mode, N)} run_e2e makes on a GPU with these options."""
     runs = set()

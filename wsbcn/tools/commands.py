@@ -1,5 +1,5 @@
 """argparse wiring of ``wsbcn bench | autotune | plot | train | report-kernels``."""
-from .arguments import positive_int
+from .arguments import positive_float, positive_int
 
 
 def add_subcommands(sub) -> None:
@@ -83,10 +83,10 @@ def _bench(sub):
 
 
 def _narrowing(p):
-    p.add_argument("--batch-sizes", nargs="+", type=int, default=None, help="only these N")
+    p.add_argument("--batch-sizes", nargs="+", type=positive_int, default=None, help="only these N")
     p.add_argument("--dtypes", nargs="+", choices=("float32", "bfloat16", "float16"), default=None)
     p.add_argument("--layouts", nargs="+", choices=("contiguous", "channels_last"), default=None)
-    p.add_argument("--max-minutes", type=float, default=None,
+    p.add_argument("--max-minutes", type=positive_float, default=None,
                    help="stop after the case running at this time, keeping what was measured")
 
 
@@ -153,6 +153,10 @@ def _bench_parts(args) -> int:
     if args.host:
         return _run_host(args)
     on_gpu = torch.cuda.is_available()
+    if not on_gpu and not args.e2e_only and (args.graph or "graph" in (args.timings or ())):
+        print("wsbcn bench: graph timing (--graph, --timings graph) times CUDA-graph replays and needs a CUDA "
+              "device", file=sys.stderr)
+        return 2
     csv = Path(args.out) / info.device_slug() / "bench.csv"
     parts = []
     if not args.e2e_only:
@@ -273,9 +277,15 @@ def _plot(sub):
 
 
 def _run_plot(args) -> int:
+    import sys
+
     from .plot import run_plot
 
-    run_plot(args.results, args.plots)
+    try:
+        run_plot(args.results, args.plots)
+    except FileNotFoundError as exc:  # no results yet: say so, as argparse would
+        print(f"wsbcn plot: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

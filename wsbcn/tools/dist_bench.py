@@ -54,6 +54,7 @@ from torch import nn
 
 from .. import backends
 from . import host_bench, suites
+from .arguments import positive_int
 from .bench import MODES, NUM_GROUPS, timed_callable
 
 DIST_OPS = ("bcn", "bcn_estimate")
@@ -325,11 +326,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="Host time of BatchChannelNorm2d across W processes on this machine (gloo over the stub CUDA "
                     "driver without a GPU, NCCL with one GPU per rank), with its floor and the single-process "
                     "call. Needs TRITON_INTERPRET unset.")
-    p.add_argument("--world-size", type=int, default=2, help="ranks to spawn (default 2)")
+    p.add_argument("--world-size", type=positive_int, default=2, help="ranks to spawn (default 2)")
     p.add_argument("--suite", choices=suites.SUITES, default="resnet50", help="shape suite (default: resnet50)")
     p.add_argument("--shapes", nargs="+", default=None, metavar="CxHxW",
                    help="norm-layer shapes instead of the suite's, e.g. 256x14x14")
-    p.add_argument("--batch-sizes", nargs="+", type=int, default=list(DEFAULT_BATCH_SIZES), help="N per rank")
+    p.add_argument("--batch-sizes", nargs="+", type=positive_int, default=list(DEFAULT_BATCH_SIZES), help="N per rank")
     p.add_argument("--dtypes", nargs="+", choices=("float32", "bfloat16", "float16"), default=["bfloat16"])
     p.add_argument("--layouts", nargs="+", choices=("contiguous", "channels_last"), default=["contiguous"])
     p.add_argument("--ops", nargs="+", choices=DIST_OPS, default=list(DIST_OPS))

@@ -34,6 +34,7 @@ import triton
 
 from .. import backends
 from . import info, suites
+from .arguments import positive_int
 from .bench import MODES, NUM_GROUPS, OPS, NormInputs, norm_fn, timed_callable, ws_fn
 
 DEFAULT_MODES = ("fwd", "fwdbwd")
@@ -308,7 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="norm-layer shapes instead of the suite's, e.g. 256x14x14")
     p.add_argument("--weights", nargs="+", default=None, metavar="OxIxKxK",
                    help="WS weight shapes instead of the suite's, e.g. 256x256x3x3")
-    p.add_argument("--batch-sizes", nargs="+", type=int, default=[2, 32])
+    p.add_argument("--batch-sizes", nargs="+", type=positive_int, default=[2, 32])
     p.add_argument("--dtypes", nargs="+", choices=("float32", "bfloat16", "float16"), default=["bfloat16"])
     p.add_argument("--layouts", nargs="+", choices=("contiguous", "channels_last"), default=["contiguous"])
     p.add_argument("--ops", nargs="+", choices=OPS, default=list(OPS))

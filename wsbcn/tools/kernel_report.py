@@ -22,6 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from .arguments import positive_int
+
 DEVICE = "sm_90 static (H100 limits, 132 SMs)"
 SUITES = ("resnet50", "ci")
 # BCN in its three BN modes (kernels/norm.py MODE_*): training with batch statistics,
@@ -295,7 +297,7 @@ def summary(frame):
 def add_arguments(p) -> None:
     p.add_argument("--suite", choices=SUITES, default="resnet50",
                    help="resnet50: every norm and conv shape of ResNet-50 at 224^2; ci: a few of them")
-    p.add_argument("--batch-sizes", nargs="+", type=int, default=[2, 32])
+    p.add_argument("--batch-sizes", nargs="+", type=positive_int, default=[2, 32])
     p.add_argument("--dtypes", nargs="+", choices=("float32", "bfloat16", "float16"), default=["bfloat16", "float32"])
     p.add_argument("--layouts", nargs="+", choices=("contiguous", "channels_last"),
                    default=["contiguous", "channels_last"])
