@@ -245,13 +245,19 @@ def test_saved_for_backward_is_x_and_small_statistics(backend):
     assert all(t.data_ptr() != y.data_ptr() for t in saved)
 
 
+def _strided_copy(t):
+    """``t``'s values as a stride-2 view (what a saved-tensor hook may give back)."""
+    return t.reshape(-1).repeat_interleave(2)[::2].view(t.shape)
+
+
 @pytest.mark.parametrize("layer", ["bcn", "bcn_estimate", "gn"])
-@pytest.mark.parametrize("pack", ["contiguous", "channels_last"])
-def test_saved_tensor_hook_giving_x_back_in_another_layout(backend, layer, pack):
-    """A saved-tensor hook may give x back in another layout than the forward's
+@pytest.mark.parametrize("pack", ["contiguous", "channels_last", "strided_vectors"])
+def test_saved_tensor_hook_giving_tensors_back_in_another_layout(backend, layer, pack):
+    """A saved-tensor hook may give a tensor back in another layout than the forward's
     (torch.autograd.graph.save_on_cpu and a ``.contiguous()`` pack turn a channels_last x
-    into NCHW): the gradients are still those of the forward's x (the eager Triton
-    backward walks x with the strides its forward planned)."""
+    into NCHW; a hook may give 1-d tensors back as strided views): the gradients are still
+    those of the forward's tensors (the eager Triton backward walks x with the strides its
+    forward planned and indexes the saved statistics and parameters densely)."""
     torch.manual_seed(3)
     n, c, g = 2, 8, 2
     fmt = torch.contiguous_format if pack == "channels_last" else torch.channels_last
@@ -269,8 +275,11 @@ def test_saved_tensor_hook_giving_x_back_in_another_layout(backend, layer, pack)
                 getattr(m, k).copy_(p[k])
     x = x0.clone().requires_grad_()
     relayout = torch.channels_last if pack == "channels_last" else torch.contiguous_format
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: t.contiguous(memory_format=relayout)
-                                                  if t.dim() == 4 else t, lambda t: t):
+    if pack == "strided_vectors":  # every saved tensor but x: the side buffer, statistics, parameters
+        hooks = (lambda t: t if t.dim() == 4 else _strided_copy(t)), (lambda t: t)
+    else:
+        hooks = (lambda t: t.contiguous(memory_format=relayout) if t.dim() == 4 else t), (lambda t: t)
+    with torch.autograd.graph.saved_tensors_hooks(*hooks):
         y = m(x)
     y.backward(dy)
     xr = x0.double().requires_grad_()

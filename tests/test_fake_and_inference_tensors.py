@@ -62,6 +62,23 @@ def test_real_layers_under_fake_tensor_mode(backend):
     assert type(y_real) is torch.Tensor and torch.isfinite(y_real).all()
 
 
+@pytest.mark.parametrize("make", [lambda: wsbcn.GroupNorm(4, 8), lambda: wsbcn.BatchChannelNorm2d(8, num_groups=4),
+                                  lambda: nn.GroupNorm(4, 8)], ids=["wsbcn_gn", "bcn", "torch_gn"])
+def test_fake_parameters_with_a_real_input_outside_the_mode(backend, make):
+    """A layer made under FakeTensorMode, called outside it on a real tensor: torch's own
+    error, as nn.GroupNorm gives (a fake tensor's memory is never handed to a kernel), and
+    a real layer of the same signature still computes."""
+    with FakeTensorMode():
+        fake_layer = make()
+    x = torch.randn(2, 8, 4, 4)
+    real_layer = make()
+    real_layer(x)  # the signature with real parameters first
+    with pytest.raises(Exception, match="FakeTensor"):
+        fake_layer(x)
+    y = real_layer(x)
+    assert type(y) is torch.Tensor and torch.isfinite(y).all()
+
+
 @pytest.mark.parametrize("estimate", [False, True])
 def test_inference_input_to_a_training_layer_changes_no_buffer(backend, estimate):
     """An inference tensor given to a training BatchChannelNorm whose parameters require

@@ -661,7 +661,7 @@ def _grads(model):
     return {n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()}
 
 
-@pytest.mark.parametrize("move", ["saved_tensor_hooks", "data_swap", "data_swap_to_contiguous"])
+@pytest.mark.parametrize("move", ["saved_tensor_hooks", "data_swap", "data_swap_to_contiguous", "strided_statistics"])
 def test_weights_moved_before_the_backward_get_the_per_layer_gradients(backend, move):
     """The backward read the weights at the addresses the forward had used: after a
     saved-tensor hook that unpacks a copy (torch.autograd.graph.save_on_cpu on a GPU) or
@@ -689,6 +689,10 @@ def test_weights_moved_before_the_backward_get_the_per_layer_gradients(backend, 
     for m in (per_layer, model):
         if move == "saved_tensor_hooks":
             with torch.autograd.graph.saved_tensors_hooks(lambda t: t.clone(), lambda t: t.clone()):
+                loss = m(x).square().sum()
+        elif move == "strided_statistics":  # the WS statistics [3, rows] given back as a strided view
+            with torch.autograd.graph.saved_tensors_hooks(
+                    lambda t: t.repeat_interleave(2, dim=-1)[..., ::2] if t.dim() == 2 else t, lambda t: t):
                 loss = m(x).square().sum()
         else:
             loss = m(x).square().sum()

@@ -88,16 +88,18 @@ def param_grads(d_gamma, d_beta, d_omega, d_eta, gamma, omega):
 
 def _norm_forward_impl(x, gamma, beta, omega, eta, running_mean, running_var, num_batches_tracked,
                        num_groups, eps, momentum, cumulative, mode, update_running, activation, group_affine,
-                       op=False):
+                       op=False, closed_form=False):
     """The forward on either backend: the eager body and, with ``op``, the body of the
-    ``wsbcn::norm_forward`` op, traced by torch.compile and export (library.py)."""
+    ``wsbcn::norm_forward`` op, traced by torch.compile and export (library.py).
+    ``closed_form``: the torch closed form whatever the backend (a fake tensor among the
+    call's: see _Call)."""
     if x.numel() == 0:  # as nn.BatchNorm: the running estimates stay, the step is counted
         if update_running and num_batches_tracked is not None:
             num_batches_tracked.add_(1)
         acc = dict(device=x.device, dtype=acc_dtype(x.dtype))
         s6, sc, sr = _stat_shapes(x, num_groups)
         return torch.empty_like(x), torch.zeros(s6, **acc), torch.zeros(sc, **acc), torch.zeros(sr, **acc)
-    if backends.backend_for(x) == "torch" or (not op and _compat.without_memory(x)):  # (fake: see _Call)
+    if closed_form or backends.backend_for(x) == "torch" or (not op and _compat.without_memory(x)):
         return norm_forward_torch(x, gamma, beta, omega, eta, running_mean, running_var, num_batches_tracked,
                                   num_groups, eps, momentum, cumulative, mode, update_running, activation, group_affine)
     if op and library.symbolic(x):  # shapes only: the op stays opaque (library.py) and runs on real tensors
@@ -115,11 +117,11 @@ def _norm_forward_impl(x, gamma, beta, omega, eta, running_mean, running_var, nu
 
 
 def _norm_backward_impl(dy, x, stats, rstd_c, rho, gamma, omega, eta, num_groups, mode, activation, group_affine,
-                        op=False):
+                        op=False, closed_form=False):
     if x.numel() == 0:
         lengths = _grad_lengths(x, num_groups, gamma, omega, group_affine, mode)
         return (torch.zeros_like(x),) + tuple(torch.zeros(m, device=x.device, dtype=stats.dtype) for m in lengths)
-    if backends.backend_for(x) == "torch" or (not op and _compat.without_memory(x)):
+    if closed_form or backends.backend_for(x) == "torch" or (not op and _compat.without_memory(x)):
         return norm_backward_torch(dy, x, stats, rstd_c, rho, gamma, omega, eta, num_groups, mode, activation, group_affine)
     # The backward reads no running buffer and no eps/momentum; the forward's flags
     # that shape its launches are the ones passed here.
@@ -199,10 +201,10 @@ class _Call:
 
     __slots__ = ("num_groups", "eps", "momentum", "cumulative", "mode", "update_running", "activation",
                  "group_affine", "dtypes", "dense", "eager", "group", "plans", "untraced", "c_apply", "recompute",
-                 "fast", "keeps_estimates")
+                 "fast", "keeps_estimates", "fake")
 
     def __init__(self, x, num_groups, eps, momentum, cumulative, mode, update_running, activation, group_affine,
-                 dtypes, group=None, dense=True):
+                 dtypes, group=None, dense=True, fake=False):
         self.num_groups, self.eps, self.momentum, self.cumulative = num_groups, eps, momentum, cumulative
         self.mode, self.update_running, self.activation, self.group_affine = mode, update_running, activation, group_affine
         self.group = group  # a process group: statistics combined across its ranks
@@ -211,11 +213,13 @@ class _Call:
         # The eager Triton path takes non-empty inputs whose spatial dims one stride walks.
         # A call built under torch.compile is never cached (checks.validated) and
         # takes the torch.library ops.
-        # A fake tensor (shape propagation outside torch.compile) has no memory to launch
-        # on: it takes the torch closed form (the key holds x's type), and so does a call
-        # while a FakeTensorMode is active (whose allocations are fake: checked per call).
+        # A fake tensor among the call's (shape propagation outside torch.compile) has no
+        # memory to launch on: the call takes the torch closed form (``fake``; the key holds
+        # every tensor's type), as does a call while a FakeTensorMode is active (whose
+        # allocations are fake: checked per call).
+        self.fake = fake
         self.eager = x.numel() > 0 and nsc_strides(x) is not None and not torch.compiler.is_compiling() \
-            and not _compat.is_fake(x)
+            and not fake
         self.plans = {}
         # outside tracing (dynamo knows NormFunction.apply): the no-grad shortcut, and
         # NormFunction.apply's C half or None (wsbcn/_compat.py)
@@ -240,7 +244,7 @@ class _Call:
                 return None
             self.recompute = _Call(x, self.num_groups, self.eps, self.momentum, self.cumulative,
                                    MODE_RUNNING if self.mode == MODE_ESTIMATE else self.mode, False, self.activation,
-                                   self.group_affine, self.dtypes[:6] + (None,), None, self.dense)
+                                   self.group_affine, self.dtypes[:6] + (None,), None, self.dense, self.fake)
         return self.recompute
 
     def plan(self, x, gamma, omega, nbt):
@@ -264,10 +268,10 @@ class _Call:
             return y, (side,)
         if nsc_strides(x) is None:
             x = x.contiguous()  # spatial dims that one stride cannot walk
-        fwd = norm_forward_op if torch.compiler.is_compiling() else _norm_forward_impl
-        y, *saved = fwd(x, gamma, beta, omega, eta, running_mean, running_var, nbt, self.num_groups, self.eps,
-                        self.momentum, self.cumulative, self.mode, self.update_running, self.activation,
-                        self.group_affine)
+        args = (x, gamma, beta, omega, eta, running_mean, running_var, nbt, self.num_groups, self.eps, self.momentum,
+                self.cumulative, self.mode, self.update_running, self.activation, self.group_affine)
+        y, *saved = norm_forward_op(*args) if torch.compiler.is_compiling() else \
+            _norm_forward_impl(*args, closed_form=self.fake)
         return y, tuple(saved)
 
     def backward(self, dy, x, saved, gamma, beta, omega, eta):
@@ -278,7 +282,10 @@ class _Call:
         if len(saved) == 1 and self.group is None:  # the eager Triton path's side buffer
             plan = self.plan(x, gamma, omega, None)
             if not torch.compiler.is_compiling() and not _fake_mode_active():
-                return plan.backward(dy, x, saved[0], gamma, beta, omega, eta)
+                side = saved[0]
+                if not _all_dense(side, gamma, omega, eta):  # a saved-tensor hook gave one back strided
+                    side, gamma, omega, eta = (_dense(t) for t in (side, gamma, omega, eta))
+                return plan.backward(dy, x, side, gamma, beta, omega, eta)
             # compiled autograd traces this backward: the op, as compile's (or, under a
             # FakeTensorMode, the closed form)
             saved = plan.saved_views(saved[0])
@@ -287,9 +294,9 @@ class _Call:
         else:
             if nsc_strides(x) is None:
                 x = x.contiguous()
-            bwd = norm_backward_op if torch.compiler.is_compiling() else _norm_backward_impl
-            dx, *grads = bwd(dy, x, *saved, gamma, omega, eta, self.num_groups, self.mode, self.activation,
-                             self.group_affine)
+            args = (dy, x, *saved, gamma, omega, eta, self.num_groups, self.mode, self.activation, self.group_affine)
+            dx, *grads = norm_backward_op(*args) if torch.compiler.is_compiling() else \
+                _norm_backward_impl(*args, closed_form=self.fake)
         return (dx, *param_grads(*grads, gamma, omega))
 
     def in_torch_ops(self, x, gamma, beta, omega, eta, running_mean, running_var):
@@ -523,6 +530,18 @@ def _kept_estimates(x, running_mean, running_var):
     return running_mean, running_var
 
 
+def _all_dense(side, gamma, omega, eta) -> bool:
+    """Whether the backward's saved 1-d tensors are contiguous, as the kernels index them
+    (the parameters are checked contiguous per signature; a saved-tensor hook may give
+    any of them back strided)."""
+    return side.is_contiguous() and (gamma is None or gamma.is_contiguous()) and \
+        (omega is None or omega.is_contiguous()) and (eta is None or eta.is_contiguous())
+
+
+def _dense(t):
+    return t if t is None or t.is_contiguous() else t.contiguous()
+
+
 def _overlaps(t) -> bool:
     """Whether elements of ``t`` share memory (a stride 0 over a size > 1, or what torch's
     overlap check finds)."""
@@ -680,8 +699,10 @@ def _validate_bcn(owner, x, num_groups, running_mean, running_var, weight, bias,
                            num_batches_tracked if update_running else None)
     dense = all(t is None or t.is_contiguous()
                 for t in (weight, bias, group_weight, group_bias, running_mean, running_var))
+    fake = any(_compat.is_fake(t) for t in (x, weight, bias, group_weight, group_bias, running_mean, running_var,
+                                            num_batches_tracked) if t is not None)
     return _Call(x, num_groups, eps, 0.0 if cumulative else momentum, cumulative, mode, update_running, activation,
-                 group_affine, dtypes, group, dense)
+                 group_affine, dtypes, group, dense, fake)
 
 
 def group_norm(x: torch.Tensor, num_groups: int, weight: Optional[torch.Tensor] = None,
@@ -732,4 +753,5 @@ def _validate_gn(owner, x, num_groups, weight, bias, eps, activation) -> _Call:
     dtypes = tensor_dtypes(None, None, bias if weight is None else weight, weight if bias is None else bias, None,
                            None, None)
     return _Call(x, num_groups, eps, 0.0, False, MODE_GN, False, activation, False, dtypes,
-                 dense=all(t is None or t.is_contiguous() for t in (weight, bias)))
+                 dense=all(t is None or t.is_contiguous() for t in (weight, bias)),
+                 fake=any(_compat.is_fake(t) for t in (x, weight, bias) if t is not None))

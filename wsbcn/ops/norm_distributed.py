@@ -108,10 +108,13 @@ def backward(call, dy, x, saved, gamma, beta, omega, eta):
     if nsc_strides(x) is None:
         x = x.contiguous()
     if len(saved) == 1:  # the Triton path's side buffer
+        side = saved[0]
+        if not all(t is None or t.is_contiguous() for t in (side, gamma, omega, eta)):  # a saved-tensor hook's
+            side, gamma, omega, eta = (t if t is None else t.contiguous() for t in (side, gamma, omega, eta))
         if call.mode != MODE_BATCH:  # estimates: nothing to combine
-            return call.plan(x, gamma, omega, None).backward(dy, x, saved[0], gamma, beta, omega, eta)
+            return call.plan(x, gamma, omega, None).backward(dy, x, side, gamma, beta, omega, eta)
         dplan = _dist_plan(call, x, gamma, omega, None, ranks.size)
-        return dplan.backward(dy, x, saved[0], gamma, beta, omega, eta,
+        return dplan.backward(dy, x, side, gamma, beta, omega, eta,
                               lambda sums: collectives.all_reduce_rows(sums, ranks))
     stats, rstd_c, rho, count = saved
     reduce = (lambda t: collectives.all_reduce_sum(t, ranks)) if call.mode == MODE_BATCH else None

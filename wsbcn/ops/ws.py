@@ -136,7 +136,8 @@ class _Call:
     def backward(self, grad, weight, stats):
         if self.eager and backends.backend_for(weight) == "triton" and not torch.compiler.is_compiling() \
                 and not _compat.fake_mode_active():
-            return self.plan(weight).backward(grad, weight, stats)  # (compiled autograd traces the op below)
+            # (compiled autograd traces the op below; a saved-tensor hook may give stats back strided)
+            return self.plan(weight).backward(grad, weight, stats if stats.is_contiguous() else stats.contiguous())
         bwd = ws_backward_op if torch.compiler.is_compiling() else _ws_backward_impl
         return bwd(grad, weight, stats, self.center_only)
 
