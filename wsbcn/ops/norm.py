@@ -530,6 +530,11 @@ def _kept_estimates(x, running_mean, running_var):
     return running_mean, running_var
 
 
+def _has_fake(*tensors) -> bool:
+    """A fake tensor among a call's (outside torch.compile, which traces with them)."""
+    return not torch.compiler.is_compiling() and any(t is not None and _compat.is_fake(t) for t in tensors)
+
+
 def _all_dense(side, gamma, omega, eta) -> bool:
     """Whether the backward's saved 1-d tensors are contiguous, as the kernels index them
     (the parameters are checked contiguous per signature; a saved-tensor hook may give
@@ -699,8 +704,7 @@ def _validate_bcn(owner, x, num_groups, running_mean, running_var, weight, bias,
                            num_batches_tracked if update_running else None)
     dense = all(t is None or t.is_contiguous()
                 for t in (weight, bias, group_weight, group_bias, running_mean, running_var))
-    fake = any(_compat.is_fake(t) for t in (x, weight, bias, group_weight, group_bias, running_mean, running_var,
-                                            num_batches_tracked) if t is not None)
+    fake = _has_fake(x, weight, bias, group_weight, group_bias, running_mean, running_var, num_batches_tracked)
     return _Call(x, num_groups, eps, 0.0 if cumulative else momentum, cumulative, mode, update_running, activation,
                  group_affine, dtypes, group, dense, fake)
 
@@ -754,4 +758,4 @@ def _validate_gn(owner, x, num_groups, weight, bias, eps, activation) -> _Call:
                            None, None)
     return _Call(x, num_groups, eps, 0.0, False, MODE_GN, False, activation, False, dtypes,
                  dense=all(t is None or t.is_contiguous() for t in (weight, bias)),
-                 fake=any(_compat.is_fake(t) for t in (x, weight, bias) if t is not None))
+                 fake=_has_fake(x, weight, bias))
