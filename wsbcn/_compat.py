@@ -291,6 +291,9 @@ except ImportError:  # fallback: FakeTensor's public class name
         return type(t).__name__ == "FakeTensor"
 
 _get_dispatch_mode = getattr(torch._C, "_get_dispatch_mode", None)
+# the number of dispatch modes active (FakeTensorMode among them): 0 on the eager hot path,
+# where it is read first (~0.03 us, one C call); without the query, 1 (always ask)
+dispatch_modes = getattr(torch._C, "_len_torch_dispatch_stack", lambda: 1)
 _FAKE_MODE_KEY = getattr(getattr(torch._C, "_TorchDispatchModeKey", None), "FAKE", None)
 
 

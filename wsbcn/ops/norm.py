@@ -262,7 +262,7 @@ class _Call:
         (stats, rstd_c, rho), across processes also the batch count."""
         if self.group is not None:  # across processes (norm_distributed.py)
             return norm_distributed.forward(self, x, gamma, beta, omega, eta, running_mean, running_var, nbt)
-        if self.eager and backends.backend_for(x) == "triton" and not _fake_mode_active():
+        if self.eager and backends.backend_for(x) == "triton" and not (_dispatch_modes() and _fake_mode_active()):
             y, side = self.plan(x, gamma, omega, nbt).forward(x, gamma, beta, omega, eta, running_mean, running_var,
                                                               nbt)
             return y, (side,)
@@ -281,9 +281,11 @@ class _Call:
         gradients, which autograd casts."""
         if len(saved) == 1 and self.group is None:  # the eager Triton path's side buffer
             plan = self.plan(x, gamma, omega, None)
-            if not torch.compiler.is_compiling() and not _fake_mode_active():
+            if not torch.compiler.is_compiling() and not (_dispatch_modes() and _fake_mode_active()):
                 side = saved[0]
-                if not _all_dense(side, gamma, omega, eta):  # a saved-tensor hook gave one back strided
+                # a saved-tensor hook may give one back strided: the kernels index them densely
+                if not (side.is_contiguous() and (gamma is None or gamma.is_contiguous()) and
+                        (omega is None or omega.is_contiguous()) and (eta is None or eta.is_contiguous())):
                     side, gamma, omega, eta = (_dense(t) for t in (side, gamma, omega, eta))
                 return plan.backward(dy, x, side, gamma, beta, omega, eta)
             # compiled autograd traces this backward: the op, as compile's (or, under a
@@ -496,7 +498,7 @@ _graph_task_id = _compat.graph_task_id  # != -1: a backward runs (_compat.in_bac
 _transforms_active, _grad_enabled = _compat.functorch_transforms_active, torch.is_grad_enabled
 _cache = checks.CallCache()  # validated call signatures -> _Call; call sites -> their newest (checks.recalled)
 _meta = checks.tensor_meta
-_fake_mode_active = _compat.fake_mode_active
+_fake_mode_active, _dispatch_modes = _compat.fake_mode_active, _compat.dispatch_modes
 _saved_hooks = _compat.top_saved_tensors_hooks  # None: no saved-tensor hooks active (wsbcn/_compat.py)
 
 # Micro-batch BCN (estimate=True) normalizes with the running estimates its forward just
@@ -533,14 +535,6 @@ def _kept_estimates(x, running_mean, running_var):
 def _has_fake(*tensors) -> bool:
     """A fake tensor among a call's (outside torch.compile, which traces with them)."""
     return not torch.compiler.is_compiling() and any(t is not None and _compat.is_fake(t) for t in tensors)
-
-
-def _all_dense(side, gamma, omega, eta) -> bool:
-    """Whether the backward's saved 1-d tensors are contiguous, as the kernels index them
-    (the parameters are checked contiguous per signature; a saved-tensor hook may give
-    any of them back strided)."""
-    return side.is_contiguous() and (gamma is None or gamma.is_contiguous()) and \
-        (omega is None or omega.is_contiguous()) and (eta is None or eta.is_contiguous())
 
 
 def _dense(t):

@@ -123,7 +123,8 @@ class _Call:
     def forward(self, weight):
         """(W_hat, saved): the weight as the backward reads it (row dense) and its fp32
         statistics [3, O]."""
-        if self.eager and backends.backend_for(weight) == "triton" and not _compat.fake_mode_active():
+        if self.eager and backends.backend_for(weight) == "triton" and not (
+                _compat.dispatch_modes() and _compat.fake_mode_active()):
             w_hat, stats = self.plan(weight).forward(weight)
             return w_hat, (weight, stats)
         weight = row_dense(weight)
@@ -135,7 +136,7 @@ class _Call:
 
     def backward(self, grad, weight, stats):
         if self.eager and backends.backend_for(weight) == "triton" and not torch.compiler.is_compiling() \
-                and not _compat.fake_mode_active():
+                and not (_compat.dispatch_modes() and _compat.fake_mode_active()):
             # (compiled autograd traces the op below; a saved-tensor hook may give stats back strided)
             return self.plan(weight).backward(grad, weight, stats if stats.is_contiguous() else stats.contiguous())
         bwd = ws_backward_op if torch.compiler.is_compiling() else _ws_backward_impl
