@@ -305,5 +305,6 @@ def tensor_meta(t):
     """The part of an optional parameter or buffer its checks and kernels read: dtype,
     number of elements (their checks read no other part of the shape, and the gradients
     are shaped per call), device, whether it is contiguous (kernels index them densely)
-    and its type (a fake tensor's call takes the closed form). Read on every call, so the cheapest reads that say it: an int, not a Size."""
+    and its type (a fake tensor's call takes the closed form). Read on every call, so the
+    cheapest reads that say it: an int, not a Size."""
     return None if t is None else (t.dtype, t.numel(), t.device, t.is_contiguous(), type(t))
