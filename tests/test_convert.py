@@ -1065,6 +1065,26 @@ def test_a_sync_batch_norm_without_running_stats_is_left_alone():
     assert "layer '1'" in " ".join(getattr(info.value, "__notes__", [])) and type(plain[1]) is nn.BatchNorm2d
 
 
+def test_replaced_layers_are_freed_when_convert_returns():
+    """Nothing convert keeps holds the layers it replaced: they are freed by reference
+    counting when convert returns (a recursive walk's closure once kept them in a
+    cycle until the cyclic collector ran: their memory, a GPU's too, stayed)."""
+    import gc
+    import weakref
+
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Sequential(nn.Conv2d(8, 8, 3),
+                                                                                          nn.BatchNorm2d(8)))
+    old = [weakref.ref(m) for m in (model[0], model[1], model[2], model[3][0], model[3][1])]
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        wsbcn.convert(model, num_groups=4)
+        assert [r() is None for r in old] == [True] * len(old)
+    finally:
+        if enabled:
+            gc.enable()
+
+
 def test_a_layer_registered_at_two_paths_is_replaced_at_both():
     """A norm shared by two branches, and a conv tied at two attributes: one new layer,
     still shared, at every path."""

@@ -79,6 +79,35 @@ def test_fake_parameters_with_a_real_input_outside_the_mode(backend, make):
     assert type(y) is torch.Tensor and torch.isfinite(y).all()
 
 
+LAYERS = {"bcn": lambda: wsbcn.BatchChannelNorm2d(8, num_groups=4),
+          "bcn_estimate_no_affine": lambda: wsbcn.BatchChannelNorm2d(8, num_groups=4, estimate=True, affine=False),
+          "gn": lambda: wsbcn.GroupNorm(4, 8), "wsconv": lambda: wsbcn.WSConv2d(8, 8, 3, padding=1)}
+
+
+@pytest.mark.parametrize("layer", LAYERS)
+@pytest.mark.parametrize("training", [True, False])
+def test_fake_tensors_used_outside_their_mode(backend, layer, training):
+    """Fake tensors keep propagating shapes after their FakeTensorMode exits, as torch's
+    layers' do: a layer and input made under the mode and called outside it (the closed
+    form's own tensors are made in the input's mode), and a forward under the mode whose
+    backward runs outside it (its saved statistics are fake: no kernel reads them)."""
+    with FakeTensorMode():
+        m = LAYERS[layer]().train(training)
+        x = torch.randn(2, 8, 6, 6, requires_grad=True)
+    y = m(x)
+    y.sum().backward()
+    assert type(y).__name__ == "FakeTensor" and y.shape == (2, 8, 6, 6)
+    assert type(x.grad).__name__ == "FakeTensor" and x.grad.shape == x.shape
+    real = LAYERS[layer]().train(training)
+    x = torch.randn(2, 8, 6, 6, requires_grad=True)
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        y = real(x)
+    y.sum().backward()
+    assert type(x.grad).__name__ == "FakeTensor" and x.grad.shape == x.shape
+    for name, p in real.named_parameters():
+        assert type(p.grad).__name__ == "FakeTensor" and p.grad.shape == p.shape, name
+
+
 @pytest.mark.parametrize("estimate", [False, True])
 def test_inference_input_to_a_training_layer_changes_no_buffer(backend, estimate):
     """An inference tensor given to a training BatchChannelNorm whose parameters require

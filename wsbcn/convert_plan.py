@@ -101,28 +101,30 @@ def census(model) -> List[Tuple[str, nn.Module, Role]]:
     """(path, layer, role) of every conv/norm-like layer, in registration order; the
     walk stops at layers (their children are theirs), except for the norm a conv applies
     itself (``norm_inside``), which follows that conv."""
-    found, seen = [], set()
-
-    def walk(module, prefix):
-        for name, child in module.named_children():
-            if id(child) in seen:  # a shared module: its first path, as named_modules gives
-                continue
-            seen.add(id(child))
-            path = f"{prefix}{name}"
-            role = role_of(child)
-            if role is None:
-                walk(child, path + ".")
-                continue
-            found.append((path, child, role))
-            attrs = norm_inside(child, role)
-            inner = getattr(child, attrs[0], None) if attrs is not None else None
-            inner_role = role_of(inner) if isinstance(inner, nn.Module) and id(inner) not in seen else None
-            if inner_role is not None and inner_role.kind == "norm":  # the conv's own norm, planned with it
-                seen.add(id(inner))
-                found.append((f"{path}.{attrs[0]}", inner, inner_role))
-
-    walk(model, "")
+    found: list = []
+    _walk(model, "", found, set())
     return found
+
+
+def _walk(module, prefix, found, seen) -> None:
+    """census's walk below ``module`` (a function of its own: a nested recursive one is a
+    reference cycle that kept the replaced layers alive until the cyclic collector ran)."""
+    for name, child in module.named_children():
+        if id(child) in seen:  # a shared module: its first path, as named_modules gives
+            continue
+        seen.add(id(child))
+        path = f"{prefix}{name}"
+        role = role_of(child)
+        if role is None:
+            _walk(child, path + ".", found, seen)
+            continue
+        found.append((path, child, role))
+        attrs = norm_inside(child, role)
+        inner = getattr(child, attrs[0], None) if attrs is not None else None
+        inner_role = role_of(inner) if isinstance(inner, nn.Module) and id(inner) not in seen else None
+        if inner_role is not None and inner_role.kind == "norm":  # the conv's own norm, planned with it
+            seen.add(id(inner))
+            found.append((f"{path}.{attrs[0]}", inner, inner_role))
 
 
 class Tracer(fx.Tracer):

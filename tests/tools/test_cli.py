@@ -75,6 +75,21 @@ def test_graph_timing_without_cuda_is_one_line(argv, capsys, tmp_path):
 def test_plot_without_results_is_one_line(capsys, tmp_path):
     assert cli.main(["plot", "--results", str(tmp_path / "none"), "--plots", str(tmp_path / "plots")]) == 2
     assert "run `wsbcn bench` first" in capsys.readouterr().err
+    (tmp_path / "file").write_text("")
+    assert cli.main(["plot", "--results", str(tmp_path / "file"), "--plots", str(tmp_path / "plots")]) == 2
+    assert "is a file" in capsys.readouterr().err
+    (tmp_path / "results" / "cpu").mkdir(parents=True)
+    (tmp_path / "results" / "cpu" / "bench.csv").write_text("")  # a run stopped before writing
+    assert cli.main(["plot", "--results", str(tmp_path / "results"), "--plots", str(tmp_path / "plots")]) == 2
+    assert "holds no results" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [["autotune", "--max-configs", "0"], ["report-kernels", "--arch", "0"],
+                                  ["report-kernels", "--max-compile-s", "-1"]])
+def test_meaningless_tool_values_are_argparse_errors(argv, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(argv)
+    assert exit_.value.code == 2 and "expected a positive" in capsys.readouterr().err
 
 
 def planned_e2e_runs(options):

@@ -8,6 +8,7 @@ every path: the eager Triton launch plan, the torch closed form, the ops that
 torch.compile traces, and BCN across processes (``process_group``).
 """
 import collections
+import contextlib
 import weakref
 from typing import Optional
 
@@ -121,7 +122,9 @@ def _norm_backward_impl(dy, x, stats, rstd_c, rho, gamma, omega, eta, num_groups
     if x.numel() == 0:
         lengths = _grad_lengths(x, num_groups, gamma, omega, group_affine, mode)
         return (torch.zeros_like(x),) + tuple(torch.zeros(m, device=x.device, dtype=stats.dtype) for m in lengths)
-    if closed_form or backends.backend_for(x) == "torch" or (not op and _compat.without_memory(x)):
+    # (a backward outside the FakeTensorMode its forward ran in: the statistics are fake)
+    if closed_form or backends.backend_for(x) == "torch" or (
+            not op and (_compat.without_memory(x) or type(stats) is not torch.Tensor and _compat.is_fake(stats))):
         return norm_backward_torch(dy, x, stats, rstd_c, rho, gamma, omega, eta, num_groups, mode, activation, group_affine)
     # The backward reads no running buffer and no eps/momentum; the forward's flags
     # that shape its launches are the ones passed here.
@@ -270,8 +273,11 @@ class _Call:
             x = x.contiguous()  # spatial dims that one stride cannot walk
         args = (x, gamma, beta, omega, eta, running_mean, running_var, nbt, self.num_groups, self.eps, self.momentum,
                 self.cumulative, self.mode, self.update_running, self.activation, self.group_affine)
-        y, *saved = norm_forward_op(*args) if torch.compiler.is_compiling() else \
-            _norm_forward_impl(*args, closed_form=self.fake)
+        if torch.compiler.is_compiling():
+            y, *saved = norm_forward_op(*args)
+        else:
+            with _fake_mode_of(x) if self.fake else contextlib.nullcontext():
+                y, *saved = _norm_forward_impl(*args, closed_form=self.fake)
         return y, tuple(saved)
 
     def backward(self, dy, x, saved, gamma, beta, omega, eta):
@@ -297,8 +303,11 @@ class _Call:
             if nsc_strides(x) is None:
                 x = x.contiguous()
             args = (dy, x, *saved, gamma, omega, eta, self.num_groups, self.mode, self.activation, self.group_affine)
-            dx, *grads = norm_backward_op(*args) if torch.compiler.is_compiling() else \
-                _norm_backward_impl(*args, closed_form=self.fake)
+            if torch.compiler.is_compiling():
+                dx, *grads = norm_backward_op(*args)
+            else:
+                with _fake_mode_of(x) if self.fake else contextlib.nullcontext():
+                    dx, *grads = _norm_backward_impl(*args, closed_form=self.fake)
         return (dx, *param_grads(*grads, gamma, omega))
 
     def in_torch_ops(self, x, gamma, beta, omega, eta, running_mean, running_var):
@@ -530,6 +539,14 @@ def _kept_estimates(x, running_mean, running_var):
                          and kept.stride() == x.stride() and kept.dtype == x.dtype):
             return mean, var
     return running_mean, running_var
+
+
+def _fake_mode_of(x):
+    """The FakeTensorMode of a fake ``x`` used outside it, to enter: the closed form's own
+    tensors (zeros, ones) are then fake too, as torch's layers' are; else nothing to enter."""
+    if _compat.is_fake(x) and not _fake_mode_active() and getattr(x, "fake_mode", None) is not None:
+        return x.fake_mode
+    return contextlib.nullcontext()
 
 
 def _has_fake(*tensors) -> bool:

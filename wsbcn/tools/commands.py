@@ -245,7 +245,7 @@ def _autotune(sub):
     p = sub.add_parser("autotune", help="sweep kernel configs and cache the fastest")
     p.add_argument("--suite", choices=SUITES, default="resnet50")
     p.add_argument("--kernels", nargs="+", choices=KERNELS, default=list(KERNELS))
-    p.add_argument("--max-configs", type=int, default=None, help="try at most this many configs per case")
+    p.add_argument("--max-configs", type=positive_int, default=None, help="try at most this many configs per case")
     p.add_argument("--out", default="perf/results", help="folder for autotune.csv (a subfolder per device)")
     p.add_argument("--cache", default=None, help="JSON cache to write (default: the user cache for this device)")
     _narrowing(p)
@@ -283,7 +283,7 @@ def _run_plot(args) -> int:
 
     try:
         run_plot(args.results, args.plots)
-    except FileNotFoundError as exc:  # no results yet: say so, as argparse would
+    except (FileNotFoundError, NotADirectoryError) as exc:  # no results yet: say so, as argparse would
         print(f"wsbcn plot: {exc}", file=sys.stderr)
         return 2
     return 0

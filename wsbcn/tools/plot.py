@@ -405,6 +405,8 @@ def run_plot(results_dir="perf/results", plots_dir="perf/plots", log=print):
     """Plot every device folder under ``results_dir``; returns the written paths."""
     written = []
     results = Path(results_dir)
+    if results.exists() and not results.is_dir():
+        raise NotADirectoryError(f"{results} is a file: give the results folder (the one `wsbcn bench --out` wrote)")
     devices = sorted(p for p in results.iterdir() if p.is_dir()) if results.exists() else []
     if not devices:
         raise FileNotFoundError(f"no results under {results}: run `wsbcn bench` first")
@@ -413,6 +415,9 @@ def run_plot(results_dir="perf/results", plots_dir="perf/plots", log=print):
         bench_csv, tune_csv = folder / "bench.csv", folder / "autotune.csv"
         if not bench_csv.exists() and not tune_csv.exists():
             continue
+        for csv in (bench_csv, tune_csv):
+            if csv.exists() and csv.stat().st_size == 0:  # (a run stopped before writing)
+                raise FileNotFoundError(f"{csv} holds no results: run `wsbcn bench` again, or delete it")
         _clear(out)
         mine = []
         with plt.rc_context(STYLE):
