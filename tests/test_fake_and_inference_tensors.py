@@ -89,8 +89,9 @@ LAYERS = {"bcn": lambda: wsbcn.BatchChannelNorm2d(8, num_groups=4),
 def test_fake_tensors_used_outside_their_mode(backend, layer, training):
     """Fake tensors keep propagating shapes after their FakeTensorMode exits, as torch's
     layers' do: a layer and input made under the mode and called outside it (the closed
-    form's own tensors are made in the input's mode), and a forward under the mode whose
-    backward runs outside it (its saved statistics are fake: no kernel reads them)."""
+    form's own tensors are made in the input's mode), a forward under the mode whose
+    backward runs outside it (its saved statistics are fake: no kernel reads them), and a
+    real forward whose backward gets a fake gradient."""
     with FakeTensorMode():
         m = LAYERS[layer]().train(training)
         x = torch.randn(2, 8, 6, 6, requires_grad=True)
@@ -106,6 +107,12 @@ def test_fake_tensors_used_outside_their_mode(backend, layer, training):
     assert type(x.grad).__name__ == "FakeTensor" and x.grad.shape == x.shape
     for name, p in real.named_parameters():
         assert type(p.grad).__name__ == "FakeTensor" and p.grad.shape == p.shape, name
+    real = LAYERS[layer]().train(training)  # a real forward, a fake gradient into its backward
+    x = torch.randn(2, 8, 6, 6, requires_grad=True)
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        w = torch.randn(2, 8, 6, 6)
+    (real(x) * w).sum().backward()
+    assert type(x.grad).__name__ == "FakeTensor" and x.grad.shape == x.shape
 
 
 @pytest.mark.parametrize("estimate", [False, True])

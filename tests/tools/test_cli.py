@@ -5,6 +5,7 @@ one line outside a checkout, and the subcommands end to end on CPU (Triton throu
 the interpreter, injected or real CPU timers; no timing is asserted)."""
 import argparse
 import math
+import pathlib
 import re
 import subprocess
 
@@ -80,8 +81,26 @@ def test_plot_without_results_is_one_line(capsys, tmp_path):
     assert "is a file" in capsys.readouterr().err
     (tmp_path / "results" / "cpu").mkdir(parents=True)
     (tmp_path / "results" / "cpu" / "bench.csv").write_text("")  # a run stopped before writing
+    (tmp_path / "results" / "cpu" / "autotune.csv").write_text("\n")
     assert cli.main(["plot", "--results", str(tmp_path / "results"), "--plots", str(tmp_path / "plots")]) == 2
-    assert "holds no results" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "bench.csv holds no results (run `wsbcn bench`" in err and "autotune.csv holds no results" in err
+
+
+def test_plot_skips_an_empty_csv_and_plots_the_rest(capsys, tmp_path):
+    """An empty CSV (a run stopped before writing) is skipped with a line; the other
+    files and device folders are still plotted."""
+    import shutil
+
+    results = tmp_path / "results"
+    shutil.copytree(pathlib.Path(__file__).resolve().parents[2] / "perf" / "results" / "cpu", results / "cpu")
+    (results / "cpu" / "autotune.csv").write_text("")
+    (results / "empty-device").mkdir()
+    (results / "empty-device" / "bench.csv").write_text("")
+    assert cli.main(["plot", "--results", str(results), "--plots", str(tmp_path / "plots")]) == 0
+    out = capsys.readouterr().out
+    assert "skipped:" in out and "autotune.csv holds no results (run `wsbcn autotune`" in out
+    assert (tmp_path / "plots" / "cpu" / "speedup.png").exists()
 
 
 @pytest.mark.parametrize("argv", [["autotune", "--max-configs", "0"], ["report-kernels", "--arch", "0"],

@@ -122,9 +122,9 @@ def _norm_backward_impl(dy, x, stats, rstd_c, rho, gamma, omega, eta, num_groups
     if x.numel() == 0:
         lengths = _grad_lengths(x, num_groups, gamma, omega, group_affine, mode)
         return (torch.zeros_like(x),) + tuple(torch.zeros(m, device=x.device, dtype=stats.dtype) for m in lengths)
-    # (a backward outside the FakeTensorMode its forward ran in: the statistics are fake)
-    if closed_form or backends.backend_for(x) == "torch" or (
-            not op and (_compat.without_memory(x) or type(stats) is not torch.Tensor and _compat.is_fake(stats))):
+    # (a backward outside the FakeTensorMode its forward ran in, or of a fake gradient)
+    if closed_form or backends.backend_for(x) == "torch" or (not op and (_compat.without_memory(x) or any(
+            type(t) is not torch.Tensor and _compat.is_fake(t) for t in (stats, dy)))):
         return norm_backward_torch(dy, x, stats, rstd_c, rho, gamma, omega, eta, num_groups, mode, activation, group_affine)
     # The backward reads no running buffer and no eps/momentum; the forward's flags
     # that shape its launches are the ones passed here.
@@ -287,7 +287,9 @@ class _Call:
         gradients, which autograd casts."""
         if len(saved) == 1 and self.group is None:  # the eager Triton path's side buffer
             plan = self.plan(x, gamma, omega, None)
-            if not torch.compiler.is_compiling() and not (_dispatch_modes() and _fake_mode_active()):
+            # (a gradient of another type: a fake one, made under a FakeTensorMode)
+            if type(dy) is torch.Tensor and not torch.compiler.is_compiling() and not (
+                    _dispatch_modes() and _fake_mode_active()):
                 side = saved[0]
                 # a saved-tensor hook may give one back strided: the kernels index them densely
                 if not (side.is_contiguous() and (gamma is None or gamma.is_contiguous()) and
@@ -305,8 +307,8 @@ class _Call:
             args = (dy, x, *saved, gamma, omega, eta, self.num_groups, self.mode, self.activation, self.group_affine)
             if torch.compiler.is_compiling():
                 dx, *grads = norm_backward_op(*args)
-            else:
-                with _fake_mode_of(x) if self.fake else contextlib.nullcontext():
+            else:  # (a fake gradient into a real call: its mode makes the closed form's tensors)
+                with _fake_mode_of(x if self.fake else dy):
                     dx, *grads = _norm_backward_impl(*args, closed_form=self.fake)
         return (dx, *param_grads(*grads, gamma, omega))
 
@@ -544,7 +546,8 @@ def _kept_estimates(x, running_mean, running_var):
 def _fake_mode_of(x):
     """The FakeTensorMode of a fake ``x`` used outside it, to enter: the closed form's own
     tensors (zeros, ones) are then fake too, as torch's layers' are; else nothing to enter."""
-    if _compat.is_fake(x) and not _fake_mode_active() and getattr(x, "fake_mode", None) is not None:
+    if type(x) is not torch.Tensor and _compat.is_fake(x) and not _fake_mode_active() and \
+            getattr(x, "fake_mode", None) is not None:
         return x.fake_mode
     return contextlib.nullcontext()
 

@@ -51,7 +51,7 @@ def _ws_backward_impl(grad: torch.Tensor, weight: torch.Tensor, stats: torch.Ten
     if weight.shape[0] == 0:
         return torch.zeros_like(weight)
     if backends.backend_for(weight) == "torch" or (
-            not op and (_compat.without_memory(weight) or _compat.is_fake(stats))):  # (fake: see _Call)
+            not op and (_compat.without_memory(weight) or _compat.is_fake(stats) or _compat.is_fake(grad))):
         return ws_backward_torch(grad, weight, stats, center_only)
     # eps and correction only enter the forward: any values give the same backward launch
     if op and library.symbolic(weight):
@@ -136,8 +136,9 @@ class _Call:
         return w_hat, (weight, stats)
 
     def backward(self, grad, weight, stats):
-        # (statistics of another type: a forward under a FakeTensorMode, its backward outside)
-        if self.eager and type(stats) is torch.Tensor and backends.backend_for(weight) == "triton" and \
+        # (statistics or a gradient of another type: fake ones, made under a FakeTensorMode)
+        if self.eager and type(stats) is torch.Tensor and type(grad) is torch.Tensor and \
+                backends.backend_for(weight) == "triton" and \
                 not torch.compiler.is_compiling() and not (_compat.dispatch_modes() and _compat.fake_mode_active()):
             # (compiled autograd traces the op below; a saved-tensor hook may give stats back strided)
             return self.plan(weight).backward(grad, weight, stats if stats.is_contiguous() else stats.contiguous())

@@ -410,18 +410,25 @@ def run_plot(results_dir="perf/results", plots_dir="perf/plots", log=print):
     devices = sorted(p for p in results.iterdir() if p.is_dir()) if results.exists() else []
     if not devices:
         raise FileNotFoundError(f"no results under {results}: run `wsbcn bench` first")
+    skipped = []
     for folder in devices:
         out = Path(plots_dir) / folder.name
         bench_csv, tune_csv = folder / "bench.csv", folder / "autotune.csv"
-        if not bench_csv.exists() and not tune_csv.exists():
+        present = {}
+        for csv, command in ((bench_csv, "wsbcn bench"), (tune_csv, "wsbcn autotune")):
+            if not csv.exists():
+                continue
+            try:  # a run stopped before writing leaves an empty file: skipped, the rest plotted
+                present[csv] = pd.read_csv(csv, nrows=0).columns
+            except pd.errors.EmptyDataError:
+                skipped.append(f"{csv} holds no results (run `{command}` again, or delete it)")
+                log(f"skipped: {skipped[-1]}")
+        if not present:
             continue
-        for csv in (bench_csv, tune_csv):
-            if csv.exists() and csv.stat().st_size == 0:  # (a run stopped before writing)
-                raise FileNotFoundError(f"{csv} holds no results: run `wsbcn bench` again, or delete it")
         _clear(out)
         mine = []
         with plt.rc_context(STYLE):
-            if bench_csv.exists():
+            if bench_csv in present:
                 bench = newest_per_case(read_bench_csv(bench_csv))
                 source = bench_csv.as_posix()
                 mine += plot_gbps(bench, out, source) + plot_speedups(bench, out, source)
@@ -430,9 +437,11 @@ def run_plot(results_dir="perf/results", plots_dir="perf/plots", log=print):
                 summary.parent.mkdir(parents=True, exist_ok=True)
                 summary.write_text(summary_markdown(bench))
                 mine.append(summary)
-            if tune_csv.exists():
+            if tune_csv in present:
                 tune = pd.read_csv(tune_csv, dtype={"spatial": str})
                 mine += plot_autotune(tune, out, tune_csv.as_posix())
         log(f"{folder.name}: {len(mine)} files in {out}/: {', '.join(p.name for p in mine)}")
         written += mine
+    if not written and skipped:
+        raise FileNotFoundError(f"nothing to plot: {'; '.join(skipped)}")
     return written
