@@ -15,6 +15,14 @@ def next_pow2(n: int) -> int:
     return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
 
 
+def with_strides(t, stride):
+    """A copy of ``t`` laid out with ``stride``, the layout a launch plan walks (a
+    saved-tensor hook or a ``.data`` swap may give a tensor back in another). A dim of
+    stride 0 (an expanded tensor) stays expanded."""
+    sizes = [1 if st == 0 else n for n, st in zip(t.shape, stride)]
+    return t.new_empty_strided(sizes, stride).copy_(t[tuple(slice(0, n) for n in sizes)]).expand(t.shape)
+
+
 def nsc_strides(t):
     """Strides of ``t`` seen as (N, C, S) with the spatial dims flattened, or None
     when the spatial dims cannot be walked with one stride (then copy first).

@@ -26,7 +26,7 @@ import torch
 
 from . import norm as K
 from .launch import ArgTable, DirectLaunches, Slot, all_aligned, direct_stream
-from .layout import cdiv, next_pow2, nsc_strides
+from .layout import cdiv, next_pow2, nsc_strides, with_strides
 
 # Value slots a call fills (tensors on the kernel[grid] path, addresses on the
 # direct path); the plan's integers and constexprs follow them.
@@ -83,7 +83,7 @@ class NormPlan:
             y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
         self.y_stride = y.stride()
         sx, sy = nsc_strides(x), nsc_strides(y)
-        self.x_stride = x.stride()  # the backward's launches walk x as the forward did (forward_layout)
+        self.x_stride = x.stride()  # the backward's launches walk x as the forward did
         self.n, self.c, self.s, self.k, self.num_groups = n, c, s, k, num_groups
         self.sx, self.sy = sx, sy
         self.mode, self.activation, self.group_affine = mode, activation, group_affine
@@ -226,15 +226,6 @@ class NormPlan:
             found = self._bwd[key] = _BackwardPlan(self, dy)
         return found
 
-    def forward_layout(self, x):
-        """``x`` laid out as the forward read it. A saved-tensor hook may give the saved x
-        back in another layout (``save_on_cpu`` and a ``.contiguous()`` pack give a
-        channels_last x back as NCHW), and the backward's launches walk the forward's
-        strides. A dim the forward read with stride 0 (an expanded x) stays expanded."""
-        sizes = [1 if st == 0 else n for n, st in zip(x.shape, self.x_stride)]
-        copy = torch.empty_strided(sizes, self.x_stride, dtype=x.dtype, device=x.device)
-        return copy.copy_(x[tuple(slice(0, n) for n in sizes)]).expand(x.shape)
-
     def backward(self, dy, x, saved, gamma, beta, omega, eta, dx=None, fp32_grads=False):
         """dx and the parameter gradients (d_gamma, d_beta, d_omega, d_eta; None for an
         absent parameter): each a new tensor like its parameter (``beta``, ``eta``: None
@@ -242,8 +233,8 @@ class NormPlan:
         is the forward's side buffer (whose coefficient rows the backward uses as
         scratch) or its (stats, rstd_c, rho). A ``dy`` whose spatial dims one stride
         cannot walk is copied first, an x in another layout than the forward's too."""
-        if x.stride() != self.x_stride:
-            x = self.forward_layout(x)
+        if x.stride() != self.x_stride:  # a saved-tensor hook's x (save_on_cpu gives channels_last back as NCHW)
+            x = with_strides(x, self.x_stride)
         stride = dy.stride()
         if stride != self.y_stride and nsc_strides(dy) is None:
             dy = dy.contiguous()
@@ -591,8 +582,8 @@ class DistNormPlan:
         (each like its parameter); ``all_reduce(sums)`` sums a fp64 [2, C] tensor over
         the ranks (in place or not) and returns it. Batch statistics only."""
         plan = self.plan
-        if x.stride() != plan.x_stride:
-            x = plan.forward_layout(x)
+        if x.stride() != plan.x_stride:  # a saved-tensor hook's x
+            x = with_strides(x, plan.x_stride)
         if dy.stride() != plan.y_stride and nsc_strides(dy) is None:
             dy = dy.contiguous()
         backward_plan = plan._backward_plan(dy)

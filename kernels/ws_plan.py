@@ -10,6 +10,7 @@ import torch
 
 from . import ws as K
 from .launch import ArgTable, DirectLaunches, Slot, all_aligned
+from .layout import with_strides
 
 
 class WSPlan:
@@ -74,7 +75,7 @@ class WSPlan:
         """dW (``grad`` is copied to ``w``'s strides first when it has others: the
         kernel walks both with ``w``'s)."""
         if w.stride() != self.w_stride:  # given another layout since the forward (a .data swap): the plan's
-            w = torch.empty_strided(w.shape, self.w_stride, dtype=w.dtype, device=w.device).copy_(w)
+            w = with_strides(w, self.w_stride)
         if grad.stride() != self.w_stride:
             grad = _strided_like(grad, w)
         dw = torch.empty_like(w)

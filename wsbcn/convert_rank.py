@@ -166,7 +166,7 @@ def _reduced(node: fx.Node):
         return None
     source = node.args[0] if node.args else node.kwargs.get("input")
     dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
-    keep = (node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)) is True
+    keep = _keepdim(node)
     dims = (dims,) if type(dims) is int else dims
     if not isinstance(source, fx.Node) or not isinstance(dims, (tuple, list)) or not dims or \
             not all(type(d) is int for d in dims):
@@ -283,13 +283,18 @@ def _keeps_rank(node: fx.Node, modules) -> bool:
     if node.op == "call_module":
         return isinstance(modules.get(node.target), _KEEP_RANK_MODULES)
     if node.target in _REDUCTIONS and node.op != "call_module":  # a reduction that keeps its dims
-        return (node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)) is True
+        return _keepdim(node)
     if node.op == "call_function":
         return node.target in _KEEP_RANK_FUNCTIONS
     return node.op == "call_method" and node.target in _KEEP_RANK_METHODS
 
 
 _REDUCTIONS = ("mean", "amax", "sum", torch.mean, torch.amax, torch.sum)
+
+
+def _keepdim(node: fx.Node) -> bool:
+    """A reduction's keepdim argument (positional or keyword) is True."""
+    return (node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)) is True
 
 
 def _tensor_args(node: fx.Node):

@@ -93,14 +93,14 @@ def _norm_forward_impl(x, gamma, beta, omega, eta, running_mean, running_var, nu
     """The forward on either backend: the eager body and, with ``op``, the body of the
     ``wsbcn::norm_forward`` op, traced by torch.compile and export (library.py).
     ``closed_form``: the torch closed form whatever the backend (a fake tensor among the
-    call's: see _Call)."""
+    call's: see _Call; the eager body also takes it under a FakeTensorMode)."""
     if x.numel() == 0:  # as nn.BatchNorm: the running estimates stay, the step is counted
         if update_running and num_batches_tracked is not None:
             num_batches_tracked.add_(1)
         acc = dict(device=x.device, dtype=acc_dtype(x.dtype))
         s6, sc, sr = _stat_shapes(x, num_groups)
         return torch.empty_like(x), torch.zeros(s6, **acc), torch.zeros(sc, **acc), torch.zeros(sr, **acc)
-    if closed_form or backends.backend_for(x) == "torch" or (not op and _compat.without_memory(x)):
+    if closed_form or backends.backend_for(x) == "torch" or (not op and _fake_mode_active()):  # (see _Call)
         return norm_forward_torch(x, gamma, beta, omega, eta, running_mean, running_var, num_batches_tracked,
                                   num_groups, eps, momentum, cumulative, mode, update_running, activation, group_affine)
     if op and library.symbolic(x):  # shapes only: the op stays opaque (library.py) and runs on real tensors
@@ -123,7 +123,7 @@ def _norm_backward_impl(dy, x, stats, rstd_c, rho, gamma, omega, eta, num_groups
         lengths = _grad_lengths(x, num_groups, gamma, omega, group_affine, mode)
         return (torch.zeros_like(x),) + tuple(torch.zeros(m, device=x.device, dtype=stats.dtype) for m in lengths)
     # (a backward outside the FakeTensorMode its forward ran in, or of a fake gradient)
-    if closed_form or backends.backend_for(x) == "torch" or (not op and (_compat.without_memory(x) or any(
+    if closed_form or backends.backend_for(x) == "torch" or (not op and (_fake_mode_active() or any(
             type(t) is not torch.Tensor and _compat.is_fake(t) for t in (stats, dy)))):
         return norm_backward_torch(dy, x, stats, rstd_c, rho, gamma, omega, eta, num_groups, mode, activation, group_affine)
     # The backward reads no running buffer and no eps/momentum; the forward's flags

@@ -45,6 +45,7 @@ import torch
 
 from .. import _compat, backends, checks, tuning
 from ..backends.torch_closed_form import ws_backward_torch, ws_forward_torch
+from ..kernels.layout import with_strides
 from ..kernels.ws_multi_plan import PackLayout, WSMultiPlan
 from . import library
 from .ws import _Call, row_dense, weight_standardize
@@ -357,7 +358,7 @@ class ModelCall:
             for i, stride in zip(indices, plan.strides):
                 w = weights[i]
                 if w.stride() != stride:
-                    weights[i] = torch.empty_strided(w.shape, stride, dtype=w.dtype, device=w.device).copy_(w)
+                    weights[i] = with_strides(w, stride)
         return weights
 
     def backward(self, grads, weights, saved):

@@ -414,12 +414,13 @@ def run_plot(results_dir="perf/results", plots_dir="perf/plots", log=print):
     for folder in devices:
         out = Path(plots_dir) / folder.name
         bench_csv, tune_csv = folder / "bench.csv", folder / "autotune.csv"
-        present = {}
+        present = set()
         for csv, command in ((bench_csv, "wsbcn bench"), (tune_csv, "wsbcn autotune")):
             if not csv.exists():
                 continue
             try:  # a run stopped before writing leaves an empty file: skipped, the rest plotted
-                present[csv] = pd.read_csv(csv, nrows=0).columns
+                pd.read_csv(csv, nrows=0)
+                present.add(csv)
             except pd.errors.EmptyDataError:
                 skipped.append(f"{csv} holds no results (run `{command}` again, or delete it)")
                 log(f"skipped: {skipped[-1]}")
