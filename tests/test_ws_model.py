@@ -747,6 +747,44 @@ def test_a_shallow_copy_of_the_standardizer_takes_no_layers():
     assert all(m._ws_model is standardizer for m in standardizer.layers)
 
 
+def test_a_model_and_its_standardizer_are_freed_when_the_model_is(backend):
+    """The standardizer and its model referred to each other (its hooks, the layers'
+    links, its validated call's backward callback): ``del model`` freed them, and the
+    parameters' memory (a GPU's too), only at the next cyclic garbage collection. Now
+    by reference counting, after forwards and backwards, per layer and model-wide."""
+    import gc
+    import weakref
+
+    model = _Net().to(DEVICE)
+    standardizer = ModelWeightStandardizer(model)
+    x = torch.randn(1, 3, 4, 4, device=DEVICE)
+    for _ in range(2):
+        model(x).sum().backward()
+    with torch.no_grad():
+        model(x)
+    refs = [weakref.ref(o) for o in (model, model.c1, model.c1.weight, standardizer)]
+    assert standardizer.model is model and model.c1._ws_model is standardizer
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        del model, standardizer
+        assert [r() is None for r in refs] == [True] * len(refs)
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def test_a_standardizer_kept_after_its_model_is_freed_takes_no_layers():
+    """A standardizer the caller keeps does not keep its model: once the model is freed
+    it has none, and remove() still works."""
+    model = _Net()
+    standardizer = ModelWeightStandardizer(model)
+    del model
+    assert standardizer.model is None
+    standardizer.remove()
+    assert standardizer.layers == []
+
+
 def test_frozen_weights_give_w_hat_without_gradient(backend):
     """One node for every weight made every W_hat require grad once any weight did: a
     frozen backbone's features required grad (``.numpy()`` raised) and the backward ran

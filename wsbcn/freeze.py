@@ -153,7 +153,7 @@ def freeze(model: nn.Module, inplace: bool = False) -> nn.Module:
     model = model if inplace else copy.deepcopy(model)
     # a model-wide standardizer (ops/ws_model.py) would go on standardizing the layers
     # freeze takes out of the model: detach it first
-    for standardizer in {id(s): s for s in (m.__dict__.get("_ws_model") for m in model.modules()) if s}.values():
+    for standardizer in {id(s): s for s in (getattr(m, "_ws_model", None) for m in model.modules()) if s}.values():
         standardizer.remove()
     new_of, left = {}, []
     frozen = _freeze_in_place(model, new_of, left)

@@ -35,7 +35,15 @@ def _check_before_init(dims, in_channels, out_channels, kernel_size, groups, dty
 
 
 class _WSConvMixin:
-    _ws_model = None  # the wsbcn.ModelWeightStandardizer covering this layer, if any (ops/ws_model.py)
+    # a weak reference to the wsbcn.ModelWeightStandardizer covering this layer, if any
+    # (ops/ws_model.py: the model's hooks hold it; a strong one here would be a cycle)
+    _ws_model_ref = None
+
+    @property
+    def _ws_model(self):
+        """The ModelWeightStandardizer covering this layer, or None."""
+        ref = self._ws_model_ref
+        return None if ref is None else ref()
 
     standardize = "full"
 
@@ -53,7 +61,7 @@ class _WSConvMixin:
         # deepcopy and pickle leave the model-wide standardizer out: a copy of the model
         # copies it through the model's hooks and links the copied layers (ops/ws_model.py)
         state = super().__getstate__()
-        state.pop("_ws_model", None)
+        state.pop("_ws_model_ref", None)
         state.pop("_ws_model_index", None)
         return state
 
@@ -80,8 +88,10 @@ class _WSConvMixin:
             weight = self.weight
         if self.standardize != "full":  # the model-wide kernels know full WS only
             return weight_standardize(weight, self.eps, self.correction, self.eps_mode, self.standardize)
-        if self._ws_model is not None:  # standardized model-wide for this forward: taken once
-            w_hat = self._ws_model.take(self, weight)
+        ref = self._ws_model_ref
+        standardizer = None if ref is None else ref()
+        if standardizer is not None:  # standardized model-wide for this forward: taken once
+            w_hat = standardizer.take(self, weight)
             if w_hat is not None:
                 return w_hat
         return weight_standardize(weight, self.eps, self.correction, self.eps_mode)

@@ -40,6 +40,7 @@ used, so a layer skipped in a forward leaves DDP waiting for its gradient (pass
 import copy
 import itertools
 import operator
+import weakref
 
 import torch
 
@@ -288,7 +289,7 @@ class ModelCall:
         self.key = (tuning.config_for, tuning._generation[0], backends._emulated_gpu)  # what the plans derive from
         self.addresses = None  # the weights' data_ptr()s, when the caller has just read them (``whole`` only)
         self.last_addresses = None  # those the last forward used (``whole`` only)
-        self.on_backward = None  # called when the eager backward starts (the standardizer's _release)
+        self.on_backward = None  # when the eager backward starts: a weak reference to the standardizer's _release
         self.same_layout = None  # the standardizer's layout check of these weights, when it made this call
 
     def current(self) -> bool:
@@ -438,8 +439,9 @@ class ModelWeightStandardizeFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grads):
         call = ctx.call
-        if call.on_backward is not None:
-            call.on_backward()
+        release = call.on_backward and call.on_backward()
+        if release is not None:
+            release()
         saved = ctx.saved_tensors
         weights, rest = saved[:call.n], saved[call.n:]
         if torch.is_grad_enabled():  # create_graph=True: differentiable torch ops
@@ -544,10 +546,12 @@ class ModelWeightStandardizer:
         for m in modules:
             if not isinstance(m, _WSConvMixin):
                 raise TypeError(f"not a WSConv layer: {type(m).__name__}")
-            previous = m.__dict__.get("_ws_model")
+            previous = m._ws_model
             if previous is not None and previous is not self:
                 raise ValueError(f"{type(m).__name__} already has a ModelWeightStandardizer: remove() it first")
-        self.model = model
+        # weak references back (the model's hooks and the layers hold the standardizer), so
+        # that ``del model`` frees the model, its layers and the standardizer at once
+        self._model = weakref.ref(model)
         self._all = list(modules)
         self._hats = None  # W_hat per layer while a forward of ``model`` runs
         self._taken_from = None  # the weights they were computed from
@@ -564,14 +568,12 @@ class ModelWeightStandardizer:
     def _refresh(self):
         """Read the layers again: which are covered, their parameters and arguments."""
         for m in self._convs:
-            m.__dict__.pop("_ws_model", None)
+            m.__dict__.pop("_ws_model_ref", None)
         # a Parameter weight (a parametrized one is computed per forward: per layer), and
         # full WS (a layer that only centers, ``standardize="center"``, stays per layer)
         self._convs = [m for m in self._all if isinstance(m._parameters.get("weight"), torch.Tensor)
                        and getattr(m, "standardize", "full") == "full"]
-        for i, m in enumerate(self._convs):
-            m._ws_model = self
-            m._ws_model_index = i
+        self._link_layers()
         self._args = [(m.eps, m.correction, m.eps_mode) for m in self._convs]
         self._checked = [(a[0], a[1], a[2] == "std") for a in self._args]
         self._weights = None
@@ -598,17 +600,18 @@ class ModelWeightStandardizer:
     def __getstate__(self):  # deepcopy and pickle: the validated call and plans are rebuilt on use
         state = dict(self.__dict__)
         state.update(_call=None, _weights=None, _addresses=None, _hats=None, _taken_from=None,
-                     _kept=None)
+                     _kept=None, _model=self.model)  # the model itself (a copy's is the copied model)
         return state
 
     def __setstate__(self, state):  # pickle: the layers' link back (their own state leaves it out)
         self.__dict__.update(state)
+        self._model = weakref.ref(state["_model"])
         self._link_layers()
 
     def __copy__(self):
         """A shallow copy, linked to nothing: the layers stay with this standardizer."""
         new = type(self).__new__(type(self))
-        new.__dict__.update(self.__getstate__())
+        new.__dict__.update(self.__getstate__(), _model=self._model)
         return new
 
     def __deepcopy__(self, memo):
@@ -618,13 +621,18 @@ class ModelWeightStandardizer:
         (``copy.deepcopy(model.head)``, whichever it reaches first) standardizes per
         layer and may join another standardizer, with no copy of the whole model."""
         new = memo[id(self)] = type(self).__new__(type(self))
-        new.__dict__.update(copy.deepcopy(self.__getstate__(), memo))
-        new._link_layers()
+        new.__setstate__(copy.deepcopy(self.__getstate__(), memo))
         return new
 
     def _link_layers(self):
+        link = weakref.ref(self)
         for i, m in enumerate(self._convs):
-            m.__dict__["_ws_model"], m.__dict__["_ws_model_index"] = self, i
+            m.__dict__["_ws_model_ref"], m.__dict__["_ws_model_index"] = link, i
+
+    @property
+    def model(self) -> torch.nn.Module:
+        """The module whose forward hooks standardize the layers (None once it is freed)."""
+        return self._model()
 
     @property
     def layers(self) -> list:
@@ -636,7 +644,7 @@ class ModelWeightStandardizer:
         for h in self._handles:
             h.remove()
         for m in self._convs:
-            m.__dict__.pop("_ws_model", None)
+            m.__dict__.pop("_ws_model_ref", None)
             m.__dict__.pop("_ws_model_index", None)
         self._convs, self._hats, self._kept = [], None, None
 
@@ -677,7 +685,7 @@ class ModelWeightStandardizer:
         for m, w in zip(self._convs, weights):
             checks.check_ws_args(w, m.eps, m.correction, m.eps_mode)
         self._call = call = ModelCall(weights, self._checked)
-        call.on_backward = self._release
+        call.on_backward = weakref.WeakMethod(self._release)  # the call is the standardizer's
         # a ``weight.data = w.transpose(2, 3)`` keeps the Parameter object and its address,
         # not its layout: the validated call holds while the layout does too (and its
         # backward's fast path)
