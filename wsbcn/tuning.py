@@ -1,4 +1,4 @@
-"""Kernel launch configs: lookup, cache and the autotuning sweep (DESIGN.md section 6).
+"""Kernel launch configs: lookup, cache and the autotuning sweep (DESIGN.md section 5).
 
 Lookup order for a (kernel, dtype, layout, shape bucket) key:
 user cache (``$WSBCN_CACHE_DIR`` or ~/.cache/wsbcn, ``<device-slug>.json``) ->

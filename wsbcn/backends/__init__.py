@@ -7,7 +7,7 @@ kernels compute in fp32, and float64 is what gradcheck needs.
 
 ``emulate_gpu(name, sm_count)`` sends CPU tensors down the GPU (Triton) path, with
 the launch plans that GPU would get, for measuring host time on a machine without
-one: triton must then run over a stub CUDA driver (``perf/stub_driver``),
+one: triton must then run over a stub CUDA driver (``perf/wsbcn_dev/stub_driver.py``),
 under which no kernel runs and outputs hold garbage. Never for real work.
 """
 import os

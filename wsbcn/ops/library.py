@@ -2,7 +2,8 @@
 
 Each op (``wsbcn::norm_forward``, ``norm_backward``, ``ws_forward``, ``ws_backward``)
 is a ``torch.library.triton_op``. torch.compile traces into its body: on the Triton
-backend that is the launch plan's ``*_traced`` methods, which launch through
+backend that is the launch plan's traced launches (NormPlan's ``forward_op``/``backward_op``,
+WSPlan's ``forward_traced``/``backward_traced``), which launch through
 ``torch.library.wrap_triton``, so inductor emits the kernels in its generated code
 and launches them itself; on the torch backend it is the torch closed form, traced
 like any torch code. torch.export keeps each op as one node, and AOTInductor
