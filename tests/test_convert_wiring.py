@@ -106,6 +106,64 @@ def test_hooks_of_swapped_layers_run_on_the_new_ones():
     assert seen == [("conv pre", "Conv2d"), ("relu", "ReLU")]
 
 
+_SEEN = []
+
+
+def _record_module_type(module, *_):  # a load_state_dict pre-hook pickle can reach
+    _SEEN.append(type(module).__name__)
+
+
+def test_load_state_dict_pre_hooks_of_swapped_layers_take_the_new_ones():
+    """torch keeps a load_state_dict pre-hook with a weak reference to its module: carried
+    as it was, it was called with the replaced layer, and once that was freed
+    load_state_dict, deepcopy and pickle raised "a dead Module" (so did freeze, which
+    copies). Now the new layer is the hook's module, in convert and in freeze."""
+    import gc
+    import pickle
+
+    seen = _SEEN
+    seen.clear()
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+    handle = model[1].register_load_state_dict_pre_hook(_record_module_type)
+    model[0].register_load_state_dict_pre_hook(_record_module_type)
+    out, summary = _summary(model)
+    gc.collect()
+    out.load_state_dict(out.state_dict())
+    assert sorted(seen) == ["BatchChannelNorm2d", "WSConv2d"]
+    for clone in (copy.deepcopy(out), pickle.loads(pickle.dumps(out))):
+        seen.clear()
+        clone.load_state_dict(clone.state_dict())
+        assert sorted(seen) == ["BatchChannelNorm2d", "WSConv2d"]
+    seen.clear()
+    frozen = wsbcn.freeze(out)
+    gc.collect()
+    frozen.load_state_dict(frozen.state_dict())
+    assert sorted(seen) == ["Conv2d", "FrozenBatchChannelNorm2d"]
+    handle.remove()  # the handle still removes the hook from the converted layer
+    seen.clear()
+    out.load_state_dict(out.state_dict())
+    assert seen == ["WSConv2d"]
+
+
+def test_a_failed_convert_leaves_the_load_state_dict_hooks_on_the_old_layers(monkeypatch):
+    """convert puts everything back when it fails after the swap: the hooks too."""
+    import sys
+
+    convert_module = sys.modules["wsbcn.convert"]  # (wsbcn.convert is the function)
+    seen = []
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+    model[1].register_load_state_dict_pre_hook(lambda m, *_: seen.append(m))
+
+    def fail(*args):
+        raise RuntimeError("failed after the swap")
+
+    monkeypatch.setattr(convert_module, "_rebind", fail)
+    with pytest.raises(RuntimeError, match="failed after the swap"):
+        wsbcn.convert(model, num_groups=4)
+    model.load_state_dict(model.state_dict())
+    assert type(model[1]) is nn.BatchNorm2d and seen == [model[1]]
+
+
 class _LinearThenConv(nn.Sequential):
     def __init__(self, width):
         super().__init__(nn.Linear(10, width), nn.BatchNorm1d(width), nn.ReLU(), nn.Linear(width, 4),

@@ -48,11 +48,13 @@ and one backward, bitwise the per-layer results; every WS weight's gradient is t
 ready only at the end of the backward, which delays DDP's all-reduce of those weights).
 """
 import contextlib
+import copy
 import functools
 import itertools
 import inspect
 import logging
 import warnings
+import weakref
 from collections import Counter
 
 from torch import nn
@@ -368,11 +370,11 @@ def _has_output_hooks(m: nn.Module) -> bool:
     return any(m.__dict__.get(name) for name in ("_forward_hooks", "_backward_hooks", "_backward_pre_hooks"))
 
 
-def carry_hooks(old: nn.Module, new: nn.Module) -> bool:
+def carry_hooks(old: nn.Module, new: nn.Module, undo=None) -> bool:
     """The hooks registered on ``old`` run on ``new`` (the same dicts where nothing is left
     out: their handles still remove them), except those computing its weight (pruning,
     the hook form of weight_norm/spectral_norm: ``new`` holds the weight they computed).
-    Returns whether any were carried."""
+    Returns whether any were carried; ``undo`` gets what puts ``old``'s hooks back."""
     carried = False
     for name in _HOOK_DICTS:
         hooks = old.__dict__.get(name)
@@ -380,6 +382,10 @@ def carry_hooks(old: nn.Module, new: nn.Module) -> bool:
         if not kept:
             continue
         carried = True
+        for k, h in kept.items():  # in place too: ``old`` is going, and the handles hold this dict
+            kept[k] = hooks[k] = _bound_to(h, old, new)
+            if undo is not None and kept[k] is not h:
+                undo.append(functools.partial(hooks.__setitem__, k, h))
         if new.__dict__.get(name) or len(kept) < len(hooks):  # hooks of its own, or some left out: a copy
             new.__dict__[name] = type(hooks)({**new.__dict__.get(name, {}), **kept})
         else:
@@ -387,6 +393,18 @@ def carry_hooks(old: nn.Module, new: nn.Module) -> bool:
     if carried and old.__dict__.get("_is_full_backward_hook") is not None:
         new._is_full_backward_hook = old._is_full_backward_hook
     return carried
+
+
+def _bound_to(hook, old: nn.Module, new: nn.Module):
+    """``hook``, called with ``new`` where it was called with ``old``: torch wraps a
+    ``register_load_state_dict_pre_hook`` hook with a weak reference to its module
+    (``_WrappedHook``), which would call it with the old layer, and once that is freed
+    fail in load_state_dict, deepcopy and pickle ("a dead Module")."""
+    module = getattr(hook, "module", None)
+    if getattr(hook, "with_module", False) is True and callable(module) and module() is old:
+        hook = copy.copy(hook)
+        hook.module = weakref.ref(new)
+    return hook
 
 
 def _swap(model, replacements, fusions):
@@ -407,7 +425,7 @@ def _swap(model, replacements, fusions):
         replace_activations(model, fusions, swapped)
         new_of = {id(old): (old, new) for _, old, new in replacements}
         lines += [f"{path}: its hooks run on the new layer" for path, old, new in replacements
-                  if carry_hooks(old, new)]
+                  if carry_hooks(old, new, undo)]
         lines += _turn_off_folding(model, {id(new) for _, _, new in replacements}, undo)
         return lines + _rebind(model, new_of, undo)
     except BaseException:
