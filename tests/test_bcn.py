@@ -3,6 +3,7 @@ from collections import OrderedDict
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import wsbcn
 from wsbcn import checks, tuning
@@ -134,6 +135,58 @@ def test_an_empty_batch_counts_a_step_and_leaves_the_estimates_as_batchnorm_does
         assert int(layer.num_batches_tracked) == 2
         assert rel_err(layer.running_mean, bn.running_mean) <= 1e-6
         assert rel_err(layer.running_var, bn.running_var) <= 1e-6
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_running_buffers_set_to_none_still_count_training_steps_as_batchnorm(backend, momentum):
+    """Running buffers set to None with the counter kept (track_running_stats=True):
+    nn.BatchNorm2d normalizes with batch statistics and still counts each training step
+    in num_batches_tracked, and not in eval; the layer counted none. Output against
+    batch norm then group norm in float64."""
+    torch.manual_seed(5)
+    layer = wsbcn.BatchChannelNorm2d(8, 4, momentum=momentum).to(DEVICE)
+    bn = torch.nn.BatchNorm2d(8, momentum=momentum)
+    for m in (layer, bn):
+        m.running_mean = m.running_var = None
+    x = torch.randn(2, 8, 3, 3, device=DEVICE)
+    for _ in range(2):
+        y = layer(x)
+        bn(x.cpu())
+    assert int(layer.num_batches_tracked) == int(bn.num_batches_tracked) == 2
+    layer.eval(), bn.eval()
+    y_eval = layer(x)
+    bn(x.cpu())
+    assert int(layer.num_batches_tracked) == int(bn.num_batches_tracked) == 2
+    x64 = x.double()
+    ref = F.group_norm(F.batch_norm(x64, None, None, training=True, eps=layer.eps), 4, eps=layer.eps)
+    assert rel_err(y, ref) <= TOL[torch.float32] and rel_err(y_eval, ref) <= TOL[torch.float32]
+
+
+def test_an_eps_below_the_smallest_normal_fp32_is_refused_and_the_least_one_taken(backend):
+    """An eps below 2^-126 is subnormal or zero in the fp32 statistics: a constant group
+    gave NaN. It is refused; the least eps taken gives a constant channel's output as
+    batch norm then group norm in float64 does (beta, then the channel stage of it)."""
+    with pytest.raises(ValueError, match="smallest normal float32"):
+        wsbcn.BatchChannelNorm2d(8, 4, eps=1e-40)
+    with pytest.raises(ValueError, match="smallest normal float32"):
+        batch_channel_norm(torch.randn(2, 8, 3, 3, device=DEVICE), 4, training=True, eps=1e-40)
+    torch.manual_seed(6)
+    eps = 2.0 ** -126
+    layer = wsbcn.BatchChannelNorm2d(8, 4, eps=eps).to(DEVICE)
+    with torch.no_grad():
+        layer.bias.copy_(torch.randn(8))
+    x = torch.randn(2, 8, 4, 4, device=DEVICE)
+    x[:, :2] = 0.5  # the first group: constant (its float64 batch mean exact, so the reference is too)
+    y = layer(x)
+    # written out in float64 (ATen's batch_norm folds (x - mean) r into x r - mean r, where
+    # r = 2^63 loses beta entirely)
+    x64, beta = x.double(), layer.bias.detach().double()[:, None, None]
+    mean, var = x64.mean((0, 2, 3), keepdim=True)[0], x64.var((0, 2, 3), unbiased=False, keepdim=True)[0]
+    u = (x64 - mean) / (var + eps).sqrt() + beta
+    groups = u.reshape(2, 4, -1)
+    g_mean, g_var = groups.mean(-1, keepdim=True), groups.var(-1, unbiased=False, keepdim=True)
+    ref = ((groups - g_mean) / (g_var + eps).sqrt()).reshape_as(x64)
+    assert torch.isfinite(y).all() and rel_err(y, ref) <= TOL[torch.float32]
 
 
 LAYOUTS = {

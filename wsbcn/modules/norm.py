@@ -121,10 +121,15 @@ class _BatchChannelNorm(nn.Module):
             # trains on batch statistics, its buffers left as they are (eval still uses them)
             self._check_untracked(" (set to False after construction)")
             running_mean = running_var = num_batches_tracked = None
-        return _batch_channel_norm(
+        y = _batch_channel_norm(
             x, self.num_groups, running_mean, running_var, weight, bias, group_weight, group_bias,
             training or running_mean is None, self.estimate, self.momentum, self.eps, self.activation,
             num_batches_tracked, owner=self, group=group)
+        if running_mean is None and training and num_batches_tracked is not None and self.track_running_stats:
+            # running buffers set to None, the counter kept: nn.BatchNorm still counts the step
+            with torch.no_grad():
+                num_batches_tracked.add_(1)
+        return y
 
     def _check_untracked(self, when: str = ""):
         """What needs running statistics, refused without them: at construction, and before
