@@ -77,12 +77,13 @@ def test_channels_last_weight_read_in_place(backend):
     _check_ws(sliced, 1e-5, 1, "std", TOL[torch.float32])
 
 
+@pytest.mark.parametrize("eps", [1e-5, 2.0 ** -126])  # the default, and the least eps taken (a normal fp32)
 @pytest.mark.parametrize("eps_mode,correction", [("var", 0), ("std", 1)])
-def test_constant_filter_gives_zeros_and_finite_grads(backend, eps_mode, correction):
+def test_constant_filter_gives_zeros_and_finite_grads(backend, eps_mode, correction, eps):
     w = torch.full((4, 3, 3, 3), 0.3, device=DEVICE)
     w[1] = torch.randn(3, 3, 3)  # one ordinary filter beside the constant ones
     w.requires_grad_(True)
-    out = weight_standardize(w, eps_mode=eps_mode, correction=correction)
+    out = weight_standardize(w, eps=eps, eps_mode=eps_mode, correction=correction)
     assert torch.isfinite(out).all()
     assert (out[0] == 0).all() and (out[2] == 0).all()
     out.backward(torch.randn_like(out))
@@ -146,6 +147,7 @@ BAD_WS_INPUTS = [
     (dict(weight=torch.ones(4)), ValueError, "at least 2 dimensions"),
     (dict(weight=torch.ones(4, 3), eps=0.0), ValueError, "eps"),
     (dict(weight=torch.ones(4, 3), eps=-1e-5), ValueError, "eps"),
+    (dict(weight=torch.ones(4, 3), eps=1e-40), ValueError, "smallest normal float32"),  # NaN for a constant filter
     (dict(weight=torch.ones(4, 3), eps_mode="l2"), ValueError, "eps_mode"),
     (dict(weight=torch.ones(4, 3), correction=3), ValueError, "correction"),
     (dict(weight=torch.ones(4, 3), correction=-1), ValueError, "correction"),

@@ -33,9 +33,15 @@ def check_eps(eps) -> float:
     if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
         raise TypeError(f"eps must be a positive float, got {type(eps).__name__}")
     eps = float(eps)
-    if not 0.0 < eps < math.inf:  # NaN fails too; comparisons only, so a symbolic float (compile, dynamic=True) passes
-        raise ValueError(f"eps must be a positive finite float, got {eps}")
+    # NaN fails too; comparisons only, so a symbolic float (compile, dynamic=True) passes
+    if not _SMALLEST_NORMAL_FP32 <= eps < math.inf:
+        raise ValueError(f"eps must be a positive finite float of at least {_SMALLEST_NORMAL_FP32:.6g} (the smallest "
+                         f"normal float32: the statistics are fp32, where a smaller eps is subnormal or zero, so a "
+                         f"constant group or filter would give NaN), got {eps}")
     return eps
+
+
+_SMALLEST_NORMAL_FP32 = 2.0 ** -126
 
 
 def check_ws_args(weight, eps, correction, eps_mode) -> tuple:
