@@ -777,10 +777,14 @@ def test_a_model_and_its_standardizer_are_freed_when_the_model_is(backend):
 def test_a_standardizer_kept_after_its_model_is_freed_takes_no_layers():
     """A standardizer the caller keeps does not keep its model: once the model is freed
     it has none, and remove() still works."""
+    import pickle
+
     model = _Net()
     standardizer = ModelWeightStandardizer(model)
     del model
     assert standardizer.model is None
+    for clone in (copy.copy(standardizer), copy.deepcopy(standardizer), pickle.loads(pickle.dumps(standardizer))):
+        assert clone.model is None
     standardizer.remove()
     assert standardizer.layers == []
 

@@ -525,6 +525,10 @@ def weight_standardize_all(weights, eps=1e-5, correction=0, eps_mode="var") -> t
 
 # --- the module side ---------------------------------------------------------------
 
+def _freed():  # the model reference of a standardizer copied after its model was freed
+    return None
+
+
 class ModelWeightStandardizer:
     """Standardizes every WSConv weight of ``model`` at once on each forward of
     ``model`` and hands each WSConv its W_hat (see the module docstring).
@@ -599,13 +603,17 @@ class ModelWeightStandardizer:
 
     def __getstate__(self):  # deepcopy and pickle: the validated call and plans are rebuilt on use
         state = dict(self.__dict__)
+        model = self.model  # the model itself (a copy's is the copied model)
         state.update(_call=None, _weights=None, _addresses=None, _hats=None, _taken_from=None,
-                     _kept=None, _model=self.model)  # the model itself (a copy's is the copied model)
+                     _kept=None, _model=model)
+        if model is None:  # freed, and its hooks with it (torch's handles cannot copy a dead hook dict)
+            state["_handles"] = ()
         return state
 
     def __setstate__(self, state):  # pickle: the layers' link back (their own state leaves it out)
         self.__dict__.update(state)
-        self._model = weakref.ref(state["_model"])
+        model = state["_model"]
+        self._model = _freed if model is None else weakref.ref(model)
         self._link_layers()
 
     def __copy__(self):
