@@ -190,3 +190,39 @@ def test_model_wide_forward_without_backward_keeps_nothing(monkeypatch):
     out = model(torch.randn(2, 3, 6, 6, device=DEVICE, dtype=torch.float64))
     out.sum().backward()
     assert out.dtype == torch.float64 and weight.grad.dtype == torch.float64
+
+
+class _ConvsCheckpointedInside(nn.Module):
+    """Three WSConvs, the middle one in a non-reentrant checkpoint inside a model whose
+    forward torch.compile traces (dynamo runs the checkpoint eagerly, apart)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = (wsbcn.WSConv2d(3, 8, 3, padding=1), wsbcn.WSConv2d(8, 8, 3, padding=1),
+                                  wsbcn.WSConv2d(8, 4, 1))
+
+    def forward(self, x):
+        return self.c(checkpoint(self.b, self.a(x), use_reentrant=False))
+
+
+def test_compiled_model_wide_ws_with_a_checkpoint_inside_gives_the_float64_gradients(backend):
+    """A compiled forward validates no weights in the standardizer: the recompute of a
+    checkpointed layer looked its weight up there and failed (TypeError on None). The
+    W_hat kept for the recompute now carries the weight it was computed from."""
+    from torch.nn import functional as F
+    from reference import ws_reference
+
+    torch.manual_seed(0)
+    model = _ConvsCheckpointedInside().to(DEVICE)
+    wsbcn.ModelWeightStandardizer(model)
+    x = torch.randn(2, 3, 6, 6, device=DEVICE)
+    weights = torch.randn(2, 4, 6, 6, device=DEVICE)
+    torch._dynamo.reset()
+    (torch.compile(model, backend="aot_eager")(x) * weights).sum().backward()
+    params = {n: p.detach().double().requires_grad_(True) for n, p in model.named_parameters()}
+    y = x.double()
+    for name, padding in (("a", 1), ("b", 1), ("c", 0)):
+        y = F.conv2d(y, ws_reference(params[f"{name}.weight"]), params[f"{name}.bias"], padding=padding)
+    (y * weights.double()).sum().backward()
+    for name, p in model.named_parameters():
+        assert rel_err(p.grad, params[name].grad) <= 1e-5, name

@@ -745,7 +745,7 @@ class ModelWeightStandardizer:
             kept = self._kept
             if kept is None:
                 kept = self._kept = [None] * len(hats)
-            kept[i] = w_hat
+            kept[i] = (w_hat, weight)
         return w_hat
 
     def retake(self, conv, weight):
@@ -760,10 +760,10 @@ class ModelWeightStandardizer:
         if not _compat.in_backward():
             return None
         i = conv._ws_model_index
-        w_hat = self._kept[i]
-        if w_hat is None or self._weights[i] is not weight or (conv.eps, conv.correction, conv.eps_mode) != \
-                self._args[i]:
-            return None
+        kept = self._kept[i]
+        if kept is None or kept[1] is not weight or (conv.eps, conv.correction, conv.eps_mode) != self._args[i]:
+            return None  # (the weight it was computed from: a compiled forward validates none, _weights)
+        w_hat = kept[0]
         self._kept[i] = None
         return w_hat
 
