@@ -88,6 +88,35 @@ def test_conv_not_followed_by_norm_is_left_alone_and_named():
     assert "0: Conv2d left alone: its output feeds no norm (WS without a norm after it hurts training)" in summary
 
 
+class _ConvsConcatenatedIntoANorm(nn.Module):
+    """timm's MixedConv2d (kernel sizes split over the channels) and Inception's branches:
+    convs concatenated along the channels, one norm over all of them; one input of the
+    concatenation is no conv's (a skip)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(4, 4, 3, padding=1), nn.Conv2d(4, 4, 5, padding=2)
+        self.c = nn.Conv2d(8, 4, 1)
+        self.drop = nn.Dropout(0.0)
+        self.bn = nn.BatchNorm2d(20)
+
+    def forward(self, x):
+        xa, xb = torch.split(x, 4, 1)
+        return self.bn(torch.cat([self.a(xa), self.drop(self.b(xb)), self.c(x), x], dim=1))
+
+
+def test_convs_concatenated_into_a_norm_are_standardized():
+    """Each conv of a concatenation a norm takes has a norm after it: WS applies (they were
+    left alone, "feeds no norm"). Against the float64 twin."""
+    torch.manual_seed(3)
+    model = _ConvsConcatenatedIntoANorm().double()
+    original = copy.deepcopy(model)
+    out, summary = wsbcn.convert(model, num_groups=4, return_summary=True)
+    assert [type(m) for m in (out.a, out.b, out.c)] == [wsbcn.WSConv2d] * 3, summary
+    assert type(out.bn) is wsbcn.BatchChannelNorm2d
+    assert matches_reference(original, out, torch.randn(2, 8, 5, 5, dtype=torch.float64))
+
+
 def test_gn_target_and_group_norm_sources():
     model = nn.Sequential(nn.Conv1d(4, 16, 3), nn.GroupNorm(4, 16), nn.Conv1d(16, 8, 1), nn.BatchNorm1d(8))
     with torch.no_grad():

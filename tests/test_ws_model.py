@@ -326,7 +326,8 @@ def test_standardizer_hand_over_rules(monkeypatch):
     standardizer.remove()
     n = len(calls)
     model(x)
-    assert len(calls) == n and all(m.__dict__.get("_ws_model") is None for m in model.modules())
+    assert len(calls) == n and all(m._ws_model is None and "_ws_model_ref" not in m.__dict__
+                                   for m in (model.c1, model.c2, model.c3, model.unused))
 
 
 def test_standardizer_unwraps_nothing_it_validated_and_leaves_functorch_wrappers_per_layer(backend, monkeypatch):
@@ -772,6 +773,18 @@ def test_a_model_and_its_standardizer_are_freed_when_the_model_is(backend):
     finally:
         if enabled:
             gc.enable()
+
+
+def test_a_copy_of_the_standardizer_alone_keeps_its_copied_model():
+    """deepcopy of the standardizer alone copies its model too: the copy holds it (the
+    standardizer refers to its model weakly, so the copied model was freed at once)."""
+    model = _Net()
+    standardizer = ModelWeightStandardizer(model)
+    clone = copy.deepcopy(standardizer)
+    assert isinstance(clone.model, _Net) and clone.model is not model
+    assert [m._ws_model for m in clone.layers] == [clone] * 4
+    x = torch.randn(1, 3, 4, 4, device=DEVICE)
+    assert_bitwise(clone.model.to(DEVICE)(x), model.to(DEVICE)(x))
 
 
 def test_a_standardizer_kept_after_its_model_is_freed_takes_no_layers():

@@ -36,8 +36,9 @@ def check_eps(eps) -> float:
     # NaN fails too; comparisons only, so a symbolic float (compile, dynamic=True) passes
     if not _SMALLEST_NORMAL_FP32 <= eps < math.inf:
         raise ValueError(f"eps must be a positive finite float of at least {_SMALLEST_NORMAL_FP32:.6g} (the smallest "
-                         f"normal float32: the statistics are fp32, where a smaller eps is subnormal or zero, so a "
-                         f"constant group or filter would give NaN), got {eps}")
+                         f"normal float32: the statistics of float16, bfloat16 and float32 tensors are fp32, where a "
+                         f"smaller eps is subnormal or zero, so a constant group or filter would give NaN; one floor "
+                         f"for every dtype, as a layer may change dtype), got {eps}")
     return eps
 
 

@@ -28,7 +28,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .convert_layers import NormAct
-from .convert_rank import norm_input
+from .convert_rank import cat_along_channels, norm_input, tensor_args
 from .convert_registry import ConvertRule, convert_rule_for, type_name
 from .modules import (BatchChannelNorm1d, BatchChannelNorm2d, BatchChannelNorm3d, GroupNorm, WSConv1d, WSConv2d,
                       WSConv3d)
@@ -177,6 +177,11 @@ _NORM_FUNCTIONS = {F.batch_norm: "F.batch_norm", F.group_norm: "F.group_norm", t
                    torch.group_norm: "torch.group_norm"}
 
 
+def _is_cat_along_channels(node, modules) -> bool:
+    return isinstance(node, fx.Node) and node.op == "call_function" and node.target is torch.cat and \
+        cat_along_channels(node, modules)
+
+
 def _is_call_of(node, modules, types) -> bool:
     return isinstance(node, fx.Node) and node.op == "call_module" and isinstance(modules.get(node.target), types)
 
@@ -200,11 +205,14 @@ def flow_from_graph(graph, model, layers, kept_whole) -> Flow:
         if role.kind != "norm":
             continue
         src = node.args[0] if node.args else None
-        while _is_call_of(src, modules, _PASS_THROUGH) and src.args:  # (they keep what the conv gave)
-            src = src.args[0]
-        src_role = roles.get(src.target) if isinstance(src, fx.Node) and src.op == "call_module" else None
-        if src_role is not None and src_role.kind == "conv":
-            flow.feeds.setdefault(src.target, node.target)
+        # convs concatenated along the batch or channels (timm's MixedConv2d, Inception
+        # branches): the norm normalizes each one's channels
+        for src in tensor_args(src) if _is_cat_along_channels(src, modules) else (src,):
+            while _is_call_of(src, modules, _PASS_THROUGH) and src.args:  # (they keep what the conv gave)
+                src = src.args[0]
+            src_role = roles.get(src.target) if isinstance(src, fx.Node) and src.op == "call_module" else None
+            if src_role is not None and src_role.kind == "conv":
+                flow.feeds.setdefault(src.target, node.target)
         dims, features = norm_input(node, modules, channels_of(modules[node.target], role))
         if features is not None:
             flow.features.setdefault(node.target, features)

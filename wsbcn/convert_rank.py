@@ -142,7 +142,7 @@ def _spatial_size_of(kernel, source) -> bool:
                                         and sizes.args[1:] == ("shape",))
 
 
-def _cat_along_channels(node: fx.Node, modules) -> bool:
+def cat_along_channels(node: fx.Node, modules) -> bool:
     """A torch.cat along the batch or channel dim (a negative one by its rank)."""
     dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
     if type(dim) is not int:
@@ -230,7 +230,7 @@ def _flattened_dims(node: fx.Node, modules) -> Optional[int]:
 
 def _inputs(node: fx.Node):
     """The tensors a node computes from: a module's first argument, a function's all."""
-    return [a for a in node.args[:1] if isinstance(a, fx.Node)] if node.op == "call_module" else _tensor_args(node)
+    return [a for a in node.args[:1] if isinstance(a, fx.Node)] if node.op == "call_module" else tensor_args(node)
 
 
 # ops that keep one element per channel where every input has one (a binary op broadcasts
@@ -270,7 +270,7 @@ def _one_per_channel(node: fx.Node, modules, channels, memo, depth: int = 0) -> 
         found = None if inner is None else (f"{inner[0]}, then {node.target}", len(m.kernel_size))
     elif isinstance(m, _KEEP_SIZE_MODULES) if m is not None else (
             _keeps_rank(node, modules) and node.target not in _RESIZING and "pool" not in getattr(
-                node.target, "__name__", "") and (node.target is not torch.cat or _cat_along_channels(node, modules))):
+                node.target, "__name__", "") and (node.target is not torch.cat or cat_along_channels(node, modules))):
         for a in _inputs(node):  # every input one value per channel (stops at the first that is not)
             found = _one_per_channel(a, modules, channels, memo, depth + 1)
             if found is None:
@@ -297,7 +297,7 @@ def _keepdim(node: fx.Node) -> bool:
     return (node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)) is True
 
 
-def _tensor_args(node: fx.Node):
+def tensor_args(node: fx.Node):
     """The fx nodes among a node's arguments (torch.cat's are in a list)."""
     out = []
     for a in list(node.args) + list(node.kwargs.values()):

@@ -606,13 +606,15 @@ class ModelWeightStandardizer:
         model = self.model  # the model itself (a copy's is the copied model)
         state.update(_call=None, _weights=None, _addresses=None, _hats=None, _taken_from=None,
                      _kept=None, _model=model)
+        state.pop("_owned_model", None)
         if model is None:  # freed, and its hooks with it (torch's handles cannot copy a dead hook dict)
             state["_handles"] = ()
         return state
 
     def __setstate__(self, state):  # pickle: the layers' link back (their own state leaves it out)
+        state = dict(state)
+        model = state.pop("_model", None) if "_model" in state else state.pop("model", None)  # (older pickles)
         self.__dict__.update(state)
-        model = state["_model"]
         self._model = _freed if model is None else weakref.ref(model)
         self._link_layers()
 
@@ -629,7 +631,11 @@ class ModelWeightStandardizer:
         (``copy.deepcopy(model.head)``, whichever it reaches first) standardizes per
         layer and may join another standardizer, with no copy of the whole model."""
         new = memo[id(self)] = type(self).__new__(type(self))
+        model = self.model
+        alone = model is not None and id(model) not in memo  # the copy starts here, not at the model
         new.__setstate__(copy.deepcopy(self.__getstate__(), memo))
+        if alone:  # nothing else holds the copied model: this copy does (a cycle, as before)
+            new._owned_model = new.model
         return new
 
     def _link_layers(self):

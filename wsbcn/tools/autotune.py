@@ -1,4 +1,4 @@
-"""The autotuning sweep behind ``wsbcn autotune`` (DESIGN.md section 6).
+"""The autotuning sweep behind ``wsbcn autotune`` (DESIGN.md section 5).
 
 For every kernel, suite shape, batch size, dtype and layout it times each config
 of the kernel's space, appends every measurement to ``autotune.csv`` and stores
