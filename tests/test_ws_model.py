@@ -752,7 +752,7 @@ def test_a_model_and_its_standardizer_are_freed_when_the_model_is(backend):
     """The standardizer and its model referred to each other (its hooks, the layers'
     links, its validated call's backward callback): ``del model`` freed them, and the
     parameters' memory (a GPU's too), only at the next cyclic garbage collection. Now
-    by reference counting, after forwards and backwards, per layer and model-wide."""
+    by reference counting, after training forwards and backwards and a no_grad forward."""
     import gc
     import weakref
 
