@@ -23,6 +23,12 @@ def with_strides(t, stride):
     return t.new_empty_strided(sizes, stride).copy_(t[tuple(slice(0, n) for n in sizes)]).expand(t.shape)
 
 
+def contiguous(*tensors) -> tuple:
+    """Each of ``tensors`` contiguous (``contiguous()`` gives a contiguous one back as it
+    is), None kept: what the kernels index densely."""
+    return tuple(None if t is None else t.contiguous() for t in tensors)
+
+
 def nsc_strides(t):
     """Strides of ``t`` seen as (N, C, S) with the spatial dims flattened, or None
     when the spatial dims cannot be walked with one stride (then copy first).

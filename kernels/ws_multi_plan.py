@@ -295,8 +295,7 @@ class WSMultiPlan:
 
     def backward_flat(self, grads, weights, addresses, stats):
         """``backward`` with dW as one flat buffer."""
-        if not stats.is_contiguous():  # a saved-tensor hook gave the statistics back strided
-            stats = stats.contiguous()
+        stats = stats.contiguous()  # (a saved-tensor hook may give the statistics back strided)
         metas = self.meta_for(addresses)
         g_addresses = tuple(map(torch.Tensor.data_ptr, grads))
         g_off = self.grad_offsets_for(g_addresses)

@@ -19,7 +19,7 @@ from torch.autograd import forward_ad as _forward_ad  # _current_level: the dual
 from .. import _compat, backends, checks, tuning
 from ..backends.torch_closed_form import acc_dtype, norm_backward_torch, norm_forward_torch
 from ..kernels import norm as kernels
-from ..kernels.layout import channels_fastest, nsc_strides
+from ..kernels.layout import channels_fastest, contiguous, nsc_strides
 from ..kernels.norm import MODE_BATCH, MODE_ESTIMATE, MODE_GN, MODE_RUNNING
 from ..kernels.norm_plan import NormPlan
 from . import collectives, library, norm_distributed
@@ -276,7 +276,7 @@ class _Call:
         if torch.compiler.is_compiling():
             y, *saved = norm_forward_op(*args)
         else:
-            with _fake_mode_of(x) if self.fake else contextlib.nullcontext():
+            with _fake_mode_of(x):  # (a fake x: its mode makes the closed form's tensors)
                 y, *saved = _norm_forward_impl(*args, closed_form=self.fake)
         return y, tuple(saved)
 
@@ -294,7 +294,7 @@ class _Call:
                 # a saved-tensor hook may give one back strided: the kernels index them densely
                 if not (side.is_contiguous() and (gamma is None or gamma.is_contiguous()) and
                         (omega is None or omega.is_contiguous()) and (eta is None or eta.is_contiguous())):
-                    side, gamma, omega, eta = (_dense(t) for t in (side, gamma, omega, eta))
+                    side, gamma, omega, eta = contiguous(side, gamma, omega, eta)
                 return plan.backward(dy, x, side, gamma, beta, omega, eta)
             # compiled autograd traces this backward: the op, as compile's (or, under a
             # FakeTensorMode, the closed form)
@@ -344,7 +344,7 @@ class _Call:
                 if _overlaps(t):  # before anything runs: its update could not be copied back
                     raise ValueError(f"{name} has elements sharing memory (an expanded tensor, stride "
                                      f"{t.stride()}): it cannot hold per-channel running statistics")
-        dense = [None if t is None else t.contiguous() for t in (gamma, beta, omega, eta, running_mean, running_var)]
+        dense = contiguous(gamma, beta, omega, eta, running_mean, running_var)
         y = self(x, *dense, nbt)
         if self.update_running:
             with torch.no_grad():
@@ -555,10 +555,6 @@ def _fake_mode_of(x):
 def _has_fake(*tensors) -> bool:
     """A fake tensor among a call's (outside torch.compile, which traces with them)."""
     return not torch.compiler.is_compiling() and any(t is not None and _compat.is_fake(t) for t in tensors)
-
-
-def _dense(t):
-    return t if t is None or t.is_contiguous() else t.contiguous()
 
 
 def _overlaps(t) -> bool:

@@ -23,7 +23,7 @@ import torch
 from .. import _compat, backends
 from ..backends.torch_closed_form import (acc_dtype, merged_factor, merged_running_update, norm_backward_torch,
                                          norm_forward_torch)
-from ..kernels.layout import nsc_strides
+from ..kernels.layout import contiguous, nsc_strides
 from ..kernels.norm import MODE_BATCH
 from ..kernels.norm_plan import DistNormPlan
 from . import collectives
@@ -108,9 +108,8 @@ def backward(call, dy, x, saved, gamma, beta, omega, eta):
     if nsc_strides(x) is None:
         x = x.contiguous()
     if len(saved) == 1:  # the Triton path's side buffer
-        side = saved[0]
-        if not all(t is None or t.is_contiguous() for t in (side, gamma, omega, eta)):  # a saved-tensor hook's
-            side, gamma, omega, eta = (t if t is None else t.contiguous() for t in (side, gamma, omega, eta))
+        # (a saved-tensor hook may give them back strided: the kernels index them densely)
+        side, gamma, omega, eta = contiguous(saved[0], gamma, omega, eta)
         if call.mode != MODE_BATCH:  # estimates: nothing to combine
             return call.plan(x, gamma, omega, None).backward(dy, x, side, gamma, beta, omega, eta)
         dplan = _dist_plan(call, x, gamma, omega, None, ranks.size)

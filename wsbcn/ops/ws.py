@@ -141,7 +141,7 @@ class _Call:
                 backends.backend_for(weight) == "triton" and \
                 not torch.compiler.is_compiling() and not (_compat.dispatch_modes() and _compat.fake_mode_active()):
             # (compiled autograd traces the op below; a saved-tensor hook may give stats back strided)
-            return self.plan(weight).backward(grad, weight, stats if stats.is_contiguous() else stats.contiguous())
+            return self.plan(weight).backward(grad, weight, stats.contiguous())
         bwd = ws_backward_op if torch.compiler.is_compiling() else _ws_backward_impl
         return bwd(grad, weight, stats, self.center_only)
 

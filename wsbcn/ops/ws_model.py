@@ -613,7 +613,7 @@ class ModelWeightStandardizer:
 
     def __setstate__(self, state):  # pickle: the layers' link back (their own state leaves it out)
         state = dict(state)
-        model = state.pop("_model", None) if "_model" in state else state.pop("model", None)  # (older pickles)
+        model = state.pop("_model", state.pop("model", None))  # (older pickles hold "model")
         self.__dict__.update(state)
         self._model = _freed if model is None else weakref.ref(model)
         self._link_layers()

@@ -304,7 +304,8 @@ def add_arguments(p) -> None:
     p.add_argument("--ops", nargs="+", choices=OPS, default=list(OPS),
                    help="bcn, bcn_estimate, bcn_eval: BCN in training with batch statistics, in training with "
                         "micro-batch estimates, in eval (running statistics); gn; ws")
-    p.add_argument("--arch", type=positive_int, default=90, help="compute capability to compile for (occupancy assumes 90)")
+    p.add_argument("--arch", type=positive_int, default=90,
+                   help="compute capability to compile for (occupancy assumes 90)")
     p.add_argument("--out", default=None,
                    help="CSV to write (default: perf/results/sm90-static/kernels.csv for the resnet50 suite, "
                         "none for ci)")
@@ -313,7 +314,8 @@ def add_arguments(p) -> None:
     p.add_argument("--baseline", default=None, help="a report CSV of another commit, drawn in grey on the plot")
     p.add_argument("--check", action="store_true",
                    help="exit 1 on any spill, slow compile, or pass over x short of waves that smaller tiles would give")
-    p.add_argument("--max-compile-s", type=positive_float, default=30.0, help="slowest compile --check accepts (seconds)")
+    p.add_argument("--max-compile-s", type=positive_float, default=30.0,
+                   help="slowest compile --check accepts (seconds)")
     p.add_argument("--quiet", action="store_true", help="no line per compiled specialisation")
 
 
