@@ -1025,6 +1025,85 @@ def test_layers_without_a_rule_stay_modules_and_are_named(caplog):
             "may differ; register it if it computes the same)") in summary
 
 
+class _ZeroInitResidual(nn.Module):
+    """A residual block whose last BatchNorm scale is zero (torchvision's zero_init_residual,
+    timm's zero_init_last): the block starts as the identity."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(8, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        nn.init.zeros_(self.bn.weight)
+
+    def forward(self, x):
+        return x + self.bn(self.conv(x))
+
+
+def test_a_zero_initialised_residual_scale_goes_to_the_channel_stage(caplog):
+    """A zero BN scale as a BCN's BN-stage scale feeds the channel stage a constant, which
+    it divides by sqrt(eps): the block's first gradients are then ~1/sqrt(eps) times
+    BatchNorm's and one step undoes the zero init. convert puts the zero on group_weight
+    (the BN stage's scale 1, a new Parameter; the source layer's is left as it was): the
+    block starts as the identity and, as with BatchNorm, only the last affine gets a
+    gradient (float64 reference); the summary says so."""
+    torch.manual_seed(11)
+    block = _ZeroInitResidual()
+    zero_scale = block.bn.weight
+    x = torch.randn(2, 8, 5, 5)
+    with caplog.at_level(logging.INFO, logger="wsbcn"):
+        model, summary = wsbcn.convert(block, num_groups=4, return_summary=True)
+    assert any(line.startswith("bn: its scale is all zero") for line in summary)
+    bcn = model.bn
+    assert torch.equal(zero_scale, torch.zeros(8)) and bcn.weight is not zero_scale
+    assert torch.equal(bcn.weight, torch.ones(8)) and bcn.weight.requires_grad
+    assert torch.equal(bcn.group_weight, torch.zeros(1, 4, 1))
+    x = x.requires_grad_(True)
+    y = model(x)
+    assert torch.equal(y, x)  # the identity, as the BatchNorm block
+    g = torch.randn_like(y)
+    y.backward(g)
+    # float64: the channel stage's input (conv output through the BN stage) and its gradient
+    conv = model.conv
+    h = conv_nd(x.detach().double(), ws_reference(conv.weight.double()), conv.bias.double(), conv)
+    gw = torch.zeros(1, 4, 1, dtype=torch.float64, requires_grad=True)
+    ref = bcn_reference(h, 4, bcn.weight.double(), bcn.bias.double(), gw, bcn.group_bias.double())
+    ref.backward(g.double())
+    assert rel_err(bcn.group_weight.grad, gw.grad) <= TOL[torch.float32]
+    assert gw.grad.abs().max() < 1e2  # BatchNorm's scale: O(sum g x_hat), no 1/sqrt(eps)
+    for p in (conv.weight, bcn.weight):  # nothing reaches the branch past its zero scale
+        assert not p.grad.any()
+    assert torch.equal(x.grad, g)
+
+
+def test_a_batch_norm_checkpoint_loads_after_convert_moved_its_zero_scale():
+    """After convert moved a zero scale to the channel stage, a state dict of the source
+    BatchNorm (no group_* keys) loads as convert would have converted it: a trained scale
+    goes to the BN stage with group_weight back at 1 (bitwise a conversion of the trained
+    model), a zero one stays moved; a BatchChannelNorm's own state dict loads as it is."""
+    torch.manual_seed(12)
+    block = _ZeroInitResidual()
+    trained = copy.deepcopy(block)
+    nn.init.uniform_(trained.bn.weight, 0.5, 1.5)
+    trained_state = copy.deepcopy(trained.state_dict())
+    zero_state = copy.deepcopy(block.state_dict())
+    model = wsbcn.convert(block, num_groups=4)
+    own = copy.deepcopy(model.state_dict())
+    missing = model.load_state_dict(trained_state, strict=False).missing_keys
+    assert sorted(missing) == ["bn.group_bias", "bn.group_weight"]
+    expected = wsbcn.convert(trained, num_groups=4)
+    x = torch.randn(2, 8, 5, 5)
+    assert torch.equal(model.bn.weight, trained_state["bn.weight"])
+    assert torch.equal(model.bn.group_weight, torch.ones(1, 4, 1)) and not model.bn._zero_scale_on_channel_stage
+    assert torch.equal(model(x), expected(x))
+    model.load_state_dict(own)  # its own state dict: the moved zero, flag or not
+    assert torch.equal(model.bn.group_weight, torch.zeros(1, 4, 1))
+    torch.manual_seed(12)
+    moved = wsbcn.convert(_ZeroInitResidual(), num_groups=4)
+    moved.load_state_dict(zero_state, strict=False)
+    assert torch.equal(moved.bn.weight, torch.ones(8)) and torch.equal(moved.bn.group_weight, torch.zeros(1, 4, 1))
+    assert torch.equal(moved(x), x)
+
+
 def test_batch_norm_without_running_stats_keeps_batch_statistics_in_eval(monkeypatch):
     """BatchNorm2d(track_running_stats=False) normalizes with batch statistics in eval:
     its BCN does too (it would otherwise start using running estimates it never had);

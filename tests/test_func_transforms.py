@@ -138,6 +138,22 @@ def test_vmap_of_a_running_buffer_update_is_refused_before_any_buffer_changes(ba
         assert torch.equal(v, before[k]), k
 
 
+def test_a_model_ensemble_updating_running_buffers_is_refused_saying_so(backend):
+    """A model ensemble (torch.func.stack_module_state, buffers batched per instance) in
+    training, which nn.BatchNorm runs: refused with an error that says so, not the
+    one-update-for-every-instance reason, and the stacked buffers are as they were."""
+    torch.manual_seed(4)
+    models = [wsbcn.BatchChannelNorm2d(C, G).to(DEVICE).train() for _ in range(3)]
+    params, buffers = torch.func.stack_module_state(models)
+    before = {k: v.clone() for k, v in buffers.items()}
+    base = copy.deepcopy(models[0]).to("meta")
+    xs = torch.randn(3, 2, C, 2, 2, device=DEVICE)
+    with pytest.raises(RuntimeError, match="not even batched ones .*stack_module_state"):
+        torch.func.vmap(lambda p, b, x: torch.func.functional_call(base, (p, b), (x,)))(params, buffers, xs)
+    for k, v in buffers.items():
+        assert torch.equal(v, before[k]), k
+
+
 def test_vmap_of_each_layer_is_the_loop_of_float64_references(backend):
     """Under vmap the layers compute with torch ops: a batch of inputs (GroupNorm, BCN in
     eval, BCN on batch statistics without running buffers) and a batch of weights (WS)

@@ -10,7 +10,9 @@ from .freeze import freeze  # noqa: E402
 from .modules import (BatchChannelNorm1d, BatchChannelNorm2d, BatchChannelNorm3d,  # noqa: E402
                       GroupNorm, WSConv1d, WSConv2d, WSConv3d)
 from .ops.ws_model import ModelWeightStandardizer  # noqa: E402
+from .swa_utils import update_bn  # noqa: E402
 
 __all__ = ["distributed", "functional", "convert", "register_convert_rule", "freeze", "WSConv1d", "WSConv2d", "WSConv3d", "BatchChannelNorm1d",
-           "BatchChannelNorm2d", "BatchChannelNorm3d", "GroupNorm", "ModelWeightStandardizer"]
+           "BatchChannelNorm2d", "BatchChannelNorm3d", "GroupNorm", "ModelWeightStandardizer",
+           "update_bn"]
 __version__ = "0.1.0"

@@ -483,6 +483,9 @@ def convert(model: nn.Module, norm: str = "bcn", num_groups: int = 32, estimate:
         new = _placed(_build(path, old, rule, spec), old, feeding, model)
         replacements.append((path, old, new))
         changed.append(f"{path}: {type(old).__name__} -> {_describe(new)}")
+        if any(getattr(m, "_zero_scale_on_channel_stage", False) for m in new.modules()):
+            changed.append(f"{path}: its scale is all zero (a zero-initialised residual branch): the zero is the "
+                           "channel stage's scale (group_weight), the BN stage's is 1 (docs/convert.md)")
         channels = rule.channels(old)
         if not rule.keeps_groups and spec.groups_for(channels) != num_groups:
             changed.append(f"{path}: num_groups={num_groups} does not divide its {channels} channels; "

@@ -35,6 +35,7 @@ from .convert_plan import _ACT_MODULES  # the activation modules wsbcn's kernels
 from .convert_registry import ConvertRule, NormSpec, register_convert_rule
 from .modules import (BatchChannelNorm1d, BatchChannelNorm2d, BatchChannelNorm3d, GroupNorm, WSConv1d, WSConv2d,
                       WSConv3d)
+from .modules.norm import is_zero_scale
 from .ops.collectives import WORLD
 
 _BCN_BY_DIMS = {1: BatchChannelNorm1d, 2: BatchChannelNorm2d, 3: BatchChannelNorm3d}
@@ -101,6 +102,13 @@ def bn_like_norm(spec: NormSpec, channels: int, *, weight=None, bias=None, runni
             for source, made in ((weight, new.group_weight), (bias, new.group_bias)):
                 if isinstance(source, nn.Parameter) and not source.requires_grad:
                     made.requires_grad_(False)
+            if is_zero_scale(weight):
+                # a zero-initialised residual branch: its zero goes to the channel stage's scale
+                # (modules/norm.py, is_zero_scale); a new Parameter, the source layer untouched
+                new.weight = nn.Parameter(torch.ones_like(weight), requires_grad=weight.requires_grad)
+                with torch.no_grad():
+                    new.group_weight.zero_()
+                new._zero_scale_on_channel_stage = True
     return new
 
 

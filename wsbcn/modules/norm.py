@@ -10,6 +10,19 @@ from ..ops.norm import _batch_channel_norm, _group_norm
 from .tracing import Proxy, fx_leaf, refuse_script
 
 
+def is_zero_scale(weight) -> bool:
+    """A BatchNorm scale of all zeros: a zero-initialised residual branch (torchvision's
+    ``zero_init_residual``, timm's ``zero_init_last``, mmdet's ``zero_init_residual``).
+    As a BCN's BN-stage scale it feeds the channel stage a constant, which that stage
+    divides by sqrt(eps): the output is still 0, but the first gradient on the scale is
+    ~1/sqrt(eps) times BatchNorm's, which undoes the zero init in one step. wsbcn.convert
+    puts the zero on the channel stage's scale (``group_weight``) instead, the BN stage's
+    set to 1: the block starts at 0 and, as with BatchNorm, only the last affine gets a
+    gradient. (Not read on the meta device.)"""
+    return weight is not None and weight.device.type != "meta" and weight.numel() > 0 \
+        and not bool(weight.detach().any())
+
+
 class _BatchChannelNorm(nn.Module):
     """Batch-Channel Normalization (Qiao et al., arXiv 1903.10520).
 
@@ -154,6 +167,26 @@ class _BatchChannelNorm(nn.Module):
 
     _version = 2  # as nn.BatchNorm's: a state dict of an earlier version has no num_batches_tracked
     _from_group_norm = False  # set by wsbcn.convert on a BCN made from a GroupNorm
+    _zero_scale_on_channel_stage = False  # set by wsbcn.convert: a zero BN scale carried by group_weight
+
+    def _batch_norm_state_as_convert_puts_it(self, state_dict, prefix):
+        """A state dict of the BatchNorm whose zero scale convert put on the channel stage
+        (is_zero_scale) loads as convert would have converted it: a zero scale stays on the
+        channel stage (the BN stage's loads 1), any other goes to the BN stage with the
+        channel stage's scale back at 1. Returns what to do after a successful load."""
+        if prefix + "weight" not in state_dict or any(
+                prefix + k in state_dict for k in ("group_weight", "group_bias")):
+            return None  # a BatchChannelNorm's own (partial) state dict
+        loaded = state_dict[prefix + "weight"]
+        if is_zero_scale(loaded):
+            state_dict[prefix + "weight"] = torch.ones_like(loaded)
+            return None
+        return self._scale_back_on_bn_stage
+
+    def _scale_back_on_bn_stage(self):
+        with torch.no_grad():
+            self.group_weight.fill_(1)
+        self._zero_scale_on_channel_stage = False
 
     def _group_norm_state_to_bcn(self, state_dict, prefix, local_metadata):
         """A state dict of the GroupNorm this layer was converted from loads its affine where
@@ -182,6 +215,9 @@ class _BatchChannelNorm(nn.Module):
         stage = next((s for s in ("bn.", "pbn.") if prefix + s + "running_mean" in state_dict), None)
         if stage is None and self._from_group_norm:
             self._group_norm_state_to_bcn(state_dict, prefix, local_metadata)
+        after = None
+        if stage is None and self._zero_scale_on_channel_stage and self.group_weight is not None:
+            after = self._batch_norm_state_as_convert_puts_it(state_dict, prefix)
         speed = None
         if stage is not None:
             speed = state_dict.pop(prefix + stage + "estbn_moving_speed", None)
@@ -207,6 +243,8 @@ class _BatchChannelNorm(nn.Module):
                                       unexpected_keys, error_msgs)
         if speed is not None and len(error_msgs) == n_errors:  # EstBN's moving speed is our momentum
             self.momentum = speed
+        if after is not None and len(error_msgs) == n_errors:
+            after()
 
 
 class BatchChannelNorm1d(_BatchChannelNorm):

@@ -318,13 +318,16 @@ class _Call:
         (ops/differentiable.py), which vmap batches and the other transforms see through.
         As nn.BatchNorm under vmap, a call that would update running buffers (training
         with running statistics, batch or estimate mode) cannot: it raises before anything
-        runs; eval mode and batch statistics without running buffers work."""
+        runs; eval mode and batch statistics without running buffers work. (nn.BatchNorm
+        updates running buffers that are batched too, a model ensemble's from
+        torch.func.stack_module_state; this layer does not.)"""
         if self.update_running or self.group is not None:
             raise RuntimeError(
                 "wsbcn BatchChannelNorm in training with running statistics cannot run under torch.func.vmap "
-                "(vmap, jacfwd, hessian, per-sample gradients): one update of its running buffers would stand for "
-                "every vmapped instance. Use eval mode, or track_running_stats=False (batch statistics of each "
-                "instance), as for nn.BatchNorm under vmap.")
+                "(vmap, jacfwd, hessian, per-sample gradients, model ensembles): it does not update running "
+                "buffers under vmap, not even batched ones (a model ensemble's from torch.func.stack_module_state, "
+                "which nn.BatchNorm updates per instance). Use eval mode, or track_running_stats=False (batch "
+                "statistics of each instance).")
         from . import differentiable
         if x.numel() == 0:
             return torch.empty_like(x)
