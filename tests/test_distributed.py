@@ -459,6 +459,126 @@ def case_fully_shard(rank, world, backend, model_wide, c=8, g=4):
         assert rel_err(b, ref_buffers[k]) <= 1e-6, k
 
 
+def case_fsdp1_nested_model_wide(rank, world, c=8, g=4):
+    """Under FSDP's FullyShardedDataParallel wrapping each block (use_orig_params=True: the
+    layers' weights are flat 1-D shards until each block's forward gathers them), model-wide
+    WS leaves the weights to the layers, as under fully_shard: the gradients are the
+    single-process float64 ones of the whole batch, averaged."""
+    import torch.nn.functional as F
+    from conftest import rel_err
+    from reference import bcn_reference, ws_reference
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+    import wsbcn
+
+    os.environ["WSBCN_BACKEND"] = "triton"
+    torch.manual_seed(7)
+    block = torch.nn.Sequential
+    net = block(block(wsbcn.WSConv2d(3, c, 3, padding=1), wsbcn.BatchChannelNorm2d(c, g), torch.nn.ReLU()),
+                block(wsbcn.WSConv2d(c, c, 3)))
+    ref = {k: v.detach().double().requires_grad_(True) for k, v in net.named_parameters()}
+    wsbcn.ModelWeightStandardizer(net)
+    model = FSDP(net, use_orig_params=True, auto_wrap_policy=ModuleWrapPolicy({block}), device_id=torch.device("cpu"))
+    gen = torch.Generator().manual_seed(8)
+    x = torch.randn(2 * world, 3, 5, 5, generator=gen)
+    dy = torch.randn(2 * world, c, 3, 3, generator=gen)
+    mine = slice(2 * rank, 2 * rank + 2)
+    (model(x[mine]) * dy[mine]).sum().backward()
+    for half in (slice(0, 2), slice(2, 4)):  # each rank's BCN normalizes its own batch (no process group)
+        y = F.conv2d(x[half].double(), ws_reference(ref["0.0.weight"]), ref["0.0.bias"], padding=1)
+        y = bcn_reference(y, g, ref["0.1.weight"], ref["0.1.bias"], ref["0.1.group_weight"], ref["0.1.group_bias"])
+        y = F.conv2d(torch.relu(y), ws_reference(ref["1.0.weight"]), ref["1.0.bias"])
+        (y * dy[half].double()).sum().backward()
+    scale = max(r.grad.norm().item() for r in ref.values()) / world
+    with FSDP.summon_full_params(model, with_grads=True):
+        for k, p in net.named_parameters():
+            expected = ref[k.replace("_fsdp_wrapped_module.", "")].grad / world
+            if expected.norm().item() > 1e-9 * scale:
+                assert rel_err(p.grad, expected) <= 1e-5, k
+            else:  # zero in exact arithmetic (the conv bias before a batch norm): rounding only
+                assert p.grad.norm().item() <= 1e-6 * scale, k
+
+
+class _SometimesSkipped(torch.nn.Module):
+    """Two WSConvs every forward calls and a third only when ``use_extra``."""
+
+    def __init__(self, wsbcn, c=8):
+        super().__init__()
+        self.a, self.b, self.extra = (wsbcn.WSConv2d(c, c, 3, padding=1) for _ in range(3))
+        self.use_extra = False
+
+    def forward(self, x):
+        x = self.b(torch.relu(self.a(x)))
+        return self.extra(x) if self.use_extra else x
+
+
+def case_ddp_find_unused_model_wide(rank, world, c=8):
+    """DDP(find_unused_parameters=True) with a layer some forwards skip: model-wide WS
+    (its one node holds every weight, the skipped one's too) trains as per-layer WS does,
+    every step, the skipped layer's weight without a gradient in the steps that skip it."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    import wsbcn
+
+    os.environ["WSBCN_BACKEND"] = "triton"
+    runs = []
+    for model_wide in (False, True):
+        torch.manual_seed(9)
+        net = _SometimesSkipped(wsbcn, c)
+        if model_wide:
+            wsbcn.ModelWeightStandardizer(net)
+        model = DDP(net, find_unused_parameters=True)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        gen = torch.Generator().manual_seed(10 + rank)
+        trace = []
+        for step in range(3):
+            net.use_extra = step == 1
+            opt.zero_grad(set_to_none=True)
+            model(torch.randn(2, c, 4, 4, generator=gen)).square().sum().backward()
+            trace.append([None if p.grad is None else p.grad.clone() for p in net.parameters()])
+            opt.step()
+        runs.append(trace)
+    for step, (per_layer, model_wide) in enumerate(zip(*runs)):
+        for i, (a, b) in enumerate(zip(per_layer, model_wide)):
+            assert (a is None) == (b is None) and (a is None or torch.equal(a, b)), (step, i)
+    assert runs[1][0][4] is None and runs[1][1][4] is not None  # extra.weight: skipped, then used
+
+
+def case_convert_refuses_a_wrapped_model(rank, world):
+    """convert on a model that DDP, FSDP or fully_shard (FSDP2) wraps, or that holds such a
+    module, raises before anything changes, saying to convert before wrapping: the
+    wrapper would not synchronize the parameters convert adds."""
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    from torch.distributed.fsdp import fully_shard
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    import wsbcn
+
+    def net():
+        torch.manual_seed(3)
+        return torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.ReLU())
+
+    def shard_first(model):
+        fully_shard(model[0])
+        return model
+
+    wraps = {"DistributedDataParallel": DDP, "DistributedDataParallel ": lambda m: torch.nn.Sequential(DDP(m)),
+             "FullyShardedDataParallel": lambda m: FSDP(m, device_id=torch.device("cpu")),
+             "fully_shard": fully_shard, "fully_shard ": shard_first}
+    for name, wrap in wraps.items():
+        model = wrap(net())
+        before = [(type(m), [p.data_ptr() for p in m.parameters(recurse=False)]) for m in model.modules()]
+        try:
+            wsbcn.convert(model, num_groups=4)
+        except ValueError as e:
+            assert name.strip() in str(e) and "convert before wrapping" in str(e), (name, str(e))
+        else:
+            raise AssertionError(f"{name}: convert did not refuse")
+        after = [(type(m), [p.data_ptr() for p in m.parameters(recurse=False)]) for m in model.modules()]
+        assert after == before, name
+
+
 def case_mixed_dtypes_and_backends(rank, world, c=8, g=4):
     """Ranks with different input dtypes and backends combine their statistics (the
     rows travel as float64 whatever the input): rank 0 float64 through the torch
@@ -812,6 +932,18 @@ def test_compiled_model_matches_one_batch(ranks, backend):
 @pytest.mark.parametrize("model_wide", [False, True])
 def test_fully_shard_matches_one_batch(ranks, model_wide):
     ranks(2).run("case_fully_shard", backend="triton", model_wide=model_wide)
+
+
+def test_fsdp1_nested_model_wide_leaves_flat_shards_to_the_layers(ranks):
+    ranks(2).run("case_fsdp1_nested_model_wide")
+
+
+def test_convert_refuses_a_model_wrapped_for_data_parallelism(ranks):
+    ranks(2).run("case_convert_refuses_a_wrapped_model")
+
+
+def test_ddp_find_unused_parameters_with_model_wide_ws_and_a_skipped_layer(ranks):
+    ranks(2).run("case_ddp_find_unused_model_wide")
 
 
 def test_mixed_dtypes_and_backends_combine(ranks):

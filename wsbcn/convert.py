@@ -57,6 +57,7 @@ import warnings
 import weakref
 from collections import Counter
 
+import torch
 from torch import nn
 
 from . import convert_builtin  # noqa: F401  (registers the built-in rules)
@@ -85,6 +86,32 @@ def _check_arguments(model, norm, num_groups, keep_frozen):
         raise TypeError(f"keep_frozen must be a bool, got {type(keep_frozen).__name__}")
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    wrapper = _data_parallel_wrapper(model)
+    if wrapper is not None:
+        raise ValueError(f"model holds {wrapper}: convert before wrapping the model (DDP(wsbcn.convert(model))). "
+                         "The wrapper set itself up for the parameters it found; a BatchChannelNorm's new "
+                         "channel-stage affine would not be synchronized across processes")
+
+
+def _data_parallel_wrapper(model):
+    """What wraps ``model`` or a module in it for data parallelism across processes (DDP,
+    FSDP, FSDP2's fully_shard), by name; None without one. Such a wrapper registers the
+    parameters it finds when it is made: parameters convert adds later stay per process."""
+    if not torch.distributed.is_available():
+        return None
+    wrappers = [(nn.parallel.DistributedDataParallel, "DistributedDataParallel")]
+    try:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+        wrappers.append((FullyShardedDataParallel, "FullyShardedDataParallel"))
+        from torch.distributed.fsdp import FSDPModule
+        wrappers.append((FSDPModule, "a module sharded by fully_shard (FSDP2)"))
+    except ImportError:  # (a torch without FSDP2's public class)
+        pass
+    for m in model.modules():
+        for cls, name in wrappers:
+            if isinstance(m, cls):
+                return name
+    return None
 
 
 def _flow(model, layers):

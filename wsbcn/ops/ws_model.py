@@ -30,12 +30,11 @@ W_hat for this forward; a layer takes it once (a second call in the same forward
 standardizes per layer again, so gradients accumulate as per-layer WS's do), and the
 hand-over ends with the forward (a forward hook), so a W_hat is never reused.
 Layers not called in a forward had their W_hat computed and ignored; their weights
-get no gradient (None), as with per-layer WS. Two exceptions, both of one node
-holding every weight: a torch.compile'd graph hands an autograd.Function zeros for
-the gradient of an output it did not use, so there such a weight gets a zero
-gradient; and DDP with find_unused_parameters=True counts every covered weight as
-used, so a layer skipped in a forward leaves DDP waiting for its gradient (pass
-``modules=`` the layers every forward calls, or use per-layer WS for such models).
+get no gradient (None), as with per-layer WS, DDP with find_unused_parameters=True
+included (the one node holds every weight, and the engine still runs the skipped
+weight's gradient accumulator, with no gradient, which DDP counts as unused; tested).
+One exception: a torch.compile'd graph hands an autograd.Function zeros for the
+gradient of an output it did not use, so there such a weight gets a zero gradient.
 """
 import copy
 import itertools
@@ -529,6 +528,10 @@ def _freed():  # the model reference of a standardizer copied after its model wa
     return None
 
 
+def _conv_weight_shape(conv) -> tuple:
+    return (conv.out_channels, conv.in_channels // conv.groups, *conv.kernel_size)
+
+
 class ModelWeightStandardizer:
     """Standardizes every WSConv weight of ``model`` at once on each forward of
     ``model`` and hands each WSConv its W_hat (see the module docstring).
@@ -677,8 +680,9 @@ class ModelWeightStandardizer:
         standardize per layer for this forward, which unwraps it. None too for a tensor
         subclass: FSDP2's ``fully_shard`` keeps each weight as a sharded DTensor
         between forwards and hands the layer a whole one only in its own forward, so a
-        pack made here would standardize shards that no layer takes. None under a
-        FakeTensorMode, whose allocations are fake."""
+        pack made here would standardize shards that no layer takes; and for a weight not
+        of its conv's shape, as the flat 1-D shards FSDP's FullyShardedDataParallel keeps
+        (use_orig_params=True). None under a FakeTensorMode, whose allocations are fake."""
         if torch.compiler.is_compiling():
             return ModelCall(weights, self._checked)
         if _compat.fake_mode_active():  # shape propagation: per layer, in the closed form (ops/ws.py)
@@ -692,6 +696,8 @@ class ModelWeightStandardizer:
                 return call
         if not all(type(w) is torch.nn.Parameter or type(w) is torch.Tensor for w in weights):
             return None
+        if any(w.shape != _conv_weight_shape(m) for m, w in zip(self._convs, weights)):
+            return None  # FSDP's FullyShardedDataParallel: a flat shard until the layer's own forward gathers it
         wrapped = _compat.is_functorch_wrapped
         if wrapped is not None and any(map(wrapped, weights)):
             return None
