@@ -3,7 +3,7 @@ torch's own: under a transform the layers take Functions with ``setup_context``
 (ops/norm.py ``FunctorchNormFunction``, ops/ws.py ``FunctorchWeightStandardizeFunction``),
 which torch.func requires; under vmap (jacfwd, hessian, per-sample gradients) they
 compute with torch ops. Every result against the float64 reference; a vmap that would
-update running buffers is refused before any buffer changes."""
+update running buffers every instance shares is refused before any buffer changes."""
 import copy
 
 import pytest
@@ -138,20 +138,42 @@ def test_vmap_of_a_running_buffer_update_is_refused_before_any_buffer_changes(ba
         assert torch.equal(v, before[k]), k
 
 
-def test_a_model_ensemble_updating_running_buffers_is_refused_saying_so(backend):
-    """A model ensemble (torch.func.stack_module_state, buffers batched per instance) in
-    training, which nn.BatchNorm runs: refused with an error that says so, not the
-    one-update-for-every-instance reason, and the stacked buffers are as they were."""
+@pytest.mark.parametrize("estimate,momentum", [(False, 0.1), (True, 0.3), (False, None), (True, None)])
+def test_a_model_ensemble_updates_each_instance_s_running_buffers(backend, estimate, momentum):
+    """A model ensemble in training (torch.func.stack_module_state: buffers batched per
+    instance, as vmap batches the input), which nn.BatchNorm runs: each instance
+    normalizes and updates its own running buffers and num_batches_tracked, output,
+    buffers and parameter gradients as the float64 reference of each model alone."""
     torch.manual_seed(4)
-    models = [wsbcn.BatchChannelNorm2d(C, G).to(DEVICE).train() for _ in range(3)]
+    models = [wsbcn.BatchChannelNorm2d(C, G, estimate=estimate, momentum=momentum).to(DEVICE).train()
+              for _ in range(3)]
+    with torch.no_grad():
+        for m in models:
+            m.running_mean.normal_()
+            m.running_var.uniform_(0.5, 2)
+            m.num_batches_tracked.fill_(2)
+            for p in m.parameters():
+                p.uniform_(0.5, 1.5)
     params, buffers = torch.func.stack_module_state(models)
-    before = {k: v.clone() for k, v in buffers.items()}
+    params = {k: v.detach().requires_grad_(True) for k, v in params.items()}
     base = copy.deepcopy(models[0]).to("meta")
-    xs = torch.randn(3, 2, C, 2, 2, device=DEVICE)
-    with pytest.raises(RuntimeError, match="not even batched ones .*stack_module_state"):
-        torch.func.vmap(lambda p, b, x: torch.func.functional_call(base, (p, b), (x,)))(params, buffers, xs)
-    for k, v in buffers.items():
-        assert torch.equal(v, before[k]), k
+    xs = torch.randn(3, 2, C, 3, 3, device=DEVICE) * 2 + 1
+    dy = torch.randn_like(xs)
+    out = torch.func.vmap(lambda p, b, x: torch.func.functional_call(base, (p, b), (x,)))(params, buffers, xs)
+    (out * dy).sum().backward()
+    for i, m in enumerate(models):
+        ref = {k: v.detach().double().requires_grad_(k in ("weight", "bias", "group_weight", "group_bias"))
+               for k, v in m.state_dict().items()}
+        y = bcn_reference(xs[i], G, ref["weight"], ref["bias"], ref["group_weight"], ref["group_bias"],
+                          ref["running_mean"], ref["running_var"], training=True, estimate=estimate,
+                          momentum=momentum, num_batches_tracked=ref["num_batches_tracked"])
+        (y * dy[i].double()).sum().backward()
+        assert rel_err(out[i], y) <= 1e-5, i
+        for k in ("running_mean", "running_var"):
+            assert rel_err(buffers[k][i], ref[k]) <= 1e-5, (i, k)
+        assert buffers["num_batches_tracked"][i].item() == 3
+        for k, p in params.items():
+            assert rel_err(p.grad[i], ref[k].grad) <= 1e-5, (i, k)
 
 
 def test_vmap_of_each_layer_is_the_loop_of_float64_references(backend):

@@ -247,6 +247,23 @@ def vmap_active() -> bool:
     return _functorch_transform_active("Vmap")
 
 
+def functorch_levels(t) -> set:
+    """The torch.func transform levels that wrap ``t``: vmap's batching and the grad
+    transforms' (grad, vjp, jvp) tracking; empty for a plain tensor or where this torch
+    has no functorch. A tensor may be updated in place under a transform only where it
+    is wrapped at every level its new value is (else torch.func refuses the mutation)."""
+    f = getattr(torch._C, "_functorch", None)
+    levels = set()
+    if f is None or not all(hasattr(f, n) for n in ("is_batchedtensor", "is_gradtrackingtensor", "get_unwrapped")):
+        return levels
+    while t is not None and f.is_functorch_wrapped_tensor(t):
+        if not (f.is_batchedtensor(t) or f.is_gradtrackingtensor(t)):
+            break  # a wrapper of another kind (functionalization)
+        levels.add(f.maybe_get_level(t))
+        t = f.get_unwrapped(t)
+    return levels
+
+
 # --- torch: dynamo's tensor guards ----------------------------------------------------
 # ``torch._C._dynamo.guards.TensorGuards(*tensors, dynamic_dims_sizes=None,
 # dynamic_dims_strides=None)`` records, per tensor, its Python type, dispatch key set

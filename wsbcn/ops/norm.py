@@ -312,31 +312,63 @@ class _Call:
                     dx, *grads = _norm_backward_impl(*args, closed_form=self.fake)
         return (dx, *param_grads(*grads, gamma, omega))
 
-    def in_torch_ops(self, x, gamma, beta, omega, eta, running_mean, running_var):
+    def in_torch_ops(self, x, gamma, beta, omega, eta, running_mean, running_var, nbt=None):
         """The call under torch.func.vmap (and under any torch.func transform that
         torch.compile traces): the forward in differentiable torch ops
         (ops/differentiable.py), which vmap batches and the other transforms see through.
-        As nn.BatchNorm under vmap, a call that would update running buffers (training
-        with running statistics, batch or estimate mode) cannot: it raises before anything
-        runs; eval mode and batch statistics without running buffers work. (nn.BatchNorm
-        updates running buffers that are batched too, a model ensemble's from
-        torch.func.stack_module_state; this layer does not.)"""
-        if self.update_running or self.group is not None:
+        A call that updates running buffers (training, batch or estimate mode) does so
+        when they are batched as x is, one set per vmapped instance (a model ensemble's,
+        from torch.func.stack_module_state), as nn.BatchNorm does; with buffers shared by
+        every instance it raises before anything runs, as nn.BatchNorm does too."""
+        if self.group is not None or (self.update_running and not _batched_like(x, running_mean, running_var, nbt)):
             raise RuntimeError(
                 "wsbcn BatchChannelNorm in training with running statistics cannot run under torch.func.vmap "
-                "(vmap, jacfwd, hessian, per-sample gradients, model ensembles): it does not update running "
-                "buffers under vmap, not even batched ones (a model ensemble's from torch.func.stack_module_state, "
-                "which nn.BatchNorm updates per instance). Use eval mode, or track_running_stats=False (batch "
-                "statistics of each instance).")
+                "(vmap, jacfwd, hessian, per-sample gradients) with running buffers shared by every vmapped "
+                "instance (nor with a process_group): one update would stand for all of them. Use eval mode, "
+                "track_running_stats=False (batch statistics of each instance), or buffers batched as the input "
+                "is (a model ensemble's, torch.func.stack_module_state), as for nn.BatchNorm under vmap.")
         from . import differentiable
+        bn_mean = bn_rstd = None
+        if self.update_running:
+            bn_mean, bn_rstd = self._update_batched_buffers(x, running_mean, running_var, nbt)
         if x.numel() == 0:
             return torch.empty_like(x)
-        bn_mean = bn_rstd = None
         if self.mode == MODE_RUNNING:  # eval: the running estimates, as the kernels read them
             bn_mean, bn_rstd = running_mean, torch.rsqrt(running_var.to(acc_dtype(x.dtype)) + self.eps)
         return differentiable.norm_forward_differentiable(x, gamma, beta, omega, eta, self.num_groups, self.eps,
                                                           self.mode, self.activation, self.group_affine, bn_mean,
                                                           bn_rstd)
+
+    def _update_batched_buffers(self, x, running_mean, running_var, nbt):
+        """The running buffers' update under vmap, per instance, in torch ops
+        (docs/conventions.md): batch mode the batch mean and unbiased variance, estimate
+        mode the mean and the mean square deviation from the old estimate, at ``momentum``
+        or the cumulative average; num_batches_tracked + 1. Returns estimate mode's BN
+        constants (the updated estimates as the buffers hold them), else (None, None)."""
+        with torch.no_grad():
+            acc = acc_dtype(x.dtype)
+            shape_c = (1, x.shape[1]) + (1,) * (x.dim() - 2)
+            dims = [0] + list(range(2, x.dim()))
+            count = x.numel() // x.shape[1]
+            rm, rv = running_mean.to(acc), running_var.to(acc)
+            factor = 1.0 / (nbt.to(acc) + 1.0) if self.cumulative else self.momentum
+            updates = []
+            if count > 0:
+                xf = x.detach().to(acc)
+                if self.mode == MODE_BATCH:
+                    var, mean = torch.var_mean(xf, dim=dims, correction=0)
+                    var = var * (count / (count - 1))
+                else:
+                    mean = xf.mean(dim=dims)
+                    var = (xf - rm.view(shape_c)).square().mean(dim=dims)
+                updates = [(running_mean, rm + factor * (mean - rm)), (running_var, rv + factor * (var - rv))]
+            for buffer, value in updates:  # computed first: a failure above leaves the buffers as they were
+                buffer.copy_(value)
+            if nbt is not None:
+                nbt.add_(1)
+        if self.mode != MODE_ESTIMATE:
+            return None, None
+        return running_mean, torch.rsqrt(running_var.to(acc) + self.eps)
 
     def call_dense(self, x, gamma, beta, omega, eta, running_mean, running_var, nbt):
         """The call with contiguous copies of parameters and running buffers that are not
@@ -407,7 +439,7 @@ class _Call:
             return NormFunction.apply(x, gamma, beta, omega, eta, self, buffers)
         if _compat.functorch_transforms_active():  # torch.func.grad, vjp, jvp, ...
             if _compat.vmap_active():  # torch.func.vmap, jacfwd, hessian, per-sample gradients: torch ops
-                return self.in_torch_ops(x, gamma, beta, omega, eta, running_mean, running_var)
+                return self.in_torch_ops(x, gamma, beta, omega, eta, running_mean, running_var, nbt)
             return FunctorchNormFunction.apply(x, gamma, beta, omega, eta, self, buffers)[0]
         if _compat.forward_ad_active():  # inside a dual level (torch.autograd.forward_ad), under no_grad too
             return DualNormFunction.apply(x, gamma, beta, omega, eta, self, buffers)
@@ -416,6 +448,14 @@ class _Call:
         if self.c_apply is None:
             return NormFunction.apply(x, gamma, beta, omega, eta, self, buffers)
         return self.c_apply(x, gamma, beta, omega, eta, self, buffers)
+
+
+def _batched_like(x, *buffers) -> bool:
+    """Whether every buffer given is wrapped at each torch.func level ``x`` is (batched
+    by each vmap, an input of each grad transform): then an in-place update of each
+    vmapped instance's own buffers can take x's statistics."""
+    levels = _compat.functorch_levels(x)
+    return all(b is None or levels <= _compat.functorch_levels(b) for b in buffers)
 
 
 class NormFunction(torch.autograd.Function):
