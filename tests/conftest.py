@@ -52,6 +52,14 @@ def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return (a - e).norm().item() / (denom if denom > 0 else 1.0)
 
 
+def stand_in_group():
+    """A torch.distributed ProcessGroup object made without initializing torch.distributed
+    (no backend): what a layer's process_group argument takes, for the checks that come
+    before any collective."""
+    import torch.distributed as dist
+    return dist.ProcessGroup(dist.HashStore(), 0, 1)
+
+
 def dead_functorch_wrapper(t: torch.Tensor) -> torch.Tensor:
     """A functorch wrapper of a copy of ``t`` that outlived its transform (leaked from the
     function torch.func.grad ran): ``Function.apply`` unwraps such a tensor first."""

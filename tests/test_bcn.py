@@ -8,7 +8,7 @@ import torch.nn.functional as F
 import wsbcn
 from wsbcn import checks, tuning
 from wsbcn.functional import batch_channel_norm
-from conftest import DEVICE, TOL, rel_err
+from conftest import DEVICE, TOL, rel_err, stand_in_group
 from reference import ReleasedBCNorm, bcn_reference, gn_reference
 
 MODES = {  # name -> (training, estimate)
@@ -448,7 +448,7 @@ def test_without_running_stats_batch_statistics_in_eval_too(backend, activation)
     with pytest.raises(ValueError, match="estimate=True .* needs track_running_stats=True"):
         wsbcn.BatchChannelNorm2d(8, num_groups=4, estimate=True, track_running_stats=False)
     with pytest.raises(ValueError, match="process_group .* needs track_running_stats=True"):
-        wsbcn.BatchChannelNorm2d(8, num_groups=4, process_group=object(), track_running_stats=False)
+        wsbcn.BatchChannelNorm2d(8, num_groups=4, process_group=stand_in_group(), track_running_stats=False)
 
 
 def test_track_running_stats_switched_off_later_is_read_on_every_call_as_batchnorm_reads_it(backend):
@@ -483,7 +483,7 @@ def test_track_running_stats_switched_off_later_is_read_on_every_call_as_batchno
     m.track_running_stats = True  # on again: the next training step updates them
     m(x)
     assert int(m.num_batches_tracked) == 1 and not torch.equal(m.running_mean, before["running_mean"])
-    for kwargs in (dict(estimate=True), dict(process_group=object())):
+    for kwargs in (dict(estimate=True), dict(process_group=stand_in_group())):
         layer = wsbcn.BatchChannelNorm2d(8, num_groups=4, **kwargs).to(DEVICE)
         layer.track_running_stats = False
         _bad(lambda: layer(x), ValueError, "needs track_running_stats=True", layer)
@@ -524,6 +524,9 @@ def test_bad_bcn_inputs_raise_before_any_kernel(backend, monkeypatch):
     _bad(lambda: batch_channel_norm(torch.randn(8, device=DEVICE), 4, training=True), ValueError, "dimensions", None)
     _bad(lambda: batch_channel_norm(x, 4, training=True, momentum=None, running_mean=torch.zeros(8, device=DEVICE),
                                     running_var=torch.ones(8, device=DEVICE)), ValueError, "num_batches_tracked", None)
+    _bad(lambda: batch_channel_norm(x, 4, training=True, running_mean=torch.zeros(8, device=DEVICE),
+                                    running_var=torch.ones(8, device=DEVICE), num_batches_tracked=5),
+         TypeError, "num_batches_tracked must be a one-element integer tensor or None", None)
     for kwargs, words in ((dict(num_groups=0), "num_groups"), (dict(num_groups=3), "divisible"),
                           (dict(eps=-1.0), "eps"), (dict(activation="tanh"), "activation"),
                           (dict(momentum=-0.1), "momentum")):
@@ -531,6 +534,10 @@ def test_bad_bcn_inputs_raise_before_any_kernel(backend, monkeypatch):
         args.update(kwargs)
         with pytest.raises(ValueError, match=words):
             wsbcn.BatchChannelNorm2d(**args)
+    for make in (lambda: wsbcn.BatchChannelNorm2d(8, 4, dtype=torch.int64),
+                 lambda: wsbcn.GroupNorm(4, 8, dtype=torch.int32)):
+        with pytest.raises(TypeError, match="must be floating-point"):
+            make()
 
 
 def test_bad_running_buffers_raise_before_anything_changes(backend):

@@ -18,8 +18,9 @@ from torch.utils.checkpoint import checkpoint
 import wsbcn
 from wsbcn.convert import (ConvertRule, NormAct, ScaledWSConv2d, bn_like_norm, convert_rule_for,
                            convert_rules_table, register_convert_rule, unregister_convert_rule)
+from wsbcn.ops import collectives
 from wsbcn.tools.models import resnet50
-from conftest import DEVICE, TOL, rel_err
+from conftest import DEVICE, TOL, rel_err, stand_in_group
 from convert_helpers import (Reference, census, import_or_skip, matches_reference, named_as, randomize,
                              reference_model, train_step)
 from reference import bcn_reference, conv_nd, gn_reference, ws_reference
@@ -417,6 +418,34 @@ def test_convert_rejects_bad_arguments():
         wsbcn.convert("resnet")
     with pytest.raises(TypeError, match="keep_frozen"):
         wsbcn.convert(nn.Sequential(), keep_frozen="yes")
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8))
+    for kwargs, error, match in [(dict(estimate="yes"), TypeError, "estimate must be a bool"),
+                                 (dict(fuse_activation="no"), TypeError, "fuse_activation must be a bool"),
+                                 (dict(return_summary="no"), TypeError, "return_summary must be a bool"),
+                                 (dict(ws=1), ValueError, "ws must be True, False or 'model'"),
+                                 (dict(process_group="x"), TypeError, "process_group must be a torch.distributed"),
+                                 (dict(norm="gn", process_group=collectives.WORLD), ValueError, "norm='gn'")]:
+        with pytest.raises(error, match=match):
+            wsbcn.convert(model, num_groups=4, **kwargs)
+        assert [type(m) for m in model] == [nn.Conv2d, nn.BatchNorm2d], kwargs
+    with pytest.raises(TypeError, match="process_group must be a torch.distributed"):
+        wsbcn.BatchChannelNorm2d(8, 4, process_group="x")
+
+
+def test_a_batch_norm_whose_running_buffers_were_set_to_none_converts():
+    """nn.BatchNorm2d with its running buffers set to None and the flag off (its counter
+    kept), which torch runs on batch statistics: its BCN does the same (float64)."""
+    torch.manual_seed(14)
+    bn = nn.BatchNorm2d(8)
+    bn.running_mean = bn.running_var = None
+    bn.track_running_stats = False
+    model = wsbcn.convert(nn.Sequential(bn), num_groups=4)
+    bcn = model[0]
+    assert isinstance(bcn, wsbcn.BatchChannelNorm2d) and bcn.running_mean is None
+    x = torch.randn(2, 8, 3, 3)
+    ref = bcn_reference(x.double(), 4, bcn.weight.double(), bcn.bias.double(), bcn.group_weight.double(),
+                        bcn.group_bias.double())
+    assert rel_err(model.eval()(x), ref) <= TOL[torch.float32]
 
 
 def test_torchvision_resnet18():
@@ -1169,7 +1198,7 @@ def test_a_sync_batch_norm_without_running_stats_is_left_alone():
     assert "0: Conv2d left alone: feeds 1 (SyncBatchNorm), which is left alone" in summary
     plain = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8, track_running_stats=False))
     with pytest.raises(ValueError, match=r"process_group .* needs track_running_stats=True") as info:
-        wsbcn.convert(plain, num_groups=4, process_group=object())
+        wsbcn.convert(plain, num_groups=4, process_group=stand_in_group())
     assert "layer '1'" in " ".join(getattr(info.value, "__notes__", [])) and type(plain[1]) is nn.BatchNorm2d
 
 
@@ -1224,19 +1253,40 @@ def test_a_layer_registered_at_two_paths_is_replaced_at_both():
     assert "c2: the same Conv2d as c1, replaced there too" in summary
 
 
-def test_lazy_layers_are_left_alone_until_their_first_forward(monkeypatch):
+def test_lazy_layers_are_left_alone_until_their_first_forward(monkeypatch, caplog):
     """An uninitialized LazyConv2d / LazyBatchNorm2d has no shapes to convert: the summary
-    says to run a forward first; after one they are Conv2d / BatchNorm2d and convert."""
+    says to run a forward first, at WARNING (logging's default level shows it); after one
+    they are Conv2d / BatchNorm2d and convert."""
     monkeypatch.setenv("WSBCN_BACKEND", "torch")
     model = nn.Sequential(nn.LazyConv2d(8, 3), nn.LazyBatchNorm2d(), nn.ReLU())
-    _, summary = wsbcn.convert(model, num_groups=4, return_summary=True)
+    with caplog.at_level(logging.INFO, logger="wsbcn"):
+        _, summary = wsbcn.convert(model, num_groups=4, return_summary=True)
     assert ("0: LazyConv2d left alone: LazyConv2d is not initialized yet: run one forward first (it then becomes "
             "Conv2d), then convert") in summary
+    lazy = [r for r in caplog.records if "not initialized yet" in r.getMessage()]
+    assert len(lazy) == 2 and all(r.levelno == logging.WARNING for r in lazy)
     assert "1: LazyBatchNorm2d left alone: LazyBatchNorm2d is not initialized yet" in " ".join(summary)
     assert not [line for line in summary if "register_convert_rule" in line]  # no rule is missing
     model(torch.randn(2, 3, 6, 6))
     out = wsbcn.convert(model, num_groups=4)
     assert [type(m) for m in out.modules()][1:3] == [wsbcn.WSConv2d, wsbcn.BatchChannelNorm2d]
+
+
+def test_a_conv_with_a_fan_in_of_1_is_left_alone_and_its_norm_converted():
+    """A depthwise 1x1 conv (one weight per filter) would standardize to zeros: convert
+    leaves it a plain conv, says why, and converts the norm it feeds, whose output is
+    the float64 composition of the plain conv and the BCN."""
+    torch.manual_seed(13)
+    model = nn.Sequential(nn.Conv2d(4, 4, 1, groups=4), nn.BatchNorm2d(4))
+    model, summary = wsbcn.convert(model, num_groups=2, return_summary=True)
+    assert type(model[0]) is nn.Conv2d and isinstance(model[1], wsbcn.BatchChannelNorm2d)
+    assert "0: Conv2d left alone: its fan-in is 1 (one weight per filter)" in " ".join(summary)
+    x = torch.randn(2, 4, 5, 5)
+    conv, bcn = model
+    h = F.conv2d(x.double(), conv.weight.double(), conv.bias.double(), groups=4)
+    ref = bcn_reference(h, 2, bcn.weight.double(), bcn.bias.double(), bcn.group_weight.double(),
+                        bcn.group_bias.double())
+    assert rel_err(model(x), ref) <= TOL[torch.float32]
 
 
 def test_a_model_with_nothing_convertible_says_so_at_warning(caplog):

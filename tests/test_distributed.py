@@ -623,7 +623,10 @@ def case_disagreeing_ranks_raise(rank, world):
         m = wsbcn.BatchChannelNorm2d(8, num_groups=4, process_group=outside)
         with pytest.raises(ValueError, match="not a member"):
             m(torch.randn(2, 8, 3, 3))
-    m = wsbcn.BatchChannelNorm2d(8, num_groups=4, process_group="not a group")
+    with pytest.raises(TypeError, match="ProcessGroup"):
+        wsbcn.BatchChannelNorm2d(8, num_groups=4, process_group="not a group")
+    m = wsbcn.BatchChannelNorm2d(8, num_groups=4)
+    m.process_group = "not a group"  # set after construction: refused when it runs
     with pytest.raises(TypeError, match="ProcessGroup"):
         m(torch.randn(2, 8, 3, 3))
 
@@ -1020,7 +1023,9 @@ def test_ranks_match_one_batch_sweep(ranks, world, sizes, backend):
 def test_process_group_without_init_is_a_clear_error():
     import wsbcn
 
-    m = wsbcn.BatchChannelNorm2d(8, num_groups=4, process_group=object())
+    from conftest import stand_in_group
+
+    m = wsbcn.BatchChannelNorm2d(8, num_groups=4, process_group=stand_in_group())
     with pytest.raises(RuntimeError, match="torch.distributed"):
         m(torch.randn(2, 8, 3, 3))
 

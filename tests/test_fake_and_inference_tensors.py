@@ -157,3 +157,60 @@ def test_running_buffers_made_in_inference_mode(backend):
         m.train()
         m(x)
     assert m.num_batches_tracked.item() == 1 and not torch.equal(m.running_mean, torch.zeros(8))
+
+
+def _negated_view(t):
+    """A view of -t through torch's negative bit (the imaginary part of a conjugate):
+    its memory holds t, its value is -t."""
+    view = torch.complex(torch.zeros_like(t), t).conj().imag
+    assert view.is_neg() and torch.equal(view, -t)
+    return view
+
+
+def test_negated_views_are_read_as_their_values(backend):
+    """A lazily negated view (Tensor.is_neg()) as input or weight is read as its value,
+    as torch's layers read it: output, running buffers and gradients as the float64
+    reference of the value, also at a site whose plain-tensor call was remembered (the
+    kernels read memory, which holds the negation)."""
+    from reference import bcn_reference, gn_reference, ws_reference
+
+    torch.manual_seed(6)
+    bcn, gn = wsbcn.BatchChannelNorm2d(8, num_groups=2), wsbcn.GroupNorm(2, 8)
+    bcn(torch.randn(2, 8, 4, 4))  # remembered with a plain tensor
+    gn(torch.randn(2, 8, 4, 4))
+    ref_mean, ref_var = bcn.running_mean.double().clone(), bcn.running_var.double().clone()
+    base = (torch.randn(2, 8, 4, 4) + 2).requires_grad_(True)
+    x = _negated_view(base)
+    y = bcn(x)
+    x64 = -base.detach().double()
+    expected = bcn_reference(x64, 2, bcn.weight.double(), bcn.bias.double(), bcn.group_weight.double(),
+                             bcn.group_bias.double(), ref_mean, ref_var, training=True)
+    assert (y.double() - expected).abs().max() <= 1e-5
+    assert (bcn.running_mean.double() - ref_mean).abs().max() <= 1e-6
+    assert (bcn.running_var.double() - ref_var).abs().max() <= 1e-5
+    assert (gn(x).double() - gn_reference(x64, 2, gn.weight.double(), gn.bias.double())).abs().max() <= 1e-5
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    x64.requires_grad_(True)
+    bcn_reference(x64, 2, bcn.weight.double(), bcn.bias.double(), bcn.group_weight.double(),
+                  bcn.group_bias.double(), training=True).backward(dy.double())
+    assert (base.grad.double() + x64.grad).abs().max() <= 1e-5  # d(-base): the negated gradient
+    w = torch.randn(4, 3, 3, 3)
+    wsbcn.functional.weight_standardize(w)  # remembered at w
+    w_neg = _negated_view(w)
+    assert (wsbcn.functional.weight_standardize(w_neg).double() - ws_reference(-w.double())).abs().max() <= 1e-5
+    conv = wsbcn.WSConv2d(3, 4, 3)
+    with torch.no_grad():
+        conv.weight = nn.Parameter(_negated_view(conv.weight.detach().clone()))
+    assert conv.weight.is_neg()
+    assert (conv.standardized_weight().double() - ws_reference(conv.weight.double())).abs().max() <= 1e-5
+
+
+def test_a_negated_running_buffer_is_refused_before_anything_changes(backend):
+    """A running buffer that is a negated view cannot be updated in place by the kernels:
+    refused with a ValueError naming it, nothing written."""
+    x = torch.randn(2, 8, 4, 4)
+    running_mean, running_var = _negated_view(torch.zeros(8)), torch.ones(8)
+    with pytest.raises(ValueError, match="running_mean is a negated view"):
+        wsbcn.functional.batch_channel_norm(x, 2, running_mean, running_var, training=True)
+    assert torch.equal(running_mean, torch.zeros(8)) and torch.equal(running_var, torch.ones(8))

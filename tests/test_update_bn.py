@@ -86,6 +86,8 @@ def test_update_bn_moves_each_batch_to_the_device_and_skips_a_model_without_norm
     model.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
     wsbcn.update_bn([torch.zeros(1)], model)
     assert seen == []
+    with pytest.raises(TypeError, match="model must be an nn.Module"):
+        wsbcn.update_bn([torch.zeros(1)], "model")
 
     class Batch:
         def to(self, device):

@@ -177,6 +177,20 @@ def test_bad_wsconv_arguments():
         wsbcn.WSConv2d(1, 4, 1, correction=1)
 
 
+@pytest.mark.parametrize("make", [lambda: wsbcn.WSConv2d(4, 4, 1, groups=4), lambda: wsbcn.WSConv2d(1, 4, 1),
+                                  lambda: wsbcn.WSConv1d(3, 3, 1, groups=3), lambda: wsbcn.WSConv3d(2, 4, 1, groups=2)])
+def test_a_wsconv_with_a_fan_in_of_1_is_refused_before_its_weight_is_drawn(make):
+    """One element per filter standardizes to 0 whatever its value, with no gradient: such
+    a layer would output its bias alone (float64: (w - w) / sqrt(0 + eps) = 0), so it is
+    refused, as a norm of one value per group is, before nn.ConvNd draws its weight."""
+    w = torch.randn(4, 1, 1, 1, dtype=torch.float64)
+    assert torch.equal(ws_reference(w), torch.zeros_like(w))  # the dead layer refused
+    state = torch.get_rng_state()
+    with pytest.raises(ValueError, match="fan-in of 1"):
+        make()
+    assert torch.equal(torch.get_rng_state(), state)
+
+
 def test_wsconv_pickles_and_deep_copies(tmp_path):
     import copy
 

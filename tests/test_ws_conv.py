@@ -160,6 +160,22 @@ def test_freeze_rejects_bad_inplace_and_changes_nothing():
     assert type(model[0]) is wsbcn.WSConv2d and type(model[2][0]) is wsbcn.WSConv2d
 
 
+@pytest.mark.parametrize("layer,attribute,value", [(1, "activation", "gelu"), (1, "num_groups", 3),
+                                                   (1, "eps", -1.0), (3, "activation", "tanh"), (2, "eps", 0.0)])
+@pytest.mark.parametrize("inplace", [False, True])
+def test_freeze_checks_what_the_layers_check_before_changing_anything(layer, attribute, value, inplace):
+    """A layer argument made invalid after construction (which the layer's forward
+    refuses) is refused by freeze too, naming the layer, before any layer is swapped:
+    it was frozen without its activation, or failed in the frozen forward."""
+    model = nn.Sequential(wsbcn.WSConv2d(3, 8, 3), wsbcn.BatchChannelNorm2d(8, num_groups=2),
+                          wsbcn.WSConv2d(8, 8, 3), wsbcn.GroupNorm(2, 8))
+    setattr(model[layer], attribute, value)
+    types = [type(m) for m in model]
+    with pytest.raises(ValueError, match=f"layer '{layer}'"):
+        wsbcn.freeze(model, inplace=inplace)
+    assert [type(m) for m in model] == types
+
+
 def test_wsconv_center_only_matches_float64_reference(backend):
     """WSConv2d(standardize="center"): the conv of W - mean, forward and backward."""
     torch.manual_seed(7)

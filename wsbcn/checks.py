@@ -184,6 +184,25 @@ def refuse_inference_tensors(saved: tuple, updated: tuple) -> None:
                            "buffer made under torch.inference_mode)")
 
 
+def has_negated_view(tensors: tuple) -> bool:
+    """Whether one of ``tensors`` (None ones skipped) is a lazily negated view (its
+    negative bit set: ``torch._neg_view``, the imaginary part of a conjugate): its
+    memory holds -value, which a kernel reading memory would take for the value."""
+    return not torch.compiler.is_compiling() and any(isinstance(t, torch.Tensor) and t.is_neg() for t in tensors)
+
+
+def resolve_negated_views(read: tuple, updated: dict) -> tuple:
+    """The tensors of a call with a negated view among them (``has_negated_view``): those
+    it reads materialized (Tensor.resolve_neg, differentiable), in order; one it would
+    update in place (``updated``: name -> tensor) refused, before anything runs. Asked
+    per call on the checks' path, which such calls take (``remember`` keeps none)."""
+    for name, t in updated.items():
+        if isinstance(t, torch.Tensor) and t.is_neg():
+            raise ValueError(f"{name} is a negated view (Tensor.is_neg()): it is updated in place, which the kernels "
+                             f"cannot do through the negative bit; give {name}.resolve_neg() instead")
+    return tuple(t.resolve_neg() if isinstance(t, torch.Tensor) and t.is_neg() else t for t in read)
+
+
 MAX_RECALLED_PER_SITE = 8  # signatures a call site keeps (a shared FPN head: one per level)
 # signatures a site may drop before it stops remembering: a site whose inputs keep
 # changing shape (multi-scale training) would pay the scan and a new guard on every call
@@ -261,6 +280,8 @@ def remember(cache: CallCache, site, scalars: tuple, tensors: tuple, found) -> N
         if type(t) is not torch.Tensor and type(t) is not torch.nn.Parameter:
             return
         if not inference_mode and t.is_inference():  # each call is checked (refuse_inference_tensors)
+            return
+        if t.is_neg():  # each call resolves it (resolve_negated_views)
             return
         if wrapped is None or wrapped(t):  # a functorch wrapper: the caller unwraps it (_compat.py)
             return

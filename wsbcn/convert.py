@@ -69,6 +69,7 @@ from .convert_plan import (Flow, Tracer, by_module_order, census, decide, flow_f
 from .convert_registry import (ConvertRule, NormSpec, convert_rule_for, convert_rules,  # noqa: F401
                                convert_rules_table, register_convert_rule, unregister_convert_rule)
 from .modules import WSConv1d, WSConv2d, WSConv3d
+from .ops import collectives
 
 log = logging.getLogger("wsbcn")
 
@@ -77,13 +78,20 @@ __all__ = ["convert", "register_convert_rule", "unregister_convert_rule", "conve
            "AffineWSConv2d", "WSConvNormAct2d", "ConvNormAct2d"]
 
 
-def _check_arguments(model, norm, num_groups, keep_frozen):
+def _check_arguments(model, norm, num_groups, ws, process_group, flags):
     if norm not in ("bcn", "gn"):
         raise ValueError(f"norm must be 'bcn' or 'gn', got {norm!r}")
     if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups <= 0:
         raise ValueError(f"num_groups must be a positive int, got {num_groups!r}")
-    if not isinstance(keep_frozen, bool):
-        raise TypeError(f"keep_frozen must be a bool, got {type(keep_frozen).__name__}")
+    if not (ws is True or ws is False or (isinstance(ws, str) and ws == "model")):
+        raise ValueError(f"ws must be True, False or 'model', got {ws!r}")
+    for name, value in flags.items():
+        if not isinstance(value, bool):
+            raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    collectives.check_group_type(process_group)
+    if norm == "gn" and process_group is not None:
+        raise ValueError("process_group combines a BatchChannelNorm's batch statistics across processes: "
+                         "norm='gn' makes GroupNorms, which have none")
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     wrapper = _data_parallel_wrapper(model)
@@ -477,9 +485,8 @@ def convert(model: nn.Module, norm: str = "bcn", num_groups: int = 32, estimate:
     over its own process group, or, on the default group (its ``process_group=None``),
     over ``process_group`` when given, else over the default group (looked up when the
     layer runs: nothing is combined without torch.distributed, as nn.SyncBatchNorm)."""
-    _check_arguments(model, norm, num_groups, keep_frozen)
-    if ws not in (True, False, "model"):
-        raise ValueError(f"ws must be True, False or 'model', got {ws!r}")
+    _check_arguments(model, norm, num_groups, ws, process_group, dict(
+        estimate=estimate, fuse_activation=fuse_activation, return_summary=return_summary, keep_frozen=keep_frozen))
     with _folding_suspended(model):
         layers = census(model)
         flow, graph, trace, trace_note = _flow(model, layers)
@@ -553,7 +560,8 @@ def _left_alone_lines(model, layers, plan, flow, warned):
     for path, layer, role in layers:
         if path in plan.reasons:
             lines.append(f"{path}: {type(layer).__name__} left alone: {plan.reasons[path]}")
-            if "parametrized (torch.nn.utils.parametrize" in plan.reasons[path]:  # it says what to do, at WARNING
+            if "parametrized (torch.nn.utils.parametrize" in plan.reasons[path] or \
+                    "not initialized yet: run one forward first" in plan.reasons[path]:  # it says what to do: WARNING
                 warned.add(lines[-1])
             elif plan.reasons[path].startswith("no convert rule"):  # a lazy one says what to do instead
                 unknown[type(layer).__name__] += 1

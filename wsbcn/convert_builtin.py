@@ -91,7 +91,7 @@ def bn_like_norm(spec: NormSpec, channels: int, *, weight=None, bias=None, runni
             if running_mean is not None:
                 new.running_mean.copy_(running_mean)
                 new.running_var.copy_(running_var)
-            if num_batches_tracked is not None:
+            if num_batches_tracked is not None and new.num_batches_tracked is not None:
                 new.num_batches_tracked.copy_(num_batches_tracked)
         if switched_off:
             new.track_running_stats = False

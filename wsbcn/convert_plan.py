@@ -311,6 +311,14 @@ _COMPUTED_WEIGHT = ("convert cannot move that to a new layer; convert the layer 
                     "wsbcn layer")
 
 
+def _fan_in_of(conv):
+    """Elements per filter of a conv's weight (None when it has no weight of known shape)."""
+    weight = getattr(conv, "weight", None)
+    if not isinstance(weight, torch.Tensor) or uninitialized_lazy(conv) or weight.dim() < 2:
+        return None
+    return weight[0].numel()
+
+
 def _why_unknown(layer) -> str:
     if uninitialized_lazy(layer):
         return (f"{type(layer).__name__} is not initialized yet: run one forward first (it then becomes "
@@ -436,6 +444,9 @@ def decide(layers, flow: Flow, ws: bool, keep_frozen: bool, fuse_activation: boo
             plan.reasons[path] = role.rule.skip(layer)
         elif computed := _computed_weight(layer):
             plan.reasons[path] = computed
+        elif _fan_in_of(layer) == 1:
+            plan.reasons[path] = ("its fan-in is 1 (one weight per filter): standardized, every filter would be 0 "
+                                  "and the conv would output its bias alone")
         elif not role.rule.needs_norm or norm in plan.norms or (norm is not None and roles[norm][1].converted):
             plan.convs.append(path)
         elif norm is None:

@@ -16,6 +16,8 @@ def sync_running_stats(model, process_group=None):
     the ranks of ``process_group`` (one all_reduce per layer; layers without running
     estimates, track_running_stats=False, have none to average). On a process outside
     ``process_group`` it changes nothing."""
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if process_group is dist.GroupMember.NON_GROUP_MEMBER or (process_group is not None
                                                               and dist.get_rank(process_group) < 0):
         return  # this process is outside the group (dist.new_group's placeholder): nothing of it to average

@@ -22,6 +22,8 @@ def update_bn(loader, model: torch.nn.Module, device=None) -> None:
     and would average E[x^2] into the first batch's. Each layer's momentum and estimate
     flag and each module's training flag are put back afterwards, also when a forward
     raises."""
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     norms = [m for m in model.modules() if isinstance(m, (_BatchNorm, _BatchChannelNorm))]
     if not norms:
         return

@@ -6,8 +6,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import checks
+from ..ops import collectives
 from ..ops.norm import _batch_channel_norm, _group_norm
 from .tracing import Proxy, fx_leaf, refuse_script
+
+
+def _check_dtype(name, dtype):
+    if dtype is not None and isinstance(dtype, torch.dtype) and dtype not in checks.FLOAT_DTYPES:
+        raise TypeError(f"{name}'s parameters and buffers must be floating-point (float16, bfloat16, float32 or "
+                        f"float64), got dtype={dtype}")
 
 
 def is_zero_scale(weight) -> bool:
@@ -55,12 +62,14 @@ class _BatchChannelNorm(nn.Module):
                  track_running_stats: bool = True, device=None, dtype=None):
         super().__init__()
         checks.check_num_groups(num_channels, num_groups)
+        _check_dtype(type(self).__name__, dtype)
         self.num_channels = num_channels
         self.num_groups = num_groups
         self.eps = checks.check_eps(eps)
         self.momentum = checks.check_momentum(momentum)
         self.estimate = bool(estimate)
         self.track_running_stats = bool(track_running_stats)
+        collectives.check_group_type(process_group)
         self.process_group = process_group
         if not self.track_running_stats:
             self._check_untracked()
@@ -268,6 +277,7 @@ class GroupNorm(nn.GroupNorm):
         # nn.GroupNorm's arguments by name (skip_init reads device); kwargs: torch's keyword-only ones (bias)
         checks.check_num_groups(num_channels, num_groups)
         checks.check_eps(eps)
+        _check_dtype("GroupNorm", dtype)
         super().__init__(num_groups, num_channels, eps, affine, device, dtype, **kwargs)
         self.activation = checks.check_activation(activation)
 

@@ -3,8 +3,11 @@
 Same constructor arguments and state dict as ``nn.ConvNd``, plus ``eps``,
 ``correction``, ``eps_mode`` and ``standardize`` ("full", or "center": W_hat = W - mean,
 centering only) (see ``wsbcn.functional.weight_standardize``). A centering-only layer
-standardizes per layer, also under a ModelWeightStandardizer.
+standardizes per layer, also under a ModelWeightStandardizer. A subclass whose forward
+computes the conv itself passes ``self.standardized_weight()``, not ``self.weight``.
 """
+import math
+
 import torch
 from torch import nn
 
@@ -32,6 +35,19 @@ def _check_before_init(dims, in_channels, out_channels, kernel_size, groups, dty
         pass
     checks.check_ws_scalars(eps, correction, eps_mode, shape)
     check_standardize(standardize)
+    if shape is not None:
+        _check_fan_in(dims, shape)
+
+
+def _check_fan_in(dims, shape):
+    """A layer whose filters hold one element each is refused: standardized, each is 0
+    whatever its value, with no gradient, so the conv would output its bias alone (as a
+    norm of one value per group, ops/norm.py). weight_standardize itself computes those
+    zeros."""
+    if math.prod(shape[1:]) == 1:
+        raise ValueError(f"WSConv{dims}d with a fan-in of 1 (weight shape {tuple(shape)}: one element per filter): "
+                         "standardized, every filter is 0 whatever its value, with no gradient, and the conv would "
+                         "output its bias alone; use a plain conv there")
 
 
 class _WSConvMixin:
@@ -67,6 +83,7 @@ class _WSConvMixin:
 
     def _init_ws(self, eps, correction, eps_mode, standardize="full"):
         self.eps, self.correction = checks.check_ws_args(self.weight, eps, correction, eps_mode)
+        _check_fan_in(self._dims, self.weight.shape)
         self.eps_mode = eps_mode
         self.standardize = check_standardize(standardize)
 

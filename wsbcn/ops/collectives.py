@@ -73,6 +73,18 @@ class Ranks(NamedTuple):
     rank: int
 
 
+def check_group_type(group) -> None:
+    """A TypeError unless ``group`` can be a layer's process_group: None, WORLD (the
+    default group, looked up per call), a ProcessGroup, or the placeholder dist.new_group
+    gives processes outside the group (refused, with its own message, when it runs)."""
+    if group is None or group is WORLD:
+        return
+    if dist.is_available() and (isinstance(group, dist.ProcessGroup) or (
+            isinstance(group, int) and not isinstance(group, bool) and group == dist.GroupMember.NON_GROUP_MEMBER)):
+        return
+    raise TypeError(f"process_group must be a torch.distributed ProcessGroup or None, got {type(group).__name__}")
+
+
 def check_initialized() -> None:
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError("BatchChannelNorm with process_group needs torch.distributed to be initialized")

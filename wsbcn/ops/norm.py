@@ -669,6 +669,13 @@ def _batch_channel_norm(x, num_groups, running_mean, running_var, weight, bias, 
             return proxy.tracer.create_proxy("call_function", batch_channel_norm, (
                 x, num_groups, running_mean, running_var, weight, bias, group_weight, group_bias, training, estimate,
                 momentum, eps, activation, num_batches_tracked), {})
+        if checks.has_negated_view(tensors):  # the call again, with what it reads materialized
+            x, weight, bias, group_weight, group_bias = checks.resolve_negated_views(
+                (x, weight, bias, group_weight, group_bias),
+                dict(running_mean=running_mean, running_var=running_var, num_batches_tracked=num_batches_tracked))
+            return _batch_channel_norm(x, num_groups, running_mean, running_var, weight, bias, group_weight,
+                                       group_bias, training, estimate, momentum, eps, activation, num_batches_tracked,
+                                       owner, group)
         call = checks.keyed(_cache, site, scalars, tensors, lambda: (
             "bcn", _owner_key(owner), x.shape, x.stride(), x.dtype, x.device, num_groups, type(num_groups),
             _meta(running_mean), _meta(running_var), _meta(weight), _meta(bias), _meta(group_weight),
@@ -739,6 +746,9 @@ def _validate_bcn(owner, x, num_groups, running_mean, running_var, weight, bias,
     cumulative = momentum is None
     if cumulative and update_running and num_batches_tracked is None:
         raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")
+    if num_batches_tracked is not None and not isinstance(num_batches_tracked, torch.Tensor):
+        raise TypeError(f"num_batches_tracked must be a one-element integer tensor or None, got "
+                        f"{type(num_batches_tracked).__name__}")
     nbt_dtype = None if num_batches_tracked is None else num_batches_tracked.dtype
     if num_batches_tracked is not None and (num_batches_tracked.numel() != 1 or nbt_dtype in (torch.bool, torch.uint8)
                                             or nbt_dtype.is_floating_point or nbt_dtype.is_complex):
@@ -784,6 +794,9 @@ def _group_norm(x, num_groups, weight, bias, eps, activation, owner=None):
         if proxy is not None:  # torch.fx.symbolic_trace: one node calling the public function
             return proxy.tracer.create_proxy("call_function", group_norm, (x, num_groups, weight, bias, eps, activation),
                                              {})
+        if checks.has_negated_view(tensors):  # the call again, with what it reads materialized
+            x, weight, bias = checks.resolve_negated_views(tensors, {})
+            return _group_norm(x, num_groups, weight, bias, eps, activation, owner)
         call = checks.keyed(_cache, site, scalars, tensors, lambda: (
             "gn", _owner_key(owner), x.shape, x.stride(), x.dtype, x.device, num_groups, type(num_groups),
             _meta(weight), _meta(bias), eps, type(eps), activation, type(x)),

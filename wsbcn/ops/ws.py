@@ -290,6 +290,8 @@ def weight_standardize(weight: torch.Tensor, eps: float = 1e-5, correction: int 
     if checks.fx_proxy((weight,)) is not None:  # torch.fx.symbolic_trace: one node calling this function
         return weight.tracer.create_proxy("call_function", weight_standardize,
                                           (weight, eps, correction, eps_mode, standardize), {})
+    if checks.has_negated_view((weight,)):  # the call again, with the weight materialized
+        return weight_standardize(weight.resolve_neg(), eps, correction, eps_mode, standardize)
     call = checks.keyed(_cache, weight, scalars, (weight,), lambda: (
         weight.shape, weight.stride(), weight.dtype, weight.device, eps, type(eps), correction, type(correction),
         eps_mode, standardize, type(standardize), type(weight)),

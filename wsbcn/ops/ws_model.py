@@ -696,8 +696,10 @@ class ModelWeightStandardizer:
                 return call
         if not all(type(w) is torch.nn.Parameter or type(w) is torch.Tensor for w in weights):
             return None
-        if any(w.shape != _conv_weight_shape(m) for m, w in zip(self._convs, weights)):
-            return None  # FSDP's FullyShardedDataParallel: a flat shard until the layer's own forward gathers it
+        if any(w.shape != _conv_weight_shape(m) or w.is_neg() for m, w in zip(self._convs, weights)):
+            # FSDP's FullyShardedDataParallel: a flat shard until the layer's own forward gathers it; a
+            # negated view (Tensor.is_neg()), which the layer's call materializes
+            return None
         wrapped = _compat.is_functorch_wrapped
         if wrapped is not None and any(map(wrapped, weights)):
             return None
