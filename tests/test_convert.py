@@ -1104,6 +1104,47 @@ def test_a_zero_initialised_residual_scale_goes_to_the_channel_stage(caplog):
     assert torch.equal(x.grad, g)
 
 
+def test_a_model_built_with_zero_initialised_batch_channel_norms_gets_them_moved():
+    """A model built with BatchChannelNorm as its norm layer, whose builder zeroed the last
+    norm's scale (torchvision's zero_init_residual, timm's zero_init_last: nn.init on
+    ``weight``): convert moves that zero to group_weight in place (the same Parameters),
+    says so, and standardizes the convs; only the last affine then gets a gradient."""
+    torch.manual_seed(15)
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(8, 8, 3, padding=1)
+            self.bn = wsbcn.BatchChannelNorm2d(8, num_groups=4)
+            nn.init.zeros_(self.bn.weight)  # what the builders' zero init writes
+
+        def forward(self, x):
+            return x + self.bn(self.conv(x))
+
+    block = Block()
+    weight, group_weight = block.bn.weight, block.bn.group_weight
+    model, summary = wsbcn.convert(block, num_groups=4, return_summary=True)
+    assert any(line.startswith("bn: its BN-stage scale (weight) was all zero") for line in summary)
+    assert isinstance(model.conv, wsbcn.WSConv2d)
+    assert model.bn.weight is weight and model.bn.group_weight is group_weight
+    assert torch.equal(weight, torch.ones(8)) and torch.equal(group_weight, torch.zeros(1, 4, 1))
+    x = torch.randn(2, 8, 5, 5, requires_grad=True)
+    y = model(x)
+    assert torch.equal(y, x)
+    y.backward(torch.randn_like(y))
+    assert not model.conv.weight.grad.any() and not weight.grad.any() and group_weight.grad.abs().max() < 1e2
+    _, again = wsbcn.convert(model, num_groups=4, return_summary=True)  # moved once: nothing more to move
+    assert not any("was all zero" in line for line in again)
+
+
+def test_batch_channel_norm_takes_batch_norm_s_num_features():
+    """Model builders may pass nn.BatchNorm's keyword, num_features; tools read it back."""
+    m = wsbcn.BatchChannelNorm2d(num_features=8, num_groups=4)
+    assert m.num_channels == m.num_features == 8 and m.weight.shape == (8,)
+    with pytest.raises(TypeError, match="num_channels .* one of them"):
+        wsbcn.BatchChannelNorm2d(8, num_features=8)
+
+
 def test_a_batch_norm_checkpoint_loads_after_convert_moved_its_zero_scale():
     """After convert moved a zero scale to the channel stage, a state dict of the source
     BatchNorm (no group_* keys) loads as convert would have converted it: a trained scale

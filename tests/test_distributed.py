@@ -937,16 +937,12 @@ def test_fully_shard_matches_one_batch(ranks, model_wide):
     ranks(2).run("case_fully_shard", backend="triton", model_wide=model_wide)
 
 
-def test_fsdp1_nested_model_wide_leaves_flat_shards_to_the_layers(ranks):
-    ranks(2).run("case_fsdp1_nested_model_wide")
-
-
-def test_convert_refuses_a_model_wrapped_for_data_parallelism(ranks):
-    ranks(2).run("case_convert_refuses_a_wrapped_model")
-
-
-def test_ddp_find_unused_parameters_with_model_wide_ws_and_a_skipped_layer(ranks):
-    ranks(2).run("case_ddp_find_unused_model_wide")
+@pytest.mark.parametrize("case", ["case_fsdp1_nested_model_wide", "case_convert_refuses_a_wrapped_model",
+                                  "case_ddp_find_unused_model_wide"])
+def test_data_parallel_wrappers(ranks, case):
+    """FSDP wrapping blocks under model-wide WS, convert of a wrapped model, and DDP's
+    find_unused_parameters with model-wide WS (each case's docstring)."""
+    ranks(2).run(case)
 
 
 def test_mixed_dtypes_and_backends_combine(ranks):

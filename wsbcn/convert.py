@@ -69,6 +69,7 @@ from .convert_plan import (Flow, Tracer, by_module_order, census, decide, flow_f
 from .convert_registry import (ConvertRule, NormSpec, convert_rule_for, convert_rules,  # noqa: F401
                                convert_rules_table, register_convert_rule, unregister_convert_rule)
 from .modules import WSConv1d, WSConv2d, WSConv3d
+from .modules.norm import _BatchChannelNorm, is_zero_scale
 from .ops import collectives
 
 log = logging.getLogger("wsbcn")
@@ -527,6 +528,7 @@ def convert(model: nn.Module, norm: str = "bcn", num_groups: int = 32, estimate:
                            "(the greatest common divisor)")
             warned.add(changed[-1])
     rebound = _swap(model, replacements, fusions)
+    changed += _move_zero_scales(model, {id(new) for _, _, new in replacements})
     if ws == "model":  # every WSConv weight standardized at once (ops/ws_model.py)
         from .ops.ws_model import ModelWeightStandardizer
         ModelWeightStandardizer.attach(model)
@@ -545,6 +547,27 @@ def convert(model: nn.Module, norm: str = "bcn", num_groups: int = 32, estimate:
     for line in summary:
         log.log(logging.WARNING if line in warned else logging.INFO, "wsbcn.convert: %s", line)
     return (model, summary) if return_summary else model
+
+
+def _move_zero_scales(model, made) -> list:
+    """The BatchChannelNorms the model already held (not ``made`` now) whose BN-stage
+    scale is all zero, as a model builder's zero init of a residual branch leaves them
+    (torchvision's zero_init_residual, timm's zero_init_last on a model built with
+    norm_layer=BatchChannelNorm2d): the zero moved to the channel stage's scale, in place,
+    as convert makes a BatchChannelNorm of a zero-initialised BatchNorm
+    (modules/norm.py, is_zero_scale). A line each for the summary."""
+    lines = []
+    for path, m in model.named_modules():
+        if isinstance(m, _BatchChannelNorm) and id(m) not in made and m.group_weight is not None \
+                and is_zero_scale(m.weight):
+            with torch.no_grad():
+                m.weight.fill_(1)
+                m.group_weight.zero_()
+            m._zero_scale_on_channel_stage = True
+            lines.append(f"{path or '(the model itself)'}: its BN-stage scale (weight) was all zero (a zero-initialised "
+                         "residual branch): the zero is now the channel stage's scale (group_weight), weight is 1 "
+                         "(docs/convert.md)")
+    return lines
 
 
 def _left_alone_lines(model, layers, plan, flow, warned):

@@ -56,11 +56,16 @@ class _BatchChannelNorm(nn.Module):
     _valid_dims: tuple = ()
     track_running_stats = True  # (layers pickled before the option existed)
 
-    def __init__(self, num_channels: int, num_groups: int = 32, eps: float = 1e-5,
+    def __init__(self, num_channels: Optional[int] = None, num_groups: int = 32, eps: float = 1e-5,
                  momentum: Optional[float] = 0.1, estimate: bool = False, affine: bool = True,
                  group_affine: bool = True, activation: Optional[str] = None, process_group=None,
-                 track_running_stats: bool = True, device=None, dtype=None):
+                 track_running_stats: bool = True, device=None, dtype=None, *, num_features: Optional[int] = None):
         super().__init__()
+        # num_features: nn.BatchNorm's name for it, which model builders may pass by keyword
+        if (num_channels is None) == (num_features is None):
+            raise TypeError(f"{type(self).__name__} takes num_channels (or nn.BatchNorm's name, num_features): "
+                            f"one of them, got num_channels={num_channels!r} and num_features={num_features!r}")
+        num_channels = num_features if num_channels is None else num_channels
         checks.check_num_groups(num_channels, num_groups)
         _check_dtype(type(self).__name__, dtype)
         self.num_channels = num_channels
@@ -93,6 +98,11 @@ class _BatchChannelNorm(nn.Module):
         else:
             for name in ("running_mean", "running_var", "num_batches_tracked"):
                 self.register_buffer(name, None)
+
+    @property
+    def num_features(self) -> int:
+        """num_channels, by nn.BatchNorm's name for it (what tools written for it read)."""
+        return self.num_channels
 
     def reset_running_stats(self) -> None:
         if not self.track_running_stats:
