@@ -1137,6 +1137,54 @@ def test_a_model_built_with_zero_initialised_batch_channel_norms_gets_them_moved
     assert not any("was all zero" in line for line in again)
 
 
+def test_only_a_trainable_zero_scale_with_a_zero_shift_is_moved():
+    """A zero scale with a nonzero shift (a pruned scale: the norm outputs its shift), a
+    frozen zero scale (a branch kept dead on purpose), or a BCN whose group_weight is
+    frozen or no longer 1: left as they are, so each layer's output is unchanged."""
+    torch.manual_seed(16)
+    x = torch.randn(2, 8, 5, 5)
+
+    def bcn_model(setup):
+        m = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), wsbcn.BatchChannelNorm2d(8, num_groups=4)).eval()
+        with torch.no_grad():
+            nn.init.zeros_(m[1].weight)
+            setup(m[1])
+        return m
+
+    cases = {"pruned": lambda b: b.bias.normal_(), "frozen": lambda b: b.weight.requires_grad_(False),
+             "frozen channel scale": lambda b: b.group_weight.requires_grad_(False),
+             "trained channel scale": lambda b: b.group_weight.fill_(0.5)}
+    for name, setup in cases.items():
+        model = bcn_model(setup)
+        before = {k: v.clone() for k, v in model[1].state_dict().items()}
+        y = model[1](model[0](x))
+        _, summary = wsbcn.convert(model, num_groups=4, ws=False, return_summary=True)
+        assert not any("all zero" in line for line in summary), name
+        for k, v in model[1].state_dict().items():
+            assert torch.equal(v, before[k]), (name, k)
+        assert torch.equal(model(x), y), name
+    bn = nn.BatchNorm2d(8)  # the same for a BatchNorm convert replaces
+    with torch.no_grad():
+        bn.weight.zero_()
+        bn.bias.normal_()
+    converted = wsbcn.convert(nn.Sequential(nn.Conv2d(8, 8, 3), bn), num_groups=4)
+    assert torch.equal(converted[1].weight, torch.zeros(8)) and torch.equal(converted[1].group_weight,
+                                                                             torch.ones(1, 4, 1))
+
+
+def test_convert_of_a_fake_model_reads_no_scale():
+    """Under FakeTensorMode (a model made for shape propagation) no value can be read:
+    convert neither reads nor moves a scale, and converts as before."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        plain = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8))
+        built = nn.Sequential(nn.Conv2d(3, 8, 3), wsbcn.BatchChannelNorm2d(8, num_groups=2))
+        for model in (plain, built):
+            converted = wsbcn.convert(model, num_groups=2)
+            assert [type(m) for m in converted] == [wsbcn.WSConv2d, wsbcn.BatchChannelNorm2d]
+
+
 def test_batch_channel_norm_takes_batch_norm_s_num_features():
     """Model builders may pass nn.BatchNorm's keyword, num_features; tools read it back."""
     m = wsbcn.BatchChannelNorm2d(num_features=8, num_groups=4)
@@ -1163,9 +1211,13 @@ def test_a_batch_norm_checkpoint_loads_after_convert_moved_its_zero_scale():
     expected = wsbcn.convert(trained, num_groups=4)
     x = torch.randn(2, 8, 5, 5)
     assert torch.equal(model.bn.weight, trained_state["bn.weight"])
-    assert torch.equal(model.bn.group_weight, torch.ones(1, 4, 1)) and not model.bn._zero_scale_on_channel_stage
+    assert torch.equal(model.bn.group_weight, torch.ones(1, 4, 1))
     assert torch.equal(model(x), expected(x))
-    model.load_state_dict(own)  # its own state dict: the moved zero, flag or not
+    with torch.no_grad():
+        model.bn.group_weight.fill_(0.7)  # trained since
+    model.load_state_dict(zero_state, strict=False)  # the zero-initialised one again: moved again
+    assert torch.equal(model.bn.weight, torch.ones(8)) and torch.equal(model.bn.group_weight, torch.zeros(1, 4, 1))
+    model.load_state_dict(own)  # its own state dict: as it is
     assert torch.equal(model.bn.group_weight, torch.zeros(1, 4, 1))
     torch.manual_seed(12)
     moved = wsbcn.convert(_ZeroInitResidual(), num_groups=4)

@@ -200,17 +200,25 @@ def test_negated_views_are_read_as_their_values(backend):
     w_neg = _negated_view(w)
     assert (wsbcn.functional.weight_standardize(w_neg).double() - ws_reference(-w.double())).abs().max() <= 1e-5
     conv = wsbcn.WSConv2d(3, 4, 3)
-    with torch.no_grad():
-        conv.weight = nn.Parameter(_negated_view(conv.weight.detach().clone()))
+    conv.standardized_weight()  # remembered at the weight, its Parameter object kept below
+    conv.weight.data = _negated_view(conv.weight.detach().clone())
     assert conv.weight.is_neg()
     assert (conv.standardized_weight().double() - ws_reference(conv.weight.double())).abs().max() <= 1e-5
 
 
-def test_a_negated_running_buffer_is_refused_before_anything_changes(backend):
+def test_a_negated_running_buffer_is_refused_in_training_and_read_in_eval(backend):
     """A running buffer that is a negated view cannot be updated in place by the kernels:
-    refused with a ValueError naming it, nothing written."""
+    in training refused with a ValueError naming it, nothing written; in eval, which only
+    reads it, normalized with its value (float64 reference)."""
+    from reference import bcn_reference
+
     x = torch.randn(2, 8, 4, 4)
-    running_mean, running_var = _negated_view(torch.zeros(8)), torch.ones(8)
+    running_mean, running_var = _negated_view(torch.randn(8)), torch.rand(8) + 0.5
+    before = running_mean.clone()
     with pytest.raises(ValueError, match="running_mean is a negated view"):
         wsbcn.functional.batch_channel_norm(x, 2, running_mean, running_var, training=True)
-    assert torch.equal(running_mean, torch.zeros(8)) and torch.equal(running_var, torch.ones(8))
+    assert torch.equal(running_mean, before)
+    y = wsbcn.functional.batch_channel_norm(x, 2, running_mean, running_var, training=False)
+    expected = bcn_reference(x.double(), 2, running_mean=running_mean.double(), running_var=running_var.double(),
+                             training=False)
+    assert (y.double() - expected).abs().max() <= 1e-5

@@ -123,6 +123,27 @@ def test_grad_of_weight_standardize_all_matches_the_reference(backend):
         assert rel_err(g, r) <= 1e-5
 
 
+def test_a_compiled_model_ensemble_updates_each_instance_s_running_buffers():
+    """torch.compile of a model ensemble in training: the layer runs eagerly there (the ops
+    have no batching rule), each instance its own buffers, as eager (float64 reference)."""
+    torch.manual_seed(5)
+    models = [wsbcn.BatchChannelNorm2d(C, G).to(DEVICE).train() for _ in range(2)]
+    params, buffers = torch.func.stack_module_state(models)
+    base = copy.deepcopy(models[0]).to("meta")
+    xs = torch.randn(2, 2, C, 3, 3, device=DEVICE) + 1
+
+    def ensemble(p, b, x):
+        return torch.func.vmap(lambda p, b, x: torch.func.functional_call(base, (p, b), (x,)))(p, b, x)
+
+    out = torch.compile(ensemble, backend="aot_eager")(params, buffers, xs)
+    for i, m in enumerate(models):
+        mean, var = m.running_mean.double().clone(), m.running_var.double().clone()
+        y = bcn_reference(xs[i], G, m.weight.double(), m.bias.double(), m.group_weight.double(),
+                          m.group_bias.double(), mean, var, training=True)
+        assert rel_err(out[i], y) <= 1e-5 and rel_err(buffers["running_mean"][i], mean) <= 1e-5, i
+    assert buffers["num_batches_tracked"].tolist() == [1, 1]
+
+
 @pytest.mark.parametrize("estimate", [False, True])
 def test_vmap_of_a_running_buffer_update_is_refused_before_any_buffer_changes(backend, estimate):
     """As nn.BatchNorm under vmap: a BatchChannelNorm that would update its running

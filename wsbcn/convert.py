@@ -69,7 +69,7 @@ from .convert_plan import (Flow, Tracer, by_module_order, census, decide, flow_f
 from .convert_registry import (ConvertRule, NormSpec, convert_rule_for, convert_rules,  # noqa: F401
                                convert_rules_table, register_convert_rule, unregister_convert_rule)
 from .modules import WSConv1d, WSConv2d, WSConv3d
-from .modules.norm import _BatchChannelNorm, is_zero_scale
+from .modules.norm import _all_equal, _BatchChannelNorm, is_zero_scale
 from .ops import collectives
 
 log = logging.getLogger("wsbcn")
@@ -527,8 +527,9 @@ def convert(model: nn.Module, norm: str = "bcn", num_groups: int = 32, estimate:
                            f"it has {spec.groups_for(channels)} group{'s' if spec.groups_for(channels) != 1 else ''} "
                            "(the greatest common divisor)")
             warned.add(changed[-1])
+    zero_scaled = _zero_scaled(model)  # read before anything changes
     rebound = _swap(model, replacements, fusions)
-    changed += _move_zero_scales(model, {id(new) for _, _, new in replacements})
+    changed += _move_zero_scales(zero_scaled)
     if ws == "model":  # every WSConv weight standardized at once (ops/ws_model.py)
         from .ops.ws_model import ModelWeightStandardizer
         ModelWeightStandardizer.attach(model)
@@ -549,24 +550,30 @@ def convert(model: nn.Module, norm: str = "bcn", num_groups: int = 32, estimate:
     return (model, summary) if return_summary else model
 
 
-def _move_zero_scales(model, made) -> list:
-    """The BatchChannelNorms the model already held (not ``made`` now) whose BN-stage
-    scale is all zero, as a model builder's zero init of a residual branch leaves them
-    (torchvision's zero_init_residual, timm's zero_init_last on a model built with
-    norm_layer=BatchChannelNorm2d): the zero moved to the channel stage's scale, in place,
-    as convert makes a BatchChannelNorm of a zero-initialised BatchNorm
-    (modules/norm.py, is_zero_scale). A line each for the summary."""
+def _zero_scaled(model) -> list:
+    """(path, layer) of the BatchChannelNorms the model holds whose BN stage has a zero
+    scale and shift (is_zero_scale) and whose channel stage's scale is trainable and at its
+    initial 1: what a model builder's zero init of a residual branch leaves in a model
+    built with norm_layer=BatchChannelNorm2d (torchvision's zero_init_residual, timm's
+    zero_init_last write the BN stage's ``weight``)."""
+    return [(path, m) for path, m in model.named_modules()
+            if isinstance(m, _BatchChannelNorm) and m.group_weight is not None and m.group_weight.requires_grad
+            and is_zero_scale(m.weight, m.bias) and _all_equal(m.group_weight, 1)]
+
+
+def _move_zero_scales(zero_scaled) -> list:
+    """The zero of each ``_zero_scaled`` layer moved to the channel stage's scale, in place
+    (the same Parameters), as convert makes a BatchChannelNorm of a zero-initialised
+    BatchNorm: the output is the same (group_bias), the gradients BatchNorm's. A line each."""
     lines = []
-    for path, m in model.named_modules():
-        if isinstance(m, _BatchChannelNorm) and id(m) not in made and m.group_weight is not None \
-                and is_zero_scale(m.weight):
-            with torch.no_grad():
-                m.weight.fill_(1)
-                m.group_weight.zero_()
-            m._zero_scale_on_channel_stage = True
-            lines.append(f"{path or '(the model itself)'}: its BN-stage scale (weight) was all zero (a zero-initialised "
-                         "residual branch): the zero is now the channel stage's scale (group_weight), weight is 1 "
-                         "(docs/convert.md)")
+    for path, m in zero_scaled:
+        with torch.no_grad():
+            m.weight.fill_(1)
+            m.group_weight.zero_()
+        m._zero_scale_on_channel_stage = True
+        lines.append(f"{path or '(the model itself)'}: its BN-stage scale (weight) was all zero (a zero-initialised "
+                     "residual branch): the zero is now the channel stage's scale (group_weight), weight is 1 "
+                     "(docs/convert.md)")
     return lines
 
 

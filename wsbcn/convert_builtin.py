@@ -102,7 +102,7 @@ def bn_like_norm(spec: NormSpec, channels: int, *, weight=None, bias=None, runni
             for source, made in ((weight, new.group_weight), (bias, new.group_bias)):
                 if isinstance(source, nn.Parameter) and not source.requires_grad:
                     made.requires_grad_(False)
-            if is_zero_scale(weight):
+            if is_zero_scale(weight, bias):
                 # a zero-initialised residual branch: its zero goes to the channel stage's scale
                 # (modules/norm.py, is_zero_scale); a new Parameter, the source layer untouched
                 new.weight = nn.Parameter(torch.ones_like(weight), requires_grad=new.weight.requires_grad)

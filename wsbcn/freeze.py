@@ -19,7 +19,7 @@ from .convert import _rebind, carry_hooks
 from .convert_layers import AffineWSConv2d, ConvNormAct2d, ScaledWSConv2d, WSConvNormAct2d
 from .modules.frozen import (FrozenBatchChannelNorm1d, FrozenBatchChannelNorm2d, FrozenBatchChannelNorm3d,
                              GroupNormAct, copy_parameters)
-from .modules.norm import BatchChannelNorm1d, BatchChannelNorm2d, BatchChannelNorm3d, GroupNorm, _BatchChannelNorm
+from .modules.norm import BatchChannelNorm1d, BatchChannelNorm2d, BatchChannelNorm3d, GroupNorm
 from .modules.ws_conv import WSConv1d, WSConv2d, WSConv3d
 
 # the exact classes (a user's subclass may compute something else: it stays, with a warning);
@@ -152,12 +152,12 @@ def freeze(model: nn.Module, inplace: bool = False) -> nn.Module:
     if not isinstance(inplace, bool):
         raise TypeError(f"inplace must be a bool, got {type(inplace).__name__}")
     for name, m in model.named_modules():  # what the layers' forwards check, before anything changes
-        try:
-            if isinstance(m, (_BatchChannelNorm, GroupNorm)):
+        try:  # the layers freeze replaces (a subclass is left as it is, with a warning)
+            if _layer_class(m) in _FROZEN_NORM or _layer_class(m) is GroupNorm:
                 checks.check_num_groups(m.num_channels, m.num_groups)
                 checks.check_eps(m.eps)
                 checks.check_activation(m.activation)
-            elif isinstance(m, (WSConv1d, WSConv2d, WSConv3d)):
+            elif _plain_type(m) is not None:
                 checks.check_ws_scalars(m.eps, m.correction, m.eps_mode, tuple(m.weight.shape))
         except (ValueError, TypeError) as e:
             raise type(e)(f"layer {name!r} ({type(m).__name__}): {e}") from None

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import checks
+from .. import _compat, checks
 from ..ops import collectives
 from ..ops.norm import _batch_channel_norm, _group_norm
 from .tracing import Proxy, fx_leaf, refuse_script
@@ -17,17 +17,27 @@ def _check_dtype(name, dtype):
                         f"float64), got dtype={dtype}")
 
 
-def is_zero_scale(weight) -> bool:
-    """A BatchNorm scale of all zeros: a zero-initialised residual branch (torchvision's
-    ``zero_init_residual``, timm's ``zero_init_last``, mmdet's ``zero_init_residual``).
-    As a BCN's BN-stage scale it feeds the channel stage a constant, which that stage
-    divides by sqrt(eps): the output is still 0, but the first gradient on the scale is
-    ~1/sqrt(eps) times BatchNorm's, which undoes the zero init in one step. wsbcn.convert
-    puts the zero on the channel stage's scale (``group_weight``) instead, the BN stage's
-    set to 1: the block starts at 0 and, as with BatchNorm, only the last affine gets a
-    gradient. (Not read on the meta device.)"""
-    return weight is not None and weight.device.type != "meta" and weight.numel() > 0 \
-        and not bool(weight.detach().any())
+def _all_equal(t, value) -> bool:
+    """Whether every element of ``t`` is ``value``; False for a tensor without values to
+    read (meta, fake). One host sync on a GPU: convert and state-dict loads only."""
+    if t is None or t.device.type == "meta" or _compat.is_fake(t) or _compat.fake_mode_active():
+        return False
+    return bool((t.detach() == value).all())
+
+
+def is_zero_scale(weight, bias) -> bool:
+    """A trainable BatchNorm scale of all zeros with a zero (or no) shift: a
+    zero-initialised residual branch (torchvision's ``zero_init_residual``, timm's
+    ``zero_init_last``, mmdet's ``zero_init_residual``), whose norm outputs 0. As a BCN's
+    BN-stage scale it feeds the channel stage a constant, which that stage divides by
+    sqrt(eps): the output is still 0, but the first gradient on the scale is ~1/sqrt(eps)
+    times BatchNorm's, which undoes the zero init in one step. wsbcn.convert puts the zero
+    on the channel stage's scale (``group_weight``) instead, the BN stage's set to 1: the
+    block starts at 0 and, as with BatchNorm, only the last affine gets a gradient. A
+    frozen zero scale (a branch kept dead on purpose), a nonzero shift (a pruned scale,
+    whose norm outputs the shift) or values that cannot be read (meta, fake) are not."""
+    return weight is not None and weight.requires_grad and weight.numel() > 0 and _all_equal(weight, 0) and (
+        bias is None or _all_equal(bias, 0))
 
 
 class _BatchChannelNorm(nn.Module):
@@ -190,22 +200,23 @@ class _BatchChannelNorm(nn.Module):
 
     def _batch_norm_state_as_convert_puts_it(self, state_dict, prefix):
         """A state dict of the BatchNorm whose zero scale convert put on the channel stage
-        (is_zero_scale) loads as convert would have converted it: a zero scale stays on the
-        channel stage (the BN stage's loads 1), any other goes to the BN stage with the
-        channel stage's scale back at 1. Returns what to do after a successful load."""
+        (is_zero_scale) loads as convert would convert that BatchNorm: a zero scale (with a
+        zero shift) stays on the channel stage (the BN stage's loads 1, group_weight 0), any
+        other goes to the BN stage with group_weight 1. Returns what to do after a
+        successful load (None for a BatchChannelNorm's own state dict)."""
         if prefix + "weight" not in state_dict or any(
                 prefix + k in state_dict for k in ("group_weight", "group_bias")):
-            return None  # a BatchChannelNorm's own (partial) state dict
-        loaded = state_dict[prefix + "weight"]
-        if is_zero_scale(loaded):
-            state_dict[prefix + "weight"] = torch.ones_like(loaded)
             return None
-        return self._scale_back_on_bn_stage
+        loaded = state_dict[prefix + "weight"]
+        if isinstance(loaded, torch.Tensor) and _all_equal(loaded, 0) and _all_equal(
+                state_dict.get(prefix + "bias", torch.zeros(())), 0):
+            state_dict[prefix + "weight"] = torch.ones_like(loaded)
+            return lambda: self._set_group_weight(0)
+        return lambda: self._set_group_weight(1)
 
-    def _scale_back_on_bn_stage(self):
+    def _set_group_weight(self, value):
         with torch.no_grad():
-            self.group_weight.fill_(1)
-        self._zero_scale_on_channel_stage = False
+            self.group_weight.fill_(value)
 
     def _group_norm_state_to_bcn(self, state_dict, prefix, local_metadata):
         """A state dict of the GroupNorm this layer was converted from loads its affine where

@@ -650,7 +650,10 @@ def _batch_channel_norm(x, num_groups, running_mean, running_var, weight, bias, 
     whose ranks' batch statistics are combined (training only)."""
     if group is collectives.WORLD:  # the default group of the moment it runs, as nn.SyncBatchNorm's: per call
         group = collectives.world_group()
-    if group is not None and torch.compiler.is_compiling():  # across processes compile runs it eagerly
+    if torch.compiler.is_compiling() and (group is not None or (
+            training and running_mean is not None and _compat.vmap_active())):
+        # across processes, and updating running buffers under vmap (a model ensemble's: in
+        # torch ops, ``_Call.in_torch_ops``; the ops have no batching rule), compile runs it eagerly
         return _batch_channel_norm_eagerly(x, num_groups, running_mean, running_var, weight, bias, group_weight,
                                            group_bias, training, estimate, momentum, eps, activation,
                                            num_batches_tracked, owner, group)
@@ -670,9 +673,13 @@ def _batch_channel_norm(x, num_groups, running_mean, running_var, weight, bias, 
                 x, num_groups, running_mean, running_var, weight, bias, group_weight, group_bias, training, estimate,
                 momentum, eps, activation, num_batches_tracked), {})
         if checks.has_negated_view(tensors):  # the call again, with what it reads materialized
-            x, weight, bias, group_weight, group_bias = checks.resolve_negated_views(
-                (x, weight, bias, group_weight, group_bias),
-                dict(running_mean=running_mean, running_var=running_var, num_batches_tracked=num_batches_tracked))
+            updated = dict(running_mean=running_mean, running_var=running_var,
+                           num_batches_tracked=num_batches_tracked) if training else {}
+            x, weight, bias, group_weight, group_bias, *buffers = checks.resolve_negated_views(
+                (x, weight, bias, group_weight, group_bias) + (() if training else (running_mean, running_var)),
+                updated)
+            if not training:  # eval reads the running buffers only
+                running_mean, running_var = buffers
             return _batch_channel_norm(x, num_groups, running_mean, running_var, weight, bias, group_weight,
                                        group_bias, training, estimate, momentum, eps, activation, num_batches_tracked,
                                        owner, group)
