@@ -31,8 +31,8 @@ standardizes per layer again, so gradients accumulate as per-layer WS's do), and
 hand-over ends with the forward (a forward hook), so a W_hat is never reused.
 Layers not called in a forward had their W_hat computed and ignored; their weights
 get no gradient (None), as with per-layer WS, DDP with find_unused_parameters=True
-included (the one node holds every weight, and the engine still runs the skipped
-weight's gradient accumulator, with no gradient, which DDP counts as unused; tested).
+included: though the one node holds every weight, DDP trains such a model as it trains
+per-layer WS (tests/test_distributed.py, gloo).
 One exception: a torch.compile'd graph hands an autograd.Function zeros for the
 gradient of an output it did not use, so there such a weight gets a zero gradient.
 """
