@@ -29,6 +29,13 @@ def check_float_tensor(name: str, t, min_dim: int = 1) -> None:
         raise ValueError(f"{name} must have at least {min_dim} dimensions, got shape {tuple(t.shape)}")
 
 
+def check_factory_dtype(what: str, dtype) -> None:
+    """A layer constructor's ``dtype=`` for ``what`` (its parameters): a floating-point
+    one, else a TypeError before anything is allocated."""
+    if dtype is not None and isinstance(dtype, torch.dtype) and dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{what} must be floating-point (float16, bfloat16, float32 or float64), got dtype={dtype}")
+
+
 def check_eps(eps) -> float:
     if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
         raise TypeError(f"eps must be a positive float, got {type(eps).__name__}")

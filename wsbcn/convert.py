@@ -567,10 +567,7 @@ def _move_zero_scales(zero_scaled) -> list:
     BatchNorm: the output is the same (group_bias), the gradients BatchNorm's. A line each."""
     lines = []
     for path, m in zero_scaled:
-        with torch.no_grad():
-            m.weight.fill_(1)
-            m.group_weight.zero_()
-        m._zero_scale_on_channel_stage = True
+        m._zero_scale_to_channel_stage()
         lines.append(f"{path or '(the model itself)'}: its BN-stage scale (weight) was all zero (a zero-initialised "
                      "residual branch): the zero is now the channel stage's scale (group_weight), weight is 1 "
                      "(docs/convert.md)")

@@ -105,10 +105,8 @@ def bn_like_norm(spec: NormSpec, channels: int, *, weight=None, bias=None, runni
             if is_zero_scale(weight, bias):
                 # a zero-initialised residual branch: its zero goes to the channel stage's scale
                 # (modules/norm.py, is_zero_scale); a new Parameter, the source layer untouched
-                new.weight = nn.Parameter(torch.ones_like(weight), requires_grad=new.weight.requires_grad)
-                with torch.no_grad():
-                    new.group_weight.zero_()
-                new._zero_scale_on_channel_stage = True
+                new.weight = nn.Parameter(torch.empty_like(weight), requires_grad=new.weight.requires_grad)
+                new._zero_scale_to_channel_stage()
     return new
 
 

@@ -11,12 +11,6 @@ from ..ops.norm import _batch_channel_norm, _group_norm
 from .tracing import Proxy, fx_leaf, refuse_script
 
 
-def _check_dtype(name, dtype):
-    if dtype is not None and isinstance(dtype, torch.dtype) and dtype not in checks.FLOAT_DTYPES:
-        raise TypeError(f"{name}'s parameters and buffers must be floating-point (float16, bfloat16, float32 or "
-                        f"float64), got dtype={dtype}")
-
-
 def _all_equal(t, value) -> bool:
     """Whether every element of ``t`` is ``value``; False for a tensor without values to
     read (meta, fake). One host sync on a GPU: convert and state-dict loads only."""
@@ -77,7 +71,7 @@ class _BatchChannelNorm(nn.Module):
                             f"one of them, got num_channels={num_channels!r} and num_features={num_features!r}")
         num_channels = num_features if num_channels is None else num_channels
         checks.check_num_groups(num_channels, num_groups)
-        _check_dtype(type(self).__name__, dtype)
+        checks.check_factory_dtype(f"{type(self).__name__}'s parameters and buffers", dtype)
         self.num_channels = num_channels
         self.num_groups = num_groups
         self.eps = checks.check_eps(eps)
@@ -198,25 +192,28 @@ class _BatchChannelNorm(nn.Module):
     _from_group_norm = False  # set by wsbcn.convert on a BCN made from a GroupNorm
     _zero_scale_on_channel_stage = False  # set by wsbcn.convert: a zero BN scale carried by group_weight
 
+    def _zero_scale_to_channel_stage(self) -> None:
+        """The BN stage's zero scale (is_zero_scale) carried by the channel stage instead:
+        weight 1, group_weight 0, in place (wsbcn.convert)."""
+        with torch.no_grad():
+            self.weight.fill_(1)
+            self.group_weight.zero_()
+        self._zero_scale_on_channel_stage = True
+
     def _batch_norm_state_as_convert_puts_it(self, state_dict, prefix):
         """A state dict of the BatchNorm whose zero scale convert put on the channel stage
-        (is_zero_scale) loads as convert would convert that BatchNorm: a zero scale (with a
-        zero shift) stays on the channel stage (the BN stage's loads 1, group_weight 0), any
-        other goes to the BN stage with group_weight 1. Returns what to do after a
-        successful load (None for a BatchChannelNorm's own state dict)."""
+        loads as convert would convert that BatchNorm: a zero scale (with a zero shift)
+        goes to the channel stage again, any other stays on the BN stage with group_weight
+        1. Returns what to do after a successful load (None for a BatchChannelNorm's own
+        state dict)."""
         if prefix + "weight" not in state_dict or any(
                 prefix + k in state_dict for k in ("group_weight", "group_bias")):
             return None
         loaded = state_dict[prefix + "weight"]
         if isinstance(loaded, torch.Tensor) and _all_equal(loaded, 0) and _all_equal(
                 state_dict.get(prefix + "bias", torch.zeros(())), 0):
-            state_dict[prefix + "weight"] = torch.ones_like(loaded)
-            return lambda: self._set_group_weight(0)
-        return lambda: self._set_group_weight(1)
-
-    def _set_group_weight(self, value):
-        with torch.no_grad():
-            self.group_weight.fill_(value)
+            return self._zero_scale_to_channel_stage
+        return lambda: self.group_weight.detach().fill_(1)
 
     def _group_norm_state_to_bcn(self, state_dict, prefix, local_metadata):
         """A state dict of the GroupNorm this layer was converted from loads its affine where
@@ -298,7 +295,7 @@ class GroupNorm(nn.GroupNorm):
         # nn.GroupNorm's arguments by name (skip_init reads device); kwargs: torch's keyword-only ones (bias)
         checks.check_num_groups(num_channels, num_groups)
         checks.check_eps(eps)
-        _check_dtype("GroupNorm", dtype)
+        checks.check_factory_dtype("GroupNorm's parameters", dtype)
         super().__init__(num_groups, num_channels, eps, affine, device, dtype, **kwargs)
         self.activation = checks.check_activation(activation)
 

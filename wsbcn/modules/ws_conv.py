@@ -22,9 +22,7 @@ def _check_before_init(dims, in_channels, out_channels, kernel_size, groups, dty
     a rejected call leaves the random generator as it was (nn.ConvNd's own argument
     errors come first there too). The fan-in checks need the weight's shape: checked
     here when the conv arguments give it, else after __init__ (``_init_ws``)."""
-    if dtype is not None and isinstance(dtype, torch.dtype) and dtype not in checks.FLOAT_DTYPES:
-        raise TypeError(f"WSConv{dims}d's weight must be floating-point (float16, bfloat16, float32 or "
-                        f"float64), got dtype={dtype}")
+    checks.check_factory_dtype(f"WSConv{dims}d's weight", dtype)
     shape = None
     try:
         kernel = tuple(kernel_size) if isinstance(kernel_size, (tuple, list)) else (kernel_size,) * dims
