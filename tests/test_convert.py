@@ -1382,6 +1382,21 @@ def test_a_conv_with_a_fan_in_of_1_is_left_alone_and_its_norm_converted():
     assert rel_err(model(x), ref) <= TOL[torch.float32]
 
 
+def test_a_model_that_is_itself_a_layer_is_left_alone_and_the_summary_says_why(caplog):
+    bn = nn.BatchNorm2d(8)
+    state = {k: v.clone() for k, v in bn.state_dict().items()}
+    with caplog.at_level(logging.INFO, logger="wsbcn"):
+        out, summary = wsbcn.convert(bn, return_summary=True)
+    assert out is bn and type(bn) is nn.BatchNorm2d
+    assert all(torch.equal(v, bn.state_dict()[k]) for k, v in state.items())
+    assert summary == ["nothing to convert: the model is itself a BatchNorm2d layer",
+                       "(the model itself): BatchNorm2d left alone: convert swaps the layers inside a model; wrap the "
+                       "layer (nn.Sequential(layer)) to convert it"]
+    assert caplog.records[0].levelno == logging.WARNING
+    # wrapped, it converts
+    assert type(wsbcn.convert(nn.Sequential(bn))[0]) is wsbcn.BatchChannelNorm2d
+
+
 def test_a_model_with_nothing_convertible_says_so_at_warning(caplog):
     with caplog.at_level(logging.INFO, logger="wsbcn"):
         _, summary = wsbcn.convert(nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4)), return_summary=True)

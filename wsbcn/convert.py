@@ -542,7 +542,7 @@ def convert(model: nn.Module, norm: str = "bcn", num_groups: int = 32, estimate:
     summary = (changed + plan.unfused + not_fused + ([trace_note] if trace_note else []) + functional
                + _left_alone_lines(model, layers, plan, flow, warned))
     if not changed:
-        summary.insert(0, _nothing_line(layers, ws))
+        summary.insert(0, _nothing_line(model, layers, ws))
         if not any(role.converted or role.rule is not None for _, _, role in layers):
             warned.add(summary[0])  # nothing convertible (not merely kept by option): the user should know
     for line in summary:
@@ -599,7 +599,9 @@ def _left_alone_lines(model, layers, plan, flow, warned):
     return lines
 
 
-def _nothing_line(layers, ws):
+def _nothing_line(model, layers, ws):
+    if role_of(model) is not None:  # the model is a layer: the line after this says so
+        return f"nothing to convert: the model is itself a {type(model).__name__} layer"
     n_ws = sum(isinstance(layer, (WSConv1d, WSConv2d, WSConv3d)) for _, layer, _ in layers)
     n_norms = sum(role.converted and role.kind == "norm" for _, _, role in layers)
     n_left = sum(not role.converted for _, _, role in layers)

@@ -328,10 +328,11 @@ BUILTIN_RULES = {
                                                            carries=_FROZEN["carries"] + _AND),
         fuses=_OWN, takes_activation=_takes_following_act),
     "timm.layers.std_conv.StdConv2d": ConvertRule(
-        "conv", _std_conv, becomes="WSConv2d (eps_mode=\"var\", correction=0), always", carries="geometry, eps, "
-        "weight, bias", needs_norm=False, skip=_std_conv_skip),
+        "conv", _std_conv, becomes="WSConv2d (eps_mode=\"var\", correction=0), whatever its output feeds "
+        "(padding_mode \"zeros\" only)", carries="geometry, eps, weight, bias", needs_norm=False, skip=_std_conv_skip),
     "timm.layers.std_conv.ScaledStdConv2d": ConvertRule(
-        "conv", _scaled_std_conv, becomes="ScaledWSConv2d (that WSConv2d, times gain * scale), always",
+        "conv", _scaled_std_conv, becomes="ScaledWSConv2d (that WSConv2d, times gain * scale), whatever its output "
+        "feeds (padding_mode \"zeros\" only)",
         carries="geometry, eps, scale, weight, gain, bias", needs_norm=False, skip=_std_conv_skip),
     "detectron2.layers.wrappers.Conv2d": ConvertRule(
         "conv", _conv_norm_act, becomes="WSConvNormAct2d, its norm converted in turn; when that norm converts "
@@ -344,12 +345,14 @@ BUILTIN_RULES = {
                                                                    default_dims=2, synchronizes=True),
     "mmcv.cnn.bricks.conv_ws.ConvWS2d": ConvertRule(
         "conv", lambda layer: _ws_conv(layer, eps=layer.eps, correction=1, eps_mode="std"),
-        becomes="WSConv2d (eps_mode=\"std\", correction=1), always", carries="geometry, eps, weight, bias",
+        becomes="WSConv2d (eps_mode=\"std\", correction=1), whatever its output feeds (padding_mode \"zeros\" "
+        "only)", carries="geometry, eps, weight, bias",
         needs_norm=False, skip=_ignores_padding_mode("mmcv")),
     "mmcv.cnn.bricks.conv_ws.ConvAWS2d": ConvertRule(
         "conv", _aws_conv, becomes="AffineWSConv2d (WSConv2d eps_mode=\"var\", correction=1, then weight_gamma * "
-        "W_hat + weight_beta), always", carries="geometry, weight, bias (the same Parameters), weight_gamma, "
-        "weight_beta", needs_norm=False, skip=_ignores_padding_mode("mmcv")),
+        "W_hat + weight_beta), whatever its output feeds (padding_mode \"zeros\" only)",
+        carries="geometry, weight, bias (the same Parameters), weight_gamma, weight_beta", needs_norm=False,
+        skip=_ignores_padding_mode("mmcv")),
 }
 
 # timm before 0.9 defined the same classes under timm.models.layers
