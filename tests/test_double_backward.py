@@ -1,7 +1,8 @@
 """Double backward (create_graph=True: gradient penalties such as WGAN-GP and R1,
 meta-learning) of BCN in every mode, GroupNorm and WS, on both backends, against the
 naive float64 references of tests/reference.py; gradgradcheck in float64 where the
-statistics carry gradients. The module tests (test_torch_module_tests.py) cover the
+statistics carry gradients. Batched gradients (is_grads_batched, vectorized jacobians)
+take the same differentiable backward. The module tests (test_torch_module_tests.py) cover the
 drop-in layers the same way; this file the functional API and its edge cases."""
 import copy
 
@@ -237,3 +238,71 @@ def test_first_order_gradients_stay_the_kernels(on_backend, backend):
         assert torch.equal(p, a) and not p.requires_grad
         assert rel_err(gr, p) <= 1e-5
     assert graph[0].requires_grad and graph[1].requires_grad  # d/d bias = sum(dy): a constant
+
+
+def _batched_and_looped(fn, ref, leaves, batch=3, seed=6):
+    """The gradients of ``fn`` for ``batch`` output gradients at once (torch's batched
+    backward, ``is_grads_batched=True``), and the float64 reference's, one backward per
+    output gradient."""
+    leaves = [t.detach().requires_grad_(True) for t in leaves]
+    y = fn(*leaves)
+    g = torch.Generator().manual_seed(seed)
+    vs = torch.randn((batch, *y.shape), generator=g, dtype=torch.float64)
+    batched = torch.autograd.grad(y, leaves, vs.to(y), is_grads_batched=True)
+    ref_leaves = [t.detach().double().cpu().requires_grad_(True) for t in leaves]
+    y_ref = ref(*ref_leaves)
+    looped = [torch.autograd.grad(y_ref, ref_leaves, v, retain_graph=True) for v in vs]
+    return batched, [torch.stack(gs) for gs in zip(*looped)]
+
+
+@pytest.mark.parametrize("backend,case", _on_triton_slow(["batch", "estimate", "eval", "batch-channel_affine-silu"],
+                                                         {("batch",), ("eval",)}))
+def test_batched_gradients_of_bcn_match_the_reference(on_backend, backend, case):
+    """torch.autograd.grad(..., is_grads_batched=True) (what jacobian/hessian with
+    vectorize=True use): the kernels cannot read its batched gradients, so the backward
+    differentiates the torch-op forward, which torch's batching batches."""
+    on_backend(backend)
+    ours, ref, leaves = _bcn_fns(case, torch.float32)
+    batched, looped = _batched_and_looped(ours, ref, leaves)
+    for a, b in zip(batched, looped):
+        assert rel_err(a, b) <= 1e-5
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_batched_gradients_of_group_norm_and_ws_match_the_reference(on_backend, backend):
+    on_backend(backend)
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(2, 6, 3, 4, generator=g) * 3 + 1
+    w, b = torch.rand(6, generator=g) + 0.5, torch.randn(6, generator=g)
+    batched, looped = _batched_and_looped(lambda x, w, b: group_norm(x, 3, w, b, 1e-5, "silu"),
+                                          lambda x, w, b: gn_reference(x, 3, w, b, 1e-5, "silu"), [x, w, b])
+    for a, r in zip(batched, looped):
+        assert rel_err(a, r) <= 1e-5
+    weight = torch.randn(5, 3, 3, 3, generator=g) * 0.2 + 0.05
+    batched, looped = _batched_and_looped(lambda w: weight_standardize(w, 1e-5, 1, "std"),
+                                          lambda w: ws_reference(w, 1e-5, 1, "std"), [weight])
+    assert rel_err(batched[0], looped[0]) <= 1e-5
+
+
+@pytest.mark.parametrize("ws", ["layer", "model"])
+def test_vectorized_jacobian_of_a_converted_model_matches_the_reference(backend, ws):
+    """torch.autograd.functional.jacobian(vectorize=True) of WSConv2d + BCN + GroupNorm
+    (per-layer and model-wide WS) with respect to the input and the conv weight, against
+    the same stack in float64 (the torch closed form) with vectorize=False."""
+    torch.manual_seed(8)
+    model = torch.nn.Sequential(wsbcn.WSConv2d(2, 4, 3, padding=1, bias=False),
+                                wsbcn.BatchChannelNorm2d(4, num_groups=2), wsbcn.GroupNorm(2, 4)).to(DEVICE)
+    ref_model = copy.deepcopy(model).double().cpu()
+    if ws == "model":
+        wsbcn.ModelWeightStandardizer(model)
+    x = torch.randn(2, 2, 3, 3, device=DEVICE)
+
+    def jac(m, x, **kw):
+        weight = m[0].weight.detach()
+        return torch.autograd.functional.jacobian(
+            lambda x, w: torch.func.functional_call(m, {"0.weight": w}, (x,)), (x, weight), **kw)
+
+    got = jac(model, x, vectorize=True)
+    expected = jac(ref_model, x.double().cpu())
+    for a, b in zip(got, expected):
+        assert rel_err(a, b) <= 1e-5

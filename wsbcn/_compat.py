@@ -144,6 +144,13 @@ unwrap_if_dead = _UNWRAP_IF_DEAD or (lambda t: t)
 # wrapper to unwrap. ``checks.remember`` therefore remembers no wrapper; where this torch
 # cannot tell a wrapper, it remembers nothing.
 is_functorch_wrapped = getattr(getattr(torch._C, "_functorch", None), "is_functorch_wrapped_tensor", None)
+# A gradient of torch's batched backward (``torch.autograd.grad(..., is_grads_batched=True)``,
+# ``torch.autograd.functional.jacobian/hessian(vectorize=True)``): a legacy BatchedTensor,
+# without storage, which the kernels cannot read; the Functions' backwards differentiate
+# their torch-op forward there instead, which the legacy vmap batches. Not under dynamo
+# (it cannot trace the query; nor does such a gradient reach a compiled graph).
+is_legacy_batched = getattr(getattr(torch._C, "_functorch", None), "is_legacy_batchedtensor", None) or (
+    lambda t: False)
 
 
 def _python_apply_known() -> bool:

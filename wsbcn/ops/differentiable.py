@@ -82,15 +82,16 @@ def norm_forward_differentiable(x, gamma, beta, omega, eta, num_groups, eps, mod
 
 
 def norm_double_backward(ctx, dy, x, gamma, beta, omega, eta, saved, functorch=False):
-    """NormFunction's backward under create_graph=True (``functorch``: its functorch
-    variant's backward): (dx, d_gamma, d_beta, d_omega, d_eta), each None where not
-    needed."""
+    """NormFunction's backward under create_graph=True or for a batched gradient
+    (``is_grads_batched``) (``functorch``: its functorch variant's backward): (dx,
+    d_gamma, d_beta, d_omega, d_eta), each None where not needed."""
     call = ctx.call
     if call.group is not None:
         raise RuntimeError(
             "wsbcn BatchChannelNorm with a process_group does not support double backward "
-            "(create_graph=True, e.g. a gradient penalty): its statistics are combined across "
-            "processes. Use it without process_group, or sync statistics another way.")
+            "(create_graph=True, e.g. a gradient penalty) or batched gradients (is_grads_batched, "
+            "jacobian/hessian with vectorize=True): its statistics are combined across processes. "
+            "Use it without process_group, or sync statistics another way.")
     bn_mean = bn_rstd = None
     if call.mode not in (MODE_GN, MODE_BATCH):
         bn_mean, bn_rstd = _bn_constants(call, x, gamma, omega, saved)
@@ -173,8 +174,11 @@ def _pull_back(forward, tensors, wanted, grad, functorch):
     ``wanted``, given the output's gradient, as a differentiable graph: through
     ``torch.autograd.grad(create_graph=True)``, or under a functorch transform through
     ``torch.func.vjp`` (autograd.grad cannot see what functorch tracks)."""
-    if not functorch:
-        return torch.autograd.grad(forward(*tensors), [tensors[i] for i in wanted], grad, create_graph=True,
+    if not functorch:  # (a batched gradient without create_graph: a graph to differentiate, none kept)
+        create_graph = torch.is_grad_enabled()
+        with torch.enable_grad():
+            out = forward(*tensors)
+        return torch.autograd.grad(out, [tensors[i] for i in wanted], grad, create_graph=create_graph,
                                    allow_unused=True)
 
     _, pull = torch.func.vjp(_of_wanted(forward, tensors, wanted), *[tensors[i] for i in wanted])
@@ -203,8 +207,8 @@ def ws_forward_differentiable(weight, eps, correction, std_mode, center_only=Fal
 
 
 def ws_double_backward(call, weight, grad, functorch=False):
-    """WeightStandardizeFunction's backward under create_graph=True (``functorch``: its
-    functorch variant's backward): dW."""
+    """WeightStandardizeFunction's backward under create_graph=True or for a batched
+    gradient (``is_grads_batched``) (``functorch``: its functorch variant's backward): dW."""
     if weight.numel() == 0:
         return torch.zeros_like(weight)
 

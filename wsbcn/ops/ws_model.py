@@ -443,7 +443,10 @@ class ModelWeightStandardizeFunction(torch.autograd.Function):
             release()
         saved = ctx.saved_tensors
         weights, rest = saved[:call.n], saved[call.n:]
-        if torch.is_grad_enabled():  # create_graph=True: differentiable torch ops
+        first = next((g for g in grads if g is not None), None)
+        if torch.is_grad_enabled() or (first is not None and not torch.compiler.is_compiling()
+                                       and _compat.is_legacy_batched(first)):
+            # create_graph=True or batched gradients (is_grads_batched): differentiable torch ops
             return (None, *_double_backward(call, weights, grads))
         if call.whole and not _has_none(grads):
             plan = call.packs[0][2]
