@@ -132,6 +132,56 @@ def test_compile_with_dynamic_true_runs_every_layer_kind(monkeypatch, backend):
         torch.testing.assert_close(p_c.grad, p_e.grad, rtol=1e-5, atol=1e-5, msg=name)
 
 
+def test_compile_with_dynamic_true_standardizes_a_weight_of_symbolic_sizes(backend):
+    """A weight given as an input (the functional API, a WSConv2d under
+    torch.func.functional_call: a hypernetwork, meta-learning) has symbolic sizes and
+    strides under dynamic=True; its layout check sorted the strides, which dynamo cannot.
+    Output and weight gradient against float64, in one graph."""
+    from reference import ws_reference
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    conv = wsbcn.WSConv2d(3, 8, 3, padding=1, bias=False).to(DEVICE)
+    x = torch.randn(2, 3, 5, 5, device=DEVICE)
+    for weight in (torch.randn(8, 3, 3, 3, device=DEVICE),
+                   torch.randn(8, 3, 3, 3, device=DEVICE).to(memory_format=torch.channels_last)):
+        for fn in (lambda w: F.conv2d(x, wsbcn.functional.weight_standardize(w), padding=1),
+                   lambda w: torch.func.functional_call(conv, {"weight": w}, (x,))):
+            torch._dynamo.reset()
+            w = weight.clone().requires_grad_(True)
+            y = torch.compile(fn, fullgraph=True, dynamic=True, backend="aot_eager")(w)  # (fullgraph: no break)
+            w64 = weight.double().cpu().requires_grad_(True)
+            y_ref = F.conv2d(x.double().cpu(), ws_reference(w64), padding=1)
+            assert rel_err(y, y_ref) <= 1e-5
+            v = torch.randn(y.shape, dtype=torch.float64)
+            y.backward(v.to(y))
+            y_ref.backward(v)
+            assert rel_err(w.grad, w64.grad) <= 1e-5
+
+
+def test_a_compiled_layer_that_raised_computes_the_next_call_eagerly_and_right(backend):
+    """A compiled BatchChannelNorm given one value per channel raises (as nn.BatchNorm2d);
+    dynamo then runs its forward eagerly and starts a frame at each function it calls.
+    Those run eagerly too: traced alone, a call validated by an eager layer of the same
+    signature had its plan and launches traced (the interpreter crashed). The next call
+    against float64, its running buffers too."""
+    from reference import bcn_reference
+
+    torch.manual_seed(0)
+    layer, eager = wsbcn.BatchChannelNorm2d(8, num_groups=2), wsbcn.BatchChannelNorm2d(8, num_groups=2)
+    compiled = torch.compile(layer, backend="aot_eager")
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel when training"):
+        compiled(torch.randn(1, 8, 1, 1))
+    x = torch.randn(3, 8, 1, 1) * 2 + 1
+    eager(x)  # the same signature, validated eagerly
+    mean, var = layer.running_mean.double().clone(), layer.running_var.double().clone()
+    y = compiled(x)
+    expected = bcn_reference(x.double(), 2, layer.weight.double(), layer.bias.double(), layer.group_weight.double(),
+                             layer.group_bias.double(), running_mean=mean, running_var=var, training=True)
+    assert rel_err(y, expected) <= 1e-5
+    assert rel_err(layer.running_mean, mean) <= 1e-6 and rel_err(layer.running_var, var) <= 1e-6
+
+
 @pytest.mark.slow  # 10-20 s on the 2-core machine: test_compile_with_dynamic_true_runs_every_layer_kind is quick
 @pytest.mark.parametrize("backend", ["triton"])
 def test_compile_with_dynamic_true_trains_like_eager(monkeypatch, backend):
@@ -219,11 +269,12 @@ def test_compiled_estimate_mode_gradients_at_small_feature_maps(monkeypatch, bac
     assert rel_err(m.running_var, ref.running_var) <= 1e-6
 
 
-def test_compiled_autograd_of_an_eager_forward_gives_the_eager_gradients(backend):
+@pytest.mark.parametrize("ws", ["layer", "model"])
+def test_compiled_autograd_of_an_eager_forward_gives_the_eager_gradients(backend, ws):
     """torch._dynamo's compiled autograd traces the backward of an eager forward: on the
     Triton path it traced into the eager launch plan and failed; the backward now takes
-    the ops there, with the eager gradients. (Model-wide WS's node does not trace there:
-    docs/reference.md.)"""
+    the ops there, with the eager gradients. Model-wide WS's one node runs its backward
+    eagerly there (a graph break; traced, it failed inside the interpreter)."""
     from torch._dynamo import compiled_autograd
 
     torch.manual_seed(8)
@@ -232,6 +283,8 @@ def test_compiled_autograd_of_an_eager_forward_gives_the_eager_gradients(backend
         wsbcn.WSConv2d(8, 8, 1), wsbcn.BatchChannelNorm2d(8, num_groups=4, estimate=True),
         wsbcn.WSConv2d(8, 8, 1), wsbcn.GroupNorm(2, 8, activation="silu")).to(DEVICE)
     eager = copy.deepcopy(model)
+    if ws == "model":
+        wsbcn.ModelWeightStandardizer(model)
     x = torch.randn(2, 3, 5, 5, device=DEVICE)
     xs = [x.clone().requires_grad_(True) for _ in range(2)]
     eager(xs[0]).square().sum().backward()

@@ -364,3 +364,25 @@ def functionalize_rule(op, rule) -> bool:
         return False
     op.register_torch_dispatch(FunctionalTensorMode, functools.partial(rule, fns[FunctionalTensorMode]))
     return True
+
+
+# --- frames dynamo starts inside the library -----------------------------------------
+try:
+    from torch._C._dynamo.eval_frame import set_code_exec_strategy as _set_code_exec_strategy
+    from torch._dynamo.types import FrameAction as _FrameAction, FrameExecStrategy as _FrameExecStrategy
+except ImportError:
+    _set_code_exec_strategy = None
+
+
+def eager_when_a_frame(*functions) -> None:
+    """Where dynamo starts a frame at one of ``functions`` (not where it inlines it,
+    tracing a layer whole), run it and all it calls eagerly. Dynamo starts frames inside
+    the library when it runs a frame that calls a layer eagerly: after that frame raised
+    while traced (a compiled BatchChannelNorm given one value per channel), every later
+    call runs it eagerly and traces each nested function as a frame of its own, which
+    would trace an eager call's plan and launches. Without the private API (another
+    torch), nothing is marked."""
+    if _set_code_exec_strategy is None:
+        return
+    for fn in functions:
+        _set_code_exec_strategy(fn.__code__, _FrameExecStrategy(_FrameAction.SKIP, _FrameAction.SKIP))

@@ -835,3 +835,7 @@ def _validate_gn(owner, x, num_groups, weight, bias, eps, activation) -> _Call:
     return _Call(x, num_groups, eps, 0.0, False, MODE_GN, False, activation, False, dtypes,
                  dense=all(t is None or t.is_contiguous() for t in (weight, bias)),
                  fake=_has_fake(x, weight, bias))
+
+
+# the entries below a layer's forward: run eagerly where dynamo starts a frame (_compat.py)
+_compat.eager_when_a_frame(_batch_channel_norm, _group_norm, _Call.__call__, _Call.call_plain, _Call.call_dense)

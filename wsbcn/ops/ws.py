@@ -25,6 +25,11 @@ from . import library
 def row_dense(w: torch.Tensor) -> torch.Tensor:
     """``w`` itself when each output channel's fan-in is one dense block in memory
     (contiguous, channels_last, ...), else a contiguous copy."""
+    if w.is_contiguous():
+        return w
+    if torch.compiler.is_compiling():  # strides may be symbolic, which dynamo cannot sort by
+        cl = {4: torch.channels_last, 5: torch.channels_last_3d}.get(w.dim())
+        return w if cl is not None and w.is_contiguous(memory_format=cl) else w.contiguous()
     order = sorted(range(1, w.dim()), key=lambda d: -w.stride(d))
     if w.permute(0, *order).is_contiguous():
         return w
@@ -298,3 +303,7 @@ def weight_standardize(weight: torch.Tensor, eps: float = 1e-5, correction: int 
         eps_mode, standardize, type(standardize), type(weight)),
         lambda: _validate(weight, eps, correction, eps_mode, standardize))
     return call(weight)
+
+
+# below weight_standardize: run eagerly where dynamo starts a frame (_compat.py)
+_compat.eager_when_a_frame(_Call.__call__, _Call.call_plain)

@@ -438,26 +438,39 @@ class ModelWeightStandardizeFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grads):
         call = ctx.call
-        release = call.on_backward and call.on_backward()
-        if release is not None:
-            release()
-        saved = ctx.saved_tensors
-        weights, rest = saved[:call.n], saved[call.n:]
-        first = next((g for g in grads if g is not None), None)
-        if torch.is_grad_enabled() or (first is not None and not torch.compiler.is_compiling()
-                                       and _compat.is_legacy_batched(first)):
-            # create_graph=True or batched gradients (is_grads_batched): differentiable torch ops
-            return (None, *_double_backward(call, weights, grads))
-        if call.whole and not _has_none(grads):
-            plan = call.packs[0][2]
-            addresses = tuple(map(_data_ptr, weights))
-            same = call.same_layout
-            if addresses == ctx.addresses and (same(weights) if same is not None else all(
-                    w.stride() == st for w, st in zip(weights, plan.strides))):  # where and as the forward read them
-                return (None, *plan.backward(_laid_out(grads, plan, weights), weights, addresses, rest[0]))
-        # the saved weights moved since the forward (a saved-tensor hook such as save_on_cpu, a
-        # reshard, a .data swap), maybe into another layout: the plans walk the forward's
-        return (None, *call.backward(grads, call.as_planned(weights), rest))
+        if torch.compiler.is_compiling() and not call.compiling and any(p is not None for _, _, p in call.packs):
+            # compiled autograd tracing the backward of an eager forward, whose packs launch
+            # directly: a graph break, and this backward eagerly
+            return _model_backward_eagerly(ctx, *grads)
+        return _model_backward(ctx, *grads)
+
+
+def _model_backward(ctx, *grads):
+    """ModelWeightStandardizeFunction's backward."""
+    call = ctx.call
+    release = call.on_backward and call.on_backward()
+    if release is not None:
+        release()
+    saved = ctx.saved_tensors
+    weights, rest = saved[:call.n], saved[call.n:]
+    first = next((g for g in grads if g is not None), None)
+    if torch.is_grad_enabled() or (first is not None and not torch.compiler.is_compiling()
+                                   and _compat.is_legacy_batched(first)):
+        # create_graph=True or batched gradients (is_grads_batched): differentiable torch ops
+        return (None, *_double_backward(call, weights, grads))
+    if call.whole and not _has_none(grads):
+        plan = call.packs[0][2]
+        addresses = tuple(map(_data_ptr, weights))
+        same = call.same_layout
+        if addresses == ctx.addresses and (same(weights) if same is not None else all(
+                w.stride() == st for w, st in zip(weights, plan.strides))):  # where and as the forward read them
+            return (None, *plan.backward(_laid_out(grads, plan, weights), weights, addresses, rest[0]))
+    # the saved weights moved since the forward (a saved-tensor hook such as save_on_cpu, a
+    # reshard, a .data swap), maybe into another layout: the plans walk the forward's
+    return (None, *call.backward(grads, call.as_planned(weights), rest))
+
+
+_model_backward_eagerly = torch.compiler.disable(_model_backward)
 
 
 def _double_backward(call, weights, grads):
@@ -787,3 +800,8 @@ class ModelWeightStandardizer:
     def _release(self):
         """The model's backward reached the standardizer: every recompute is done."""
         self._kept = None
+
+
+# the hooks and the layers' take: run eagerly where dynamo starts a frame (_compat.py)
+_compat.eager_when_a_frame(ModelWeightStandardizer._before, ModelWeightStandardizer._after,
+                           ModelWeightStandardizer.take)
