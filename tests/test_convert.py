@@ -155,6 +155,49 @@ def test_module_order_fallback_warns_and_converts():
         "activation was fused") for line in summary)  # the summary says so too
 
 
+def test_module_order_fallback_gives_the_traced_reason_for_a_conv_before_a_norm_without_a_rule():
+    """Paired by module order, a conv before a norm without a rule (InstanceNorm2d: it has
+    num_features, not num_channels) says so, as traced; it said 'its output feeds no norm'."""
+    with pytest.warns(UserWarning, match="module order"):
+        out, summary = wsbcn.convert(Untraceable(nn.InstanceNorm2d(8)), num_groups=4, return_summary=True)
+    _, traced_summary = wsbcn.convert(nn.Sequential(nn.Conv2d(3, 8, 3), nn.InstanceNorm2d(8)), num_groups=4,
+                                      return_summary=True)
+    assert type(out.conv) is nn.Conv2d
+    assert "conv: Conv2d left alone: feeds bn (InstanceNorm2d), which is left alone" in summary
+    assert "0: Conv2d left alone: feeds 1 (InstanceNorm2d), which is left alone" in traced_summary
+
+
+class _RepBlock(nn.Module):
+    """A RepVGG-style block: conv+BN and BN-only identity branches, which reparameterize()
+    folds into one conv (timm's RepVggBlock, MobileOneBlock)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(8, 8, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(8)
+        self.identity = nn.BatchNorm2d(8)
+
+    def forward(self, x):
+        return torch.relu(self.bn(self.conv(x)) + self.identity(x))
+
+    def reparameterize(self):
+        raise NotImplementedError  # (the fold itself is timm's)
+
+
+def test_a_block_that_folds_its_batch_norms_is_named_in_the_summary(caplog):
+    model = nn.Sequential(_RepBlock(), _RepBlock(), nn.Conv2d(8, 8, 1), nn.BatchNorm2d(8))
+    with caplog.at_level(logging.INFO, logger="wsbcn"):
+        out, summary = wsbcn.convert(model, num_groups=4, return_summary=True)
+    assert isinstance(out[0].identity, wsbcn.BatchChannelNorm2d) and isinstance(out[1].bn, wsbcn.BatchChannelNorm2d)
+    line = ("0 and 1 more: _RepBlock has reparameterize(), which folds its branches' BatchNorms into one conv; the "
+            "wsbcn norms they became normalize each sample, which no conv absorbs, so it cannot fold them now (the "
+            "blocks train and run unfolded)")
+    assert line in summary
+    assert [r.levelno for r in caplog.records if line in r.getMessage()] == [logging.WARNING]
+    _, again = wsbcn.convert(nn.Sequential(_RepBlock()), num_groups=4, norm="gn", return_summary=True)
+    assert any(l.startswith("0: _RepBlock has reparameterize()") for l in again)
+
+
 class _WithFlags(nn.Module):
     """mmcv's ConvModule.forward(x, activate=True, norm=True): branches on its flags."""
 

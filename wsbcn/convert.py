@@ -539,8 +539,10 @@ def convert(model: nn.Module, norm: str = "bcn", num_groups: int = 32, estimate:
 
     functional = [f"the forward calls {name} {n} time{'s' if n > 1 else ''}: a function, which convert cannot swap "
                   "(it swaps norm modules); its inputs stay as they are" for name, n in flow.functional_norms.items()]
+    unfoldable = _reparameterizable_lines(model, plan)
+    warned.update(unfoldable)
     summary = (changed + plan.unfused + not_fused + ([trace_note] if trace_note else []) + functional
-               + _left_alone_lines(model, layers, plan, flow, warned))
+               + unfoldable + _left_alone_lines(model, layers, plan, flow, warned))
     if not changed:
         summary.insert(0, _nothing_line(model, layers, ws))
         if not any(role.converted or role.rule is not None for _, _, role in layers):
@@ -548,6 +550,25 @@ def convert(model: nn.Module, norm: str = "bcn", num_groups: int = 32, estimate:
     for line in summary:
         log.log(logging.WARNING if line in warned else logging.INFO, "wsbcn.convert: %s", line)
     return (model, summary) if return_summary else model
+
+
+_REPARAMETERIZE = ("reparameterize", "switch_to_deploy", "fuse_reparam")  # timm (RepVGG, MobileOne), mmdet/YOLO
+
+
+def _reparameterizable_lines(model, plan) -> list:
+    """A line per kind of block with a method that folds its branches (and their
+    BatchNorms) into one conv for deployment, whose BatchNorms convert swapped: a
+    BatchChannelNorm's channel stage normalizes each sample, which no conv absorbs, so
+    the fold now fails."""
+    found = {}  # (class name, method) -> paths
+    for path, m in model.named_modules():
+        name = next((a for a in _REPARAMETERIZE if callable(getattr(m, a, None))), None)
+        if name is not None and path and any(n.startswith(path + ".") for n in plan.norms):
+            found.setdefault((type(m).__name__, name), []).append(path)
+    return [f"{paths[0]}{f' and {len(paths) - 1} more' if len(paths) > 1 else ''}: {cls} has {name}(), which "
+            "folds its branches' BatchNorms into one conv; the wsbcn norms they became normalize each sample, which "
+            "no conv absorbs, so it cannot fold them now (the blocks train and run unfolded)"
+            for (cls, name), paths in found.items()]
 
 
 def _zero_scaled(model) -> list:

@@ -276,7 +276,10 @@ def channels_of(layer, role) -> Optional[int]:
     try:
         if role.rule is not None:
             return role.rule.channels(layer)
-        return layer.out_channels if role.kind == "conv" else layer.num_channels
+        if role.kind == "conv":
+            return layer.out_channels
+        # a norm without a rule: GroupNorm-like or BatchNorm/InstanceNorm-like
+        return layer.num_channels if hasattr(layer, "num_channels") else layer.num_features
     except (AttributeError, TypeError, IndexError):
         return None
 
