@@ -195,7 +195,34 @@ def test_a_block_that_folds_its_batch_norms_is_named_in_the_summary(caplog):
     assert line in summary
     assert [r.levelno for r in caplog.records if line in r.getMessage()] == [logging.WARNING]
     _, again = wsbcn.convert(nn.Sequential(_RepBlock()), num_groups=4, norm="gn", return_summary=True)
-    assert any(l.startswith("0: _RepBlock has reparameterize()") for l in again)
+    assert any(line.startswith("0: _RepBlock has reparameterize()") for line in again)
+    _, root = wsbcn.convert(_RepBlock(), num_groups=4, return_summary=True)
+    assert any(line.startswith("(the model itself): _RepBlock has reparameterize()") for line in root)
+
+
+class _VAE(nn.Module):
+    """A VAE's reparameterize(mu, logvar) (the sampling trick) folds nothing."""
+
+    def __init__(self, norm):
+        super().__init__()
+        self.enc = nn.Sequential(nn.Conv2d(3, 8, 3), norm)
+
+    def forward(self, x):
+        return self.enc(x)
+
+    def reparameterize(self, mu, logvar):
+        return mu + torch.randn_like(mu) * (0.5 * logvar).exp()
+
+
+@pytest.mark.parametrize("model", [lambda: nn.Sequential(_VAE(nn.BatchNorm2d(8))),
+                                   lambda: nn.Sequential(_VAE(nn.GroupNorm(2, 8)))], ids=["VAE", "GroupNorm-only"])
+def test_the_fold_line_misses_methods_with_arguments_and_blocks_without_batch_norms(model):
+    model = model()
+    if isinstance(model[0].enc[1], nn.GroupNorm):  # a block whose fold method holds GroupNorms only
+        model[0].switch_to_deploy = lambda: None
+    _, summary = wsbcn.convert(model, num_groups=4, return_summary=True)
+    assert isinstance(model[0].enc[0], wsbcn.WSConv2d)
+    assert not any("folds its branches" in line for line in summary)
 
 
 class _WithFlags(nn.Module):

@@ -288,21 +288,26 @@ def test_batched_gradients_of_group_norm_and_ws_match_the_reference(on_backend, 
 def test_vectorized_jacobian_of_a_converted_model_matches_the_reference(backend, ws):
     """torch.autograd.functional.jacobian(vectorize=True) of WSConv2d + BCN + GroupNorm
     (per-layer and model-wide WS) with respect to the input and the conv weight, against
-    the same stack in float64 (the torch closed form) with vectorize=False."""
+    the naive float64 composition (tests/reference.py) with vectorize=False."""
     torch.manual_seed(8)
     model = torch.nn.Sequential(wsbcn.WSConv2d(2, 4, 3, padding=1, bias=False),
                                 wsbcn.BatchChannelNorm2d(4, num_groups=2), wsbcn.GroupNorm(2, 4)).to(DEVICE)
-    ref_model = copy.deepcopy(model).double().cpu()
+    conv, bcn, gn = model
+    params = {k: v.detach().double().cpu() for k, v in model.state_dict().items()}
     if ws == "model":
         wsbcn.ModelWeightStandardizer(model)
     x = torch.randn(2, 2, 3, 3, device=DEVICE)
 
-    def jac(m, x, **kw):
-        weight = m[0].weight.detach()
-        return torch.autograd.functional.jacobian(
-            lambda x, w: torch.func.functional_call(m, {"0.weight": w}, (x,)), (x, weight), **kw)
+    def reference(x, w):  # training mode: batch statistics (the running buffers cloned, unused after)
+        h = torch.nn.functional.conv2d(x, ws_reference(w, conv.eps), padding=1)
+        h = bcn_reference(h, 2, params["1.weight"], params["1.bias"], params["1.group_weight"],
+                          params["1.group_bias"], params["1.running_mean"].clone(), params["1.running_var"].clone(),
+                          eps=bcn.eps)
+        return gn_reference(h, 2, params["2.weight"], params["2.bias"], gn.eps)
 
-    got = jac(model, x, vectorize=True)
-    expected = jac(ref_model, x.double().cpu())
+    got = torch.autograd.functional.jacobian(
+        lambda x, w: torch.func.functional_call(model, {"0.weight": w}, (x,)), (x, conv.weight.detach()),
+        vectorize=True)
+    expected = torch.autograd.functional.jacobian(reference, (x.double().cpu(), params["0.weight"]))
     for a, b in zip(got, expected):
         assert rel_err(a, b) <= 1e-5

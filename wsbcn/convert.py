@@ -539,7 +539,7 @@ def convert(model: nn.Module, norm: str = "bcn", num_groups: int = 32, estimate:
 
     functional = [f"the forward calls {name} {n} time{'s' if n > 1 else ''}: a function, which convert cannot swap "
                   "(it swaps norm modules); its inputs stay as they are" for name, n in flow.functional_norms.items()]
-    unfoldable = _reparameterizable_lines(model, plan)
+    unfoldable = _reparameterizable_lines(model, layers, plan)
     warned.update(unfoldable)
     summary = (changed + plan.unfused + not_fused + ([trace_note] if trace_note else []) + functional
                + unfoldable + _left_alone_lines(model, layers, plan, flow, warned))
@@ -555,20 +555,31 @@ def convert(model: nn.Module, norm: str = "bcn", num_groups: int = 32, estimate:
 _REPARAMETERIZE = ("reparameterize", "switch_to_deploy", "fuse_reparam")  # timm (RepVGG, MobileOne), mmdet/YOLO
 
 
-def _reparameterizable_lines(model, plan) -> list:
-    """A line per kind of block with a method that folds its branches (and their
-    BatchNorms) into one conv for deployment, whose BatchNorms convert swapped: a
-    BatchChannelNorm's channel stage normalizes each sample, which no conv absorbs, so
-    the fold now fails."""
+def _reparameterizable_lines(model, layers, plan) -> list:
+    """A line per kind of block with a method, taking no arguments, that folds its
+    branches (and their BatchNorms) into one conv for deployment, and whose BatchNorms
+    convert swapped: a wsbcn norm normalizes each sample, which no conv absorbs, so the
+    fold now fails. (A VAE's ``reparameterize(mu, logvar)`` takes arguments: not one.)"""
+    swapped_bns = [path for path, layer, _ in layers if path in plan.norms and "BatchNorm" in type(layer).__name__]
     found = {}  # (class name, method) -> paths
     for path, m in model.named_modules():
-        name = next((a for a in _REPARAMETERIZE if callable(getattr(m, a, None))), None)
-        if name is not None and path and any(n.startswith(path + ".") for n in plan.norms):
-            found.setdefault((type(m).__name__, name), []).append(path)
+        name = next((a for a in _REPARAMETERIZE if _takes_no_arguments(getattr(m, a, None))), None)
+        if name is not None and any(not path or n.startswith(path + ".") for n in swapped_bns):
+            found.setdefault((type(m).__name__, name), []).append(path or "(the model itself)")
     return [f"{paths[0]}{f' and {len(paths) - 1} more' if len(paths) > 1 else ''}: {cls} has {name}(), which "
             "folds its branches' BatchNorms into one conv; the wsbcn norms they became normalize each sample, which "
             "no conv absorbs, so it cannot fold them now (the blocks train and run unfolded)"
             for (cls, name), paths in found.items()]
+
+
+def _takes_no_arguments(method) -> bool:
+    if not callable(method):
+        return False
+    try:
+        return all(p.default is not p.empty or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+                   for p in inspect.signature(method).parameters.values())
+    except (TypeError, ValueError):  # no signature to read
+        return False
 
 
 def _zero_scaled(model) -> list:
