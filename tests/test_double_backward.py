@@ -240,47 +240,54 @@ def test_first_order_gradients_stay_the_kernels(on_backend, backend):
     assert graph[0].requires_grad and graph[1].requires_grad  # d/d bias = sum(dy): a constant
 
 
-def _batched_and_looped(fn, ref, leaves, batch=3, seed=6):
+def _batched_and_looped(fn, ref, leaves, batch=3, seed=6, how="is_grads_batched"):
     """The gradients of ``fn`` for ``batch`` output gradients at once (torch's batched
-    backward, ``is_grads_batched=True``), and the float64 reference's, one backward per
-    output gradient."""
+    backward, ``is_grads_batched=True``; ``how="vmap"``: torch.func.vmap over
+    torch.autograd.grad of the graph made outside it), and the float64 reference's, one
+    backward per output gradient."""
     leaves = [t.detach().requires_grad_(True) for t in leaves]
     y = fn(*leaves)
     g = torch.Generator().manual_seed(seed)
     vs = torch.randn((batch, *y.shape), generator=g, dtype=torch.float64)
-    batched = torch.autograd.grad(y, leaves, vs.to(y), is_grads_batched=True)
+    if how == "vmap":
+        batched = torch.func.vmap(lambda v: torch.autograd.grad(y, leaves, v, retain_graph=True))(vs.to(y))
+    else:
+        batched = torch.autograd.grad(y, leaves, vs.to(y), is_grads_batched=True)
     ref_leaves = [t.detach().double().cpu().requires_grad_(True) for t in leaves]
     y_ref = ref(*ref_leaves)
     looped = [torch.autograd.grad(y_ref, ref_leaves, v, retain_graph=True) for v in vs]
     return batched, [torch.stack(gs) for gs in zip(*looped)]
 
 
+@pytest.mark.parametrize("how", ["is_grads_batched", "vmap"])
 @pytest.mark.parametrize("backend,case", _on_triton_slow(["batch", "estimate", "eval", "batch-channel_affine-silu"],
                                                          {("batch",), ("eval",)}))
-def test_batched_gradients_of_bcn_match_the_reference(on_backend, backend, case):
+def test_batched_gradients_of_bcn_match_the_reference(on_backend, backend, case, how):
     """torch.autograd.grad(..., is_grads_batched=True) (what jacobian/hessian with
-    vectorize=True use): the kernels cannot read its batched gradients, so the backward
-    differentiates the torch-op forward, which torch's batching batches."""
+    vectorize=True use), and torch.func.vmap over autograd.grad: the kernels cannot read
+    batched gradients, so the backward differentiates the torch-op forward, which torch's
+    batching batches."""
     on_backend(backend)
     ours, ref, leaves = _bcn_fns(case, torch.float32)
-    batched, looped = _batched_and_looped(ours, ref, leaves)
+    batched, looped = _batched_and_looped(ours, ref, leaves, how=how)
     for a, b in zip(batched, looped):
         assert rel_err(a, b) <= 1e-5
 
 
+@pytest.mark.parametrize("how", ["is_grads_batched", "vmap"])
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_batched_gradients_of_group_norm_and_ws_match_the_reference(on_backend, backend):
+def test_batched_gradients_of_group_norm_and_ws_match_the_reference(on_backend, backend, how):
     on_backend(backend)
     g = torch.Generator().manual_seed(7)
     x = torch.randn(2, 6, 3, 4, generator=g) * 3 + 1
     w, b = torch.rand(6, generator=g) + 0.5, torch.randn(6, generator=g)
     batched, looped = _batched_and_looped(lambda x, w, b: group_norm(x, 3, w, b, 1e-5, "silu"),
-                                          lambda x, w, b: gn_reference(x, 3, w, b, 1e-5, "silu"), [x, w, b])
+                                          lambda x, w, b: gn_reference(x, 3, w, b, 1e-5, "silu"), [x, w, b], how=how)
     for a, r in zip(batched, looped):
         assert rel_err(a, r) <= 1e-5
     weight = torch.randn(5, 3, 3, 3, generator=g) * 0.2 + 0.05
     batched, looped = _batched_and_looped(lambda w: weight_standardize(w, 1e-5, 1, "std"),
-                                          lambda w: ws_reference(w, 1e-5, 1, "std"), [weight])
+                                          lambda w: ws_reference(w, 1e-5, 1, "std"), [weight], how=how)
     assert rel_err(batched[0], looped[0]) <= 1e-5
 
 
@@ -310,4 +317,10 @@ def test_vectorized_jacobian_of_a_converted_model_matches_the_reference(backend,
         vectorize=True)
     expected = torch.autograd.functional.jacobian(reference, (x.double().cpu(), params["0.weight"]))
     for a, b in zip(got, expected):
+        assert rel_err(a, b) <= 1e-5
+    # torch.func.vmap over autograd.grad of the model's own graph (its weight, model-wide or not)
+    batched, looped = _batched_and_looped(
+        lambda x, w: torch.func.functional_call(model, {"0.weight": w}, (x,)), reference,
+        [x, conv.weight.detach()], how="vmap")
+    for a, b in zip(batched, looped):
         assert rel_err(a, b) <= 1e-5

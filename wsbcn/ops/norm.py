@@ -474,11 +474,12 @@ class NormFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x, gamma, beta, omega, eta, *saved = ctx.saved_tensors
-        # create_graph=True or a batched gradient (is_grads_batched): differentiable torch ops
+        # create_graph=True or a batched gradient (is_grads_batched, or a backward run under
+        # torch.func.vmap of a graph made outside it): differentiable torch ops
         # (across processes it raises, on a rank without images too: before the backward's
         # collective, which the others never reach)
-        if (torch.is_grad_enabled() or (not torch.compiler.is_compiling() and _legacy_batched(dy))) and (
-                x.numel() or ctx.call.group is not None):
+        if (torch.is_grad_enabled() or (not torch.compiler.is_compiling() and (
+                _legacy_batched(dy) or _transforms_active()))) and (x.numel() or ctx.call.group is not None):
             from . import differentiable
             return (*differentiable.norm_double_backward(ctx, dy, x, gamma, beta, omega, eta, saved), None, None)
         return (*ctx.call.backward(dy, x, saved, gamma, beta, omega, eta), None, None)

@@ -454,9 +454,10 @@ def _model_backward(ctx, *grads):
     saved = ctx.saved_tensors
     weights, rest = saved[:call.n], saved[call.n:]
     first = next((g for g in grads if g is not None), None)
-    if torch.is_grad_enabled() or (first is not None and not torch.compiler.is_compiling()
-                                   and _compat.is_legacy_batched(first)):
-        # create_graph=True or batched gradients (is_grads_batched): differentiable torch ops
+    if torch.is_grad_enabled() or (first is not None and not torch.compiler.is_compiling() and (
+            _compat.is_legacy_batched(first) or _compat.functorch_transforms_active())):
+        # create_graph=True or batched gradients (is_grads_batched, or a backward run under
+        # torch.func.vmap of a graph made outside it): differentiable torch ops
         return (None, *_double_backward(call, weights, grads))
     if call.whole and not _has_none(grads):
         plan = call.packs[0][2]
