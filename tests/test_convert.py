@@ -1459,12 +1459,19 @@ def test_a_model_that_is_itself_a_layer_is_left_alone_and_the_summary_says_why(c
         out, summary = wsbcn.convert(bn, return_summary=True)
     assert out is bn and type(bn) is nn.BatchNorm2d
     assert all(torch.equal(v, bn.state_dict()[k]) for k, v in state.items())
-    assert summary == ["nothing to convert: the model is itself a BatchNorm2d layer",
+    assert summary == ["nothing to convert: the model is itself a layer (BatchNorm2d)",
                        "(the model itself): BatchNorm2d left alone: convert swaps the layers inside a model; wrap the "
                        "layer (nn.Sequential(layer)) to convert it"]
-    assert caplog.records[0].levelno == logging.WARNING
+    assert [r.levelno for r in caplog.records] == [logging.WARNING] * 2
     # wrapped, it converts
     assert type(wsbcn.convert(nn.Sequential(bn))[0]) is wsbcn.BatchChannelNorm2d
+    # a layer without a rule, and a wsbcn layer: wrapping would not convert them, and the line says why
+    for layer, why in ((nn.InstanceNorm2d(8), "no convert rule for it"),
+                       (wsbcn.BatchChannelNorm2d(8, num_groups=2), "it is a wsbcn layer already")):
+        _, summary = wsbcn.convert(layer, return_summary=True)
+        name = type(layer).__name__
+        assert summary[:2] == [f"nothing to convert: the model is itself a layer ({name})",
+                               f"(the model itself): {name} left alone: convert swaps the layers inside a model; {why}"]
 
 
 def test_a_model_with_nothing_convertible_says_so_at_warning(caplog):

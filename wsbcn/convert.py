@@ -608,9 +608,13 @@ def _move_zero_scales(zero_scaled) -> list:
 
 def _left_alone_lines(model, layers, plan, flow, warned):
     lines = []
-    if role_of(model) is not None:
+    role = role_of(model)
+    if role is not None:
+        why = ("it is a wsbcn layer already" if role.converted else "no convert rule for it" if role.rule is None
+               else "wrap the layer (nn.Sequential(layer)) to convert it")
         lines.append(f"(the model itself): {type(model).__name__} left alone: convert swaps the layers inside a "
-                     "model; wrap the layer (nn.Sequential(layer)) to convert it")
+                     f"model; {why}")
+        warned.add(lines[-1])
     for path, scope in flow.kept_whole.items():
         lines.append(f"{path}: {type(scope).__name__} kept as one module (it holds parameters or buffers of its "
                      "own besides sub-modules, and tracing through it would dissolve it): the layers inside it "
@@ -633,7 +637,7 @@ def _left_alone_lines(model, layers, plan, flow, warned):
 
 def _nothing_line(model, layers, ws):
     if role_of(model) is not None:  # the model is a layer: the line after this says so
-        return f"nothing to convert: the model is itself a {type(model).__name__} layer"
+        return f"nothing to convert: the model is itself a layer ({type(model).__name__})"
     n_ws = sum(isinstance(layer, (WSConv1d, WSConv2d, WSConv3d)) for _, layer, _ in layers)
     n_norms = sum(role.converted and role.kind == "norm" for _, _, role in layers)
     n_left = sum(not role.converted for _, _, role in layers)
