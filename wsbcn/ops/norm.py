@@ -474,12 +474,10 @@ class NormFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x, gamma, beta, omega, eta, *saved = ctx.saved_tensors
-        # create_graph=True or a batched gradient (is_grads_batched, or a backward run under
-        # torch.func.vmap of a graph made outside it): differentiable torch ops
-        # (across processes it raises, on a rank without images too: before the backward's
+        # create_graph=True or a batched gradient (_compat.py): differentiable torch ops (across
+        # processes it raises, on a rank without images too: before the backward's
         # collective, which the others never reach)
-        if (torch.is_grad_enabled() or (not torch.compiler.is_compiling() and (
-                _legacy_batched(dy) or _transforms_active()))) and (x.numel() or ctx.call.group is not None):
+        if (torch.is_grad_enabled() or _batched_gradient(dy)) and (x.numel() or ctx.call.group is not None):
             from . import differentiable
             return (*differentiable.norm_double_backward(ctx, dy, x, gamma, beta, omega, eta, saved), None, None)
         return (*ctx.call.backward(dy, x, saved, gamma, beta, omega, eta), None, None)
@@ -552,7 +550,7 @@ def _as_param(grad, param):
 
 
 _graph_task_id = _compat.graph_task_id  # != -1: a backward runs (_compat.in_backward)
-_legacy_batched = _compat.is_legacy_batched
+_batched_gradient = _compat.is_batched_gradient
 _transforms_active, _grad_enabled = _compat.functorch_transforms_active, torch.is_grad_enabled
 _cache = checks.CallCache()  # validated call signatures -> _Call; call sites -> their newest (checks.recalled)
 _meta = checks.tensor_meta

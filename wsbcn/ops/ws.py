@@ -198,10 +198,8 @@ class WeightStandardizeFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         weight, stats = ctx.saved_tensors
-        if torch.is_grad_enabled() or (not torch.compiler.is_compiling() and (
-                _compat.is_legacy_batched(grad) or _compat.functorch_transforms_active())):
-            # create_graph=True or a batched gradient (is_grads_batched, or a backward run under
-            # torch.func.vmap of a graph made outside it): differentiable torch ops
+        if torch.is_grad_enabled() or _compat.is_batched_gradient(grad):
+            # create_graph=True or a batched gradient (_compat.py): differentiable torch ops
             from . import differentiable
             return differentiable.ws_double_backward(ctx.call, getattr(ctx, "copied_from", weight), grad), None
         dw = ctx.call.backward(grad, weight, stats)

@@ -438,9 +438,9 @@ class ModelWeightStandardizeFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grads):
         call = ctx.call
-        if torch.compiler.is_compiling() and not call.compiling and any(p is not None for _, _, p in call.packs):
-            # compiled autograd tracing the backward of an eager forward, whose packs launch
-            # directly: a graph break, and this backward eagerly
+        if torch.compiler.is_compiling() and not call.compiling and call.packs:
+            # compiled autograd tracing the backward of an eager forward, whose packs (each with
+            # its plan) launch directly: a graph break, and this backward eagerly
             return _model_backward_eagerly(ctx, *grads)
         return _model_backward(ctx, *grads)
 
@@ -453,11 +453,8 @@ def _model_backward(ctx, *grads):
         release()
     saved = ctx.saved_tensors
     weights, rest = saved[:call.n], saved[call.n:]
-    first = next((g for g in grads if g is not None), None)
-    if torch.is_grad_enabled() or (first is not None and not torch.compiler.is_compiling() and (
-            _compat.is_legacy_batched(first) or _compat.functorch_transforms_active())):
-        # create_graph=True or batched gradients (is_grads_batched, or a backward run under
-        # torch.func.vmap of a graph made outside it): differentiable torch ops
+    if torch.is_grad_enabled() or _compat.is_batched_gradient(next((g for g in grads if g is not None), None)):
+        # create_graph=True or batched gradients (_compat.py): differentiable torch ops
         return (None, *_double_backward(call, weights, grads))
     if call.whole and not _has_none(grads):
         plan = call.packs[0][2]
