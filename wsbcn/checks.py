@@ -232,10 +232,11 @@ def recalled(cache: CallCache, site, scalars: tuple, tensors: tuple):
     which is more than the key reads, so a match is a call with the same key (and with
     no functorch wrapper: ``remember``). The dispatch keys are read with the thread's
     included and excluded keys: under torch.jit.trace, which includes its own, no entry
-    made outside a trace matches. None when nothing matches, under torch.compile, or
-    where torch has no tensor guards. Sites are kept by ``id``: a new object may get a
-    dead site's id and find its entries, which match only as any entry does, by scalars
-    and guard.
+    made outside a trace matches. None when nothing matches, or where torch has no tensor
+    guards. Not asked under torch.compile: the callers ask ``is_compiling`` first (BCN's
+    once for its whole call), and dynamo traces the key path. Sites are kept by ``id``: a
+    new object may get a dead site's id and find its entries, which match only as any
+    entry does, by scalars and guard.
 
     ``scalars`` holds the types the key reads (eps is keyed with its type: 1 and 1.0
     are checked apart) before the values, so that a value of another type (a tensor
@@ -243,8 +244,6 @@ def recalled(cache: CallCache, site, scalars: tuple, tensors: tuple):
     all the same is no match (the checks then name the argument). A scalar the key reads
     as a value only (``bool(training)``, an activation's name) needs no type: equal values
     give the key's validated call."""
-    if torch.compiler.is_compiling():
-        return None
     entries = cache.sites.get(id(site))
     if entries is None:
         return None

@@ -652,8 +652,8 @@ def _batch_channel_norm(x, num_groups, running_mean, running_var, weight, bias, 
     whose ranks' batch statistics are combined (training only)."""
     if group is collectives.WORLD:  # the default group of the moment it runs, as nn.SyncBatchNorm's: per call
         group = collectives.world_group()
-    if torch.compiler.is_compiling() and (group is not None or (
-            training and running_mean is not None and _compat.vmap_active())):
+    compiling = torch.compiler.is_compiling()  # asked once: the eager hot path below reads it too
+    if compiling and (group is not None or (training and running_mean is not None and _compat.vmap_active())):
         # across processes, and updating running buffers under vmap (a model ensemble's: in
         # torch ops, ``_Call.in_torch_ops``; the ops have no batching rule), compile runs it eagerly
         return _batch_channel_norm_eagerly(x, num_groups, running_mean, running_var, weight, bias, group_weight,
@@ -665,7 +665,7 @@ def _batch_channel_norm(x, num_groups, running_mean, running_var, weight, bias, 
                type(num_groups), type(momentum), type(eps),  # the types the key reads, first: see checks.recalled
                num_groups, training, estimate, momentum, eps, activation, group)
     site = weight if owner is None else owner
-    call = checks.recalled(_cache, site, scalars, tensors)
+    call = None if compiling else checks.recalled(_cache, site, scalars, tensors)
     if call is not None:  # no functorch wrapper among the tensors (checks.remember): nothing to unwrap
         run = call.call_plain if call.dense else call.call_dense
     else:  # a new site or signature (or tracing): by the key, checked on a miss
@@ -795,7 +795,7 @@ def _group_norm(x, num_groups, weight, bias, eps, activation, owner=None):
     scalars = (None if owner is None else owner.__class__, None if owner is None else owner.num_channels,
                type(num_groups), type(eps), num_groups, eps, activation)  # types first: see checks.recalled
     site = weight if owner is None else owner
-    call = checks.recalled(_cache, site, scalars, tensors)
+    call = None if torch.compiler.is_compiling() else checks.recalled(_cache, site, scalars, tensors)
     if call is not None:  # no functorch wrapper among the tensors (checks.remember): nothing to unwrap
         run = call.call_plain if call.dense else call.call_dense
     else:  # a new site or signature (or tracing): by the key, checked on a miss

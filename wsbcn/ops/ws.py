@@ -289,7 +289,7 @@ def weight_standardize(weight: torch.Tensor, eps: float = 1e-5, correction: int 
     # a repeat call with the same weight object is recognised by a tensor guard (checks.recalled)
     # the types the key reads first (checks.recalled)
     scalars = (type(eps), type(correction), type(standardize), eps, correction, eps_mode, standardize)
-    call = checks.recalled(_cache, weight, scalars, (weight,))
+    call = None if torch.compiler.is_compiling() else checks.recalled(_cache, weight, scalars, (weight,))
     if call is not None:  # not a functorch wrapper (checks.remember): nothing to unwrap
         return call.call_plain(weight)
     # a new weight or signature (or tracing): by the key, checked on a miss
