@@ -2,7 +2,8 @@
 library's rooms, but none of the repository's developer tools (perf/wsbcn_dev/:
 the C stub driver, the static-compile harness), and works when installed from it
 (not only as an editable checkout): ``import wsbcn`` imports none of the tooling or
-its dependencies, and a command that needs the developer tools says so in one line."""
+its dependencies, and a command that needs the developer tools says so in one line.
+The wheel carries ``py.typed`` (PEP 561): type checkers read an installed wsbcn's annotations."""
 import shutil
 import subprocess
 import sys
@@ -39,7 +40,8 @@ def test_wheel_holds_the_library_not_the_developer_tools_and_imports_without_the
     names = set(zipfile.ZipFile(wheel).namelist())
     for required in ("wsbcn/modules/norm.py", "wsbcn/ops/norm.py", "wsbcn/ops/ws.py", "wsbcn/backends/__init__.py",
                      "wsbcn/kernels/norm.py", "wsbcn/kernels/norm_plan.py", "wsbcn/kernels/ws_plan.py",
-                     "wsbcn/kernels/launch.py", "wsbcn/tuning.py", "wsbcn/configs/__init__.py", "wsbcn/tools/cli.py"):
+                     "wsbcn/kernels/launch.py", "wsbcn/tuning.py", "wsbcn/configs/__init__.py", "wsbcn/tools/cli.py",
+                     "wsbcn/py.typed"):
         assert required in names, required
     assert not [n for n in names if n.endswith((".c", ".so")) or n.startswith(("kernels/", "tests/", "perf/"))
                 or "wsbcn_dev" in n or "stub_driver" in n or "static_compile" in n or "launch_recorder" in n]
