@@ -200,7 +200,10 @@ class WSMultiPlan:
 
     def _upload(self, t):
         """``t`` (a CPU tensor) on the plan's device: from pinned memory, non-blocking,
-        on a GPU (the pinned copy stays alive with the result: see tables_for)."""
+        on a GPU. The pinned copy is dropped at once: torch's pinned-memory cache hands
+        its block out again only after the copy ran (an event), and never one taken and
+        used while a CUDA graph is captured (a replay copies from it again; torch >= 2.11,
+        at::CachingHostAllocator)."""
         if self.device.type == "cpu":
             return t
         return t.pin_memory().to(self.device, non_blocking=True)
