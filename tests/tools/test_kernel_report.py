@@ -8,7 +8,8 @@ import sys
 import pandas as pd
 import pytest
 
-from wsbcn.tools.kernel_report import BCN_MODES, CI_MODE_SHAPES, OPS, check, short_of_waves, suite_cases
+from wsbcn.tools.kernel_report import (BCN_MODES, CI_CONV_SHAPES, CI_MODE_SHAPES, OPS, check, short_of_waves,
+                                      suite_cases)
 
 
 @pytest.mark.parametrize("loop,stages,step_kb,in_flight_kb", [
@@ -69,15 +70,19 @@ def test_ci_suite_takes_every_bn_mode_and_keeps_the_others_in_one_dtype():
     cases = list(suite_cases("ci", [2, 32], ["bfloat16", "float32"], ["contiguous", "channels_last"], OPS))
     for op in ("bcn", "gn"):
         assert {c["dtype"] for c in cases if c["op"] == op} == {"bfloat16", "float32"}
-    for op in ("bcn_estimate", "bcn_eval"):
+    for op in ("bcn_estimate", "bcn_eval", "bcn_relu"):
         mine = [c for c in cases if c["op"] == op]
         assert {c["dtype"] for c in mine} == {"bfloat16"} and {c["shape"] for c in mine} == set(CI_MODE_SHAPES)
         assert len(mine) == 2 * 2 * len(CI_MODE_SHAPES)
     assert BCN_MODES["bcn_eval"] == dict(training=False, estimate=False)
     assert BCN_MODES["bcn_estimate"] == dict(training=True, estimate=True)
+    assert BCN_MODES["bcn_relu"] == dict(training=True, estimate=False, activation="relu")
+    # model-wide WS: one case of every conv weight per dtype and layout
+    model_wide = [c for c in cases if c["op"] == "ws_model"]
+    assert len(model_wide) == 4 and all(c["shape"] == tuple(CI_CONV_SHAPES) for c in model_wide)
 
 
-@pytest.mark.slow  # the CI gate: ~50 s of sm_90 compiles on 2 cores; CI runs it in its slow pass
+@pytest.mark.slow  # the CI gate: ~1.5 min of sm_90 compiles on 2 cores; CI runs it in its slow pass
 def test_ci_suite_compiles_for_sm90_without_spills_or_slow_compiles(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "WSBCN_BACKEND")}
     csv, png = tmp_path / "kernels.csv", tmp_path / "kernels.png"
@@ -87,15 +92,24 @@ def test_ci_suite_compiles_for_sm90_without_spills_or_slow_compiles(tmp_path):
     frame = pd.read_csv(csv)
     assert set(frame.kernel) == {"_norm_stats_kernel", "_norm_combine_kernel", "_norm_apply_kernel",
                                  "_norm_bwd_reduce_kernel", "_norm_bwd_combine_kernel", "_norm_bwd_apply_kernel",
-                                 "_ws_fwd_kernel", "_ws_bwd_kernel"}
-    # 3 launches each way per BCN/GN case, one per WS case
-    norm = frame[frame.op != "ws"]
+                                 "_ws_fwd_kernel", "_ws_bwd_kernel", "_ws_multi_fwd_kernel", "_ws_multi_bwd_kernel"}
+    # 3 launches each way per BCN/GN case, one per WS case, one or more (BLOCKs apart) per model-wide case
+    norm = frame[~frame.op.str.startswith("ws")]
     assert (norm.groupby(["op", "dtype", "layout", "n", "shape", "pass"]).size() == 3).all()
     assert (frame[frame.op == "ws"].groupby(["dtype", "layout", "shape", "pass"]).size() == 1).all()
+    model_wide = frame[frame.op == "ws_model"]
+    assert set(model_wide.kernel) == {"_ws_multi_fwd_kernel", "_ws_multi_bwd_kernel"}
+    assert (model_wide["shape"] == f"{len(CI_CONV_SHAPES)} weights").all()
+    assert (model_wide.groupby(["dtype", "layout", "pass"]).size() >= 1).all() and len(model_wide) >= 8
     assert (frame.registers > 0).all() and (frame.spill_store_bytes == 0).all()
     assert png.stat().st_size > 10_000
     # the three BN modes, each with its own combine kernels (MODE 1-3; GN is MODE 0)
-    assert set(frame.op) == {"bcn", "bcn_estimate", "bcn_eval", "gn", "ws"}
+    assert set(frame.op) == {"bcn", "bcn_estimate", "bcn_eval", "bcn_relu", "gn", "ws", "ws_model"}
+    # the fused ReLU is the apply pass's and the backward's (ACT=1), not the statistics pass's
+    relu = frame[frame.op == "bcn_relu"]
+    for kernel in ("_norm_apply_kernel", "_norm_bwd_reduce_kernel", "_norm_bwd_apply_kernel"):
+        assert relu[relu.kernel == kernel].constexprs.str.contains("ACT=1").all(), kernel
+    assert not frame[frame.op != "bcn_relu"].constexprs.str.contains("ACT=1").any()
     combines = frame[frame.kernel.str.contains("combine")]
     for op, mode in (("gn", 0), ("bcn", 1), ("bcn_estimate", 2), ("bcn_eval", 3)):
         rows = combines[combines.op == op]

@@ -1,7 +1,7 @@
 """Static kernel report: what every launch of a shape suite compiles to for sm_90.
 
-Runs without a GPU. For each case of the suite (BCN in its three BN modes, GN and
-WS; forward and backward), the launch wrappers run on CPU tensors with an emulated
+Runs without a GPU. For each case of the suite (BCN in its three BN modes and with
+the fused ReLU, GN, WS per layer and model-wide; forward and backward), the launch wrappers run on CPU tensors with an emulated
 H100's plans (launch_recorder), each launch is compiled for sm_90 with triton's own
 specialisation (static_compile), and one row per launch goes to a CSV: grid,
 programs, registers, spills, shared memory, resident CTAs per SM and waves on an
@@ -30,9 +30,13 @@ SUITES = ("resnet50", "ci")
 # training with micro-batch estimates (estimate=True), eval with the running ones.
 # Their passes over x are nearly the same code (eval takes its pivot from the running
 # mean and leaves num_batches_tracked alone); their combine kernels differ.
-OPS = ("bcn", "bcn_estimate", "bcn_eval", "gn", "ws")
+# bcn_relu: batch mode with the ReLU convert fuses into a BatchNorm followed by one (most
+# norms of a converted ResNet-50): the apply pass applies it, the backward masks by it.
+# ws_model: every conv weight of the suite in one model-wide WS call (ops/ws_model.py).
+OPS = ("bcn", "bcn_estimate", "bcn_eval", "bcn_relu", "gn", "ws", "ws_model")
 BCN_MODES = {"bcn": dict(training=True, estimate=False), "bcn_estimate": dict(training=True, estimate=True),
-             "bcn_eval": dict(training=False, estimate=False)}
+             "bcn_eval": dict(training=False, estimate=False),
+             "bcn_relu": dict(training=True, estimate=False, activation="relu")}
 # CI: S a multiple of 16 and split (56^2), scalar loads (14^2, 7^2); a WS row in one
 # block (fan-in 147) and looped (4608). Every kernel, both layouts, N = 2 and 32.
 CI_NORM_SHAPES = ((256, 56, 56), (1024, 14, 14), (2048, 7, 7))
@@ -49,8 +53,9 @@ CI_MODE_SHAPES = ((256, 56, 56), (256, 28, 28))
 
 def suite_cases(suite: str, batch_sizes, dtypes, layouts, ops):
     """(op, pass-less case dict) of a suite: norm cases per (shape, N, dtype,
-    layout, op), WS cases per (conv weight, dtype, layout). The ci suite takes the
-    BCN estimate and eval modes in the first of ``dtypes`` only, on CI_MODE_SHAPES."""
+    layout, op), WS cases per (conv weight, dtype, layout), one model-wide WS case of
+    all the conv weights per (dtype, layout). The ci suite takes the BCN estimate and
+    eval modes and the fused ReLU in the first of ``dtypes`` only, on CI_MODE_SHAPES."""
     from .suites import resnet50_shapes
 
     if suite == "resnet50":
@@ -67,9 +72,12 @@ def suite_cases(suite: str, batch_sizes, dtypes, layouts, ops):
                 if op == "ws":
                     for shape in convs:
                         yield dict(op=op, shape=tuple(shape), n=None, dtype=dtype, layout=layout)
+                elif op == "ws_model":
+                    yield dict(op=op, shape=tuple(tuple(shape) for shape in convs), n=None, dtype=dtype,
+                               layout=layout)
                 else:
                     shapes = norms
-                    if suite == "ci" and op in ("bcn_estimate", "bcn_eval"):
+                    if suite == "ci" and op in ("bcn_estimate", "bcn_eval", "bcn_relu"):
                         if dtype != dtypes[0]:
                             continue
                         shapes = CI_MODE_SHAPES
@@ -81,10 +89,11 @@ def suite_cases(suite: str, batch_sizes, dtypes, layouts, ops):
 def case_call(case):
     """(forward, leaves) of one case through the public functional API, as a
     ResNet-50 layer and ``wsbcn bench`` call it: BCN with per-group affine in
-    training with batch statistics (op "bcn"), in training with micro-batch
-    estimates ("bcn_estimate") or in eval ("bcn_eval"), GN with affine in the
-    input's dtype, WS in the released convention (eps 1e-5, unbiased std). Tensors
-    are uninitialised: nothing runs while launches are recorded."""
+    training with batch statistics (op "bcn"; "bcn_relu" with the fused ReLU), in
+    training with micro-batch estimates ("bcn_estimate") or in eval ("bcn_eval"), GN
+    with affine in the input's dtype, WS in the released convention (eps 1e-5,
+    unbiased std), per weight ("ws") or of all the weights at once ("ws_model").
+    Tensors are uninitialised: nothing runs while launches are recorded."""
     import torch
 
     from ..functional import batch_channel_norm, group_norm, weight_standardize
@@ -94,6 +103,11 @@ def case_call(case):
     if case["op"] == "ws":
         w = torch.empty(case["shape"], dtype=dtype).to(memory_format=memory_format).requires_grad_(True)
         return (lambda: weight_standardize(w, 1e-5, 1, "std")), [w]
+    if case["op"] == "ws_model":
+        from ..ops.ws_model import weight_standardize_all
+
+        ws = [torch.empty(s, dtype=dtype).to(memory_format=memory_format).requires_grad_(True) for s in case["shape"]]
+        return (lambda: weight_standardize_all(ws, 1e-5, 1, "std")), ws
     c, h, w_ = case["shape"]
     x = torch.empty(case["n"], c, h, w_, dtype=dtype).to(memory_format=memory_format).requires_grad_(True)
     groups = 32
@@ -117,7 +131,8 @@ def record_case(case, launches):
     start = len(launches)
     out = forward()
     middle = len(launches)
-    torch.autograd.grad(out, leaves, torch.empty_like(out))
+    outs = out if isinstance(out, tuple) else (out,)  # model-wide WS: one W_hat per weight
+    torch.autograd.grad(outs, leaves, [torch.empty_like(o) for o in outs])
     return [("fwd", launch) for launch in launches[start:middle]] + [("bwd", launch) for launch in launches[middle:]]
 
 
@@ -147,13 +162,14 @@ def launch_row(case, pass_, launch, spec, facts, spec_id) -> dict:
     # issues one step's loads before their first use
     ahead = max(1, spec.options.num_stages - 1) if loop.get("cp") else 1
     constexprs = {k: v for k, v in spec.constexpr_values(launch.kernel).items() if k.isupper()}
-    shape = case["shape"]
+    shape, op = case["shape"], case["op"]
+    norm = not op.startswith("ws")
     return {
-        "op": case["op"], "pass": pass_, "kernel": launch.name, "dtype": case["dtype"], "layout": case["layout"],
-        "n": case["n"], "shape": "x".join(map(str, shape)),
-        "c": shape[0] if case["op"] != "ws" else None,
-        "s": shape[1] * shape[2] if case["op"] != "ws" else None,
-        "fan_in": shape[1] * shape[2] * shape[3] if case["op"] == "ws" else None,
+        "op": op, "pass": pass_, "kernel": launch.name, "dtype": case["dtype"], "layout": case["layout"],
+        "n": case["n"], "shape": f"{len(shape)} weights" if op == "ws_model" else "x".join(map(str, shape)),
+        "c": shape[0] if norm else None,
+        "s": shape[1] * shape[2] if norm else None,
+        "fan_in": shape[1] * shape[2] * shape[3] if op == "ws" else None,
         "grid": "x".join(map(str, launch.grid)), "programs": launch.programs,
         "num_warps": num_warps, "num_stages": spec.options.num_stages,
         "constexprs": " ".join(f"{k}={v}" for k, v in sorted(constexprs.items())),
@@ -183,7 +199,7 @@ def _tile_facts(case, launch, constexprs, num_warps, load_bytes) -> dict:
     in one streaming load (its width over the element size). None for the others."""
     import torch
 
-    if "BLOCK_S" not in constexprs or "BLOCK_C" not in constexprs or case["op"] == "ws":
+    if "BLOCK_S" not in constexprs or "BLOCK_C" not in constexprs or case["op"].startswith("ws"):
         return {"tiles_per_program": None, "values_per_thread": None, "values_per_load": None}
     c, h, w = case["shape"]
     block_c, block_s = constexprs["BLOCK_C"], constexprs["BLOCK_S"]
@@ -303,7 +319,8 @@ def add_arguments(p) -> None:
                    default=["contiguous", "channels_last"])
     p.add_argument("--ops", nargs="+", choices=OPS, default=list(OPS),
                    help="bcn, bcn_estimate, bcn_eval: BCN in training with batch statistics, in training with "
-                        "micro-batch estimates, in eval (running statistics); gn; ws")
+                        "micro-batch estimates, in eval (running statistics); bcn_relu: batch statistics with the "
+                        "fused ReLU; gn; ws: per weight; ws_model: all the weights in one model-wide call")
     p.add_argument("--arch", type=positive_int, default=90,
                    help="compute capability to compile for (occupancy assumes 90)")
     p.add_argument("--out", default=None,

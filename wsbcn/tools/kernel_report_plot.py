@@ -10,6 +10,7 @@ SHORT = {  # kernel -> axis label
     "_norm_stats_kernel": "stats", "_norm_combine_kernel": "combine", "_norm_apply_kernel": "apply",
     "_norm_bwd_reduce_kernel": "bwd reduce", "_norm_bwd_combine_kernel": "bwd combine",
     "_norm_bwd_apply_kernel": "bwd apply", "_ws_fwd_kernel": "WS fwd", "_ws_bwd_kernel": "WS bwd",
+    "_ws_multi_fwd_kernel": "model-wide WS fwd", "_ws_multi_bwd_kernel": "model-wide WS bwd",
 }
 PASSES = ["_norm_stats_kernel", "_norm_apply_kernel", "_norm_bwd_reduce_kernel", "_norm_bwd_apply_kernel"]
 LAYOUTS = {"contiguous": ("NCHW", -0.17), "channels_last": ("channels_last", 0.17)}
@@ -81,9 +82,9 @@ def plot_report(frame, path, baseline=None):
         else:
             ax.set_ylim(0, 42)
         ax.legend(fontsize=8, loc="upper left")
-    shapes = frame[frame.op != "ws"]
+    shapes = frame[~frame.op.str.startswith("ws")]
     fig.suptitle("Static sm_90 kernel report (no GPU: compiled with triton, occupancy from H100 limits): every launch of "
-                 f"the ResNet-50 BCN (batch, estimate, eval)/GN/WS layers, N = {sorted(int(n) for n in shapes.n.dropna().unique())}, "
+                 f"the ResNet-50 BCN (batch, estimate, eval, ReLU)/GN/WS layers, N = {sorted(int(n) for n in shapes.n.dropna().unique())}, "
                  f"{' and '.join(sorted(frame.dtype.unique()))}", fontsize=11)
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
