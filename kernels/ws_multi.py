@@ -17,9 +17,19 @@ are those of per-layer WS. The kernel's lanes, BLOCK, are the largest B of the l
 - a row that loops (fan_in > B) strides over chunks of B = BLOCK lanes: the plan
   (kernels/ws_multi_plan.py) puts a weight that loops with another B in a launch of
   its own (B is the GPU cap for every looping row, so on a GPU this never happens);
-- the lane trees run log2(B) levels of the kernel's log2(BLOCK) and carry the left
-  operand through the levels above (``levels``, at run time): exactly the per-layer
-  tree, with no merge against empty lanes (which could turn a -0.0 into +0.0).
+- the lane trees are the per-layer kernels' trees over BLOCK lanes: their first
+  log2(B) levels are the row's own tree, the levels above merge its result with
+  empty lanes (>= B), which gives it back bit for bit:
+  - backward, sums: those lanes hold -0.0, and x + (-0.0) is x for every x, -0.0
+    included (a row of -0.0 gradients sums to -0.0), where + (+0.0) would give +0.0;
+  - forward, Chan's merge with a count of 0: count + 0, mean + d * 0 and
+    M2 + 0 + d^2 * 0 change only a mean or M2 of -0.0 or an infinite mean, which a
+    row's own merges never leave: fan_in >= 2 real lanes merge into lane 0 first,
+    after which the mean is never -0.0 (mean + d w is -0.0 only for mean and d w both
+    -0.0, and d = m_b - (-0.0) is never -0.0), M2 never is (it starts at +0.0 and adds),
+    and an infinite mean comes with an infinite M2, so the row's W_hat is NaN either way.
+  (An earlier version masked each level above log2(B) with tl.where: triton 3.6
+  spilled it, 1224 B a thread.)
 The ONE_BLOCK and STD_MODE constexprs of the per-layer kernels are run-time branches
 here (per weight), each branch the per-layer code: the scales, the W_hat loop and the
 backward's two loops are the per-layer kernels' own jit helpers (kernels/ws.py).
@@ -27,8 +37,8 @@ backward's two loops are the per-layer kernels' own jit helpers (kernels/ws.py).
 import triton
 import triton.language as tl
 
-from .reduce import MAX_LOG2_LANES, _pairs, lane_welford
-from .ws import ROW, _grad_lane_sums, _store_dw, _store_w_hat, _ws_scales
+from .reduce import lane_welford
+from .ws import _grad_lane_sums, _store_dw, _store_w_hat, _tree_chan_total, _tree_total, _ws_scales
 
 # Meta: int64 [weights, META_FIELDS]. Scal: fp32 [weights, 2] (denom, eps).
 M_W_OFF = tl.constexpr(0)  # elements from W to the weight
@@ -39,62 +49,6 @@ M_FAN_IN = tl.constexpr(4)  # elements per row (the row stride: rows are dense)
 M_LEVELS = tl.constexpr(5)  # log2(B), B the weight's per-layer BLOCK
 M_STD = tl.constexpr(6)  # 1: D = std + eps ("std"), 0: D = sqrt(var + eps)
 META_FIELDS = tl.constexpr(7)
-LOG2_ROW = tl.constexpr(5)  # log2(ws.ROW): the first level of the trees' second stage
-
-
-@triton.jit
-def _masked_tree_chan(count, mean, m2, levels, first_level: tl.constexpr):
-    """reduce.lane_tree_chan over [R, LANES] whose level k (counted from
-    ``first_level``) merges only while k < ``levels``; above, the left lane passes."""
-    for k in tl.static_range(MAX_LOG2_LANES):
-        if mean.shape[1] > 1:
-            na, nb = _pairs(count)
-            ma, mb = _pairs(mean)
-            qa, qb = _pairs(m2)
-            merged = na + nb
-            w = nb / tl.maximum(merged, 1.0)
-            delta = mb - ma
-            on = levels > first_level + k
-            mean = tl.where(on, ma + delta * w, ma)
-            m2 = tl.where(on, qa + qb + delta * delta * (na * w), qa)
-            count = tl.where(on, merged, na)
-    return tl.reshape(count, [count.shape[0]]), tl.reshape(mean, [mean.shape[0]]), tl.reshape(m2, [m2.shape[0]])
-
-
-@triton.jit
-def _masked_tree_sum(v, levels, first_level: tl.constexpr):
-    """reduce.lane_tree_sum over [R, LANES], merging only levels < ``levels``."""
-    for k in tl.static_range(MAX_LOG2_LANES):
-        if v.shape[1] > 1:
-            a, b = _pairs(v)
-            v = tl.where(levels > first_level + k, a + b, a)
-    return tl.reshape(v, [v.shape[0]])
-
-
-@triton.jit
-def _row_chan_total(count, mean, m2, levels, BLOCK: tl.constexpr):
-    """ws._tree_chan_total of a row whose own block has 2^levels lanes (<= BLOCK)."""
-    if BLOCK > ROW:
-        counts = tl.reshape(count, [BLOCK // ROW, ROW])
-        c, row_mean, row_m2 = _masked_tree_chan(counts, tl.reshape(mean, [BLOCK // ROW, ROW]),
-                                                tl.reshape(m2, [BLOCK // ROW, ROW]), levels, 0)
-        # lane_tree_sum(counts) is the count of each row: exact sums of 0/1 per lane
-        c, mean, m2 = _masked_tree_chan(c[None, :], row_mean[None, :], row_m2[None, :], levels, LOG2_ROW)
-    else:
-        c, mean, m2 = _masked_tree_chan(count[None, :], tl.reshape(mean, [1, BLOCK]), tl.reshape(m2, [1, BLOCK]),
-                                        levels, 0)
-    return tl.sum(mean, axis=0), tl.sum(m2, axis=0)  # [1] -> scalars, exact
-
-
-@triton.jit
-def _row_total(v, levels, BLOCK: tl.constexpr):
-    """ws._tree_total of a row whose own block has 2^levels lanes (<= BLOCK)."""
-    if BLOCK > ROW:
-        rows = _masked_tree_sum(tl.reshape(v, [BLOCK // ROW, ROW]), levels, 0)
-        total = tl.sum(_masked_tree_sum(rows[None, :], levels, LOG2_ROW), axis=0)
-    else:
-        total = tl.sum(_masked_tree_sum(v[None, :], levels, 0), axis=0)
-    return total
 
 
 @triton.jit
@@ -139,7 +93,7 @@ def _ws_multi_fwd_kernel(
             x = tl.load(base + idx, mask=m, other=0.0).to(tl.float32) - w0
             count += m.to(tl.float32)
             lane_mean, lane_m2 = lane_welford(count, lane_mean, lane_m2, x[None, :], m[None, :])
-    mean, m2 = _row_chan_total(count, lane_mean, lane_m2, levels, BLOCK)
+    mean, m2 = _tree_chan_total(count, lane_mean, lane_m2, BLOCK)
     var = m2 / denom
     rstd, k = _ws_scales(var, denom, eps, tl.load(meta + M_STD) != 0)
     tl.store(Stats + srow, mean)
@@ -183,14 +137,15 @@ def _ws_multi_bwd_kernel(
         g = tl.load(g_base + offs, mask=mask, other=0.0).to(tl.float32)
         w = tl.load(w_base + offs, mask=mask, other=0.0).to(tl.float32)
         w_hat = tl.where(mask, (w - w0 - mean) * rstd, 0.0)
-        sum_g = _row_total(g, levels, BLOCK)
-        sum_gw = _row_total(g * w_hat, levels, BLOCK)
+        own = offs < (1 << levels)  # lanes >= B hold -0.0: the tree's levels above the row's own give its sum back
+        sum_g = _tree_total(tl.where(own, g, -0.0), BLOCK)
+        sum_gw = _tree_total(tl.where(own, g * w_hat, -0.0), BLOCK)
         dw = rstd * (g - sum_g / fan_in) - k * w_hat * sum_gw
         tl.store(out + offs, dw.to(Dw.dtype.element_ty), mask=mask)
     else:
         lane_g, lane_gw = _grad_lane_sums(g_base, w_base, w0, mean, rstd, fan_in, offs, BLOCK)
-        sum_g = _row_total(lane_g, levels, BLOCK)
-        sum_gw = _row_total(lane_gw, levels, BLOCK)
+        sum_g = _tree_total(lane_g, BLOCK)  # a looping row has B = BLOCK: no lane beyond its own
+        sum_gw = _tree_total(lane_gw, BLOCK)
         mean_g = sum_g / fan_in
         tl.assume(fan_in > 0)
         _store_dw(g_base, w_base, out, w0, mean, rstd, k, mean_g, sum_gw, fan_in, offs, BLOCK)

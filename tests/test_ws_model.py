@@ -141,6 +141,28 @@ def test_looping_rows_and_mixed_blocks_bitwise(monkeypatch, cap, looped_cap, lau
     assert ws_model._validate(weights, args).launches() == (launches, launches)
 
 
+def test_signed_zeros_of_rows_narrower_than_the_launch_bitwise(monkeypatch):
+    """Rows whose own block B is narrower than the launch's lanes: the tree levels above
+    log2(B) merge the row's result with empty lanes (kernels/ws_multi.py), which must
+    give it back bit for bit, also when it is -0.0 itself: rows of gradients of -0.0
+    only (with fan_in = B their sums are -0.0) and of zeros of both signs, and weight
+    rows of signed zeros, beside rows that fill the launch's block and rows that loop.
+    The interpreter's tl.sum of one element adds +0.0, so there the last step of every
+    sum loses a -0.0 both ways; on a GPU this tells the signs of zero sums apart."""
+    monkeypatch.setenv("WSBCN_BACKEND", "triton")
+    monkeypatch.setattr(tuning, "config_for", _capped_configs(64))
+    torch.manual_seed(3)
+    shapes = [(3, 5), (3, 8), (3, 16), (3, 33), (3, 64), (3, 100)]  # B = 8, 8, 16, 64, 64; 100 loops
+    weights = [(torch.randn(s) * 0.1 + 0.05).to(DEVICE) for s in shapes]
+    grads = [torch.randn(s).to(DEVICE) for s in shapes]
+    for w, g in zip(weights, grads):
+        g[0] = -0.0
+        g[1] = torch.tensor([0.0, -0.0]).repeat(w.shape[1])[:w.shape[1]]
+        w[2] = torch.tensor([-0.0, 0.0, -0.0]).repeat(w.shape[1])[:w.shape[1]]
+    args = [(1e-5, 0, "var"), (1e-5, 1, "std")] * 3
+    _check_bitwise(weights, args, grads)
+    assert ws_model._validate(weights, args).launches() == (1, 1)
+
 def test_forward_and_backward_blocks_may_differ(monkeypatch):
     monkeypatch.setenv("WSBCN_BACKEND", "triton")
     heuristic = tuning.config_for
