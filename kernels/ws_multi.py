@@ -134,12 +134,13 @@ def _ws_multi_bwd_kernel(
     k = tl.load(Stats + 2 * total_rows + srow)
     if fan_in <= (1 << levels):
         mask = offs < fan_in
-        g = tl.load(g_base + offs, mask=mask, other=0.0).to(tl.float32)
+        # past fan_in, g is +0.0 in the row's own block (as per layer) and -0.0 beyond it, and so is
+        # g * w_hat (w_hat +0.0): the tree's levels above the row's own give its sums back
+        g = tl.load(g_base + offs, mask=mask, other=tl.where(offs < (1 << levels), 0.0, -0.0)).to(tl.float32)
         w = tl.load(w_base + offs, mask=mask, other=0.0).to(tl.float32)
         w_hat = tl.where(mask, (w - w0 - mean) * rstd, 0.0)
-        own = offs < (1 << levels)  # lanes >= B hold -0.0: the tree's levels above the row's own give its sum back
-        sum_g = _tree_total(tl.where(own, g, -0.0), BLOCK)
-        sum_gw = _tree_total(tl.where(own, g * w_hat, -0.0), BLOCK)
+        sum_g = _tree_total(g, BLOCK)
+        sum_gw = _tree_total(g * w_hat, BLOCK)
         dw = rstd * (g - sum_g / fan_in) - k * w_hat * sum_gw
         tl.store(out + offs, dw.to(Dw.dtype.element_ty), mask=mask)
     else:
