@@ -23,11 +23,12 @@ are those of per-layer WS. The kernel's lanes, BLOCK, are the largest B of the l
   - backward, sums: those lanes hold -0.0, and x + (-0.0) is x for every x, -0.0
     included (a row of -0.0 gradients sums to -0.0), where + (+0.0) would give +0.0;
   - forward, Chan's merge with a count of 0: count + 0, mean + d * 0 and
-    M2 + 0 + d^2 * 0 change only a mean or M2 of -0.0 or an infinite mean, which a
-    row's own merges never leave: fan_in >= 2 real lanes merge into lane 0 first,
-    after which the mean is never -0.0 (mean + d w is -0.0 only for mean and d w both
-    -0.0, and d = m_b - (-0.0) is never -0.0), M2 never is (it starts at +0.0 and adds),
-    and an infinite mean comes with an infinite M2, so the row's W_hat is NaN either way.
+    M2 + 0 + d^2 * 0 change only a mean or M2 of -0.0 or an infinite mean, and a row
+    reaches those levels with none of them: a mean of -0.0 is one lane's w - w0 (one
+    element: +0.0 or NaN), never a merge of two lanes with elements (mean + d w is -0.0
+    only for mean and d w both -0.0, and d = m_b - (-0.0) is never -0.0); M2 starts at
+    +0.0 and only adds; an infinite mean comes with an infinite M2, and the row's
+    W_hat is NaN either way.
   (An earlier version masked each level above log2(B) with tl.where: triton 3.6
   spilled it, 1224 B a thread.)
 The ONE_BLOCK and STD_MODE constexprs of the per-layer kernels are run-time branches
