@@ -141,12 +141,14 @@ def test_looping_rows_and_mixed_blocks_bitwise(monkeypatch, cap, looped_cap, lau
     assert ws_model._validate(weights, args).launches() == (launches, launches)
 
 
-def test_signed_zeros_of_rows_narrower_than_the_launch_bitwise(monkeypatch):
+def test_rows_narrower_than_the_launch_bitwise_with_signed_zeros_and_huge_values(monkeypatch):
     """Rows whose own block B is narrower than the launch's lanes: the tree levels above
     log2(B) merge the row's result with empty lanes (kernels/ws_multi.py), which must
     give it back bit for bit, also when it is -0.0 itself: rows of gradients of -0.0
     only (with fan_in = B their sums are -0.0) and of zeros of both signs, and weight
-    rows of signed zeros, beside rows that fill the launch's block and rows that loop.
+    rows of signed zeros, beside rows that fill the launch's block and rows that loop;
+    and rows whose mean is 2^64 or more (per layer their M2 overflows to inf, W_hat is
+    0: the merge's M2 term, inf * 0, must not make it NaN).
     The interpreter's tl.sum of one element adds +0.0, so there the last step of every
     sum loses a -0.0 both ways; on a GPU this tells the signs of zero sums apart."""
     monkeypatch.setenv("WSBCN_BACKEND", "triton")
@@ -159,7 +161,10 @@ def test_signed_zeros_of_rows_narrower_than_the_launch_bitwise(monkeypatch):
         g[0] = -0.0
         g[1] = torch.tensor([0.0, -0.0]).repeat(w.shape[1])[:w.shape[1]]
         w[2] = torch.tensor([-0.0, 0.0, -0.0]).repeat(w.shape[1])[:w.shape[1]]
-    args = [(1e-5, 0, "var"), (1e-5, 1, "std")] * 3
+    huge = torch.tensor([[0.0] + [4e19] * 7, [0.0] + [-4e19] * 7, [0.0] + [1e30] * 7]).to(DEVICE)  # fan_in 8 = B
+    weights += [huge, huge.clone()]
+    grads += [torch.randn(3, 8).to(DEVICE) for _ in range(2)]
+    args = [(1e-5, 0, "var"), (1e-5, 1, "std")] * 4
     _check_bitwise(weights, args, grads)
     assert ws_model._validate(weights, args).launches() == (1, 1)
 
