@@ -1,9 +1,10 @@
 """Static kernel report: what every launch of a shape suite compiles to for sm_90.
 
 Runs without a GPU. For each case of the suite (BCN in its three BN modes and with
-the fused ReLU, GN, WS per layer and model-wide; forward and backward), the launch wrappers run on CPU tensors with an emulated
-H100's plans (launch_recorder), each launch is compiled for sm_90 with triton's own
-specialisation (static_compile), and one row per launch goes to a CSV: grid,
+the fused ReLU, GN, WS per layer and model-wide; forward and backward), the launch
+wrappers run on CPU tensors with an emulated H100's plans (launch_recorder), each
+launch is compiled for sm_90 with triton's own specialisation (static_compile), and
+one row per launch goes to a CSV: grid,
 programs, registers, spills, shared memory, resident CTAs per SM and waves on an
 H100's 132 SMs, the width of global loads and stores and of the asynchronous
 copies of pipelined loops, the loads in flight per SM (modelled), and the compile
