@@ -168,6 +168,7 @@ def test_rows_narrower_than_the_launch_bitwise_with_signed_zeros_and_huge_values
     _check_bitwise(weights, args, grads)
     assert ws_model._validate(weights, args).launches() == (1, 1)
 
+
 def test_forward_and_backward_blocks_may_differ(monkeypatch):
     monkeypatch.setenv("WSBCN_BACKEND", "triton")
     heuristic = tuning.config_for
