@@ -48,11 +48,17 @@ def lane_welford(count, mean, m2, x, valid):
 
 
 @triton.jit
-def lane_tree_chan(count, mean, m2):
+def lane_tree_chan(count, mean, m2, own_levels=None, first_level: tl.constexpr = 0):
     """[R, LANES] mean/M2 of each lane, [1, LANES] its count (the same in every row)
     -> [R] mean and M2 of each row: lanes merged pairwise with Chan's formula (empty
-    lanes have count 0 and change nothing)."""
-    for _ in tl.static_range(MAX_LOG2_LANES):
+    lanes have count 0 and change nothing).
+
+    ``own_levels`` (model-wide WS, kernels/ws_multi.py): M2's merge term d^2 na w is
+    left out at the levels from ``own_levels`` on (the tree's levels counted from
+    ``first_level``), where a row's result merges with empty lanes: there the term is
+    0, or NaN where d^2 overflows. None (the norm kernels): no level is masked, and
+    the code is as without the argument."""
+    for k in tl.static_range(MAX_LOG2_LANES):
         if mean.shape[1] > 1:
             na, nb = _pairs(count)
             ma, mb = _pairs(mean)
@@ -61,7 +67,10 @@ def lane_tree_chan(count, mean, m2):
             w = nb / tl.maximum(count, 1.0)
             delta = mb - ma
             mean = ma + delta * w
-            m2 = qa + qb + delta * delta * (na * w)
+            term = delta * delta * (na * w)
+            if own_levels is not None:
+                term = tl.where(own_levels > first_level + k, term, 0.0)
+            m2 = qa + qb + term
     return tl.reshape(mean, [mean.shape[0]]), tl.reshape(m2, [m2.shape[0]])
 
 

@@ -21,6 +21,7 @@ from .reduce import lane_total, lane_tree_chan, lane_tree_sum, lane_welford
 # [BLOCK] or [1, BLOCK] tree ends in layouts that hold every lane in every
 # thread, which took triton 3.6 255 registers and spills at BLOCK = 1024.
 ROW = tl.constexpr(32)
+LOG2_ROW = tl.constexpr(5)  # the first level of the trees' second stage
 
 
 @triton.jit
@@ -34,16 +35,19 @@ def _tree_total(v, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _tree_chan_total(count, mean, m2, BLOCK: tl.constexpr):
+def _tree_chan_total(count, mean, m2, BLOCK: tl.constexpr, own_levels=None):
     """[BLOCK] count, mean, M2 per lane -> scalar mean and M2 of the row: the
-    pairwise Chan merge of lane_tree_chan, computed in rows of ROW lanes."""
+    pairwise Chan merge of lane_tree_chan, computed in rows of ROW lanes (its
+    ``own_levels``: model-wide WS's rows narrower than BLOCK, kernels/ws_multi.py)."""
     if BLOCK > ROW:
         counts = tl.reshape(count, [BLOCK // ROW, ROW])
         row_mean, row_m2 = lane_tree_chan(counts, tl.reshape(mean, [BLOCK // ROW, ROW]),
-                                          tl.reshape(m2, [BLOCK // ROW, ROW]))
-        mean, m2 = lane_tree_chan(lane_tree_sum(counts)[None, :], row_mean[None, :], row_m2[None, :])
+                                          tl.reshape(m2, [BLOCK // ROW, ROW]), own_levels, 0)
+        mean, m2 = lane_tree_chan(lane_tree_sum(counts)[None, :], row_mean[None, :], row_m2[None, :], own_levels,
+                                  LOG2_ROW)
     else:
-        mean, m2 = lane_tree_chan(count[None, :], tl.reshape(mean, [1, BLOCK]), tl.reshape(m2, [1, BLOCK]))
+        mean, m2 = lane_tree_chan(count[None, :], tl.reshape(mean, [1, BLOCK]), tl.reshape(m2, [1, BLOCK]),
+                                  own_levels, 0)
     return tl.sum(mean, axis=0), tl.sum(m2, axis=0)  # [1] -> scalars, exact
 
 

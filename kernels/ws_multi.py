@@ -27,9 +27,9 @@ are those of per-layer WS. The kernel's lanes, BLOCK, are the largest B of the l
     levels with (a mean of -0.0 is one lane's w - w0, +0.0 or NaN for one element, never
     a merge of two lanes with elements: mean + d w is -0.0 only for mean and d w both
     -0.0, and d = m_b - (-0.0) is never -0.0). M2's term d^2 * 0 is NaN where d^2
-    overflows (a mean of 2^64 or more), so above log2(B) that term is masked
-    (``_tree_chan_total_of_row``): M2 + 0 + 0 is M2, never -0.0 (it starts at +0.0 and
-    only adds). An infinite mean becomes NaN there, where per layer it stays infinite:
+    overflows (a mean of 2^64 or more), so above log2(B) that term is masked (the
+    ``own_levels`` of reduce.lane_tree_chan): M2 + 0 + 0 is M2, never -0.0 (it starts
+    at +0.0 and only adds). An infinite mean becomes NaN there, where per layer it stays infinite:
     only the saved statistic differs, the row's W_hat and dW are NaN either way.
   (An earlier version masked the three of count, mean and M2 with tl.where at each
   level above log2(B), and the backward's sums too: triton 3.6 spilled it, 1224 B a
@@ -41,8 +41,8 @@ backward's two loops are the per-layer kernels' own jit helpers (kernels/ws.py).
 import triton
 import triton.language as tl
 
-from .reduce import MAX_LOG2_LANES, _pairs, lane_tree_sum, lane_welford
-from .ws import ROW, _grad_lane_sums, _store_dw, _store_w_hat, _tree_total, _ws_scales
+from .reduce import lane_welford
+from .ws import _grad_lane_sums, _store_dw, _store_w_hat, _tree_chan_total, _tree_total, _ws_scales
 
 # Meta: int64 [weights, META_FIELDS]. Scal: fp32 [weights, 2] (denom, eps).
 M_W_OFF = tl.constexpr(0)  # elements from W to the weight
@@ -53,40 +53,6 @@ M_FAN_IN = tl.constexpr(4)  # elements per row (the row stride: rows are dense)
 M_LEVELS = tl.constexpr(5)  # log2(B), B the weight's per-layer BLOCK
 M_STD = tl.constexpr(6)  # 1: D = std + eps ("std"), 0: D = sqrt(var + eps)
 META_FIELDS = tl.constexpr(7)
-LOG2_ROW = tl.constexpr(5)  # log2(ws.ROW): the first level of the tree's second stage
-
-
-@triton.jit
-def _lane_tree_chan_of_row(count, mean, m2, levels, first_level: tl.constexpr):
-    """reduce.lane_tree_chan over [R, LANES] whose M2 term d^2 (na w) is left out at
-    levels >= ``levels`` (counted from ``first_level``): there the right lanes are
-    empty (w = 0), and the term is 0 but where d^2 overflows."""
-    for k in tl.static_range(MAX_LOG2_LANES):
-        if mean.shape[1] > 1:
-            na, nb = _pairs(count)
-            ma, mb = _pairs(mean)
-            qa, qb = _pairs(m2)
-            count = na + nb
-            w = nb / tl.maximum(count, 1.0)
-            delta = mb - ma
-            mean = ma + delta * w
-            m2 = qa + qb + tl.where(levels > first_level + k, delta * delta * (na * w), 0.0)
-    return tl.reshape(mean, [mean.shape[0]]), tl.reshape(m2, [m2.shape[0]])
-
-
-@triton.jit
-def _tree_chan_total_of_row(count, mean, m2, levels, BLOCK: tl.constexpr):
-    """ws._tree_chan_total of a row whose own block has 2^levels lanes (<= BLOCK)."""
-    if BLOCK > ROW:
-        counts = tl.reshape(count, [BLOCK // ROW, ROW])
-        row_mean, row_m2 = _lane_tree_chan_of_row(counts, tl.reshape(mean, [BLOCK // ROW, ROW]),
-                                                  tl.reshape(m2, [BLOCK // ROW, ROW]), levels, 0)
-        mean, m2 = _lane_tree_chan_of_row(lane_tree_sum(counts)[None, :], row_mean[None, :], row_m2[None, :], levels,
-                                          LOG2_ROW)
-    else:
-        mean, m2 = _lane_tree_chan_of_row(count[None, :], tl.reshape(mean, [1, BLOCK]), tl.reshape(m2, [1, BLOCK]),
-                                          levels, 0)
-    return tl.sum(mean, axis=0), tl.sum(m2, axis=0)  # [1] -> scalars, exact
 
 
 @triton.jit
@@ -131,7 +97,7 @@ def _ws_multi_fwd_kernel(
             x = tl.load(base + idx, mask=m, other=0.0).to(tl.float32) - w0
             count += m.to(tl.float32)
             lane_mean, lane_m2 = lane_welford(count, lane_mean, lane_m2, x[None, :], m[None, :])
-    mean, m2 = _tree_chan_total_of_row(count, lane_mean, lane_m2, levels, BLOCK)
+    mean, m2 = _tree_chan_total(count, lane_mean, lane_m2, BLOCK, levels)
     var = m2 / denom
     rstd, k = _ws_scales(var, denom, eps, tl.load(meta + M_STD) != 0)
     tl.store(Stats + srow, mean)
