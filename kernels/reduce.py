@@ -56,8 +56,9 @@ def lane_tree_chan(count, mean, m2, own_levels=None, first_level: tl.constexpr =
     ``own_levels`` (model-wide WS, kernels/ws_multi.py): M2's merge term d^2 na w is
     left out at the levels from ``own_levels`` on (the tree's levels counted from
     ``first_level``), where a row's result merges with empty lanes: there the term is
-    0, or NaN where d^2 overflows. None (the norm kernels): no level is masked, and
-    the code is as without the argument."""
+    0, or NaN where d^2 overflows. None (the norm kernels, per-layer WS): no level is
+    masked, in the code the kernels had without the argument (the same IR: triton 3.6
+    allocates registers by its order, ``wsbcn report-kernels``)."""
     for k in tl.static_range(MAX_LOG2_LANES):
         if mean.shape[1] > 1:
             na, nb = _pairs(count)
@@ -67,10 +68,10 @@ def lane_tree_chan(count, mean, m2, own_levels=None, first_level: tl.constexpr =
             w = nb / tl.maximum(count, 1.0)
             delta = mb - ma
             mean = ma + delta * w
-            term = delta * delta * (na * w)
-            if own_levels is not None:
-                term = tl.where(own_levels > first_level + k, term, 0.0)
-            m2 = qa + qb + term
+            if own_levels is None:
+                m2 = qa + qb + delta * delta * (na * w)
+            else:
+                m2 = qa + qb + tl.where(own_levels > first_level + k, delta * delta * (na * w), 0.0)
     return tl.reshape(mean, [mean.shape[0]]), tl.reshape(m2, [m2.shape[0]])
 
 
