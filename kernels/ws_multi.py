@@ -29,8 +29,8 @@ are those of per-layer WS. The kernel's lanes, BLOCK, are the largest B of the l
     -0.0, and d = m_b - (-0.0) is never -0.0). M2's term d^2 * 0 is NaN where d^2
     overflows (a mean of 2^64 or more), so above log2(B) that term is masked (the
     ``own_levels`` of reduce.lane_tree_chan): M2 + 0 + 0 is M2, never -0.0 (it starts
-    at +0.0 and only adds). An infinite mean becomes NaN there, where per layer it stays infinite:
-    only the saved statistic differs, the row's W_hat and dW are NaN either way.
+    at +0.0 and only adds). An infinite mean becomes NaN there, where per layer it stays
+    infinite: only the saved statistic differs, the row's W_hat and dW are NaN either way.
   (An earlier version masked the three of count, mean and M2 with tl.where at each
   level above log2(B), and the backward's sums too: triton 3.6 spilled it, 1224 B a
   thread.)
