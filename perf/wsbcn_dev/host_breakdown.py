@@ -49,8 +49,12 @@ _small = torch.empty(16)
 _ck = _empty[(1,)](_small, torch.empty(16), 16, BLOCK=16)
 
 
+# the launcher's arguments: triton 3.6's take the constexprs too (BLOCK), 3.9's do not
+_TAIL = (16,) if tuple(int(p) for p in triton.__version__.split(".")[:2]) < (3, 9) else ()
+
+
 def _launch(a, b):
-    _ck.run(1, 1, 1, 0, _ck.function, _ck.packed_metadata, None, None, None, a.data_ptr(), b.data_ptr(), 16)
+    _ck.run(1, 1, 1, 0, _ck.function, _ck.packed_metadata, None, None, None, a.data_ptr(), b.data_ptr(), 16, *_TAIL)
 
 
 class Floor(torch.autograd.Function):
