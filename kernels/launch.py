@@ -205,7 +205,11 @@ class DirectLaunches:
             for j, value in enumerate(fixed):
                 scope[f"F{i}_{j}"] = value
             head = ", ".join([str(g) for g in launch.grid] + ["stream"] + [f"F{i}_{j}" for j in range(len(fixed))])
-            lines.append(f"    C{i}({head}, {args})" if spread else f"    C{i}({head}, {arg_tuple})")
+            if spread:
+                spread_args = ", ".join(names[:tail] + ([f"*T{i}"] if tail < len(names) else []))
+                lines.append(f"    C{i}({head}, {spread_args})")
+            else:
+                lines.append(f"    C{i}({head}, {arg_tuple})")
         lines.append(f"    launch_stats['direct'] += {len(self.launches)}")
         lines.append("    return True")
         exec(compile("\n".join(lines), "<wsbcn direct launches>", "exec"), scope)
