@@ -187,10 +187,10 @@ class DirectLaunches:
             table_slots, constants = self.tables[i]
             prefix = tables[id(constants)]
             names = [f"s{k}" if k < table_slots else f"{prefix}{k - table_slots}" for k in launch.pick_indices]
-            args = ", ".join(names)
             # the launcher's argument tuple: the slots, then the constants that end it (a
             # kernel's pointers come first, its integers and constexprs last) as one tuple
-            # made here, which costs less per call than loading each of them
+            # made here, which costs less per call than loading each of them (triton 3.6's
+            # spread form takes it as *T)
             tail = len(names)
             while tail and names[tail - 1][0] == "k":
                 tail -= 1
@@ -206,8 +206,8 @@ class DirectLaunches:
                 scope[f"F{i}_{j}"] = value
             head = ", ".join([str(g) for g in launch.grid] + ["stream"] + [f"F{i}_{j}" for j in range(len(fixed))])
             if spread:
-                spread_args = ", ".join(names[:tail] + ([f"*T{i}"] if tail < len(names) else []))
-                lines.append(f"    C{i}({head}, {spread_args})")
+                args = ", ".join(names[:tail] + ([f"*T{i}"] if tail < len(names) else []))
+                lines.append(f"    C{i}({head}, {args})")
             else:
                 lines.append(f"    C{i}({head}, {arg_tuple})")
         lines.append(f"    launch_stats['direct'] += {len(self.launches)}")
