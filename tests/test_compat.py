@@ -36,6 +36,9 @@ backends.emulate_gpu(stub_driver.GPU_NAME, stub_driver.SM_COUNT)
 
 seen = []  # every launch: (kernel hash, grid, arguments), tensors as addresses (stub_launches.py)
 stub_launches.record(seen)
+forms = []  # whether each launcher made has its C launch written out (_compat.c_launch_form)
+known_form = launch.c_launch_form
+launch.c_launch_form = lambda compiled: forms.append(known_form(compiled) is not None) or known_form(compiled)
 
 torch.manual_seed(0)
 x = torch.randn(2, 64, 6, 6, dtype=torch.bfloat16, requires_grad=True)
@@ -53,12 +56,13 @@ out = {}
 for name, direct, c_launch in (("c launch", True, True), ("run", True, False), ("kernel[grid]", False, False)):
     _compat.direct_launch_enabled, _compat.c_launch_enabled = direct, c_launch
     tuning.forget_loaded_tables()  # new plans: their launchers are made under these settings
+    forms.clear()
     step()  # compiles (kernel[grid]) and keeps the launchers
     seen.clear()
     before = dict(launch.stats)
     step()
     launches = [[h, g, [a for a in args if not (isinstance(a, int) and a > 1 << 20)]] for h, g, args in seen]
-    out[name] = {"launches": launches, "direct": launch.stats["direct"] - before["direct"]}
+    out[name] = {"launches": launches, "direct": launch.stats["direct"] - before["direct"], "c forms": forms[:]}
 print("RESULT" + json.dumps(out))
 """
 
@@ -71,6 +75,9 @@ def test_every_launch_path_hands_triton_the_same_launches():
     out = json.loads(proc.stdout.split("RESULT", 1)[1])
     assert out["c launch"]["direct"] == 8 and out["run"]["direct"] == 8  # 3 + 3 BCN, 1 + 1 WS
     assert out["kernel[grid]"]["direct"] == 0
+    # every triton with a direct launch (3.6-3.9) has its C launch written out
+    assert len(out["c launch"]["c forms"]) == 8 and all(out["c launch"]["c forms"])
+    assert not any(out["run"]["c forms"])
     assert len(out["c launch"]["launches"]) == 8
     assert out["c launch"]["launches"] == out["run"]["launches"] == out["kernel[grid]"]["launches"]
 
@@ -142,11 +149,16 @@ def _small_model_step(c_apply_enabled, monkeypatch, x=None, model_wide=(False, T
 
 def test_function_apply_s_c_half_is_taken_where_apply_is_torch_s_python_wrapper(monkeypatch):
     """Through torch 2.13 the layers call the C half of ``Function.apply`` themselves;
-    where apply is C already (torch 2.14) or a Function has setup_context, they call apply."""
+    where apply is that C method already (torch 2.14 on) they call it on the same hot
+    path; a Function with setup_context is called through apply."""
     from wsbcn.ops.norm import NormFunction
 
-    python_apply = isinstance(inspect.getattr_static(torch.autograd.Function, "apply"), classmethod)
-    assert (_compat.function_c_apply(NormFunction) is not None) == python_apply
+    apply = inspect.getattr_static(torch.autograd.Function, "apply")
+    python_apply = isinstance(apply, classmethod)
+    c_apply = _compat.function_c_apply(NormFunction)
+    assert c_apply is not None  # one of the two forms, on every torch the project supports
+    if not python_apply:  # torch >= 2.14
+        assert apply is inspect.getattr_static(torch._C._FunctionBase, "apply") and c_apply == NormFunction.apply
 
     class WithSetupContext(torch.autograd.Function):
         @staticmethod
@@ -164,6 +176,24 @@ def test_function_apply_s_c_half_is_taken_where_apply_is_torch_s_python_wrapper(
 
         monkeypatch.setattr(torch.autograd.Function, "apply", classmethod(refuse))
         _small_model_step(True, monkeypatch)
+
+
+def test_a_repeat_training_call_takes_the_hot_path_on_every_torch(monkeypatch):
+    """A repeat eager BCN or GroupNorm call with grad on (no transform, no dual level, no
+    recompute) goes from the recalled call straight to the Function, never through the
+    general path's checks one by one: on torch 2.14 and later, whose apply is C, too."""
+    from wsbcn.ops import norm
+
+    def refuse(*args):
+        raise AssertionError("the general path was taken")
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(wsbcn.WSConv2d(4, 8, 3, padding=1), wsbcn.BatchChannelNorm2d(8, 4),
+                                wsbcn.GroupNorm(4, 8))
+    x = torch.randn(2, 4, 5, 5)
+    model(x).sum().backward()  # the first calls: validated, remembered
+    monkeypatch.setattr(norm._Call, "_general", refuse)
+    model(x).sum().backward()
 
 
 def test_function_apply_s_c_half_gives_function_apply_s_results(backend, monkeypatch):

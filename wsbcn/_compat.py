@@ -1,9 +1,10 @@
 """Every private torch and triton interface wsbcn uses, in one place.
 
 Each entry says what it is for, checks that the interface is there in the shape
-we know, and falls back to a public path when it is not. Tested with torch 2.11
-and 2.13, triton 3.6 and 3.9 (pyproject.toml's lower bounds are the oldest of
-those); a newer release that changes one of these loses speed, never results.
+we know, and falls back to a public path when it is not. Tested with torch 2.11,
+2.13, 2.14 and 2.15, triton 3.6, 3.7, 3.8 and 3.9 (pyproject.toml's lower bounds are
+the oldest of those); a newer release that changes one of these loses speed, never
+results.
 """
 import functools
 import inspect
@@ -22,10 +23,11 @@ import triton
 # would hand it. Its argument list differs between triton versions:
 #   3.6: (gx, gy, gz, stream, function, cooperative, pdl, global_scratch,
 #         profile_scratch, packed_metadata, launch_metadata, enter_hook, exit_hook, *args)
-#   3.9: (gx, gy, gz, stream, function, cooperative, pdl, packed_metadata,
+#   3.7-3.9: (gx, gy, gz, stream, function, cooperative, pdl, packed_metadata,
 #         launch_metadata, enter_hook, exit_hook, global_scratch, profile_scratch,
 #         arg_annotations, kernel_signature, args)
-# Other versions (and kernels with scratch) go through ``run``; where even ``run``'s
+# (3.7, 3.8 and 3.9 have the same C launch function and the same wrapper call; torch 2.14
+# installs 3.8, 2.15 3.9.) Kernels with scratch go through ``run``; where even ``run``'s
 # form is not known (outside 3.6-3.9), every launch goes through ``kernel[grid]``.
 DIRECT_LAUNCH_TRITON = ((3, 6), (3, 9))  # oldest and newest triton (major, minor) checked
 
@@ -78,7 +80,7 @@ def c_launch_form(compiled):
     coop, pdl = run.launch_cooperative_grid, run.launch_pdl
     if _TRITON == (3, 6):
         return c, (function, coop, pdl, None, None, metadata, None, None, None), True
-    if _TRITON == (3, 9) and hasattr(run, "arg_annotations") and hasattr(run, "kernel_signature"):
+    if (3, 7) <= _TRITON <= (3, 9) and hasattr(run, "arg_annotations") and hasattr(run, "kernel_signature"):
         return c, (function, coop, pdl, metadata, None, None, None, None, None, run.arg_annotations,
                    run.kernel_signature), False
     return None
@@ -129,9 +131,11 @@ def launch_hooks_set() -> bool:
 # ``unwrap_if_dead`` (a functorch wrapper that outlived its transform becomes the tensor
 # it wraps) and call the C ``_FunctionBase.apply`` it inherits. That Python costs about
 # 5 us a call, a quarter of an eager BCN forward's host time, so the eager layers take
-# those two steps themselves. torch 2.14 moved ``apply`` to C: there, and wherever the
-# wrapper is not the one we know, ``function_c_apply`` gives None and the layers call
-# ``Function.apply``. So does anything dynamo traces: it knows ``Function.apply``.
+# those two steps themselves. torch 2.14 moved ``apply`` to C (``Function.apply`` is
+# ``_FunctionBase.apply``, which unwraps in C): there ``function_c_apply`` gives the
+# class's ``apply``, so the eager hot path runs there too. Wherever ``apply`` is neither
+# form, it gives None and the layers call ``Function.apply`` on their general path. So
+# does anything dynamo traces: it knows ``Function.apply``.
 # The same two steps let a call under no_grad skip the Function: with nothing for
 # autograd to record, the layers run the op body alone.
 _TRANSFORMS_ACTIVE = getattr(torch._C, "_are_functorch_transforms_active", None)
@@ -169,17 +173,24 @@ def _python_apply_known() -> bool:
 
 
 _PYTHON_APPLY = _python_apply_known()
+# torch >= 2.14: Function.apply is the C _FunctionBase.apply itself
+_C_APPLY = inspect.getattr_static(torch.autograd.Function, "apply", None) is inspect.getattr_static(
+    torch._C._FunctionBase, "apply", object())
 c_apply_enabled = True  # tests turn it off to compare with Function.apply
 
 
 def function_c_apply(cls):
     """The C ``apply`` under ``cls.apply`` (a ``torch.autograd.Function`` without
-    ``setup_context``) when ``cls.apply`` is the Python wrapper above, else None. Call it
-    only outside dynamo's tracing, when ``functorch_transforms_active()`` is False, with
-    each tensor argument passed through ``unwrap_if_dead``: then it is ``cls.apply``."""
-    if not (_PYTHON_APPLY and c_apply_enabled) or cls.setup_context != torch.autograd.Function.setup_context:
+    ``setup_context``): where ``cls.apply`` is the Python wrapper above, the C
+    ``_FunctionBase.apply`` it calls; where it is that C method itself (torch >= 2.14),
+    ``cls.apply``; else None. Call it only outside dynamo's tracing, when
+    ``functorch_transforms_active()`` is False, with each tensor argument passed through
+    ``unwrap_if_dead``: then it is ``cls.apply``."""
+    if not c_apply_enabled or cls.setup_context != torch.autograd.Function.setup_context:
         return None
-    return super(torch.autograd.Function, cls).apply
+    if _C_APPLY:
+        return cls.apply
+    return super(torch.autograd.Function, cls).apply if _PYTHON_APPLY else None
 
 
 # --- torch: forward-mode AD -------------------------------------------------------

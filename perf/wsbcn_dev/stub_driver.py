@@ -19,7 +19,7 @@ loads a real libcuda. For wsbcn's own calls to take the GPU path on CPU tensors,
 also turn on ``wsbcn.backends.emulate_gpu(GPU_NAME, SM_COUNT)``.
 
 Ported from ../shared/tools/hostmeter (fakecuda.py, fake_libcuda.c), which first
-measured triton's host path this way; works with triton 3.6 and 3.9. A development
+measured triton's host path this way; works with triton 3.6 to 3.9. A development
 tool of the repository (perf/wsbcn_dev/), not installed with wsbcn.
 """
 import ctypes
