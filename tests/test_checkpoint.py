@@ -6,6 +6,7 @@ import copy
 import pytest
 import torch
 from torch import nn
+from torch.autograd import forward_ad as fwAD
 from torch.utils.checkpoint import checkpoint
 
 import wsbcn
@@ -92,6 +93,19 @@ def test_two_checkpointed_micro_batches_then_one_backward(backend, reentrant, tw
     its own forward did, though the second forward has updated the buffers since (it
     took those: dx off by 6e-2, the weight's gradient by 0.3). Against the float64
     composition. (An input the region computes reads the buffers: README.)"""
+    _two_checkpointed_micro_batches(reentrant, twice)
+
+
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non-reentrant", "reentrant"])
+def test_two_checkpointed_micro_batches_inside_a_dual_level(backend, reentrant):
+    """The same inside a forward-AD dual level (no tangent given), where a layer misses its
+    hot path: a layer that has one (``_Call.fast``) kept no estimates there (a.grad off by
+    0.1), on every torch since torch 2.14's calls have one too."""
+    with fwAD.dual_level():
+        _two_checkpointed_micro_batches(reentrant, "two segments")
+
+
+def _two_checkpointed_micro_batches(reentrant, twice):
     torch.manual_seed(7)
     layer = wsbcn.BatchChannelNorm2d(8, num_groups=2, estimate=True).to(DEVICE)
     _estimates_away_from_init(layer)

@@ -182,17 +182,24 @@ def test_a_repeat_training_call_takes_the_hot_path_on_every_torch(monkeypatch):
     """A repeat eager BCN or GroupNorm call with grad on (no transform, no dual level, no
     recompute) goes from the recalled call straight to the Function, never through the
     general path's checks one by one: on torch 2.14 and later, whose apply is C, too."""
-    from wsbcn.ops import norm
+    from wsbcn import checks
+    from wsbcn.ops import norm, ws, ws_model
 
     def refuse(*args):
         raise AssertionError("the general path was taken")
 
+    def not_recalled(*args):
+        raise AssertionError("a repeat call was not recalled")
+
+    for cache in (norm._cache, ws._cache, ws_model._cache):
+        cache.clear()  # calls of this torch's apply (other tests make some with c_apply_enabled off)
     torch.manual_seed(0)
     model = torch.nn.Sequential(wsbcn.WSConv2d(4, 8, 3, padding=1), wsbcn.BatchChannelNorm2d(8, 4),
                                 wsbcn.GroupNorm(4, 8))
     x = torch.randn(2, 4, 5, 5)
     model(x).sum().backward()  # the first calls: validated, remembered
     monkeypatch.setattr(norm._Call, "_general", refuse)
+    monkeypatch.setattr(checks, "keyed", not_recalled)
     model(x).sum().backward()
 
 

@@ -26,7 +26,7 @@ import triton
 #   3.7-3.9: (gx, gy, gz, stream, function, cooperative, pdl, packed_metadata,
 #         launch_metadata, enter_hook, exit_hook, global_scratch, profile_scratch,
 #         arg_annotations, kernel_signature, args)
-# (3.7, 3.8 and 3.9 have the same C launch function and the same wrapper call; torch 2.14
+# (3.7, 3.8 and 3.9 have the same C launch function, called alike by ``run``; torch 2.14
 # installs 3.8, 2.15 3.9.) Kernels with scratch go through ``run``; where even ``run``'s
 # form is not known (outside 3.6-3.9), every launch goes through ``kernel[grid]``.
 DIRECT_LAUNCH_TRITON = ((3, 6), (3, 9))  # oldest and newest triton (major, minor) checked
@@ -112,8 +112,8 @@ _HOOK_CHAIN = getattr(_knobs, "HookChain", None)  # triton 3.9's hook type
 
 def launch_hooks_set() -> bool:
     """A launch enter/exit hook is installed (a callable in triton 3.6, a non-empty
-    HookChain in 3.9): direct launches would bypass it. Checked on every direct launch,
-    so written out in one function, triton 3.9's two HookChains first."""
+    HookChain in 3.7-3.9): direct launches would bypass it. Checked on every direct
+    launch, so written out in one function, the two HookChains first."""
     if _knobs is None:
         return False
     runtime = _knobs.runtime
@@ -130,8 +130,8 @@ def launch_hooks_set() -> bool:
 # (vmap, grad, ...) active, all it does is pass each tensor argument through
 # ``unwrap_if_dead`` (a functorch wrapper that outlived its transform becomes the tensor
 # it wraps) and call the C ``_FunctionBase.apply`` it inherits. That Python costs about
-# 5 us a call, a quarter of an eager BCN forward's host time, so the eager layers take
-# those two steps themselves. torch 2.14 moved ``apply`` to C (``Function.apply`` is
+# 2 us a call (torch 2.13, CPU machine), an eighth of an eager BCN forward's host time,
+# so the eager layers take those two steps themselves. torch 2.14 moved ``apply`` to C (``Function.apply`` is
 # ``_FunctionBase.apply``, which unwraps in C): there ``function_c_apply`` gives the
 # class's ``apply``, so the eager hot path runs there too. Wherever ``apply`` is neither
 # form, it gives None and the layers call ``Function.apply`` on their general path. So

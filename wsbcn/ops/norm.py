@@ -417,8 +417,8 @@ class _Call:
                 if self.keeps_estimates:  # what that forward normalized with, if kept
                     running_mean, running_var = _kept_estimates(x, running_mean, running_var)
                 return recompute.call_plain(x, gamma, beta, omega, eta, running_mean, running_var, None)
-        if self.keeps_estimates and self.fast is False and (not torch.is_grad_enabled()
-                                                             or _saved_hooks(False) is not None):
+        if self.keeps_estimates and (not torch.is_grad_enabled() or _saved_hooks(False) is not None):
+            # (a call here missed the hot path, though it may be ``fast``: inside a dual level)
             y = self._general(x, gamma, beta, omega, eta, running_mean, running_var, nbt)
             _keep_estimates(x, running_mean, running_var)
             return y
