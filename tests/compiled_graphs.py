@@ -45,8 +45,19 @@ def inductor_code(model, x):
     try:
         torch.compile(model, fullgraph=True)(x)
     except Exception as exc:
-        result["inductor error"] = type(exc).__name__
+        result["inductor error"] = f"{type(exc).__name__}: {exc}"[:2000]
     finally:
         GraphLowering.save_output_code = saved
     result["output code"] = "\n".join(code)
     return result
+
+
+def refuses_cpu_triton(result) -> bool:
+    """Whether ``inductor_code`` wrote no code because inductor writes no user Triton launch
+    for CPU tensors, which the stub's emulated GPU uses: torch 2.15 asks triton for a "cpu"
+    backend before it writes one (TritonUnavailableError, or no compatible backend).
+    torch 2.13's inductor writes the code over the stub (and fails only after, compiling
+    it); a GPU's tensors get it written on both."""
+    error = result.get("inductor error", "")
+    return not result.get("output code") and (
+        "triton not built with the 'cpu' backend" in error or "compatible backends for target (cpu)" in error)

@@ -21,6 +21,7 @@ import torch
 import wsbcn
 from wsbcn.ops import norm, ws
 from wsbcn.kernels.norm import MODE_BATCH, MODE_ESTIMATE, MODE_GN, MODE_RUNNING
+from compiled_graphs import refuses_cpu_triton
 from conftest import DEVICE, rel_err
 from reference import bcn_reference, gn_reference, ws_reference
 from test_compile import layer_kinds_model
@@ -271,6 +272,8 @@ def test_compile_traces_the_triton_kernels_into_the_graph():
     assert [k for t, k, _ in dynamic_fwd if t == wrapper] == ["_ws_fwd_kernel"]
     assert sum("auto_functionalized" in t or "wsbcn.norm_forward" in t for t, _, _ in dynamic_fwd) == 3
     assert sum(t == "wsbcn.norm_backward.default" for t, _, _ in dynamic_bwd) == 3
+    if refuses_cpu_triton(out):
+        pytest.skip(f"torch {torch.__version__}'s inductor writes no Triton launch for CPU tensors (the stub's GPU)")
     code = out["output code"]
     for kernel in FORWARD:
         assert f"{kernel}_" in code and "async_compile.triton" in code, kernel

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 import wsbcn
+from compiled_graphs import refuses_cpu_triton
 from conftest import DEVICE, TOL, assert_graph_replays_train_like_eager, dead_functorch_wrapper, rel_err
 from reference import ws_reference
 from wsbcn import tuning
@@ -683,6 +684,8 @@ def test_gpu_path_one_launch_each_way_eager_and_compiled():
     assert sorted(forward[0][1]) == ["Stats", "W_hat"]
     assert [(k, c) for k, c in backward if k.startswith("_ws_multi")] == [("_ws_multi_bwd_kernel", ["Dw"])]
     assert not any(k.startswith(("_ws_fwd", "_ws_bwd")) for k, _ in forward + backward)
+    if refuses_cpu_triton(out):
+        pytest.skip(f"torch {torch.__version__}'s inductor writes no Triton launch for CPU tensors (the stub's GPU)")
     assert "_ws_multi_fwd_kernel" in out["output code"] and ".run(" in out["output code"]
 
 
