@@ -380,6 +380,8 @@ class _Call:
                     raise ValueError(f"{name} has elements sharing memory (an expanded tensor, stride "
                                      f"{t.stride()}): it cannot hold per-channel running statistics")
         dense = contiguous(gamma, beta, omega, eta, running_mean, running_var)
+        if self.keeps_estimates and dense[4] is not running_mean:  # the copy keeps and finds the buffer's
+            _share_kept_estimates(running_mean, dense[4])
         y = self(x, *dense, nbt)
         if self.update_running:
             with torch.no_grad():
@@ -576,6 +578,15 @@ def _keep_estimates(x, running_mean, running_var):
     if kept is None:
         kept = _estimates_kept[running_mean] = collections.deque(maxlen=_KEPT_PER_LAYER)
     kept.append((weakref.ref(x), running_mean.detach().clone(), running_var.detach().clone()))
+
+
+def _share_kept_estimates(running_mean, copy):
+    """A strided running_mean's dense copy (``_Call.call_dense``, a new one per call) keeps
+    and finds the estimates kept for the buffer itself: one record under both."""
+    kept = _estimates_kept.get(running_mean)
+    if kept is None:
+        kept = _estimates_kept[running_mean] = collections.deque(maxlen=_KEPT_PER_LAYER)
+    _estimates_kept[copy] = kept
 
 
 def _kept_estimates(x, running_mean, running_var):
