@@ -98,9 +98,9 @@ def test_two_checkpointed_micro_batches_then_one_backward(backend, reentrant, tw
 
 @pytest.mark.parametrize("reentrant", [False, True], ids=["non-reentrant", "reentrant"])
 def test_two_checkpointed_micro_batches_inside_a_dual_level(backend, reentrant):
-    """The same inside a forward-AD dual level (no tangent given), where a layer misses its
-    hot path: a layer that has one (``_Call.fast``) kept no estimates there (a.grad off by
-    0.1), on every torch since torch 2.14's calls have one too."""
+    """The same inside a forward-AD dual level (no tangent given), where a call misses its
+    hot path: a call that has one (``_Call.fast``: on torch 2.11-2.13, and on 2.14 and
+    later since `aab8821`) kept no estimates there (a.grad off by 0.1)."""
     with fwAD.dual_level():
         _two_checkpointed_micro_batches(reentrant, "two segments")
 

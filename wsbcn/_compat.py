@@ -107,7 +107,7 @@ try:  # launch hooks (profilers): triton >= 3.4 keeps them in knobs
     from triton import knobs as _knobs
 except ImportError:
     _knobs = None
-_HOOK_CHAIN = getattr(_knobs, "HookChain", None)  # triton 3.9's hook type
+_HOOK_CHAIN = getattr(_knobs, "HookChain", None)  # triton 3.7-3.9's hook type
 
 
 def launch_hooks_set() -> bool:
@@ -131,11 +131,12 @@ def launch_hooks_set() -> bool:
 # ``unwrap_if_dead`` (a functorch wrapper that outlived its transform becomes the tensor
 # it wraps) and call the C ``_FunctionBase.apply`` it inherits. That Python costs about
 # 2 us a call (torch 2.13, CPU machine), an eighth of an eager BCN forward's host time,
-# so the eager layers take those two steps themselves. torch 2.14 moved ``apply`` to C (``Function.apply`` is
-# ``_FunctionBase.apply``, which unwraps in C): there ``function_c_apply`` gives the
-# class's ``apply``, so the eager hot path runs there too. Wherever ``apply`` is neither
-# form, it gives None and the layers call ``Function.apply`` on their general path. So
-# does anything dynamo traces: it knows ``Function.apply``.
+# so the eager layers take those two steps themselves. torch 2.14 moved ``apply`` to C
+# (``Function.apply`` is ``_FunctionBase.apply``, which unwraps in C): there
+# ``function_c_apply`` gives the class's ``apply``, so the eager hot path runs there too.
+# Wherever ``apply`` is neither form, it gives None and the layers call
+# ``Function.apply`` on their general path. So does anything dynamo traces: it knows
+# ``Function.apply``.
 # The same two steps let a call under no_grad skip the Function: with nothing for
 # autograd to record, the layers run the op body alone.
 _TRANSFORMS_ACTIVE = getattr(torch._C, "_are_functorch_transforms_active", None)
