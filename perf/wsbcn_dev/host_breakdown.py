@@ -49,7 +49,8 @@ _small = torch.empty(16)
 _ck = _empty[(1,)](_small, torch.empty(16), 16, BLOCK=16)
 
 
-# the launcher's arguments: triton 3.6's take the constexprs too (BLOCK), 3.9's do not
+# the launcher's arguments: triton 3.6's take the constexprs too (BLOCK); 3.7 and 3.8 read them by the
+# kernel's signature, so one more at the end is harmless there; 3.9 is handed none
 _TAIL = (16,) if tuple(int(p) for p in triton.__version__.split(".")[:2]) < (3, 9) else ()
 
 
